@@ -1,0 +1,92 @@
+r"""Chapter 2 -- self-attention: one sequence attends to itself.
+
+.. math::
+
+    Q = XW_Q,\quad K = XW_K,\quad V = XW_V,\qquad
+    Y = \operatorname{softmax}\!\Big(\frac{QK^\top}{\tau\sqrt{d_k}} + M\Big) V
+
+``X`` is ``(batch, n, d_model)``; ``Q, K`` are ``(batch, n, d_k)``, ``V`` is
+``(batch, n, d_v)``; ``Y`` is ``(batch, n, d_v)``; ``tau`` is a temperature
+(``1`` in the paper). Without positional information the map is
+permutation-equivariant: permuting the rows of ``X`` permutes the rows of ``Y``.
+
+Vaswani et al., "Attention Is All You Need", NeurIPS 2017, section 3.2.1.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from .core import AttentionOutput, scaled_dot_product_attention
+from .registry import register
+
+__all__ = ["SelfAttention"]
+
+
+@register(
+    "self",
+    paper="Vaswani et al. 2017",
+    complexity="O(n^2 d)",
+    chapter=2,
+    summary="single-head scaled dot-product self-attention",
+)
+class SelfAttention(nn.Module):
+    """Single-head scaled dot-product self-attention.
+
+    Args:
+        d_model: width of the input ``X``.
+        d_k: width of queries and keys (default ``d_model``).
+        d_v: width of values and of the output (default ``d_k``).
+        bias: add biases to the three projections.
+        dropout: dropout on the attention weights during training.
+    """
+
+    def __init__(self, d_model: int, d_k: int | None = None, d_v: int | None = None, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model <= 0:
+            raise ValueError(f"d_model must be positive, got {d_model}")
+        self.d_model = d_model
+        self.d_k = d_k or d_model
+        self.d_v = d_v or self.d_k
+        self.w_q = nn.Linear(d_model, self.d_k, bias=bias)
+        self.w_k = nn.Linear(d_model, self.d_k, bias=bias)
+        self.w_v = nn.Linear(d_model, self.d_v, bias=bias)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        temperature: float = 1.0,
+    ) -> AttentionOutput:
+        """Attend ``x`` ``(batch, n, d_model)`` to itself.
+
+        Args:
+            attn_mask: ``(n, n)`` or ``(batch, n, n)``, boolean ``True`` = may attend.
+            key_mask: ``(batch, n)``, ``True`` = real token.
+            is_causal: token ``i`` sees only tokens ``<= i``.
+            need_weights: also return the ``(batch, n, n)`` weights.
+            temperature: divides the scores; ``> 1`` flattens, ``< 1`` sharpens.
+
+        Returns:
+            ``(output (batch, n, d_v), weights (batch, n, n) or None)``.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (batch, n, d_model={self.d_model}), got {tuple(x.shape)}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # (B, n, d_k), (B, n, d_k), (B, n, d_v)
+        return scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            key_mask=key_mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0 / (temperature * math.sqrt(self.d_k)),
+            need_weights=need_weights,
+        )

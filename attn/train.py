@@ -1,0 +1,125 @@
+"""A small seeded trainer the chapters share.
+
+``train`` runs Adam for a fixed number of steps on batches drawn from a
+seeded generator, with a progress bar, and returns a :class:`History` of the
+loss and of whatever metrics the loss function reports.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+__all__ = ["History", "set_seed", "train", "evaluate"]
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, float]]]
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator seeded the same, for data."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class History:
+    """Logged training curves: ``step``, ``loss`` and one list per metric."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+    def log(self, step: int, loss: float, metrics: dict[str, float]) -> None:
+        self.step.append(step)
+        self.loss.append(loss)
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append(v)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"step": self.step, "loss": self.loss, **self.metrics})
+
+    def first_step_reaching(self, metric: str, target: float) -> int | None:
+        """First logged step at which ``metric >= target`` (``None`` if never)."""
+        for s, v in zip(self.step, self.metrics.get(metric, [])):
+            if v >= target:
+                return s
+        return None
+
+
+def train(
+    model: nn.Module,
+    sample: Callable[[int, torch.Generator], Batch],
+    loss_fn: LossFn,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log_every: int = 10,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    callback: Callable[[int, nn.Module], Any] | None = None,
+    grad_clip: float | None = 1.0,
+) -> History:
+    """Train ``model`` with Adam for ``steps`` steps.
+
+    Args:
+        sample: ``(batch_size, generator) -> batch`` (e.g. a task's ``sample``).
+        loss_fn: ``(model, batch) -> (loss, metrics)``.
+        seed: seeds the model-independent randomness (data order, dropout).
+        callback: called as ``callback(step, model)`` at every logged step.
+
+    Returns:
+        The :class:`History`, logged every ``log_every`` steps (metrics from the
+        training batch, in eval mode for nothing: they are cheap running values).
+    """
+    from tqdm.auto import tqdm
+
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    gen = set_seed(seed)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    hist = History()
+    bar = tqdm(range(1, steps + 1), disable=not progress, desc=type(model).__name__, mininterval=1.0)
+    for step in bar:
+        batch = {k: v.to(device) for k, v in sample(batch_size, gen).items()}
+        loss, metrics = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if step % log_every == 0 or step == steps:
+            hist.log(step, float(loss.detach()), {k: float(v) for k, v in metrics.items()})
+            bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", refresh=False)
+            if callback is not None:
+                callback(step, model)
+    model.eval()
+    return hist
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    sample: Callable[[int, torch.Generator], Batch],
+    loss_fn: LossFn,
+    batch_size: int = 512,
+    seed: int = 12345,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Loss and metrics of ``model`` (eval mode) on one fresh held-out batch."""
+    model.to(device).eval()
+    batch = {k: v.to(device) for k, v in sample(batch_size, torch.Generator().manual_seed(seed)).items()}
+    loss, metrics = loss_fn(model, batch)
+    return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}

@@ -1,0 +1,201 @@
+"""The attention explorer: sliders that redraw attention, live or on a static page.
+
+:class:`AttentionExplorer` is an `anywidget <https://anywidget.dev>`_ widget.
+When it is built, it evaluates ``compute`` at *every* combination of slider
+positions and stores the results in the widget's state. The front end
+(``static/explorer.js``) draws from those stored states, so the sliders work
+on the rendered book with no kernel. In a running kernel (Jupyter, Colab),
+each slider move is also sent to Python, which calls ``compute`` again with
+the live model and sends the result back.
+
+Example::
+
+    def compute(temperature, query):
+        w = model(x, temperature=temperature, need_weights=True).weights[0]
+        return View([Panel(w, title="weights", highlight_row=query)],
+                    caption=f"entropy {entropy(w[query]):.2f} nats")
+
+    AttentionExplorer(compute, {"temperature": [0.5, 1, 2], "query": range(8)})
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import anywidget
+import numpy as np
+import torch
+import traitlets
+
+__all__ = ["Panel", "View", "AttentionExplorer", "entropy"]
+
+_STATIC = pathlib.Path(__file__).parent / "static"
+MAX_STATES = 600
+
+
+def entropy(p: torch.Tensor | np.ndarray, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats of distributions along ``dim`` (``0 log 0 = 0``)."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim)
+
+
+@dataclass
+class Panel:
+    """One heatmap: ``z`` ``(rows, cols)``, with axis labels and an optional highlighted row."""
+
+    z: Any
+    rows: Sequence[Any] | None = None
+    cols: Sequence[Any] | None = None
+    title: str = ""
+    xlabel: str = "key"
+    highlight_row: int | None = None
+    vmax: float | None = 1.0
+    digits: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        z = self.z.detach().float().cpu().numpy() if isinstance(self.z, torch.Tensor) else np.asarray(self.z, dtype=float)
+        if z.ndim != 2:
+            raise ValueError(f"Panel.z must be 2-D (rows, cols), got shape {z.shape}")
+        out: dict[str, Any] = {
+            "z": np.round(z, self.digits).tolist(),
+            "title": self.title,
+            "xlabel": self.xlabel,
+            "vmax": self.vmax,
+        }
+        if self.rows is not None:
+            out["rows"] = [str(r) for r in self.rows]
+        if self.cols is not None:
+            out["cols"] = [str(c) for c in self.cols]
+        if self.highlight_row is not None:
+            out["highlight_row"] = int(self.highlight_row)
+        return out
+
+
+@dataclass
+class View:
+    """What the explorer draws for one slider setting: panels side by side and a caption."""
+
+    panels: list[Panel]
+    caption: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, key: str) -> dict[str, Any]:
+        return {"key": key, "panels": [p.to_json() for p in self.panels], "caption": self.caption}
+
+
+def _palette(n: int = 64) -> list[str]:
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    from .plotting import CMAP
+
+    cmap = colormaps[CMAP]
+    return [to_hex(cmap(i / (n - 1))) for i in range(n)]
+
+
+def _label(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+class AttentionExplorer(anywidget.AnyWidget):
+    """Sliders over the arguments of ``compute``, drawing the attention it returns.
+
+    Args:
+        compute: ``compute(**params) -> View`` (or a single :class:`Panel`).
+        sliders: ``name -> values`` (each value list becomes one slider,
+            stepped by the reader; booleans show as off/on).
+        initial: starting value per slider (default: the middle value).
+        labels: display name per slider (default: the name).
+        title: heading shown above the sliders.
+    """
+
+    _esm = _STATIC / "explorer.js"
+    _css = _STATIC / "explorer.css"
+
+    title = traitlets.Unicode("").tag(sync=True)
+    controls = traitlets.List().tag(sync=True)
+    states = traitlets.Dict().tag(sync=True)
+    selection = traitlets.List(traitlets.Int()).tag(sync=True)
+    live = traitlets.Dict().tag(sync=True)
+    palette = traitlets.List().tag(sync=True)
+
+    def __init__(
+        self,
+        compute: Callable[..., View | Panel],
+        sliders: Mapping[str, Sequence[Any]],
+        initial: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
+        title: str = "",
+    ) -> None:
+        values = {name: list(vals) for name, vals in sliders.items()}
+        if not values:
+            raise ValueError("AttentionExplorer needs at least one slider")
+        for name, vals in values.items():
+            if not vals:
+                raise ValueError(f"slider {name!r} has no values")
+        n_states = math.prod(len(v) for v in values.values())
+        if n_states > MAX_STATES:
+            raise ValueError(
+                f"{n_states} slider combinations would be stored in the page; keep it <= {MAX_STATES} "
+                "(fewer values per slider)"
+            )
+        initial = dict(initial or {})
+        unknown = set(initial) - set(values)
+        if unknown:
+            raise ValueError(f"initial names unknown sliders {sorted(unknown)}; sliders are {list(values)}")
+        self._compute = compute
+        self._values = values
+        selection = []
+        for name, vals in values.items():
+            if name in initial:
+                if initial[name] not in vals:
+                    raise ValueError(f"initial value {initial[name]!r} is not one of slider {name!r}'s values {vals}")
+                selection.append(vals.index(initial[name]))
+            else:
+                selection.append(len(vals) // 2)
+        controls = [
+            {"name": name, "label": (labels or {}).get(name, name), "labels": [_label(v) for v in vals]}
+            for name, vals in values.items()
+        ]
+        states = {}
+        for idx in itertools.product(*(range(len(v)) for v in values.values())):
+            key = "-".join(map(str, idx))
+            states[key] = self._view(idx).to_json(key)
+        super().__init__(title=title, controls=controls, states=states, selection=selection, palette=_palette())
+        self.observe(self._on_selection, names="selection")
+
+    def params(self, idx: Sequence[int]) -> dict[str, Any]:
+        """Slider positions -> keyword arguments of ``compute``."""
+        return {name: vals[i] for (name, vals), i in zip(self._values.items(), idx)}
+
+    def _view(self, idx: Sequence[int]) -> View:
+        out = self._compute(**self.params(idx))
+        if isinstance(out, Panel):
+            out = View([out])
+        if not isinstance(out, View):
+            raise TypeError(f"compute must return a View or a Panel, got {type(out).__name__}")
+        return out
+
+    def _on_selection(self, change: dict[str, Any]) -> None:
+        idx = list(change["new"])
+        key = "-".join(map(str, idx))
+        with torch.no_grad():
+            self.live = self._view(idx).to_json(key)
+
+    def select(self, **params: Any) -> dict[str, Any]:
+        """Move sliders from Python (as a reader would); returns the drawn state."""
+        idx = list(self.selection)
+        for name, value in params.items():
+            if name not in self._values:
+                raise KeyError(f"no slider {name!r}; sliders are {list(self._values)}")
+            idx[list(self._values).index(name)] = self._values[name].index(value)
+        self.selection = idx
+        return self.live

@@ -1,0 +1,45 @@
+"""Shared fixtures. The slow ones execute the notebooks and build the book once per session."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "_build"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "book" / "build.py"), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks() -> dict:
+    """Execute every notebook with papermill (once); return the timing report."""
+    report = BUILD / "reports" / "execution.json"
+    report.unlink(missing_ok=True)
+    proc = _run("execute")
+    if proc.returncode != 0:
+        pytest.fail(f"notebook execution failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(report.read_text())
+
+
+@pytest.fixture(scope="session")
+def built_book(executed_notebooks) -> Path:
+    """Fetch the front-end assets and build the HTML book (warnings are errors); return _build/html."""
+    for step in ("assets", "html"):
+        proc = _run(step)
+        if proc.returncode != 0:
+            pytest.fail(f"`book/build.py {step}` failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+    return BUILD / "html"

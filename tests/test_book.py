@@ -1,0 +1,61 @@
+"""Every notebook executes with papermill within budget, and the book builds with no warning."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
+BUDGET_S = 60  # per chapter, on the 2-core CI machine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes_within_budget(executed_notebooks, name):
+    entry = executed_notebooks[name]
+    assert entry["status"] == "ok"
+    assert entry["seconds"] < BUDGET_S, f"{name} took {entry['seconds']} s (budget {BUDGET_S} s)"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_executed_notebook_has_outputs_and_no_errors(executed_notebooks, name):
+    import nbformat
+
+    nb = nbformat.read(ROOT / "_build" / "src" / "notebooks" / f"{name}.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert outputs and not [o for o in outputs if o.output_type == "error"]
+    assert "injected-parameters" in {t for c in nb.cells for t in c.metadata.get("tags", [])}
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(m["model_name"] == "AnyModel" for m in state.values()), "no explorer widget state stored"
+
+
+def test_book_builds_without_warnings(built_book):
+    log = (ROOT / "_build" / "reports" / "sphinx.log").read_text()
+    assert "build succeeded" in log
+    assert not re.search(r"WARNING|ERROR", log), log
+    for name in NOTEBOOKS:
+        assert (built_book / "notebooks" / f"{name}.html").exists()
+    assert (built_book / "book" / "intro.html").exists()
+
+
+def test_pages_link_to_committed_colab_notebooks(built_book):
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    prefix = f"https://colab.research.google.com/github/{repo['url'].split('github.com/')[1]}/blob/{repo['branch']}/"
+    for name in NOTEBOOKS:
+        html = (built_book / "notebooks" / f"{name}.html").read_text()
+        links = set(re.findall(re.escape(prefix) + r"([^\"']+)", html))
+        assert links == {f"notebooks/{name}.ipynb"}, links
+        assert (ROOT / "notebooks" / f"{name}.ipynb").exists()
+
+
+def test_pages_reference_no_third_party_scripts(built_book):
+    for page in [*(built_book / "notebooks").glob("*.html"), built_book / "book" / "intro.html"]:
+        html = page.read_text()
+        srcs = re.findall(r"<script[^>]+src=\"([^\"]+)\"", html)
+        external = [s for s in srcs if re.match(r"^(https?:)?//", s)]
+        assert not external, f"{page.name} loads {external}"
