@@ -36,6 +36,7 @@ __all__ = ["MultiHeadAttention"]
     complexity="O(n^2 d + n d^2)",
     chapter=3,
     summary="h scaled dot-product heads over learned projections, concatenated",
+    build=lambda embed_dim, num_heads: MultiHeadAttention(embed_dim, num_heads),
 )
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with batch-first tensors, like ``nn.MultiheadAttention(batch_first=True)``.

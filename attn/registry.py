@@ -42,6 +42,11 @@ class Mechanism:
         chapter: chapter number in :data:`CHAPTERS`.
         data: the kind of input it works on (``"sequence"``, ``"graph"``, ...).
         summary: one line on what it does.
+        build: for sequence mechanisms, ``build(embed_dim, num_heads) -> nn.Module``
+            giving a token-mixing layer whose ``forward(x (B, n, E), need_weights=False)``
+            returns an :class:`~attn.core.AttentionOutput` with output ``(B, n, E)``.
+            The comparison (``python -m attn compare``) plugs it into its task
+            models; ``None`` for mechanisms with their own data kind.
     """
 
     name: str
@@ -51,7 +56,7 @@ class Mechanism:
     chapter: int
     data: str = "sequence"
     summary: str = ""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    build: Callable[[int, int], nn.Module] | None = field(default=None, compare=False, hash=False)
 
 
 CHAPTERS: tuple[Chapter, ...] = (
@@ -86,7 +91,14 @@ M = TypeVar("M", bound=type[nn.Module])
 
 
 def register(
-    name: str, *, paper: str, complexity: str, chapter: int, data: str = "sequence", summary: str = ""
+    name: str,
+    *,
+    paper: str,
+    complexity: str,
+    chapter: int,
+    data: str = "sequence",
+    summary: str = "",
+    build: Callable[[int, int], nn.Module] | None = None,
 ) -> Callable[[M], M]:
     """Class decorator: add a mechanism to :data:`MECHANISMS` under ``name``."""
 
@@ -95,7 +107,11 @@ def register(
             raise ValueError(f"mechanism {name!r} is already registered by {MECHANISMS[name].cls.__qualname__}")
         if not any(c.number == chapter for c in CHAPTERS):
             raise ValueError(f"chapter {chapter} is not in CHAPTERS (1..{len(CHAPTERS)})")
-        MECHANISMS[name] = Mechanism(name, cls, paper, complexity, chapter, data, summary or (cls.__doc__ or "").strip().splitlines()[0])
+        MECHANISMS[name] = Mechanism(
+            name, cls, paper, complexity, chapter, data,
+            summary or (cls.__doc__ or "").strip().splitlines()[0],
+            build,
+        )
         return cls
 
     return deco

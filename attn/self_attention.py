@@ -31,6 +31,7 @@ __all__ = ["SelfAttention"]
     complexity="O(n^2 d)",
     chapter=2,
     summary="single-head scaled dot-product self-attention",
+    build=lambda embed_dim, num_heads: SelfAttention(embed_dim),
 )
 class SelfAttention(nn.Module):
     """Single-head scaled dot-product self-attention.

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .core import AttentionOutput, masked_softmax
 from .registry import register
 
-__all__ = ["AdditiveAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
+__all__ = ["AdditiveAttention", "AdditiveSelfAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
 
 ScoreKind = Literal["additive", "general", "dot"]
 
@@ -102,6 +102,7 @@ class _ScoreAttention(nn.Module):
     complexity="O(n m d)",
     chapter=1,
     summary="Bahdanau additive scoring v^T tanh(W s + U h) in an RNN encoder-decoder",
+    build=lambda embed_dim, num_heads: AdditiveSelfAttention(embed_dim),
 )
 class AdditiveAttention(_ScoreAttention):
     """Additive (Bahdanau) attention: ``e_j = v^T tanh(W_q s + W_k h_j)``.
@@ -123,6 +124,27 @@ class AdditiveAttention(_ScoreAttention):
         """``(B, L, d_q), (B, S, d_k) -> (B, L, S)``."""
         hidden = torch.tanh(self.w_q(query)[:, :, None, :] + self.w_k(keys)[:, None, :, :])  # (B, L, S, hidden)
         return self.v(hidden).squeeze(-1)
+
+
+class AdditiveSelfAttention(nn.Module):
+    """Additive scores used as self-attention: every position queries every position.
+
+    ``y_i = sum_j alpha_ij W_v x_j`` with ``alpha_i = softmax_j(v^T tanh(W_q x_i + W_k x_j))``.
+    Shapes: ``x`` ``(B, n, E)`` -> ``(B, n, E)``. Memory grows as ``n^2 * hidden``
+    (one hidden vector per pair), which is what the comparison measures.
+    """
+
+    def __init__(self, embed_dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.score = AdditiveAttention(embed_dim, embed_dim, hidden or embed_dim)
+        self.value = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, n, n) or None)``."""
+        if x.ndim != 3:
+            raise ValueError(f"x must have shape (batch, n, embed_dim), got {tuple(x.shape)}")
+        out, weights = self.score(x, x, self.value(x), key_mask=key_mask)
+        return AttentionOutput(out, weights if need_weights else None)
 
 
 class MultiplicativeAttention(_ScoreAttention):

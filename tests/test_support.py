@@ -151,3 +151,15 @@ def test_train_is_deterministic_and_logs():
     assert a.first_step_reaching("neg", -1e9) == 10 and a.first_step_reaching("neg", 1.0) is None
     with pytest.raises(ValueError):
         train(torch.nn.Linear(1, 1), lambda b, g: {}, lambda m, b: (None, {}), steps=0)
+
+
+def test_every_sequence_mechanism_builds_a_token_mixer():
+    x = torch.randn(2, 6, 16)
+    for m in registry.mechanisms():
+        if m.build is None:
+            continue
+        layer = m.build(16, 4)
+        out = layer(x, need_weights=True)
+        assert out.output.shape == (2, 6, 16), m.name
+        assert out.weights is not None and out.weights.shape[-2:] == (6, 6), m.name
+        assert layer(x).output.shape == (2, 6, 16)
