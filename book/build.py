@@ -260,6 +260,35 @@ def chapter_map() -> str:
     return "\n".join(rows) + "\n"
 
 
+def hero_figure(path: Path) -> None:
+    """The landing page's figure, drawn by the package: three attention patterns side by side."""
+    sys.path.insert(0, str(ROOT))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from attn import plotting
+    from attn.core import scaled_dot_product_attention
+    from attn.masks import band_mask, causal_mask
+
+    plotting.use_style()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, generator=g)
+    panels = {
+        "bidirectional": None,
+        "causal": causal_mask(16),
+        "local window (w = 2)": band_mask(16, 2),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), constrained_layout=True)
+    for ax, (title, mask) in zip(axes, panels.items()):
+        w = scaled_dot_product_attention(x, x, x, attn_mask=mask, need_weights=True, scale=0.6).weights[0]
+        plotting.heatmap(w, ax=ax, title=title, colorbar=False, vmax=None)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def html() -> int:
     """Stage the sources and build the HTML book; warnings are errors."""
     executed = sorted((SRC / "notebooks").glob("*.ipynb"))
@@ -272,6 +301,7 @@ def html() -> int:
     shutil.rmtree(SRC / "book", ignore_errors=True)
     shutil.copytree(ROOT / "book", SRC / "book", ignore=shutil.ignore_patterns("build.py", "assets.json", "__pycache__"))
     (SRC / "book" / "chapter_map.md").write_text(chapter_map())
+    hero_figure(SRC / "book" / "static" / "hero.png")
     _stage_assets(SRC / "_extra")
     log("building HTML with Jupyter Book (warnings are errors)")
     t0 = time.perf_counter()

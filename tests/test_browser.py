@@ -1,0 +1,151 @@
+"""The rendered book in a real headless Chromium, served on 127.0.0.1 with no other host reachable.
+
+For every page: no request fails and none leaves 127.0.0.1. For every chapter:
+math is typeset, every figure loads, every explorer renders, and moving each
+of its sliders with the keyboard changes what it draws (from the states stored
+at build time: there is no kernel). A screenshot of each page is saved under
+_build/screenshots/ for review.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import nbformat
+import pytest
+
+from browser import CHROMIUM_ARGS, BookServer, chromium_path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "_build" / "screenshots"
+CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
+OTHER_PAGES = ["index", "book/intro", "book/notation", "book/bibliography", "search"]
+
+pytestmark = pytest.mark.slow
+
+
+def expected_explorers(name: str) -> int:
+    """Explorer widgets displayed by the executed notebook."""
+    nb = nbformat.read(ROOT / "_build" / "src" / "notebooks" / f"{name}.ipynb", as_version=4)
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    views = [
+        o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+        for c in nb.cells if c.cell_type == "code"
+        for o in c.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+    ]
+    return sum(1 for m in views if state.get(m, {}).get("model_name") == "AnyModel")
+
+
+@pytest.fixture(scope="module")
+def browser(built_book):
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    with BookServer(built_book) as server, sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b, server.url
+        b.close()
+
+
+class Visit:
+    """Open one page, recording every request and what happened to it."""
+
+    def __init__(self, browser, base: str, path: str) -> None:
+        b, _ = browser
+        self.page = b.new_page(viewport={"width": 1280, "height": 900})
+        self.requests: list[str] = []
+        self.failed: list[str] = []
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
+        self.page.on("response", lambda r: r.status >= 400 and self.failed.append(f"{r.url} (HTTP {r.status})"))
+        self.page.goto(f"{base}/{path}", wait_until="networkidle")
+
+    def offsite(self) -> list[str]:
+        return [u for u in self.requests if urlparse(u).scheme in ("http", "https") and urlparse(u).hostname != "127.0.0.1"]
+
+    def close(self, shot: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
+        self.page.close()
+
+
+REPORT: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_report():
+    yield
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    (SHOTS / "report.json").write_text(json.dumps(REPORT, indent=2))
+
+
+@pytest.mark.parametrize("path", OTHER_PAGES)
+def test_page_loads_only_from_the_book(browser, path):
+    v = Visit(browser, browser[1], f"{path}.html" + ("?q=softmax" if path == "search" else ""))
+    try:
+        if path == "search":
+            v.page.wait_for_selector("#search-results li, ul.search li", timeout=15000)
+        assert not v.failed, v.failed
+        assert not v.offsite(), v.offsite()
+        REPORT[path] = {"requests": len(v.requests), "failed": len(v.failed)}
+    finally:
+        v.close(path.replace("/", "_"))
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_chapter_page_works_offline(browser, name):
+    v = Visit(browser, browser[1], f"notebooks/{name}.html")
+    page = v.page
+    try:
+        # math: MathJax output present, no raw TeX delimiters left in the text
+        page.wait_for_selector("article mjx-container", state="attached", timeout=20000)
+        text = page.locator("article").inner_text()
+        assert "$$" not in text and "\\begin{" not in text
+        # figures: scroll through the page so lazy images load, then all must have pixels
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_load_state("networkidle")
+        broken = page.evaluate(
+            "Array.from(document.querySelectorAll('article img')).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)"
+        )
+        assert not broken, broken
+        n_images = page.locator("article img").count()
+        assert n_images >= 1
+        # explorers: all rendered, and every slider redraws on a key press
+        want = expected_explorers(name)
+        assert want >= 1, "chapter has no explorer"
+        page.wait_for_function(f"document.querySelectorAll('.attn-explorer canvas').length >= {want}", timeout=20000)
+        explorers = page.locator(".attn-explorer")
+        assert explorers.count() == want
+        moved = 0
+        for i in range(want):
+            ex = explorers.nth(i)
+            ex.scroll_into_view_if_needed()
+            sliders = ex.locator("input[type=range]")
+            for j in range(sliders.count()):
+                s = sliders.nth(j)
+                before = (ex.get_attribute("data-key"), ex.locator("canvas").evaluate("c => c.toDataURL()"))
+                at_max = s.evaluate("e => e.value === e.max")
+                s.focus()
+                page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
+                after = (ex.get_attribute("data-key"), ex.locator("canvas").evaluate("c => c.toDataURL()"))
+                assert after[0] != before[0], f"explorer {i} slider {j}: state key did not change"
+                assert after[1] != before[1], f"explorer {i} slider {j}: drawing did not change"
+                assert ex.get_attribute("data-source") == "stored"
+                moved += 1
+        # every request stayed on the book's own server, and none failed
+        assert not v.failed, v.failed
+        assert not v.offsite(), v.offsite()
+        # the page offers its notebook for download, and the file is served
+        dl = page.locator(f"a[href$='{name}.ipynb']:not([href^='https://'])")
+        assert dl.count() >= 1
+        resp = page.request.get(page.url.rsplit("/", 1)[0] + "/" + dl.first.get_attribute("href"))
+        assert resp.ok
+        # book polish every chapter carries
+        assert "Prerequisites" in text and "When to use it" in text
+        REPORT[name] = {"requests": len(v.requests), "failed": len(v.failed), "images": n_images,
+                        "explorers": want, "slider_moves_checked": moved,
+                        "math_elements": page.locator("mjx-container").count()}
+    finally:
+        v.close(name)
