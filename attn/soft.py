@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .core import AttentionOutput, masked_softmax
 from .registry import register
 
-__all__ = ["AdditiveAttention", "AdditiveSelfAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
+__all__ = ["permutation_loss", "AdditiveAttention", "AdditiveSelfAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
 
 ScoreKind = Literal["additive", "general", "dot"]
 
@@ -222,3 +222,21 @@ class Seq2SeqAttention(nn.Module):
             logits.append(self.out(torch.cat([s, context], -1)))
             alignments.append(alpha)
         return torch.stack(logits, 1), torch.stack(alignments, 1)
+
+
+def permutation_loss(perm: Tensor):
+    """Loss for :class:`Seq2SeqAttention` on a :class:`~attn.tasks.PermutationTask` with permutation ``perm``.
+
+    Returns ``loss_fn(model, batch) -> (cross-entropy, metrics)``; the metrics are
+    token accuracy ``acc`` and ``align_acc``, the fraction of output steps whose
+    largest attention weight falls on the true source position ``perm[t]``.
+    """
+
+    def loss_fn(model: Seq2SeqAttention, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        logits, align = model(batch["src"], batch["tgt_in"])  # (B, T, V), (B, T, S)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten())
+        acc = (logits.argmax(-1) == batch["tgt"]).float().mean()
+        align_acc = (align.argmax(-1) == perm.to(align.device)).float().mean()
+        return loss, {"acc": float(acc), "align_acc": float(align_acc)}
+
+    return loss_fn

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-__all__ = ["History", "set_seed", "train", "evaluate"]
+__all__ = ["History", "Recorder", "set_seed", "train", "evaluate"]
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, float]]]
@@ -53,6 +53,24 @@ class History:
             if v >= target:
                 return s
         return None
+
+
+class Recorder:
+    """A ``train`` callback that records ``(step, fn(model))`` in eval mode, without gradients.
+
+    Use it to watch something (attention maps, a probe's output) change during training.
+    """
+
+    def __init__(self, fn: Callable[[nn.Module], Any]) -> None:
+        self.fn = fn
+        self.records: list[tuple[int, Any]] = []
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.records.append((step, self.fn(model)))
+        model.train(was_training)
 
 
 def train(

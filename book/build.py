@@ -77,12 +77,12 @@ def notebook_sources() -> list[Path]:
 # --------------------------------------------------------------------------- sync
 
 
-def _synced(md: Path):
+def _synced(text: str):
     """The notebook as it should be: install cell first, python3 kernel, no outputs."""
     import jupytext
     import nbformat
 
-    nb = jupytext.read(md)
+    nb = jupytext.reads(text, fmt="md:myst")
     cell = nbformat.v4.new_code_cell(install_cell_source(), metadata={"tags": [INSTALL_TAG, "remove-cell"]})
     if nb.cells and INSTALL_TAG in nb.cells[0].metadata.get("tags", []):
         nb.cells[0] = cell
@@ -104,9 +104,9 @@ def sync(check: bool = False) -> int:
 
     drift = []
     for md in notebook_sources():
-        nb = _synced(md)
-        md_text = jupytext.writes(nb, fmt="md:myst")
-        ipynb_text = nbformat.writes(nb) + "\n"
+        # normalise the text source first, then derive the .ipynb from the normalised text
+        md_text = jupytext.writes(_synced(md.read_text()), fmt="md:myst")
+        ipynb_text = nbformat.writes(_synced(md_text)) + "\n"
         ipynb = md.with_suffix(".ipynb")
         for path, text in ((md, md_text), (ipynb, ipynb_text)):
             old = path.read_text() if path.exists() else None

@@ -11,7 +11,7 @@ import torch
 from attn import benchmark, registry
 from attn.multihead import MultiHeadAttention
 from attn.tasks import AssociativeRecall
-from attn.train import History, set_seed, train
+from attn.train import History, Recorder, set_seed, train
 from attn.widgets import AttentionExplorer, Panel, View, entropy
 
 # ----------------------------------------------------------------------------- benchmark
@@ -163,3 +163,15 @@ def test_every_sequence_mechanism_builds_a_token_mixer():
         assert out.output.shape == (2, 6, 16), m.name
         assert out.weights is not None and out.weights.shape[-2:] == (6, 6), m.name
         assert layer(x).output.shape == (2, 6, 16)
+
+
+def test_recorder_snapshots_in_eval_mode_without_grad():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    x = torch.ones(1, 2)
+    rec = Recorder(lambda m: (m.training, torch.is_grad_enabled(), m(x).clone()))
+    model.train()
+    rec(5, model)
+    assert model.training
+    step, (training, grad, out) = rec.records[0]
+    assert step == 5 and not training and not grad
+    torch.testing.assert_close(out, model[0](x))  # dropout off in eval mode
