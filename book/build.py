@@ -66,6 +66,10 @@ def install_cell_source() -> str:
             'if importlib.util.find_spec("attn") is None:',
             f'    target = os.environ.get("ATTN_INSTALL_TARGET", "{install_target()}")',
             '    subprocess.run([sys.executable, "-m", "pip", "install", "-q", target], check=True)',
+            'if "google.colab" in sys.modules:  # let Colab render third-party widgets (the explorers)',
+            "    from google.colab import output",
+            "",
+            "    output.enable_custom_widget_manager()",
         ]
     )
 
