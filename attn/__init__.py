@@ -12,6 +12,7 @@ pieces live once:
 """
 
 from . import masks
+from .local import LocalAttention, LocalPAttention, local_attention
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .multihead import MultiHeadAttention
 from .registry import CHAPTERS, MECHANISMS, chapter, get, mechanisms
@@ -26,6 +27,9 @@ __all__ = [
     "masked_softmax",
     "scaled_dot_product_attention",
     "MultiHeadAttention",
+    "LocalAttention",
+    "LocalPAttention",
+    "local_attention",
     "SelfAttention",
     "AdditiveAttention",
     "MultiplicativeAttention",
