@@ -12,8 +12,9 @@ pieces live once:
 """
 
 from . import masks
-from .local import LocalAttention, LocalPAttention, local_attention
+from .bert import BidirectionalSelfAttention
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
+from .local import LocalAttention, LocalPAttention, local_attention
 from .multihead import MultiHeadAttention
 from .registry import CHAPTERS, MECHANISMS, chapter, get, mechanisms
 from .self_attention import SelfAttention
@@ -30,6 +31,7 @@ __all__ = [
     "LocalAttention",
     "LocalPAttention",
     "local_attention",
+    "BidirectionalSelfAttention",
     "SelfAttention",
     "AdditiveAttention",
     "MultiplicativeAttention",

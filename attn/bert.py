@@ -1,0 +1,461 @@
+r"""Chapter 15 -- BERT: bidirectional self-attention, against causal and prefix-LM masks.
+
+One attention layer, three visibility patterns. With scores
+``S = Q K^T / sqrt(d_h)`` per head and a boolean pattern ``A`` (``True`` = may attend),
+
+.. math::
+
+    \operatorname{Attn}(X) = \operatorname{softmax}\big(S + M\big) V, \qquad
+    M_{ij} = \begin{cases} 0 & A_{ij} \wedge \text{key } j \text{ is real} \\ -\infty & \text{otherwise} \end{cases}
+
+    A^{\text{bi}}_{ij} = 1, \qquad
+    A^{\text{causal}}_{ij} = [\, j \le i \,], \qquad
+    A^{\text{prefix}(P)}_{ij} = [\, j \le i \;\vee\; j < P \,]
+
+* **bidirectional** (BERT, Devlin et al. 2019): every token sees every real
+  token, left and right; only padding is hidden;
+* **causal** (GPT): token ``i`` sees ``j <= i``;
+* **prefix-LM** (UniLM, Dong et al. 2019; T5, Raffel et al. 2020): the first
+  ``P`` tokens see each other in both directions, later tokens see the whole
+  prefix and their own past. ``P = 0`` is causal, ``P = n`` is bidirectional.
+
+Shapes: ``x`` ``(B, n, E)``; ``key_mask`` ``(B, n)`` boolean, ``True`` = real
+token; ``prefix_len`` an int or ``(B,)`` integer tensor; output ``(B, n, E)``,
+weights ``(B, h, n, n)``.
+
+BERT's self-attention (``transformers``' ``BertSelfAttention``) is multi-head
+attention *without* the output projection: the dense layer, dropout, residual
+and LayerNorm after it live in ``BertSelfOutput``. :class:`BidirectionalSelfAttention`
+with ``output_projection=False`` computes exactly what ``BertSelfAttention``
+does; with the default ``output_projection=True`` it also applies ``W^O``
+(``BertSelfOutput.dense``), which makes it a complete token-mixing layer.
+``transformers`` 5.x takes its mask as an *additive* float tensor
+``(B, 1, n, n)``, ``0`` where allowed and ``torch.finfo(dtype).min`` where
+blocked; :func:`to_bert_mask` converts ours to that format.
+
+The chapter's toy task, :class:`RightContextTask`, is a masked-token task
+whose answer sits to the *right* of the blank, so a causal model can only guess.
+
+Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for
+Language Understanding", NAACL 2019, section 3.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import AttentionOutput
+from .masks import causal_mask
+from .multihead import MultiHeadAttention
+from .registry import register
+
+__all__ = [
+    "PATTERNS",
+    "Pattern",
+    "prefix_lm_mask",
+    "pattern_mask",
+    "to_bert_mask",
+    "BidirectionalSelfAttention",
+    "RightContextTask",
+    "MaskedTokenEncoder",
+    "masked_token_loss",
+    "right_context_visible",
+]
+
+Pattern = Literal["bidirectional", "causal", "prefix_lm"]
+PATTERNS: tuple[str, ...] = ("bidirectional", "causal", "prefix_lm")
+
+
+def _check_pattern(pattern: str) -> None:
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+
+
+def _prefix_tensor(prefix_len: int | Tensor, n: int, device: torch.device | str | None) -> Tensor:
+    """Validate a prefix length (int or ``(B,)`` integers in ``[0, n]``) and return it as a tensor."""
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, Tensor)):
+        raise TypeError(f"prefix_len must be an int or a (batch,) integer tensor, got {type(prefix_len).__name__}")
+    p = torch.as_tensor(prefix_len, device=device)
+    if p.dtype.is_floating_point or p.dtype == torch.bool:
+        raise TypeError(f"prefix_len must hold integers, got {p.dtype}")
+    if p.ndim > 1:
+        raise ValueError(f"prefix_len must be an int or have shape (batch,), got shape {tuple(p.shape)}")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) > n):
+        raise ValueError(f"prefix_len must lie in [0, n={n}], got values in [{int(p.min())}, {int(p.max())}]")
+    return p
+
+
+def prefix_lm_mask(n: int, prefix_len: int | Tensor, device: torch.device | str | None = None) -> Tensor:
+    """Prefix-LM mask: query ``i`` sees key ``j`` when ``j <= i`` or ``j < prefix_len``.
+
+    Args:
+        n: sequence length.
+        prefix_len: an int (one prefix for all) or a ``(B,)`` integer tensor
+            (one prefix per example), each in ``[0, n]``.
+
+    Returns:
+        Boolean ``(n, n)`` for an int, ``(B, n, n)`` for a tensor; ``True`` = may attend.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    p = _prefix_tensor(prefix_len, n, device)
+    device = p.device
+    j = torch.arange(n, device=device)
+    causal = causal_mask(n, device=device)  # (n, n): j <= i
+    in_prefix = j < p[..., None]  # (n,) or (B, n): key j lies in the prefix
+    return causal | in_prefix[..., None, :]  # (n, n) or (B, n, n)
+
+
+def pattern_mask(
+    pattern: Pattern,
+    n: int,
+    prefix_len: int | Tensor | None = None,
+    key_mask: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Dense boolean mask of a visibility ``pattern``, with padding on top.
+
+    The reference for plots and tests: the layer itself does not build it for
+    the bidirectional and causal patterns (it passes the key mask and
+    ``is_causal`` to the core instead).
+
+    Returns:
+        ``(n, n)`` when neither ``key_mask`` nor a per-example ``prefix_len``
+        is given, else ``(B, n, n)``; ``True`` = may attend.
+    """
+    _check_pattern(pattern)
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    if pattern == "bidirectional":
+        mask = torch.ones(n, n, dtype=torch.bool, device=device)
+    elif pattern == "causal":
+        mask = causal_mask(n, device=device)
+    else:
+        if prefix_len is None:
+            raise ValueError("the prefix_lm pattern needs prefix_len (an int or a (batch,) tensor)")
+        mask = prefix_lm_mask(n, prefix_len, device=device)
+    if key_mask is not None:
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask must be a torch.bool tensor (True = real token), got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
+        if key_mask.ndim != 2 or key_mask.shape[1] != n:
+            raise ValueError(f"key_mask must have shape (batch, n={n}), got {tuple(key_mask.shape)}")
+        mask = mask & key_mask.to(mask.device)[:, None, :]  # (B, n, n)
+    return mask
+
+
+def to_bert_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Our boolean mask -> the additive mask ``transformers``' ``BertSelfAttention`` adds to its scores.
+
+    ``(n, n)``, ``(B, n, n)`` or ``(B, 1, n, n)`` boolean (``True`` = may attend)
+    -> ``(B or 1, 1, n, n)`` float: ``0`` where allowed, ``torch.finfo(dtype).min``
+    where blocked, as ``transformers.masking_utils.create_bidirectional_mask``
+    makes for the eager implementation. (A fully blocked row then becomes a
+    uniform distribution there, where ours gives zeros.)
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"to_bert_mask takes a boolean mask (True = may attend), got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    elif mask.ndim != 4:
+        raise ValueError(f"mask must have shape (n, n), (B, n, n) or (B, 1, n, n), got {tuple(mask.shape)}")
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+@register(
+    "bert",
+    paper="Devlin et al. 2019",
+    complexity="O(n^2 d)",
+    chapter=15,
+    summary="bidirectional multi-head self-attention (padding mask only); causal and prefix-LM patterns for comparison",
+    build=lambda embed_dim, num_heads: BidirectionalSelfAttention(embed_dim, num_heads),
+)
+class BidirectionalSelfAttention(MultiHeadAttention):
+    r"""BERT's multi-head self-attention, with a choice of visibility pattern.
+
+    .. math::
+
+        \text{head}_i = \operatorname{softmax}\Big(\frac{XW_i^Q (XW_i^K)^\top}{\sqrt{d_h}} + M\Big) XW_i^V,
+        \qquad Y = \operatorname{Concat}(\text{head}_1..\text{head}_h)\,[W^O]
+
+    with ``M`` from the pattern (``bidirectional``, ``causal`` or ``prefix_lm``)
+    and the padding mask. Same projections as
+    :class:`~attn.multihead.MultiHeadAttention`, whose forward it reuses.
+
+    Args:
+        embed_dim: model width ``E`` (BERT's ``hidden_size``).
+        num_heads: heads ``h`` (``num_attention_heads``); must divide ``E``.
+        dropout: dropout on the attention probabilities (``attention_probs_dropout_prob``).
+        bias: biases on the projections (BERT has them).
+        pattern: default visibility pattern; ``forward(pattern=...)`` overrides it.
+        output_projection: apply ``W^O``. ``False`` gives exactly what
+            ``transformers``' ``BertSelfAttention`` returns (the heads
+            concatenated; ``W^O`` is ``BertSelfOutput.dense`` there).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        pattern: Pattern = "bidirectional",
+        output_projection: bool = True,
+    ) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias)
+        _check_pattern(pattern)
+        self.pattern = pattern
+        self.output_projection = output_projection
+        if not output_projection:
+            self.out_proj = nn.Identity()  # type: ignore[assignment]
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        key_mask: Tensor | None = None,
+        prefix_len: int | Tensor | None = None,
+        pattern: Pattern | None = None,
+        attn_mask: Tensor | None = None,
+        need_weights: bool = False,
+        average_weights: bool = False,
+        temperature: float = 1.0,
+    ) -> AttentionOutput:
+        """Self-attention of ``x`` under a visibility pattern and a padding mask.
+
+        Args:
+            x: ``(B, n, E)``.
+            key_mask: ``(B, n)`` boolean, ``True`` = real token (BERT's ``attention_mask == 1``).
+            prefix_len: for ``prefix_lm``: int or ``(B,)`` integers in ``[0, n]``.
+            pattern: ``"bidirectional"`` | ``"causal"`` | ``"prefix_lm"``; default: the module's.
+            attn_mask: optional extra boolean mask ``(n, n)``, ``(B, n, n)`` or
+                ``(B, h, n, n)``, ``True`` = may attend, ANDed with the pattern.
+            need_weights: return the weights ``(B, h, n, n)``; otherwise the fused kernel runs.
+            average_weights: average the returned weights over heads.
+            temperature: divides the scores.
+
+        Returns:
+            ``AttentionOutput(output (B, n, E), weights or None)``.
+        """
+        pattern = self.pattern if pattern is None else pattern
+        _check_pattern(pattern)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(x.shape)}")
+        batch, n = x.shape[0], x.shape[1]
+        if attn_mask is not None and (not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool):
+            raise TypeError(f"attn_mask must be a torch.bool tensor (True = may attend), got {getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
+        if prefix_len is not None and pattern != "prefix_lm":
+            raise ValueError(f"prefix_len is only used by the 'prefix_lm' pattern, not {pattern!r}")
+        is_causal = False
+        if pattern == "causal":
+            is_causal = True  # the core applies j <= i; no mask tensor needed
+        elif pattern == "prefix_lm":
+            if prefix_len is None:
+                raise ValueError("pattern 'prefix_lm' needs prefix_len (an int or a (batch,) tensor)")
+            p = _prefix_tensor(prefix_len, n, x.device)
+            if p.ndim == 1 and p.shape[0] != batch:
+                raise ValueError(f"prefix_len must have shape (batch={batch},), got {tuple(p.shape)}")
+            pm = prefix_lm_mask(n, p, device=x.device)  # (n, n) or (B, n, n)
+            if pm.ndim == 3:
+                pm = pm[:, None]  # (B, 1, n, n), shared by the heads
+            if attn_mask is not None and attn_mask.ndim == 3:
+                attn_mask = attn_mask[:, None]
+            attn_mask = pm if attn_mask is None else attn_mask & pm
+        return super().forward(
+            x,
+            key_mask=key_mask,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            need_weights=need_weights,
+            average_weights=average_weights,
+            temperature=temperature,
+        )
+
+    @torch.no_grad()
+    def load_bert_weights(self, self_attention: nn.Module, self_output: nn.Module | None = None) -> "BidirectionalSelfAttention":
+        """Copy a ``transformers`` ``BertSelfAttention`` (``query``/``key``/``value`` Linears).
+
+        ``self_output``, a ``BertSelfOutput``, also gives ``W^O`` (its ``dense``
+        layer); its LayerNorm and residual are not part of attention.
+        """
+        for name in ("query", "key", "value"):
+            lin = getattr(self_attention, name, None)
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"self_attention must have nn.Linear '{name}' (a BertSelfAttention), got {type(self_attention).__name__}")
+            if tuple(lin.weight.shape) != (self.embed_dim, self.embed_dim):
+                raise ValueError(f"BertSelfAttention.{name} is {tuple(lin.weight.shape)}, this module needs ({self.embed_dim}, {self.embed_dim})")
+        if getattr(self_attention, "num_attention_heads", self.num_heads) != self.num_heads:
+            raise ValueError(f"BertSelfAttention has {self_attention.num_attention_heads} heads, this module {self.num_heads}")
+        pairs = [(self.q_proj, self_attention.query), (self.k_proj, self_attention.key), (self.v_proj, self_attention.value)]
+        if self_output is not None:
+            if not self.output_projection:
+                raise ValueError("this module has no output projection (output_projection=False) to load BertSelfOutput.dense into")
+            pairs.append((self.out_proj, self_output.dense))
+        for ours, theirs in pairs:
+            ours.weight.copy_(theirs.weight)
+            if ours.bias is not None:
+                ours.bias.copy_(theirs.bias)
+        return self
+
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> "BidirectionalSelfAttention":
+        if not self.output_projection:
+            raise ValueError("this module has no output projection (output_projection=False); nn.MultiheadAttention has one")
+        return super().load_torch_weights(mha)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- the toy task
+
+
+@dataclass
+class RightContextTask:
+    """Fill in masked tokens whose answer is the token to their *right*.
+
+    Each sequence holds ``L`` random content tokens (``L`` uniform in
+    ``[min_length, length]``, then padding). At ``n_masks`` non-adjacent
+    positions ``p < L - 1`` the token is a copy of its right neighbour (a
+    "stutter", ``x_p = x_{p+1}``) and is replaced by ``[MASK]``; the model must
+    restore it. Left context carries no information about it, so a model that
+    sees only the past is at chance, ``1 / vocab``; a bidirectional model can
+    read it off position ``p + 1``.
+
+    Each example also draws a prefix length ``P`` uniform in ``[0, L]`` for
+    the prefix-LM pattern: a blank is solvable there when ``p + 1 < P``.
+
+    Token ids: ``0`` = ``[PAD]``, ``1`` = ``[MASK]``, content ``2 .. vocab + 1``.
+
+    Args:
+        vocab: number of content tokens.
+        length: padded sequence length ``n``.
+        min_length: shortest real length.
+        n_masks: blanks per sequence.
+    """
+
+    vocab: int = 16
+    length: int = 16
+    min_length: int = 8
+    n_masks: int = 2
+
+    PAD = 0
+    MASK = 1
+
+    def __post_init__(self) -> None:
+        if self.vocab < 2:
+            raise ValueError(f"vocab must be >= 2, got {self.vocab}")
+        if not 2 <= self.min_length <= self.length:
+            raise ValueError(f"need 2 <= min_length <= length, got min_length={self.min_length}, length={self.length}")
+        if not 1 <= self.n_masks or 2 * self.n_masks > self.min_length:
+            raise ValueError(f"n_masks must be in [1, min_length / 2 = {self.min_length // 2}], got {self.n_masks}")
+
+    @property
+    def n_tokens(self) -> int:
+        """Size of the embedding table: content + ``[PAD]`` + ``[MASK]``."""
+        return self.vocab + 2
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """``x (B, n)`` tokens with blanks, ``target (B, n)`` (``-100`` where no blank),
+        ``key_mask (B, n)`` (True = real), ``prefix_len (B,)``, ``lengths (B,)``."""
+        n, k = self.length, self.n_masks
+        lengths = torch.randint(self.min_length, n + 1, (batch_size,), generator=generator)  # (B,)
+        tokens = torch.randint(2, self.vocab + 2, (batch_size, n), generator=generator)
+        pos = torch.arange(n)
+        key_mask = pos[None, :] < lengths[:, None]  # (B, n)
+        # k non-adjacent blanks in [0, L - 2]: pick k sorted slots among the first L - k, spread by +i
+        room = lengths - k  # slots per row
+        scores = torch.rand(batch_size, n, generator=generator).masked_fill(pos[None, :] >= room[:, None], 2.0)
+        slots = scores.argsort(-1)[:, :k].sort(-1).values  # (B, k), each < room
+        blanks = slots + torch.arange(k)[None, :]  # (B, k): gaps >= 2, last <= L - 2
+        rows = torch.arange(batch_size)[:, None]
+        target = torch.full((batch_size, n), -100, dtype=torch.long)
+        target[rows, blanks] = tokens[rows, blanks + 1]  # the stutter: x_p = x_{p+1}
+        x = tokens.clone()
+        x[rows, blanks] = self.MASK
+        x = x.masked_fill(~key_mask, self.PAD)
+        prefix_len = (torch.rand(batch_size, generator=generator) * (lengths + 1)).long().clamp(max=lengths)
+        return {"x": x, "target": target, "key_mask": key_mask, "prefix_len": prefix_len, "lengths": lengths}
+
+
+def right_context_visible(pattern: Pattern, batch: dict[str, Tensor]) -> Tensor:
+    """Per blank (``(B, n)``, False elsewhere): can its query see the right neighbour under ``pattern``?
+
+    With the answer a copy of token ``p + 1``, this is the fraction of blanks
+    a perfect model solves; the rest it can only guess (``1 / vocab``).
+    """
+    _check_pattern(pattern)
+    blank = batch["target"] != -100
+    if pattern == "bidirectional":
+        return blank
+    if pattern == "causal":
+        return torch.zeros_like(blank)
+    pos = torch.arange(blank.shape[1], device=blank.device)
+    return blank & (pos[None, :] + 1 < batch["prefix_len"][:, None])
+
+
+class _EncoderLayer(nn.Module):
+    """Pre-LayerNorm Transformer encoder layer around :class:`BidirectionalSelfAttention`."""
+
+    def __init__(self, embed_dim: int, num_heads: int, pattern: Pattern, ffn_mult: int = 4) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.attention = BidirectionalSelfAttention(embed_dim, num_heads, pattern=pattern)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.ffn = nn.Sequential(nn.Linear(embed_dim, ffn_mult * embed_dim), nn.GELU(), nn.Linear(ffn_mult * embed_dim, embed_dim))
+
+    def forward(self, h: Tensor, key_mask: Tensor, prefix_len: Tensor | None, need_weights: bool) -> AttentionOutput:
+        a = self.attention(self.norm1(h), key_mask=key_mask, prefix_len=prefix_len, need_weights=need_weights)
+        h = h + a.output
+        return AttentionOutput(h + self.ffn(self.norm2(h)), a.weights)
+
+
+class MaskedTokenEncoder(nn.Module):
+    """A tiny BERT-like encoder for :class:`RightContextTask`: embeddings, ``num_layers``
+    pre-LN layers of :class:`BidirectionalSelfAttention`, a token classifier.
+
+    The same architecture serves all three patterns; only ``pattern`` (the
+    mask) changes, so accuracy differences come from what each token may see.
+
+    Args:
+        task: gives the vocabulary and the length.
+        pattern: ``"bidirectional"``, ``"causal"`` or ``"prefix_lm"``.
+        embed_dim, num_heads, num_layers: model size.
+    """
+
+    def __init__(self, task: RightContextTask, pattern: Pattern = "bidirectional", embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2) -> None:
+        super().__init__()
+        _check_pattern(pattern)
+        self.task, self.pattern = task, pattern
+        self.tok = nn.Embedding(task.n_tokens, embed_dim)
+        self.pos = nn.Embedding(task.length, embed_dim)  # learned absolute positions, as in BERT
+        self.layers = nn.ModuleList(_EncoderLayer(embed_dim, num_heads, pattern) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, task.n_tokens)
+
+    def forward(self, x: Tensor, key_mask: Tensor, prefix_len: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Logits ``(B, n, n_tokens)`` and, if asked, each layer's weights ``(B, h, n, n)``."""
+        if x.ndim != 2 or x.shape[1] != self.task.length:
+            raise ValueError(f"x must have shape (batch, {self.task.length}), got {tuple(x.shape)}")
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))  # (B, n, E)
+        p = prefix_len if self.pattern == "prefix_lm" else None
+        weights = []
+        for layer in self.layers:
+            h, w = layer(h, key_mask, p, need_weights)
+            if w is not None:
+                weights.append(w)
+        return self.head(self.norm(h)), weights
+
+
+def masked_token_loss(model: MaskedTokenEncoder, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on the blanks only (BERT's masked-LM loss), and accuracy on them."""
+    logits, _ = model(batch["x"], batch["key_mask"], batch["prefix_len"])
+    target = batch["target"]
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+    blank = target != -100
+    acc = (logits.argmax(-1)[blank] == target[blank]).float().mean()
+    return loss, {"acc": float(acc)}

@@ -1,0 +1,278 @@
+"""Chapter 15: BERT bidirectional self-attention, causal and prefix-LM patterns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn.bert import (
+    PATTERNS,
+    BidirectionalSelfAttention,
+    MaskedTokenEncoder,
+    RightContextTask,
+    masked_token_loss,
+    pattern_mask,
+    prefix_lm_mask,
+    right_context_visible,
+    to_bert_mask,
+)
+from attn.masks import causal_mask, padding_mask
+from attn.registry import get
+from attn.train import evaluate, train
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig  # noqa: E402
+from transformers.models.bert.modeling_bert import BertSelfAttention, BertSelfOutput  # noqa: E402
+
+E, H, N = 32, 4, 9
+LENGTHS = [9, 5, 2]
+PREFIX = torch.tensor([4, 0, 9])
+
+
+def bert_pair(output_projection=False):
+    cfg = BertConfig(hidden_size=E, num_attention_heads=H, attention_probs_dropout_prob=0.0,
+                     hidden_dropout_prob=0.0, attn_implementation="eager")
+    ref = BertSelfAttention(cfg).eval()
+    out = BertSelfOutput(cfg).eval()
+    ours = BidirectionalSelfAttention(E, H, output_projection=output_projection)
+    ours.load_bert_weights(ref, out if output_projection else None)
+    return ref, out, ours
+
+
+def prefix_for(pattern):
+    return PREFIX if pattern == "prefix_lm" else None
+
+
+# ----------------------------------------------------------------------------- reference: transformers
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_matches_transformers_bert_self_attention(pattern, need_weights):
+    """Forward, probabilities and gradients equal BertSelfAttention (eager) with the same mask, padding included."""
+    ref, _, ours = bert_pair()
+    x = torch.randn(3, N, E, requires_grad=True)
+    km = padding_mask(LENGTHS, N)
+    out, w = ours(x, key_mask=km, prefix_len=prefix_for(pattern), pattern=pattern, need_weights=need_weights)
+    r_out, r_w = ref(x, attention_mask=to_bert_mask(pattern_mask(pattern, N, prefix_for(pattern), km)))
+    assert out.shape == r_out.shape == (3, N, E)
+    assert (out - r_out).abs().max() <= 1e-5
+    if need_weights:
+        assert w.shape == r_w.shape == (3, H, N, N)
+        assert (w - r_w).abs().max() <= 1e-5
+        assert w[1, :, :, 5:].abs().max() == 0  # padded keys get exactly zero probability
+    up = torch.randn_like(out)
+    ours_params = [ours.q_proj.weight, ours.q_proj.bias, ours.k_proj.weight, ours.k_proj.bias, ours.v_proj.weight, ours.v_proj.bias]
+    ref_params = [ref.query.weight, ref.query.bias, ref.key.weight, ref.key.bias, ref.value.weight, ref.value.bias]
+    g1 = torch.autograd.grad(out, [x, *ours_params], up)
+    g2 = torch.autograd.grad(r_out, [x, *ref_params], up)
+    assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) <= 1e-5
+
+
+def test_output_projection_is_bert_self_output_dense():
+    ref, dense_out, ours = bert_pair(output_projection=True)
+    x = torch.randn(2, N, E)
+    km = padding_mask([N, 4], N)
+    with torch.no_grad():
+        expected = dense_out.dense(ref(x, attention_mask=to_bert_mask(pattern_mask("bidirectional", N, key_mask=km)))[0])
+        torch.testing.assert_close(ours(x, key_mask=km).output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_to_bert_mask_is_transformers_format():
+    """Our padding mask converts to exactly what transformers builds for BERT's eager attention."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    cfg = BertConfig(hidden_size=E, num_attention_heads=H, attn_implementation="eager")
+    km = padding_mask([5, 3], 5)
+    theirs = create_bidirectional_mask(config=cfg, inputs_embeds=torch.randn(2, 5, E), attention_mask=km.long())
+    ours = to_bert_mask(pattern_mask("bidirectional", 5, key_mask=km))
+    assert ours.shape == theirs.shape == (2, 1, 5, 5) and ours.dtype == theirs.dtype
+    assert torch.equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------- mask patterns
+
+
+def test_prefix_lm_mask_structure():
+    n = 7
+    for p in range(n + 1):
+        m = prefix_lm_mask(n, p)
+        i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        # prefix rows see the whole prefix and nothing after it; later rows see the prefix and their past
+        assert torch.equal(m[:p], (j < p)[:p])
+        assert torch.equal(m[p:], (j <= i)[p:])
+    assert torch.equal(prefix_lm_mask(n, 0), causal_mask(n))
+    assert prefix_lm_mask(n, n).all()
+    per_example = prefix_lm_mask(n, torch.tensor([0, 3, 7]))
+    assert per_example.shape == (3, n, n)
+    for b, p in enumerate([0, 3, 7]):
+        assert torch.equal(per_example[b], prefix_lm_mask(n, p))
+
+
+def test_pattern_mask_with_padding():
+    km = padding_mask([4, 2], 4)
+    bi = pattern_mask("bidirectional", 4, key_mask=km)
+    assert torch.equal(bi[1], km[1].expand(4, 4))
+    ca = pattern_mask("causal", 4, key_mask=km)
+    assert torch.equal(ca, causal_mask(4) & km[:, None, :])
+    assert pattern_mask("prefix_lm", 4, 2).shape == (4, 4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_layer_sees_what_the_pattern_allows(pattern):
+    """Perturb tokens and watch which outputs move: bidirectional reads the right, causal never, prefix-LM inside the prefix."""
+    torch.manual_seed(1)
+    layer = BidirectionalSelfAttention(16, 2, pattern=pattern).double()
+    n, p = 8, 4
+    x = torch.randn(1, n, 16, dtype=torch.float64)
+    pl = torch.tensor([p]) if pattern == "prefix_lm" else None
+    y = layer(x, prefix_len=pl).output
+    for t in range(n):
+        x2 = x.clone()
+        x2[:, t] += 3.0
+        changed = (layer(x2, prefix_len=pl).output - y).abs().amax(-1)[0] > 1e-9  # (n,)
+        allowed = pattern_mask(pattern, n, p)[:, t]  # which queries may read token t
+        assert torch.equal(changed, allowed), (t, changed, allowed)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_padded_keys_have_no_influence_and_batch_equals_single(pattern):
+    layer = BidirectionalSelfAttention(16, 2, pattern=pattern).double()
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    km = padding_mask([6, 4, 3], 6)
+    pl = torch.tensor([2, 4, 3]) if pattern == "prefix_lm" else None
+    y = layer(x, key_mask=km, prefix_len=pl).output
+    x2 = x.clone()
+    x2[1, 4:] = 100.0
+    torch.testing.assert_close(layer(x2, key_mask=km, prefix_len=pl).output[1, :4], y[1, :4])
+    for b in range(3):
+        single = layer(x[b : b + 1], key_mask=km[b : b + 1], prefix_len=None if pl is None else pl[b : b + 1]).output
+        torch.testing.assert_close(single, y[b : b + 1])
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_fully_masked_rows_give_zeros(need_weights):
+    layer = BidirectionalSelfAttention(8, 2, output_projection=False)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    km = padding_mask([5, 0], 5)  # example 1 has no real token at all
+    out, w = layer(x, key_mask=km, pattern="prefix_lm", prefix_len=torch.tensor([2, 3]), need_weights=need_weights)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    if need_weights:
+        assert w[1].abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_gradcheck(pattern, need_weights):
+    layer = BidirectionalSelfAttention(6, 2, pattern=pattern).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    km = padding_mask([5, 3], 5)
+    pl = torch.tensor([2, 5]) if pattern == "prefix_lm" else None
+    assert torch.autograd.gradcheck(lambda x: layer(x, key_mask=km, prefix_len=pl, need_weights=need_weights).output, (x,))
+
+
+# ----------------------------------------------------------------------------- bad input and registry
+
+
+def test_bad_input():
+    layer = BidirectionalSelfAttention(8, 2)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"prefix_len must lie in \[0, n=5\]"):
+        layer(x, pattern="prefix_lm", prefix_len=6)
+    with pytest.raises(ValueError, match=r"prefix_len must lie in \[0, n=5\]"):
+        layer(x, pattern="prefix_lm", prefix_len=torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match=r"prefix_len must have shape \(batch=2,\)"):
+        layer(x, pattern="prefix_lm", prefix_len=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"an int or have shape \(batch,\)"):
+        layer(x, pattern="prefix_lm", prefix_len=torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="integers"):
+        layer(x, pattern="prefix_lm", prefix_len=torch.tensor([1.5, 2.0]))
+    with pytest.raises(ValueError, match="needs prefix_len"):
+        layer(x, pattern="prefix_lm")
+    with pytest.raises(ValueError, match="only used by the 'prefix_lm' pattern"):
+        layer(x, pattern="causal", prefix_len=2)
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        layer(x, pattern="sideways")
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        BidirectionalSelfAttention(8, 2, pattern="sideways")
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+        layer(torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+        layer(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="empty"):
+        layer(torch.randn(2, 0, 8))
+    with pytest.raises(TypeError, match="torch.bool"):
+        layer(x, key_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"key_mask must have shape"):
+        layer(x, key_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be a torch.bool"):
+        layer(x, attn_mask=torch.ones(5, 5))
+    with pytest.raises(ValueError, match=r"prefix_len must lie"):
+        prefix_lm_mask(4, 5)
+    with pytest.raises(TypeError, match="boolean"):
+        to_bert_mask(torch.zeros(3, 3))
+    cfg = BertConfig(hidden_size=16, num_attention_heads=2, attn_implementation="eager")
+    with pytest.raises(ValueError, match=r"needs \(8, 8\)"):
+        layer.load_bert_weights(BertSelfAttention(cfg))
+    with pytest.raises(ValueError, match="no output projection"):
+        cfg8 = BertConfig(hidden_size=8, num_attention_heads=2, attn_implementation="eager")
+        BidirectionalSelfAttention(8, 2, output_projection=False).load_bert_weights(BertSelfAttention(cfg8), BertSelfOutput(cfg8))
+
+
+def test_registered_and_build_works():
+    mech = get("bert")
+    assert mech.chapter == 15 and mech.paper == "Devlin et al. 2019" and mech.cls is BidirectionalSelfAttention
+    layer = mech.build(32, 4)
+    x = torch.randn(2, 7, 32)
+    out = layer(x)
+    assert out.output.shape == (2, 7, 32) and out.weights is None
+    w = layer(x, need_weights=True).weights
+    assert w.shape == (2, 4, 7, 7)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 7))
+    # bidirectional by default: the first token reads the last one
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    assert (layer(x2).output[:, 0] - out.output[:, 0]).abs().max() > 1e-6
+
+
+# ----------------------------------------------------------------------------- the toy task
+
+
+def test_right_context_task():
+    task = RightContextTask(vocab=10, length=12, min_length=6, n_masks=3)
+    b = task.sample(256, torch.Generator().manual_seed(0))
+    x, target, km, lengths = b["x"], b["target"], b["key_mask"], b["lengths"]
+    blank = target != -100
+    assert (blank.sum(1) == 3).all()
+    assert (x[blank] == task.MASK).all() and (x[~blank & km] >= 2).all() and (x[~km] == task.PAD).all()
+    pos = torch.arange(12)
+    assert (pos.expand(256, 12)[blank].view(256, 3) < (lengths - 1)[:, None]).all()  # a right neighbour exists
+    assert not (blank[:, 1:] & blank[:, :-1]).any()  # blanks are never adjacent
+    rows, cols = blank.nonzero(as_tuple=True)
+    assert torch.equal(target[rows, cols], x[rows, cols + 1])  # the answer is the token to the right
+    assert ((b["prefix_len"] >= 0) & (b["prefix_len"] <= lengths)).all()
+    assert not right_context_visible("causal", b).any()
+    assert torch.equal(right_context_visible("bidirectional", b), blank)
+    vis = right_context_visible("prefix_lm", b)
+    assert torch.equal(vis, blank & (pos[None] + 1 < b["prefix_len"][:, None]))
+    with pytest.raises(ValueError, match="n_masks"):
+        RightContextTask(length=8, min_length=4, n_masks=3)
+
+
+def test_bidirectional_beats_causal_on_right_context():
+    task = RightContextTask(vocab=8, length=10, min_length=6, n_masks=2)
+    acc = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for pattern in ("bidirectional", "causal"):
+            torch.manual_seed(0)
+            model = MaskedTokenEncoder(task, pattern, embed_dim=32, num_heads=2, num_layers=1)
+            train(model, task.sample, masked_token_loss, steps=150, batch_size=32, progress=False)
+            acc[pattern] = evaluate(model, task.sample, masked_token_loss)["acc"]
+    finally:
+        torch.set_num_threads(threads)
+    assert acc["bidirectional"] > 0.9, acc
+    assert acc["causal"] < 0.3, acc  # chance is 1/8
