@@ -18,6 +18,8 @@ from .local import LocalAttention, LocalPAttention, local_attention
 from .multihead import MultiHeadAttention
 from .registry import CHAPTERS, MECHANISMS, chapter, get, mechanisms
 from .self_attention import SelfAttention
+from .sparse import SparseAttention, TopKAttention
+from .sparsemax import EntmaxAttention, SparsemaxAttention
 from .soft import AdditiveAttention, MultiplicativeAttention, Seq2SeqAttention
 
 __version__ = "0.1.0"
@@ -32,6 +34,10 @@ __all__ = [
     "LocalPAttention",
     "local_attention",
     "BidirectionalSelfAttention",
+    "SparseAttention",
+    "TopKAttention",
+    "EntmaxAttention",
+    "SparsemaxAttention",
     "SelfAttention",
     "AdditiveAttention",
     "MultiplicativeAttention",

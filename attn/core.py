@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .masks import causal_mask, check_mask
 
-__all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv"]
+__all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv", "build_mask"]
 
 
 class AttentionOutput(NamedTuple):
@@ -76,7 +76,7 @@ def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor
     return weights.masked_fill(~mask, 0.0)
 
 
-def _build_mask(q: Tensor, k: Tensor, attn_mask: Tensor | None, key_mask: Tensor | None, is_causal: bool) -> Tensor | None:
+def build_mask(q: Tensor, k: Tensor, attn_mask: Tensor | None, key_mask: Tensor | None, is_causal: bool) -> Tensor | None:
     """Combine boolean masks into one that broadcasts to the scores ``(batch, [heads,] n_q, n_k)``."""
     score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
     batch, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
@@ -96,6 +96,9 @@ def _build_mask(q: Tensor, k: Tensor, attn_mask: Tensor | None, key_mask: Tensor
         cm = causal_mask(lq, lk, device=q.device)
         mask = cm if mask is None else mask & cm
     return mask
+
+
+_build_mask = build_mask  # TEMP alias while chapters in progress migrate to build_mask
 
 
 def scaled_dot_product_attention(
@@ -138,7 +141,7 @@ def scaled_dot_product_attention(
         check_mask(attn_mask, tuple(q.shape[:-1]) + (k.shape[-2],), "attn_mask")
         additive = attn_mask
         attn_mask = attn_mask > float("-inf")  # -inf entries block; finite ones shift the scores
-    mask = _build_mask(q, k, attn_mask, key_mask, is_causal)
+    mask = build_mask(q, k, attn_mask, key_mask, is_causal)
 
     if not need_weights:
         sdpa_mask: Tensor | None = None

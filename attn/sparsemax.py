@@ -1,0 +1,292 @@
+r"""Chapter 8 -- sparse *normalisers*: sparsemax and alpha-entmax in place of softmax.
+
+Softmax never gives a key exactly zero weight. **Sparsemax** (Martins &
+Astudillo, "From Softmax to Sparsemax", ICML 2016) is the Euclidean projection
+of the scores onto the probability simplex,
+
+.. math::
+
+    \operatorname{sparsemax}(z) = \arg\min_{p \in \Delta} \lVert p - z \rVert^2 = [z - \tau(z)]_+ ,
+    \qquad \tau = \frac{\sum_{j \le k(z)} z_{(j)} - 1}{k(z)},\quad
+    k(z) = \max\{k : 1 + k z_{(k)} > \textstyle\sum_{j \le k} z_{(j)}\}
+
+with :math:`z_{(1)} \ge z_{(2)} \ge \dots` the sorted scores. **alpha-entmax**
+(Peters, Niculae & Martins, "Sparse Sequence-to-Sequence Models", ACL 2019)
+interpolates: :math:`\alpha = 1` is softmax, :math:`\alpha = 2` sparsemax,
+
+.. math::
+
+    \alpha\text{-entmax}(z) = [(\alpha - 1) z - \tau]_+^{1/(\alpha - 1)},
+    \qquad \tau \text{ such that the result sums to } 1 .
+
+For :math:`\alpha = 1.5` :math:`\tau` has an exact sort-based solution; for
+any :math:`\alpha > 1` it is found by bisection. The Jacobian is, with
+:math:`s_j = p_j^{2-\alpha}` on the support and 0 elsewhere,
+:math:`\partial p / \partial z = \operatorname{diag}(s) - s s^\top / \textstyle\sum_j s_j`
+(for sparsemax :math:`s` is the support indicator).
+
+Masks: blocked entries get exactly zero probability; a row with every entry
+blocked comes out as zeros, never NaN. Shapes: any ``(..., n)``, over ``dim``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .core import AttentionOutput, build_mask, check_qkv, masked_softmax
+from .multihead import MultiHeadAttention
+from .registry import register
+
+__all__ = ["sparsemax", "entmax15", "entmax_bisect", "entmax", "entmax_attention", "EntmaxAttention", "SparsemaxAttention"]
+
+
+def _prepare(z: Tensor, mask: Tensor | None, dim: int) -> tuple[Tensor, int]:
+    """Blocked entries -> ``-inf``; move ``dim`` last."""
+    if not isinstance(z, Tensor) or not z.dtype.is_floating_point:
+        raise TypeError(f"scores must be a floating-point torch.Tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+    if z.ndim == 0:
+        raise ValueError("scores must have at least one dimension (..., n)")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a torch.bool tensor (True = may attend), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        z = z.masked_fill(~mask, float("-inf"))
+    return z.movedim(dim, -1), dim
+
+
+def _simplex_backward(grad: Tensor, s: Tensor) -> Tensor:
+    r"""``(diag(s) - s s^T / sum(s)) grad`` along the last dim (rows with ``sum(s) = 0`` give 0)."""
+    total = s.sum(-1, keepdim=True)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return s * (grad - (s * grad).sum(-1, keepdim=True) / total)
+
+
+class _Sparsemax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+        finite = torch.isfinite(z)
+        zs, _ = torch.sort(z, dim=-1, descending=True)  # z_(1) >= z_(2) >= ...; -inf last
+        fs = torch.isfinite(zs)
+        cum = torch.where(fs, zs, torch.zeros_like(zs)).cumsum(-1)  # sum_{j<=k} z_(j)
+        ks = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        support = fs & (1 + ks * torch.where(fs, zs, torch.zeros_like(zs)) > cum)  # 1 + k z_(k) > sum_{j<=k}
+        k_z = (support * torch.arange(1, z.shape[-1] + 1, device=z.device)).amax(-1, keepdim=True)  # k(z), 0 if none
+        k_safe = k_z.clamp(min=1)
+        tau = (cum.gather(-1, k_safe - 1) - 1) / k_safe.to(z.dtype)  # (..., 1)
+        p = torch.where(finite, (z - tau).clamp(min=0), torch.zeros_like(z))
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        return _simplex_backward(grad, (p > 0).to(grad.dtype))
+
+
+class _Entmax15(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+        finite = torch.isfinite(z)
+        top = torch.where(finite, z, torch.full_like(z, -math.inf)).amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        x = (z - top) / 2  # (alpha - 1) z, shifted (entmax is shift-invariant): max 0
+        xs, _ = torch.sort(x, dim=-1, descending=True)
+        fs = torch.isfinite(xs)
+        x0 = torch.where(fs, xs, torch.zeros_like(xs))
+        ks = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        mean = x0.cumsum(-1) / ks  # mean of the k largest
+        ss = (x0**2).cumsum(-1) - ks * mean**2  # sum of squared deviations of the k largest
+        delta = ((1 - ss) / ks).clamp(min=0)
+        tau_k = mean - delta.sqrt()  # solves sum_{j<=k} (x_(j) - tau)^2 = 1, tau below the mean
+        support = fs & (tau_k <= xs)
+        k_z = (support * torch.arange(1, z.shape[-1] + 1, device=z.device)).amax(-1, keepdim=True)
+        tau = tau_k.gather(-1, k_z.clamp(min=1) - 1)
+        p = torch.where(finite, (x - tau).clamp(min=0) ** 2, torch.zeros_like(z))
+        p = p * (k_z > 0)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        return _simplex_backward(grad, p.sqrt())
+
+
+class _EntmaxBisect(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, alpha: float, n_iter: int) -> Tensor:  # type: ignore[override]
+        finite = torch.isfinite(z)
+        n_valid = finite.sum(-1, keepdim=True)
+        x = (alpha - 1) * z
+        top = torch.where(finite, x, torch.full_like(x, -math.inf)).amax(-1, keepdim=True)
+        top = torch.where(n_valid > 0, top, torch.zeros_like(top))
+        x = torch.where(finite, x - top, torch.full_like(x, -math.inf))  # max 0
+        power = 1.0 / (alpha - 1)
+
+        def mass(tau: Tensor) -> Tensor:
+            return (x - tau).clamp(min=0) ** power
+
+        lo = torch.full_like(top, -1.0)  # tau = max - 1: the largest entry alone has mass 1
+        hi = -(1.0 / n_valid.clamp(min=1).to(z.dtype)) ** (alpha - 1)  # every entry <= 1/n: mass <= 1
+        for _ in range(n_iter):
+            mid = (lo + hi) / 2
+            over = mass(mid).sum(-1, keepdim=True) >= 1
+            lo = torch.where(over, mid, lo)
+            hi = torch.where(over, hi, mid)
+        p = mass(lo)
+        p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(z.dtype).tiny)  # exact sum 1
+        p = p * (n_valid > 0)
+        ctx.save_for_backward(p)
+        ctx.alpha = alpha
+        return p
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        s = torch.where(p > 0, p ** (2 - ctx.alpha), torch.zeros_like(p))
+        return _simplex_backward(grad, s), None, None
+
+
+def sparsemax(z: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    """Sparsemax of ``z`` along ``dim`` (exact, sort-based, Martins & Astudillo 2016, eq. 2-4).
+
+    ``mask`` (bool, ``True`` = allowed, broadcastable to ``z``) gives blocked entries exactly 0.
+    """
+    x, dim = _prepare(z, mask, dim)
+    return _Sparsemax.apply(x).movedim(-1, dim)
+
+
+def entmax15(z: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    """1.5-entmax of ``z`` along ``dim`` (exact, sort-based, Peters et al. 2019)."""
+    x, dim = _prepare(z, mask, dim)
+    return _Entmax15.apply(x).movedim(-1, dim)
+
+
+def entmax_bisect(z: Tensor, alpha: float = 1.5, dim: int = -1, n_iter: int = 50, mask: Tensor | None = None) -> Tensor:
+    r"""alpha-entmax of ``z`` along ``dim`` for any ``alpha > 1``, :math:`\tau` found by bisection.
+
+    :math:`\tau` lies in :math:`[\max - 1, \max - n^{1-\alpha}]` (on the scale
+    :math:`(\alpha - 1) z`); ``n_iter`` halvings, then a renormalisation.
+    """
+    if not alpha > 1:
+        raise ValueError(f"entmax_bisect needs alpha > 1 (alpha = 1 is softmax), got {alpha}")
+    x, dim = _prepare(z, mask, dim)
+    return _EntmaxBisect.apply(x, float(alpha), int(n_iter)).movedim(-1, dim)
+
+
+def entmax(z: Tensor, alpha: float = 1.5, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    """alpha-entmax: softmax at ``alpha = 1``, exact at 1.5 and 2 (sparsemax), bisection otherwise."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 1:
+        raise ValueError(f"alpha must be a number >= 1, got {alpha!r}")
+    if alpha == 1:
+        z, dim = _prepare(z, mask, dim)
+        ok = torch.isfinite(z)
+        return masked_softmax(z.masked_fill(~ok, 0.0), ok).movedim(-1, dim)
+    if alpha == 2:
+        return sparsemax(z, dim, mask)
+    if alpha == 1.5:
+        return entmax15(z, dim, mask)
+    return entmax_bisect(z, alpha, dim, mask=mask)
+
+
+def entmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alpha: float = 1.5,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> AttentionOutput:
+    r"""Attention with alpha-entmax in place of softmax: :math:`\alpha\text{-entmax}(QK^\top \cdot \text{scale})\,V`.
+
+    ``q`` ``(B, [H,] n_q, d)``, ``k`` ``(B, [H,] n_k, d)``, ``v`` ``(B, [H,] n_k, d_v)``;
+    masks as in :func:`attn.core.scaled_dot_product_attention` (boolean, ``True`` =
+    may attend). Masked keys get exactly 0; many others do too. ``O(n^2 d)``
+    (plus a sort per row for the exact variants).
+    """
+    check_qkv(q, k, v)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None and (not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool):
+        got = getattr(attn_mask, "dtype", type(attn_mask).__name__)
+        raise TypeError(f"attn_mask must be a torch.bool tensor (True = may attend), got {got}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    mask = build_mask(q, k, attn_mask, key_mask, is_causal)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, [H,] n_q, n_k)
+    weights = entmax(scores, alpha, -1, None if mask is None else mask.expand(scores.shape))
+    attn = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return AttentionOutput(torch.matmul(attn, v), weights if need_weights else None)
+
+
+@register(
+    "entmax",
+    paper="Peters et al. 2019",
+    complexity="O(n^2 d + n^2 log n)",
+    chapter=8,
+    summary="multi-head attention normalised by 1.5-entmax: sparse weights, exact zeros",
+    build=lambda embed_dim, num_heads: EntmaxAttention(embed_dim, num_heads, alpha=1.5),
+)
+class EntmaxAttention(MultiHeadAttention):
+    """Multi-head attention with alpha-entmax instead of softmax (Peters et al. 2019).
+
+    Args:
+        embed_dim, num_heads, dropout, bias, kdim, vdim: as in :class:`~attn.multihead.MultiHeadAttention`.
+        alpha: ``1`` softmax, ``1.5`` (default) entmax, ``2`` sparsemax; any ``>= 1``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, alpha: float = 1.5, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 1:
+            raise ValueError(f"alpha must be a number >= 1, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        temperature: float = 1.0,
+    ) -> AttentionOutput:
+        """As :meth:`MultiHeadAttention.forward`, entmax-normalised; weights ``(B, h, L, S)``."""
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check(query, key, value)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if attn_mask is not None and isinstance(attn_mask, Tensor) and attn_mask.ndim == 3:
+            attn_mask = attn_mask[:, None]
+        q = self.split_heads(self.q_proj(query))
+        k = self.split_heads(self.k_proj(key))
+        v = self.split_heads(self.v_proj(value))
+        out, w = entmax_attention(q, k, v, self.alpha, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
+                                  scale=1.0 / (temperature * math.sqrt(self.head_dim)),
+                                  dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
+        return AttentionOutput(self.out_proj(self.merge_heads(out)), w)
+
+
+@register(
+    "sparsemax",
+    paper="Martins & Astudillo 2016",
+    complexity="O(n^2 d + n^2 log n)",
+    chapter=8,
+    summary="multi-head attention normalised by sparsemax (projection onto the simplex)",
+    build=lambda embed_dim, num_heads: SparsemaxAttention(embed_dim, num_heads),
+)
+class SparsemaxAttention(EntmaxAttention):
+    """Multi-head attention with sparsemax instead of softmax (Martins & Astudillo 2016): alpha-entmax at ``alpha = 2``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None) -> None:
+        super().__init__(embed_dim, num_heads, alpha=2.0, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
