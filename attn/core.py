@@ -98,9 +98,6 @@ def build_mask(q: Tensor, k: Tensor, attn_mask: Tensor | None, key_mask: Tensor 
     return mask
 
 
-_build_mask = build_mask  # TEMP alias while chapters in progress migrate to build_mask
-
-
 def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,

@@ -1,0 +1,376 @@
+r"""Chapter 5 -- global attention: Luong's global attention, and global tokens.
+
+**Luong global attention** (Luong, Pham, Manning, EMNLP 2015, section 3.1).
+At target step ``t`` the top decoder state ``h_t`` attends to *every* source
+state ``\bar h_s``:
+
+.. math::
+
+    a_t(s) = \frac{\exp \operatorname{score}(h_t, \bar h_s)}{\sum_{s'} \exp \operatorname{score}(h_t, \bar h_{s'})},
+    \qquad c_t = \sum_s a_t(s)\, \bar h_s,
+    \qquad \tilde h_t = \tanh\big(W_c [c_t; h_t]\big)
+
+with ``score`` one of ``dot`` ``h_t^T \bar h_s``, ``general`` ``h_t^T W_a \bar h_s``
+or ``concat`` ``v_a^T \tanh(W_a [h_t; \bar h_s])`` (eq. 8). With *input
+feeding* ``\tilde h_{t-1}`` is fed to the decoder RNN next to the embedding of
+``y_{t-1}``. Shapes: ``h_t`` ``(B, [T,] d_q)``, source ``(B, S, d_k)``,
+``a_t`` ``(B, [T,] S)``, ``\tilde h_t`` ``(B, [T,] d_out)``.
+
+**Global tokens** (Beltagy et al. 2020, Longformer; Ainslie et al. 2020, ETC;
+Zaheer et al. 2020, BigBird). A few positions ``G`` attend to all ``n``
+positions and are attended to by all; every other position attends only to a
+window ``|i - j| <= w`` plus the global positions:
+
+.. math::
+
+    \mathcal{N}(i) = \begin{cases} \{1..n\} & i \in G \\ \{j : |i-j| \le w\} \cup G & i \notin G \end{cases}
+
+Computed without an ``n x n`` matrix: the ``g`` global rows densely
+(``g x n``), the band blockwise (blocks of ``w`` queries against three blocks
+of keys) plus the ``g`` global columns: ``O(n (w + g) d)`` time and memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
+from .masks import band_mask
+from .registry import register
+from .soft import MultiplicativeAttention, _ScoreAttention
+
+__all__ = [
+    "ConcatAttention",
+    "make_luong_score",
+    "LuongGlobalAttention",
+    "LuongSelfAttention",
+    "LuongSeq2Seq",
+    "global_mask",
+    "GlobalTokenAttention",
+]
+
+LuongScore = Literal["dot", "general", "concat"]
+
+
+class ConcatAttention(_ScoreAttention):
+    r"""Luong's *concat* score (eq. 8): ``score(h_t, h_s) = v_a^T tanh(W_a [h_t; h_s])``.
+
+    ``W_a`` is one ``hidden x (d_q + d_k)`` matrix applied to the concatenation.
+    Splitting its columns, ``W_a [h_t; h_s] = W_q h_t + W_k h_s``, so the
+    ``(L, S)`` pairs never need a concatenated ``(L, S, d_q + d_k)`` tensor, only
+    the ``(L, S, hidden)`` sum. Up to the bias inside the ``tanh`` this is
+    Bahdanau's additive score; what Luong changed is *where* it is used
+    (the current top state ``h_t``, then :math:`\tilde h_t`), not the formula.
+
+    Args:
+        query_dim: width ``d_q`` of ``h_t``; key_dim: width ``d_k`` of ``h_s``;
+        hidden: rows of ``W_a`` (length of ``v_a``).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.query_dim, self.key_dim = query_dim, key_dim
+        self.w = nn.Linear(query_dim + key_dim, hidden, bias=False)  # W_a
+        self.v = nn.Linear(hidden, 1, bias=False)  # v_a
+
+    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
+        """``(B, L, d_q), (B, S, d_k) -> (B, L, S)``."""
+        w_q, w_k = self.w.weight.split([self.query_dim, self.key_dim], dim=1)  # W_a = [W_q  W_k]
+        hidden = torch.tanh((query @ w_q.T)[:, :, None, :] + (keys @ w_k.T)[:, None, :, :])  # (B, L, S, hidden)
+        return self.v(hidden).squeeze(-1)
+
+
+def make_luong_score(kind: LuongScore, query_dim: int, key_dim: int, hidden: int = 64) -> _ScoreAttention:
+    """Luong's scores: ``dot`` and ``general`` from :mod:`attn.soft`, ``concat`` from :class:`ConcatAttention`."""
+    if kind in ("dot", "general"):
+        return MultiplicativeAttention(query_dim, key_dim, kind)  # type: ignore[arg-type]
+    if kind == "concat":
+        return ConcatAttention(query_dim, key_dim, hidden)
+    raise ValueError(f"score must be 'dot', 'general' or 'concat', got {kind!r}")
+
+
+@register(
+    "global",
+    paper="Luong et al. 2015",
+    complexity="O(n m d)",
+    chapter=5,
+    summary="Luong global attention: dot/general/concat scores over the whole source, then tanh(W_c[c_t; h_t])",
+    build=lambda embed_dim, num_heads: LuongSelfAttention(embed_dim, score="general"),
+)
+class LuongGlobalAttention(nn.Module):
+    r"""Luong global attention: alignment over all source states, context, attentional state.
+
+    ``a_t = softmax_s score(h_t, h_s)``, ``c_t = sum_s a_t(s) h_s``,
+    ``\tilde h_t = tanh(W_c [c_t; h_t])`` (Luong et al. 2015, eqs. 5, 7, 8).
+
+    Args:
+        query_dim: width of the decoder state ``h_t``.
+        key_dim: width of the source states ``h_s`` (must equal ``query_dim`` for ``dot``).
+        score: ``dot``, ``general`` or ``concat``.
+        hidden: rows of ``W_a`` for ``concat``.
+        out_dim: width of ``\tilde h_t`` (default ``query_dim``).
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, score: LuongScore = "general", hidden: int = 64, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.score_kind = score
+        self.score = make_luong_score(score, query_dim, key_dim, hidden)
+        self.w_c = nn.Linear(key_dim + query_dim, out_dim or query_dim, bias=False)  # W_c
+
+    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> AttentionOutput:
+        """Attend ``h_t`` to the source.
+
+        Args:
+            query: ``(B, d_q)`` one step, or ``(B, T, d_q)`` all target steps at once.
+            memory: ``(B, S, d_k)`` source states (keys and values).
+            key_mask: ``(B, S)`` boolean, ``True`` = real source token.
+
+        Returns:
+            ``(\tilde h (B, [T,] d_out), a (B, [T,] S))``.
+        """
+        context, align = self.score(query, memory, key_mask=key_mask)  # c_t (B, [T,] d_k), a_t (B, [T,] S)
+        h_tilde = torch.tanh(self.w_c(torch.cat([context, query], -1)))  # eq. 5
+        return AttentionOutput(h_tilde, align)
+
+
+class LuongSelfAttention(nn.Module):
+    r"""Luong global attention used as a token mixer: every position is an ``h_t`` and the sequence is the source.
+
+    ``y_i = tanh(W_c [c_i; x_i])``, ``c_i = sum_j a_i(j) x_j``,
+    ``a_i = softmax_j score(x_i, x_j)``. No value projection and one head (the
+    RNN-era design); ``num_heads`` does not apply. Shapes: ``(B, n, E) -> (B, n, E)``,
+    weights ``(B, n, n)``. With ``dot`` each position tends to attend to itself
+    (``x_i^T x_i`` is the largest product), so ``general`` is the default.
+    """
+
+    def __init__(self, embed_dim: int, score: LuongScore = "general", hidden: int | None = None) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.attn = LuongGlobalAttention(embed_dim, embed_dim, score, hidden or embed_dim, embed_dim)
+
+    def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, n, n) or None)``."""
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(getattr(x, 'shape', ()))}")
+        out, weights = self.attn(x, x, key_mask=key_mask)
+        return AttentionOutput(out, weights if need_weights else None)
+
+
+class LuongSeq2Seq(nn.Module):
+    """LSTM encoder-decoder with Luong global attention (Luong et al. 2015, section 3.1 and 3.3).
+
+    Encoder: embedding + bidirectional LSTM (width ``H`` per direction), source
+    states ``(B, S, 2H)``. Decoder: an LSTM of width ``D = 2H`` started from the
+    encoder's final states. At step ``t``: ``h_t = LSTM([y_{t-1}; \\tilde h_{t-1}])``
+    with input feeding, or ``LSTM(y_{t-1})`` without; then global attention
+    gives ``a_t`` and ``\\tilde h_t``, and ``p(y_t) = softmax(W_s \\tilde h_t)``.
+    Without input feeding the decoder LSTM runs over the whole target in one
+    call and attention is one batched product over all ``T`` steps. (Luong et
+    al. used a stacked unidirectional LSTM encoder; the attention is the same.)
+
+    Args:
+        vocab: vocabulary size (token 0 is the start token).
+        embed: embedding width; hidden: ``H``.
+        score: ``dot``, ``general`` or ``concat``.
+        input_feeding: feed ``\\tilde h_{t-1}`` to the decoder (section 3.3).
+    """
+
+    def __init__(self, vocab: int, embed: int = 32, hidden: int = 32, score: LuongScore = "general", input_feeding: bool = True) -> None:
+        super().__init__()
+        d = 2 * hidden
+        self.vocab, self.input_feeding, self.d = vocab, input_feeding, d
+        self.src_embed = nn.Embedding(vocab, embed)
+        self.tgt_embed = nn.Embedding(vocab, embed)
+        self.encoder = nn.LSTM(embed, hidden, batch_first=True, bidirectional=True)
+        self.attention = LuongGlobalAttention(d, d, score, hidden=d, out_dim=d)
+        if input_feeding:
+            self.cell: nn.Module = nn.LSTMCell(embed + d, d)
+        else:
+            self.cell = nn.LSTM(embed, d, batch_first=True)
+        self.out = nn.Linear(d, vocab)  # W_s
+
+    def forward(self, src: Tensor, tgt_in: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced decoding: ``src (B, S)``, ``tgt_in (B, T)`` -> ``logits (B, T, vocab)``, ``a (B, T, S)``."""
+        if src.ndim != 2 or tgt_in.ndim != 2 or src.shape[0] != tgt_in.shape[0]:
+            raise ValueError(f"src (B, S) and tgt_in (B, T) token ids expected, got {tuple(src.shape)} and {tuple(tgt_in.shape)}")
+        memory, (h_n, c_n) = self.encoder(self.src_embed(src))  # (B, S, D); (2, B, H) each
+        h = torch.cat([h_n[0], h_n[1]], -1)  # (B, D): forward and backward final states
+        c = torch.cat([c_n[0], c_n[1]], -1)
+        emb = self.tgt_embed(tgt_in)  # (B, T, embed)
+        if not self.input_feeding:
+            states, _ = self.cell(emb, (h[None], c[None]))  # (B, T, D), all steps in one call
+            h_tilde, align = self.attention(states, memory, key_mask)  # (B, T, D), (B, T, S)
+            return self.out(h_tilde), align
+        h_tilde = torch.zeros_like(h)
+        logits, aligns = [], []
+        for t in range(tgt_in.shape[1]):
+            h, c = self.cell(torch.cat([emb[:, t], h_tilde], -1), (h, c))  # input feeding
+            h_tilde, a = self.attention(h, memory, key_mask)  # (B, D), (B, S)
+            logits.append(self.out(h_tilde))
+            aligns.append(a)
+        return torch.stack(logits, 1), torch.stack(aligns, 1)
+
+
+# ----------------------------------------------------------------------------- global tokens
+
+
+def _global_index(n: int, global_idx: Sequence[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
+    """Sorted unique non-negative positions ``(g,)``; negative indices count from the end."""
+    idx = torch.as_tensor(global_idx, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() and (idx.min() < -n or idx.max() >= n):
+        raise ValueError(f"global_idx must lie in [-{n}, {n}) for a sequence of length {n}, got {idx.tolist()}")
+    return torch.unique(torch.where(idx < 0, idx + n, idx))
+
+
+def global_mask(n: int, global_idx: Sequence[int] | Tensor, window: int, device: torch.device | str | None = None) -> Tensor:
+    """Dense ``(n, n)`` reference mask: band ``|i - j| <= window``, plus full rows and columns at ``global_idx``.
+
+    ``True`` = may attend. The efficient :class:`GlobalTokenAttention` never builds it.
+    """
+    keep = band_mask(n, window, device=device)
+    g = _global_index(n, global_idx, device)
+    keep[g, :] = True  # global tokens see everything
+    keep[:, g] = True  # and everything sees them
+    return keep
+
+
+@register(
+    "global-tokens",
+    paper="Beltagy et al. 2020",
+    complexity="O(n (w + g) d)",
+    chapter=5,
+    summary="sliding window plus a few global tokens that see and are seen by all (Longformer/ETC/BigBird)",
+    build=lambda embed_dim, num_heads: GlobalTokenAttention(embed_dim, num_heads, window=8, global_idx=(0,)),
+)
+class GlobalTokenAttention(nn.Module):
+    """Multi-head attention with a local window plus global tokens, computed blockwise.
+
+    Query ``i`` attends to keys ``|i - j| <= window`` and to the global
+    positions; a global position attends to every key. Projections are shared
+    by local and global attention (as in ETC/BigBird; Longformer trains a
+    second set for the global part).
+
+    Cost: ``O(n (3w + g) d)`` for the banded rows and ``O(g n d)`` for the
+    global rows, time and memory, per head. No ``n x n`` tensor is built unless
+    ``need_weights=True``, which returns the dense ``(B, h, n, n)`` weights
+    (for small ``n``, to draw them).
+
+    Args:
+        embed_dim: width ``E``; num_heads: heads ``h`` (must divide ``E``).
+        window: one-sided window ``w`` (``0`` = each token sees itself and the globals).
+        global_idx: default global positions (negative = from the end); ``()`` for none.
+        bias: biases on the projections.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, window: int = 8, global_idx: Sequence[int] = (0,), bias: bool = True) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        self.embed_dim, self.num_heads, self.head_dim, self.window = embed_dim, num_heads, embed_dim // num_heads, window
+        self.global_idx = tuple(int(i) for i in global_idx)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def _check(self, x: Tensor, key_mask: Tensor | None) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("empty sequence: n must be >= 1")
+        if key_mask is not None:
+            if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+                raise TypeError(f"key_mask must be a torch.bool tensor (True = real token), got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
+            if tuple(key_mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"key_mask must have shape (batch, n) = {tuple(x.shape[:2])}, got {tuple(key_mask.shape)}")
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)  # noqa: E731
+        return split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))  # (B, h, n, d) each
+
+    def forward(
+        self,
+        x: Tensor,
+        need_weights: bool = False,
+        key_mask: Tensor | None = None,
+        global_idx: Sequence[int] | Tensor | None = None,
+    ) -> AttentionOutput:
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, h, n, n) or None)``.
+
+        Args:
+            key_mask: ``(B, n)`` boolean, ``True`` = real token.
+            global_idx: global positions for this call (default: the constructor's).
+        """
+        self._check(x, key_mask)
+        B, n, _ = x.shape
+        g_idx = _global_index(n, self.global_idx if global_idx is None else global_idx, x.device)  # (g,)
+        q, k, v = self._qkv(x)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        w = self.window
+        b = max(w, 1)  # block size: a block of b queries needs keys from its own and the two neighbouring blocks
+        nb = -(-n // b)
+        pad = nb * b - n
+        is_global = torch.zeros(n, dtype=torch.bool, device=x.device)
+        is_global[g_idx] = True
+        real = key_mask if key_mask is not None else torch.ones(B, n, dtype=torch.bool, device=x.device)
+
+        # banded part: queries in blocks (B, h, nb, b, d) against key windows (B, h, nb, 3b, d)
+        qb = F.pad(q, (0, 0, 0, pad)).view(B, self.num_heads, nb, b, -1)
+        kw = F.pad(k, (0, 0, b, pad + b)).unfold(2, 3 * b, b)  # (B, h, nb, d, 3b), a view
+        vw = F.pad(v, (0, 0, b, pad + b)).unfold(2, 3 * b, b)  # (B, h, nb, d, 3b)
+        s_band = (qb @ kw) * scale  # (B, h, nb, b, 3b)
+        qpos = torch.arange(nb * b, device=x.device).view(nb, b)  # query position of each block row
+        kpos = (torch.arange(nb, device=x.device) * b - b)[:, None] + torch.arange(3 * b, device=x.device)  # (nb, 3b)
+        inside = (kpos >= 0) & (kpos < n)
+        kc = kpos.clamp(0, n - 1)
+        # a key in the band that is also global is left to the global columns (no double counting)
+        band_ok = ((qpos[:, :, None] - kpos[:, None, :]).abs() <= w) & (inside & ~is_global[kc])[:, None, :]  # (nb, b, 3b)
+        band_ok = band_ok & (real[:, kc] & inside)[:, None, :, None, :]  # (B, 1, nb, b, 3b)
+
+        # global columns: every query scores the g global keys
+        k_g, v_g = k[:, :, g_idx], v[:, :, g_idx]  # (B, h, g, d)
+        s_gcol = (qb @ k_g[:, :, None].transpose(-1, -2)) * scale  # (B, h, nb, b, g)
+        gcol_ok = real[:, g_idx][:, None, None, None, :].expand(B, 1, nb, b, -1)  # (B, 1, nb, b, g)
+
+        p = masked_softmax(torch.cat([s_band, s_gcol], -1), torch.cat([band_ok, gcol_ok], -1))  # (B, h, nb, b, 3b + g)
+        p_band, p_gcol = p.split([3 * b, g_idx.numel()], -1)
+        out = p_band @ vw.transpose(-1, -2) + p_gcol @ v_g[:, :, None]  # (B, h, nb, b, d)
+        out = out.reshape(B, self.num_heads, nb * b, -1)[:, :, :n]  # (B, h, n, d)
+
+        # global rows: the g global queries attend densely to all n keys (g x n)
+        if g_idx.numel():
+            out_g, p_grow = scaled_dot_product_attention(q[:, :, g_idx], k, v, key_mask=key_mask, need_weights=need_weights)
+            out = out.index_copy(2, g_idx, out_g)
+        y = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+        if not need_weights:
+            return AttentionOutput(y, None)
+
+        # dense (B, h, n, n) weights, for drawing (small n only)
+        col = (kpos + b)[:, None, :].expand(nb, b, 3 * b).reshape(1, 1, nb * b, 3 * b)  # key column of each row, padded coords
+        dense = torch.zeros(B, self.num_heads, nb * b, (nb + 2) * b, dtype=p.dtype, device=x.device)
+        dense = dense.scatter_add(-1, col.expand(B, self.num_heads, -1, -1), p_band.reshape(B, self.num_heads, nb * b, 3 * b))
+        dense = dense[:, :, :n, b : b + n]
+        dense = dense.index_add(-1, g_idx, p_gcol.reshape(B, self.num_heads, nb * b, -1)[:, :, :n])
+        if g_idx.numel():
+            dense = dense.index_copy(2, g_idx, p_grow)
+        return AttentionOutput(y, dense)
+
+    def reference(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None,
+                  global_idx: Sequence[int] | Tensor | None = None) -> AttentionOutput:
+        """The labelled baseline: the same layer as dense attention over an ``n x n`` :func:`global_mask`."""
+        self._check(x, key_mask)
+        n = x.shape[1]
+        mask = global_mask(n, self.global_idx if global_idx is None else global_idx, self.window, x.device)
+        q, k, v = self._qkv(x)
+        out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, need_weights=need_weights)
+        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)

@@ -1,0 +1,195 @@
+"""Chapter 5: Luong global attention (dot/general/concat) and global-token attention against dense references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attn import registry
+from attn.benchmark import count_flops, peak_memory
+from attn.global_attention import (
+    ConcatAttention,
+    GlobalTokenAttention,
+    LuongGlobalAttention,
+    LuongSelfAttention,
+    LuongSeq2Seq,
+    global_mask,
+    make_luong_score,
+)
+from attn.masks import padding_mask
+from attn.tasks import PermutationTask
+from attn.train import evaluate, train
+
+# ----------------------------------------------------------------------------- Luong global attention
+
+
+def test_concat_score_matches_explicit_concatenation():
+    att = ConcatAttention(5, 4, hidden=6).double()
+    h_t = torch.randn(2, 3, 5, dtype=torch.float64)
+    h_s = torch.randn(2, 7, 4, dtype=torch.float64)
+    W, v = att.w.weight, att.v.weight[0]
+    e = torch.stack([torch.stack([torch.stack([v @ torch.tanh(W @ torch.cat([h_t[b, t], h_s[b, s]])) for s in range(7)])
+                                  for t in range(3)]) for b in range(2)])  # eq. 8, pair by pair
+    ctx, a = att(h_t, h_s)
+    torch.testing.assert_close(a, e.softmax(-1), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ctx, e.softmax(-1) @ h_s, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("score", ["dot", "general", "concat"])
+def test_luong_global_matches_formula_and_gradcheck(score):
+    att = LuongGlobalAttention(4, 4, score, hidden=3, out_dim=5).double()
+    h_t = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    h_s = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    km = padding_mask([6, 2], 6)
+    h_tilde, a = att(h_t, h_s, key_mask=km)
+    # independent dense formula: scores, masked softmax, context, tanh(W_c [c; h])
+    if score == "dot":
+        e = h_t @ h_s.transpose(1, 2)
+    elif score == "general":
+        e = h_t @ (h_s @ att.score.w.weight.T).transpose(1, 2)
+    else:
+        e = att.score.scores(h_t, h_s)
+    e = e.masked_fill(~km[:, None], float("-inf"))
+    a_ref = e.softmax(-1)
+    ref = torch.tanh(torch.cat([a_ref @ h_s, h_t], -1) @ att.w_c.weight.T)
+    torch.testing.assert_close(a, a_ref)
+    torch.testing.assert_close(h_tilde, ref)
+    assert a[1, :, 2:].abs().max() == 0
+    assert torch.autograd.gradcheck(lambda q, k: att(q, k, key_mask=km).output, (h_t, h_s))
+    # one step (B, d) equals the same step inside (B, T, d); batched equals per example
+    step = att(h_t[:, 1], h_s, key_mask=km)
+    torch.testing.assert_close(step.output, h_tilde[:, 1])
+    torch.testing.assert_close(att(h_t[1:], h_s[1:], key_mask=km[1:]).output, h_tilde[1:])
+
+
+def test_luong_bad_input():
+    with pytest.raises(ValueError, match="score must be"):
+        make_luong_score("location", 3, 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dot scores need"):
+        LuongGlobalAttention(3, 4, "dot")
+    att = LuongGlobalAttention(4, 6, "concat")
+    with pytest.raises(ValueError, match=r"keys must have shape \(batch=2, n_keys, 6\)"):
+        att(torch.randn(2, 4), torch.randn(2, 5, 5))
+    with pytest.raises(ValueError, match="empty"):
+        att(torch.randn(2, 4), torch.randn(2, 0, 6))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+        LuongSelfAttention(8)(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("score,input_feeding", [("general", True), ("general", False), ("dot", False), ("concat", False)])
+def test_luong_seq2seq_learns_the_alignment(score, input_feeding):
+    task = PermutationTask(vocab=10, length=6, permutation="random", seed=3)
+
+    def loss_fn(model, b):
+        logits, al = model(b["src"], b["tgt_in"])
+        return F.cross_entropy(logits.flatten(0, 1), b["tgt"].flatten()), {"align": (al.argmax(-1) == task.perm).float().mean()}
+
+    torch.manual_seed(0)
+    model = LuongSeq2Seq(10, 16, 32, score, input_feeding=input_feeding)
+    logits, al = model(task.sample(2)["src"], task.sample(2)["tgt_in"])
+    assert logits.shape == (2, 6, 10) and al.shape == (2, 6, 6)
+    train(model, task.sample, loss_fn, steps=150, lr=1e-2, progress=False)
+    # concat learns the alignment more slowly (as in Luong et al.); within this budget demand well above chance (1/6)
+    assert evaluate(model, task.sample, loss_fn)["align"] > (0.5 if score == "concat" else 0.9)
+
+
+# ----------------------------------------------------------------------------- global tokens
+
+
+@pytest.mark.parametrize(
+    "n,window,gidx",
+    [(1, 0, (0,)), (7, 2, (0,)), (13, 3, (0, 5, -1)), (16, 4, ()), (10, 0, (2,)), (9, 20, (1,)), (33, 5, (0, 1, 2, 3))],
+)
+def test_global_tokens_match_dense_masked_reference(n, window, gidx):
+    layer = GlobalTokenAttention(16, 2, window=window, global_idx=gidx).double()
+    x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
+    km = padding_mask([n, max(1, n - 3), max(1, n // 2)], n)
+    for key_mask in (None, km):
+        out, w = layer(x, need_weights=True, key_mask=key_mask)
+        ref_out, ref_w = layer.reference(x, need_weights=True, key_mask=key_mask)
+        torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(w, ref_w, atol=1e-10, rtol=1e-10)
+        fast = layer(x, key_mask=key_mask).output
+        torch.testing.assert_close(fast, ref_out, atol=1e-10, rtol=1e-10)
+        up = torch.randn_like(fast)
+        params = [x, *layer.parameters()]
+        for a, b in zip(torch.autograd.grad(fast, params, up), torch.autograd.grad(ref_out, params, up)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_global_mask_pattern():
+    m = global_mask(8, [0, -1], 1)
+    assert m[0].all() and m[:, 0].all() and m[7].all() and m[:, 7].all()
+    assert m[3, 2] and m[3, 4] and not m[3, 5] and not m[3, 1]
+    assert m.sum() == 8 * 8 - (6 * 6 - (6 + 2 * 5))  # inner 6x6 keeps only its tridiagonal band
+
+
+def test_global_tokens_gradcheck_and_properties():
+    layer = GlobalTokenAttention(4, 2, window=1, global_idx=(2,)).double()
+    x = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
+    km = padding_mask([7, 5], 7)
+    assert torch.autograd.gradcheck(lambda x: layer(x, key_mask=km).output, (x,))
+    assert torch.autograd.gradcheck(lambda x: layer(x, key_mask=km, need_weights=True).output, (x,))
+    out = layer(x, key_mask=km).output
+    # padded keys have no influence
+    x2 = x.detach().clone()
+    x2[1, 5:] = 1e3
+    torch.testing.assert_close(layer(x2, key_mask=km).output[1, :5], out[1, :5].detach())
+    # a token outside the window of a non-global query, and not global, has no influence on it
+    x3 = x.detach().clone()
+    x3[:, 6] += 10.0
+    o3 = layer(x3).output
+    o = layer(x).output.detach()
+    torch.testing.assert_close(o3[:, [0, 1, 3, 4]], o[:, [0, 1, 3, 4]])  # outside token 6's window, not global
+    assert (o3[:, 2] - o[:, 2]).abs().max() > 1e-3  # position 2 is global: it sees everything
+    assert (o3[:, 5] - o[:, 5]).abs().max() > 1e-3  # position 5 has token 6 in its window
+    # batched equals per example; fully masked rows give zeros, not NaN
+    torch.testing.assert_close(torch.cat([layer(x[i : i + 1], key_mask=km[i : i + 1]).output for i in range(2)]), out)
+    res = layer(x, key_mask=torch.zeros(2, 7, dtype=torch.bool), need_weights=True)
+    assert torch.isfinite(res.output).all() and res.weights.abs().max() == 0
+
+
+def test_global_tokens_are_efficient():
+    """No n x n tensor: peak memory far below n^2 floats, FLOPs linear in n."""
+    layer = GlobalTokenAttention(16, 1, window=16, global_idx=(0, 1)).eval()
+    n = 8192
+    x = torch.randn(1, n, 16)
+    with torch.no_grad():
+        p1, p2 = peak_memory(lambda: layer(x[:, : n // 2]), "cpu"), peak_memory(lambda: layer(x), "cpu")
+        f1, f2 = count_flops(lambda: layer(x[:, : n // 2])), count_flops(lambda: layer(x))
+    assert p2 < n * n * 4 / 10, f"peak {p2} bytes vs n^2 fp32 {n * n * 4}"
+    assert p2 / p1 < 2.5  # linear, not quadratic (which would be 4)
+    assert 1.9 < f2 / f1 < 2.1
+
+
+def test_global_tokens_bad_input():
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        GlobalTokenAttention(10, 3)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        GlobalTokenAttention(8, 2, window=-1)
+    layer = GlobalTokenAttention(8, 2, window=2, global_idx=(0,))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+        layer(torch.randn(5, 8))
+    with pytest.raises(ValueError, match="empty"):
+        layer(torch.randn(1, 0, 8))
+    with pytest.raises(ValueError, match=r"global_idx must lie in \[-5, 5\)"):
+        layer(torch.randn(1, 5, 8), global_idx=[5])
+    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+        layer(torch.randn(1, 5, 8), key_mask=torch.ones(1, 5))
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch, n\)"):
+        layer(torch.randn(1, 5, 8), key_mask=torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_builds():
+    x = torch.randn(2, 6, 16)
+    for name, cls in (("global", LuongSelfAttention), ("global-tokens", GlobalTokenAttention)):
+        m = registry.get(name)
+        assert m.chapter == 5
+        layer = m.build(16, 4)
+        assert isinstance(layer, cls)
+        out = layer(x, need_weights=True)
+        assert out.output.shape == (2, 6, 16) and out.weights.shape[-2:] == (6, 6)
+        torch.testing.assert_close(out.weights.sum(-1), torch.ones_like(out.weights.sum(-1)))
+        assert layer(x).weights is None
+    assert registry.get("global").cls is LuongGlobalAttention
