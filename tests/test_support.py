@@ -11,7 +11,7 @@ import torch
 from attn import benchmark, registry
 from attn.multihead import MultiHeadAttention
 from attn.tasks import AssociativeRecall
-from attn.train import History, Recorder, set_seed, train
+from attn.train import History, Recorder, cpu_threads, set_seed, train
 from attn.widgets import AttentionExplorer, Panel, View, entropy
 
 # ----------------------------------------------------------------------------- benchmark
@@ -175,3 +175,12 @@ def test_recorder_snapshots_in_eval_mode_without_grad():
     step, (training, grad, out) = rec.records[0]
     assert step == 5 and not training and not grad
     torch.testing.assert_close(out, model[0](x))  # dropout off in eval mode
+
+
+def test_cpu_threads_restores_the_setting():
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(None):
+        assert torch.get_num_threads() == before
