@@ -95,6 +95,30 @@ class MultiHeadAttention(nn.Module):
         if query.shape[1] == 0 or key.shape[1] == 0:
             raise ValueError(f"empty sequence: query length {query.shape[1]}, key length {key.shape[1]}")
 
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """The attention kernel on split heads: ``q`` ``(B, h, L, d_h)``, ``k, v`` ``(B, h, S, d_h)``.
+
+        Scaled dot-product attention here; variants that change only how the
+        weights are formed (top-k, entmax, ...) override this one method and
+        inherit the projections, head split/merge, checks and masks.
+        """
+        return scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
+            dropout_p=dropout_p, scale=scale, need_weights=need_weights,
+        )
+
     def forward(
         self,
         query: Tensor,
@@ -133,7 +157,7 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.q_proj(query))  # (B, h, L, d_h)
         k = self.split_heads(self.k_proj(key))  # (B, h, S, d_h)
         v = self.split_heads(self.v_proj(value))  # (B, h, S, d_h)
-        out, weights = scaled_dot_product_attention(
+        out, weights = self.attend(
             q, k, v,
             attn_mask=attn_mask,
             key_mask=key_mask,

@@ -585,25 +585,8 @@ class TopKAttention(MultiHeadAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
         self.topk = _check_int("topk", topk)
 
-    def forward(  # type: ignore[override]
-        self,
-        query: Tensor,
-        key: Tensor | None = None,
-        value: Tensor | None = None,
-        key_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        need_weights: bool = False,
-    ) -> AttentionOutput:
-        """As :meth:`MultiHeadAttention.forward`; weights ``(B, h, L, S)`` have ``<= topk`` non-zeros per row."""
-        key = query if key is None else key
-        value = key if value is None else value
-        self._check(query, key, value)
-        if attn_mask is not None and isinstance(attn_mask, Tensor) and attn_mask.ndim == 3:
-            attn_mask = attn_mask[:, None]
-        q = self.split_heads(self.q_proj(query))
-        k = self.split_heads(self.k_proj(key))
-        v = self.split_heads(self.v_proj(value))
-        out, w = topk_attention(q, k, v, self.topk, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
-                                dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
-        return AttentionOutput(self.out_proj(self.merge_heads(out)), w)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, key_mask: Tensor | None,
+               is_causal: bool, dropout_p: float, scale: float, need_weights: bool) -> AttentionOutput:
+        """Top-k attention on split heads; the weights ``(B, h, L, S)`` have ``<= topk`` non-zeros per row."""
+        return topk_attention(q, k, v, self.topk, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
+                              scale=scale, dropout_p=dropout_p, need_weights=need_weights)

@@ -248,32 +248,11 @@ class EntmaxAttention(MultiHeadAttention):
             raise ValueError(f"alpha must be a number >= 1, got {alpha!r}")
         self.alpha = float(alpha)
 
-    def forward(  # type: ignore[override]
-        self,
-        query: Tensor,
-        key: Tensor | None = None,
-        value: Tensor | None = None,
-        key_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        need_weights: bool = False,
-        temperature: float = 1.0,
-    ) -> AttentionOutput:
-        """As :meth:`MultiHeadAttention.forward`, entmax-normalised; weights ``(B, h, L, S)``."""
-        key = query if key is None else key
-        value = key if value is None else value
-        self._check(query, key, value)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if attn_mask is not None and isinstance(attn_mask, Tensor) and attn_mask.ndim == 3:
-            attn_mask = attn_mask[:, None]
-        q = self.split_heads(self.q_proj(query))
-        k = self.split_heads(self.k_proj(key))
-        v = self.split_heads(self.v_proj(value))
-        out, w = entmax_attention(q, k, v, self.alpha, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
-                                  scale=1.0 / (temperature * math.sqrt(self.head_dim)),
-                                  dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights)
-        return AttentionOutput(self.out_proj(self.merge_heads(out)), w)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, key_mask: Tensor | None,
+               is_causal: bool, dropout_p: float, scale: float, need_weights: bool) -> AttentionOutput:
+        """alpha-entmax attention on split heads; weights ``(B, h, L, S)`` with exact zeros."""
+        return entmax_attention(q, k, v, self.alpha, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
+                                scale=scale, dropout_p=dropout_p, need_weights=need_weights)
 
 
 @register(
