@@ -56,11 +56,12 @@ def count_flops(fn: Callable[[], object]) -> int:
 
     Runs ``fn`` with SDPA forced onto its math backend: the fused CPU kernel is
     not known to ``FlopCounterMode``, while the math backend's matrix products
-    are, and the arithmetic is the same.
+    are, and the arithmetic is the same. Autograd stays on (``FlopCounterMode``
+    fails on some ops under ``torch.no_grad``); only the forward is counted.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -109,7 +109,7 @@ def register(
             raise ValueError(f"chapter {chapter} is not in CHAPTERS (1..{len(CHAPTERS)})")
         MECHANISMS[name] = Mechanism(
             name, cls, paper, complexity, chapter, data,
-            summary or (cls.__doc__ or "").strip().splitlines()[0],
+            summary or next(iter((cls.__doc__ or "").strip().splitlines()), ""),
             build,
         )
         return cls

@@ -1,0 +1,177 @@
+"""Command line: ``python -m attn list`` and ``python -m attn compare``.
+
+Examples::
+
+    python -m attn list
+    python -m attn compare                                # every registered mechanism
+    python -m attn compare --mode self --mode multihead --quick --out results/
+    python -m attn compare --preset book --device cpu --seed 1
+
+``compare`` prints a table and writes ``summary.csv``, ``sweep.csv``,
+``curves.csv``, ``results.json`` and PNG figures to ``--out``. Exit status:
+0 on success, 1 when a mechanism failed (its row says why; the files are still
+written), 2 for bad arguments (a message, never a traceback), 130 when
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .compare import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m attn",
+        description="The Attention Book's package: list the registered mechanisms, or compare them on shared axes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    lst = sub.add_parser("list", help="registered mechanisms: name, paper, complexity, chapter")
+    lst.add_argument("--all", action="store_true", help="also list the chapters with no registered mechanism yet")
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="train and benchmark mechanisms on the shared task; write CSV, JSON and PNG",
+        description=(
+            "Measure every registered mechanism (or those named with --mode) on the same axes: parameters, "
+            "FLOPs, latency and peak memory, a sequence-length sweep with fitted exponents, accuracy after a "
+            "fixed training budget on associative recall, convergence, loss curves and attention entropy."
+        ),
+    )
+    cmp_.add_argument("--mode", action="append", metavar="NAME", dest="modes",
+                      help="a registered mechanism (repeat for several; default: all). See `python -m attn list`.")
+    sizes = cmp_.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_const", const="quick", dest="preset",
+                       help="tiny sizes, a few seconds per mechanism (tests, smoke runs)")
+    sizes.add_argument("--preset", choices=list(PRESETS), dest="preset",
+                       help="size preset (default: 'default' on the CPU, 10-50 s per mechanism on 2 cores; 'gpu' on CUDA)")
+    cmp_.add_argument("--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    cmp_.add_argument("--seed", type=_seed, default=0, help="seed for initialisation and data (default 0)")
+    cmp_.add_argument("--out", type=Path, default=Path("compare-results"), metavar="DIR",
+                      help="output directory for CSV, JSON and PNG files (default ./compare-results)")
+    cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp_.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return parser
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def _check_out_dir(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Fail early, with a message, when results could not be written."""
+    try:
+        if out.exists() and not out.is_dir():
+            parser.error(f"--out {out}: exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        parser.error(f"--out {out}: cannot write there ({err.strerror or err})")
+
+
+def _list(show_all: bool) -> int:
+    from .registry import CHAPTERS, mechanisms
+
+    ms = mechanisms()
+    rows = [("name", "chapter", "paper", "complexity", "data")]
+    rows += [(m.name, f"{m.chapter:2d} {_title(m.chapter)}", m.paper, m.complexity, m.data) for m in ms]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    covered = {m.chapter for m in ms}
+    missing = [c for c in CHAPTERS if c.number not in covered]
+    print(f"\n{len(ms)} mechanisms registered, covering {len(covered)} of {len(CHAPTERS)} chapters.")
+    if show_all and missing:
+        print("Chapters with no registered mechanism yet:")
+        for c in missing:
+            print(f"  {c.number:2d} {c.title} ({c.papers})")
+    return 0
+
+
+def _title(number: int) -> str:
+    from .registry import chapter
+
+    try:
+        return chapter(number).title
+    except KeyError:
+        return "?"
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import compare
+    from .registry import MECHANISMS, mechanisms
+
+    if args.modes:
+        unknown = [m for m in dict.fromkeys(args.modes) if m not in MECHANISMS]
+        if unknown:
+            parser.error(
+                f"unknown --mode {', '.join(unknown)}; valid names: {', '.join(m.name for m in mechanisms())}"
+            )
+    try:
+        device = compare.resolve_device(args.device)
+    except ValueError as err:
+        parser.error(f"--device: {err}")
+    _check_out_dir(parser, args.out)
+    preset = compare.get_preset(args.preset, device)
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+
+    progress = not args.no_progress
+    chosen = args.modes or [m.name for m in mechanisms()]
+    print(f"Comparing {len(chosen)} mechanism(s) on {device}, seed {args.seed}\n{preset.describe()}", flush=True)
+    result = compare.run(args.modes, preset=preset, seed=args.seed, device=device, progress=progress)
+    written = result.save(args.out, figures=not args.no_figures)
+
+    print()
+    print(result.format_table())
+    notes = [(r.name, n) for r in result.results for n in r.notes if r.status != "own task"]
+    if notes:
+        print("\nNotes:")
+        for name, note in notes:
+            print(f"  {name}: {note}")
+    print(f"\n{result.reading()}".replace("**", ""))
+    print(f"\nWall time {result.wall_s:.1f} s. Wrote {len(written)} files to {args.out}/: "
+          + ", ".join(p.name for p in written))
+    failed = [r.name for r in result.results if r.status == "error"]
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)} (see the notes above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list(args.all)
+        return _compare(parser, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `python -m attn list | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
