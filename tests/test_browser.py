@@ -128,11 +128,14 @@ def test_chapter_page_works_offline(browser, name):
                 before = (ex.get_attribute("data-key"), ex.locator("canvas").evaluate("c => c.toDataURL()"))
                 at_max = s.evaluate("e => e.value === e.max")
                 s.focus()
-                page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
+                forward, back = ("ArrowLeft", "ArrowRight") if at_max else ("ArrowRight", "ArrowLeft")
+                page.keyboard.press(forward)
                 after = (ex.get_attribute("data-key"), ex.locator("canvas").evaluate("c => c.toDataURL()"))
                 assert after[0] != before[0], f"explorer {i} slider {j}: state key did not change"
                 assert after[1] != before[1], f"explorer {i} slider {j}: drawing did not change"
                 assert ex.get_attribute("data-source") == "stored"
+                page.keyboard.press(back)  # back to the initial setting, so each slider is checked from it
+                assert ex.get_attribute("data-key") == before[0]
                 moved += 1
         # every request stayed on the book's own server, and none failed
         assert not v.failed, v.failed
