@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import AttentionOutput
-from .masks import causal_mask
+from .masks import causal_mask, check_key_mask
 from .multihead import MultiHeadAttention
 from .registry import register
 
@@ -140,10 +140,7 @@ def pattern_mask(
             raise ValueError("the prefix_lm pattern needs prefix_len (an int or a (batch,) tensor)")
         mask = prefix_lm_mask(n, prefix_len, device=device)
     if key_mask is not None:
-        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-            raise TypeError(f"key_mask must be a torch.bool tensor (True = real token), got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
-        if key_mask.ndim != 2 or key_mask.shape[1] != n:
-            raise ValueError(f"key_mask must have shape (batch, n={n}), got {tuple(key_mask.shape)}")
+        check_key_mask(key_mask, None, n, length_name="n")
         mask = mask & key_mask.to(mask.device)[:, None, :]  # (B, n, n)
     return mask
 

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from . import benchmark
 from .registry import MECHANISMS, Mechanism, mechanisms
+from .models import RecallTokens
 from .tasks import AssociativeRecall
 from .train import History, evaluate, set_seed, train
 
@@ -245,24 +246,12 @@ class PositionalRecallModel(nn.Module):
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.task = task
-        self.key_embed = nn.Embedding(task.n_keys, embed_dim)
-        self.value_embed = nn.Embedding(task.n_values, embed_dim)
-        self.query_flag = nn.Parameter(torch.randn(embed_dim) * 0.02)
-        self.position = nn.Embedding(task.n_pairs + 1, embed_dim)
-        nn.init.normal_(self.position.weight, std=POSITION_INIT_STD)  # small: content first, position learnable
+        # small position init: content first, position learnable
+        self.tokens = RecallTokens(task, embed_dim, position_std=POSITION_INIT_STD)
         self.norms = nn.ModuleList(nn.LayerNorm(embed_dim) for _ in range(layers))
         self.mixers = nn.ModuleList(build(embed_dim, num_heads) for _ in range(layers))
         self.out_norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, task.n_values)
-
-    def tokens(self, x: Tensor) -> Tensor:
-        """``x (B, 2n + 1)`` -> ``(B, n + 1, E)``: the pairs, then the query, plus positions."""
-        if x.ndim != 2 or x.shape[1] != self.task.length:
-            raise ValueError(f"x must have shape (batch, {self.task.length}), got {tuple(x.shape)}")
-        keys, values = x[:, :-1:2], x[:, 1:-1:2] - self.task.n_keys  # (B, n), (B, n)
-        pairs = self.key_embed(keys) + self.value_embed(values)  # (B, n, E)
-        query = self.key_embed(x[:, -1]) + self.query_flag  # (B, E)
-        return torch.cat([pairs, query[:, None]], 1) + self.position.weight  # (B, n + 1, E)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor | None]]:
         """Logits ``(B, n_values)`` and, if asked, each layer's attention weights."""

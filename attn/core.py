@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masks import causal_mask, check_mask
+from .masks import causal_mask, check_key_mask, check_mask
 
 __all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv", "build_mask"]
 
@@ -85,11 +85,7 @@ def build_mask(q: Tensor, k: Tensor, attn_mask: Tensor | None, key_mask: Tensor 
         check_mask(attn_mask, score_shape, "attn_mask")
         mask = attn_mask
     if key_mask is not None:
-        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-            got = getattr(key_mask, "dtype", type(key_mask).__name__)
-            raise TypeError(f"key_mask must be a torch.bool tensor (True = real token), got {got}")
-        if tuple(key_mask.shape) != (batch, lk):
-            raise ValueError(f"key_mask must have shape (batch={batch}, n_keys={lk}), got {tuple(key_mask.shape)}")
+        check_key_mask(key_mask, batch, lk)
         km = key_mask.view(batch, *([1] * (q.ndim - 2)), lk)  # (B, [1,] 1, Lk)
         mask = km if mask is None else mask & km
     if is_causal:

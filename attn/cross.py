@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import AttentionOutput, scaled_dot_product_attention
+from .masks import check_key_mask
 from .multihead import MultiHeadAttention
 from .registry import register
 
@@ -45,16 +46,6 @@ class MemoryCache(NamedTuple):
     k: Tensor
     v: Tensor
     mask: Tensor | None
-
-
-def _check_memory_mask(mask: Tensor | None, batch: int, length: int) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        got = getattr(mask, "dtype", type(mask).__name__)
-        raise TypeError(f"memory_mask must be a torch.bool tensor (True = real source token), got {got}")
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"memory_mask must have shape (batch={batch}, source_len={length}), got {tuple(mask.shape)}")
 
 
 @register(
@@ -110,7 +101,7 @@ class CrossAttention(nn.Module):
         memory_values = self._values(memory, memory_values)
         dummy = memory.new_empty(memory.shape[0], 1, self.embed_dim)
         self.mha._check(dummy, memory, memory_values)
-        _check_memory_mask(memory_mask, memory.shape[0], memory.shape[1])
+        check_key_mask(memory_mask, memory.shape[0], memory.shape[1], name="memory_mask", length_name="source_len", meaning="real source token")
         k = self.mha.split_heads(self.mha.k_proj(memory))  # (B, h, S, d_k)
         v = self.mha.split_heads(self.mha.v_proj(memory_values))  # (B, h, S, d_k)
         return MemoryCache(k, v, memory_mask)
@@ -155,7 +146,7 @@ class CrossAttention(nn.Module):
                 raise ValueError("cross-attention needs a memory (batch, source_len, kdim) or a cache from encode_memory")
             memory_values = self._values(memory, memory_values)
             if isinstance(memory, Tensor):
-                _check_memory_mask(memory_mask, memory.shape[0], memory.shape[1])
+                check_key_mask(memory_mask, memory.shape[0], memory.shape[1], name="memory_mask", length_name="source_len", meaning="real source token")
             return self.mha(query, memory, memory_values, key_mask=memory_mask, attn_mask=attn_mask,
                             need_weights=need_weights, average_weights=average_weights, temperature=temperature)
         if memory is not None or memory_values is not None or memory_mask is not None:

@@ -41,7 +41,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
-from .masks import band_mask
+from .masks import band_mask, check_key_mask
 from .registry import register
 from .soft import MultiplicativeAttention, _ScoreAttention
 
@@ -288,11 +288,7 @@ class GlobalTokenAttention(nn.Module):
             raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(x.shape)}")
         if x.shape[1] == 0:
             raise ValueError("empty sequence: n must be >= 1")
-        if key_mask is not None:
-            if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-                raise TypeError(f"key_mask must be a torch.bool tensor (True = real token), got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
-            if tuple(key_mask.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"key_mask must have shape (batch, n) = {tuple(x.shape[:2])}, got {tuple(key_mask.shape)}")
+        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)  # noqa: E731

@@ -50,7 +50,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .core import AttentionOutput, check_qkv, masked_softmax, scaled_dot_product_attention
-from .masks import band_mask
+from .masks import band_mask, check_key_mask
 from .registry import register
 
 __all__ = ["local_attention", "local_pattern", "LocalAttention", "LocalPAttention"]
@@ -62,16 +62,6 @@ def _check_window(window: int, exact_band: bool) -> None:
     lowest = 0 if exact_band else 1
     if window < lowest:
         raise ValueError(f"window must be >= {lowest}{'' if exact_band else ' with exact_band=False'}, got {window}")
-
-
-def _check_key_mask(key_mask: Tensor | None, batch: int, n: int) -> None:
-    if key_mask is None:
-        return
-    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-        got = getattr(key_mask, "dtype", type(key_mask).__name__)
-        raise TypeError(f"key_mask must be a torch.bool tensor (True = real token), got {got}")
-    if tuple(key_mask.shape) != (batch, n):
-        raise ValueError(f"key_mask must have shape (batch={batch}, n={n}), got {tuple(key_mask.shape)}")
 
 
 def local_pattern(n: int, window: int, causal: bool = False, exact_band: bool = True, device: torch.device | str | None = None) -> Tensor:
@@ -153,7 +143,7 @@ def local_attention(
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"local attention needs as many queries as keys (self-attention), got {q.shape[-2]} and {k.shape[-2]}")
     _check_window(window, exact_band)
-    _check_key_mask(key_mask, q.shape[0], k.shape[-2])
+    check_key_mask(key_mask, q.shape[0], k.shape[-2], length_name="n")
     squeeze = q.ndim == 3
     if squeeze:  # (B, n, d) -> (B, 1, n, d)
         q, k, v = q[:, None], k[:, None], v[:, None]
@@ -353,7 +343,7 @@ class LocalPAttention(nn.Module):
             raise ValueError(f"values must have shape (batch, S={keys.shape[1]}, d_v), got {tuple(values.shape)}")
         if keys.shape[1] == 0:
             raise ValueError("keys is an empty sequence (S = 0)")
-        _check_key_mask(key_mask, keys.shape[0], keys.shape[1])
+        check_key_mask(key_mask, keys.shape[0], keys.shape[1], length_name="n")
 
     def forward(
         self, query: Tensor, keys: Tensor, values: Tensor | None = None, key_mask: Tensor | None = None, need_weights: bool = False

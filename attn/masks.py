@@ -29,6 +29,7 @@ __all__ = [
     "mha_convention",
     "to_additive",
     "check_mask",
+    "check_key_mask",
 ]
 
 
@@ -135,3 +136,25 @@ def check_mask(mask: Tensor, score_shape: tuple[int, ...], name: str = "attn_mas
             f"{name} of shape {tuple(mask.shape)} does not broadcast to the scores {tuple(score_shape)} "
             f"{dims}; use e.g. {tuple(score_shape[-2:])} or {tuple(score_shape)}"
         )
+
+
+def check_key_mask(
+    key_mask: Tensor | None,
+    batch: int | None,
+    n: int,
+    name: str = "key_mask",
+    length_name: str = "n_keys",
+    meaning: str = "real token",
+) -> None:
+    """Raise a clear error unless ``key_mask`` is ``None`` or a bool tensor of shape ``(batch, n)``.
+
+    ``batch=None`` accepts any batch size.
+    """
+    if key_mask is None:
+        return
+    if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+        got = getattr(key_mask, "dtype", type(key_mask).__name__)
+        raise TypeError(f"{name} must be a torch.bool tensor (True = {meaning}), got {got}")
+    if key_mask.ndim != 2 or key_mask.shape[1] != n or (batch is not None and key_mask.shape[0] != batch):
+        b = "batch" if batch is None else f"batch={batch}"
+        raise ValueError(f"{name} must have shape ({b}, {length_name}={n}), got {tuple(key_mask.shape)}")

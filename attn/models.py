@@ -10,7 +10,38 @@ from .core import AttentionOutput
 from .multihead import MultiHeadAttention
 from .tasks import AssociativeRecall
 
-__all__ = ["RecallModel", "recall_loss"]
+__all__ = ["RecallTokens", "RecallModel", "recall_loss"]
+
+
+class RecallTokens(nn.Module):
+    """Embed :class:`~attn.tasks.AssociativeRecall` inputs as one token per pair plus the query.
+
+    Pair ``i`` becomes ``E_k[k_i] + E_v[v_i]`` and the query key becomes the
+    last token ``E_k[q] + e_query``; with ``position_std`` set, a learned
+    position embedding ``P`` (initialised with that standard deviation) is added.
+
+    Shapes: ``x`` ``(B, 2 n_pairs + 1)`` task tokens -> ``(B, n_pairs + 1, E)``.
+    """
+
+    def __init__(self, task: AssociativeRecall, embed_dim: int, position_std: float | None = None) -> None:
+        super().__init__()
+        self.task = task
+        self.key_embed = nn.Embedding(task.n_keys, embed_dim)
+        self.value_embed = nn.Embedding(task.n_values, embed_dim)
+        self.query_flag = nn.Parameter(torch.randn(embed_dim) * 0.02)
+        self.position: nn.Embedding | None = None
+        if position_std is not None:
+            self.position = nn.Embedding(task.n_pairs + 1, embed_dim)
+            nn.init.normal_(self.position.weight, std=position_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.task.length:
+            raise ValueError(f"x must have shape (batch, {self.task.length}), got {tuple(x.shape)}")
+        keys, values = x[:, :-1:2], x[:, 1:-1:2] - self.task.n_keys  # (B, n), (B, n)
+        pairs = self.key_embed(keys) + self.value_embed(values)  # (B, n, E)
+        query = self.key_embed(x[:, -1]) + self.query_flag  # (B, E)
+        h = torch.cat([pairs, query[:, None]], 1)  # (B, n + 1, E)
+        return h if self.position is None else h + self.position.weight
 
 
 class RecallModel(nn.Module):
@@ -31,21 +62,10 @@ class RecallModel(nn.Module):
     def __init__(self, task: AssociativeRecall, embed_dim: int = 64, num_heads: int = 4, attention: nn.Module | None = None) -> None:
         super().__init__()
         self.task = task
-        self.key_embed = nn.Embedding(task.n_keys, embed_dim)
-        self.value_embed = nn.Embedding(task.n_values, embed_dim)
-        self.query_flag = nn.Parameter(torch.randn(embed_dim) * 0.02)
+        self.tokens = RecallTokens(task, embed_dim)
         self.attention = attention if attention is not None else MultiHeadAttention(embed_dim, num_heads)
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, task.n_values)
-
-    def tokens(self, x: Tensor) -> Tensor:
-        """``x (B, 2n + 1)`` task tokens -> ``(B, n + 1, E)`` pair tokens and the query token."""
-        if x.ndim != 2 or x.shape[1] != self.task.length:
-            raise ValueError(f"x must have shape (batch, {self.task.length}), got {tuple(x.shape)}")
-        keys, values = x[:, :-1:2], x[:, 1:-1:2] - self.task.n_keys  # (B, n), (B, n)
-        pairs = self.key_embed(keys) + self.value_embed(values)  # (B, n, E)
-        query = self.key_embed(x[:, -1]) + self.query_flag  # (B, E)
-        return torch.cat([pairs, query[:, None]], 1)
 
     def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """Logits over values ``(B, n_values)`` and, if asked, the attention weights."""

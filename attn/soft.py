@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import AttentionOutput, masked_softmax
+from .masks import check_key_mask
 from .registry import register
 
 __all__ = ["permutation_loss", "AdditiveAttention", "AdditiveSelfAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
@@ -86,8 +87,7 @@ class _ScoreAttention(nn.Module):
         e = self.scores(q, keys)  # (B, L, S)
         mask = None
         if key_mask is not None:
-            if key_mask.dtype != torch.bool or tuple(key_mask.shape) != tuple(keys.shape[:2]):
-                raise ValueError(f"key_mask must be bool of shape {tuple(keys.shape[:2])}, got {key_mask.dtype} {tuple(key_mask.shape)}")
+            check_key_mask(key_mask, keys.shape[0], keys.shape[1])
             mask = key_mask[:, None, :]
         alpha = masked_softmax(e, mask)  # (B, L, S)
         context = alpha @ values  # (B, L, d_v)

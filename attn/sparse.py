@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .core import AttentionOutput, build_mask, check_qkv, masked_softmax
-from .masks import causal_mask
+from .masks import causal_mask, check_key_mask
 from .multihead import MultiHeadAttention
 from .registry import register
 
@@ -157,11 +157,7 @@ def _key_valid(key_mask: Tensor | None, batch: int, n: int, total: int, device: 
     if key_mask is None:
         valid = torch.ones(batch, n, dtype=torch.bool, device=device)
     else:
-        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
-            got = getattr(key_mask, "dtype", type(key_mask).__name__)
-            raise TypeError(f"key_mask must be a torch.bool tensor (True = real token), got {got}")
-        if tuple(key_mask.shape) != (batch, n):
-            raise ValueError(f"key_mask must have shape (batch={batch}, n_keys={n}), got {tuple(key_mask.shape)}")
+        check_key_mask(key_mask, batch, n)
         valid = key_mask
     return F.pad(valid, (0, total - n), value=False)
 

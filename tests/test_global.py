@@ -177,7 +177,7 @@ def test_global_tokens_bad_input():
         layer(torch.randn(1, 5, 8), global_idx=[5])
     with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
         layer(torch.randn(1, 5, 8), key_mask=torch.ones(1, 5))
-    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch, n\)"):
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=\d+, n="):
         layer(torch.randn(1, 5, 8), key_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
