@@ -153,7 +153,7 @@ def scaled_dot_product_attention(
             out = out * row_ok.to(out.dtype)
         return AttentionOutput(out, None)
 
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (..., Lq, Lk)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (..., Lq, Lk); scaling q costs n*d, not n^2
     if additive is not None:
         scores = scores + torch.nan_to_num(additive.to(scores.dtype), neginf=0.0)
     weights = masked_softmax(scores, mask)
