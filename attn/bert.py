@@ -1,4 +1,4 @@
-r"""Chapter 15 -- BERT: bidirectional self-attention, against causal and prefix-LM masks.
+r"""Chapter 6 -- BERT: bidirectional self-attention, against causal and prefix-LM masks.
 
 One attention layer, three visibility patterns. With scores
 ``S = Q K^T / sqrt(d_h)`` per head and a boolean pattern ``A`` (``True`` = may attend),
@@ -170,7 +170,7 @@ def to_bert_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     "bert",
     paper="Devlin et al. 2019",
     complexity="O(n^2 d)",
-    chapter=15,
+    chapter=6,
     summary="bidirectional multi-head self-attention (padding mask only); causal and prefix-LM patterns for comparison",
     build=lambda embed_dim, num_heads: BidirectionalSelfAttention(embed_dim, num_heads),
 )

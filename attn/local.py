@@ -1,4 +1,4 @@
-r"""Chapter 6 -- local attention: each token reads only a window of its neighbours.
+r"""Chapter 8 -- local attention: each token reads only a window of its neighbours.
 
 **Sliding window** (Beltagy et al. 2020, Longformer, section 3.1). Query ``i``
 attends to the keys within ``w`` positions of it:
@@ -228,7 +228,7 @@ def _scatter_weights(wb: Tensor, batch: int, nb: int, w: int, back: int, fwd: in
     "local",
     paper="Beltagy et al. 2020; Luong et al. 2015",
     complexity="O(n w d)",
-    chapter=6,
+    chapter=8,
     summary="sliding-window multi-head attention, computed blockwise",
     build=lambda embed_dim, num_heads: LocalAttention(embed_dim, num_heads, window=8, causal=False),
 )

@@ -1,4 +1,4 @@
-r"""Chapter 8 -- sparse attention: each query reads a small, structured or data-chosen set of keys.
+r"""Chapter 9 -- sparse attention: each query reads a small, structured or data-chosen set of keys.
 
 **Factorised patterns** (Child et al., "Generating Long Sequences with Sparse
 Transformers", 2019). Query :math:`i` attends to a set :math:`S_i` of keys,
@@ -487,7 +487,7 @@ def _build_sparse(pattern: Pattern):
     "sparse-strided",
     paper="Child et al. 2019",
     complexity="O(n sqrt(n) d)",
-    chapter=8,
+    chapter=9,
     summary="Sparse Transformer strided pattern (band + every l-th key), blockwise, causal",
     build=_build_sparse("strided"),
 )
@@ -495,7 +495,7 @@ def _build_sparse(pattern: Pattern):
     "sparse-fixed",
     paper="Child et al. 2019",
     complexity="O(n sqrt(n) d)",
-    chapter=8,
+    chapter=9,
     summary="Sparse Transformer fixed pattern (own block + summary columns), blockwise, causal",
     build=_build_sparse("fixed"),
 )
@@ -564,7 +564,7 @@ class SparseAttention(MultiHeadAttention):
     "topk",
     paper="Zhao et al. 2019",
     complexity="O(n^2 d)",
-    chapter=8,
+    chapter=9,
     summary="Explicit Sparse Transformer: softmax over the k largest scores of each query",
     build=lambda embed_dim, num_heads: TopKAttention(embed_dim, num_heads, topk=8),
 )

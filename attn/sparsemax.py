@@ -1,4 +1,4 @@
-r"""Chapter 8 -- sparse *normalisers*: sparsemax and alpha-entmax in place of softmax.
+r"""Chapter 9 -- sparse *normalisers*: sparsemax and alpha-entmax in place of softmax.
 
 Softmax never gives a key exactly zero weight. **Sparsemax** (Martins &
 Astudillo, "From Softmax to Sparsemax", ICML 2016) is the Euclidean projection
@@ -229,7 +229,7 @@ def entmax_attention(
     "entmax",
     paper="Peters et al. 2019",
     complexity="O(n^2 d + n^2 log n)",
-    chapter=8,
+    chapter=9,
     summary="multi-head attention normalised by 1.5-entmax: sparse weights, exact zeros",
     build=lambda embed_dim, num_heads: EntmaxAttention(embed_dim, num_heads, alpha=1.5),
 )
@@ -259,7 +259,7 @@ class EntmaxAttention(MultiHeadAttention):
     "sparsemax",
     paper="Martins & Astudillo 2016",
     complexity="O(n^2 d + n^2 log n)",
-    chapter=8,
+    chapter=9,
     summary="multi-head attention normalised by sparsemax (projection onto the simplex)",
     build=lambda embed_dim, num_heads: SparsemaxAttention(embed_dim, num_heads),
 )

@@ -78,6 +78,36 @@ def notebook_sources() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.md"))
 
 
+def _registry():
+    sys.path.insert(0, str(ROOT))
+    from attn import registry
+
+    return registry
+
+
+def toc_text() -> str:
+    """``_toc.yml``, generated from the registry: its parts, in its order, the written chapters only.
+
+    Parts are not numbered by Sphinx (that would number pages by position):
+    each page's title carries its registry number, ``"8. Local attention"``.
+    """
+    reg = _registry()
+    lines = [
+        "# Table of contents (Jupyter Book 1), generated from attn/registry.py (PARTS, CHAPTERS)",
+        "# by `python book/build.py sync` (make sync). Do not edit by hand: a test compares the two.",
+        "format: jb-book",
+        "root: book/intro",
+        "parts:",
+    ]
+    for caption, numbers in reg.PARTS:
+        files = [reg.chapter(n).notebook.removesuffix(".ipynb") for n in numbers]
+        files = [f for f in files if (ROOT / f).with_suffix(".md").exists()]
+        if files:
+            lines += [f"  - caption: {caption}", "    chapters:"] + [f"      - file: {f}" for f in files]
+    lines += ["  - caption: Reference", "    chapters:", "      - file: book/notation", "      - file: book/bibliography"]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- sync
 
 
@@ -118,6 +148,13 @@ def sync(check: bool = False) -> int:
                 drift.append(path.relative_to(ROOT))
                 if not check:
                     path.write_text(text)
+    toc = ROOT / "_toc.yml"
+    if NOTEBOOKS == ROOT / "notebooks":  # the real book (tests point NOTEBOOKS at a scratch folder)
+        text = toc_text()
+        if not toc.exists() or toc.read_text() != text:
+            drift.append(toc.relative_to(ROOT))
+            if not check:
+                toc.write_text(text)
     stray = [p for p in NOTEBOOKS.glob("*.ipynb") if not p.with_suffix(".md").exists()]
     if check:
         problems = [f"out of sync: {p}" for p in drift] + [f"no .md source: {p.relative_to(ROOT)}" for p in stray]
@@ -253,14 +290,12 @@ def execute(names: list[str] | None = None, parameters: dict | None = None) -> i
 
 def chapter_map() -> str:
     """The intro page's map of all chapters, from the registry; unwritten ones marked as coming."""
-    sys.path.insert(0, str(ROOT))
-    from attn.registry import CHAPTERS
-
-    rows = ["| # | Chapter | Papers | Status |", "|---:|---|---|---|"]
-    for c in CHAPTERS:
+    reg = _registry()
+    rows = ["| # | Chapter | Part | Papers | Status |", "|---:|---|---|---|---|"]
+    for c in reg.CHAPTERS:
         written = (ROOT / c.notebook).exists()
         title = f"[{c.title}](../{c.notebook.removesuffix('.ipynb')}.ipynb)" if written else c.title
-        rows.append(f"| {c.number} | {title} | {c.papers} | {'ready' if written else 'coming'} |")
+        rows.append(f"| {c.number} | {title} | {reg.part_of(c.number)} | {c.papers} | {'ready' if written else 'coming'} |")
     return "\n".join(rows) + "\n"
 
 

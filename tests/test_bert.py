@@ -1,4 +1,4 @@
-"""Chapter 15: BERT bidirectional self-attention, causal and prefix-LM patterns."""
+"""Chapter 6: BERT bidirectional self-attention, causal and prefix-LM patterns."""
 
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def test_bad_input():
 
 def test_registered_and_build_works():
     mech = get("bert")
-    assert mech.chapter == 15 and mech.paper == "Devlin et al. 2019" and mech.cls is BidirectionalSelfAttention
+    assert mech.chapter == 6 and mech.paper == "Devlin et al. 2019" and mech.cls is BidirectionalSelfAttention
     layer = mech.build(32, 4)
     x = torch.randn(2, 7, 32)
     out = layer(x)

@@ -1,4 +1,4 @@
-"""Chapter 6: local attention (blockwise sliding window, Luong local-p) against its references."""
+"""Chapter 8: local attention (blockwise sliding window, Luong local-p) against its references."""
 
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def test_module_gradcheck():
 
 def test_registry_build():
     mech = registry.get("local")
-    assert mech.chapter == 6 and mech.cls is LocalAttention and mech.complexity == "O(n w d)"
+    assert mech.chapter == 8 and mech.cls is LocalAttention and mech.complexity == "O(n w d)"
     layer = mech.build(32, 4)
     x = torch.randn(2, 19, 32)
     out, w = layer(x, need_weights=True)

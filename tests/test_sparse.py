@@ -1,4 +1,4 @@
-"""Chapter 8: factorised sparse patterns, top-k attention, sparsemax / entmax."""
+"""Chapter 9: factorised sparse patterns, top-k attention, sparsemax / entmax."""
 
 from __future__ import annotations
 

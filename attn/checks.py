@@ -1,0 +1,73 @@
+"""Input checks every layer calls first, so bad input meets a clear error, not a crash deep in torch.
+
+One place for the checks that every mechanism needs before its projections:
+the input is a tensor, floating point, of the expected rank and width. The
+messages name the expected shape, the value received, and the argument.
+
+Empty batches are legal: a layer given ``(0, n, E)`` returns ``(0, n, E)``
+(:func:`empty_batch` tells a layer when to return early).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_tensor", "check_tokens", "check_same_batch", "empty_batch"]
+
+
+def check_tensor(x: object, name: str, shape: str, ndim: int | Sequence[int] | None = None) -> Tensor:
+    """``x`` must be a floating-point tensor of rank ``ndim``; ``shape`` is how the error names the expected shape.
+
+    Raises:
+        TypeError: not a tensor (a list, a NumPy array...), or an integer/bool tensor.
+        ValueError: the wrong rank.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(x).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(
+            f"{name} must be a floating-point tensor of shape {shape}, got dtype {x.dtype} "
+            "(token ids go through an nn.Embedding first; cast other integer data with .float())"
+        )
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            raise ValueError(f"{name} must have shape {shape}, got {x.ndim}-D shape {tuple(x.shape)}")
+    return x
+
+
+def check_tokens(x: object, embed_dim: int | None = None, name: str = "x", *, allow_empty_seq: bool = False) -> Tensor:
+    """``x`` must be a ``(batch, seq, embed_dim)`` floating-point tensor.
+
+    Args:
+        x: the input.
+        embed_dim: the width the layer was built for (``None``: any width).
+        name: the argument's name, for the message.
+        allow_empty_seq: accept ``seq == 0`` (most layers need at least one key).
+
+    Raises:
+        TypeError, ValueError: naming the expected ``(batch, seq, embed_dim)``.
+    """
+    width = "embed_dim" if embed_dim is None else f"embed_dim={embed_dim}"
+    shape = f"(batch, seq, {width})"
+    x = check_tensor(x, name, shape, 3)
+    if embed_dim is not None and x.shape[-1] != embed_dim:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)} (last dimension {x.shape[-1]} != {embed_dim})")
+    if x.shape[1] == 0 and x.shape[0] > 0 and not allow_empty_seq:
+        raise ValueError(f"{name} must hold at least one token: shape {shape} with seq >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def check_same_batch(*named: tuple[str, Tensor]) -> None:
+    """All tensors share the batch dimension (dim 0)."""
+    sizes = {name: t.shape[0] for name, t in named}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch sizes differ: {', '.join(f'{k}={v}' for k, v in sizes.items())}")
+
+
+def empty_batch(x: Tensor) -> bool:
+    """True when ``x`` has no examples (batch 0): the layer should return an empty output of the right shape."""
+    return x.shape[0] == 0 or x.numel() == 0
