@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import traitlets
 
-__all__ = ["Panel", "View", "AttentionExplorer", "entropy"]
+__all__ = ["Panel", "Curves", "Graph", "View", "AttentionExplorer", "entropy"]
 
 _STATIC = pathlib.Path(__file__).parent / "static"
 MAX_STATES = 600
@@ -75,11 +75,98 @@ class Panel:
         return out
 
 
+def _floats(v: Any, digits: int) -> list:
+    a = v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=float)
+    return np.round(a, digits).tolist()
+
+
+@dataclass
+class Curves:
+    """Line plots over one x axis: ``series`` name -> y values (same length as ``x``).
+
+    ``points`` adds scatter sets (name -> (xs, ys)), ``vline`` a vertical
+    marker (e.g. the query being predicted), ``ylim`` fixes the y range so
+    that moving a slider does not rescale the axes.
+    """
+
+    x: Any
+    series: Mapping[str, Any]
+    title: str = ""
+    xlabel: str = ""
+    ylabel: str = ""
+    points: Mapping[str, tuple[Any, Any]] | None = None
+    vline: float | None = None
+    ylim: tuple[float, float] | None = None
+    digits: int = 4
+
+    def to_json(self) -> dict[str, Any]:
+        x = _floats(self.x, self.digits)
+        series = {}
+        for name, y in self.series.items():
+            y = _floats(y, self.digits)
+            if len(y) != len(x):
+                raise ValueError(f"Curves series {name!r} has {len(y)} values, x has {len(x)}")
+            series[str(name)] = y
+        out: dict[str, Any] = {"kind": "curves", "x": x, "series": series, "title": self.title,
+                               "xlabel": self.xlabel, "ylabel": self.ylabel}
+        if self.points:
+            out["points"] = {str(k): [_floats(px, self.digits), _floats(py, self.digits)] for k, (px, py) in self.points.items()}
+        if self.vline is not None:
+            out["vline"] = float(self.vline)
+        if self.ylim is not None:
+            out["ylim"] = [float(self.ylim[0]), float(self.ylim[1])]
+        return out
+
+
+@dataclass
+class Graph:
+    """A graph drawn at fixed node positions, edges weighted (e.g. by attention).
+
+    Args:
+        pos: ``(N, 2)`` node coordinates (any scale; fitted to the panel).
+        edges: ``(2, E)`` edge list, rows ``[source; target]``.
+        edge_weight: ``(E,)`` values in ``[0, 1]``: line width and opacity (default all 0.15).
+        node_value: ``(N,)`` values in ``[0, 1]`` coloured with the palette (default grey).
+        highlight: a node drawn with a red ring (the node whose attention is shown).
+        labels: optional ``(N,)`` short node labels, drawn when there is room.
+    """
+
+    pos: Any
+    edges: Any
+    edge_weight: Any = None
+    node_value: Any = None
+    highlight: int | None = None
+    labels: Sequence[Any] | None = None
+    title: str = ""
+    digits: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        pos = np.asarray(_floats(self.pos, self.digits))
+        edges = np.asarray(self.edges.cpu() if isinstance(self.edges, torch.Tensor) else self.edges, dtype=int)
+        if pos.ndim != 2 or pos.shape[1] != 2:
+            raise ValueError(f"Graph.pos must be (N, 2), got shape {pos.shape}")
+        if edges.ndim != 2 or edges.shape[0] != 2:
+            raise ValueError(f"Graph.edges must be (2, E), got shape {edges.shape}")
+        out: dict[str, Any] = {"kind": "graph", "pos": pos.tolist(), "edges": edges.tolist(), "title": self.title}
+        if self.edge_weight is not None:
+            out["edge_weight"] = _floats(self.edge_weight, self.digits)
+        if self.node_value is not None:
+            out["node_value"] = _floats(self.node_value, self.digits)
+        if self.highlight is not None:
+            out["highlight"] = int(self.highlight)
+        if self.labels is not None:
+            out["labels"] = [str(v) for v in self.labels]
+        return out
+
+
 @dataclass
 class View:
-    """What the explorer draws for one slider setting: panels side by side and a caption."""
+    """What the explorer draws for one slider setting: panels side by side and a caption.
 
-    panels: list[Panel]
+    A panel is a :class:`Panel` (heatmap), :class:`Curves` (lines) or :class:`Graph`.
+    """
+
+    panels: list[Panel | Curves | Graph]
     caption: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,7 +196,7 @@ class AttentionExplorer(anywidget.AnyWidget):
     """Sliders over the arguments of ``compute``, drawing the attention it returns.
 
     Args:
-        compute: ``compute(**params) -> View`` (or a single :class:`Panel`).
+        compute: ``compute(**params) -> View`` (or a single :class:`Panel`, :class:`Curves` or :class:`Graph`).
         sliders: ``name -> values`` (each value list becomes one slider,
             stepped by the reader; booleans show as off/on).
         initial: starting value per slider (default: the middle value).
@@ -178,7 +265,7 @@ class AttentionExplorer(anywidget.AnyWidget):
 
     def _view(self, idx: Sequence[int]) -> View:
         out = self._compute(**self.params(idx))
-        if isinstance(out, Panel):
+        if isinstance(out, (Panel, Curves, Graph)):
             out = View([out])
         if not isinstance(out, View):
             raise TypeError(f"compute must return a View or a Panel, got {type(out).__name__}")
