@@ -235,6 +235,25 @@ def _stage_assets(extra: Path) -> None:
 # --------------------------------------------------------------------------- execute
 
 
+def _hide_injected_parameters(path: Path) -> None:
+    """Keep papermill's injected-parameters cell in the executed notebook, but off the page.
+
+    The ``parameters`` cell stays visible (it is what a reader edits in Colab);
+    the injected copy below it would show the same values twice.
+    """
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    changed = False
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")
+            changed = True
+    if changed:
+        nbformat.write(nb, path)
+
+
 def execute(names: list[str] | None = None, parameters: dict | None = None) -> int:
     """Execute notebooks with papermill into ``_build/src/notebooks``; write a timing report."""
     import papermill as pm
@@ -274,6 +293,7 @@ def execute(names: list[str] | None = None, parameters: dict | None = None) -> i
             )
             return 1
         wall = time.perf_counter() - t0
+        _hide_injected_parameters(out_dir / nb.name)
         report[nb.stem] = {"seconds": round(wall, 2), "status": "ok"}
         log(f"  {nb.stem}: {wall:.1f} s")
         report_path.write_text(json.dumps(report, indent=2))

@@ -53,6 +53,14 @@ def test_pages_link_to_committed_colab_notebooks(built_book):
         assert (ROOT / "notebooks" / f"{name}.ipynb").exists()
 
 
+def test_parameters_cell_shown_once(built_book):
+    """The parameters cell is on the page; papermill's injected copy is kept in the notebook but not shown."""
+    for name in NOTEBOOKS:
+        html = (built_book / "notebooks" / f"{name}.html").read_text()
+        assert len(re.findall(r'class="[^"]*\btag_parameters\b', html)) == 1, name
+        assert "tag_injected-parameters" not in html, f"{name} shows papermill's injected-parameters cell"
+
+
 def test_pages_reference_no_third_party_scripts(built_book):
     for page in [*(built_book / "notebooks").glob("*.html"), built_book / "book" / "intro.html"]:
         html = page.read_text()
