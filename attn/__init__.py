@@ -13,9 +13,9 @@ pieces live once:
 
 from . import masks
 from .bert import BidirectionalSelfAttention
-from .core import AttentionOutput
+from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .cross import CrossAttention, LatentCrossAttention
-from .global_attention import GlobalTokenAttention, LuongGlobalAttention, LuongSeq2Seq, masked_softmax, scaled_dot_product_attention
+from .global_attention import GlobalTokenAttention, LuongGlobalAttention, LuongSeq2Seq
 from .local import LocalAttention, LocalPAttention, local_attention
 from .multihead import MultiHeadAttention
 from .registry import CHAPTERS, MECHANISMS, chapter, get, mechanisms

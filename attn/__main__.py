@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .compare import PRESETS
+    from .compare import PRESETS, presets_help
 
     parser = argparse.ArgumentParser(
         prog="python -m attn",
@@ -43,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Measure every registered mechanism (or those named with --mode) on the same axes: parameters, "
             "FLOPs, latency and peak memory, a sequence-length sweep with fitted exponents, accuracy after a "
-            "fixed training budget on associative recall, convergence, loss curves and attention entropy."
+            "fixed training budget on associative recall, convergence, loss curves and attention entropy. "
+            "Mechanisms on other data (graphs, images, sets, documents, pairs) are measured on the same axes "
+            "on their own task, in a second table."
         ),
+        epilog=presets_help() + "\n\n`--list-axes` explains every column of summary.csv.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmp_.add_argument("--mode", action="append", metavar="NAME", dest="modes",
                       help="a registered mechanism (repeat for several; default: all). See `python -m attn list`.")
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="output directory for CSV, JSON and PNG files (default ./compare-results)")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp_.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    cmp_.add_argument("--list-axes", action="store_true", help="print what each column of the results means, and exit")
     return parser
 
 
@@ -114,12 +119,24 @@ def _title(number: int) -> str:
         return "?"
 
 
+def _axes() -> int:
+    from .compare import AXES
+
+    width = max(map(len, AXES))
+    for name, meaning in AXES.items():
+        print(f"{name.ljust(width)}  {meaning}")
+    return 0
+
+
 def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from . import compare
-    from .registry import MECHANISMS, mechanisms
+    from .registry import mechanisms
 
+    if args.list_axes:
+        return _axes()
     if args.modes:
-        unknown = [m for m in dict.fromkeys(args.modes) if m not in MECHANISMS]
+        known = {m.name for m in mechanisms()}  # imports every mechanism module first
+        unknown = [m for m in dict.fromkeys(args.modes) if m not in known]
         if unknown:
             parser.error(
                 f"unknown --mode {', '.join(unknown)}; valid names: {', '.join(m.name for m in mechanisms())}"

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_tokens
 from .core import AttentionOutput
 from .masks import causal_mask, check_key_mask
 from .multihead import MultiHeadAttention
@@ -242,10 +243,7 @@ class BidirectionalSelfAttention(MultiHeadAttention):
         """
         pattern = self.pattern if pattern is None else pattern
         _check_pattern(pattern)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(x.shape)}")
+        check_tokens(x, self.embed_dim)
         batch, n = x.shape[0], x.shape[1]
         if attn_mask is not None and (not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool):
             raise TypeError(f"attn_mask must be a torch.bool tensor (True = may attend), got {getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")

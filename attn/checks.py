@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 __all__ = ["check_tensor", "check_tokens", "check_same_batch", "empty_batch"]
@@ -57,7 +56,7 @@ def check_tokens(x: object, embed_dim: int | None = None, name: str = "x", *, al
     if embed_dim is not None and x.shape[-1] != embed_dim:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)} (last dimension {x.shape[-1]} != {embed_dim})")
     if x.shape[1] == 0 and x.shape[0] > 0 and not allow_empty_seq:
-        raise ValueError(f"{name} must hold at least one token: shape {shape} with seq >= 1, got {tuple(x.shape)}")
+        raise ValueError(f"{name} is an empty sequence: shape {shape} needs seq >= 1, got {tuple(x.shape)}")
     return x
 
 

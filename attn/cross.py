@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_tokens
 from .core import AttentionOutput, scaled_dot_product_attention
 from .masks import check_key_mask
 from .multihead import MultiHeadAttention
@@ -226,8 +227,7 @@ class LatentCrossAttention(nn.Module):
 
     def maps(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(output (B, n, E), write weights (B, h, n, m), read weights (B, h, m, n))``."""
-        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(getattr(x, 'shape', ()))}")
+        check_tokens(x, self.embed_dim)
         z0 = self.latents.expand(x.shape[0], -1, -1)  # (B, m, E)
         read = self.read(z0, x, memory_mask=key_mask, need_weights=need_weights)
         z = z0 + read.output  # (B, m, E)

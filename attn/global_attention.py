@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .checks import check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register
@@ -156,8 +157,7 @@ class LuongSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
         """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, n, n) or None)``."""
-        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(getattr(x, 'shape', ()))}")
+        check_tokens(x, self.embed_dim)
         out, weights = self.attn(x, x, key_mask=key_mask)
         return AttentionOutput(out, weights if need_weights else None)
 
@@ -282,12 +282,7 @@ class GlobalTokenAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def _check(self, x: Tensor, key_mask: Tensor | None) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(x.shape)}")
-        if x.shape[1] == 0:
-            raise ValueError("empty sequence: n must be >= 1")
+        check_tokens(x, self.embed_dim)
         check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -308,6 +303,8 @@ class GlobalTokenAttention(nn.Module):
             global_idx: global positions for this call (default: the constructor's).
         """
         self._check(x, key_mask)
+        if empty_batch(x):
+            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
         B, n, _ = x.shape
         g_idx = _global_index(n, self.global_idx if global_idx is None else global_idx, x.device)  # (g,)
         q, k, v = self._qkv(x)

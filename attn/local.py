@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .checks import check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register
@@ -273,12 +274,9 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}), got {tuple(x.shape)}")
-        if x.shape[1] == 0:
-            raise ValueError("x is an empty sequence (n = 0)")
+        check_tokens(x, self.embed_dim)
+        if empty_batch(x):
+            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # (B, h, n, d_h)
         out, weights = local_attention(
             q, k, v, self.window, causal=self.causal, key_mask=key_mask, exact_band=self.exact_band,

@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .checks import check_tokens
 from .core import AttentionOutput, scaled_dot_product_attention
 from .masks import mha_convention
 from .registry import register
@@ -84,16 +85,16 @@ class MultiHeadAttention(nn.Module):
 
     def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.ndim != 3 or t.shape[-1] != width:
-                raise ValueError(f"{name} must have shape (batch, seq, {width}), got {tuple(t.shape)}")
+            check_tokens(t, width, name, allow_empty_seq=True)
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(f"key and value must share (batch, seq): {tuple(key.shape[:2])} vs {tuple(value.shape[:2])}")
         if query.shape[0] != key.shape[0]:
             raise ValueError(f"query and key batch sizes differ: {query.shape[0]} vs {key.shape[0]}")
-        if query.shape[1] == 0 or key.shape[1] == 0:
-            raise ValueError(f"empty sequence: query length {query.shape[1]}, key length {key.shape[1]}")
+        if query.shape[0] and (query.shape[1] == 0 or key.shape[1] == 0):
+            raise ValueError(
+                f"empty sequence: query and key need shape (batch, seq, embed_dim) with seq >= 1, "
+                f"got query length {query.shape[1]}, key length {key.shape[1]}"
+            )
 
     def attend(
         self,

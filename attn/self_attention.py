@@ -19,6 +19,7 @@ import math
 
 from torch import Tensor, nn
 
+from .checks import check_tokens
 from .core import AttentionOutput, scaled_dot_product_attention
 from .registry import register
 
@@ -77,8 +78,7 @@ class SelfAttention(nn.Module):
         Returns:
             ``(output (batch, n, d_v), weights (batch, n, n) or None)``.
         """
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (batch, n, d_model={self.d_model}), got {tuple(x.shape)}")
+        x = check_tokens(x, self.d_model)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # (B, n, d_k), (B, n, d_k), (B, n, d_v)

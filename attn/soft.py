@@ -28,9 +28,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .checks import check_tokens
 from .core import AttentionOutput, masked_softmax
 from .masks import check_key_mask
-from .registry import register
+from .registry import OwnTask, register
 
 __all__ = ["permutation_loss", "AdditiveAttention", "AdditiveSelfAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
 
@@ -141,8 +142,7 @@ class AdditiveSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
         """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, n, n) or None)``."""
-        if x.ndim != 3:
-            raise ValueError(f"x must have shape (batch, n, embed_dim), got {tuple(x.shape)}")
+        check_tokens(x, self.value.in_features)
         out, weights = self.score(x, x, self.value(x), key_mask=key_mask)
         return AttentionOutput(out, weights if need_weights else None)
 
@@ -174,6 +174,51 @@ def make_score(kind: ScoreKind, query_dim: int, key_dim: int, hidden: int = 64) 
     raise ValueError(f"score must be 'additive', 'general' or 'dot', got {kind!r}")
 
 
+def _seq2seq_task(preset: str) -> OwnTask:
+    """Chapter 1's own task for the comparison: reverse a sequence with the attentive encoder-decoder.
+
+    The cost sweep times the additive attention alone for a whole target of
+    ``n`` steps over a source of ``n`` states (``O(n^2 h)``), the work one
+    teacher-forced pass does in its attention.
+    """
+    from .tasks import PermutationTask
+
+    length, steps = {"quick": (6, 20), "book": (8, 150)}.get(preset, (12, 400))
+    task = PermutationTask(vocab=12, length=length, permutation="reverse")
+    model = Seq2SeqAttention(task.vocab, embed=16, hidden=32)
+    width = 2 * model.hidden
+    sizes = {"quick": (16, 32, 64), "book": (32, 64, 128, 256)}.get(preset, (64, 128, 256, 512, 1024))
+
+    def weights(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return m(batch["src"], batch["tgt_in"])[1]  # (B, T, S) alignments
+
+    return OwnTask(
+        description=f"reverse {length} tokens (seq2seq)",
+        model=model,
+        sample=task.sample,
+        loss=permutation_loss(task.perm),
+        layer=AdditiveAttention(width, width, hidden=32),
+        inputs=lambda n, g: (torch.randn(1, n, width, generator=g), torch.randn(1, n, width, generator=g)),
+        sizes=sizes,
+        size_unit="source = target tokens",
+        steps=steps,
+        batch_size=64,
+        lr=1e-2,
+        target_acc=0.9,
+        eval_batch=256,
+        weights=weights,
+    )
+
+
+@register(
+    "seq2seq",
+    paper="Bahdanau et al. 2015",
+    complexity="O(n m d)",
+    chapter=1,
+    data="seq2seq",
+    summary="GRU encoder-decoder reading its source through additive attention at every output step",
+    task=_seq2seq_task,
+)
 class Seq2SeqAttention(nn.Module):
     """RNN encoder-decoder with soft attention (Bahdanau et al. 2015, section 3).
 

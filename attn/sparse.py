@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import empty_batch
 from .core import AttentionOutput, build_mask, check_qkv, masked_softmax
 from .masks import causal_mask, check_key_mask
 from .multihead import MultiHeadAttention
@@ -550,6 +551,8 @@ class SparseAttention(MultiHeadAttention):
         are materialised from the blockwise parts, so ask for them at small ``n`` only.
         """
         self._check(x, x, x)
+        if empty_batch(x):
+            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
         q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, n, d_h)
         kw = dict(causal=self.causal, key_mask=key_mask, dropout_p=self.dropout if self.training else 0.0,
                   need_weights=need_weights)

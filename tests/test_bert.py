@@ -197,9 +197,9 @@ def test_bad_input():
         layer(x, pattern="sideways")
     with pytest.raises(ValueError, match="pattern must be one of"):
         BidirectionalSelfAttention(8, 2, pattern="sideways")
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, embed_dim=8\)"):
         layer(torch.randn(5, 8))
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, embed_dim=8\)"):
         layer(torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="empty"):
         layer(torch.randn(2, 0, 8))

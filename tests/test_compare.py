@@ -231,7 +231,8 @@ def test_own_task_and_broken_mechanisms_are_reported(temp_mechanisms, tmp_path, 
     assert by["test-graph"].status == "own task" and not by["test-graph"].metrics.get("accuracy")
     assert by["test-broken"].status == "error" and "deliberately broken" in by["test-broken"].notes[0]
     table = res.display_table()
-    assert table.loc["test-graph", "status"] == "own task, see chapter 12"
+    assert "test-graph" not in table.index  # the first table is the shared task's
+    assert res.own_table().loc["test-graph", "status"] == "no task hook"
     assert "test-graph (chapter 12, graph data)" in res.reading()
     assert "test-broken: RuntimeError: deliberately broken" in res.reading()
     written = res.save(tmp_path, figures=False)
@@ -255,3 +256,28 @@ def test_presets_and_devices():
     for p in compare.PRESETS.values():  # every sweep and fixed size is measurable, and the task is valid
         assert p.n_keys >= p.n_pairs and p.sweep_lengths == tuple(sorted(p.sweep_lengths))
         assert p.embed_dim % p.num_heads == 0 and p.bench_embed % p.num_heads == 0
+
+
+def test_own_task_hook_measures_a_mechanism_on_its_own_task(tmp_path):
+    """Chapter 1's encoder-decoder brings its own task (reversal): the second table has numbers on every axis."""
+    mech = registry.get("seq2seq")
+    assert mech.build is None and mech.task is not None and mech.data == "seq2seq"
+    res = compare.run(["self", "seq2seq"], preset="quick", seed=0, device="cpu", progress=False)
+    own = {r.name: r for r in res.own_results()}
+    assert [r.name for r in res.sequence_results()] == ["self"] and list(own) == ["seq2seq"]
+    r = own["seq2seq"]
+    assert r.status == "ok", r.notes
+    assert r.task.startswith("reverse") and r.size_unit
+    for key in ("params", "model_params", "gflops", "latency_ms", "peak_mib", "time_exponent", "flops_exponent",
+                "accuracy", "eval_loss", "final_train_loss", "query_entropy"):
+        assert r.metrics.get(key) is not None and r.metrics[key] == r.metrics[key], key
+    assert 1.0 / 11 < r.metrics["accuracy"] <= 1.0  # learned something beyond chance (11 content tokens)
+    assert r.metrics["flops_exponent"] > 1.3  # n target steps over n source states: quadratic FLOPs, less the linear projections
+    assert len(r.history) and list(r.sweep["n"]) == [16, 32, 64]
+    table = res.own_table()
+    assert table.loc["seq2seq", "status"] == "ok" and table.loc["seq2seq", "acc"]
+    assert "On their own tasks" in res.format_table() and "**seq2seq**" in res.reading()
+    again = compare.run_one("seq2seq", preset="quick", seed=0, device="cpu", cost=False)
+    assert again.metrics["accuracy"] == r.metrics["accuracy"]  # seeded: same batches, same result
+    res.save(tmp_path, figures=False)
+    assert "seq2seq" in (tmp_path / "summary.csv").read_text() and "seq2seq" in (tmp_path / "curves.csv").read_text()

@@ -101,9 +101,9 @@ def test_bad_input():
         ca(q)
     with pytest.raises(ValueError, match=r"memory_values \(batch, source_len, 5\) is required"):
         ca(q, k)
-    with pytest.raises(ValueError, match=r"key must have shape \(batch, seq, 6\)"):
+    with pytest.raises(ValueError, match=r"key must have shape \(batch, seq, embed_dim=6\)"):
         ca(q, torch.randn(2, 4, 7), v)
-    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, 8\)"):
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, embed_dim=8\)"):
         ca(torch.randn(3, 8), k, v)
     with pytest.raises(ValueError, match="empty"):
         ca(q, k[:, :0], v[:, :0])
@@ -135,7 +135,7 @@ def test_latent_build_is_a_token_mixer_with_composed_weights():
     x2 = x.clone()
     x2[1, 4:] = 100.0
     torch.testing.assert_close(layer(x2, key_mask=km).output[1, :4], layer(x, key_mask=km).output[1, :4])
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 16\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, embed_dim=16\)"):
         layer(torch.randn(2, 6, 15))
 
 

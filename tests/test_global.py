@@ -73,7 +73,7 @@ def test_luong_bad_input():
         att(torch.randn(2, 4), torch.randn(2, 5, 5))
     with pytest.raises(ValueError, match="empty"):
         att(torch.randn(2, 4), torch.randn(2, 0, 6))
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, embed_dim=8\)"):
         LuongSelfAttention(8)(torch.randn(2, 8))
 
 
@@ -169,7 +169,7 @@ def test_global_tokens_bad_input():
     with pytest.raises(ValueError, match="window must be >= 0"):
         GlobalTokenAttention(8, 2, window=-1)
     layer = GlobalTokenAttention(8, 2, window=2, global_idx=(0,))
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, embed_dim=8\)"):
         layer(torch.randn(5, 8))
     with pytest.raises(ValueError, match="empty"):
         layer(torch.randn(1, 0, 8))

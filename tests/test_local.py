@@ -261,7 +261,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="empty"):
         local_attention(q[:, :, :0], q[:, :, :0], q[:, :, :0], 2)
     mod = LocalAttention(8, 2)
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, n, 8\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, seq, embed_dim=8\)"):
         mod(torch.randn(1, 5, 7))
     with pytest.raises(ValueError, match="empty"):
         mod(torch.randn(1, 0, 8))

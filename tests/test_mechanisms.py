@@ -129,9 +129,9 @@ def test_self_attention_gradcheck_and_properties():
 
 def test_self_attention_bad_input():
     sa = SelfAttention(8)
-    with pytest.raises(ValueError, match=r"\(batch, n, d_model=8\)"):
+    with pytest.raises(ValueError, match=r"\(batch, seq, embed_dim=8\)"):
         sa(torch.randn(5, 8))
-    with pytest.raises(ValueError, match=r"d_model=8"):
+    with pytest.raises(ValueError, match=r"embed_dim=8"):
         sa(torch.randn(1, 5, 7))
     with pytest.raises(ValueError, match="temperature"):
         sa(torch.randn(1, 5, 8), temperature=0)
@@ -200,7 +200,7 @@ def test_multihead_bad_input():
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(10, 3)
     mha = MultiHeadAttention(8, 2)
-    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, 8\)"):
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, embed_dim=8\)"):
         mha(torch.randn(4, 8))
     with pytest.raises(ValueError, match=r"key must have shape"):
         mha(torch.randn(1, 4, 8), torch.randn(1, 4, 6))

@@ -378,15 +378,15 @@ def test_entmax_modules_and_bad_input():
         sparsemax(torch.randn(3), mask=torch.ones(3))
     with pytest.raises(TypeError, match="floating-point"):
         entmax15(torch.arange(3))
-    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, 16\)"):
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, embed_dim=16\)"):
         layer(torch.randn(2, 10, 8))
 
 
 # ----------------------------------------------------------------------------- registry
 
 
-def test_chapter_8_mechanisms_are_registered_and_build():
-    names = {m.name for m in registry.mechanisms(8)}
+def test_chapter_9_mechanisms_are_registered_and_build():
+    names = {m.name for m in registry.mechanisms(9)}
     assert names == {"sparse-strided", "sparse-fixed", "topk", "entmax", "sparsemax"}
     for name in names:
         layer = registry.get(name).build(16, 4)

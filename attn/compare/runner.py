@@ -1,0 +1,148 @@
+"""Running the comparison: :func:`run` and :func:`run_one`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..registry import MECHANISMS, Mechanism, mechanisms
+from ..train import History, evaluate, set_seed, train
+from .cost import _n_params, own_task_cost, sequence_cost
+from .learn import _attention_stats, _eval_seed, _reproducible, own_task_learning
+from .model import PositionalRecallModel, recall_loss
+from .presets import Preset, get_preset, resolve_device
+from .report import Comparison
+from .results import MechanismResult
+
+__all__ = ["run", "run_one"]
+
+def run_one(
+    mech: Mechanism | str,
+    preset: str | Preset = "book",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    cost: bool = True,
+    learn: bool = True,
+) -> MechanismResult:
+    """Measure one mechanism (see :func:`run`); ``cost``/``learn`` switch the two halves."""
+    from ..registry import get
+
+    t_start = time.perf_counter()
+    mech = get(mech) if isinstance(mech, str) else mech
+    dev = resolve_device(device)
+    p = get_preset(preset, dev)
+    res = MechanismResult(mech.name, mech.chapter, mech.paper, mech.complexity, mech.data)
+    if mech.task is not None:
+        _run_own_task(mech, p, seed, dev, res, progress, cost, learn)
+        res.metrics["wall_s"] = time.perf_counter() - t_start
+        return res
+    res.metrics["seq_len"] = p.seq_len
+    if mech.build is None or mech.data != "sequence":
+        res.status = "own task"
+        res.notes.append(f"works on {mech.data} data and registers no task: see chapter {mech.chapter}")
+        return res
+    try:
+        if learn:
+            task = p.task()
+            with _reproducible(dev, p.train_threads if dev.type == "cpu" else torch.get_num_threads()):
+                set_seed(seed)
+                model = PositionalRecallModel(task, mech.build, p.embed_dim, p.num_heads, p.layers)
+                res.metrics["model_params"] = _n_params(model)
+                t0 = time.perf_counter()
+                hist: History = train(
+                    model, task.sample, recall_loss, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                    seed=seed, log_every=p.log_every, device=dev, progress=progress, num_threads=None,
+                )
+                res.metrics["train_s"] = time.perf_counter() - t0
+                res.history = hist.to_frame()
+                res.metrics["final_train_loss"] = hist.loss[-1]
+                res.metrics["steps_to_target"] = hist.first_step_reaching("acc", p.target_acc)
+                ev = evaluate(model, task.sample, recall_loss, batch_size=p.eval_batch, seed=_eval_seed(seed), device=dev)
+                res.metrics["accuracy"] = ev["acc"]
+                res.metrics["eval_loss"] = ev["loss"]
+                _attention_stats(model, p, seed, dev, res)
+            del model
+        if cost:
+            sequence_cost(mech, p, seed, dev, res)
+    except Exception as err:  # noqa: BLE001 - one broken mechanism must not stop the comparison
+        res.status = "error"
+        res.notes.append(f"{type(err).__name__}: {err}")
+    res.metrics["wall_s"] = time.perf_counter() - t_start
+    return res
+
+
+def _run_own_task(
+    mech: Mechanism, p: Preset, seed: int, dev: torch.device, res: MechanismResult,
+    progress: bool, cost: bool, learn: bool,
+) -> None:
+    """A mechanism with its own data: its task model trained, its attention layer swept (the second table)."""
+    assert mech.task is not None
+    try:
+        set_seed(seed)
+        task = mech.task(p.name if p.name in ("quick", "book", "default", "gpu") else "quick")
+        res.task, res.size_unit = task.description, task.size_unit
+        if learn:
+            own_task_learning(task, p, seed, dev, res, progress)
+        if cost:
+            own_task_cost(task, p, seed, dev, res)
+    except Exception as err:  # noqa: BLE001 - one broken mechanism must not stop the comparison
+        res.status = "error"
+        res.notes.append(f"{type(err).__name__}: {err}")
+
+
+def _select(modes: Iterable[str] | None) -> list[Mechanism]:
+    registered = mechanisms()  # chapter order, then name: independent of import order
+    if modes is None:
+        return registered
+    wanted = list(dict.fromkeys(modes))  # keep the caller's order, drop repeats
+    unknown = [m for m in wanted if m not in MECHANISMS]
+    if unknown:
+        raise KeyError(
+            f"unknown mechanism(s) {', '.join(map(repr, unknown))}; registered: {', '.join(m.name for m in registered)}"
+        )
+    chosen = set(wanted)
+    return [m for m in registered if m.name in chosen]
+
+
+def run(
+    modes: Sequence[str] | None = None,
+    preset: str | Preset | None = "book",
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    cost: bool = True,
+    learn: bool = True,
+) -> Comparison:
+    """Compare the registered mechanisms (or ``modes``) on the shared task and cost axes.
+
+    Args:
+        modes: registry names; ``None`` for every registered mechanism.
+        preset: a name in :data:`PRESETS`, a :class:`Preset`, or ``None``
+            (``"gpu"`` on CUDA, ``"default"`` on the CPU).
+        seed: seeds model initialisation, training batches and the held-out batch.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        progress: tqdm bars (mechanisms, training steps).
+        cost, learn: run the cost measurements and the training half.
+
+    Returns:
+        a :class:`Comparison`, in chapter order whatever the order of ``modes``.
+
+    Raises:
+        KeyError: an unknown name in ``modes`` (the message lists the valid ones).
+        ValueError: an unknown preset or an unavailable device.
+    """
+    from tqdm.auto import tqdm
+
+    chosen = _select(modes)
+    dev = resolve_device(device)
+    p = get_preset(preset, dev)
+    t0 = time.perf_counter()
+    results = []
+    bar = tqdm(chosen, desc="compare", disable=not progress, unit="mechanism")
+    for mech in bar:
+        bar.set_postfix_str(mech.name)
+        results.append(run_one(mech, p, seed, dev, progress=progress, cost=cost, learn=learn))
+    return Comparison(p, seed, str(dev), results, wall_s=time.perf_counter() - t0)
