@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import nbformat
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +94,12 @@ def test_readme_documents_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make book" in readme and "make test" in readme and "How to add a chapter" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("md", [p for p in build.notebook_sources() if int(p.name[:2]) != 24], ids=lambda p: p.stem)
+def test_when_to_use_it_names_a_real_model_or_library(md):
+    """Each mechanism chapter's "When to use it" box says who uses the mechanism, with a citation."""
+    text = md.read_text()
+    box = re.search(r":::\{admonition\} When to use it\n(.*?)\n:::", text, re.S)
+    assert box, f"{md.name} has no 'When to use it' admonition"
+    assert "{cite}`" in box.group(1), f"{md.name}: the 'When to use it' box cites no model or library that uses it"
