@@ -38,6 +38,22 @@ def expected_explorers(name: str) -> int:
     return sum(1 for m in views if state.get(m, {}).get("model_name") == "AnyModel")
 
 
+def overlapping_labels(boxes: list[list]) -> list[tuple]:
+    """Pairs of drawn axis labels ``[panel, axis, x, y, w, h]`` (canvas pixels) whose boxes intersect."""
+    clash = []
+    for a_i, a in enumerate(boxes):
+        for b in boxes[a_i + 1:]:
+            if a[0] == b[0] and a[2] < b[2] + b[4] - 0.5 and b[2] < a[2] + a[4] - 0.5 \
+                    and a[3] < b[3] + b[5] - 0.5 and b[3] < a[3] + a[5] - 0.5:
+                clash.append((a, b))
+    return clash
+
+
+def test_overlap_detector_finds_overlaps():
+    assert overlapping_labels([[0, "col", 0, 0, 10, 8], [0, "col", 5, 0, 10, 8]])
+    assert not overlapping_labels([[0, "col", 0, 0, 10, 8], [0, "col", 11, 0, 10, 8], [1, "col", 0, 0, 10, 8]])
+
+
 @pytest.fixture(scope="module")
 def browser(built_book):
     from playwright.sync_api import sync_playwright
@@ -122,6 +138,8 @@ def test_chapter_page_works_offline(browser, name):
         for i in range(want):
             ex = explorers.nth(i)
             ex.scroll_into_view_if_needed()
+            clash = overlapping_labels(json.loads(ex.locator("canvas").get_attribute("data-label-boxes") or "[]"))
+            assert not clash, f"explorer {i}: axis labels overlap: {clash[:3]}"
             sliders = ex.locator("input[type=range]")
             for j in range(sliders.count()):
                 s = sliders.nth(j)
@@ -132,6 +150,8 @@ def test_chapter_page_works_offline(browser, name):
                 page.keyboard.press(forward)
                 after = (ex.get_attribute("data-key"), ex.locator("canvas").evaluate("c => c.toDataURL()"))
                 assert after[0] != before[0], f"explorer {i} slider {j}: state key did not change"
+                clash = overlapping_labels(json.loads(ex.locator("canvas").get_attribute("data-label-boxes") or "[]"))
+                assert not clash, f"explorer {i} slider {j}: axis labels overlap: {clash[:3]}"
                 assert after[1] != before[1], f"explorer {i} slider {j}: drawing did not change"
                 assert ex.get_attribute("data-source") == "stored"
                 page.keyboard.press(back)  # back to the initial setting, so each slider is checked from it
