@@ -68,6 +68,10 @@ def _attention_stats(
         if w.ndim != 4 or tuple(w.shape[-2:]) != (n, n) or w.shape[0] != x.shape[0]:
             res.notes.append(f"weights of shape {tuple(w.shape)}, expected (batch, [heads,] {n}, {n}); entropy skipped")
             return
+        sums = w.sum(-1)
+        if (w < 0).any() or not torch.allclose(sums[sums > 0], torch.ones(()), atol=1e-3):
+            res.notes.append(f"layer {i}'s weights are not distributions (rows do not sum to 1): entropy skipped")
+            return
         per_layer.append(w)
     from ..widgets import entropy
 
@@ -122,6 +126,8 @@ def own_task_learning(task: OwnTask, preset: Preset, seed: int, device: torch.de
                 w = task.weights(model, batch).detach().float().cpu()
             rows = w.reshape(-1, w.shape[-1])
             rows = rows[rows.sum(-1) > 0.5]  # padding rows are all zero
-            if len(rows):
+            if len(rows) and ((rows < 0).any() or not torch.allclose(rows.sum(-1), torch.ones(()), atol=1e-3)):
+                res.notes.append("its attention rows are not distributions (they do not sum to 1): entropy skipped")
+            elif len(rows):
                 res.metrics["query_entropy"] = float(entropy(rows).mean())
                 res.metrics["uniform_entropy"] = math.log(w.shape[-1])

@@ -1,0 +1,438 @@
+r"""Chapter 7 -- Co-attention: two inputs attend to each other through one affinity matrix.
+
+Two sequences of different lengths and widths: a *question*
+``Q (B, T, d_q)`` and a *passage* (an image's regions, a document)
+``V (B, N, d_v)``, each with its own padding mask (``True`` = real). Below,
+as in the papers, columns are positions: :math:`Q \in \mathbb{R}^{d_q \times T}`,
+:math:`V \in \mathbb{R}^{d_v \times N}`.
+
+**Parallel co-attention** (Lu et al. 2016, "Hierarchical Question-Image
+Co-Attention for Visual Question Answering", NeurIPS, section 3.3):
+
+.. math::
+
+    C = \tanh(Q^\top W_b V) \in \mathbb{R}^{T \times N},\qquad
+    H^v = \tanh(W_v V + (W_q Q) C),\qquad H^q = \tanh(W_q Q + (W_v V) C^\top),
+
+    a^v = \operatorname{softmax}(w_{hv}^\top H^v) \in \mathbb{R}^N,\quad
+    a^q = \operatorname{softmax}(w_{hq}^\top H^q) \in \mathbb{R}^T,\quad
+    \hat v = \textstyle\sum_n a^v_n v_n,\quad \hat q = \sum_t a^q_t q_t,
+
+with :math:`W_b \in \mathbb{R}^{d_q \times d_v}`, :math:`W_v \in \mathbb{R}^{k \times d_v}`,
+:math:`W_q \in \mathbb{R}^{k \times d_q}`, :math:`w_{hv}, w_{hq} \in \mathbb{R}^k`.
+
+**Alternating co-attention** (Lu et al. 2016): one attention operation
+:math:`\hat x = \mathcal{A}(X; g)`,
+:math:`H = \tanh(W_x X + (W_g g)\mathbf{1}^\top)`, :math:`a^x = \operatorname{softmax}(w_{hx}^\top H)`,
+:math:`\hat x = \sum_i a^x_i x_i`, applied three times (own parameters each):
+:math:`\hat s = \mathcal{A}(Q; 0)`, :math:`\hat v = \mathcal{A}(V; \hat s)`,
+:math:`\hat q = \mathcal{A}(Q; \hat v)`.
+
+**DCN co-attention encoder** (Xiong et al. 2017, "Dynamic Coattention Networks
+for Question Answering", ICLR, section 2.2): document ``D (ℓ x (m+1))`` and
+question :math:`Q = \tanh(W^{(Q)} Q' + b^{(Q)})` ``(ℓ x (n+1))``, each with a
+learned sentinel column appended;
+
+.. math::
+
+    L = D^\top Q,\quad A^Q = \operatorname{softmax}_{\text{over } D}(L),\quad
+    A^D = \operatorname{softmax}_{\text{over } Q}(L^\top),\quad
+    C^Q = D A^Q,\quad C^D = [Q; C^Q] A^D,\quad U = \operatorname{BiLSTM}([D; C^D]).
+
+Shapes here are batch-first: ``L (B, m+1, n+1)``; ``C^D (B, m+1, 2ℓ)``.
+Costs: all three are ``O(T N d)``, dominated by the ``T x N`` affinity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_same_batch, check_tensor
+from .core import masked_softmax
+from .masks import check_key_mask
+from .registry import OwnTask, register
+
+__all__ = [
+    "CoAttentionOutput", "DCNOutput", "ParallelCoAttention", "AlternatingCoAttention", "DCNCoAttention",
+    "MatchingPairs", "CoAttentionPointer", "pointer_loss", "make_co_attention_task",
+]
+
+
+class CoAttentionOutput(NamedTuple):
+    """``question_summary`` q^ ``(B, d_q)``, ``passage_summary`` v^ ``(B, d_v)``, ``question_weights`` a^q ``(B, T)``,
+    ``passage_weights`` a^v ``(B, N)``, ``affinity`` C ``(B, T, N)`` (parallel) or ``None`` (alternating)."""
+
+    question_summary: Tensor
+    passage_summary: Tensor
+    question_weights: Tensor
+    passage_weights: Tensor
+    affinity: Tensor | None
+
+
+class DCNOutput(NamedTuple):
+    """DCN's co-attention, batch-first, sentinel last on both axes.
+
+    ``context`` C^D ``(B, m+1, 2ℓ)``; ``question_context`` C^Q ``(B, n+1, ℓ)``;
+    ``affinity`` L ``(B, m+1, n+1)``; ``document_weights`` A^D ``(B, m+1, n+1)``
+    (each document word over the question); ``question_weights`` (A^Q)^T
+    ``(B, n+1, m+1)`` (each question word over the document); ``encoding`` U
+    ``(B, m, 2ℓ)`` or ``None`` without the BiLSTM.
+    """
+
+    context: Tensor
+    question_context: Tensor
+    affinity: Tensor
+    document_weights: Tensor
+    question_weights: Tensor
+    encoding: Tensor | None
+
+
+def _check_pair(layer: nn.Module, question: object, passage: object, question_mask: object, passage_mask: object,
+                q_name: str = "question", p_name: str = "passage") -> tuple[Tensor, Tensor]:
+    dq, dv = layer.question_dim, layer.passage_dim  # type: ignore[attr-defined]
+    question = check_tensor(question, q_name, f"(batch, T, question_dim={dq})", 3)
+    passage = check_tensor(passage, p_name, f"(batch, N, passage_dim={dv})", 3)
+    for name, t, d, ln in ((q_name, question, dq, "T"), (p_name, passage, dv, "N")):
+        if t.shape[-1] != d:
+            raise ValueError(f"{name} must have shape (batch, {ln}, {d}), got {tuple(t.shape)} (width {t.shape[-1]} != {d})")
+        if t.shape[1] == 0 and t.shape[0] > 0:
+            raise ValueError(f"{name} must hold at least one position: shape (batch, {ln} >= 1, {d}), got {tuple(t.shape)}")
+    check_same_batch((q_name, question), (p_name, passage))
+    check_key_mask(question_mask, question.shape[0], question.shape[1], name=f"{q_name}_mask", length_name="T")  # type: ignore[arg-type]
+    check_key_mask(passage_mask, passage.shape[0], passage.shape[1], name=f"{p_name}_mask", length_name="N")  # type: ignore[arg-type]
+    for name, m in ((f"{q_name}_mask", question_mask), (f"{p_name}_mask", passage_mask)):
+        if m is not None and m.shape[0] > 0 and not bool(m.any(-1).all()):  # type: ignore[union-attr]
+            raise ValueError(f"{name}: every example needs at least one real position (a row of {name} is all False)")
+    return question, passage
+
+
+def _pair_task(kind: str):
+    def make(preset: str) -> OwnTask:
+        return make_co_attention_task(kind, preset)
+
+    return make
+
+
+@register(
+    "parallel_coattention",
+    paper="Lu et al. 2016",
+    complexity="O(T N d)",
+    chapter=7,
+    data="pair",
+    summary="affinity C = tanh(Q^T W_b V) guides attention over both inputs at once",
+    task=_pair_task("parallel"),
+)
+class ParallelCoAttention(nn.Module):
+    """Lu et al.'s parallel co-attention between a question ``(B, T, d_q)`` and a passage ``(B, N, d_v)``.
+
+    Args:
+        question_dim, passage_dim: widths ``d_q``, ``d_v``.
+        hidden: ``k``, the width of ``H^q`` and ``H^v``.
+
+    ``forward(question, passage, question_mask=None, passage_mask=None)`` ->
+    :class:`CoAttentionOutput`. Padded positions take no part: their
+    affinities are set to 0 (they add nothing to the other side's ``H``) and
+    their weights are 0.
+    """
+
+    def __init__(self, question_dim: int, passage_dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.question_dim, self.passage_dim, self.hidden = question_dim, passage_dim, hidden
+        self.w_b = nn.Parameter(torch.randn(question_dim, passage_dim) / math.sqrt(question_dim * passage_dim))  # W_b
+        self.w_v = nn.Linear(passage_dim, hidden, bias=False)  # W_v
+        self.w_q = nn.Linear(question_dim, hidden, bias=False)  # W_q
+        self.w_hv = nn.Linear(hidden, 1, bias=False)  # w_hv
+        self.w_hq = nn.Linear(hidden, 1, bias=False)  # w_hq
+
+    def forward(self, question: Tensor, passage: Tensor, question_mask: Tensor | None = None, passage_mask: Tensor | None = None) -> CoAttentionOutput:
+        question, passage = _check_pair(self, question, passage, question_mask, passage_mask)
+        b, t, n = question.shape[0], question.shape[1], passage.shape[1]
+        if b == 0:
+            return CoAttentionOutput(question.new_zeros(0, self.question_dim), passage.new_zeros(0, self.passage_dim),
+                                     question.new_zeros(0, t), passage.new_zeros(0, n), question.new_zeros(0, t, n))
+        qm = question_mask if question_mask is not None else question.new_ones(b, t, dtype=torch.bool)
+        vm = passage_mask if passage_mask is not None else passage.new_ones(b, n, dtype=torch.bool)
+        c = torch.tanh(question @ self.w_b @ passage.transpose(1, 2))  # C = tanh(Q^T W_b V): (B, T, N)
+        c = c * (qm[:, :, None] & vm[:, None, :])  # padded rows and columns contribute nothing
+        wv, wq = self.w_v(passage), self.w_q(question)  # (W_v V)^T (B, N, k), (W_q Q)^T (B, T, k)
+        h_v = torch.tanh(wv + c.transpose(1, 2) @ wq)  # H^v = tanh(W_v V + (W_q Q) C), transposed: (B, N, k)
+        h_q = torch.tanh(wq + c @ wv)  # H^q = tanh(W_q Q + (W_v V) C^T), transposed: (B, T, k)
+        a_v = masked_softmax(self.w_hv(h_v)[..., 0], vm)  # (B, N)
+        a_q = masked_softmax(self.w_hq(h_q)[..., 0], qm)  # (B, T)
+        v_hat = (a_v[:, :, None] * passage).sum(1)  # (B, d_v)
+        q_hat = (a_q[:, :, None] * question).sum(1)  # (B, d_q)
+        return CoAttentionOutput(q_hat, v_hat, a_q, a_v, c)
+
+
+class _GuidedAttention(nn.Module):
+    r"""Lu et al.'s :math:`\hat x = \mathcal{A}(X; g)`: ``x (B, L, d_x)``, ``g (B, d_g) | None`` -> (x^ (B, d_x), a (B, L))."""
+
+    def __init__(self, dim: int, guide_dim: int | None, hidden: int) -> None:
+        super().__init__()
+        self.w_x = nn.Linear(dim, hidden, bias=False)  # W_x
+        self.w_g = nn.Linear(guide_dim, hidden, bias=False) if guide_dim is not None else None  # W_g
+        self.w_hx = nn.Linear(hidden, 1, bias=False)  # w_hx
+
+    def forward(self, x: Tensor, guide: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.w_x(x)  # (B, L, k)
+        if guide is not None and self.w_g is not None:
+            h = h + self.w_g(guide)[:, None, :]  # (W_g g) 1^T
+        a = masked_softmax(self.w_hx(torch.tanh(h))[..., 0], mask)  # (B, L)
+        return (a[:, :, None] * x).sum(1), a
+
+
+@register(
+    "alternating_coattention",
+    paper="Lu et al. 2016",
+    complexity="O((T + N) d k)",
+    chapter=7,
+    data="pair",
+    summary="summarise the question, attend the passage with it, re-attend the question with the passage summary",
+    task=_pair_task("alternating"),
+)
+class AlternatingCoAttention(nn.Module):
+    """Lu et al.'s alternating co-attention: ``s^ = A(Q; 0)``, ``v^ = A(V; s^)``, ``q^ = A(Q; v^)``.
+
+    Args:
+        question_dim, passage_dim: widths ``d_q``, ``d_v``.
+        hidden: ``k``.
+        third_step: run the third step. ``False`` stops after two: the
+            question is then attended without ever seeing the passage, and
+            only the passage is attended with the question's guidance -- the
+            **one-way** baseline of the chapter (``question_weights`` are the
+            first step's).
+
+    ``forward(question, passage, question_mask=None, passage_mask=None)`` ->
+    :class:`CoAttentionOutput` with ``affinity=None``.
+    """
+
+    def __init__(self, question_dim: int, passage_dim: int, hidden: int = 32, third_step: bool = True) -> None:
+        super().__init__()
+        self.question_dim, self.passage_dim, self.hidden, self.third_step = question_dim, passage_dim, hidden, third_step
+        self.step1 = _GuidedAttention(question_dim, None, hidden)  # s^ = A(Q; 0)
+        self.step2 = _GuidedAttention(passage_dim, question_dim, hidden)  # v^ = A(V; s^)
+        self.step3 = _GuidedAttention(question_dim, passage_dim, hidden) if third_step else None  # q^ = A(Q; v^)
+
+    def forward(self, question: Tensor, passage: Tensor, question_mask: Tensor | None = None, passage_mask: Tensor | None = None) -> CoAttentionOutput:
+        question, passage = _check_pair(self, question, passage, question_mask, passage_mask)
+        b, t, n = question.shape[0], question.shape[1], passage.shape[1]
+        if b == 0:
+            return CoAttentionOutput(question.new_zeros(0, self.question_dim), passage.new_zeros(0, self.passage_dim),
+                                     question.new_zeros(0, t), passage.new_zeros(0, n), None)
+        qm = question_mask if question_mask is not None else question.new_ones(b, t, dtype=torch.bool)
+        vm = passage_mask if passage_mask is not None else passage.new_ones(b, n, dtype=torch.bool)
+        s_hat, a_s = self.step1(question, None, qm)  # (B, d_q), (B, T)
+        v_hat, a_v = self.step2(passage, s_hat, vm)  # (B, d_v), (B, N)
+        if self.step3 is None:
+            return CoAttentionOutput(s_hat, v_hat, a_s, a_v, None)
+        q_hat, a_q = self.step3(question, v_hat, qm)  # (B, d_q), (B, T)
+        return CoAttentionOutput(q_hat, v_hat, a_q, a_v, None)
+
+
+@register(
+    "dcn_coattention",
+    paper="Xiong et al. 2017",
+    complexity="O(m n l)",
+    chapter=7,
+    data="pair",
+    summary="DCN encoder: affinity L = D^T Q, attention both ways, co-attention context C^D = [Q; C^Q] A^D",
+    task=_pair_task("dcn"),
+)
+class DCNCoAttention(nn.Module):
+    """The co-attention encoder of the Dynamic Coattention Network (Xiong et al. 2017).
+
+    Args:
+        question_dim: ``d_q``, projected to ``ℓ`` by ``Q = tanh(W^(Q) Q' + b^(Q))``
+            (square ``ℓ x ℓ`` in the paper; here it also bridges two widths).
+        passage_dim: ``ℓ``, the document's width.
+        fusion: run the BiLSTM ``U = BiLSTM([D; C^D])`` (hidden ``ℓ`` per direction).
+
+    ``forward(question (B, n, d_q), document (B, m, ℓ), question_mask, document_mask)`` -> :class:`DCNOutput`.
+    The learned sentinels ``d_∅``, ``q_∅`` sit at index ``m`` and ``n`` (after
+    the padded length) and are always visible. Padded document
+    rows of ``A^D``, ``C^D`` and ``U`` are zero.
+    """
+
+    def __init__(self, question_dim: int, passage_dim: int, fusion: bool = True) -> None:
+        super().__init__()
+        self.question_dim, self.passage_dim = question_dim, passage_dim
+        self.q_proj = nn.Linear(question_dim, passage_dim)  # W^(Q), b^(Q)
+        self.doc_sentinel = nn.Parameter(torch.randn(passage_dim) * 0.1)  # d_∅
+        self.q_sentinel = nn.Parameter(torch.randn(passage_dim) * 0.1)  # q_∅
+        self.lstm = nn.LSTM(3 * passage_dim, passage_dim, batch_first=True, bidirectional=True) if fusion else None
+
+    def forward(self, question: Tensor, document: Tensor, question_mask: Tensor | None = None, document_mask: Tensor | None = None) -> DCNOutput:
+        question, document = _check_pair(self, question, document, question_mask, document_mask, "question", "document")
+        b, n, m, ell = question.shape[0], question.shape[1], document.shape[1], self.passage_dim
+        if b == 0:
+            z = document.new_zeros
+            return DCNOutput(z(0, m + 1, 2 * ell), z(0, n + 1, ell), z(0, m + 1, n + 1), z(0, m + 1, n + 1), z(0, n + 1, m + 1),
+                             z(0, m, 2 * ell) if self.lstm is not None else None)
+        qm = question_mask if question_mask is not None else question.new_ones(b, n, dtype=torch.bool)
+        dm = document_mask if document_mask is not None else document.new_ones(b, m, dtype=torch.bool)
+        ones = qm.new_ones(b, 1)
+        qm_s, dm_s = torch.cat([qm, ones], 1), torch.cat([dm, ones], 1)  # sentinels are real: (B, n+1), (B, m+1)
+        q = torch.tanh(self.q_proj(question))  # Q = tanh(W^(Q) Q' + b^(Q)): (B, n, ℓ)
+        q = torch.cat([q, self.q_sentinel.expand(b, 1, ell)], 1)  # (B, n+1, ℓ)
+        d = torch.cat([document, self.doc_sentinel.expand(b, 1, ell)], 1)  # (B, m+1, ℓ)
+        aff = d @ q.transpose(1, 2)  # L = D^T Q: (B, m+1, n+1)
+        both = dm_s[:, :, None] & qm_s[:, None, :]
+        a_q = masked_softmax(aff.transpose(1, 2), both.transpose(1, 2))  # (A^Q)^T: each question word over the document (B, n+1, m+1)
+        a_d = masked_softmax(aff, both)  # A^D, transposed: each document word over the question (B, m+1, n+1)
+        c_q = a_q @ d  # C^Q = D A^Q, transposed: (B, n+1, ℓ)
+        c_d = a_d @ torch.cat([q, c_q], -1)  # C^D = [Q; C^Q] A^D, transposed: (B, m+1, 2ℓ)
+        encoding = None
+        if self.lstm is not None:
+            fused = torch.cat([d, c_d], -1)[:, :m] * dm[..., None]  # [D; C^D] at the document positions
+            lengths = dm.sum(-1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(fused, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.lstm(packed)
+            encoding, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=m)  # U: (B, m, 2ℓ)
+        return DCNOutput(c_d, c_q, aff, a_d, a_q, encoding)
+
+
+# ----------------------------------------------------------------------------- the paired task
+
+
+class MatchingPairs:
+    """A passage of distinct key tokens and a question of distinct key tokens that share exactly one key.
+
+    The answer is a pair of pointers: *where* the shared key sits in the
+    passage and *where* it sits in the question. Lengths vary per example
+    (padded, with masks). Finding the passage position needs the question;
+    finding the question position needs the passage: a model that attends
+    the question without looking at the passage can only guess it.
+
+    ``sample`` returns ``passage (B, N)``, ``question (B, T)`` token ids (0 at
+    padding), masks ``passage_mask (B, N)``, ``question_mask (B, T)`` and the
+    targets ``passage_target (B,)``, ``question_target (B,)``.
+
+    Args:
+        n_keys: key alphabet (``>= max_passage + max_question - 1``).
+        passage_len, question_len: ``(min, max)`` lengths.
+    """
+
+    def __init__(self, n_keys: int = 24, passage_len: tuple[int, int] = (6, 10), question_len: tuple[int, int] = (3, 6)) -> None:
+        if n_keys < passage_len[1] + question_len[1] - 1:
+            raise ValueError(f"n_keys ({n_keys}) must be >= max passage + max question - 1 = {passage_len[1] + question_len[1] - 1}")
+        if min(passage_len[0], question_len[0]) < 1 or passage_len[0] > passage_len[1] or question_len[0] > question_len[1]:
+            raise ValueError(f"lengths must be (min >= 1, max >= min), got {passage_len} and {question_len}")
+        self.n_keys, self.passage_len, self.question_len = n_keys, passage_len, question_len
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        n_max, t_max = self.passage_len[1], self.question_len[1]
+        perm = torch.rand(batch_size, self.n_keys, generator=generator).argsort(-1)  # distinct keys per example
+        n_len = torch.randint(self.passage_len[0], n_max + 1, (batch_size,), generator=generator)
+        t_len = torch.randint(self.question_len[0], t_max + 1, (batch_size,), generator=generator)
+        passage = perm[:, :n_max].clone()
+        question = perm[:, n_max : n_max + t_max].clone()  # keys not in the passage ...
+        p_pos = (torch.rand(batch_size, generator=generator) * n_len).long()
+        q_pos = (torch.rand(batch_size, generator=generator) * t_len).long()
+        rows = torch.arange(batch_size)
+        question[rows, q_pos] = passage[rows, p_pos]  # ... but one, shared
+        passage_mask = torch.arange(n_max)[None] < n_len[:, None]
+        question_mask = torch.arange(t_max)[None] < t_len[:, None]
+        return {"passage": (passage + 1) * passage_mask, "question": (question + 1) * question_mask,  # ids 1..n_keys, 0 = pad
+                "passage_mask": passage_mask, "question_mask": question_mask,
+                "passage_target": p_pos, "question_target": q_pos}
+
+
+class CoAttentionPointer(nn.Module):
+    """Embeds both token sequences (different widths) and points into both with a co-attention layer.
+
+    ``kind``: ``"parallel"``, ``"alternating"``, ``"one-way"`` (alternating
+    without its third step) or ``"dcn"``. For Lu et al.'s layers the pointers
+    *are* the attention weights ``a^v`` and ``a^q``; DCN has no pooling
+    attention, so two linear scores over ``[D; C^D]`` and ``[Q; C^Q]`` make
+    its pointers. ``forward(batch)`` -> log-probabilities ``(B, N)``, ``(B, T)``.
+    """
+
+    kinds = ("parallel", "alternating", "one-way", "dcn")
+
+    def __init__(self, kind: str, n_keys: int, question_dim: int = 16, passage_dim: int = 24, hidden: int = 32) -> None:
+        super().__init__()
+        if kind not in self.kinds:
+            raise ValueError(f"kind must be one of {self.kinds}, got {kind!r}")
+        self.kind = kind
+        self.question_embed = nn.Embedding(n_keys + 1, question_dim, padding_idx=0)
+        self.passage_embed = nn.Embedding(n_keys + 1, passage_dim, padding_idx=0)
+        if kind == "parallel":
+            self.layer: nn.Module = ParallelCoAttention(question_dim, passage_dim, hidden)
+        elif kind in ("alternating", "one-way"):
+            self.layer = AlternatingCoAttention(question_dim, passage_dim, hidden, third_step=kind == "alternating")
+        else:
+            self.layer = DCNCoAttention(question_dim, passage_dim, fusion=False)
+            self.passage_score = nn.Linear(3 * passage_dim, 1)
+            self.question_score = nn.Linear(2 * passage_dim, 1)
+
+    def attend(self, batch: dict[str, Tensor]) -> CoAttentionOutput | DCNOutput:
+        """The co-attention layer's output for a batch from :class:`MatchingPairs`."""
+        q, v = self.question_embed(batch["question"]), self.passage_embed(batch["passage"])
+        return self.layer(q, v, batch["question_mask"], batch["passage_mask"])
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        out = self.attend(batch)
+        pm, qm = batch["passage_mask"], batch["question_mask"]
+        if isinstance(out, DCNOutput):
+            n, t = pm.shape[1], qm.shape[1]
+            d = self.passage_embed(batch["passage"])
+            q = torch.tanh(self.layer.q_proj(self.question_embed(batch["question"])))  # type: ignore[operator]
+            p_scores = self.passage_score(torch.cat([d, out.context[:, :n]], -1))[..., 0]
+            q_scores = self.question_score(torch.cat([q, out.question_context[:, :t]], -1))[..., 0]
+            neg = torch.finfo(p_scores.dtype).min
+            return (p_scores.masked_fill(~pm, neg).log_softmax(-1), q_scores.masked_fill(~qm, neg).log_softmax(-1))
+        return out.passage_weights.clamp_min(1e-9).log(), out.question_weights.clamp_min(1e-9).log()
+
+
+def pointer_loss(model: CoAttentionPointer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Negative log-likelihood of both pointers; ``acc`` = both right, and each pointer's accuracy."""
+    lp, lq = model(batch)
+    loss = F.nll_loss(lp, batch["passage_target"]) + F.nll_loss(lq, batch["question_target"])
+    p_ok = lp.argmax(-1) == batch["passage_target"]
+    q_ok = lq.argmax(-1) == batch["question_target"]
+    return loss, {"acc": float((p_ok & q_ok).float().mean()), "passage_acc": float(p_ok.float().mean()),
+                  "question_acc": float(q_ok.float().mean())}
+
+
+_PRESETS = {  # steps, batch, cost sizes (passage lengths N, question length 16)
+    "quick": (20, 16, (16, 32)),
+    "book": (400, 32, (64, 128, 256)),
+    "default": (800, 64, (64, 128, 256, 512, 1024)),
+    "gpu": (3000, 128, (256, 512, 1024, 2048, 4096)),
+}
+
+
+def make_co_attention_task(kind: str = "parallel", preset: str = "book") -> OwnTask:
+    """A co-attention layer on :class:`MatchingPairs` (the comparison's own-task hook).
+
+    The layer alone is swept over passage lengths ``N`` with a 16-position
+    question; ``weights`` returns the passage attention ``(B, N)`` (Lu) or
+    ``A^D`` over the question (DCN), rows summing to 1.
+    """
+    if preset not in _PRESETS:
+        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
+    steps, batch, sizes = _PRESETS[preset]
+    data = MatchingPairs()
+    model = CoAttentionPointer(kind, data.n_keys)
+    layer = model.layer
+    dq, dv = model.question_embed.embedding_dim, model.passage_embed.embedding_dim
+
+    def inputs(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return torch.randn(1, 16, dq, generator=generator), torch.randn(1, n, dv, generator=generator)
+
+    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        out = m.attend(b)  # type: ignore[operator]
+        if isinstance(out, DCNOutput):
+            return out.document_weights[:, : b["passage"].shape[1]][b["passage_mask"]]  # real document rows
+        return out.passage_weights
+
+    return OwnTask(
+        description=f"pointer to the key shared by a passage and a question ({kind} co-attention)",
+        model=model, sample=data.sample, loss=pointer_loss, layer=layer, inputs=inputs, sizes=sizes,
+        size_unit="passage length N", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
+    )

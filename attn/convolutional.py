@@ -1,0 +1,427 @@
+r"""Chapter 18 -- Convolutional attention: attention maps made by convolutions (CBAM), convolutions inside attention (Primer).
+
+**CBAM** (Woo et al. 2018, "CBAM: Convolutional Block Attention Module",
+ECCV). A feature map :math:`F \in \mathbb{R}^{C \times H \times W}` is refined
+twice, first along channels, then over space:
+
+.. math::
+
+    M_c(F) = \sigma\big(W_1\,\mathrm{ReLU}(W_0 F^c_{avg}) + W_1\,\mathrm{ReLU}(W_0 F^c_{max})\big)
+             \in \mathbb{R}^{C}, \qquad F' = M_c(F) \otimes F,
+
+    M_s(F') = \sigma\big(f^{k \times k}([F'^s_{avg};\, F'^s_{max}])\big) \in \mathbb{R}^{H \times W},
+             \qquad F'' = M_s(F') \otimes F',
+
+where :math:`F^c_{avg}, F^c_{max} \in \mathbb{R}^C` pool each channel over
+the ``H x W`` positions, the MLP ``W_0 (C/r x C)``, ``W_1 (C x C/r)`` is
+shared by both, :math:`F'^s_{avg}, F'^s_{max} \in \mathbb{R}^{H \times W}`
+pool over the channels, and :math:`f^{k \times k}` is one ``k x k``
+convolution (``k = 7`` in the paper) from 2 maps to 1 with zero "same"
+padding. Shapes: ``(B, C, H, W) -> (B, C, H, W)``; channel weights
+``(B, C)``, spatial map ``(B, H, W)``. Cost ``O(HW (C + k^2) + C^2/r)``:
+linear in the number of pixels.
+
+**Multi-DConv-Head Attention** (So et al. 2021, "Primer: Searching for
+Efficient Transformers for Language Modeling", NeurIPS). After the query, key
+and value projections, each of the ``E`` channels is convolved along the
+sequence with its own width-3 kernel (a *depthwise* convolution), causally:
+
+.. math::
+
+    \tilde q_{i,c} = b^Q_c + \sum_{t=0}^{k-1} w^Q_{c,t}\, q_{i-k+1+t,\,c}
+    \qquad (q_{j,c} = 0 \text{ for } j < 0),
+
+likewise :math:`\tilde k, \tilde v`, then causal multi-head attention on
+``(Q~, K~, V~)``. Output ``i`` depends on inputs ``<= i`` only. Shapes
+``(B, n, E) -> (B, n, E)``, weights ``(B, h, n, n)``. The convolutions add
+``O(n E k)`` to the ``O(n^2 E)`` of attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_tensor, check_tokens, empty_batch
+from .core import AttentionOutput
+from .masks import check_key_mask
+from .multihead import MultiHeadAttention
+from .registry import OwnTask, register
+
+__all__ = [
+    "ChannelAttention", "SpatialAttention", "CBAM", "CBAMOutput", "MultiDConvHeadAttention", "causal_depthwise_conv",
+    "ShapeImages", "ShapeNet", "shape_loss", "make_cbam_task", "spatial_mass_on_object",
+]
+
+
+def _check_feature_map(x: object, channels: int, name: str = "x") -> Tensor:
+    shape = f"(batch, channels={channels}, height, width)"
+    x = check_tensor(x, name, shape, 4)
+    if x.shape[1] != channels:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)} (channels {x.shape[1]} != {channels})")
+    if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0):
+        raise ValueError(f"{name} must have height, width >= 1: shape {shape}, got {tuple(x.shape)}")
+    return x
+
+
+def _check_positive_int(value: object, name: str, odd: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if odd and value % 2 == 0:
+        raise ValueError(f"{name} must be odd (a centred 'same' convolution), got {value}")
+    return value
+
+
+class ChannelAttention(nn.Module):
+    r"""CBAM's channel attention :math:`M_c(F) = \sigma(\mathrm{MLP}(F^c_{avg}) + \mathrm{MLP}(F^c_{max}))`.
+
+    Args:
+        channels: ``C``.
+        reduction: ``r``; the hidden width is ``max(1, C // r)`` (the paper uses 16).
+        bias: biases in the MLP. The paper's equation has none (the default);
+            the authors' code uses ``nn.Linear`` with biases.
+
+    ``x (B, C, H, W) -> weights (B, C)`` in ``(0, 1)``.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = False) -> None:
+        super().__init__()
+        self.channels = _check_positive_int(channels, "channels")
+        self.reduction = _check_positive_int(reduction, "reduction")
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden, bias=bias), nn.ReLU(), nn.Linear(hidden, channels, bias=bias))  # W_1 ReLU(W_0 .)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_feature_map(x, self.channels)
+        avg = x.mean(dim=(2, 3))  # F^c_avg (B, C)
+        mx = x.amax(dim=(2, 3))  # F^c_max (B, C)
+        return torch.sigmoid(self.mlp(avg) + self.mlp(mx))  # (B, C)
+
+
+class SpatialAttention(nn.Module):
+    r"""CBAM's spatial attention :math:`M_s(F) = \sigma(f^{k \times k}([F^s_{avg}; F^s_{max}]))`.
+
+    Args:
+        kernel_size: ``k`` (odd; the paper uses 7 and compares 3).
+        bias: a bias in the convolution (ignored with ``batch_norm``).
+        batch_norm: follow the convolution with ``BatchNorm2d(1)`` before the
+            sigmoid, as the authors' code does (their convolution has no bias).
+            The equation has no normalisation (default ``False``); without it
+            the logits of ReLU features are large and the sigmoid can saturate
+            at 1 everywhere (the chapter measures this).
+
+    ``x (B, C, H, W) -> map (B, H, W)`` in ``(0, 1)``.
+    """
+
+    def __init__(self, kernel_size: int = 7, bias: bool = True, batch_norm: bool = False) -> None:
+        super().__init__()
+        self.kernel_size = _check_positive_int(kernel_size, "kernel_size", odd=True)
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=bias and not batch_norm)  # f^{k x k}: 2 maps -> 1
+        self.norm = nn.BatchNorm2d(1) if batch_norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_tensor(x, "x", "(batch, channels, height, width)", 4)
+        pooled = torch.stack([x.mean(1), x.amax(1)], 1)  # [F^s_avg; F^s_max] (B, 2, H, W)
+        return torch.sigmoid(self.norm(self.conv(pooled)))[:, 0]  # (B, H, W)
+
+
+class CBAMOutput(NamedTuple):
+    """``output (B, C, H, W)``, ``channel`` weights ``(B, C)``, ``spatial`` map ``(B, H, W)``."""
+
+    output: Tensor
+    channel: Tensor
+    spatial: Tensor
+
+
+def _cbam_task(preset: str) -> OwnTask:
+    return make_cbam_task(preset)
+
+
+@register(
+    "cbam",
+    paper="Woo et al. 2018",
+    complexity="O(HW (C + k^2))",
+    chapter=18,
+    data="image",
+    summary="channel attention (shared MLP on pooled features) then spatial attention (k x k conv on pooled maps)",
+    task=_cbam_task,
+)
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module: channel attention, then spatial attention, each a sigmoid gate.
+
+    Args:
+        channels: ``C``.
+        reduction: ``r`` of the channel MLP (paper: 16).
+        kernel_size: ``k`` of the spatial convolution (paper: 7).
+        mlp_bias, conv_bias, batch_norm: see :class:`ChannelAttention`, :class:`SpatialAttention`.
+
+    ``x (B, C, H, W)`` -> :class:`CBAMOutput` ``(F'' (B, C, H, W), M_c (B, C), M_s (B, H, W))``.
+    """
+
+    def __init__(
+        self, channels: int, reduction: int = 16, kernel_size: int = 7, mlp_bias: bool = False, conv_bias: bool = True, batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.channel_attention = ChannelAttention(channels, reduction, bias=mlp_bias)
+        self.spatial_attention = SpatialAttention(kernel_size, bias=conv_bias, batch_norm=batch_norm)
+
+    def forward(self, x: Tensor) -> CBAMOutput:
+        x = _check_feature_map(x, self.channels)
+        if empty_batch(x):
+            b, c, h, w = x.shape
+            return CBAMOutput(x.clone(), x.new_zeros(b, c), x.new_zeros(b, h, w))
+        mc = self.channel_attention(x)  # (B, C)
+        refined = x * mc[:, :, None, None]  # F' = M_c(F) (x) F
+        ms = self.spatial_attention(refined)  # (B, H, W)
+        return CBAMOutput(refined * ms[:, None], mc, ms)  # F'' = M_s(F') (x) F'
+
+
+# ----------------------------------------------------------------------------- Primer
+
+
+def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, causal: bool = True) -> Tensor:
+    r"""Depthwise convolution along the sequence: ``x (B, n, C)``, ``weight (C, k)`` -> ``(B, n, C)``.
+
+    Causal: output ``i`` reads inputs ``i-k+1 .. i`` (zeros before 0). Otherwise
+    centred (odd ``k``): inputs ``i - k//2 .. i + k//2``. Computed as ``k``
+    shifted multiply-adds in the ``(B, n, C)`` layout: on a CPU this is faster
+    than ``F.conv1d(groups=C)`` and leaves ``Q, K, V`` contiguous for the
+    fused attention kernel (a transposed convolution output is not, and makes
+    attention several times slower).
+    """
+    k, n = weight.shape[-1], x.shape[1]
+    left = k - 1 if causal else k // 2  # zeros before the first position
+    padded = F.pad(x, (0, 0, left, k - 1 - left))  # (B, n + k - 1, C)
+    # tap t of output i reads input i - left + t; k shifted views, summed (stays (B, n, C), contiguous)
+    out = sum(weight[:, t] * padded[:, t : t + n] for t in range(k))
+    return out if bias is None else out + bias
+
+
+def _primer_build(embed_dim: int, num_heads: int) -> "MultiDConvHeadAttention":
+    return MultiDConvHeadAttention(embed_dim, num_heads, kernel_size=3, causal=True)
+
+
+@register(
+    "primer",
+    paper="So et al. 2021",
+    complexity="O(n^2 d + n d k)",
+    chapter=18,
+    summary="Primer's multi-DConv-head attention: causal width-3 depthwise convolutions on Q, K, V",
+    build=_primer_build,
+)
+class MultiDConvHeadAttention(MultiHeadAttention):
+    """Primer's Multi-DConv-Head Attention (MDHA): causal depthwise convolutions on Q, K and V, then attention.
+
+    Projections, head split and the attention kernel are those of
+    :class:`attn.multihead.MultiHeadAttention`; between the projections and the
+    heads, each of the ``E`` channels of ``Q``, ``K`` and ``V`` is convolved
+    along the sequence with its own width-``k`` kernel.
+
+    Args:
+        embed_dim: ``E``. num_heads: ``h``.
+        kernel_size: ``k`` (3 in Primer).
+        causal: convolutions and attention see only the past (Primer is a
+            decoder); ``False`` gives centred convolutions (odd ``k``) and
+            bidirectional attention.
+        dropout, bias: as in :class:`~attn.multihead.MultiHeadAttention`.
+
+    ``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) ->
+    ``(output (B, n, E), weights (B, h, n, n) | None)``. Padded positions are
+    zeroed before the convolutions, like the zeros past the sequence's ends, so
+    they reach no real token.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: int = 3, causal: bool = True, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias)
+        _check_positive_int(kernel_size, "kernel_size", odd=not causal)
+        self.kernel_size, self.causal = kernel_size, causal
+        # one (E, k) depthwise kernel and (E,) bias for each of Q, K, V
+        self.dconv_weight = nn.Parameter(torch.empty(3, embed_dim, kernel_size))
+        self.dconv_bias = nn.Parameter(torch.zeros(3, embed_dim))
+        bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default init (fan_in = k for a depthwise kernel)
+        nn.init.uniform_(self.dconv_weight, -bound, bound)
+
+    @torch.no_grad()
+    def identity_dconv(self) -> "MultiDConvHeadAttention":
+        """Set every kernel to pass its input through (weight 1 on the current position, 0 elsewhere, no bias).
+
+        The layer is then plain multi-head attention: a reference point.
+        """
+        self.dconv_weight.zero_()
+        self.dconv_bias.zero_()
+        self.dconv_weight[..., self.kernel_size - 1 if self.causal else self.kernel_size // 2] = 1.0
+        return self
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:  # type: ignore[override]
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
+        x = check_tokens(x, self.embed_dim)
+        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
+        if empty_batch(x):
+            n = x.shape[1]
+            return AttentionOutput(x.new_zeros(x.shape), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
+        projected = [self.q_proj(x), self.k_proj(x), self.v_proj(x)]  # 3 x (B, n, E)
+        if key_mask is not None:  # padding behaves like the zeros beyond the ends
+            projected = [p * key_mask[..., None] for p in projected]
+        q, k, v = (
+            self.split_heads(causal_depthwise_conv(p, self.dconv_weight[i], self.dconv_bias[i], self.causal))  # (B, h, n, d_h)
+            for i, p in enumerate(projected)
+        )
+        out, weights = self.attend(
+            q, k, v, attn_mask=None, key_mask=key_mask, is_causal=self.causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=1.0 / math.sqrt(self.head_dim), need_weights=need_weights,
+        )
+        return AttentionOutput(self.out_proj(self.merge_heads(out)), weights)
+
+
+# ----------------------------------------------------------------------------- the image task
+
+
+def _shape_patterns() -> Tensor:
+    """Four 5 x 5 binary shapes: plus, cross, ring (square outline), diamond. ``(4, 5, 5)``."""
+    i, j = torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")
+    plus = (i == 2) | (j == 2)
+    cross = (i == j) | (i + j == 4)
+    ring = (i == 0) | (i == 4) | (j == 0) | (j == 4)
+    diamond = (i - 2).abs() + (j - 2).abs() == 2
+    return torch.stack([plus, cross, ring, diamond]).float()
+
+
+class ShapeImages:
+    """One of four 5 x 5 shapes at a random place on a noisy, cluttered image; the label is the shape.
+
+    The background holds Gaussian noise and ``clutter`` short strokes (1 x 3
+    or 3 x 1 bars, pieces the shapes are also made of), so that a small
+    filter firing on a stroke does not tell the shapes apart: a classifier
+    must find the one place where the strokes form a shape. ``sample``
+    returns ``x (B, 1, size, size)``, ``y (B,)`` and ``box (B, size, size)``,
+    the object's 5 x 5 square (to measure where the spatial attention goes).
+
+    Args:
+        size: image side (``>= 5``).
+        noise: standard deviation of the background noise.
+        clutter: strokes drawn per image.
+    """
+
+    classes = ("plus", "cross", "ring", "diamond")
+
+    def __init__(self, size: int = 16, noise: float = 0.3, clutter: int = 3) -> None:
+        if size < 5:
+            raise ValueError(f"size must be >= 5 (the shapes are 5 x 5), got {size}")
+        self.size, self.noise, self.clutter = size, noise, clutter
+        self.patterns = _shape_patterns()
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        s = self.size
+        x = torch.randn(batch_size, s, s, generator=generator) * self.noise
+        y = torch.randint(0, 4, (batch_size,), generator=generator)
+        top = torch.randint(0, s - 4, (batch_size,), generator=generator)
+        left = torch.randint(0, s - 4, (batch_size,), generator=generator)
+        rows = torch.arange(s)
+        box = ((rows[None, :, None] >= top[:, None, None]) & (rows[None, :, None] < top[:, None, None] + 5)
+               & (rows[None, None, :] >= left[:, None, None]) & (rows[None, None, :] < left[:, None, None] + 5))  # (B, s, s)
+        # clutter: bars of 3 pixels, horizontal or vertical, anywhere
+        rows_b = torch.arange(batch_size)
+        for _ in range(self.clutter):
+            vert = torch.rand(batch_size, generator=generator) < 0.5
+            a = torch.randint(0, s - 2, (batch_size,), generator=generator)  # start along the bar
+            b = torch.randint(0, s, (batch_size,), generator=generator)  # position across it
+            for t in range(3):
+                x[rows_b, torch.where(vert, a + t, b), torch.where(vert, b, a + t)] += 1.0
+        # the shape, added inside its box: pixel (r, c) takes pattern[y][r - top, c - left]
+        dr = (rows[None, :] - top[:, None]).clamp(0, 4)  # (B, s)
+        dc = (rows[None, :] - left[:, None]).clamp(0, 4)  # (B, s)
+        pattern = self.patterns[y]  # (B, 5, 5)
+        shape = pattern[rows_b[:, None, None], dr[:, :, None], dc[:, None, :]]  # (B, s, s)
+        x = x + shape * box
+        return {"x": x[:, None], "y": y, "box": box}
+
+
+class ShapeNet(nn.Module):
+    """Two 3 x 3 conv layers, optional CBAM, global average pooling, a linear classifier.
+
+    Args:
+        channels: feature channels ``C``.
+        cbam: insert :class:`CBAM` after the convolutions (else the plain baseline).
+        kernel_size, reduction: CBAM's spatial kernel and channel reduction.
+        n_classes: outputs.
+
+    ``x (B, 1, H, W)`` -> logits ``(B, n_classes)``; :meth:`attention` gives CBAM's maps.
+    """
+
+    def __init__(
+        self, channels: int = 16, cbam: bool = True, kernel_size: int = 7, reduction: int = 4, n_classes: int = 4, batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+        )
+        self.cbam = CBAM(channels, reduction=reduction, kernel_size=kernel_size, batch_norm=batch_norm) if cbam else None
+        self.head = nn.Linear(channels, n_classes)
+
+    def attention(self, x: Tensor) -> CBAMOutput:
+        """CBAM's output and maps for ``x (B, 1, H, W)`` (only when built with ``cbam=True``)."""
+        if self.cbam is None:
+            raise ValueError("this ShapeNet has no CBAM (built with cbam=False)")
+        return self.cbam(self.features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = check_tensor(x, "x", "(batch, 1, height, width)", 4)
+        h = self.features(x)  # (B, C, H, W)
+        if self.cbam is not None:
+            h = self.cbam(h).output
+        return self.head(h.mean(dim=(2, 3)))  # global average pooling -> (B, n_classes)
+
+
+def shape_loss(model: ShapeNet, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on the shape label, and accuracy."""
+    logits = model(batch["x"])
+    loss = F.cross_entropy(logits, batch["y"])
+    return loss, {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
+
+
+def spatial_mass_on_object(spatial: Tensor, box: Tensor) -> Tensor:
+    """Fraction of the spatial map's total mass inside the object's box: ``(B, H, W), (B, H, W) bool -> (B,)``."""
+    return (spatial * box).sum(dim=(1, 2)) / spatial.sum(dim=(1, 2))
+
+
+_PRESETS = {  # size, channels, steps, batch, cost sizes (pixels); "book" is the chapter's setting
+    "quick": (12, 8, 20, 16, (64, 256)),
+    "book": (16, 8, 300, 32, (256, 1024, 4096)),
+    "default": (16, 16, 600, 64, (256, 1024, 4096, 16384)),
+    "gpu": (24, 32, 2000, 128, (1024, 4096, 16384, 65536)),
+}
+
+
+def make_cbam_task(preset: str = "book") -> OwnTask:
+    """CBAM on :class:`ShapeImages` (the comparison's own-task hook).
+
+    The model is :class:`ShapeNet` with CBAM; the layer alone is a
+    :class:`CBAM` over ``C`` channels, its cost swept over square maps of
+    ``sizes`` pixels; ``weights`` returns the spatial map normalised to sum to
+    1 over the pixels ``(B, H*W)``.
+    """
+    if preset not in _PRESETS:
+        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
+    size, channels, steps, batch, sizes = _PRESETS[preset]
+    data = ShapeImages(size=size)
+    model = ShapeNet(channels=channels, cbam=True)
+    layer = CBAM(channels, reduction=4, kernel_size=7)
+
+    def inputs(n_pixels: int, generator: torch.Generator) -> tuple[Tensor]:
+        side = max(1, math.isqrt(n_pixels))
+        return (torch.randn(1, channels, side, side, generator=generator),)
+
+    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        spatial = m.attention(b["x"]).spatial.flatten(1)  # type: ignore[operator]
+        return spatial / spatial.sum(-1, keepdim=True)
+
+    return OwnTask(
+        description=f"shape on a noisy, cluttered {size}x{size} image (4 classes)",
+        model=model, sample=data.sample, loss=shape_loss, layer=layer, inputs=inputs, sizes=sizes,
+        size_unit="pixels (H*W)", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
+    )

@@ -1,0 +1,324 @@
+"""Chapter 22: adversarial attention (FGM on embeddings, Attention AT on scores) against explicit references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attn import registry
+from attn.adversarial import (
+    AttentionClassifier, AttentionPooling, CueSentiment, adversarial_loss, attack, fgm_perturbation,
+    js_distance, make_task, tv_distance,
+)
+from attn.masks import padding_mask
+from attn.train import set_seed, train
+
+
+def small_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return AttentionClassifier(CueSentiment().vocab, embed_dim=8, hidden=8).to(dtype)
+
+
+def batch(n=16, seed=0):
+    return CueSentiment().sample(n, torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- the attention layer against SDPA
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_pooling_matches_sdpa_forward_and_gradients(with_delta):
+    torch.manual_seed(0)
+    pool = AttentionPooling(8)
+    x = torch.randn(3, 7, 8, requires_grad=True)
+    km = padding_mask([7, 4, 1], 7)
+    delta = torch.randn(3, 7, requires_grad=True) if with_delta else None
+    out, w = pool(x, key_mask=km, score_delta=delta, need_weights=True)
+    # reference: F.scaled_dot_product_attention with the query as one token, delta and padding as an additive mask
+    q = pool.query.expand(3, 1, 8)
+    k, v = pool.key(x), pool.value(x)
+    additive = (delta if with_delta else torch.zeros(3, 7)).masked_fill(~km, float("-inf"))[:, None, :]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)[:, 0]
+    ref_w = ((q @ k.transpose(1, 2))[:, 0] / math.sqrt(8) + additive[:, 0]).softmax(-1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+    up = torch.randn_like(out)
+    inputs = [x, *pool.parameters()] + ([delta] if with_delta else [])
+    for a, b in zip(torch.autograd.grad(out, inputs, up), torch.autograd.grad(ref, inputs, up)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_float64():
+    model = small_model(torch.float64)
+    b = batch(3)
+    s = model.embed(b["x"], b["mask"]).detach().requires_grad_()
+    delta = torch.randn(3, s.shape[1], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, d: model.classify(s, b["mask"], score_delta=d)[0], (s, delta), fast_mode=True)
+    pool = AttentionPooling(4).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: pool(x, padding_mask([5, 3], 5), need_weights=True).weights, (x,))
+
+
+def test_normalised_embeddings_have_unit_variance():
+    model = small_model()
+    t = model.normalised_table()
+    torch.testing.assert_close(t.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.var(0, unbiased=False), torch.ones(8), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        model.embedding.weight.mul_(100.0)  # inflating the table changes nothing
+    torch.testing.assert_close(model.normalised_table(), t, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the perturbation
+
+
+def test_fgm_perturbation_norm_direction_and_zero_gradient():
+    g = torch.randn(4, 5, 3)
+    g[2] = 0.0
+    r = fgm_perturbation(g, 0.7)
+    norms = r.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms[[0, 1, 3]], torch.full((3,), 0.7))
+    assert norms[2] == 0 and torch.isfinite(r).all()
+    cos = F.cosine_similarity(r.flatten(1)[[0, 1, 3]], g.flatten(1)[[0, 1, 3]], dim=1)
+    torch.testing.assert_close(cos, torch.ones(3))
+    assert fgm_perturbation(g, 0.0).abs().max() == 0
+
+
+def test_fgm_is_the_worst_case_for_a_linear_loss():
+    """For L(s) = <w, s> the best L2 step of size eps raises L by exactly eps ||w||; no random direction does better."""
+    w = torch.randn(1, 6, 4, dtype=torch.float64)
+    s = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((w * s).sum(), s)
+    r = fgm_perturbation(g, 0.3)
+    gain = float((w * r).sum())
+    assert abs(gain - 0.3 * float(w.norm())) < 1e-12
+    u = torch.randn(200, 6, 4, dtype=torch.float64)
+    u = 0.3 * u / u.flatten(1).norm(dim=1)[:, None, None]
+    assert float((w * u).sum((1, 2)).max()) < gain
+
+
+@pytest.mark.parametrize("target", ["embedding", "attention"])
+def test_first_order_loss_increase(target):
+    """L(s + r) - L(s) = eps ||g|| + O(eps^2): the relative error shrinks in proportion to eps."""
+    model = small_model(torch.float64)
+    b = batch(1, seed=3)
+    s = model.embed(b["x"], b["mask"]).detach().requires_grad_()
+    zero = torch.zeros(s.shape[:2], dtype=torch.float64, requires_grad=True)
+    loss = F.cross_entropy(model.classify(s, b["mask"], score_delta=zero)[0], b["y"])
+    wrt = s if target == "embedding" else zero
+    (g,) = torch.autograd.grad(loss, wrt)
+    errors = []
+    with torch.no_grad():
+        for eps in (1e-2, 1e-3, 1e-4):
+            r = fgm_perturbation(g, eps)
+            logits = model.classify(s + r, b["mask"])[0] if target == "embedding" else model.classify(s, b["mask"], score_delta=r)[0]
+            measured = float(F.cross_entropy(logits, b["y"]) - loss)
+            predicted = eps * float(g.norm())
+            errors.append(abs(measured / predicted - 1))
+    assert errors[-1] < 1e-3
+    assert errors[1] < errors[0] / 5 and errors[2] < errors[1] / 5
+
+
+# ----------------------------------------------------------------------------- the training loss and the attack
+
+
+def test_loss_none_is_cross_entropy_and_embedding_loss_matches_formula():
+    model = small_model(torch.float64)
+    b = batch(8)
+    loss, m = adversarial_loss(model, b, target="none")
+    logits = model(b["x"], b["mask"])[0]
+    torch.testing.assert_close(loss, F.cross_entropy(logits, b["y"]))
+    assert m["acc"] == m["robust_acc"]
+    # embedding AT by hand: r from the clean gradient, held constant
+    params = list(model.parameters())
+    total, _ = adversarial_loss(model, b, target="embedding", epsilon=0.5, alpha=0.3)
+    s = model.embed(b["x"], b["mask"])
+    clean = F.cross_entropy(model.classify(s, b["mask"])[0], b["y"])
+    (g,) = torch.autograd.grad(clean, s, retain_graph=True)
+    r = (0.5 * g / g.flatten(1).norm(dim=1)[:, None, None]).detach()
+    ref = clean + 0.3 * F.cross_entropy(model.classify(s + r, b["mask"])[0], b["y"])
+    torch.testing.assert_close(total, ref)
+    for a, c in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, c)
+
+
+def test_attention_loss_matches_formula():
+    model = small_model(torch.float64)
+    b = batch(8)
+    params = list(model.parameters())
+    total, _ = adversarial_loss(model, b, target="attention", epsilon=0.5)
+    s = model.embed(b["x"], b["mask"])
+    scores = model.pool.scores(s)
+    # explicit: softmax over real tokens of (scores + r), r = eps * dL/dscores / ||dL/dscores||
+    def loss_at(delta):
+        a = (scores + delta).masked_fill(~b["mask"], float("-inf")).softmax(-1)
+        c = torch.einsum("bn,bne->be", a, model.pool.value(s))
+        return F.cross_entropy(model.mlp(c), b["y"])
+
+    d0 = torch.zeros_like(scores, requires_grad=True)
+    clean = loss_at(d0)
+    (g,) = torch.autograd.grad(clean, d0, retain_graph=True)
+    assert (g[~b["mask"]] == 0).all()  # padding gets no perturbation
+    r = (0.5 * g / g.norm(dim=1, keepdim=True)).detach()
+    ref = clean + loss_at(r)
+    torch.testing.assert_close(total, ref)
+    for a, c in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, c)
+
+
+def test_loss_works_under_no_grad_for_evaluation():
+    model = small_model()
+    with torch.no_grad():
+        loss, m = adversarial_loss(model, batch(8), target="attention", epsilon=1.0)
+    assert torch.isfinite(loss) and 0 <= m["robust_acc"] <= 1
+
+
+@pytest.mark.parametrize("target", ["embedding", "attention"])
+def test_attack_norms_and_first_step_is_fgm(target):
+    model = small_model()
+    b = batch(32)
+    fgm = attack(model, b, 0.8, target, steps=1)
+    pgd = attack(model, b, 0.8, target, steps=5)
+    for out in (fgm, pgd):
+        norms = out["delta"].flatten(1).norm(dim=1)
+        assert (norms <= 0.8 + 1e-5).all()
+        torch.testing.assert_close(out["clean_weights"].sum(-1), torch.ones(32))
+        torch.testing.assert_close(out["adv_weights"].sum(-1), torch.ones(32))
+        assert (out["adv_weights"][~b["mask"]] == 0).all()
+    torch.testing.assert_close(fgm["delta"].flatten(1).norm(dim=1), torch.full((32,), 0.8))
+    assert pgd["adv_loss"] >= fgm["clean_loss"]
+    assert model.training  # restored
+
+
+def test_attack_epsilon_zero_changes_nothing():
+    model = small_model()
+    out = attack(model, batch(8), 0.0, "embedding", steps=3)
+    assert torch.equal(out["clean_pred"], out["adv_pred"])
+    assert out["js"].max() < 1e-6 and out["tv"].max() < 1e-6
+
+
+def test_distances_against_scipy():
+    from scipy.spatial.distance import jensenshannon
+
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 0.5, 0.5], [0.3, 0.3, 0.4]], dtype=torch.float64)
+    for i in range(2):
+        assert abs(float(js_distance(p[i], q[i])) - jensenshannon(p[i].numpy(), q[i].numpy())) < 1e-12
+    torch.testing.assert_close(tv_distance(p, q), 0.5 * (p - q).abs().sum(-1))
+    assert float(js_distance(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) == pytest.approx(math.sqrt(math.log(2)))
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+def test_padding_has_no_effect_and_batched_equals_per_example():
+    model = small_model()
+    b = batch(5)
+    logits, w = model(b["x"], b["mask"], need_weights=True)
+    x2 = b["x"].clone()
+    x2[~b["mask"]] = 7  # other ids under the padding
+    torch.testing.assert_close(model(x2, b["mask"])[0], logits)
+    assert (w[~b["mask"]] == 0).all()
+    per = torch.cat([model(b["x"][i : i + 1], b["mask"][i : i + 1])[0] for i in range(5)])
+    torch.testing.assert_close(per, logits)
+
+
+def test_fully_masked_row_gives_zeros_not_nan():
+    pool = AttentionPooling(4)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    km = torch.tensor([[True, True, False], [False, False, False]])
+    out, w = pool(x, km, need_weights=True)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0 and w[1].abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_task_labels_follow_the_cues():
+    task = CueSentiment()
+    b = task.sample(500, torch.Generator().manual_seed(1))
+    pos = ((b["x"] >= 1) & (b["x"] <= task.n_cues)).sum(-1)
+    neg = ((b["x"] > task.n_cues) & (b["x"] <= 2 * task.n_cues)).sum(-1)
+    assert torch.equal(b["y"], (pos > neg).long())
+    assert torch.equal(b["cue"].sum(-1), pos + neg) and set((pos + neg).tolist()) == {1, 3}
+    assert not (b["cue"] & ~b["mask"]).any() and (b["x"][~b["mask"]] == 0).all() and (b["x"][b["mask"]] > 0).all()
+    assert torch.equal(task.sample(4, torch.Generator().manual_seed(2))["x"], task.sample(4, torch.Generator().manual_seed(2))["x"])
+
+
+def test_training_is_seeded_and_deterministic():
+    task = CueSentiment()
+
+    def run(seed):
+        set_seed(seed)
+        model = AttentionClassifier(task.vocab, embed_dim=8, hidden=8)
+        train(model, task.sample, lambda m, b: adversarial_loss(m, b, "attention", 1.0), steps=5, batch_size=16, seed=seed, progress=False)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_empty_batch():
+    model = small_model()
+    logits, w = model(torch.zeros(0, 6, dtype=torch.long), torch.zeros(0, 6, dtype=torch.bool), need_weights=True)
+    assert logits.shape == (0, 2) and w.shape == (0, 6)
+    out = AttentionPooling(8)(torch.zeros(0, 5, 8))
+    assert out.output.shape == (0, 8) and out.weights is None
+    assert fgm_perturbation(torch.zeros(0, 5, 8), 1.0).shape == (0, 5, 8)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: m([[1, 2, 3]]), TypeError, r"tokens must be a torch.Tensor of shape \(batch, n\)"),
+        (lambda m: m(torch.ones(2, 3)), TypeError, "integer ids"),
+        (lambda m: m(torch.ones(2, 3, 4, dtype=torch.long)), ValueError, r"tokens must have shape \(batch, n\)"),
+        (lambda m: m(torch.full((2, 3), 99)), ValueError, r"\[0, vocab=24\)"),
+        (lambda m: m(torch.ones(2, 0, dtype=torch.long)), ValueError, "empty sequence"),
+        (lambda m: m(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3)), TypeError, "key_mask must be a torch.bool"),
+        (lambda m: m(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_mask must have shape \(batch=2, n=3\)"),
+        (lambda m: m(torch.ones(2, 3, dtype=torch.long), embed_delta=torch.zeros(2, 3, 5)), ValueError, r"embed_delta must be a tensor of shape \(batch, n, embed_dim\)"),
+        (lambda m: m(torch.ones(2, 3, dtype=torch.long), score_delta=torch.zeros(2, 4)), ValueError, r"score_delta must have shape \(batch, n\)"),
+        (lambda m: m(torch.ones(2, 3, dtype=torch.long), score_delta=torch.zeros(2, 3, dtype=torch.long)), TypeError, "score_delta must be a floating-point"),
+        (lambda m: m.pool(torch.randn(2, 3, 5)), ValueError, r"x must have shape \(batch, seq, embed_dim=8\)"),
+        (lambda m: m.pool(torch.randn(3, 8)), ValueError, r"x must have shape \(batch, seq, embed_dim=8\)"),
+        (lambda m: m.pool([[0.0] * 8]), TypeError, "x must be a torch.Tensor"),
+        (lambda m: fgm_perturbation([1.0, 2.0], 1.0), TypeError, "grad must be a floating-point tensor"),
+        (lambda m: fgm_perturbation(torch.ones(2, 3), -1.0), ValueError, "epsilon must be a finite number >= 0"),
+        (lambda m: adversarial_loss(m, batch(4), target="input"), ValueError, "target must be one of"),
+        (lambda m: attack(m, batch(4), 1.0, steps=0), ValueError, "steps must be an int >= 1"),
+        (lambda m: AttentionClassifier(0), ValueError, "vocab must be a positive int"),
+        (lambda m: AttentionPooling(-2), ValueError, "embed_dim must be a positive int"),
+        (lambda m: CueSentiment(length=4), ValueError, "length must be >= 6"),
+        (lambda m: make_task("huge"), ValueError, "preset must be one of"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(small_model())
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("name, target", [("adversarial_embedding", "embedding"), ("adversarial_attention", "attention")])
+def test_registry_own_task(name, target):
+    mech = registry.get(name)
+    assert mech.chapter == 22 and mech.cls is AttentionClassifier and mech.build is None and mech.data == "text"
+    own = mech.task("quick")
+    assert target in own.description
+    hist = train(own.model, own.sample, own.loss, steps=3, batch_size=own.batch_size, seed=0, progress=False)
+    assert len(hist.loss) == 1 and "robust_acc" in hist.metrics
+    gen = torch.Generator().manual_seed(0)
+    out = own.layer(*own.inputs(own.sizes[0], gen))
+    assert out.output.shape == (8, 32)
+    b = own.sample(6, gen)
+    w = own.weights(own.model, b)
+    torch.testing.assert_close(w.sum(-1), torch.ones(6))
+    assert registry.chapter(22).slug == "adversarial_attention"

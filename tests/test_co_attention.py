@@ -1,0 +1,318 @@
+"""Chapter 7: co-attention (Lu et al. parallel and alternating, Xiong et al. DCN) against the papers' formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attn import registry
+from attn.co_attention import (
+    AlternatingCoAttention, CoAttentionPointer, DCNCoAttention, MatchingPairs, ParallelCoAttention,
+    make_co_attention_task, pointer_loss,
+)
+from attn.masks import padding_mask
+from attn.train import train
+
+DQ, DV = 5, 7  # different widths
+
+
+def softmax_cols(x: torch.Tensor) -> torch.Tensor:
+    """Softmax of a vector written as exp / sum (no torch.softmax)."""
+    e = torch.exp(x - x.max())
+    return e / e.sum()
+
+
+def parallel_reference(mod: ParallelCoAttention, question, passage, t_len, n_len):
+    """Lu et al. eqs. (3)-(4) in the paper's column convention, one example at a time, real positions only."""
+    outs = []
+    for i in range(question.shape[0]):
+        Q = question[i, : t_len[i]].T  # (d_q, T)
+        V = passage[i, : n_len[i]].T  # (d_v, N)
+        C = torch.tanh(Q.T @ mod.w_b @ V)  # (T, N)
+        Wv, Wq = mod.w_v.weight, mod.w_q.weight  # (k, d_v), (k, d_q)
+        Hv = torch.tanh(Wv @ V + (Wq @ Q) @ C)  # (k, N)
+        Hq = torch.tanh(Wq @ Q + (Wv @ V) @ C.T)  # (k, T)
+        av = softmax_cols((mod.w_hv.weight @ Hv)[0])
+        aq = softmax_cols((mod.w_hq.weight @ Hq)[0])
+        outs.append((Q @ aq, V @ av, aq, av, C))
+    return outs
+
+
+def alternating_reference(mod: AlternatingCoAttention, question, passage, t_len, n_len):
+    def A(step, X, g):  # x^ = A(X; g), X (d, L)
+        H = step.w_x.weight @ X
+        if g is not None:
+            H = H + (step.w_g.weight @ g)[:, None]
+        a = softmax_cols((step.w_hx.weight @ torch.tanh(H))[0])
+        return X @ a, a
+
+    outs = []
+    for i in range(question.shape[0]):
+        Q, V = question[i, : t_len[i]].T, passage[i, : n_len[i]].T
+        s, a_s = A(mod.step1, Q, None)
+        v, a_v = A(mod.step2, V, s)
+        if mod.step3 is None:
+            outs.append((s, v, a_s, a_v))
+        else:
+            q, a_q = A(mod.step3, Q, v)
+            outs.append((q, v, a_q, a_v))
+    return outs
+
+
+def dcn_reference(mod: DCNCoAttention, question, document, n_len, m_len):
+    """Xiong et al. eqs. (1)-(4): L = D^T Q, A^Q column softmax, A^D = softmax(L^T), C^Q = D A^Q, C^D = [Q; C^Q] A^D."""
+    outs = []
+    for i in range(question.shape[0]):
+        Qp = question[i, : n_len[i]].T  # (d_q, n)
+        Q = torch.tanh(mod.q_proj.weight @ Qp + mod.q_proj.bias[:, None])
+        Q = torch.cat([Q, mod.q_sentinel[:, None]], 1)  # (ℓ, n+1)
+        D = torch.cat([document[i, : m_len[i]].T, mod.doc_sentinel[:, None]], 1)  # (ℓ, m+1)
+        L = D.T @ Q  # (m+1, n+1)
+        AQ = torch.stack([softmax_cols(L[:, j]) for j in range(L.shape[1])], 1)  # softmax over the document, per column
+        AD = torch.stack([softmax_cols(L.T[:, j]) for j in range(L.shape[0])], 1)  # (n+1, m+1)
+        CQ = D @ AQ  # (ℓ, n+1)
+        CD = torch.cat([Q, CQ], 0) @ AD  # (2ℓ, m+1)
+        outs.append((CD, CQ, L, AD, AQ))
+    return outs
+
+
+def pair(b=3, t=6, n=9, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, DQ, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, n, DV, generator=g, dtype=dtype, requires_grad=True)
+    return q, v
+
+
+LENS = ([6, 4, 2], [9, 5, 7])  # question lengths T, passage lengths N per example
+
+
+def _grads(out_terms, ref_terms, params):
+    g = torch.Generator().manual_seed(1)
+    ups = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in out_terms]
+    total = sum((u * t).sum() for u, t in zip(ups, out_terms))
+    total_ref = sum((u * t).sum() for u, t in zip(ups, ref_terms))
+    return torch.autograd.grad(total, params, allow_unused=True), torch.autograd.grad(total_ref, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_parallel_matches_lu_equations(masked):
+    torch.manual_seed(0)
+    mod = ParallelCoAttention(DQ, DV, hidden=8).double()
+    q, v = pair()
+    t_len, n_len = LENS if masked else ([6] * 3, [9] * 3)
+    qm, vm = (padding_mask(t_len, 6), padding_mask(n_len, 9)) if masked else (None, None)
+    out = mod(q, v, qm, vm)
+    refs = parallel_reference(mod, q, v, t_len, n_len)
+    mine, theirs = [], []
+    for i, (q_hat, v_hat, aq, av, C) in enumerate(refs):
+        t, n = t_len[i], n_len[i]
+        mine += [out.question_summary[i], out.passage_summary[i], out.question_weights[i, :t], out.passage_weights[i, :n], out.affinity[i, :t, :n]]
+        theirs += [q_hat, v_hat, aq, av, C]
+        assert (out.question_weights[i, t:] == 0).all() and (out.passage_weights[i, n:] == 0).all()
+    for a, b in zip(mine, theirs):
+        assert (a - b).abs().max() <= 1e-12
+    params = [q, v, *mod.parameters()]
+    for a, b in zip(*_grads(mine, theirs, params)):
+        assert (a - b).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("third_step", [True, False])
+def test_alternating_matches_lu_equations(third_step):
+    torch.manual_seed(0)
+    mod = AlternatingCoAttention(DQ, DV, hidden=8, third_step=third_step).double()
+    q, v = pair()
+    t_len, n_len = LENS
+    out = mod(q, v, padding_mask(t_len, 6), padding_mask(n_len, 9))
+    assert out.affinity is None
+    mine, theirs = [], []
+    for i, (q_hat, v_hat, aq, av) in enumerate(alternating_reference(mod, q, v, t_len, n_len)):
+        mine += [out.question_summary[i], out.passage_summary[i], out.question_weights[i, : t_len[i]], out.passage_weights[i, : n_len[i]]]
+        theirs += [q_hat, v_hat, aq, av]
+    for a, b in zip(mine, theirs):
+        assert (a - b).abs().max() <= 1e-12
+    params = [q, v, *mod.parameters()]
+    for a, b in zip(*_grads(mine, theirs, params)):
+        assert (a - b).abs().max() <= 1e-10
+
+
+def test_one_way_question_weights_ignore_the_passage():
+    """Without the third step the question is attended blind; with it, the passage changes the question weights."""
+    torch.manual_seed(0)
+    q, v = pair(dtype=torch.float32)
+    v2 = torch.randn_like(v)
+    one_way = AlternatingCoAttention(DQ, DV, third_step=False)
+    torch.testing.assert_close(one_way(q, v).question_weights, one_way(q, v2).question_weights)
+    full = AlternatingCoAttention(DQ, DV)
+    assert (full(q, v).question_weights - full(q, v2).question_weights).abs().max() > 1e-4
+    par = ParallelCoAttention(DQ, DV)
+    assert (par(q, v).question_weights - par(q, v2).question_weights).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_dcn_matches_xiong_equations(masked):
+    torch.manual_seed(0)
+    mod = DCNCoAttention(DQ, DV, fusion=False).double()
+    q, d = pair()
+    n_len, m_len = LENS if masked else ([6] * 3, [9] * 3)
+    qm, dm = (padding_mask(n_len, 6), padding_mask(m_len, 9)) if masked else (None, None)
+    out = mod(q, d, qm, dm)
+    assert out.context.shape == (3, 10, 2 * DV) and out.affinity.shape == (3, 10, 7) and out.encoding is None
+    mine, theirs = [], []
+    for i, (CD, CQ, L, AD, AQ) in enumerate(dcn_reference(mod, q, d, n_len, m_len)):
+        n, m = n_len[i], m_len[i]
+        rows_d = list(range(m)) + [9]  # real document positions and the sentinel (last index)
+        rows_q = list(range(n)) + [6]
+        mine += [out.context[i, rows_d], out.question_context[i, rows_q], out.affinity[i][rows_d][:, rows_q],
+                 out.document_weights[i][rows_d][:, rows_q], out.question_weights[i][rows_q][:, rows_d]]
+        theirs += [CD.T, CQ.T, L, AD.T, AQ.T]
+        assert (out.document_weights[i, :, n:6] == 0).all() and (out.question_weights[i, :, m:9] == 0).all()
+        assert (out.context[i, m:9] == 0).all()  # padded document rows
+    for a, b in zip(mine, theirs):
+        assert (a - b).abs().max() <= 1e-12
+    params = [q, d, *mod.parameters()]
+    for a, b in zip(*_grads(mine, theirs, params)):
+        if a is not None or b is not None:
+            assert (a - b).abs().max() <= 1e-10
+
+
+def test_dcn_fusion_is_a_bilstm_over_document_and_context():
+    torch.manual_seed(0)
+    mod = DCNCoAttention(DQ, DV, fusion=True).double()
+    q, d = pair()
+    n_len, m_len = LENS
+    out = mod(q, d, padding_mask(n_len, 6), padding_mask(m_len, 9))
+    assert out.encoding.shape == (3, 9, 2 * DV)
+    for i in range(3):  # each example alone through the same LSTM, real positions only
+        m = m_len[i]
+        x = torch.cat([d[i, :m], out.context[i, :m]], -1)[None]
+        ref, _ = mod.lstm(x)
+        torch.testing.assert_close(out.encoding[i, :m], ref[0])
+        assert (out.encoding[i, m:] == 0).all()
+
+
+@pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
+def test_batched_equals_per_example_and_padding_has_no_effect(cls):
+    torch.manual_seed(0)
+    mod = cls(DQ, DV) if cls is not DCNCoAttention else cls(DQ, DV, fusion=True)
+    q, v = (t.detach().float() for t in pair())
+    t_len, n_len = LENS
+    qm, vm = padding_mask(t_len, 6), padding_mask(n_len, 9)
+    out = mod(q, v, qm, vm)
+    q2, v2 = q.clone(), v.clone()
+    q2[~qm] = 50.0
+    v2[~vm] = -50.0
+    out2 = mod(q2, v2, qm, vm)
+    for i in range(3):
+        t, n = t_len[i], n_len[i]
+        alone = mod(q[i : i + 1, :t], v[i : i + 1, :n])
+        if cls is DCNCoAttention:
+            torch.testing.assert_close(out.context[i, :n], alone.context[0, :n])
+            torch.testing.assert_close(out.context[i, -1], alone.context[0, -1])  # the sentinel row
+            torch.testing.assert_close(out.encoding[i, :n], alone.encoding[0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(out2.context, out.context)
+        else:
+            torch.testing.assert_close(out.question_summary[i], alone.question_summary[0])
+            torch.testing.assert_close(out.passage_summary[i], alone.passage_summary[0])
+            torch.testing.assert_close(out.passage_weights[i, :n], alone.passage_weights[0])
+            torch.testing.assert_close(out2.question_summary, out.question_summary)
+            torch.testing.assert_close(out2.passage_weights, out.passage_weights)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    q, v = pair(b=2, t=3, n=4)
+    qm, vm = padding_mask([3, 2], 3), padding_mask([4, 3], 4)
+    par = ParallelCoAttention(DQ, DV, hidden=4).double()
+    assert torch.autograd.gradcheck(lambda q, v: par(q, v, qm, vm)[:4], (q, v), fast_mode=True)
+    alt = AlternatingCoAttention(DQ, DV, hidden=4).double()
+    assert torch.autograd.gradcheck(lambda q, v: alt(q, v, qm, vm)[:4], (q, v), fast_mode=True)
+    dcn = DCNCoAttention(DQ, DV, fusion=False).double()
+    assert torch.autograd.gradcheck(lambda q, v: dcn(q, v, qm, vm)[:2], (q, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (([[1.0] * DQ], torch.ones(1, 2, DV)), TypeError, r"question must be a torch.Tensor of shape \(batch, T, question_dim=5\)"),
+        ((torch.ones(1, 2, DQ, dtype=torch.long), torch.ones(1, 2, DV)), TypeError, "floating-point"),
+        ((torch.ones(2, DQ), torch.ones(1, 2, DV)), ValueError, r"question must have shape \(batch, T, question_dim=5\), got 2-D"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 2, DV + 1)), ValueError, r"width 8 != 7"),
+        ((torch.ones(1, 2, DQ), torch.ones(2, 3, DV)), ValueError, "batch sizes differ"),
+        ((torch.ones(1, 0, DQ), torch.ones(1, 3, DV)), ValueError, r"at least one position"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), torch.ones(1, 3, dtype=torch.bool)), ValueError, r"question_mask must have shape \(batch=1, T=2\)"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), None, torch.ones(1, 3)), TypeError, "torch.bool"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), torch.zeros(1, 2, dtype=torch.bool)), ValueError, "at least one real position"),
+    ],
+)
+def test_bad_input(cls, args, error, match):
+    if cls is DCNCoAttention:
+        match = match.replace("passage", "document")
+    with pytest.raises(error, match=match):
+        cls(DQ, DV)(*args)
+
+
+@pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
+def test_empty_batch(cls):
+    out = cls(DQ, DV)(torch.ones(0, 4, DQ), torch.ones(0, 6, DV))
+    if cls is DCNCoAttention:
+        assert out.context.shape == (0, 7, 2 * DV) and out.affinity.shape == (0, 7, 5) and out.encoding.shape == (0, 6, 2 * DV)
+    else:
+        assert out.question_summary.shape == (0, DQ) and out.passage_weights.shape == (0, 6)
+
+
+def test_registry_entries():
+    names = {"parallel_coattention": ParallelCoAttention, "alternating_coattention": AlternatingCoAttention, "dcn_coattention": DCNCoAttention}
+    assert registry.chapter(7).slug == "co_attention"
+    for name, cls in names.items():
+        m = registry.get(name)
+        assert m.chapter == 7 and m.data == "pair" and m.cls is cls and m.build is None and m.task is not None
+
+
+def test_matching_pairs_task():
+    data = MatchingPairs()
+    b = data.sample(64, torch.Generator().manual_seed(0))
+    rows = torch.arange(64)
+    assert torch.equal(b["passage"][rows, b["passage_target"]], b["question"][rows, b["question_target"]])
+    assert b["passage_mask"][rows, b["passage_target"]].all() and b["question_mask"][rows, b["question_target"]].all()
+    assert (b["passage"][~b["passage_mask"]] == 0).all() and (b["passage"][b["passage_mask"]] > 0).all()
+    for i in range(64):  # exactly one shared key
+        p = set(b["passage"][i][b["passage_mask"][i]].tolist())
+        q = b["question"][i][b["question_mask"][i]].tolist()
+        assert len(p & set(q)) == 1 and len(set(q)) == len(q)
+    with pytest.raises(ValueError, match="n_keys"):
+        MatchingPairs(n_keys=5)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "alternating", "dcn"])
+def test_own_task_hook(kind):
+    task = make_co_attention_task(kind, "quick")
+    hist = train(task.model, task.sample, task.loss, steps=task.steps, batch_size=task.batch_size, lr=task.lr, progress=False)
+    assert math.isfinite(hist.loss[-1])
+    gen = torch.Generator().manual_seed(0)
+    for n in task.sizes:
+        q, v = task.inputs(n, gen)
+        out = task.layer(q, v)
+        assert v.shape[1] == n and out[0].shape[0] == 1
+    w = task.weights(task.model, task.sample(5, gen))
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[0]))
+    with pytest.raises(ValueError, match="preset"):
+        make_co_attention_task(kind, "nope")
+
+
+def test_co_attention_learns_both_pointers_one_way_cannot():
+    """A short run: parallel co-attention finds the question position far above chance; the one-way model does not."""
+    data = MatchingPairs()
+    res = {}
+    for kind in ("parallel", "one-way"):
+        torch.manual_seed(0)
+        model = CoAttentionPointer(kind, data.n_keys)
+        train(model, data.sample, pointer_loss, steps=150, batch_size=32, lr=1e-2, progress=False)
+        with torch.no_grad():
+            res[kind] = pointer_loss(model, data.sample(512, torch.Generator().manual_seed(9)))[1]
+    assert res["parallel"]["question_acc"] > 0.4
+    assert res["one-way"]["question_acc"] < 0.35  # chance is about 0.24
+    with pytest.raises(ValueError, match="kind must be one of"):
+        CoAttentionPointer("two-way", 8)
