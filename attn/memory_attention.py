@@ -1,0 +1,597 @@
+r"""Chapter 15 -- Memory-augmented attention: persistent memory slots and a kNN memory of past keys and values.
+
+**Persistent memory** (Sukhbaatar et al. 2019, "Augmenting Self-attention with
+Persistent Memory"). Every layer owns ``N`` learned key/value vectors per head,
+``M_k, M_v`` ``(h, N, d)``, concatenated to the keys and values of the
+sequence; every query sees them, whatever the mask:
+
+.. math::
+
+    y_i = \sum_{j \in [K; M_k]} \operatorname{softmax}_j\Big(\frac{q_i^\top k_j}{\sqrt d}\Big) v_j, \qquad
+    K' = [X W_k;\ M_k],\quad V' = [X W_v;\ M_v]
+
+They hold knowledge that does not depend on the input (in the paper they
+replace the feed-forward layer). Shapes: ``x`` ``(B, n, E)`` -> ``(B, n, E)``.
+
+**Memorizing Transformers** (Wu et al. 2022). A long document is read in
+segments of ``L`` tokens. After each segment, the layer's keys and values go
+into a **kNN memory**, a bank of ``(key, value)`` pairs per head, *not*
+differentiable, holding at most ``C`` entries (the oldest leave first). Each
+query of the next segments retrieves its ``k`` nearest keys from the bank
+(largest ``q^\top k``), attends over those ``k`` only, and a learned per-head
+gate mixes the result with ordinary (causal, local) attention over the segment:
+
+.. math::
+
+    \mathcal{N}_k(q_i) = \operatorname{top-}k_{\,s \le S}\; q_i^\top \bar k_s, \qquad
+    V^{\mathrm{mem}}_i = \sum_{s \in \mathcal{N}_k(q_i)} \operatorname{softmax}_{s}\Big(\frac{q_i^\top \bar k_s}{\sqrt d}\Big) \bar v_s
+
+.. math::
+
+    V_i = g \odot V^{\mathrm{mem}}_i + (1 - g) \odot V^{\mathrm{local}}_i, \qquad g = \sigma(b_g) \ \text{(one learned scalar per head)}
+
+Search here is exact (:func:`torch.topk` over all ``S`` bank entries,
+``O(S d)`` per query); with ``faiss`` installed, ``backend="faiss"`` runs the
+same exact search through a ``faiss.IndexFlatIP`` (an approximate index would
+make it sublinear in ``S``). Attention then costs ``O(k d)`` per query
+instead of ``O(S d)``. Shapes: bank keys/values ``(B, h, S, d)``; a segment's
+queries ``(B, h, L, d)`` retrieve indices ``(B, h, L, k)``.
+
+:func:`knn_attention_dense` (all ``S`` scores, a mask keeping the top ``k``
+per query) is the labelled dense baseline the gathered version is checked against.
+
+Sukhbaatar, Grave, Lample, Jegou, Joulin, "Augmenting Self-attention with
+Persistent Memory", arXiv 2019. Wu, Rabe, Hutchins, Szegedy, "Memorizing
+Transformers", ICLR 2022.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .checks import check_tensor, check_tokens, empty_batch
+from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
+from .masks import check_key_mask
+from .registry import register
+
+__all__ = [
+    "PersistentMemoryAttention",
+    "KNNMemory",
+    "Retrieval",
+    "knn_attention",
+    "knn_attention_dense",
+    "faiss_available",
+    "MemorizingAttention",
+    "SegmentOutput",
+    "FarRecallTask",
+    "MemoryRecallModel",
+    "far_recall_loss",
+]
+
+
+def faiss_available() -> bool:
+    """Whether the optional ``faiss`` package can be imported."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_heads(embed_dim: int, num_heads: int) -> None:
+    if embed_dim <= 0 or num_heads <= 0:
+        raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+
+
+def _check_count(name: str, value: int, lowest: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lowest:
+        raise ValueError(f"{name} must be >= {lowest}, got {value}")
+
+
+# --------------------------------------------------------------------------- persistent memory
+
+
+@register(
+    "persistent_memory",
+    paper="Sukhbaatar et al. 2019",
+    complexity="O(n (n + N) d)",
+    chapter=15,
+    summary="N learned key/value slots per head concatenated to every query's keys and values",
+    build=lambda embed_dim, num_heads: PersistentMemoryAttention(embed_dim, num_heads, slots=8),
+)
+class PersistentMemoryAttention(nn.Module):
+    """Multi-head self-attention whose keys and values are extended by ``N`` learned persistent slots.
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: heads ``h`` (must divide ``E``).
+        slots: ``N``, persistent key/value vectors per head (0: plain multi-head attention).
+        bias: biases on the projections.
+
+    Parameters: ``q_proj, k_proj, v_proj, out_proj`` and ``memory_k, memory_v`` ``(h, N, d_h)``.
+    With ``N = 1`` this is ``torch.nn.MultiheadAttention(add_bias_kv=True)``, whose
+    ``bias_k, bias_v`` are one slot appended to every head's keys and values.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, slots: int = 8, bias: bool = True) -> None:
+        super().__init__()
+        _check_heads(embed_dim, num_heads)
+        _check_count("slots", slots, 0)
+        self.embed_dim, self.num_heads, self.head_dim, self.slots = embed_dim, num_heads, embed_dim // num_heads, slots
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        # the paper scales the persistent vectors like the keys and values they join
+        self.memory_k = nn.Parameter(torch.randn(num_heads, slots, self.head_dim) / math.sqrt(self.head_dim))
+        self.memory_v = nn.Parameter(torch.randn(num_heads, slots, self.head_dim) / math.sqrt(self.head_dim))
+
+    def forward(
+        self,
+        x: Tensor,
+        key_mask: Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        include_memory: bool = False,
+    ) -> AttentionOutput:
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights)``.
+
+        Args:
+            key_mask: ``(B, n)`` boolean, ``True`` = real token (the slots are always visible).
+            is_causal: token ``i`` sees tokens ``j <= i`` (and every slot).
+            need_weights: return the weights.
+            include_memory: weights over ``[tokens | slots]`` ``(B, h, n, n + N)``; by default
+                only the token part ``(B, h, n, n)``, whose rows then sum to less than 1
+                (the rest sits on the slots).
+        """
+        x = check_tokens(x, self.embed_dim)
+        batch, n, _ = x.shape
+        check_key_mask(key_mask, batch, n, length_name="n")
+        N, h = self.slots, self.num_heads
+        if empty_batch(x):
+            w = x.new_zeros(0, h, n, n + N if include_memory else n) if need_weights else None
+            return AttentionOutput(x.new_zeros(0, n, self.embed_dim), w)
+        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=h)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))  # (B, h, n, d)
+        k = torch.cat([k, self.memory_k.expand(batch, -1, -1, -1)], 2)  # (B, h, n + N, d): [X W_k; M_k]
+        v = torch.cat([v, self.memory_v.expand(batch, -1, -1, -1)], 2)
+        mask = None
+        if is_causal or key_mask is not None:
+            tokens = torch.ones(n, n, dtype=torch.bool, device=x.device)
+            tokens = tokens.tril() if is_causal else tokens
+            mask = torch.cat([tokens, tokens.new_ones(n, N)], 1)  # slots: always visible
+            if key_mask is not None:
+                mask = mask & torch.cat([key_mask, key_mask.new_ones(batch, N)], 1)[:, None, None, :]
+        out, w = scaled_dot_product_attention(q, k, v, attn_mask=mask, need_weights=need_weights)
+        if w is not None and not include_memory:
+            w = w[..., :n]
+        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), w)
+
+    @torch.no_grad()
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> "PersistentMemoryAttention":
+        """Copy a ``torch.nn.MultiheadAttention(add_bias_kv=True, batch_first=True)``: its ``bias_k, bias_v`` become one slot."""
+        if self.slots != 1 or mha.bias_k is None:
+            raise ValueError("only a 1-slot module matches nn.MultiheadAttention(add_bias_kv=True)")
+        if (mha.embed_dim, mha.num_heads) != (self.embed_dim, self.num_heads):
+            raise ValueError("nn.MultiheadAttention sizes (embed_dim, num_heads) differ from this module's")
+        wq, wk, wv = mha.in_proj_weight.split(self.embed_dim)
+        bq, bk, bv = mha.in_proj_bias.split(self.embed_dim)
+        for lin, w, b in ((self.q_proj, wq, bq), (self.k_proj, wk, bk), (self.v_proj, wv, bv)):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+        self.out_proj.load_state_dict(mha.out_proj.state_dict())
+        self.memory_k.copy_(mha.bias_k.view(self.num_heads, 1, self.head_dim))
+        self.memory_v.copy_(mha.bias_v.view(self.num_heads, 1, self.head_dim))
+        return self
+
+
+# --------------------------------------------------------------------------- the kNN memory
+
+
+class KNNMemory:
+    """A bank of past ``(key, value)`` pairs per example and head: not differentiable, at most ``capacity`` entries.
+
+    ``keys``, ``values``: ``(B, h, S, d)`` with ``S <= capacity``; ``positions``
+    ``(S,)``: where in the stream each entry came from. :meth:`add` appends a
+    segment (detached) and drops the oldest entries beyond ``capacity``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        _check_count("capacity", capacity, 1)
+        self.capacity = capacity
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.positions: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def add(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Append ``keys, values (B, h, L, d)`` from stream positions ``(L,)``; keep the newest ``capacity``."""
+        check_tensor(keys, "keys", "(batch, heads, L, d)", 4)
+        check_tensor(values, "values", "(batch, heads, L, d)", 4)
+        if keys.shape[:3] != values.shape[:3] or positions.shape != (keys.shape[2],):
+            raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and positions {tuple(positions.shape)} disagree")
+        if self.keys is not None and (self.keys.shape[:2] != keys.shape[:2] or self.keys.shape[-1] != keys.shape[-1]):
+            raise ValueError(f"keys (batch, heads, L, d) = {tuple(keys.shape)} do not match the bank's {tuple(self.keys.shape)}")
+        keys, values = keys.detach(), values.detach()  # the memory is not differentiable
+        if self.keys is not None:
+            keys = torch.cat([self.keys, keys], 2)
+            values = torch.cat([self.values, values], 2)
+            positions = torch.cat([self.positions, positions])
+        self.keys, self.values, self.positions = keys[:, :, -self.capacity :], values[:, :, -self.capacity :], positions[-self.capacity :]
+
+
+class Retrieval(NamedTuple):
+    """``output (B, h, L, d_v)``, ``weights (B, h, L, k)`` over the retrieved entries, ``indices (B, h, L, k)`` into the bank."""
+
+    output: Tensor
+    weights: Tensor
+    indices: Tensor
+
+
+def _gather(bank: Tensor, idx: Tensor) -> Tensor:
+    """``bank (B, h, S, d)``, ``idx (B, h, L, k)`` -> ``(B, h, L, k, d)``: only the retrieved rows are copied."""
+    B, h = idx.shape[:2]
+    rows = torch.arange(B, device=idx.device)[:, None, None, None]
+    heads = torch.arange(h, device=idx.device)[None, :, None, None]
+    return bank[rows, heads, idx]
+
+
+def _faiss_search(q: Tensor, keys: Tensor, k: int) -> Tensor:
+    """Exact inner-product search with ``faiss.IndexFlatIP``, one index per (example, head): indices ``(B, h, L, k)``."""
+    import faiss
+    import numpy as np
+
+    B, h, L, d = q.shape
+    out = np.empty((B, h, L, k), dtype=np.int64)
+    qs = q.detach().float().cpu().numpy()
+    ks = keys.detach().float().cpu().numpy()
+    for b in range(B):
+        for hh in range(h):
+            index = faiss.IndexFlatIP(d)
+            index.add(np.ascontiguousarray(ks[b, hh]))
+            _, found = index.search(np.ascontiguousarray(qs[b, hh]), k)
+            out[b, hh] = found
+    return torch.from_numpy(out).to(q.device)
+
+
+def knn_attention(
+    q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None = None, backend: Literal["torch", "faiss"] = "torch"
+) -> Retrieval:
+    r"""Attention over the ``top_k`` bank entries with the largest ``q^T k`` (gathered, not masked).
+
+    Args:
+        q: ``(B, h, L, d)`` queries.
+        keys, values: the bank, ``(B, h, S, d)`` and ``(B, h, S, d_v)``.
+        top_k: entries retrieved per query (``min(top_k, S)`` are used).
+        scale: score scale, default ``1 / sqrt(d)``.
+        backend: ``"torch"``: exact :func:`torch.topk` over all ``S`` scores;
+            ``"faiss"``: the same exact search by ``faiss.IndexFlatIP`` (needs ``faiss``).
+
+    Returns:
+        :class:`Retrieval`. The softmax runs over the ``k`` retrieved scores;
+        gradients reach ``q`` (and the bank, if it required grad).
+    """
+    check_tensor(q, "q", "(batch, heads, L, d)", 4)
+    check_tensor(keys, "keys", "(batch, heads, S, d)", 4)
+    check_tensor(values, "values", "(batch, heads, S, d_v)", 4)
+    if keys.shape[:2] != q.shape[:2] or keys.shape[-1] != q.shape[-1] or values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} must share (batch, heads) and d; keys and values S")
+    _check_count("top_k", top_k, 1)
+    if keys.shape[2] == 0:
+        raise ValueError("the bank is empty (S = 0): nothing to retrieve")
+    k = min(top_k, keys.shape[2])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "torch":
+        scores = torch.matmul(q * scale, keys.transpose(-1, -2))  # (B, h, L, S): the exact search
+        top, idx = scores.topk(k, dim=-1)  # (B, h, L, k)
+    elif backend == "faiss":
+        if not faiss_available():
+            raise ImportError("backend='faiss' needs the faiss package (pip install faiss-cpu)")
+        idx = _faiss_search(q, keys, k)
+        top = torch.einsum("bhld,bhlkd->bhlk", q * scale, _gather(keys, idx))  # recomputed in torch: differentiable in q
+    else:
+        raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+    weights = top.softmax(-1)  # over the k retrieved entries only
+    out = torch.einsum("bhlk,bhlkd->bhld", weights, _gather(values, idx))  # O(L k d)
+    return Retrieval(out, weights, idx)
+
+
+def knn_attention_dense(q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None = None) -> AttentionOutput:
+    """Baseline: all ``S`` scores, a mask keeping each query's ``top_k`` largest, dense softmax and product.
+
+    Equal to :func:`knn_attention` (ties aside); with ``top_k >= S`` it is
+    plain attention over the whole bank. ``O(L S d)`` and an ``(L, S)`` matrix per head.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scores = torch.matmul(q * scale, keys.transpose(-1, -2))
+    k = min(top_k, keys.shape[2])
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    weights = masked_softmax(scores, scores >= kth)
+    return AttentionOutput(weights @ values, weights)
+
+
+# --------------------------------------------------------------------------- Memorizing Transformer attention
+
+
+class SegmentOutput(NamedTuple):
+    """One segment through :meth:`MemorizingAttention.attend_segment`.
+
+    ``output (B, L, E)``; ``local_weights (B, h, L, L)`` and ``memory_weights (B, h, L, k)``
+    (``None`` unless asked for / no memory); ``indices (B, h, L, k)`` into the bank (``None``
+    without retrieval); ``keys, values (B, h, L, d)``: what to add to the bank afterwards.
+    """
+
+    output: Tensor
+    local_weights: Tensor | None
+    memory_weights: Tensor | None
+    indices: Tensor | None
+    keys: Tensor
+    values: Tensor
+
+
+@register(
+    "memorizing",
+    paper="Wu et al. 2022",
+    complexity="O(n (L + C) d)",
+    chapter=15,
+    summary="causal attention inside segments of L, gated with top-k attention over a bounded kNN memory of past keys/values",
+    build=lambda embed_dim, num_heads: MemorizingAttention(embed_dim, num_heads, segment=8, top_k=4, capacity=64),
+)
+class MemorizingAttention(nn.Module):
+    """Memorizing Transformer attention: local causal attention + gated top-k retrieval from a kNN memory.
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: heads ``h``.
+        segment: ``L``, the context window; :meth:`forward` reads a sequence in segments of ``L``.
+        top_k: entries retrieved per query (0: no memory, local attention only).
+        capacity: ``C``, the most entries the kNN memory keeps per head (oldest out).
+        backend: ``"torch"`` (exact ``topk``) or ``"faiss"`` (exact ``IndexFlatIP``, optional).
+
+    The registry's ``build`` uses ``L = 8``, ``k = 4``, ``C = 64``.
+    """
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, segment: int = 8, top_k: int = 4, capacity: int = 64,
+        backend: Literal["torch", "faiss"] = "torch",
+    ) -> None:
+        super().__init__()
+        _check_heads(embed_dim, num_heads)
+        _check_count("segment", segment, 1)
+        _check_count("top_k", top_k, 0)
+        _check_count("capacity", capacity, 1)
+        if backend not in ("torch", "faiss"):
+            raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.segment, self.top_k, self.capacity, self.backend = segment, top_k, capacity, backend
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.gate_bias = nn.Parameter(torch.zeros(num_heads))  # b_g: g = sigmoid(b_g) per head, 0.5 at the start
+
+    @property
+    def gate(self) -> Tensor:
+        """``g = sigmoid(b_g)``, ``(h,)``: the share of each head's output that comes from the memory."""
+        return torch.sigmoid(self.gate_bias)
+
+    def attend_segment(self, x: Tensor, memory: KNNMemory | None = None, need_weights: bool = False) -> SegmentOutput:
+        """One segment ``x (B, L, E)``: causal attention inside it, gated with retrieval from ``memory``.
+
+        The memory is read, not written: add ``keys, values`` of the result to it
+        afterwards (as :meth:`forward` does). With no memory, an empty one or
+        ``top_k = 0``, the output is local attention alone.
+        """
+        x = check_tokens(x, self.embed_dim)
+        batch, L, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=h)  # (B, h, L, d)
+        local, local_w = scaled_dot_product_attention(q, k, v, is_causal=True, need_weights=need_weights)
+        mem_w = idx = None
+        if memory is not None and memory.size > 0 and self.top_k > 0:
+            if memory.keys.shape[:2] != (batch, h) or memory.keys.shape[-1] != d:
+                raise ValueError(f"memory holds (batch, heads, S, d) = {tuple(memory.keys.shape)}, the segment needs ({batch}, {h}, S, {d})")
+            found = knn_attention(q, memory.keys, memory.values, self.top_k, backend=self.backend)
+            g = self.gate[None, :, None, None]
+            out = g * found.output + (1 - g) * local  # V = g V_mem + (1 - g) V_local
+            mem_w, idx = (found.weights if need_weights else None), found.indices
+        else:
+            out = local
+        return SegmentOutput(self.out_proj(rearrange(out, "b h l d -> b l (h d)")), local_w, mem_w, idx, k, v)
+
+    def forward(self, x: Tensor, need_weights: bool = False, memory: KNNMemory | None = None) -> AttentionOutput:
+        """Read ``x (B, n, E)`` in segments of ``L``, each one retrieving from the memory of the earlier ones.
+
+        Args:
+            x: the sequence.
+            need_weights: also return the *effective* weights ``(B, h, n, n)``:
+                ``(1 - g)`` times the local weights plus ``g`` times the memory
+                weights at the stream positions they retrieved (rows sum to 1).
+            memory: a :class:`KNNMemory` to read and extend, segment by
+                segment (a stream read over several calls). Without one, all
+                segments run at once (:meth:`forward_parallel`), with the same result.
+        """
+        x = check_tokens(x, self.embed_dim)
+        batch, n, _ = x.shape
+        h, L = self.num_heads, self.segment
+        if empty_batch(x):
+            return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
+        if memory is None and self.backend == "torch":
+            return self.forward_parallel(x, need_weights)
+        memory = KNNMemory(self.capacity) if memory is None else memory
+        offset = 0 if memory.positions is None else int(memory.positions[-1]) + 1  # stream position of x[:, 0]
+        outs, dense = [], x.new_zeros(batch, h, n, n) if need_weights else None
+        for start in range(0, n, L):
+            seg = self.attend_segment(x[:, start : start + L], memory, need_weights)
+            outs.append(seg.output)
+            if dense is not None:
+                stop = start + seg.output.shape[1]
+                share = self.gate[None, :, None, None] if seg.indices is not None else x.new_zeros(1, h, 1, 1)
+                dense[:, :, start:stop, start:stop] = (1 - share) * seg.local_weights
+                if seg.indices is not None:
+                    cols = memory.positions[seg.indices] - offset  # (B, h, L, k) in this call's coordinates
+                    inside = cols >= 0  # entries from earlier calls have no column here
+                    dense[:, :, start:stop] = dense[:, :, start:stop].scatter_add(
+                        -1, cols.clamp(min=0), share * seg.memory_weights * inside)
+            positions = torch.arange(start, start + seg.output.shape[1], device=x.device) + offset
+            memory.add(seg.keys, seg.values, positions)
+        return AttentionOutput(torch.cat(outs, 1), dense)
+
+
+    def forward_parallel(self, x: Tensor, need_weights: bool = False) -> AttentionOutput:
+        """All segments at once: segment ``b`` searches the ``C`` keys just before it (the bank it would hold).
+
+        A bank filled segment by segment and bounded at ``C`` entries holds, when
+        segment ``b`` is read, exactly positions ``max(0, bL - C) .. bL - 1``. So
+        every segment can gather that window of detached keys and values
+        (``Tensor.unfold``, a view), score it, take its top ``k`` and attend,
+        all segments in one batch: ``O(n (L + C) d)``, no Python loop. Equal to
+        the segment-by-segment :meth:`forward` with a :class:`KNNMemory`.
+        """
+        x = check_tokens(x, self.embed_dim)
+        batch, n, _ = x.shape
+        h, d, L, C = self.num_heads, self.head_dim, self.segment, self.capacity
+        nb = -(-n // L)
+        n_pad = nb * L
+        q, k, v = rearrange(self.qkv(F.pad(x, (0, 0, 0, n_pad - n))), "b n (three h d) -> three b h n d", three=3, h=h)
+        blocks = lambda t: rearrange(t, "b h (nb l) d -> b h nb l d", l=L)  # noqa: E731
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)  # (B, h, nb, L, d)
+        flat = lambda t: rearrange(t, "b h nb l d -> (b nb) h l d")  # noqa: E731  (the core takes 4-D tensors)
+        local, local_w = scaled_dot_product_attention(flat(qb), flat(kb), flat(vb), is_causal=True, need_weights=need_weights)
+        local = rearrange(local, "(b nb) h l d -> b h nb l d", b=batch)
+        if local_w is not None:
+            local_w = rearrange(local_w, "(b nb) h l m -> b h nb l m", b=batch)
+        share = x.new_zeros(1, h, nb, 1, 1)
+        mem_w = cols = None
+        if self.top_k > 0 and nb > 1:
+            # the C detached entries before each segment: (B, h, nb, C, d), slot c = position bL - C + c
+            window = lambda t: F.pad(t.detach(), (0, 0, C, 0)).unfold(2, C, L)[:, :, :nb].transpose(-1, -2)  # noqa: E731
+            mem_k, mem_v = window(k), window(v)
+            pos = torch.arange(nb, device=x.device)[:, None] * L - C + torch.arange(C, device=x.device)[None, :]  # (nb, C)
+            scores = torch.einsum("bhnld,bhncd->bhnlc", qb / math.sqrt(d), mem_k)  # the exact search, (B, h, nb, L, C)
+            scores = scores.masked_fill(~(pos >= 0)[:, None, :], torch.finfo(scores.dtype).min)  # slots before position 0
+            top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, nb, L, k)
+            mem_w = top.softmax(-1)  # empty slots get exp(min - max) = 0 (all-empty: segment 0, gated off below)
+            rows = torch.arange(batch, device=x.device)[:, None, None, None, None]
+            heads = torch.arange(h, device=x.device)[None, :, None, None, None]
+            segs = torch.arange(nb, device=x.device)[None, None, :, None, None]
+            retrieved = torch.einsum("bhnlk,bhnlkd->bhnld", mem_w, mem_v[rows, heads, segs, idx])  # gathered: O(L k d)
+            has_memory = (torch.arange(nb, device=x.device) > 0).to(x.dtype)[None, None, :, None, None]
+            share = self.gate[None, :, None, None, None] * has_memory
+            local = share * retrieved + (1 - share) * local
+            cols = pos[torch.arange(nb, device=x.device)[:, None, None], idx]  # (B, h, nb, L, k) stream positions
+        out = self.out_proj(rearrange(local, "b h nb l d -> b (nb l) (h d)")[:, :n])
+        weights = None
+        if need_weights:
+            dense = x.new_zeros(batch, h, nb, L, n_pad)
+            own = (torch.arange(nb, device=x.device)[:, None] * L + torch.arange(L, device=x.device)[None, :])[:, None, :]  # (nb, 1, L)
+            dense = dense.scatter(-1, own.expand(nb, L, L).expand(batch, h, -1, -1, -1), (1 - share) * local_w)
+            if mem_w is not None:
+                dense = dense.scatter_add(-1, cols.clamp(min=0), share * mem_w * (cols >= 0))
+            weights = rearrange(dense, "b h nb l p -> b h (nb l) p")[:, :, :n, :n]
+        return AttentionOutput(out, weights)
+
+
+# --------------------------------------------------------------------------- the chapter's task
+
+
+@dataclass
+class FarRecallTask:
+    """Key-value recall over a stream of ``segments`` windows of ``segment`` tokens; the query is the last token.
+
+    Each token but the last is a pair ``(key, value)`` (keys distinct); the last
+    token asks for one key's value. With probability ``p_near`` the asked pair
+    lies in the query's own window (the last segment), else in an earlier
+    segment: **beyond the context window**, reachable only through a memory.
+
+    ``sample`` returns ``keys (B, n)`` (the last is the query), ``values (B, n)``
+    (the last is 0, unused), ``y (B,)`` the answer, ``where (B,)`` the asked
+    pair's position, ``far (B,)`` whether it lies outside the last window.
+    """
+
+    n_keys: int = 48
+    n_values: int = 8
+    segment: int = 8
+    segments: int = 4
+    p_near: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.segments < 2 or self.segment < 2:
+            raise ValueError(f"need segments >= 2 and segment >= 2, got {self.segments} and {self.segment}")
+        if self.n_keys < self.length - 1:
+            raise ValueError(f"n_keys ({self.n_keys}) must be >= the number of pairs ({self.length - 1}) for distinct keys")
+        if not 0.0 <= self.p_near <= 1.0:
+            raise ValueError(f"p_near must be in [0, 1], got {self.p_near}")
+
+    @property
+    def length(self) -> int:
+        return self.segment * self.segments
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        n, last = self.length, self.length - self.segment  # the last window starts at `last`
+        keys = torch.rand(batch_size, self.n_keys, generator=generator).argsort(-1)[:, : n - 1]  # (B, n-1) distinct
+        values = torch.randint(0, self.n_values, (batch_size, n - 1), generator=generator)
+        near = torch.rand(batch_size, generator=generator) < self.p_near
+        where_near = last + torch.randint(0, self.segment - 1, (batch_size,), generator=generator)
+        where_far = torch.randint(0, last, (batch_size,), generator=generator)
+        where = torch.where(near, where_near, where_far)
+        rows = torch.arange(batch_size)
+        keys = torch.cat([keys, keys[rows, where][:, None]], 1)
+        values = torch.cat([values, values.new_zeros(batch_size, 1)], 1)
+        return {"keys": keys, "values": values, "y": values[rows, where], "where": where, "far": ~near}
+
+
+class MemoryRecallModel(nn.Module):
+    """Embeddings + one :class:`MemorizingAttention` layer (residual, LayerNorm) + a readout at the query.
+
+    Pair ``i`` becomes ``E_k[k_i] + E_v[v_i]``, the query ``E_k[q] + e_query``;
+    the layer reads the stream in windows of ``task.segment``. ``top_k = 0``
+    gives the same model without memory.
+    """
+
+    def __init__(self, task: FarRecallTask, embed_dim: int = 32, num_heads: int = 2, top_k: int = 4, capacity: int | None = None) -> None:
+        super().__init__()
+        self.task = task
+        self.key_embed = nn.Embedding(task.n_keys, embed_dim)
+        self.value_embed = nn.Embedding(task.n_values, embed_dim)
+        self.query_flag = nn.Parameter(torch.randn(embed_dim) * 0.02)
+        capacity = task.length if capacity is None else capacity
+        self.attention = MemorizingAttention(embed_dim, num_heads, segment=task.segment, top_k=top_k, capacity=capacity)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, task.n_values)
+
+    def embed(self, keys: Tensor, values: Tensor) -> Tensor:
+        """``keys, values (B, n)`` -> tokens ``(B, n, E)``: pairs, then the query (which carries no value)."""
+        flag = self.query_flag.expand(keys.shape[0], 1, -1)
+        return self.key_embed(keys) + torch.cat([self.value_embed(values[:, :-1]), flag], 1)
+
+    def forward(self, keys: Tensor, values: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Logits ``(B, n_values)`` and, with ``need_weights``, the layer's effective weights ``(B, h, n, n)``."""
+        h = self.embed(keys, values)
+        out, w = self.attention(h, need_weights=need_weights)
+        return self.head(self.norm(h + out)[:, -1]), w
+
+
+def far_recall_loss(model: MemoryRecallModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on the answer; accuracy overall and on the far and near examples."""
+    logits, _ = model(batch["keys"], batch["values"])
+    correct = (logits.argmax(-1) == batch["y"]).float()
+    far = batch["far"]
+    metrics = {"acc": float(correct.mean())}
+    if far.any():
+        metrics["acc_far"] = float(correct[far].mean())
+    if (~far).any():
+        metrics["acc_near"] = float(correct[~far].mean())
+    return F.cross_entropy(logits, batch["y"]), metrics

@@ -1,0 +1,383 @@
+"""Chapter 15: persistent memory and Memorizing-Transformer kNN attention against their references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attn import registry
+from attn.masks import padding_mask
+from attn.memory_attention import (
+    FarRecallTask,
+    KNNMemory,
+    MemorizingAttention,
+    MemoryRecallModel,
+    PersistentMemoryAttention,
+    far_recall_loss,
+    faiss_available,
+    knn_attention,
+    knn_attention_dense,
+)
+from attn.train import cpu_threads, evaluate, set_seed, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one CPU thread is far faster than several on a shared machine (see attn.train.cpu_threads)."""
+    with cpu_threads(1):
+        yield
+
+
+# ----------------------------------------------------------------------------- persistent memory
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("masks", ["none", "padding", "causal"])
+def test_one_slot_equals_torch_multihead_with_add_bias_kv(need_weights, masks):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, batch_first=True, add_bias_kv=True)
+    ours = PersistentMemoryAttention(16, 4, slots=1).load_torch_weights(ref)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    km = padding_mask([7, 5, 2], 7) if masks == "padding" else None
+    causal = masks == "causal"
+    out, w = ours(x, key_mask=km, is_causal=causal, need_weights=need_weights, include_memory=True)
+    torch_mask = torch.ones(7, 7, dtype=torch.bool).triu(1) if causal else None  # torch adds the column for the bias slot
+    r_out, r_w = ref(x, x, x, key_padding_mask=None if km is None else ~km, attn_mask=torch_mask,
+                     need_weights=need_weights, average_attn_weights=False)
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(w, r_w, atol=1e-5, rtol=1e-5)
+    up = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, [x, ours.memory_k, ours.memory_v], up)
+    g2 = torch.autograd.grad(r_out, [x, ref.bias_k, ref.bias_v], up)
+    torch.testing.assert_close(g1[0], g2[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1[1].flatten(), g2[1].flatten(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1[2].flatten(), g2[2].flatten(), atol=1e-5, rtol=1e-5)
+
+
+def test_slots_equal_sdpa_over_concatenated_keys():
+    torch.manual_seed(0)
+    mod = PersistentMemoryAttention(12, 3, slots=5).double()
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    split = lambda t: t.view(2, -1, 3, 4).transpose(1, 2)  # noqa: E731
+    q, k, v = split(mod.q_proj(x)), split(mod.k_proj(x)), split(mod.v_proj(x))
+    k = torch.cat([k, mod.memory_k.expand(2, -1, -1, -1)], 2)
+    v = torch.cat([v, mod.memory_v.expand(2, -1, -1, -1)], 2)
+    mask = torch.cat([torch.ones(6, 6, dtype=torch.bool).tril(), torch.ones(6, 5, dtype=torch.bool)], 1)
+    ref = mod.out_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(2, 6, 12))
+    out, w = mod(x, is_causal=True, need_weights=True)
+    torch.testing.assert_close(out, ref)
+    assert w.shape == (2, 3, 6, 6) and (w.sum(-1) < 1).all()  # the rest of each row sits on the slots
+    full = mod(x, is_causal=True, need_weights=True, include_memory=True).weights
+    torch.testing.assert_close(full.sum(-1), torch.ones(2, 3, 6, dtype=torch.float64))
+    torch.testing.assert_close(full[..., :6], w)
+
+
+def test_persistent_gradcheck_and_properties():
+    torch.manual_seed(0)
+    mod = PersistentMemoryAttention(4, 2, slots=3).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    km = padding_mask([5, 3], 5)
+    assert torch.autograd.gradcheck(lambda x: mod(x, key_mask=km, is_causal=True).output, (x,))
+    assert torch.autograd.gradcheck(lambda x: mod(x, need_weights=True, include_memory=True).weights, (x,))
+    # padding keys have no influence; a row whose every token is padding still sees the slots: no NaN
+    y = x.detach().clone()
+    y[1, 3:] += 50
+    torch.testing.assert_close(mod(y, key_mask=km).output[1, :3], mod(x, key_mask=km).output[1, :3].detach())
+    all_pad = mod(x, key_mask=torch.zeros(2, 5, dtype=torch.bool)).output
+    assert torch.isfinite(all_pad).all()
+    # causal ignores the future; batched equals per-example
+    z = x.detach().clone()
+    z[:, 3:] = torch.randn_like(z[:, 3:])
+    torch.testing.assert_close(mod(z, is_causal=True).output[:, :3], mod(x, is_causal=True).output[:, :3].detach())
+    torch.testing.assert_close(mod(x).output, torch.cat([mod(x[i : i + 1]).output for i in range(2)]))
+    # zero slots is plain multi-head attention
+    plain = PersistentMemoryAttention(4, 2, slots=0).double()
+    w = plain(x, need_weights=True, include_memory=True).weights
+    assert w.shape == (2, 2, 5, 5)
+
+
+# ----------------------------------------------------------------------------- kNN retrieval
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 8, 50])
+def test_knn_attention_equals_dense_masked_baseline(top_k):
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(2, 3, 20, 8, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 3, 20, 6, dtype=torch.float64, requires_grad=True)
+    got = knn_attention(q, keys, values, top_k)
+    ref = knn_attention_dense(q, keys, values, top_k)
+    torch.testing.assert_close(got.output, ref.output, atol=1e-12, rtol=1e-12)
+    k = min(top_k, 20)
+    assert got.indices.shape == (2, 3, 5, k)
+    # the retrieved weights are the dense weights at the retrieved indices; nothing else is non-zero
+    torch.testing.assert_close(ref.weights.gather(-1, got.indices), got.weights)
+    assert ((ref.weights > 0).sum(-1) == k).all()
+    up = torch.randn_like(got.output)
+    for a, b in zip(torch.autograd.grad(got.output, (q, keys, values), up), torch.autograd.grad(ref.output, (q, keys, values), up)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    if top_k >= 20:  # the whole bank: plain attention
+        torch.testing.assert_close(got.output, F.scaled_dot_product_attention(q, keys, values), atol=1e-12, rtol=1e-12)
+
+
+def test_knn_retrieves_the_largest_inner_products_explicitly():
+    q = torch.tensor([[[[1.0, 0.0]]]])  # (1, 1, 1, 2)
+    keys = torch.tensor([[[[0.1, 0.0], [3.0, 0.0], [-5.0, 0.0], [2.0, 9.0], [2.5, 0.0]]]])
+    got = knn_attention(q, keys, keys, 2)
+    assert set(got.indices.flatten().tolist()) == {1, 4}  # q.k = 3.0 and 2.5
+    s = torch.tensor([3.0, 2.5]) / math.sqrt(2)
+    torch.testing.assert_close(got.weights.flatten(), s.softmax(0))
+
+
+def test_knn_gradcheck():
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(1, 2, 7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: knn_attention(q, k, v, 3).output, (q, keys, values))
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss is optional and not installed")
+def test_faiss_backend_gives_the_same_results():
+    torch.manual_seed(0)
+    q, keys, values = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 40, 8), torch.randn(2, 2, 40, 8)
+    a = knn_attention(q, keys, values, 5)
+    b = knn_attention(q, keys, values, 5, backend="faiss")
+    assert torch.equal(a.indices.sort(-1).values, b.indices.sort(-1).values)
+    torch.testing.assert_close(a.output, b.output, atol=1e-5, rtol=1e-5)
+
+
+def test_faiss_missing_is_a_clear_error():
+    if faiss_available():
+        pytest.skip("faiss is installed")
+    with pytest.raises(ImportError, match="faiss"):
+        knn_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), 2, backend="faiss")
+
+
+def test_memory_bank_is_bounded_fifo_and_not_differentiable():
+    bank = KNNMemory(capacity=5)
+    k = torch.randn(2, 3, 4, 8, requires_grad=True)
+    bank.add(k, k * 2, torch.arange(4))
+    assert bank.size == 4 and not bank.keys.requires_grad
+    bank.add(k + 1, k, torch.arange(4, 8))
+    assert bank.size == 5 and bank.positions.tolist() == [3, 4, 5, 6, 7]  # the oldest left first
+    torch.testing.assert_close(bank.keys[:, :, 0], k[:, :, 3].detach())
+    torch.testing.assert_close(bank.keys[:, :, 1:], (k + 1)[:, :, :4].detach())
+    with pytest.raises(ValueError, match="do not match the bank"):
+        bank.add(torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8), torch.arange(2))
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        KNNMemory(0)
+
+
+# ----------------------------------------------------------------------------- Memorizing attention
+
+
+def explicit_memorizing(layer: MemorizingAttention, x: torch.Tensor) -> torch.Tensor:
+    """Reference: each segment by explicit dense formulas, the bank kept as a plain list of past keys/values."""
+    B, n, E = x.shape
+    h, d, L = layer.num_heads, layer.head_dim, layer.segment
+    q, k, v = layer.qkv(x).split(E, -1)
+    q, k, v = (t.view(B, n, h, d).transpose(1, 2) for t in (q, k, v))
+    outs = []
+    for start in range(0, n, L):
+        stop = min(start + L, n)
+        qs, ks, vs = q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop]
+        scores = qs @ ks.transpose(-1, -2) / math.sqrt(d)
+        causal = torch.ones(stop - start, stop - start, dtype=torch.bool).tril()
+        local = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ vs
+        first = max(0, start - layer.capacity)
+        if start > 0 and layer.top_k > 0:
+            bk, bv = k[:, :, first:start].detach(), v[:, :, first:start].detach()  # the bounded bank
+            s = qs @ bk.transpose(-1, -2) / math.sqrt(d)
+            kk = min(layer.top_k, start - first)
+            keep = s >= s.topk(kk, -1).values[..., -1:]
+            mem = s.masked_fill(~keep, float("-inf")).softmax(-1) @ bv
+            g = torch.sigmoid(layer.gate_bias)[None, :, None, None]
+            local = g * mem + (1 - g) * local
+        outs.append(local)
+    out = torch.cat(outs, 2).transpose(1, 2).reshape(B, n, E)
+    return layer.out_proj(out)
+
+
+@pytest.mark.parametrize("n, L, top_k, capacity", [(20, 4, 3, 8), (23, 5, 2, 100), (12, 4, 0, 8), (9, 3, 50, 3)])
+def test_memorizing_attention_equals_explicit_reference(n, L, top_k, capacity):
+    torch.manual_seed(0)
+    layer = MemorizingAttention(8, 2, segment=L, top_k=top_k, capacity=capacity).double()
+    with torch.no_grad():
+        layer.gate_bias.copy_(torch.tensor([0.7, -1.2]))
+    x = torch.randn(2, n, 8, dtype=torch.float64, requires_grad=True)
+    out, w = layer(x, need_weights=True)
+    ref = explicit_memorizing(layer, x)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, n, dtype=torch.float64))  # effective weights: rows sum to 1
+    assert (w.triu(1) == 0).all()  # nothing from the future
+    up = torch.randn_like(out)
+    params = [x, layer.gate_bias, layer.qkv.weight, layer.out_proj.weight]
+    kw = dict(allow_unused=True, materialize_grads=True)  # top_k = 0 leaves the gate unused
+    for a, b in zip(torch.autograd.grad(out, params, up, **kw), torch.autograd.grad(ref, params, up, **kw)):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+
+
+def test_effective_weights_reproduce_the_output():
+    """sum_j W_ij v_j, with the weights forward() returns and values from the same projection, gives the output."""
+    torch.manual_seed(0)
+    layer = MemorizingAttention(8, 2, segment=4, top_k=3, capacity=6).double()
+    x = torch.randn(1, 14, 8, dtype=torch.float64)
+    out, w = layer(x, need_weights=True)
+    v = layer.qkv(x)[..., 16:].view(1, 14, 2, 4).transpose(1, 2)
+    mixed = (w @ v).transpose(1, 2).reshape(1, 14, 8)
+    torch.testing.assert_close(layer.out_proj(mixed), out)
+
+
+def test_memorizing_gradcheck_and_gate_limits():
+    torch.manual_seed(0)
+    layer = MemorizingAttention(4, 2, segment=3, top_k=2, capacity=4).double()
+    x = torch.randn(1, 8, 4, dtype=torch.float64, requires_grad=True)
+    # the memory is detached, so the check runs on one segment against a fixed bank
+    bank = KNNMemory(4)
+    bank.add(torch.randn(1, 2, 4, 2, dtype=torch.float64), torch.randn(1, 2, 4, 2, dtype=torch.float64), torch.arange(4))
+    assert torch.autograd.gradcheck(lambda s: layer.attend_segment(s, bank).output, (x[:, :3],))
+    # gate -> 0: local causal attention only, as with top_k = 0
+    with torch.no_grad():
+        layer.gate_bias.fill_(-1e4)
+        local_only = layer(x.detach()).output
+        layer.top_k = 0
+        torch.testing.assert_close(layer(x.detach()).output, local_only)
+    # gate -> 1, top_k >= bank: segment 2 is plain attention over everything before it (the whole bank)
+    layer.top_k, layer.capacity = 50, 50
+    with torch.no_grad():
+        layer.gate_bias.fill_(1e4)
+        out = layer(x.detach()).output
+        q, k, v = layer.qkv(x.detach()).split(4, -1)
+        q, k, v = (t.view(1, 8, 2, 2).transpose(1, 2) for t in (q, k, v))
+        ref = F.scaled_dot_product_attention(q[:, :, 6:], k[:, :, :6], v[:, :, :6]).transpose(1, 2).reshape(1, 2, 4)
+    torch.testing.assert_close(out[:, 6:], layer.out_proj(ref))
+
+
+def test_memorizing_properties():
+    torch.manual_seed(0)
+    layer = MemorizingAttention(8, 2, segment=4, top_k=2, capacity=8)
+    x = torch.randn(3, 16, 8)
+    out = layer(x).output
+    torch.testing.assert_close(out, torch.cat([layer(x[i : i + 1]).output for i in range(3)]))  # batched == per-example
+    y = x.clone()
+    y[:, 10:] = torch.randn_like(y[:, 10:])
+    torch.testing.assert_close(layer(y).output[:, :10], out[:, :10])  # causal: the future has no effect
+    # a stream read in two calls with one memory equals one call
+    bank = KNNMemory(8)
+    two = torch.cat([layer(x[:, :8], memory=bank).output, layer(x[:, 8:], memory=bank).output], 1)
+    torch.testing.assert_close(two, out)
+    # beyond the capacity, old segments are forgotten: changing tokens 0..3 leaves segment 3 (positions 12..15) alone
+    z = x.clone()
+    z[:, :4] += 5.0
+    torch.testing.assert_close(layer(z).output[:, 12:], out[:, 12:])
+    assert (layer(z).output[:, 4:8] - out[:, 4:8]).abs().max() > 1e-4
+
+
+def test_empty_batch_and_bad_input():
+    layer = MemorizingAttention(8, 2, segment=4)
+    out, w = layer(torch.randn(0, 6, 8), need_weights=True)
+    assert out.shape == (0, 6, 8) and w.shape == (0, 2, 6, 6)
+    pm = PersistentMemoryAttention(8, 2, slots=3)
+    out, w = pm(torch.randn(0, 6, 8), need_weights=True, include_memory=True)
+    assert out.shape == (0, 6, 8) and w.shape == (0, 2, 6, 9)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, p: m([[0.0] * 8]), TypeError, r"x must be a torch.Tensor of shape \(batch, seq, embed_dim=8\)"),
+        (lambda m, p: p([[0.0] * 8]), TypeError, r"x must be a torch.Tensor of shape \(batch, seq, embed_dim=8\)"),
+        (lambda m, p: m(torch.ones(1, 4, 8, dtype=torch.long)), TypeError, "floating-point"),
+        (lambda m, p: p(torch.randn(4, 8)), ValueError, r"\(batch, seq, embed_dim=8\)"),
+        (lambda m, p: m(torch.randn(1, 4, 6)), ValueError, r"embed_dim=8\), got \(1, 4, 6\)"),
+        (lambda m, p: m(torch.randn(1, 0, 8)), ValueError, r"empty sequence|at least one token"),
+        (lambda m, p: p(torch.randn(1, 4, 8), key_mask=torch.ones(1, 4)), TypeError, "key_mask must be a torch.bool"),
+        (lambda m, p: p(torch.randn(1, 4, 8), key_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, r"key_mask must have shape \(batch=1, n=4\)"),
+        (lambda m, p: knn_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 4), 2), ValueError, "must share"),
+        (lambda m, p: knn_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 4), 2), ValueError, "empty"),
+        (lambda m, p: knn_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 0), ValueError, "top_k must be >= 1"),
+        (lambda m, p: knn_attention([1.0], torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 2), TypeError, r"q must be a torch.Tensor"),
+        (lambda m, p: knn_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), 2, backend="annoy"), ValueError, "backend"),
+        (lambda m, p: m.attend_segment(torch.randn(2, 4, 8), _bank(1)), ValueError, r"memory holds"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(MemorizingAttention(8, 2, segment=4), PersistentMemoryAttention(8, 2, slots=2))
+
+
+def _bank(batch):
+    bank = KNNMemory(4)
+    bank.add(torch.randn(batch, 2, 3, 4), torch.randn(batch, 2, 3, 4), torch.arange(3))
+    return bank
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="divisible"):
+        MemorizingAttention(10, 3)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        MemorizingAttention(8, 2, top_k=-1)
+    with pytest.raises(TypeError, match="capacity must be an int"):
+        MemorizingAttention(8, 2, capacity=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="slots must be >= 0"):
+        PersistentMemoryAttention(8, 2, slots=-1)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        PersistentMemoryAttention(8, 2, slots=2).load_torch_weights(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+
+
+# ----------------------------------------------------------------------------- the task and the registry
+
+
+def test_far_recall_task():
+    task = FarRecallTask(n_keys=24, n_values=8, segment=8, segments=3, p_near=0.5)
+    b = task.sample(64, torch.Generator().manual_seed(0))
+    rows = torch.arange(64)
+    assert b["keys"].shape == (64, 24)
+    assert torch.equal(b["keys"][rows, b["where"]], b["keys"][:, -1])
+    assert torch.equal(b["values"][rows, b["where"]], b["y"])
+    assert torch.equal(b["far"], b["where"] < 16) and 0 < b["far"].sum() < 64
+    assert (b["keys"][:, :-1].sort(-1).values.diff(dim=-1) > 0).all()  # distinct keys
+    with pytest.raises(ValueError, match="n_keys"):
+        FarRecallTask(n_keys=10, segment=8, segments=3)
+
+
+def test_memory_answers_beyond_the_window():
+    task = FarRecallTask(n_keys=24, n_values=8, segment=8, segments=3, p_near=0.5)
+    far = FarRecallTask(n_keys=24, n_values=8, segment=8, segments=3, p_near=0.0)
+    accs = {}
+    for top_k in (4, 0):
+        set_seed(0)
+        model = MemoryRecallModel(task, 32, 2, top_k=top_k)
+        train(model, task.sample, far_recall_loss, steps=100, batch_size=32, lr=1e-2, progress=False)
+        accs[top_k] = evaluate(model, far.sample, far_recall_loss, batch_size=256)["acc_far"]
+    assert accs[4] > 0.8 and accs[0] < 0.25, accs
+
+
+def test_registry_builds():
+    for name, cls in (("persistent_memory", PersistentMemoryAttention), ("memorizing", MemorizingAttention)):
+        mech = registry.get(name)
+        assert mech.chapter == 15 and mech.cls is cls and mech.build is not None
+        layer = mech.build(32, 4)
+        x = torch.randn(2, 19, 32)
+        out, w = layer(x, need_weights=True)
+        assert out.shape == (2, 19, 32) and w.shape == (2, 4, 19, 19)
+        assert layer(x).weights is None
+
+
+@pytest.mark.parametrize("n, L, top_k, capacity", [(21, 4, 3, 6), (16, 4, 2, 3), (13, 5, 9, 7), (8, 8, 2, 4)])
+def test_parallel_form_equals_segment_by_segment_bank(n, L, top_k, capacity):
+    torch.manual_seed(0)
+    layer = MemorizingAttention(8, 2, segment=L, top_k=top_k, capacity=capacity).double()
+    with torch.no_grad():
+        layer.gate_bias.copy_(torch.tensor([0.3, -0.4]))
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    par, w_par = layer.forward_parallel(x, need_weights=True)
+    seq, w_seq = layer(x, need_weights=True, memory=KNNMemory(capacity))
+    torch.testing.assert_close(par, seq, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w_par, w_seq, atol=1e-12, rtol=1e-12)
