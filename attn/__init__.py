@@ -5,10 +5,12 @@ pieces live once:
 
 * :mod:`attn.masks` -- mask constructors; boolean ``True`` = *may attend* everywhere;
 * :mod:`attn.core` -- the scaled-dot-product core (fused SDPA path when no weights are needed);
-* :mod:`attn.registry` -- the 23 chapters and the registered mechanisms;
+* :mod:`attn.registry` -- the book's parts and chapters (one numbering) and the registered mechanisms;
+* :mod:`attn.checks` -- the input checks every layer calls first;
 * :mod:`attn.benchmark` -- timing, FLOPs, peak memory, sweeps with fitted exponents;
 * :mod:`attn.plotting`, :mod:`attn.widgets` -- heatmaps, curves, the attention explorer;
-* :mod:`attn.tasks`, :mod:`attn.train` -- synthetic tasks and a small seeded trainer.
+* :mod:`attn.tasks`, :mod:`attn.train` -- synthetic tasks and a small seeded trainer;
+* :mod:`attn.compare` -- every mechanism measured on the same axes.
 """
 
 from . import masks
@@ -23,6 +25,19 @@ from .self_attention import SelfAttention
 from .sparse import SparseAttention, TopKAttention
 from .sparsemax import EntmaxAttention, SparsemaxAttention
 from .soft import AdditiveAttention, MultiplicativeAttention, Seq2SeqAttention
+from .co_attention import AlternatingCoAttention, DCNCoAttention, ParallelCoAttention
+from .hybrid import BigBirdAttention
+from .frequency import FourierMixing, FrequencyEnhancedAttention, FrequencyEnhancedBlock
+from .adaptive import AdaptiveSpanAttention, SentinelAttention
+from .transformer_xl import TransformerXLAttention
+from .memory_attention import KNNMemory, MemorizingAttention, PersistentMemoryAttention
+from .hierarchical import ContextAttention, HierarchicalAttentionNetwork
+from .graph import GraphAttention, GraphAttentionV2
+from .convolutional import CBAM, MultiDConvHeadAttention
+from .gated import GatedAttention, GatedAttentionUnit, GatedMILPooling
+from .hard import HardAttention, HardSelfAttention
+from .adversarial import AttentionClassifier
+from .distillation import Distiller
 
 __version__ = "0.1.0"
 
@@ -49,6 +64,32 @@ __all__ = [
     "AdditiveAttention",
     "MultiplicativeAttention",
     "Seq2SeqAttention",
+    "ParallelCoAttention",
+    "AlternatingCoAttention",
+    "DCNCoAttention",
+    "BigBirdAttention",
+    "FourierMixing",
+    "FrequencyEnhancedBlock",
+    "FrequencyEnhancedAttention",
+    "AdaptiveSpanAttention",
+    "SentinelAttention",
+    "TransformerXLAttention",
+    "PersistentMemoryAttention",
+    "MemorizingAttention",
+    "KNNMemory",
+    "ContextAttention",
+    "HierarchicalAttentionNetwork",
+    "GraphAttention",
+    "GraphAttentionV2",
+    "CBAM",
+    "MultiDConvHeadAttention",
+    "GatedAttention",
+    "GatedAttentionUnit",
+    "GatedMILPooling",
+    "HardAttention",
+    "HardSelfAttention",
+    "AttentionClassifier",
+    "Distiller",
     "CHAPTERS",
     "MECHANISMS",
     "chapter",
