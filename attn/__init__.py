@@ -27,11 +27,13 @@ from .sparsemax import EntmaxAttention, SparsemaxAttention
 from .soft import AdditiveAttention, MultiplicativeAttention, Seq2SeqAttention
 from .co_attention import AlternatingCoAttention, DCNCoAttention, ParallelCoAttention
 from .hybrid import BigBirdAttention
+from .axial import AxialAttention
 from .frequency import FourierMixing, FrequencyEnhancedAttention, FrequencyEnhancedBlock
 from .adaptive import AdaptiveSpanAttention, SentinelAttention
 from .transformer_xl import TransformerXLAttention
 from .memory_attention import KNNMemory, MemorizingAttention, PersistentMemoryAttention
 from .hierarchical import ContextAttention, HierarchicalAttentionNetwork
+from .attention_pooling import PMA, AttentionPool, NadarayaWatson
 from .graph import GraphAttention, GraphAttentionV2
 from .convolutional import CBAM, MultiDConvHeadAttention
 from .gated import GatedAttention, GatedAttentionUnit, GatedMILPooling
@@ -68,6 +70,7 @@ __all__ = [
     "AlternatingCoAttention",
     "DCNCoAttention",
     "BigBirdAttention",
+    "AxialAttention",
     "FourierMixing",
     "FrequencyEnhancedBlock",
     "FrequencyEnhancedAttention",
@@ -79,6 +82,9 @@ __all__ = [
     "KNNMemory",
     "ContextAttention",
     "HierarchicalAttentionNetwork",
+    "NadarayaWatson",
+    "PMA",
+    "AttentionPool",
     "GraphAttention",
     "GraphAttentionV2",
     "CBAM",

@@ -1,0 +1,521 @@
+r"""Chapter 19 -- Attention pooling: a query that belongs to the model reads a set of any size into a fixed-size vector.
+
+**Nadaraya-Watson kernel regression** (Nadaraya 1964; Watson 1964) is
+attention with a fixed score. Given pairs ``(x_i, y_i)``, the estimate at a
+query ``x`` is a weighted average of the ``y_i`` with Gaussian kernel weights:
+
+.. math::
+
+    \hat f(x) = \sum_i \frac{K_h(x - x_i)}{\sum_j K_h(x - x_j)}\, y_i
+              = \sum_i \operatorname{softmax}_i\Big(-\frac{\lVert x - x_i\rVert^2}{2h^2}\Big)\, y_i ,
+
+and since ``-||x - x_i||^2 / 2h^2 = (x^T x_i - ||x_i||^2 / 2) / h^2 - ||x||^2 / 2h^2``
+(the last term is the same for every ``i`` and cancels in the softmax), it is
+scaled dot-product attention with queries ``x``, keys ``x_i``, values ``y_i``,
+scale ``1/h^2`` and an additive key bias ``-||x_i||^2 / 2h^2``
+(:func:`nadaraya_watson`). Shapes: queries ``(B, m, d)``, keys ``(B, n, d)``,
+values ``(B, n, k)`` -> ``(B, m, k)``, weights ``(B, m, n)``.
+
+**Pooling by multi-head attention** (Lee et al. 2019, Set Transformer, section 3.2).
+``k`` learned seed vectors ``S`` attend to the set ``Z``:
+
+.. math::
+
+    \mathrm{MAB}(X, Y) = \mathrm{LN}(H + \mathrm{rFF}(H)), \quad
+    H = \mathrm{LN}(X + \mathrm{Multihead}(X, Y, Y)), \qquad
+    \mathrm{PMA}_k(Z) = \mathrm{MAB}(S, \mathrm{rFF}(Z)) .
+
+Shapes: ``Z (B, n, d)`` -> ``(B, k, d)``, weights ``(B, h, k, n)``.
+
+**CLIP's attention pool** (Radford et al. 2021, ``AttentionPool2d`` of the
+modified ResNet). The query is the *mean* token; it attends to itself and to
+all tokens, and a projection maps the result to the output width:
+
+.. math::
+
+    \bar z = \tfrac1n \textstyle\sum_i z_i, \quad
+    \text{out} = W_c\, \mathrm{Multihead}\big(\bar z,\, [\bar z; z_1..z_n],\, [\bar z; z_1..z_n]\big) + b_c .
+
+(CLIP adds a learned position embedding to the ``n + 1`` tokens of its image
+grid; without it, as here by default, the pool is permutation invariant.)
+
+Every pool is permutation invariant in its set argument and takes a
+``key_mask (B, n)`` (``True`` = real element) for batches of sets of
+different sizes; an empty set is an error. Cost: ``O(k n d + n d^2)``,
+linear in the set size ``n``.
+
+Nadaraya, "On Estimating Regression", Theory Probab. Appl. 1964. Watson,
+"Smooth Regression Analysis", Sankhya A 1964. Lee, Lee, Kim, Kosiorek, Choi,
+Teh, "Set Transformer", ICML 2019. Radford et al., "Learning Transferable
+Visual Models From Natural Language Supervision", ICML 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .checks import check_tensor, check_tokens
+from .core import AttentionOutput, scaled_dot_product_attention
+from .masks import check_key_mask
+from .multihead import MultiHeadAttention
+from .registry import OwnTask, register
+
+__all__ = [
+    "nadaraya_watson", "gaussian_kernel_weights", "NadarayaWatson", "MAB", "PMA", "AttentionPool", "SetClassifier",
+    "ContentMeanSets", "set_loss", "make_set_task", "make_regression_task", "KernelRegressionTask",
+]
+
+Pool = Literal["pma", "clip", "mean", "max"]
+
+
+def _check_set(z: object, dim: int | None, key_mask: Tensor | None, name: str = "z") -> Tensor:
+    """``z (B, n, dim)`` with ``n >= 1`` and, when masked, at least one real element per set."""
+    width = "dim" if dim is None else f"dim={dim}"
+    z = check_tokens(z, dim, name, allow_empty_seq=True)
+    if z.shape[0] > 0 and z.shape[1] == 0:
+        raise ValueError(f"{name} is an empty set: shape (batch, n, {width}) needs n >= 1, got {tuple(z.shape)}")
+    check_key_mask(key_mask, z.shape[0], z.shape[1], length_name="n", meaning="real set element")
+    if key_mask is not None and z.shape[0] > 0:
+        empty = (~key_mask.any(-1)).nonzero()
+        if len(empty):
+            raise ValueError(f"set {int(empty[0])} is empty: key_mask has no True in its row (every set needs >= 1 element)")
+    return z
+
+
+# ----------------------------------------------------------------------------- Nadaraya-Watson
+
+
+def _bandwidth(bandwidth: float | Tensor) -> Tensor | float:
+    if isinstance(bandwidth, Tensor):
+        if bool((bandwidth <= 0).any()):
+            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        return bandwidth
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not bandwidth > 0:
+        raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
+    return float(bandwidth)
+
+
+def _check_regression(queries: object, keys: object, values: object) -> tuple[Tensor, Tensor, Tensor]:
+    q = check_tensor(queries, "queries", "(batch, m, d)", 3)
+    k = check_tensor(keys, "keys", "(batch, n, d)", 3)
+    v = check_tensor(values, "values", "(batch, n, k)", 3)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"queries (batch, m, d) and keys (batch, n, d) must share d, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"keys (batch, n, d) and values (batch, n, k) must share (batch, n), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"queries and keys batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+    if k.shape[0] > 0 and (k.shape[1] == 0 or q.shape[1] == 0):
+        raise ValueError(f"need at least one query and one (x_i, y_i) pair: queries {tuple(q.shape)}, keys {tuple(k.shape)}")
+    return q, k, v
+
+
+def nadaraya_watson(
+    queries: Tensor, keys: Tensor, values: Tensor, bandwidth: float | Tensor,
+    key_mask: Tensor | None = None, need_weights: bool = False,
+) -> AttentionOutput:
+    r"""Nadaraya-Watson regression with a Gaussian kernel, computed as scaled dot-product attention.
+
+    .. math::
+
+        \hat y(x) = \sum_i \operatorname{softmax}_i\big((x^\top x_i - \tfrac12\lVert x_i\rVert^2)/h^2\big)\, y_i
+
+    Args:
+        queries: ``(B, m, d)`` the points ``x`` to predict at.
+        keys: ``(B, n, d)`` the observed ``x_i``.
+        values: ``(B, n, k)`` the observed ``y_i``.
+        bandwidth: ``h > 0``, a number or a (learnable) scalar tensor.
+        key_mask: ``(B, n)`` boolean, ``True`` = real observation.
+        need_weights: also return the kernel weights ``(B, m, n)``.
+
+    Returns:
+        :class:`~attn.core.AttentionOutput` ``(estimate (B, m, k), weights or None)``.
+    """
+    q, k, v = _check_regression(queries, keys, values)
+    h = _bandwidth(bandwidth)
+    check_key_mask(key_mask, k.shape[0], k.shape[1], length_name="n")
+    if k.shape[0] == 0:
+        return AttentionOutput(v.new_zeros(0, q.shape[1], v.shape[-1]), v.new_zeros(0, q.shape[1], k.shape[1]) if need_weights else None)
+    h2 = h * h
+    bias = (-0.5 * (k * k).sum(-1) / h2)[:, None, :]  # (B, 1, n): -||x_i||^2 / 2h^2, the same for every query
+    # scale the queries by 1/h^2 (not SDPA's float scale) so that a tensor h gets a gradient
+    return scaled_dot_product_attention(q / h2, k, v, attn_mask=bias, key_mask=key_mask, scale=1.0, need_weights=need_weights)
+
+
+def gaussian_kernel_weights(queries: Tensor, keys: Tensor, bandwidth: float | Tensor) -> Tensor:
+    """The explicit estimator's weights ``K_h(x - x_i) / sum_j K_h(x - x_j)``, ``(B, m, n)`` (a reference: exp of distances)."""
+    q, k, _ = _check_regression(queries, keys, keys)
+    d2 = ((q[:, :, None, :] - k[:, None, :, :]) ** 2).sum(-1)  # (B, m, n) squared distances
+    kern = torch.exp(-d2 / (2 * _bandwidth(bandwidth) ** 2))
+    return kern / kern.sum(-1, keepdim=True)
+
+
+@register(
+    "nadaraya_watson",
+    paper="Nadaraya 1964; Watson 1964",
+    complexity="O(m n d)",
+    chapter=19,
+    data="set",
+    summary="kernel regression as attention: softmax of -|x - x_i|^2 / 2h^2 over the observations",
+    task=lambda preset: make_regression_task(preset),
+)
+class NadarayaWatson(nn.Module):
+    """Nadaraya-Watson regression with a learnable bandwidth ``h = exp(log_h)``.
+
+    Shapes: ``queries (B, m, d)``, ``keys (B, n, d)``, ``values (B, n, k)``,
+    ``key_mask (B, n)`` -> ``(estimate (B, m, k), weights (B, m, n) | None)``.
+
+    Args:
+        bandwidth: initial ``h``.
+        learnable: train ``log h`` (otherwise a buffer).
+    """
+
+    def __init__(self, bandwidth: float = 1.0, learnable: bool = True) -> None:
+        super().__init__()
+        log_h = torch.tensor(math.log(_bandwidth(bandwidth)))
+        if learnable:
+            self.log_bandwidth = nn.Parameter(log_h)
+        else:
+            self.register_buffer("log_bandwidth", log_h)
+
+    @property
+    def bandwidth(self) -> Tensor:
+        return self.log_bandwidth.exp()
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor | None = None,
+                need_weights: bool = False) -> AttentionOutput:
+        return nadaraya_watson(queries, keys, values, self.bandwidth, key_mask=key_mask, need_weights=need_weights)
+
+
+# ----------------------------------------------------------------------------- Set Transformer: MAB and PMA
+
+
+class RowFF(nn.Module):
+    """Row-wise feed-forward ``rFF(x) = W_2 relu(W_1 x + b_1) + b_2``, applied to every set element alike."""
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden or dim), nn.ReLU(), nn.Linear(hidden or dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class MAB(nn.Module):
+    r"""Multihead attention block (Set Transformer, eq. 6-7): ``LN(H + rFF(H))``, ``H = LN(X + Multihead(X, Y, Y))``.
+
+    Shapes: ``x (B, m, dim)`` queries, ``y (B, n, dim)`` the set, ``key_mask (B, n)``
+    -> ``(output (B, m, dim), weights (B, h, m, n) | None)``.
+
+    Args:
+        dim: width ``d``; num_heads: ``h`` (divides ``d``); ff_hidden: width of rFF's hidden layer (default ``d``);
+        layer_norm: the paper's two layer norms (``False`` drops them, as the paper's ablation).
+    """
+
+    def __init__(self, dim: int, num_heads: int, ff_hidden: int | None = None, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.attention = MultiHeadAttention(dim, num_heads)
+        self.ff = RowFF(dim, ff_hidden)
+        self.norm1 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
+
+    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        att, weights = self.attention(x, y, y, key_mask=key_mask, need_weights=need_weights)  # (B, m, d)
+        h = self.norm1(x + att)  # H = LN(X + Multihead(X, Y, Y))
+        return AttentionOutput(self.norm2(h + self.ff(h)), weights)  # LN(H + rFF(H))
+
+
+@register(
+    "pma",
+    paper="Lee et al. 2019",
+    complexity="O(k n d + n d^2)",
+    chapter=19,
+    data="set",
+    summary="Set Transformer pooling: k learned seeds attend to the set through a MAB block",
+    task=lambda preset: make_set_task(preset, "pma"),
+)
+class PMA(nn.Module):
+    r"""Pooling by multi-head attention: ``PMA_k(Z) = MAB(S, rFF(Z))`` with ``k`` learned seeds ``S``.
+
+    Shapes: ``z (B, n, dim)``, ``key_mask (B, n)`` (``True`` = real element)
+    -> ``(output (B, k, dim), weights (B, h, k, n) | None)``.
+
+    Args:
+        dim: set element width ``d``.
+        num_heads: heads of the MAB's attention.
+        num_seeds: ``k``, the number of output vectors.
+        ff_hidden, layer_norm: passed to the :class:`MAB`.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 4, num_seeds: int = 1, ff_hidden: int | None = None,
+                 layer_norm: bool = True) -> None:
+        super().__init__()
+        if num_seeds <= 0:
+            raise ValueError(f"num_seeds must be positive, got {num_seeds}")
+        self.dim, self.num_seeds = dim, num_seeds
+        self.seeds = nn.Parameter(torch.randn(num_seeds, dim) / math.sqrt(dim))  # S (k, d); small: near-uniform weights at first
+        self.ff = RowFF(dim, ff_hidden)
+        self.mab = MAB(dim, num_heads, ff_hidden, layer_norm)
+
+    def forward(self, z: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        z = _check_set(z, self.dim, key_mask)
+        seeds = self.seeds.expand(z.shape[0], -1, -1)  # (B, k, d)
+        return self.mab(seeds, self.ff(z), key_mask=key_mask, need_weights=need_weights)  # (B, k, d), (B, h, k, n)
+
+
+# ----------------------------------------------------------------------------- CLIP attention pool
+
+
+@register(
+    "clip_pool",
+    paper="Radford et al. 2021",
+    complexity="O(n d + n d^2)",
+    chapter=19,
+    data="set",
+    summary="CLIP's attention pool: the mean token queries the tokens (and itself)",
+    task=lambda preset: make_set_task(preset, "clip"),
+)
+class AttentionPool(nn.Module):
+    r"""CLIP's attention pool: the mean of the tokens is the one query.
+
+    ``seq = [mean(z); z] (+ position embedding)``; ``out = c_proj(Multihead(seq[0], seq, seq))``.
+
+    Shapes: ``z (B, n, dim)``, ``key_mask (B, n)`` -> ``(output (B, out_dim), weights (B, h, n + 1) | None)``;
+    weight ``0`` is the mean token's own.
+
+    Args:
+        dim: token width; num_heads: heads (divides ``dim``); out_dim: output width (default ``dim``).
+        num_positions: with a number, a learned position embedding for ``num_positions + 1``
+            tokens (CLIP's image grid; breaks permutation invariance); ``None`` for sets.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 4, out_dim: int | None = None, num_positions: int | None = None) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be positive and divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.out_dim = dim, num_heads, out_dim or dim
+        self.position = None if num_positions is None else nn.Parameter(torch.randn(num_positions + 1, dim) / dim**0.5)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.c_proj = nn.Linear(dim, self.out_dim)
+
+    def forward(self, z: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        z = _check_set(z, self.dim, key_mask)
+        if self.position is not None and z.shape[1] + 1 != self.position.shape[0]:
+            raise ValueError(f"z must have shape (batch, n={self.position.shape[0] - 1}, dim={self.dim}) to match the "
+                             f"position embedding, got {tuple(z.shape)}")
+        if key_mask is None:
+            mean = z.mean(1, keepdim=True)  # (B, 1, d)
+            full_mask = None
+        else:
+            w = key_mask.to(z.dtype)
+            mean = (w[..., None] * z).sum(1, keepdim=True) / w.sum(1)[:, None, None]  # mean of the real elements
+            full_mask = torch.cat([key_mask.new_ones(z.shape[0], 1), key_mask], 1)  # (B, n + 1): the mean is always real
+        seq = torch.cat([mean, z], 1)  # (B, n + 1, d)
+        if self.position is not None:
+            seq = seq + self.position
+        q = rearrange(self.q_proj(seq[:, :1]), "b l (h d) -> b h l d", h=self.num_heads)  # (B, h, 1, d_h)
+        k = rearrange(self.k_proj(seq), "b n (h d) -> b h n d", h=self.num_heads)  # (B, h, n + 1, d_h)
+        v = rearrange(self.v_proj(seq), "b n (h d) -> b h n d", h=self.num_heads)
+        out, weights = scaled_dot_product_attention(q, k, v, key_mask=full_mask, need_weights=need_weights)
+        out = self.c_proj(rearrange(out, "b h l d -> b l (h d)"))[:, 0]  # (B, out_dim)
+        return AttentionOutput(out, None if weights is None else weights[:, :, 0])  # weights (B, h, n + 1)
+
+
+# ----------------------------------------------------------------------------- a set model and its task
+
+
+class SetClassifier(nn.Module):
+    """``rho(pool(phi(x_i)))``: row-wise encoder, a permutation-invariant pool, a classifier (Deep Sets form).
+
+    Shapes: ``x (B, n, in_dim)``, ``key_mask (B, n)`` -> logits ``(B, num_classes)``.
+
+    Args:
+        pool: ``"pma"`` (:class:`PMA`, one seed), ``"clip"`` (:class:`AttentionPool`), ``"mean"`` or ``"max"``
+            (over the real elements).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, dim: int = 32, pool: Pool = "pma", num_heads: int = 4) -> None:
+        super().__init__()
+        if pool not in ("pma", "clip", "mean", "max"):
+            raise ValueError(f"pool must be 'pma', 'clip', 'mean' or 'max', got {pool!r}")
+        self.in_dim, self.pool_kind = in_dim, pool
+        self.encoder = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))  # phi
+        self.pool: nn.Module | None = PMA(dim, num_heads) if pool == "pma" else AttentionPool(dim, num_heads) if pool == "clip" else None
+        self.decoder = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_classes))  # rho
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        """``(logits (B, C), pooling weights or None)``."""
+        x = _check_set(x, self.in_dim, key_mask, "x")
+        h = self.encoder(x)  # (B, n, d)
+        weights = None
+        if self.pool_kind == "pma":
+            pooled, weights = self.pool(h, key_mask, need_weights)
+            pooled = pooled[:, 0]
+        elif self.pool_kind == "clip":
+            pooled, weights = self.pool(h, key_mask, need_weights)
+        else:
+            real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if key_mask is None else key_mask
+            if self.pool_kind == "mean":
+                pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+            else:
+                pooled = h.masked_fill(~real[..., None], float("-inf")).amax(1) if h.shape[0] else h.new_zeros(0, h.shape[-1])
+        return AttentionOutput(self.decoder(pooled), weights)
+
+
+@dataclass(frozen=True)
+class ContentMeanSets:
+    """Sets whose label needs a mean weighted by content: is the mean of the A elements above the mean of the whole set?
+
+    Each element is ``[value, one-hot type]`` with ``n_types`` types (type 0 is
+    A, drawn with probability ``a_share``, at least once per set; the others
+    uniformly). Per set, each type's values are drawn around its own random
+    centre, and the number of A elements varies from set to set. The
+    label is ``mean(values of A) > mean(all values)``. A mean over the set gives
+    ``sum_A / n`` and ``n_A / n`` but not their ratio, the A mean (the pooled
+    features mix in the count); a max gives extremes, not means. An attention
+    head that puts its weight on the A elements alone reads the A mean
+    directly, and a uniform head reads the overall mean.
+
+    ``sample`` returns ``x (B, n_max, 1 + n_types)``, ``mask (B, n_max)`` (real
+    elements first), ``y (B,)``; ``offset`` adds a random shift shared by a set.
+    """
+
+    n_types: int = 4
+    size: tuple[int, int] = (8, 48)
+    spread: float = 1.5
+    offset: float = 0.0
+    a_share: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.size[0] <= self.size[1] or self.n_types < 2:
+            raise ValueError(f"need 1 <= size[0] <= size[1] and n_types >= 2, got size={self.size}, n_types={self.n_types}")
+
+    @property
+    def in_dim(self) -> int:
+        return 1 + self.n_types
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, set_size: int | None = None) -> dict[str, Tensor]:
+        """A batch of padded sets (``set_size`` fixes ``n`` for every set)."""
+        g = generator
+        lo, hi = (set_size, set_size) if set_size is not None else self.size
+        n = torch.randint(lo, hi + 1, (batch_size,), generator=g)
+        mask = torch.arange(hi) < n[:, None]  # (B, n_max), real elements first
+        is_a = torch.rand(batch_size, hi, generator=g) < self.a_share
+        types = torch.where(is_a, 0, torch.randint(1, self.n_types, (batch_size, hi), generator=g))
+        types[:, 0] = 0  # at least one A (sets are unordered: where it sits does not matter)
+        centre = torch.randn(batch_size, self.n_types, generator=g) * 0.5  # per-set centre of every type
+        offset = torch.randn(batch_size, 1, generator=g) * self.offset  # shared by all elements of a set
+        values = (offset + centre.gather(1, types) + self.spread * torch.randn(batch_size, hi, generator=g)) * mask
+        a = (types == 0) & mask
+        mean_a = (values * a).sum(1) / a.sum(1)
+        mean_all = values.sum(1) / n
+        x = torch.cat([values[..., None], F.one_hot(types, self.n_types).float()], -1) * mask[..., None]
+        return {"x": x, "mask": mask, "y": (mean_a > mean_all).long()}
+
+
+def set_loss(model: SetClassifier, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy and accuracy of a :class:`SetClassifier`, for :func:`attn.train.train`."""
+    logits = model(batch["x"], batch["mask"]).output
+    return F.cross_entropy(logits, batch["y"]), {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
+
+
+_SET_PRESETS = {  # steps, batch, cost sweep (set sizes)
+    "quick": (20, 32, (16, 64, 256)),
+    "book": (200, 64, (64, 256, 1024, 4096)),
+    "default": (600, 64, (64, 256, 1024, 4096, 16384)),
+    "gpu": (2000, 256, (256, 1024, 4096, 16384, 65536)),
+}
+
+
+def make_set_task(preset: str = "default", pool: Pool = "pma") -> OwnTask:
+    """:class:`ContentMeanSets` classified by a :class:`SetClassifier` with the given pool (the comparison's own task).
+
+    Cost: the pool alone on 8 sets of ``size`` elements of width 32.
+    """
+    if preset not in _SET_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(_SET_PRESETS)}, got {preset!r}")
+    steps, batch, sizes = _SET_PRESETS[preset]
+    sets = ContentMeanSets()
+    model = SetClassifier(sets.in_dim, 2, pool=pool)
+    layer = PMA(32, 4) if pool == "pma" else AttentionPool(32, 4)
+
+    def inputs(size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        dev = next(layer.parameters()).device
+        z = torch.randn(8, size, 32, generator=generator).to(dev)
+        return z, torch.ones(8, size, dtype=torch.bool, device=dev)
+
+    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        w = m(b["x"], b["mask"], need_weights=True).weights  # PMA (B, h, 1, n); CLIP (B, h, n + 1)
+        return w.flatten(0, -2)
+
+    return OwnTask(
+        description=f"sets of {sets.size[0]}-{sets.size[1]} elements: is the mean of the A elements above the set's mean?",
+        model=model, sample=sets.sample, loss=set_loss, layer=layer, inputs=inputs, sizes=sizes,
+        size_unit="set elements", steps=steps, batch_size=batch, lr=3e-3, log_every=10, target_acc=0.9, weights=weights,
+    )
+
+
+@dataclass(frozen=True)
+class KernelRegressionTask:
+    """Noisy samples of ``f(x) = sin(2x) + x / 2`` on ``[0, 5]``; predict ``f`` at query points from the samples.
+
+    ``sample`` returns ``keys (B, n, 1)``, ``values (B, n, 1)`` (noisy ``y_i``), ``queries (B, m, 1)`` and
+    ``targets (B, m, 1)`` (noiseless ``f``).
+    """
+
+    n_points: int = 64
+    n_queries: int = 32
+    noise: float = 0.5
+
+    @staticmethod
+    def f(x: Tensor) -> Tensor:
+        return torch.sin(2 * x) + 0.5 * x
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, n_points: int | None = None) -> dict[str, Tensor]:
+        n = n_points or self.n_points
+        keys = torch.rand(batch_size, n, 1, generator=generator) * 5
+        values = self.f(keys) + self.noise * torch.randn(batch_size, n, 1, generator=generator)
+        queries = torch.rand(batch_size, self.n_queries, 1, generator=generator) * 5
+        return {"keys": keys, "values": values, "queries": queries, "targets": self.f(queries)}
+
+
+def _regression_loss(model: NadarayaWatson, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    pred = model(batch["queries"], batch["keys"], batch["values"]).output
+    err = (pred - batch["targets"]).abs()
+    return F.mse_loss(pred, batch["targets"]), {"acc": float((err < 0.25).float().mean()), "bandwidth": float(model.bandwidth)}
+
+
+def make_regression_task(preset: str = "default") -> OwnTask:
+    """Kernel regression with a learned bandwidth; "acc" is the fraction of predictions within 0.25 of the noiseless ``f``.
+
+    Cost: the estimator on 8 problems with ``size`` observations and ``size`` queries (``O(m n)``).
+    """
+    if preset not in _SET_PRESETS:
+        raise ValueError(f"preset must be one of {sorted(_SET_PRESETS)}, got {preset!r}")
+    steps, batch, sizes = _SET_PRESETS[preset]
+    task = KernelRegressionTask()
+    layer = NadarayaWatson(0.3, learnable=False)
+
+    def inputs(size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        dev = layer.log_bandwidth.device
+        b = task.sample(8, generator, n_points=size)
+        queries = torch.rand(8, size, 1, generator=generator) * 5  # as many queries as observations
+        return queries.to(dev), b["keys"].to(dev), b["values"].to(dev)
+
+    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return m(b["queries"], b["keys"], b["values"], need_weights=True).weights.flatten(0, 1)
+
+    return OwnTask(
+        description="1-D kernel regression from 64 noisy samples, bandwidth learned (acc: |error| < 0.25)",
+        model=NadarayaWatson(2.0), sample=task.sample, loss=_regression_loss, layer=layer, inputs=inputs,
+        sizes=tuple(s for s in sizes if s <= 4096), size_unit="observations", steps=max(steps // 2, 10),
+        batch_size=batch, lr=5e-2, log_every=10, target_acc=0.6, weights=weights,
+    )
