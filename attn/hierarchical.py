@@ -379,6 +379,6 @@ def make_task(preset: str = "default") -> OwnTask:
     return OwnTask(
         description=f"document classification, one planted word in {docs.sentences[0]}-{docs.sentences[1]} sentences",
         model=model, sample=docs.sample, loss=han_loss, layer=layer, inputs=inputs, sizes=sizes,
-        size_unit="sentences", steps=steps, batch_size=batch, lr=3e-3, log_every=10, target_acc=0.9,
+        size_unit="sentences", steps=steps, batch_size=batch, lr=1e-2, log_every=10, target_acc=0.9,
         weights=weights,
     )
