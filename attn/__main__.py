@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--seed", type=_seed, default=0, help="seed for initialisation and data (default 0)")
     cmp_.add_argument("--out", type=Path, default=Path("compare-results"), metavar="DIR",
                       help="output directory for CSV, JSON and PNG files (default ./compare-results)")
+    cmp_.add_argument("--workers", type=int, default=1, metavar="N",
+                      help="on the CPU, measure N mechanisms at once, one process and one thread each (default 1)")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp_.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     cmp_.add_argument("--list-axes", action="store_true", help="print what each column of the results means, and exit")
@@ -156,7 +158,9 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     progress = not args.no_progress
     chosen = args.modes or [m.name for m in mechanisms()]
     print(f"Comparing {len(chosen)} mechanism(s) on {device}, seed {args.seed}\n{preset.describe()}", flush=True)
-    result = compare.run(args.modes, preset=preset, seed=args.seed, device=device, progress=progress)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    result = compare.run(args.modes, preset=preset, seed=args.seed, device=device, progress=progress, workers=args.workers)
     written = result.save(args.out, figures=not args.no_figures)
 
     print()

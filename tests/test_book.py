@@ -11,6 +11,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
 BUDGET_S = 60  # per chapter, on the 2-core CI machine
+# The comparison trains and sweeps every registered mechanism (over forty models, two at a time).
+BUDGETS = {"24_comparison": 150}
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,8 @@ pytestmark = pytest.mark.slow
 def test_notebook_executes_within_budget(executed_notebooks, name):
     entry = executed_notebooks[name]
     assert entry["status"] == "ok"
-    assert entry["seconds"] < BUDGET_S, f"{name} took {entry['seconds']} s (budget {BUDGET_S} s)"
+    budget = BUDGETS.get(name, BUDGET_S)
+    assert entry["seconds"] < budget, f"{name} took {entry['seconds']} s (budget {budget} s)"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -281,3 +281,16 @@ def test_own_task_hook_measures_a_mechanism_on_its_own_task(tmp_path):
     assert again.metrics["accuracy"] == r.metrics["accuracy"]  # seeded: same batches, same result
     res.save(tmp_path, figures=False)
     assert "seq2seq" in (tmp_path / "summary.csv").read_text() and "seq2seq" in (tmp_path / "curves.csv").read_text()
+
+
+def test_workers_learn_exactly_what_one_process_learns():
+    """Two worker processes (one thread each) give the same learned numbers as one process, in chapter order."""
+    names = ["seq2seq", "self", "multihead"]
+    one = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False)
+    two = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False, workers=2)
+    assert [r.name for r in two.results] == [r.name for r in one.results] == names
+    for a, b in zip(one.results, two.results):
+        assert a.status == b.status == "ok"
+        assert a.metrics["accuracy"] == b.metrics["accuracy"] and list(a.history["loss"]) == list(b.history["loss"])
+    with pytest.raises(ValueError, match="workers"):
+        compare.run(names, preset=TINY, workers=0)

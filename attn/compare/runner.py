@@ -107,6 +107,14 @@ def _select(modes: Iterable[str] | None) -> list[Mechanism]:
     return [m for m in registered if m.name in chosen]
 
 
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one core per worker: timings stay comparable, no oversubscription
+
+
+def _run_one_in_worker(name: str, preset: Preset, seed: int, device: str, cost: bool, learn: bool) -> MechanismResult:
+    return run_one(name, preset, seed, device, progress=False, cost=cost, learn=learn)
+
+
 def run(
     modes: Sequence[str] | None = None,
     preset: str | Preset | None = "book",
@@ -115,6 +123,7 @@ def run(
     progress: bool = True,
     cost: bool = True,
     learn: bool = True,
+    workers: int = 1,
 ) -> Comparison:
     """Compare the registered mechanisms (or ``modes``) on the shared task and cost axes.
 
@@ -126,23 +135,44 @@ def run(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         progress: tqdm bars (mechanisms, training steps).
         cost, learn: run the cost measurements and the training half.
+        workers: on the CPU, measure this many mechanisms at once, each in its
+            own process on one thread (``torch.multiprocessing``, spawned). What
+            is learned is identical to ``workers=1`` (each mechanism is seeded
+            and trains on one thread either way); timings are single-threaded,
+            so compare them within one run. Mechanisms registered at run time
+            (not by an ``attn`` module) are not visible to the workers.
 
     Returns:
         a :class:`Comparison`, in chapter order whatever the order of ``modes``.
 
     Raises:
         KeyError: an unknown name in ``modes`` (the message lists the valid ones).
-        ValueError: an unknown preset or an unavailable device.
+        ValueError: an unknown preset, an unavailable device, or ``workers < 1``.
     """
     from tqdm.auto import tqdm
 
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     chosen = _select(modes)
     dev = resolve_device(device)
     p = get_preset(preset, dev)
     t0 = time.perf_counter()
-    results = []
-    bar = tqdm(chosen, desc="compare", disable=not progress, unit="mechanism")
-    for mech in bar:
-        bar.set_postfix_str(mech.name)
-        results.append(run_one(mech, p, seed, dev, progress=progress, cost=cost, learn=learn))
+    bar = tqdm(total=len(chosen), desc="compare", disable=not progress, unit="mechanism")
+    if workers == 1 or dev.type != "cpu" or len(chosen) < 2:
+        results = []
+        for mech in chosen:
+            bar.set_postfix_str(mech.name)
+            results.append(run_one(mech, p, seed, dev, progress=progress, cost=cost, learn=learn))
+            bar.update()
+    else:
+        import concurrent.futures as cf
+
+        import torch.multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+            futures = [pool.submit(_run_one_in_worker, m.name, p, seed, str(dev), cost, learn) for m in chosen]
+            for f in cf.as_completed(futures):
+                bar.update()
+            results = [f.result() for f in futures]
+    bar.close()
     return Comparison(p, seed, str(dev), results, wall_s=time.perf_counter() - t0)
