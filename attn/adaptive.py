@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tensor, check_tokens, empty_batch
+from .checks import check_heads, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, masked_softmax
 from .masks import check_key_mask
 from .registry import OwnTask, register
@@ -264,10 +264,7 @@ class AdaptiveSpanAttention(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        check_heads(embed_dim, num_heads)
         _check_span_args(torch.zeros(num_heads), num_heads, ramp, max_span)
         if not 0.0 <= init_span <= 1.0:
             raise ValueError(f"init_span is z / max_span and must be in [0, 1], got {init_span}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tensor, empty_batch
+from .checks import check_heads, check_tensor, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
 from .registry import OwnTask, register
 
@@ -102,8 +102,7 @@ class AxialAttention(nn.Module):
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        check_heads(embed_dim, num_heads)
         self.embed_dim, self.num_heads, self.head_dim, self.dropout = embed_dim, num_heads, embed_dim // num_heads, dropout
         self.row_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V] of the row pass
         self.row_out = nn.Linear(embed_dim, embed_dim, bias=bias)

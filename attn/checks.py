@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["check_tensor", "check_tokens", "check_same_batch", "empty_batch"]
+__all__ = ["check_tensor", "check_tokens", "check_heads", "check_same_batch", "empty_batch"]
 
 
 def check_tensor(x: object, name: str, shape: str, ndim: int | Sequence[int] | None = None) -> Tensor:
@@ -70,3 +70,12 @@ def check_same_batch(*named: tuple[str, Tensor]) -> None:
 def empty_batch(x: Tensor) -> bool:
     """True when ``x`` has no examples (batch 0): the layer should return an empty output of the right shape."""
     return x.shape[0] == 0 or x.numel() == 0
+
+
+def check_heads(embed_dim: int, num_heads: int) -> int:
+    """``embed_dim`` and ``num_heads`` are positive and ``num_heads`` divides ``embed_dim``; returns the head width."""
+    if embed_dim <= 0 or num_heads <= 0:
+        raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    return embed_dim // num_heads

@@ -59,7 +59,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_heads, check_tokens, empty_batch
 from .core import AttentionOutput
 from .masks import check_key_mask
 from .registry import register
@@ -241,10 +241,7 @@ class _ModeSelection(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, modes: int, mode_select: ModeSelect, seed: int) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        check_heads(embed_dim, num_heads)
         select_modes(2 * modes, modes, mode_select)  # validates modes and mode_select
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.modes, self.mode_select, self.seed = modes, mode_select, seed

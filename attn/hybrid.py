@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_heads, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -352,8 +352,7 @@ class BigBirdAttention(nn.Module):
         super().__init__()
         _check_int("embed_dim", embed_dim, 1)
         _check_int("num_heads", num_heads, 1)
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        check_heads(embed_dim, num_heads)
         _check_int("block_size", block_size, 1)
         _check_int("window", window, 0)
         _check_int("num_random", num_random, 0)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_heads, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register
@@ -262,10 +262,7 @@ class LocalAttention(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        check_heads(embed_dim, num_heads)
         _check_window(window, exact_band)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.window, self.causal, self.exact_band, self.dropout = window, causal, exact_band, dropout

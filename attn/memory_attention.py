@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tensor, check_tokens, empty_batch
+from .checks import check_heads, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -85,11 +85,6 @@ def faiss_available() -> bool:
     return True
 
 
-def _check_heads(embed_dim: int, num_heads: int) -> None:
-    if embed_dim <= 0 or num_heads <= 0:
-        raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
-    if embed_dim % num_heads:
-        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
 
 
 def _check_count(name: str, value: int, lowest: int) -> None:
@@ -126,7 +121,7 @@ class PersistentMemoryAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, slots: int = 8, bias: bool = True) -> None:
         super().__init__()
-        _check_heads(embed_dim, num_heads)
+        check_heads(embed_dim, num_heads)
         _check_count("slots", slots, 0)
         self.embed_dim, self.num_heads, self.head_dim, self.slots = embed_dim, num_heads, embed_dim // num_heads, slots
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -370,7 +365,7 @@ class MemorizingAttention(nn.Module):
         backend: Literal["torch", "faiss"] = "torch",
     ) -> None:
         super().__init__()
-        _check_heads(embed_dim, num_heads)
+        check_heads(embed_dim, num_heads)
         _check_count("segment", segment, 1)
         _check_count("top_k", top_k, 0)
         _check_count("capacity", capacity, 1)

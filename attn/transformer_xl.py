@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tensor, check_tokens, empty_batch
+from .checks import check_heads, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .registry import register
 
@@ -163,10 +163,7 @@ class TransformerXLAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, segment: int = 8, mem_len: int = 8, dropout: float = 0.0) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        check_heads(embed_dim, num_heads)
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even (sinusoid table), got {embed_dim}")
         _check_length("segment", segment, 1)
