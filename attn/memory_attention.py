@@ -85,8 +85,6 @@ def faiss_available() -> bool:
     return True
 
 
-
-
 def _check_count(name: str, value: int, lowest: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
