@@ -1,0 +1,349 @@
+r"""Chapter 25 -- FlashAttention from scratch: exact attention in tiles, never storing the n x n scores.
+
+**Online softmax** (Milakov & Gimelshein 2018). The softmax of a row
+``s_1..s_n`` needs its maximum and its normaliser; both can be accumulated
+block by block. After key block ``j`` with scores ``S^{(j)}`` a query row
+keeps a running maximum ``m``, a running sum ``l`` and an unnormalised output
+``o``:
+
+.. math::
+
+    m^{(j)} = \max\big(m^{(j-1)}, \max_c S^{(j)}_c\big), \qquad
+    P^{(j)} = e^{S^{(j)} - m^{(j)}}, \\
+    l^{(j)} = e^{m^{(j-1)} - m^{(j)}}\, l^{(j-1)} + \textstyle\sum_c P^{(j)}_c, \qquad
+    o^{(j)} = e^{m^{(j-1)} - m^{(j)}}\, o^{(j-1)} + P^{(j)} V^{(j)},
+
+and at the end ``y = o / l`` and the log-sum-exp ``L = m + log l``.
+
+**FlashAttention** (Dao et al. 2022; loop order of FlashAttention-2, Dao
+2023). Queries are cut into blocks of ``block_q`` rows, keys and values into
+blocks of ``block_k``; each ``(block_q, block_k)`` tile of scores is formed,
+folded into ``(m, l, o)`` and dropped. With ``causal=True`` the tiles that lie
+wholly above the diagonal are skipped (never computed). Memory: ``O(n d)``
+for ``Q, K, V, O`` plus ``O(n)`` for ``L`` plus one tile; the ``n x n``
+matrix never exists.
+
+**Backward by recomputation.** Only ``O`` and ``L`` are saved. With
+``D_i = dO_i \cdot O_i``, each tile recomputes ``P = exp(S - L)`` and
+
+.. math::
+
+    dV_j \mathrel{+}= P^\top dO_i, \quad dP = dO_i V_j^\top, \quad
+    dS = P \odot (dP - D_i), \quad dQ_i \mathrel{+}= \tau\, dS\, K_j, \quad
+    dK_j \mathrel{+}= \tau\, dS^\top Q_i .
+
+Shapes: ``q (B, [H,] n_q, d)``, ``k (B, [H,] n_k, d)``, ``v (B, [H,] n_k, d_v)``
+-> output ``(B, [H,] n_q, d_v)``, log-sum-exp ``(B, [H,] n_q)``.
+
+This is the same algorithm as PyTorch's fused ``F.scaled_dot_product_attention``
+kernels, written in plain torch over Python loops so that every step can be
+read: it is for teaching and checking, not for speed.
+
+Milakov, Gimelshein, "Online normalizer calculation for softmax", arXiv 2018.
+Dao, Fu, Ermon, Rudra, Ré, "FlashAttention: Fast and Memory-Efficient Exact
+Attention with IO-Awareness", NeurIPS 2022.
+Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+Partitioning", arXiv 2023.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .checks import check_tokens, empty_batch
+from .core import AttentionOutput, check_qkv
+from .masks import check_key_mask
+from .registry import register
+
+__all__ = [
+    "flash_attention", "flash_forward", "flash_backward", "FlashAttentionFunction", "naive_attention",
+    "tile_plan", "online_softmax_trace", "FlashAttention",
+]
+
+
+def _check_block(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def tile_plan(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> Tensor:
+    """Which ``(query block, key block)`` tiles are computed: ``(n_q/block_q, n_k/block_k)`` int tensor.
+
+    ``0`` = skipped (causal, wholly above the diagonal: every key after every
+    query), ``1`` = computed and partly masked (the diagonal tiles), ``2`` =
+    computed in full. Causal follows SDPA's ``is_causal``: query ``i`` sees keys ``j <= i``.
+    """
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    nq, nk = -(-n_q // block_q), -(-n_k // block_k)
+    plan = torch.full((nq, nk), 2, dtype=torch.long)
+    if causal:
+        for i in range(nq):
+            q_lo, q_hi = i * block_q, min((i + 1) * block_q, n_q) - 1
+            for j in range(nk):
+                k_lo, k_hi = j * block_k, min((j + 1) * block_k, n_k) - 1
+                if k_lo > q_hi:
+                    plan[i, j] = 0
+                elif k_hi > q_lo:
+                    plan[i, j] = 1
+    return plan
+
+
+def _tile_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, key_mask: Tensor | None, device) -> Tensor | None:
+    """Boolean ``(B|1, 1, bq, bk)`` mask of one tile (``True`` = may attend), or ``None`` when all may."""
+    mask = None
+    if causal and k_hi - 1 > q_lo:  # a diagonal tile
+        qi = torch.arange(q_lo, q_hi, device=device)[:, None]
+        kj = torch.arange(k_lo, k_hi, device=device)[None, :]
+        mask = (kj <= qi)[None, None]
+    if key_mask is not None:
+        km = key_mask[:, None, None, k_lo:k_hi]  # (B, 1, 1, bk)
+        mask = km if mask is None else mask & km
+    return mask
+
+
+def flash_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+    block_q: int = 64, block_k: int = 64, key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The tiled forward with online softmax: ``(output (B, H, n_q, d_v), lse (B, H, n_q))``.
+
+    ``q, k, v`` are 4-D here. Rows with no visible key get output 0 and
+    ``lse = -inf``. Only one ``(B, H, block_q, block_k)`` tile of scores lives at a time.
+    """
+    batch, heads, n_q, _ = q.shape
+    n_k, d_v = k.shape[-2], v.shape[-1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out = q.new_empty(batch, heads, n_q, d_v)
+    lse = q.new_empty(batch, heads, n_q)
+    neg_inf = float("-inf")
+    for q_lo in range(0, n_q, block_q):
+        q_hi = min(q_lo + block_q, n_q)
+        qi = q[:, :, q_lo:q_hi] * scale  # (B, H, bq, d): scale the queries once
+        m = q.new_full((batch, heads, q_hi - q_lo, 1), neg_inf)  # running max
+        l = q.new_zeros(batch, heads, q_hi - q_lo, 1)  # running sum of exp(s - m)
+        o = q.new_zeros(batch, heads, q_hi - q_lo, d_v)  # running sum of exp(s - m) v
+        k_end = min(n_k, q_hi) if causal else n_k  # causal: key blocks after the last query are skipped
+        for k_lo in range(0, k_end, block_k):
+            k_hi = min(k_lo + block_k, n_k)
+            s = qi @ k[:, :, k_lo:k_hi].transpose(-1, -2)  # (B, H, bq, bk): one tile of scores
+            mask = _tile_mask(q_lo, q_hi, k_lo, k_hi, causal, key_mask, q.device)
+            if mask is not None:
+                s = s.masked_fill(~mask, neg_inf)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)  # rows with nothing visible yet
+            p = torch.exp(s - m_safe)  # (B, H, bq, bk)
+            alpha = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
+            l = alpha * l + p.sum(-1, keepdim=True)
+            o = alpha * o + p @ v[:, :, k_lo:k_hi]
+            m = m_new
+        seen = l > 0
+        out[:, :, q_lo:q_hi] = torch.where(seen, o / torch.where(seen, l, 1.0), 0.0)
+        lse[:, :, q_lo:q_hi] = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), neg_inf)[..., 0]
+    return out, lse
+
+
+def flash_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool = False,
+    scale: float | None = None, block_q: int = 64, block_k: int = 64, key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` by recomputing each tile's probabilities from ``lse``.
+
+    Outer loop over key blocks (``dK_j, dV_j`` accumulate in registers on a
+    GPU), inner loop over query blocks; ``D = rowsum(dO * O)`` replaces the
+    ``n x n`` softmax Jacobian.
+    """
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    delta = (grad_out * out).sum(-1, keepdim=True)  # D_i = dO_i . O_i, (B, H, n_q, 1)
+    lse_safe = lse.masked_fill(lse == float("-inf"), float("inf"))[..., None]  # rows with no key: P = 0
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for k_lo in range(0, n_k, block_k):
+        k_hi = min(k_lo + block_k, n_k)
+        kj, vj = k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi]
+        q_start = (k_lo // block_q) * block_q if causal else 0  # causal: query blocks before this key block see none of it
+        for q_lo in range(q_start, n_q, block_q):
+            q_hi = min(q_lo + block_q, n_q)
+            qi, doi = q[:, :, q_lo:q_hi], grad_out[:, :, q_lo:q_hi]
+            s = (qi @ kj.transpose(-1, -2)) * scale  # recomputed tile of scores
+            mask = _tile_mask(q_lo, q_hi, k_lo, k_hi, causal, key_mask, q.device)
+            p = torch.exp(s - lse_safe[:, :, q_lo:q_hi])  # the softmax, from the saved log-sum-exp
+            if mask is not None:
+                p = p.masked_fill(~mask, 0.0)
+            dv[:, :, k_lo:k_hi] += p.transpose(-1, -2) @ doi
+            dp = doi @ vj.transpose(-1, -2)
+            ds = p * (dp - delta[:, :, q_lo:q_hi])
+            dq[:, :, q_lo:q_hi] += (ds @ kj) * scale
+            dk[:, :, k_lo:k_hi] += (ds.transpose(-1, -2) @ qi) * scale
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """``autograd.Function`` around :func:`flash_forward` / :func:`flash_backward`; saves ``q, k, v, O, lse`` only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, block_q, block_k, key_mask):  # type: ignore[override]
+        out, lse = flash_forward(q, k, v, causal, scale, block_q, block_k, key_mask)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.key_mask = key_mask
+        ctx.args = (causal, scale, block_q, block_k)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        causal, scale, block_q, block_k = ctx.args
+        dq, dk, dv = flash_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, block_q, block_k, ctx.key_mask)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None,
+    block_q: int = 64, block_k: int = 64, key_mask: Tensor | None = None, return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Exact softmax attention computed in tiles (FlashAttention), with a recomputing backward.
+
+    Equal to ``F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)``
+    (and to a boolean key mask ``key_mask[:, None, None, :]``), without an
+    ``n_q x n_k`` tensor in the forward or the backward.
+
+    Args:
+        q, k, v: ``(batch, [heads,] n, d)``; keys and values share their length.
+        causal: query ``i`` sees keys ``j <= i`` (SDPA's ``is_causal``, top-left aligned).
+        scale: score scale ``tau``, default ``1/sqrt(d)``.
+        block_q, block_k: tile sizes (any ``>= 1``; lengths need not be multiples).
+        key_mask: ``(batch, n_k)`` boolean, ``True`` = real key.
+        return_lse: also return the log-sum-exp ``(batch, [heads,] n_q)`` of each query's scores.
+
+    Returns:
+        ``output (batch, [heads,] n_q, d_v)`` (and the log-sum-exp). Queries with
+        no visible key get zeros (their ``lse`` is ``-inf``).
+    """
+    check_qkv(q, k, v)
+    _check_block("block_q", block_q)
+    _check_block("block_k", block_k)
+    check_key_mask(key_mask, q.shape[0], k.shape[-2], length_name="n_keys")
+    squeeze = q.ndim == 3
+    if squeeze:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    out, lse = FlashAttentionFunction.apply(q, k, v, bool(causal), scale, block_q, block_k, key_mask)
+    if squeeze:
+        out, lse = out[:, 0], lse[:, 0]
+    return (out, lse) if return_lse else out
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None) -> Tensor:
+    """The baseline: ``softmax(Q K^T tau) V`` with the full ``n_q x n_k`` matrix stored (for comparison only)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = (q * scale) @ k.transpose(-1, -2)  # (..., n_q, n_k): the matrix FlashAttention never stores
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@dataclass
+class SoftmaxTrace:
+    """The online softmax of one query row, one entry per key block visited.
+
+    ``running_max[j]``, ``running_sum[j]`` are ``m`` and ``l`` after key block
+    ``j`` (``nan`` for skipped blocks); ``block_max[j]`` the block's own max;
+    ``lse`` the final log-sum-exp.
+    """
+
+    running_max: Tensor
+    running_sum: Tensor
+    block_max: Tensor
+    lse: float
+
+
+def online_softmax_trace(scores: Tensor, block_k: int, causal_row: int | None = None) -> SoftmaxTrace:
+    """Run the online softmax over one row of ``scores (n_k,)`` block by block, recording ``m`` and ``l``.
+
+    ``causal_row=i`` hides keys ``j > i`` (and skips blocks wholly after it).
+    """
+    _check_block("block_k", block_k)
+    n_k = scores.shape[-1]
+    nb = -(-n_k // block_k)
+    run_m = torch.full((nb,), float("nan"), dtype=torch.float64)
+    run_l, blk_m = run_m.clone(), run_m.clone()
+    m, l = float("-inf"), 0.0
+    for j in range(nb):
+        lo, hi = j * block_k, min((j + 1) * block_k, n_k)
+        if causal_row is not None and lo > causal_row:
+            continue
+        s = scores[lo:hi].double()
+        if causal_row is not None:
+            s = s[: max(0, min(hi, causal_row + 1) - lo)]
+        bm = float(s.max())
+        m_new = max(m, bm)
+        l = math.exp(m - m_new) * l + float(torch.exp(s - m_new).sum())
+        m = m_new
+        run_m[j], run_l[j], blk_m[j] = m, l, bm
+    return SoftmaxTrace(run_m, run_l, blk_m, m + math.log(l))
+
+
+@register(
+    "flash",
+    paper="Dao et al. 2022; Milakov & Gimelshein 2018",
+    complexity="O(n^2 d) time, O(n d) memory",
+    chapter=25,
+    summary="exact multi-head attention in tiles with online softmax and a recomputing backward",
+    build=lambda embed_dim, num_heads: FlashAttention(embed_dim, num_heads, block_q=32, block_k=32),
+)
+class FlashAttention(nn.Module):
+    """Multi-head self-attention whose core is :func:`flash_attention` (exact, tiled).
+
+    Projections as in :class:`attn.multihead.MultiHeadAttention`. Shapes:
+    ``x (B, n, E)`` -> output ``(B, n, E)``; weights, when asked for,
+    ``(B, h, n, n)`` computed separately from ``exp(S - lse)`` (this stores
+    ``n^2`` numbers: inspection at small ``n`` only).
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: heads ``h`` (must divide ``E``).
+        causal: decoder-style mask.
+        block_q, block_k: tile sizes.
+        bias: biases on the projections.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool = False, block_q: int = 64, block_k: int = 64, bias: bool = True) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        _check_block("block_q", block_q)
+        _check_block("block_k", block_k)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.causal, self.block_q, self.block_k = causal, block_q, block_k
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V]
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        """``x (B, n, E)``, ``key_mask (B, n)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
+        check_tokens(x, self.embed_dim)
+        if empty_batch(x):
+            n = x.shape[1]
+            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        out, lse = flash_attention(q, k, v, self.causal, None, self.block_q, self.block_k, key_mask, return_lse=True)
+        weights = None
+        if need_weights:  # inspection only: P = exp(S - lse), the matrix the kernel never stores
+            with torch.no_grad():
+                s = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+                lse_safe = lse.masked_fill(lse == float("-inf"), float("inf"))
+                weights = torch.exp(s - lse_safe[..., None])
+                n = x.shape[1]
+                if self.causal:
+                    weights = weights.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), 0.0)
+                if key_mask is not None:
+                    weights = weights.masked_fill(~key_mask[:, None, None, :], 0.0)
+        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)

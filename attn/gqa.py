@@ -1,0 +1,314 @@
+r"""Chapter 27 -- grouped-query attention and the KV cache: fewer key/value heads, cached for decoding.
+
+**Grouped-query attention** (Ainslie et al. 2023). ``h`` query heads share
+``g`` key/value heads (``g`` divides ``h``; ``r = h / g`` query heads per
+group). Query head ``i`` reads key/value head ``\lfloor i / r \rfloor``:
+
+.. math::
+
+    \text{head}_i = \operatorname{softmax}\!\Big(\frac{(x W^Q_i)(x W^K_{\lfloor i/r \rfloor})^\top}{\sqrt{d}} + M\Big)\, x W^V_{\lfloor i/r \rfloor},
+    \qquad y = \operatorname{Concat}(\text{head}_1, \dots, \text{head}_h)\, W^O
+
+``g = h`` is multi-head attention (MHA, Vaswani et al. 2017), ``g = 1``
+multi-query attention (MQA, Shazeer 2019). The same convention as
+``F.scaled_dot_product_attention(enable_gqa=True)`` and ``transformers``'
+``repeat_kv``: key/value head ``j`` serves query heads ``j r .. j r + r - 1``.
+
+The keys and values are never repeated: the ``r`` query heads of a group are
+folded into the query-length axis, ``(B, h, t, d) -> (B, g, r t, d)``, and one
+attention call per group reads the group's single ``(B, g, m, d)`` keys.
+
+**KV cache.** In autoregressive decoding the keys and values of past tokens do
+not change, so they are stored (:class:`KVCache`, preallocated to
+``max_len``) and each new token computes only its own ``q, k, v``. Step ``t``
+then costs ``O(t d)`` per head instead of ``O(t^2 d)`` for recomputing the
+prefix. The cache holds, per token and per layer, ``2 g d`` numbers:
+
+.. math::
+
+    \text{bytes per token} = 2 \cdot L \cdot g \cdot d \cdot \text{bytes per number},
+
+which is what GQA shrinks by ``h / g`` (:func:`kv_cache_bytes_per_token`).
+
+**Uptraining** (Ainslie et al. 2023, section 2.1): a trained MHA becomes a GQA
+by mean-pooling the key and value projection heads of each group
+(:func:`mha_to_gqa`), then training briefly.
+
+Shapes: ``x`` ``(B, t, E)``; output ``(B, t, E)``; weights ``(B, h, t, m)``
+with ``m`` = cached length + ``t``.
+
+Shazeer, "Fast Transformer Decoding: One Write-Head is All You Need", arXiv 2019.
+Ainslie et al., "GQA: Training Generalized Multi-Query Transformer Models from
+Multi-Head Checkpoints", EMNLP 2023.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_tokens, empty_batch
+from .core import AttentionOutput, scaled_dot_product_attention
+from .registry import register
+
+__all__ = [
+    "KVCache", "GroupedQueryAttention", "grouped_attention", "kv_cache_bytes_per_token", "mha_to_gqa",
+    "DecoderLM", "generate",
+]
+
+
+def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_number: int = 2) -> int:
+    """Bytes the KV cache grows by per token: ``2 (K and V) * L * g * d * bytes``."""
+    return 2 * num_layers * num_kv_heads * head_dim * bytes_per_number
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated: ``(batch, num_kv_heads, max_len, head_dim)`` each.
+
+    :meth:`append` writes the new tokens' keys and values after the ``length``
+    stored ones and returns views of everything stored so far; nothing is
+    copied again as the cache grows (a ``torch.cat`` per step would copy the
+    whole prefix every time: quadratic).
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if min(batch, num_kv_heads, head_dim, max_len) < 0 or min(num_kv_heads, head_dim, max_len) == 0:
+            raise ValueError(f"KVCache needs num_kv_heads, head_dim, max_len >= 1 and batch >= 0, got "
+                             f"{batch}, {num_kv_heads}, {head_dim}, {max_len}")
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values stored so far (not the preallocated room)."""
+        return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` ``(B, g, t, d)`` after the cached tokens; return all keys and values ``(B, g, length, d)``."""
+        want = (self.k.shape[0], self.k.shape[1], k.shape[2], self.k.shape[3])
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"cache expects keys and values of shape (batch, num_kv_heads, t, head_dim) = {want}, "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {self.length} cached + {k.shape[2]} new > max_len {self.max_len}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool = True,
+                      need_weights: bool = False) -> AttentionOutput:
+    r"""Attention of ``h`` query heads over ``g`` key/value heads, without repeating the keys.
+
+    Args:
+        q: ``(B, h, t, d)`` queries of the ``t`` newest tokens (absolute positions ``past .. past + t - 1``).
+        k, v: ``(B, g, m, d)`` keys and values of positions ``0 .. m - 1`` (``g`` divides ``h``).
+        past: number of tokens before the queries (``m = past + t`` with a cache).
+        causal: query at position ``p`` sees keys ``j <= p`` (bottom-right aligned when ``past > 0``).
+        need_weights: also return the weights ``(B, h, t, m)``.
+
+    Returns:
+        ``(output (B, h, t, d), weights or None)``.
+    """
+    B, h, t, d = q.shape
+    g, m = k.shape[1], k.shape[2]
+    if h % g:
+        raise ValueError(f"the number of query heads ({h}) must be a multiple of the key/value heads ({g})")
+    r = h // g
+    qg = q.reshape(B, g, r * t, d)  # query heads of a group stacked along the length: row = r_idx * t + i
+    mask = None
+    if causal and t > 1:  # a single new token sees every cached key: no mask, fused path
+        pos = torch.arange(past, past + t, device=q.device)
+        mask = torch.arange(m, device=q.device)[None, :] <= pos[:, None]  # (t, m), True = may attend
+        mask = mask.repeat(r, 1)  # (r t, m): the same pattern for each query head of the group
+    out, w = scaled_dot_product_attention(qg, k, v, attn_mask=mask, need_weights=need_weights)  # (B, g, r t, d)
+    out = out.reshape(B, h, t, d)
+    return AttentionOutput(out, None if w is None else w.reshape(B, h, t, m))
+
+
+def _check_heads(num_heads: int, num_kv_heads: int) -> None:
+    for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
+        if val <= 0:
+            raise ValueError(f"{name} must be positive, got {val}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+
+
+def _default_kv_heads(num_heads: int) -> int:
+    return num_heads // 2 if num_heads % 2 == 0 else num_heads
+
+
+@register(
+    "gqa",
+    paper="Ainslie et al. 2023",
+    complexity="O(n^2 d + n d^2)",
+    chapter=27,
+    summary="h query heads share h/2 key/value heads (grouped-query attention); KV cache for decoding",
+    build=lambda embed_dim, num_heads: GroupedQueryAttention(embed_dim, num_heads, _default_kv_heads(num_heads)),
+)
+class GroupedQueryAttention(nn.Module):
+    """MHA (``num_kv_heads = num_heads``), GQA (``1 < num_kv_heads < num_heads``) and MQA (``num_kv_heads = 1``).
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: query heads ``h``.
+        num_kv_heads: key/value heads ``g`` (divides ``h``); default ``h`` (MHA).
+        head_dim: width ``d`` of each head (default ``E / h``).
+        causal: hide future tokens (a decoder); ``False`` for bidirectional attention.
+        bias: biases on the projections (Llama has none).
+
+    ``forward(x (B, t, E), need_weights=False, cache=None)``: with a
+    :class:`KVCache` (see :meth:`new_cache`), ``x`` holds only the new tokens;
+    their keys and values are appended and the queries read the whole cache.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 causal: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _check_heads(num_heads, num_kv_heads)
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
+            head_dim = embed_dim // num_heads
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
+        self.causal = causal
+        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)  # W^Q: h heads
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)  # W^K: g heads
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)  # W^V: g heads
+        self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)  # W^O
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for this layer."""
+        w = self.k_proj.weight
+        return KVCache(batch, self.num_kv_heads, self.head_dim, max_len, device or w.device, dtype or w.dtype)
+
+    def forward(self, x: Tensor, need_weights: bool = False, cache: KVCache | None = None) -> AttentionOutput:
+        x = check_tokens(x, self.embed_dim)
+        B, t, _ = x.shape
+        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be an attn.gqa.KVCache, got {type(cache).__name__}")
+            if cache.k.shape[0] != B or cache.k.shape[1] != g or cache.k.shape[3] != d:
+                raise ValueError(f"cache holds (batch, num_kv_heads, max_len, head_dim) = {tuple(cache.k.shape)}, "
+                                 f"this call needs batch {B}, {g} key/value heads of width {d}")
+        if empty_batch(x):
+            m = t + (cache.length if cache is not None else 0)
+            return AttentionOutput(x.new_zeros(B, t, self.embed_dim), x.new_zeros(B, h, t, m) if need_weights else None)
+        q = self.q_proj(x).view(B, t, h, d).transpose(1, 2)  # (B, h, t, d)
+        k = self.k_proj(x).view(B, t, g, d).transpose(1, 2)  # (B, g, t, d)
+        v = self.v_proj(x).view(B, t, g, d).transpose(1, 2)  # (B, g, t, d)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, g, past + t, d)
+        out, weights = grouped_attention(q, k, v, past=past, causal=self.causal, need_weights=need_weights)
+        y = self.o_proj(out.transpose(1, 2).reshape(B, t, h * d))  # (B, t, E)
+        return AttentionOutput(y, weights)
+
+
+@torch.no_grad()
+def mha_to_gqa(mha: GroupedQueryAttention, num_kv_heads: int, method: str = "mean") -> GroupedQueryAttention:
+    """Convert a trained attention layer to ``num_kv_heads`` key/value heads (Ainslie et al. 2023, section 2.1).
+
+    The key and value projections of the ``r = g_old / g_new`` heads of each new
+    group are combined: ``"mean"`` averages them (the paper's choice), ``"first"``
+    keeps the first head of the group. Query and output projections are copied.
+    """
+    if not isinstance(mha, GroupedQueryAttention):
+        raise TypeError(f"mha must be a GroupedQueryAttention, got {type(mha).__name__}")
+    if method not in ("mean", "first"):
+        raise ValueError(f"method must be 'mean' or 'first', got {method!r}")
+    _check_heads(mha.num_kv_heads, num_kv_heads)
+    new = GroupedQueryAttention(mha.embed_dim, mha.num_heads, num_kv_heads, mha.head_dim, mha.causal,
+                                bias=mha.q_proj.bias is not None).to(mha.q_proj.weight)
+    new.q_proj.load_state_dict(mha.q_proj.state_dict())
+    new.o_proj.load_state_dict(mha.o_proj.state_dict())
+    r = mha.num_kv_heads // num_kv_heads
+    for old, dst in ((mha.k_proj, new.k_proj), (mha.v_proj, new.v_proj)):
+        for name in ("weight", "bias"):
+            p = getattr(old, name)
+            if p is None:
+                continue
+            grouped = p.reshape(num_kv_heads, r, mha.head_dim, *p.shape[1:])  # (g_new, r, d, [E])
+            getattr(dst, name).copy_((grouped.mean(1) if method == "mean" else grouped[:, 0]).reshape(getattr(dst, name).shape))
+    return new
+
+
+class DecoderLM(nn.Module):
+    """A small pre-norm decoder language model built on :class:`GroupedQueryAttention`, for cached generation.
+
+    ``forward(tokens (B, t), caches=None) -> logits (B, t, vocab)``; with a list
+    of caches (one per layer, :meth:`new_caches`) the tokens continue the cached
+    sequence (learned absolute positions start at the cached length).
+    """
+
+    def __init__(self, vocab: int, embed_dim: int = 64, num_heads: int = 4, num_kv_heads: int | None = None,
+                 num_layers: int = 2, max_len: int = 512) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab, embed_dim)
+        self.pos = nn.Embedding(max_len, embed_dim)
+        self.layers = nn.ModuleList()
+        for _ in range(num_layers):
+            self.layers.append(nn.ModuleDict({
+                "norm1": nn.LayerNorm(embed_dim),
+                "attn": GroupedQueryAttention(embed_dim, num_heads, num_kv_heads),
+                "norm2": nn.LayerNorm(embed_dim),
+                "mlp": nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)),
+            }))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, vocab, bias=False)
+
+    def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        return [layer["attn"].new_cache(batch, max_len or self.max_len) for layer in self.layers]
+
+    def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise ValueError(f"tokens must be a (batch, t) long tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+        past = caches[0].length if caches else 0
+        if past + tokens.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len {self.max_len}")
+        h = self.embed(tokens) + self.pos(torch.arange(past, past + tokens.shape[1], device=tokens.device))
+        for i, layer in enumerate(self.layers):
+            h = h + layer["attn"](layer["norm1"](h), cache=None if caches is None else caches[i]).output
+            h = h + layer["mlp"](layer["norm2"](h))
+        return self.head(self.norm(h))
+
+
+@torch.no_grad()
+def generate(model: DecoderLM, prompt: Tensor, steps: int, use_cache: bool = True) -> Tensor:
+    """Greedy decoding of ``steps`` tokens after ``prompt`` ``(B, p)``; returns ``(B, p + steps)``.
+
+    ``use_cache=True``: the prompt is run once (prefill), then each step feeds
+    only the newest token through the cached layers. ``False``: every step
+    recomputes the whole sequence (the baseline the cache replaces).
+    """
+    seq = prompt
+    if use_cache:
+        caches = model.new_caches(prompt.shape[0], prompt.shape[1] + steps)
+        logits = model(prompt, caches)  # prefill
+        for step in range(steps):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            if step + 1 < steps:
+                logits = model(nxt, caches)  # one new token against the cache
+        return seq
+    for _ in range(steps):
+        nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq

@@ -1,0 +1,259 @@
+"""Chapter 27: grouped-query attention (MHA/GQA/MQA in one module) and the KV cache, against their references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attn import registry
+from attn.train import cpu_threads
+from attn.gqa import (
+    DecoderLM, GroupedQueryAttention, KVCache, generate, grouped_attention, kv_cache_bytes_per_token, mha_to_gqa,
+)
+
+
+def sdpa_reference(m: GroupedQueryAttention, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """The module's projections, then F.scaled_dot_product_attention(enable_gqa=True), then W^O."""
+    B, n, _ = x.shape
+    q = m.q_proj(x).view(B, n, m.num_heads, m.head_dim).transpose(1, 2)
+    k = m.k_proj(x).view(B, n, m.num_kv_heads, m.head_dim).transpose(1, 2)
+    v = m.v_proj(x).view(B, n, m.num_kv_heads, m.head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    return m.o_proj(out.transpose(1, 2).reshape(B, n, -1))
+
+
+def explicit_weights(m: GroupedQueryAttention, x: torch.Tensor) -> torch.Tensor:
+    """Weights written with an explicit loop over query heads, key head = i // r, causal."""
+    B, n, _ = x.shape
+    r = m.num_heads // m.num_kv_heads
+    d = m.head_dim
+    q = m.q_proj(x).view(B, n, m.num_heads, d)
+    k = m.k_proj(x).view(B, n, m.num_kv_heads, d)
+    rows = []
+    for i in range(m.num_heads):
+        s = torch.einsum("bqd,bkd->bqk", q[:, :, i], k[:, :, i // r]) / d**0.5
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        rows.append(s.softmax(-1))
+    return torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize("h, g", [(8, 8), (8, 4), (8, 2), (8, 1), (6, 3)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_sdpa_enable_gqa_forward_and_gradients(h, g, causal):
+    torch.manual_seed(h * 10 + g)
+    m = GroupedQueryAttention(24, h, g, causal=causal, bias=True)
+    x = torch.randn(3, 11, 24, requires_grad=True)
+    out = m(x).output
+    ref = sdpa_reference(m, x, causal)
+    assert (out - ref).abs().max() <= 1e-5
+    up = torch.randn_like(out)
+    params = [x, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("g", [4, 2, 1])
+def test_weights_match_explicit_per_head_formula(g):
+    m = GroupedQueryAttention(16, 4, g)
+    x = torch.randn(2, 9, 16)
+    out, w = m(x, need_weights=True)
+    torch.testing.assert_close(w, explicit_weights(m, x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, m(x).output, atol=1e-6, rtol=1e-5)  # fused path == explicit path
+
+
+@pytest.mark.parametrize("h, g", [(4, 4), (4, 2), (4, 1)])
+def test_matches_transformers_llama_attention(h, g):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    E, n = 32, 10
+    cfg = LlamaConfig(hidden_size=E, num_attention_heads=h, num_key_value_heads=g, attention_bias=False)
+    cfg._attn_implementation = "eager"
+    llama = LlamaAttention(cfg, layer_idx=0).eval()  # random weights, no download
+    ours = GroupedQueryAttention(E, h, g)
+    ours.load_state_dict(llama.state_dict())  # same names: q_proj, k_proj, v_proj, o_proj
+    x = torch.randn(2, n, E, requires_grad=True)
+    d = E // h
+    identity = (torch.ones(2, n, d), torch.zeros(2, n, d))  # cos = 1, sin = 0: no rotation (positions: chapter 28)
+    causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    ref, ref_w = llama(x, position_embeddings=identity, attention_mask=causal)
+    out, w = ours(x, need_weights=True)
+    assert (out - ref).abs().max() <= 1e-5
+    assert (w - ref_w).abs().max() <= 1e-6
+    up = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, [x, *ours.parameters()], up)
+    g2 = torch.autograd.grad(ref, [x, *llama.parameters()], up)
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_gradcheck_float64():
+    m = GroupedQueryAttention(8, 4, 2).double()
+    x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: m(t, need_weights=True).output, (x,))
+    assert torch.autograd.gradcheck(lambda t: m(t).output, (x,))
+
+
+def test_grouped_attention_never_repeats_keys():
+    """g = 1 with r query heads equals r separate single-head attentions over the one key head."""
+    q = torch.randn(2, 4, 6, 8)
+    k, v = torch.randn(2, 1, 6, 8), torch.randn(2, 1, 6, 8)
+    out = grouped_attention(q, k, v).output
+    for i in range(4):
+        ref = F.scaled_dot_product_attention(q[:, i], k[:, 0], v[:, 0], is_causal=True)
+        assert (out[:, i] - ref).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        grouped_attention(torch.randn(1, 3, 2, 4), torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("g", [4, 2, 1])
+def test_cached_decoding_equals_full_recomputation_at_every_step(g):
+    m = GroupedQueryAttention(16, 4, g)
+    x = torch.randn(2, 12, 16)
+    full, full_w = m(x, need_weights=True)
+    cache = m.new_cache(2, 12)
+    prefill = m(x[:, :5], cache=cache).output  # 5 tokens at once, then one at a time
+    steps = [prefill]
+    for t in range(5, 12):
+        out, w = m(x[:, t : t + 1], need_weights=True, cache=cache)
+        steps.append(out)
+        assert w.shape == (2, 4, 1, t + 1)
+        torch.testing.assert_close(w[:, :, 0], full_w[:, :, t, : t + 1], atol=1e-6, rtol=1e-5)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+    assert cache.length == 12
+    assert cache.nbytes == 2 * 2 * g * 12 * 4 * 4  # K and V, batch 2, g heads, 12 tokens, d = 4, fp32
+
+
+def test_cache_chunked_prefill_uses_bottom_right_causal_mask():
+    m = GroupedQueryAttention(16, 4, 2)
+    x = torch.randn(1, 9, 16)
+    cache = m.new_cache(1, 9)
+    parts = [m(x[:, a:b], cache=cache).output for a, b in ((0, 4), (4, 7), (7, 9))]
+    torch.testing.assert_close(torch.cat(parts, 1), m(x).output, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_errors():
+    m = GroupedQueryAttention(16, 4, 2)
+    cache = m.new_cache(1, 3)
+    m(torch.randn(1, 3, 16), cache=cache)
+    with pytest.raises(ValueError, match="full"):
+        m(torch.randn(1, 1, 16), cache=cache)
+    with pytest.raises(ValueError, match="batch 2"):
+        m(torch.randn(2, 1, 16), cache=m.new_cache(1, 4))
+    with pytest.raises(TypeError, match="KVCache"):
+        m(torch.randn(1, 1, 16), cache=(torch.zeros(1), torch.zeros(1)))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        KVCache(1, 0, 4, 8)
+
+
+def test_generation_with_cache_equals_recomputation():
+    torch.manual_seed(1)
+    lm = DecoderLM(vocab=20, embed_dim=32, num_heads=4, num_kv_heads=2, num_layers=2, max_len=64).eval()
+    prompt = torch.randint(0, 20, (2, 5))
+    with cpu_threads(1):
+        a, b = generate(lm, prompt, 12, use_cache=True), generate(lm, prompt, 12, use_cache=False)
+        assert a.shape == (2, 17) and torch.equal(a, b)
+        caches = lm.new_caches(2, 17)
+        with torch.no_grad():
+            step_logits = [lm(a[:, :5], caches)] + [lm(a[:, t : t + 1], caches) for t in range(5, 17)]
+            torch.testing.assert_close(torch.cat(step_logits, 1), lm(a), atol=1e-5, rtol=1e-5)
+    assert caches[0].nbytes == kv_cache_bytes_per_token(1, 2, 8, 4) * 17 * 2
+
+
+def test_cache_bytes_per_token_formula():
+    assert kv_cache_bytes_per_token(80, 8, 128, 2) == 327_680  # a 70B-class GQA config in fp16: 320 KiB per token
+    assert kv_cache_bytes_per_token(80, 64, 128, 2) == 8 * kv_cache_bytes_per_token(80, 8, 128, 2)
+
+
+# ----------------------------------------------------------------------------- MHA -> GQA conversion
+
+
+def test_mean_pool_conversion():
+    mha = GroupedQueryAttention(16, 4, 4, bias=True)
+    gqa = mha_to_gqa(mha, 2, "mean")
+    assert gqa.num_kv_heads == 2 and gqa.k_proj.weight.shape == (8, 16)
+    wk = mha.k_proj.weight.view(4, 4, 16)
+    torch.testing.assert_close(gqa.k_proj.weight.view(2, 4, 16), (wk[0::2] + wk[1::2]) / 2)  # heads (0,1), (2,3)
+    torch.testing.assert_close(gqa.v_proj.bias.view(2, 4), mha.v_proj.bias.view(4, 4).view(2, 2, 4).mean(1))
+    torch.testing.assert_close(gqa.q_proj.weight, mha.q_proj.weight)
+    first = mha_to_gqa(mha, 1, "first")
+    torch.testing.assert_close(first.v_proj.weight, mha.v_proj.weight[:4])
+    # when the heads of a group are already equal, conversion changes nothing
+    same = copy.deepcopy(mha)
+    with torch.no_grad():
+        same.k_proj.weight.view(4, 4, 16)[1::2] = same.k_proj.weight.view(4, 4, 16)[0::2]
+        same.v_proj.weight.view(4, 4, 16)[1::2] = same.v_proj.weight.view(4, 4, 16)[0::2]
+        same.k_proj.bias.view(4, 4)[1::2] = same.k_proj.bias.view(4, 4)[0::2]
+        same.v_proj.bias.view(4, 4)[1::2] = same.v_proj.bias.view(4, 4)[0::2]
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(mha_to_gqa(same, 2)(x).output, same(x).output, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="divide"):
+        mha_to_gqa(mha, 3)
+    with pytest.raises(ValueError, match="method"):
+        mha_to_gqa(mha, 2, "max")
+
+
+# ----------------------------------------------------------------------------- properties, bad input, registry
+
+
+def test_causal_outputs_ignore_the_future_and_batched_equals_single():
+    m = GroupedQueryAttention(16, 4, 2)
+    x = torch.randn(3, 8, 16)
+    y = m(x).output
+    x2 = x.clone()
+    x2[:, 5:] = torch.randn(3, 3, 16)
+    torch.testing.assert_close(m(x2).output[:, :5], y[:, :5])
+    for b in range(3):
+        torch.testing.assert_close(m(x[b : b + 1]).output, y[b : b + 1], atol=1e-6, rtol=1e-5)
+
+
+def test_empty_batch():
+    m = GroupedQueryAttention(16, 4, 2)
+    out, w = m(torch.randn(0, 5, 16), need_weights=True)
+    assert out.shape == (0, 5, 16) and w.shape == (0, 4, 5, 5)
+    assert m(torch.randn(0, 5, 16)).weights is None
+
+
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        ([[1.0] * 16], TypeError, r"\(batch, seq, embed_dim=16\)"),
+        (torch.ones(2, 5, 16, dtype=torch.long), TypeError, "floating-point"),
+        (torch.randn(5, 16), ValueError, r"\(batch, seq, embed_dim=16\)"),
+        (torch.randn(2, 5, 12), ValueError, "last dimension 12 != 16"),
+        (torch.randn(2, 0, 16), ValueError, "empty sequence"),
+    ],
+)
+def test_bad_input(bad, err, match):
+    with pytest.raises(err, match=match):
+        GroupedQueryAttention(16, 4, 2)(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        ({"num_heads": 4, "num_kv_heads": 3}, ValueError, "must divide"),
+        ({"num_heads": 4, "num_kv_heads": 0}, ValueError, "positive"),
+        ({"num_heads": 4, "num_kv_heads": 2.0}, TypeError, "int"),
+        ({"num_heads": 3, "num_kv_heads": 1}, ValueError, "divisible"),
+    ],
+)
+def test_bad_construction(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        GroupedQueryAttention(16, **kwargs)
+
+
+def test_registry_build():
+    mech = registry.get("gqa")
+    assert mech.chapter == 27 and registry.chapter(27).slug == "gqa_kv_cache"
+    layer = mech.build(32, 4)
+    assert isinstance(layer, GroupedQueryAttention) and layer.num_kv_heads == 2
+    out = layer(torch.randn(2, 7, 32), need_weights=True)
+    assert out.output.shape == (2, 7, 32) and out.weights.shape == (2, 4, 7, 7)
+    assert mech.build(32, 1).num_kv_heads == 1
