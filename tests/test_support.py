@@ -47,6 +47,24 @@ def test_peak_memory_sees_an_allocation():
     assert 2 * size <= peak < 3 * size
 
 
+class _BigTemporary(torch.autograd.Function):
+    """Allocates a 4 MiB temporary inside a Python-level event, frees it, returns a scalar."""
+
+    @staticmethod
+    def forward(ctx, x):
+        big = x.new_empty(1 << 20).fill_(1.0)  # 4 MiB
+        return (big * 2).sum()  # a second 4 MiB buffer alive with the first
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_peak_memory_sees_temporaries_inside_an_autograd_function():
+    peak = benchmark.peak_memory(lambda: _BigTemporary.apply(torch.zeros(1)), "cpu")
+    assert 8 * 2**20 <= peak < 9 * 2**20
+
+
 def test_compare_and_sweep():
     x = torch.randn(128, 128)
     df = benchmark.compare({"one": lambda: x @ x, "four": lambda: x @ x @ x @ x @ x}, min_run_time=0.05)
