@@ -1,0 +1,350 @@
+r"""Chapter 26 -- Linear attention: a kernel feature map makes attention associative, O(n) in the length.
+
+**Kernelised attention** (Katharopoulos et al. 2020). Replace the softmax
+similarity ``exp(q.k / sqrt(d))`` by ``phi(q)^T phi(k)`` for a feature map
+``phi: R^d -> R^r_+``; then
+
+.. math::
+
+    y_i = \frac{\sum_j \phi(q_i)^\top \phi(k_j)\, v_j^\top}{\sum_j \phi(q_i)^\top \phi(k_j)}
+        = \frac{\phi(q_i)^\top \big(\sum_j \phi(k_j) v_j^\top\big)}{\phi(q_i)^\top \sum_j \phi(k_j)}
+
+and the bracket ``S = phi(K)^T V`` (``r x d_v``) and ``z = phi(K)^T 1`` are
+computed once: ``O(n r d)`` time, no ``n x n`` matrix. The paper's map is
+``phi(x) = elu(x) + 1``.
+
+**Causal** attention needs prefix sums ``S_i = sum_{j<=i} phi(k_j) v_j^T``.
+Computed in chunks of ``c`` tokens: inside a chunk the ``c x c`` masked
+product, across chunks a running state ``S`` carried from chunk to chunk:
+``O(n c r + n r d)``. The same sums one token at a time are
+the **recurrent form** (a linear RNN with matrix state ``S_i``).
+
+**FAVOR+** (Choromanski et al. 2021, Performer). Positive random features make
+``phi(q)^T phi(k)`` an unbiased estimate of the softmax kernel ``exp(q^T k)``:
+
+.. math::
+
+    \phi(x) = \frac{1}{\sqrt m}\exp\!\Big(W x - \frac{\lVert x\rVert^2}{2}\Big),\quad
+    W \in \mathbb{R}^{m \times d},\ w_i \sim \mathcal N(0, I_d),\qquad
+    \mathbb E_W\big[\phi(q)^\top \phi(k)\big] = e^{q^\top k},
+
+with queries and keys scaled by ``d^{-1/4}`` so that ``q^T k`` becomes
+``q^T k / sqrt(d)``. Orthogonal rows (blocks of ``d`` orthogonal directions,
+Gaussian norms) keep it unbiased and lower its variance.
+
+Shapes: ``q, k (B, [H,] n, d)``, ``v (B, [H,] n, d_v)`` -> ``(B, [H,] n, d_v)``.
+
+Katharopoulos, Vyas, Pappas, Fleuret, "Transformers are RNNs: Fast
+Autoregressive Transformers with Linear Attention", ICML 2020.
+Choromanski et al., "Rethinking Attention with Performers", ICLR 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .checks import check_tokens, empty_batch
+from .core import AttentionOutput, check_qkv
+from .masks import check_key_mask
+from .registry import register
+
+__all__ = [
+    "elu_feature", "linear_attention", "linear_attention_recurrent", "linear_attention_quadratic",
+    "orthogonal_gaussian", "favor_features", "softmax_kernel_estimate", "LinearAttention", "PerformerAttention",
+]
+
+
+def elu_feature(x: Tensor) -> Tensor:
+    """Katharopoulos et al.'s feature map ``phi(x) = elu(x) + 1`` (positive, same width)."""
+    return F.elu(x) + 1.0
+
+
+def _check_chunk(chunk: int) -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"chunk must be an int, got {type(chunk).__name__}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, self_attention: bool) -> None:
+    check_qkv(q, k, v)
+    if self_attention and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"causal linear attention needs as many queries as keys, got {q.shape[-2]} and {k.shape[-2]}")
+    check_key_mask(key_mask, q.shape[0], k.shape[-2])
+
+
+def linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, feature_map: Callable[[Tensor], Tensor] | None = elu_feature,
+    causal: bool = False, chunk: int = 64, key_mask: Tensor | None = None, eps: float = 0.0,
+) -> Tensor:
+    r"""Linear attention ``phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)``, in ``O(n r d)``; causal by chunked prefix sums.
+
+    Args:
+        q, k, v: ``(batch, [heads,] n, d)``; ``v`` may be wider.
+        feature_map: ``phi``, applied to queries and keys (default ``elu + 1``);
+            ``None``: ``q`` and ``k`` are already features (``r`` = their width).
+        causal: query ``i`` sums over keys ``j <= i`` (needs as many queries as keys).
+        chunk: ``c``, tokens per chunk: both forms loop over chunks, so the working set stays small.
+        key_mask: ``(batch, n_keys)`` boolean, ``True`` = real key (masked keys get ``phi = 0``).
+        eps: added to the normaliser (default 0: the features are positive; a
+            row whose normaliser is exactly 0, no visible key, gets output 0).
+
+    Returns:
+        ``(batch, [heads,] n_q, d_v)``.
+    """
+    _prepare(q, k, v, key_mask, causal)
+    _check_chunk(chunk)
+    squeeze = q.ndim == 3
+    if squeeze:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    phi = (lambda t: t) if feature_map is None else feature_map
+    n_k = k.shape[-2]
+    mask = None if key_mask is None else key_mask[:, None, :, None]  # (B, 1, n_k, 1)
+
+    def keys(lo: int) -> Tensor:  # phi(K) of one chunk, masked keys zeroed: (B, H, c, r)
+        fk = phi(k[..., lo : lo + chunk, :])
+        return fk if mask is None else fk * mask[:, :, lo : lo + chunk].to(fk.dtype)
+
+    if causal:
+        out = _causal_chunked(q, k, v, phi, keys, chunk, eps)
+    else:
+        # S = phi(K)^T V and z = phi(K)^T 1, accumulated chunk by chunk (the working set stays one chunk)
+        state, norm = 0.0, 0.0
+        for lo in range(0, n_k, chunk):
+            fk = keys(lo)
+            state = state + fk.transpose(-1, -2) @ v[..., lo : lo + chunk, :]  # (B, H, r, d_v)
+            norm = norm + fk.sum(-2)[..., None]  # (B, H, r, 1)
+        outs = []
+        for lo in range(0, q.shape[-2], chunk):
+            fq = phi(q[..., lo : lo + chunk, :])  # (B, H, c, r)
+            outs.append((fq @ state) / _safe(fq @ norm + eps))
+        out = torch.cat(outs, -2)
+    return out[:, 0] if squeeze else out
+
+
+def _safe(den: Tensor) -> Tensor:
+    """The normaliser with exact zeros (no visible key, padding) replaced by 1: such rows get output 0, not NaN."""
+    return den.masked_fill(den == 0, 1.0)
+
+
+def _causal_chunked(q: Tensor, k: Tensor, v: Tensor, phi: Callable[[Tensor], Tensor], keys: Callable[[int], Tensor],
+                    chunk: int, eps: float) -> Tensor:
+    """Causal linear attention: ``c x c`` products inside each chunk, a running state carried across chunks.
+
+    The loop runs over the ``n / c`` chunks (not the ``n`` tokens): each step
+    reads the state of all earlier chunks, adds the masked in-chunk product,
+    then folds its own keys and values into the state. The working set is one
+    chunk and one ``r x d_v`` state, whatever ``n``. ``keys(lo)`` gives the
+    chunk's (masked) key features.
+    """
+    state, norm = 0.0, 0.0  # S_[<t] (B, H, r, d_v) and z_[<t] (B, H, r, 1), zero before the first chunk
+    outs = []
+    for lo in range(0, q.shape[-2], chunk):
+        qc, kc, vc = phi(q[..., lo : lo + chunk, :]), keys(lo), v[..., lo : lo + chunk, :]  # (B, H, c, .)
+        a = (qc @ kc.transpose(-1, -2)).tril()  # (B, H, c, c): phi(q_i)^T phi(k_j), j <= i inside the chunk
+        num = a @ vc  # this chunk's own keys: (B, H, c, d_v)
+        den = a.sum(-1, keepdim=True)  # (B, H, c, 1)
+        if lo > 0:  # + the state of the earlier chunks
+            num = num + qc @ state
+            den = den + qc @ norm
+        outs.append(num / _safe(den + eps))
+        state = state + kc.transpose(-1, -2) @ vc  # fold this chunk in: + phi(K_t)^T V_t
+        norm = norm + kc.sum(-2)[..., None]
+    return torch.cat(outs, -2)
+
+
+def linear_attention_recurrent(
+    q: Tensor, k: Tensor, v: Tensor, feature_map: Callable[[Tensor], Tensor] | None = elu_feature, eps: float = 0.0,
+) -> Tensor:
+    r"""Causal linear attention as an RNN: ``S_i = S_{i-1} + phi(k_i) v_i^T``, ``y_i = phi(q_i)^T S_i / phi(q_i)^T z_i``.
+
+    One step per token (a Python loop): what autoregressive decoding does, with
+    a state of fixed size ``r x d_v`` whatever the length. Shapes as :func:`linear_attention`.
+    """
+    _prepare(q, k, v, None, True)
+    fq, fk = (q, k) if feature_map is None else (feature_map(q), feature_map(k))
+    state = fq.new_zeros(*fq.shape[:-2], fq.shape[-1], v.shape[-1])  # S: (..., r, d_v)
+    norm = fq.new_zeros(*fq.shape[:-2], fq.shape[-1])  # z: (..., r)
+    outs = []
+    for i in range(q.shape[-2]):
+        state = state + fk[..., i, :, None] * v[..., i, None, :]  # + phi(k_i) v_i^T
+        norm = norm + fk[..., i, :]
+        num = (fq[..., i, :, None] * state).sum(-2)  # phi(q_i)^T S_i: (..., d_v)
+        den = (fq[..., i, :] * norm).sum(-1, keepdim=True)
+        outs.append(num / _safe(den + eps))
+    return torch.stack(outs, -2)
+
+
+def linear_attention_quadratic(
+    q: Tensor, k: Tensor, v: Tensor, feature_map: Callable[[Tensor], Tensor] | None = elu_feature,
+    causal: bool = False, key_mask: Tensor | None = None, eps: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """The baseline / reference: the ``n x n`` matrix ``A = phi(Q) phi(K)^T``, masked, row-normalised, times ``V``.
+
+    Returns ``(output, weights)``; weights ``(..., n_q, n_k)`` (rows sum to 1). ``O(n^2)``: for checking and pictures.
+    """
+    fq, fk = (q, k) if feature_map is None else (feature_map(q), feature_map(k))
+    a = fq @ fk.transpose(-1, -2)
+    if causal:
+        a = a.tril()
+    if key_mask is not None:
+        a = a * key_mask[:, None, :].to(a.dtype) if a.ndim == 3 else a * key_mask[:, None, None, :].to(a.dtype)
+    den = _safe(a.sum(-1, keepdim=True) + eps)
+    return (a @ v) / den, a / den
+
+
+def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None, orthogonal: bool = True,
+                        dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """``(m, d)`` random projection: rows ``w_i`` with ``w_i ~ N(0, I_d)`` marginally.
+
+    ``orthogonal=True`` (FAVOR+): stacked blocks of ``d`` exactly orthogonal
+    directions (QR of a Gaussian matrix), each row rescaled to the norm of an
+    independent Gaussian vector, so that each row is still ``N(0, I_d)``.
+    ``False``: i.i.d. Gaussian rows.
+    """
+    if m < 1 or d < 1:
+        raise ValueError(f"need m >= 1 features and d >= 1, got m={m}, d={d}")
+    gauss = torch.randn(m, d, generator=generator, dtype=torch.float64)
+    if not orthogonal:
+        return gauss.to(dtype=dtype, device=device)
+    blocks = []
+    for start in range(0, m, d):
+        g = torch.randn(d, d, generator=generator, dtype=torch.float64)
+        qmat, rmat = torch.linalg.qr(g)
+        qmat = qmat * torch.sign(torch.diagonal(rmat))  # a uniformly (Haar) random rotation
+        blocks.append(qmat.T[: min(d, m - start)])
+    directions = torch.cat(blocks)  # (m, d), unit rows, orthogonal within a block
+    norms = gauss.norm(dim=-1, keepdim=True)  # chi(d) lengths
+    return (directions * norms).to(dtype=dtype, device=device)
+
+
+def favor_features(x: Tensor, projection: Tensor, is_query: bool, stabilise: bool = True) -> Tensor:
+    r"""FAVOR+ positive features ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)``, ``x' = x d^{-1/4}``.
+
+    ``phi(q)^T phi(k)`` estimates ``exp(q^T k / sqrt(d))`` without bias.
+    ``stabilise`` subtracts a maximum inside the exponential (per query row for
+    queries, one global value for keys): constant factors that cancel in the
+    attention's normalisation but change the raw kernel estimate, so pass
+    ``False`` to estimate the kernel itself. Shapes: ``x (..., n, d)``,
+    ``projection (m, d)`` -> ``(..., n, m)``.
+    """
+    d, m = x.shape[-1], projection.shape[0]
+    x = x * d ** -0.25
+    wx = x @ projection.to(x.dtype).T  # (..., n, m)
+    half_sq = (x * x).sum(-1, keepdim=True) / 2
+    if stabilise:
+        shift = wx.amax(-1, keepdim=True) if is_query else wx.amax(dim=(-1, -2), keepdim=True)
+        wx = wx - shift.detach()
+    return torch.exp(wx - half_sq) / math.sqrt(m)
+
+
+def softmax_kernel_estimate(q: Tensor, k: Tensor, projection: Tensor) -> Tensor:
+    """The FAVOR+ estimate of ``exp(q_i^T k_j / sqrt(d))``: ``(..., n_q, n_k)`` (dense; for measuring the error)."""
+    return favor_features(q, projection, True, stabilise=False) @ favor_features(k, projection, False, stabilise=False).transpose(-1, -2)
+
+
+class _Heads(nn.Module):
+    """Shared projections for the two multi-head modules below."""
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool, chunk: int, bias: bool) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        _check_chunk(chunk)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.causal, self.chunk = causal, chunk
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V]
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+        """``x (B, n, E)``, ``key_mask (B, n)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
+        check_tokens(x, self.embed_dim)
+        n = x.shape[1]
+        if empty_batch(x):
+            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
+        check_key_mask(key_mask, x.shape[0], n, length_name="n")
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        fq, fk = self.features(q, k)
+        out = linear_attention(fq, fk, v, None, causal=self.causal, chunk=self.chunk, key_mask=key_mask)
+        weights = None
+        if need_weights:  # inspection only: the n x n matrix the linear form never builds
+            with torch.no_grad():
+                weights = linear_attention_quadratic(fq, fk, v, None, causal=self.causal, key_mask=key_mask)[1]
+        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
+
+
+@register(
+    "linear",
+    paper="Katharopoulos et al. 2020",
+    complexity="O(n d^2)",
+    chapter=26,
+    summary="kernelised attention with phi = elu + 1, associative: O(n) in the length; causal by chunked prefix sums",
+    build=lambda embed_dim, num_heads: LinearAttention(embed_dim, num_heads),
+)
+class LinearAttention(_Heads):
+    """Multi-head linear attention with ``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020).
+
+    Args:
+        embed_dim, num_heads: width ``E`` and heads ``h``.
+        causal: prefix sums (decoder); computed in chunks of ``chunk`` tokens.
+        bias: biases on the projections.
+
+    ``need_weights=True`` also returns the normalised ``(B, h, n, n)`` matrix
+    ``phi(q_i)^T phi(k_j) / sum_j ...`` (built separately, small ``n`` only).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool = False, chunk: int = 64, bias: bool = True) -> None:
+        super().__init__(embed_dim, num_heads, causal, chunk, bias)
+
+    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return elu_feature(q), elu_feature(k)
+
+
+@register(
+    "performer",
+    paper="Choromanski et al. 2021",
+    complexity="O(n m d)",
+    chapter=26,
+    summary="FAVOR+: positive orthogonal random features estimating the softmax kernel, linear in n",
+    build=lambda embed_dim, num_heads: PerformerAttention(embed_dim, num_heads, num_features=64),
+)
+class PerformerAttention(_Heads):
+    """Multi-head Performer attention (FAVOR+): softmax attention approximated with ``m`` positive random features.
+
+    Args:
+        embed_dim, num_heads: width ``E`` and heads ``h``.
+        num_features: ``m`` random features per head (shared by the heads).
+        orthogonal: orthogonal random features (FAVOR+) or i.i.d. Gaussian.
+        causal: prefix sums, in chunks of ``chunk`` tokens.
+        seed: seeds the projection (a buffer; :meth:`redraw` draws a new one).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_features: int = 64, orthogonal: bool = True,
+                 causal: bool = False, chunk: int = 64, bias: bool = True, seed: int = 0) -> None:
+        super().__init__(embed_dim, num_heads, causal, chunk, bias)
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
+        self.num_features, self.orthogonal = num_features, orthogonal
+        self.register_buffer("projection", orthogonal_gaussian(num_features, self.head_dim, torch.Generator().manual_seed(seed), orthogonal))
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        """Draw a new random projection (Performer redraws it periodically during training)."""
+        new = orthogonal_gaussian(self.num_features, self.head_dim, generator, self.orthogonal)
+        self.projection.copy_(new.to(self.projection))
+
+    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return favor_features(q, self.projection, True), favor_features(k, self.projection, False)
+
+

@@ -1,0 +1,215 @@
+"""Chapter 28: sinusoidal, rotary (RoPE) and ALiBi positions, against transformers and explicit formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attn import registry
+from attn.positions import (
+    LastValueTask, PositionalAttention, PositionModel, RotaryEmbedding, alibi_bias, alibi_slopes, position_loss,
+    rotate_half, sinusoidal_embedding,
+)
+from attn.train import train
+
+
+def explicit_rotation(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE as 2x2 rotation matrices on the pairs (i, i + d/2), in float64."""
+    d = x.shape[-1]
+    out = torch.empty_like(x, dtype=torch.float64)
+    for i in range(d // 2):
+        theta = positions.double() * base ** (-2 * i / d)
+        a, b = x[..., i].double(), x[..., i + d // 2].double()
+        out[..., i] = a * theta.cos() - b * theta.sin()
+        out[..., i + d // 2] = a * theta.sin() + b * theta.cos()
+    return out
+
+
+@pytest.mark.parametrize("head_dim, base", [(8, 10000.0), (16, 500.0), (4, 1e6)])
+def test_rope_matches_transformers_rotary_embedding(head_dim, base):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    heads = 2
+    cfg = LlamaConfig(hidden_size=head_dim * heads, num_attention_heads=heads, num_key_value_heads=heads,
+                      rope_parameters={"rope_type": "default", "rope_theta": base}, max_position_embeddings=256)
+    hf = LlamaRotaryEmbedding(cfg)
+    q = torch.randn(2, heads, 40, head_dim, requires_grad=True)
+    k = torch.randn(2, heads, 40, head_dim, requires_grad=True)
+    pos = torch.arange(7, 47)
+    cos, sin = hf(q, pos[None].expand(2, -1))
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    rope = RotaryEmbedding(head_dim, base)
+    q_ours, k_ours = rope(q, pos), rope(k, pos)
+    assert (q_ours - q_ref).abs().max() <= 1e-5 and (k_ours - k_ref).abs().max() <= 1e-5
+    up = torch.randn_like(q_ref)
+    g1 = torch.autograd.grad((q_ours * up).sum() + (k_ours * up).sum(), (q, k))
+    g2 = torch.autograd.grad((q_ref * up).sum() + (k_ref * up).sum(), (q, k))
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_rope_is_a_rotation_by_position_times_frequency():
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    pos = torch.arange(10) * 3
+    torch.testing.assert_close(RotaryEmbedding(8, 100.0)(x, pos), explicit_rotation(x, pos, 100.0), atol=1e-5, rtol=1e-5)
+    # norms are preserved, position 0 is the identity
+    torch.testing.assert_close(RotaryEmbedding(8)(x, pos).norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(RotaryEmbedding(8)(x[:, :1], torch.zeros(1, dtype=torch.long)), x[:, :1])
+    torch.testing.assert_close(rotate_half(rotate_half(x)), -x)
+
+
+def test_rope_scores_depend_only_on_i_minus_j():
+    rope = RotaryEmbedding(16)
+    q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    pos = torch.arange(0, 300)
+    qr, kr = rope(q.expand(300, 16), pos), rope(k.expand(300, 16), pos)
+    scores = qr @ kr.T  # (300, 300): score(i, j)
+    for dist in (0, 1, 5, 77, -3):
+        diag = torch.diagonal(scores, offset=-dist)  # entries with i - j = dist
+        assert diag.std() <= 1e-4 * max(1.0, diag.abs().mean())
+    assert scores[10, 3] != pytest.approx(scores[10, 4].item())  # it does depend on the distance
+
+
+def test_alibi_scores_depend_only_on_i_minus_j_and_slopes():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    torch.testing.assert_close(alibi_slopes(4), torch.tensor([2.0 ** (-2 * (i + 1)) for i in range(4)]))
+    s6 = alibi_slopes(6)  # not a power of 2: 4 slopes of H=4, then every other slope of H=8
+    torch.testing.assert_close(s6, torch.tensor([0.25, 0.0625, 2**-6, 2**-8, 0.5, 2**-3]))
+    b = alibi_bias(20, 20, alibi_slopes(4))
+    for dist in (0, 3, 11):
+        diag = torch.diagonal(b, offset=-dist, dim1=-2, dim2=-1)
+        assert (diag == diag[:, :1]).all()
+        torch.testing.assert_close(diag[:, 0], -alibi_slopes(4) * dist)
+    assert torch.isinf(b[:, 2, 5]).all()
+    two_sided = alibi_bias(5, 5, alibi_slopes(2), causal=False)
+    torch.testing.assert_close(two_sided, two_sided.transpose(-1, -2))
+    # a cache of 7 keys and 3 new queries: the last rows of the full bias
+    torch.testing.assert_close(alibi_bias(3, 10, alibi_slopes(2), offset=7), alibi_bias(10, 10, alibi_slopes(2))[:, 7:])
+
+
+def test_sinusoidal_matches_formula_and_dot_products_are_relative():
+    pe = sinusoidal_embedding(torch.arange(50), 16)
+    p, i = 13, 3
+    assert pe[p, 2 * i].item() == pytest.approx(math.sin(p / 10000 ** (2 * i / 16)), abs=1e-6)
+    assert pe[p, 2 * i + 1].item() == pytest.approx(math.cos(p / 10000 ** (2 * i / 16)), abs=1e-6)
+    gram = pe @ pe.T
+    torch.testing.assert_close(torch.diagonal(gram, -4), torch.full((46,), gram[4, 0].item()), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="even"):
+        sinusoidal_embedding(torch.arange(3), 5)
+
+
+@pytest.mark.parametrize("position", ["none", "sinusoidal", "rope", "alibi"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_module_matches_explicit_attention(position, causal):
+    torch.manual_seed(0)
+    m = PositionalAttention(16, 4, position, causal=causal, base=100.0)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    out, w = m(x, need_weights=True)
+    q, k, v = m.qkv(x).view(2, 9, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    pos = torch.arange(9)
+    if position == "rope":
+        q, k = explicit_rotation(q, pos, 100.0).float(), explicit_rotation(k, pos, 100.0).float()
+    scores = q @ k.transpose(-1, -2) / 2.0
+    if position == "alibi":
+        dist = (pos[:, None] - pos[None, :]).float()
+        scores = scores - alibi_slopes(4)[:, None, None] * (dist if causal else dist.abs())
+    if causal:
+        scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
+    ref_w = scores.softmax(-1)
+    ref = m.out_proj((ref_w @ v).transpose(1, 2).reshape(2, 9, 16))
+    assert (w - ref_w).abs().max() <= 1e-5
+    assert (out - ref).abs().max() <= 1e-5
+    assert (m(x).output - ref).abs().max() <= 1e-5  # fused path
+    up = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, [x, *m.parameters()], up), torch.autograd.grad(ref, [x, *m.parameters()], up)):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_rope_module_is_invariant_to_a_position_offset():
+    m = PositionalAttention(16, 2, "rope", causal=True)
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(m(x, offset=0).output, m(x, offset=1000).output, atol=1e-4, rtol=1e-4)
+
+
+def test_gradcheck_float64():
+    for position in ("rope", "alibi"):
+        m = PositionalAttention(8, 2, position).double()
+        x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: m(t, need_weights=True).output, (x,))
+
+
+def test_causal_ignores_future_and_batched_equals_single():
+    m = PositionalAttention(16, 4, "alibi")
+    x = torch.randn(3, 8, 16)
+    y = m(x).output
+    x2 = x.clone()
+    x2[:, 6:] = 0
+    torch.testing.assert_close(m(x2).output[:, :6], y[:, :6])
+    torch.testing.assert_close(m(x[1:2]).output, y[1:2], atol=1e-6, rtol=1e-5)
+
+
+def test_last_value_task():
+    task = LastValueTask(n_values=5, read_prob=0.5)
+    b = task.sample(64, 30, torch.Generator().manual_seed(0))
+    x, y = b["x"], b["y"]
+    for row in range(64):
+        last = None
+        for t in range(30):
+            if x[row, t] == task.read:
+                assert y[row, t] == last
+            else:
+                last = x[row, t].item()
+                assert y[row, t] == -100
+
+
+def test_model_trains_and_alibi_runs_at_longer_lengths():
+    task = LastValueTask(4)
+    model = PositionModel(task.vocab, "alibi", 16, 2)
+    hist = train(model, lambda bs, g: task.sample(bs, 16, g), position_loss, 30, batch_size=16, progress=False)
+    assert hist.loss[-1] < hist.loss[0]
+    logits, _ = model(task.sample(2, 64)["x"])
+    assert logits.shape == (2, 64, task.vocab)
+
+
+def test_empty_batch():
+    out, w = PositionalAttention(16, 4, "rope")(torch.randn(0, 5, 16), need_weights=True)
+    assert out.shape == (0, 5, 16) and w.shape == (0, 4, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        ([[1.0] * 16], TypeError, r"\(batch, seq, embed_dim=16\)"),
+        (torch.ones(2, 5, 16, dtype=torch.long), TypeError, "floating-point"),
+        (torch.randn(5, 16), ValueError, r"\(batch, seq, embed_dim=16\)"),
+        (torch.randn(2, 5, 12), ValueError, "last dimension 12 != 16"),
+    ],
+)
+def test_bad_input(bad, err, match):
+    with pytest.raises(err, match=match):
+        PositionalAttention(16, 4, "rope")(bad)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="position must be one of"):
+        PositionalAttention(16, 4, "learned")
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(5)
+    with pytest.raises(ValueError, match=r"head_dim=8"):
+        RotaryEmbedding(8)(torch.randn(3, 6), torch.arange(3))
+    with pytest.raises(ValueError, match=r"positions must have shape"):
+        RotaryEmbedding(8)(torch.randn(3, 8), torch.arange(4))
+    with pytest.raises(ValueError, match="positive"):
+        alibi_slopes(0)
+
+
+def test_registry_build():
+    for name in ("rope", "alibi"):
+        mech = registry.get(name)
+        assert mech.chapter == 28 and registry.chapter(28).slug == "positions"
+        layer = mech.build(32, 4)
+        out = layer(torch.randn(2, 7, 32), need_weights=True)
+        assert out.output.shape == (2, 7, 32) and out.weights.shape == (2, 4, 7, 7)
