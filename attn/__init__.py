@@ -40,6 +40,11 @@ from .gated import GatedAttention, GatedAttentionUnit, GatedMILPooling
 from .hard import HardAttention, HardSelfAttention
 from .adversarial import AttentionClassifier
 from .distillation import Distiller
+from .flash import FlashAttention, flash_attention
+from .linear import LinearAttention, PerformerAttention, linear_attention
+from .gqa import GroupedQueryAttention, KVCache
+from .positions import PositionalAttention, RotaryEmbedding, alibi_bias
+from .latent import LatentCache, MultiHeadLatentAttention
 
 __version__ = "0.1.0"
 
@@ -96,6 +101,18 @@ __all__ = [
     "HardSelfAttention",
     "AttentionClassifier",
     "Distiller",
+    "FlashAttention",
+    "flash_attention",
+    "LinearAttention",
+    "PerformerAttention",
+    "linear_attention",
+    "GroupedQueryAttention",
+    "KVCache",
+    "PositionalAttention",
+    "RotaryEmbedding",
+    "alibi_bias",
+    "MultiHeadLatentAttention",
+    "LatentCache",
     "CHAPTERS",
     "MECHANISMS",
     "chapter",
