@@ -45,6 +45,7 @@ from .linear import LinearAttention, PerformerAttention, linear_attention
 from .gqa import GroupedQueryAttention, KVCache
 from .positions import PositionalAttention, RotaryEmbedding, alibi_bias
 from .latent import LatentCache, MultiHeadLatentAttention
+from .differential import DifferentialAttention, SinkCache
 
 __version__ = "0.1.0"
 
@@ -113,6 +114,8 @@ __all__ = [
     "alibi_bias",
     "MultiHeadLatentAttention",
     "LatentCache",
+    "DifferentialAttention",
+    "SinkCache",
     "CHAPTERS",
     "MECHANISMS",
     "chapter",

@@ -1,0 +1,325 @@
+r"""Chapter 30 -- differential attention and attention sinks: subtract a second softmax map; keep the first tokens in a sliding cache.
+
+**Differential attention** (Ye et al., "Differential Transformer", ICLR 2025,
+arXiv 2024). Per head, queries and keys are split in two halves
+``Q_1, Q_2, K_1, K_2`` (width ``d``), values have width ``2d``:
+
+.. math::
+
+    \operatorname{DiffAttn}(X) = \Big(\operatorname{softmax}\!\Big(\frac{Q_1 K_1^\top}{\sqrt d}\Big)
+        - \lambda\, \operatorname{softmax}\!\Big(\frac{Q_2 K_2^\top}{\sqrt d}\Big)\Big) V,
+
+    \lambda = \exp(\lambda_{q_1} \cdot \lambda_{k_1}) - \exp(\lambda_{q_2} \cdot \lambda_{k_2}) + \lambda_{\text{init}},
+    \qquad \lambda_{\text{init}} = 0.8 - 0.6\, e^{-0.3 (l - 1)},
+
+    \text{head}_i = (1 - \lambda_{\text{init}})\, \operatorname{RMSNorm}(\operatorname{DiffAttn}_i(X)), \qquad
+    y = [\text{head}_1; \dots; \text{head}_h]\, W^O,
+
+with learnable vectors ``\lambda_{q_1}, \lambda_{k_1}, \lambda_{q_2}, \lambda_{k_2} \in \mathbb{R}^d``
+(one ``\lambda`` per layer, shared by its heads) and ``l`` the layer's
+index (1-based). ``h = E / (2d)``: a differential layer of width ``E`` with
+``h`` heads has the parameters of a standard layer with ``2h`` heads of
+width ``d``. The output is two fused attention calls, ``A_1 V - \lambda A_2 V``:
+no ``n x n`` map is formed unless the weights are asked for.
+
+**Attention sinks** (Xiao et al., "Efficient Streaming Language Models with
+Attention Sinks", ICLR 2024). A causal LM decoding past its training length
+with a sliding KV cache of ``w`` tokens breaks as soon as the first tokens
+are evicted: softmax heads that had nothing to attend to parked their weight
+there (the *sink*). Keeping the first ``s`` tokens' keys and values beside the
+``w - s`` most recent ones (:class:`SinkCache`), with positions assigned
+inside the cache, restores it. :class:`RotaryLM` is a small rotary causal LM
+whose :meth:`RotaryLM.stream` decodes a long sequence token by token with
+such a cache.
+
+Shapes: ``x`` ``(B, n, E)``; output ``(B, n, E)``; weights (the difference
+map ``A_1 - \lambda A_2``, not a distribution: rows sum to ``1 - \lambda``)
+``(B, h, n, n)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_tokens, empty_batch
+from .core import AttentionOutput, scaled_dot_product_attention
+from .latent import apply_rotary, rotary_cos_sin
+from .masks import check_key_mask
+from .registry import register
+
+__all__ = [
+    "lambda_init", "DifferentialAttention", "SinkCache", "RotaryLM", "MotifStream", "window_recompute_logits",
+]
+
+
+def lambda_init(layer_index: int) -> float:
+    r"""``0.8 - 0.6 \exp(-0.3 (l - 1))`` for layer ``l >= 1`` (Ye et al., section 2.1): 0.2 in layer 1, towards 0.8 deep down."""
+    if layer_index < 1:
+        raise ValueError(f"layer_index is 1-based, got {layer_index}")
+    return 0.8 - 0.6 * math.exp(-0.3 * (layer_index - 1))
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+@register(
+    "differential",
+    paper="Ye et al. 2024",
+    complexity="O(n^2 d)",
+    chapter=30,
+    summary="differential attention: difference of two softmax maps with a learned lambda, per-head RMSNorm",
+    build=lambda embed_dim, num_heads: DifferentialAttention(embed_dim, max(1, num_heads // 2)),
+)
+class DifferentialAttention(nn.Module):
+    """Multi-head differential attention (Ye et al. 2024).
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: differential heads ``h``; each has query/key halves of width
+            ``d = E / (2h)`` and values of width ``2d`` (``2h`` standard heads' worth of parameters).
+        layer_index: the layer's 1-based depth ``l``, which sets ``lambda_init`` (default 1: 0.2).
+        lambda_init_value: override ``lambda_init``.
+        causal: hide future keys (a decoder).
+        bias: biases on the projections (the paper has none).
+        eps: epsilon of the per-head RMSNorm.
+
+    ``forward(x (B, n, E), need_weights=False, key_mask=None)``; ``key_mask``
+    ``(B, n)`` is True for real tokens.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, layer_index: int = 1, lambda_init_value: float | None = None,
+                 causal: bool = False, bias: bool = False, eps: float = 1e-5) -> None:
+        super().__init__()
+        _positive_int("embed_dim", embed_dim)
+        _positive_int("num_heads", num_heads)
+        if embed_dim % (2 * num_heads):
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by 2 * num_heads ({2 * num_heads})")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // (2 * num_heads)
+        self.causal = causal
+        self.lambda_init = lambda_init(layer_index) if lambda_init_value is None else float(lambda_init_value)
+        d = self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # h heads x [Q_1; Q_2], each of width d
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # h heads x [K_1; K_2]
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # h heads of width 2d
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W^O
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.randn(d) * 0.1) for _ in range(4))
+        self.head_norm = nn.RMSNorm(2 * d, eps=eps)  # per head, over its 2d outputs
+
+    def lam(self) -> Tensor:
+        r"""The re-parameterised scalar ``\lambda`` of this layer."""
+        return (torch.exp(self.lambda_q1 @ self.lambda_k1) - torch.exp(self.lambda_q2 @ self.lambda_k2)
+                + self.lambda_init)
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        B, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(x).view(B, n, h, 2, d).permute(3, 0, 2, 1, 4)  # (2, B, h, n, d): Q_1, Q_2
+        k = self.k_proj(x).view(B, n, h, 2, d).permute(3, 0, 2, 1, 4)  # (2, B, h, n, d): K_1, K_2
+        v = self.v_proj(x).view(B, n, h, 2 * d).transpose(1, 2)  # (B, h, n, 2d)
+        return q[0], q[1], k[0], k[1], v
+
+    def maps(self, x: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The two softmax maps ``A_1, A_2`` ``(B, h, n, n)`` and ``lambda`` (for drawing them)."""
+        x = check_tokens(x, self.embed_dim)
+        q1, q2, k1, k2, v = self._qkv(x)
+        a1 = scaled_dot_product_attention(q1, k1, v, key_mask=key_mask, is_causal=self.causal, need_weights=True).weights
+        a2 = scaled_dot_product_attention(q2, k2, v, key_mask=key_mask, is_causal=self.causal, need_weights=True).weights
+        return a1, a2, self.lam()
+
+    def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
+        x = check_tokens(x, self.embed_dim)
+        B, n, _ = x.shape
+        if key_mask is not None:
+            check_key_mask(key_mask, B, n)
+        if empty_batch(x):
+            return AttentionOutput(x.new_zeros(B, n, self.embed_dim),
+                                   x.new_zeros(B, self.num_heads, n, n) if need_weights else None)
+        q1, q2, k1, k2, v = self._qkv(x)
+        lam = self.lam()
+        kw = dict(key_mask=key_mask, is_causal=self.causal, need_weights=need_weights)
+        o1, a1 = scaled_dot_product_attention(q1, k1, v, **kw)  # A_1 V, (B, h, n, 2d)
+        o2, a2 = scaled_dot_product_attention(q2, k2, v, **kw)  # A_2 V
+        heads = self.head_norm(o1 - lam * o2) * (1.0 - self.lambda_init)  # (B, h, n, 2d)
+        y = self.out_proj(heads.transpose(1, 2).reshape(B, n, self.embed_dim))
+        return AttentionOutput(y, (a1 - lam * a2) if need_weights else None)
+
+
+# ============================================================================ attention sinks
+
+
+@dataclass
+class MotifStream:
+    """Token streams for a small LM: ``BOS`` then a random motif of ``min_period..max_period`` tokens, repeated, with noise.
+
+    Token 0 is ``BOS``. Each position copies the token one period back, except
+    that with probability ``noise`` it is a fresh random token. Predicting it
+    needs the last period of context (a few tokens), never the distant past:
+    a sliding window should lose nothing, which is what makes an attention
+    sink's eviction visible.
+    """
+
+    vocab: int = 24
+    min_period: int = 3
+    max_period: int = 8
+    noise: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.vocab < 3 or not 1 <= self.min_period <= self.max_period or not 0 <= self.noise < 1:
+            raise ValueError(f"need vocab >= 3, 1 <= min_period <= max_period, 0 <= noise < 1; got {self}")
+
+    def stream(self, batch: int, length: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(batch, length)`` tokens, ``BOS`` first."""
+        period = torch.randint(self.min_period, self.max_period + 1, (batch, 1), generator=generator)
+        motif = torch.randint(1, self.vocab, (batch, self.max_period), generator=generator)
+        pos = torch.arange(length - 1)[None, :] % period  # (B, length - 1)
+        body = motif.gather(1, pos)
+        fresh = torch.randint(1, self.vocab, body.shape, generator=generator)
+        body = torch.where(torch.rand(body.shape, generator=generator) < self.noise, fresh, body)
+        return torch.cat([torch.zeros(batch, 1, dtype=torch.long), body], 1)
+
+
+class SinkCache:
+    """Per-layer keys and values (un-rotated) of a sliding window that keeps the first ``sinks`` tokens.
+
+    Holds at most ``window`` tokens: the first ``sinks`` ever seen and the
+    ``window - sinks`` most recent (``sinks = 0``: a plain sliding window;
+    ``window = None``: keep everything). ``sinks`` may also be a ``(batch,)``
+    tensor, one policy per row (the rows still hold the same number of
+    tokens, so several policies run as one batch). Positions are assigned
+    inside the cache (0 .. size - 1) when attending, as in StreamingLLM.
+    """
+
+    def __init__(self, num_layers: int, window: int | None, sinks: int | Tensor = 0) -> None:
+        most = int(sinks.max()) if isinstance(sinks, Tensor) else sinks
+        least = int(sinks.min()) if isinstance(sinks, Tensor) else sinks
+        if window is not None and not 0 <= least <= most < window:
+            raise ValueError(f"need 0 <= sinks < window, got sinks={sinks}, window={window}")
+        if window is None and most:
+            raise ValueError("sinks only make sense with a window")
+        self.window, self.sinks = window, sinks
+        self.k: list[Tensor | None] = [None] * num_layers
+        self.v: list[Tensor | None] = [None] * num_layers
+        self.seen = 0  # tokens appended so far
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add one token's ``k, v`` ``(B, h, 1, d)``; evict; return the cache ``(B, h, size, d)``."""
+        if self.k[layer] is None:
+            ks, vs = k, v
+        else:
+            ks, vs = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        size = ks.shape[2]
+        if self.window is not None and size > self.window:
+            # slot j keeps token j if j < sinks, else token j + (size - window): the first sinks and the newest rest
+            j = torch.arange(self.window, device=ks.device)
+            sinks = self.sinks.to(ks.device)[:, None] if isinstance(self.sinks, Tensor) else self.sinks
+            idx = torch.where(j < sinks, j, j + (size - self.window))  # (window,) or (B, window)
+            idx = idx.expand(ks.shape[0], self.window)[:, None, :, None]
+            ks = ks.gather(2, idx.expand(-1, ks.shape[1], -1, ks.shape[3]))
+            vs = vs.gather(2, idx.expand(-1, vs.shape[1], -1, vs.shape[3]))
+        self.k[layer], self.v[layer] = ks, vs
+        return ks, vs
+
+
+class RotaryLM(nn.Module):
+    """A small pre-norm causal LM with rotary positions (Su et al. 2021), for streaming past its training length.
+
+    ``forward(tokens (B, n)) -> logits (B, n, vocab)`` with positions ``0..n-1``;
+    :meth:`stream` decodes token by token with a :class:`SinkCache`.
+    """
+
+    def __init__(self, vocab: int, embed_dim: int = 32, num_heads: int = 4, num_layers: int = 2,
+                 rope_base: float = 10000.0) -> None:
+        super().__init__()
+        _positive_int("vocab", vocab)
+        if embed_dim % num_heads or (embed_dim // num_heads) % 2:
+            raise ValueError(f"embed_dim ({embed_dim}) / num_heads ({num_heads}) must be an even integer")
+        self.embed_dim, self.num_heads, self.head_dim, self.rope_base = embed_dim, num_heads, embed_dim // num_heads, rope_base
+        self.embed = nn.Embedding(vocab, embed_dim)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(embed_dim), "qkv": nn.Linear(embed_dim, 3 * embed_dim, bias=False),
+            "out": nn.Linear(embed_dim, embed_dim, bias=False), "norm2": nn.LayerNorm(embed_dim),
+            "mlp": nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)),
+        }) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, vocab, bias=False)
+
+    def _split(self, layer: nn.ModuleDict, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, n, _ = h.shape
+        qkv = layer["qkv"](layer["norm1"](h)).view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # (B, heads, n, d) each
+
+    def _check(self, tokens: Tensor) -> None:
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise ValueError(f"tokens must be a (batch, n) long tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+
+    def forward(self, tokens: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        self._check(tokens)
+        h = self.embed(tokens)
+        n = tokens.shape[1]
+        cos, sin = rotary_cos_sin(torch.arange(n, device=tokens.device), self.head_dim, self.rope_base, h.dtype)
+        weights = []
+        for layer in self.layers:
+            q, k, v = self._split(layer, h)
+            out, w = scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v,
+                                                  is_causal=True, need_weights=need_weights)
+            weights.append(w)
+            h = h + layer["out"](out.transpose(1, 2).reshape(h.shape))
+            h = h + layer["mlp"](layer["norm2"](h))
+        logits = self.head(self.norm(h))
+        return (logits, weights) if need_weights else logits
+
+    @torch.no_grad()
+    def stream(self, tokens: Tensor, window: int | None, sinks: int | Tensor = 0) -> Tensor:
+        """Logits ``(B, n, vocab)`` of decoding ``tokens`` one at a time through a :class:`SinkCache`.
+
+        Each token's keys and values are computed once, when it arrives, and
+        stored un-rotated; at each step the cached keys get positions
+        ``0..size-1`` and the new query position ``size - 1``. ``sinks`` may be
+        a ``(B,)`` tensor: one cache policy per row.
+        """
+        self._check(tokens)
+        n = tokens.shape[1]
+        cache = SinkCache(len(self.layers), window, sinks)
+        longest = n if window is None else min(n, window)
+        cos, sin = rotary_cos_sin(torch.arange(longest, device=tokens.device), self.head_dim, self.rope_base,
+                                  self.embed.weight.dtype)  # positions inside the cache
+        out = []
+        for t in range(n):
+            h = self.embed(tokens[:, t : t + 1])  # (B, 1, E)
+            for i, layer in enumerate(self.layers):
+                q, k, v = self._split(layer, h)
+                ks, vs = cache.append(i, k, v)
+                size = ks.shape[2]
+                att = F.scaled_dot_product_attention(apply_rotary(q, cos[size - 1 : size], sin[size - 1 : size]),
+                                                     apply_rotary(ks, cos[:size], sin[:size]), vs)
+                h = h + layer["out"](att.transpose(1, 2).reshape(h.shape))
+                h = h + layer["mlp"](layer["norm2"](h))
+            cache.seen += 1
+            out.append(h)
+        return self.head(self.norm(torch.cat(out, 1)))
+
+
+@torch.no_grad()
+def window_recompute_logits(model: RotaryLM, tokens: Tensor, window: int, start: int) -> Tensor:
+    """The baseline a streaming cache replaces: for each position ``t >= start``, re-encode ``BOS`` + the last ``window - 1`` tokens.
+
+    Returns the logits at positions ``start..n-1``, ``(B, n - start, vocab)``.
+    """
+    B, n = tokens.shape
+    if not window - 1 <= start < n:
+        raise ValueError(f"need window - 1 <= start < n, got window={window}, start={start}, n={n}")
+    ctx = tokens[:, 1:].unfold(1, window - 1, 1)[:, start - window + 1 :]  # (B, n - start, window - 1): ends at t
+    bos = tokens[:, :1, None].expand(B, ctx.shape[1], 1)
+    seqs = torch.cat([bos, ctx], -1).reshape(-1, window)  # (B (n - start), window)
+    return model(seqs)[:, -1].view(B, n - start, -1)

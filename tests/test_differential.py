@@ -1,0 +1,256 @@
+"""Chapter 30: differential attention against its formula and SDPA; the streaming LM with attention sinks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attn import registry
+from attn.differential import (
+    DifferentialAttention, MotifStream, RotaryLM, SinkCache, lambda_init, window_recompute_logits,
+)
+from attn.masks import padding_mask
+
+E = 16
+
+
+def make(causal=False, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = DifferentialAttention(E, 2, causal=causal, **kw).to(dtype)
+    with torch.no_grad():
+        m.head_norm.weight.uniform_(0.5, 1.5)
+    return m
+
+
+def tokens(B=2, n=6, dtype=torch.float32, seed=1):
+    return torch.randn(B, n, E, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def explicit(m: DifferentialAttention, x: torch.Tensor, key_mask=None) -> torch.Tensor:
+    """The paper's equations with explicit softmaxes, head by head."""
+    B, n, _ = x.shape
+    d = m.head_dim
+    dot = lambda a, b: float((a.detach().double() * b.detach().double()).sum())  # noqa: E731
+    lam = math.exp(dot(m.lambda_q1, m.lambda_k1)) - math.exp(dot(m.lambda_q2, m.lambda_k2)) + m.lambda_init
+    lam_t = torch.exp(m.lambda_q1 @ m.lambda_k1) - torch.exp(m.lambda_q2 @ m.lambda_k2) + m.lambda_init
+    assert abs(float(lam_t.detach()) - lam) < 1e-6
+    q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    if m.causal:
+        allowed = allowed.tril()
+    allowed = allowed.expand(B, n, n)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    heads = []
+    for i in range(m.num_heads):
+        q1, q2 = q[..., 2 * i * d : (2 * i + 1) * d], q[..., (2 * i + 1) * d : (2 * i + 2) * d]
+        k1, k2 = k[..., 2 * i * d : (2 * i + 1) * d], k[..., (2 * i + 1) * d : (2 * i + 2) * d]
+        vi = v[..., 2 * i * d : (2 * i + 2) * d]
+        a1 = (q1 @ k1.transpose(1, 2) / math.sqrt(d)).masked_fill(~allowed, float("-inf")).softmax(-1)
+        a2 = (q2 @ k2.transpose(1, 2) / math.sqrt(d)).masked_fill(~allowed, float("-inf")).softmax(-1)
+        o = (a1 - lam_t * a2) @ vi
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5) * m.head_norm.weight
+        heads.append(o * (1 - m.lambda_init))
+    return torch.cat(heads, -1) @ m.out_proj.weight.T
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_matches_explicit_formula_forward_and_gradients(causal, need_weights):
+    m = make(causal, dtype=torch.float64)
+    x = tokens(dtype=torch.float64).requires_grad_()
+    y, w = m(x, need_weights=need_weights)
+    ref = explicit(m, x)
+    assert (y - ref).abs().max() <= 1e-12
+    up = torch.randn_like(y)
+    params = [x, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(y, params, up), torch.autograd.grad(ref, params, up)):
+        assert (a - b).abs().max() <= 1e-11
+    if need_weights:
+        a1, a2, lam = m.maps(x)
+        assert torch.allclose(w, a1 - lam * a2)
+        assert torch.allclose(w.sum(-1), (1 - lam).expand(2, 2, 6))  # rows sum to 1 - lambda
+
+
+def test_first_map_against_sdpa_when_lambda_is_zero():
+    """lambda = 0 (lambda_init 0, equal exp terms): one softmax map, i.e. F.scaled_dot_product_attention + RMSNorm."""
+    m = make(lambda_init_value=0.0)
+    with torch.no_grad():
+        m.lambda_q2.copy_(m.lambda_q1)
+        m.lambda_k2.copy_(m.lambda_k1)
+    assert abs(float(m.lam().detach())) < 1e-7
+    x = tokens()
+    B, n, _ = x.shape
+    d = m.head_dim
+    q = m.q_proj(x).view(B, n, 2, 2, d)[:, :, :, 0].transpose(1, 2)  # Q_1 of each head
+    k = m.k_proj(x).view(B, n, 2, 2, d)[:, :, :, 0].transpose(1, 2)
+    v = m.v_proj(x).view(B, n, 2, 2 * d).transpose(1, 2)
+    o = m.head_norm(F.scaled_dot_product_attention(q, k, v))
+    ref = m.out_proj(o.transpose(1, 2).reshape(B, n, E))
+    assert (m(x).output - ref).abs().max() <= 1e-6
+
+
+def test_lambda_reparameterisation_and_init():
+    assert lambda_init(1) == pytest.approx(0.2)
+    assert lambda_init(5) == pytest.approx(0.8 - 0.6 * math.exp(-1.2))
+    assert lambda_init(100) == pytest.approx(0.8, abs=1e-6)
+    with pytest.raises(ValueError, match="1-based"):
+        lambda_init(0)
+    m = DifferentialAttention(32, 2, layer_index=3)
+    assert m.lambda_init == pytest.approx(lambda_init(3))
+    with torch.no_grad():
+        for p in (m.lambda_q1, m.lambda_k1, m.lambda_q2, m.lambda_k2):
+            p.zero_()
+    assert float(m.lam().detach()) == pytest.approx(m.lambda_init)  # exp(0) - exp(0) + lambda_init
+    with torch.no_grad():
+        m.lambda_q1.fill_(0.5)
+        m.lambda_k1.fill_(0.5)
+    assert float(m.lam().detach()) == pytest.approx(math.exp(0.25 * 8) - 1 + m.lambda_init)  # d = 8
+    m.lam().backward()
+    assert m.lambda_q1.grad is not None and m.lambda_q1.grad.abs().sum() > 0
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    m = DifferentialAttention(8, 2, causal=True).double()
+    x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x).output, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_padding_causality_batching_and_masked_rows():
+    m = make()
+    x = tokens(n=7)
+    km = padding_mask([7, 4], 7)
+    x2 = x.clone()
+    x2[1, 4:] = torch.randn(3, E)
+    with torch.no_grad():
+        a, b = m(x, key_mask=km).output, m(x2, key_mask=km).output
+        assert (a[1, :4] - b[1, :4]).abs().max() <= 1e-6  # padded keys have no effect
+        assert (a - explicit(m, x, km)).abs().max() <= 1e-5
+        single = torch.cat([m(x[i : i + 1], key_mask=km[i : i + 1]).output for i in range(2)])
+        assert (single - a).abs().max() <= 1e-6
+        c = make(causal=True)
+        y1, y2 = c(x).output, c(x2).output
+        assert (y1[1, :4] - y2[1, :4]).abs().max() <= 1e-6 and (y1[1, 4:] - y2[1, 4:]).abs().max() > 1e-3
+        none = torch.zeros(2, 7, dtype=torch.bool)
+        none[0] = True
+        out = m(x, key_mask=none, need_weights=True)
+        assert torch.isfinite(out.output).all() and (out.weights[1] == 0).all()
+
+
+def test_empty_batch():
+    out = make()(torch.zeros(0, 5, E), need_weights=True)
+    assert out.output.shape == (0, 5, E) and out.weights.shape == (0, 2, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        ([[0.0] * E], TypeError, "torch.Tensor"),
+        (torch.zeros(2, 5, E, dtype=torch.int64), TypeError, "floating-point"),
+        (torch.zeros(5, E), ValueError, r"\(batch, seq, embed_dim=16\)"),
+        (torch.zeros(2, 5, E + 2), ValueError, "embed_dim=16"),
+        (torch.zeros(2, 0, E), ValueError, "empty sequence"),
+    ],
+)
+def test_bad_inputs(bad, err, match):
+    with pytest.raises(err, match=match):
+        make()(bad)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="2 \\* num_heads"):
+        DifferentialAttention(12, 4)
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        DifferentialAttention(16, 2.0)
+    with pytest.raises(ValueError, match="key_mask"):
+        make()(tokens(), key_mask=torch.ones(3, 6, dtype=torch.bool))
+
+
+def test_registry_entry():
+    mech = registry.get("differential")
+    assert mech.chapter == 30 and registry.chapter(30).slug == "differential_attention"
+    layer = mech.build(32, 4)
+    assert layer.num_heads == 2 and layer.head_dim == 8
+    assert sum(p.numel() for p in layer.parameters() if p.ndim == 2) == 4 * 32 * 32  # as a 4-head standard layer
+    out = layer(torch.randn(2, 6, 32), need_weights=True)
+    assert out.output.shape == (2, 6, 32) and out.weights.shape == (2, 2, 6, 6)
+
+
+# ----------------------------------------------------------------------------- attention sinks
+
+
+def lm(seed=0):
+    torch.manual_seed(seed)
+    return RotaryLM(12, embed_dim=16, num_heads=2, num_layers=2).eval()
+
+
+def test_stream_without_eviction_equals_full_forward():
+    model = lm()
+    x = MotifStream(vocab=12).stream(3, 20, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x)
+        assert (model.stream(x, window=None) - full).abs().max() <= 1e-5
+        assert (model.stream(x, window=20, sinks=4) - full).abs().max() <= 1e-5  # nothing evicted yet
+        evicted = model.stream(x, window=8, sinks=0)
+        assert (evicted[:, :8] - full[:, :8]).abs().max() <= 1e-5
+        assert (evicted[:, 8:] - full[:, 8:]).abs().max() > 1e-3
+
+
+def test_sink_cache_keeps_first_and_recent_tokens():
+    cache = SinkCache(1, window=5, sinks=2)
+    for t in range(9):
+        ks, _ = cache.append(0, torch.full((1, 1, 1, 1), float(t)), torch.zeros(1, 1, 1, 1))
+    assert ks.flatten().tolist() == [0.0, 1.0, 6.0, 7.0, 8.0]
+    plain = SinkCache(1, window=5, sinks=0)
+    for t in range(9):
+        ks, _ = plain.append(0, torch.full((1, 1, 1, 1), float(t)), torch.zeros(1, 1, 1, 1))
+    assert ks.flatten().tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
+    with pytest.raises(ValueError, match="sinks < window"):
+        SinkCache(1, window=4, sinks=4)
+
+
+def test_per_row_sinks_equal_separate_runs():
+    model = lm()
+    x = MotifStream(vocab=12).stream(2, 18, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        both = model.stream(torch.cat([x, x]), window=7, sinks=torch.tensor([0, 0, 3, 3]))
+        assert (both[:2] - model.stream(x, window=7, sinks=0)).abs().max() <= 1e-6
+        assert (both[2:] - model.stream(x, window=7, sinks=3)).abs().max() <= 1e-6
+        assert (both[:2, 10:] - both[2:, 10:]).abs().max() > 1e-3
+
+
+def test_stream_with_sinks_equals_dense_attention_over_the_kept_tokens():
+    """At the last step, the sink cache's logits equal a full forward over the kept tokens for layer 1 (1-layer model)."""
+    torch.manual_seed(0)
+    model = RotaryLM(12, embed_dim=16, num_heads=2, num_layers=1).eval()
+    x = MotifStream(vocab=12).stream(2, 15, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        streamed = model.stream(x, window=6, sinks=2)[:, -1]
+        kept = torch.cat([x[:, :2], x[:, -4:]], 1)  # one layer: a token's k, v depend only on the token itself
+        assert (streamed - model(kept)[:, -1]).abs().max() <= 1e-5
+
+
+def test_window_recompute_matches_explicit_windows():
+    model = lm()
+    x = MotifStream(vocab=12).stream(2, 14, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = window_recompute_logits(model, x, window=5, start=6)
+        for j, t in enumerate(range(6, 14)):
+            seq = torch.cat([x[:, :1], x[:, t - 3 : t + 1]], 1)
+            assert (got[:, j] - model(seq)[:, -1]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="start"):
+        window_recompute_logits(model, x, window=5, start=2)
+
+
+def test_motif_stream_and_bad_tokens():
+    x = MotifStream(vocab=10, min_period=3, max_period=3, noise=0.0).stream(4, 13, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == 0).all() and (x[:, 1:] > 0).all()
+    assert torch.equal(x[:, 4:], x[:, 1:-3])  # period 3, no noise
+    with pytest.raises(ValueError, match="long tensor"):
+        lm()(torch.zeros(2, 5))
+    with pytest.raises(ValueError):
+        MotifStream(vocab=2)
