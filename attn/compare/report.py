@@ -74,20 +74,11 @@ class Comparison:
         t = self.table().loc[[r.name for r in self.sequence_results()]]
         out = pd.DataFrame(index=t.index)
         out["ch"] = t["chapter"]
-        out["params"] = t["params"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
-        out["GFLOP"] = t["gflops"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        out["ms"] = t["latency_ms"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        out["MiB"] = t["peak_mib"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        out["time ~n^p"] = t["time_exponent"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-        out["mem ~n^p"] = t["memory_exponent"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-        out["FLOP ~n^p"] = t["flops_exponent"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-        out["acc"] = t["accuracy"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-        out["acc far"] = t["accuracy_far"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-        out["steps to target"] = [
-            "" if r.status != "ok" else ("never" if pd.isna(v) else str(int(v)))
-            for r, v in zip(self.sequence_results(), t["steps_to_target"])
-        ]
-        out["H(query)"] = t["query_entropy"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+        _cost_columns(out, t, "n")
+        out["acc"] = _fmt(t["accuracy"], ".3f")
+        out["acc far"] = _fmt(t["accuracy_far"], ".3f")
+        out["steps to target"] = _steps(self.sequence_results(), t)
+        out["H(query)"] = _fmt(t["query_entropy"], ".2f")
         out["status"] = [
             r.status for r in self.sequence_results()
         ]
@@ -102,19 +93,10 @@ class Comparison:
         out["size"] = [
             "" if pd.isna(m) else f"{u} <= {int(m)}" for u, m in zip(t["size_unit"], t["sweep_max_n"])
         ]
-        out["params"] = t["params"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
-        out["GFLOP"] = t["gflops"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        out["ms"] = t["latency_ms"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        out["MiB"] = t["peak_mib"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
-        out["time ~size^p"] = t["time_exponent"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-        out["mem ~size^p"] = t["memory_exponent"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-        out["FLOP ~size^p"] = t["flops_exponent"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-        out["acc"] = t["accuracy"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-        out["steps to target"] = [
-            "" if r.status != "ok" else ("never" if pd.isna(v) else str(int(v)))
-            for r, v in zip(self.own_results(), t["steps_to_target"])
-        ]
-        out["H(attn)"] = t["query_entropy"].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+        _cost_columns(out, t, "size")
+        out["acc"] = _fmt(t["accuracy"], ".3f")
+        out["steps to target"] = _steps(self.own_results(), t)
+        out["H(attn)"] = _fmt(t["query_entropy"], ".2f")
         out["status"] = [r.status if r.status != "own task" else "no task hook" for r in self.own_results()]
         return out
 
@@ -447,6 +429,26 @@ class Comparison:
                 plt.close(fig)
                 written.append(out / fname)
         return written
+
+
+def _fmt(series: pd.Series, spec: str) -> pd.Series:
+    """Numbers formatted with ``spec``; missing values as empty strings."""
+    return series.map(lambda v: "" if pd.isna(v) else format(float(v), spec))
+
+
+def _cost_columns(out: pd.DataFrame, t: pd.DataFrame, size: str) -> None:
+    """The cost columns both tables share: parameters, GFLOP, ms, MiB and the fitted exponents in ``size``."""
+    out["params"] = t["params"].map(lambda v: "" if pd.isna(v) else f"{int(v):,}")
+    out["GFLOP"] = _fmt(t["gflops"], ".3g")
+    out["ms"] = _fmt(t["latency_ms"], ".3g")
+    out["MiB"] = _fmt(t["peak_mib"], ".3g")
+    for col, label in (("time_exponent", "time"), ("memory_exponent", "mem"), ("flops_exponent", "FLOP")):
+        out[f"{label} ~{size}^p"] = _fmt(t[col], ".2f")
+
+
+def _steps(results: list[MechanismResult], t: pd.DataFrame) -> list[str]:
+    """Steps to the target accuracy: a number, "never" within the budget, or empty for a failed row."""
+    return ["" if r.status != "ok" else ("never" if pd.isna(v) else str(int(v))) for r, v in zip(results, t["steps_to_target"])]
 
 
 def _own(r: MechanismResult) -> bool:
