@@ -490,7 +490,7 @@ class KernelRegressionTask:
 def _regression_loss(model: NadarayaWatson, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
     pred = model(batch["queries"], batch["keys"], batch["values"]).output
     err = (pred - batch["targets"]).abs()
-    return F.mse_loss(pred, batch["targets"]), {"acc": float((err < 0.25).float().mean()), "bandwidth": float(model.bandwidth)}
+    return F.mse_loss(pred, batch["targets"]), {"acc": float((err < 0.25).float().mean()), "bandwidth": float(torch.as_tensor(model.bandwidth).detach())}
 
 
 def make_regression_task(preset: str = "default") -> OwnTask:
