@@ -111,3 +111,13 @@ def test_sidebar_and_page_headings_carry_the_registry_number(built_book):
         page = (built_book / "notebooks" / f"{md.stem}.html").read_text()
         h1 = re.search(r"<h1[^>]*>(.*?)<", page, re.S)
         assert h1 and h1.group(1).strip() == title, f"{md.stem}: heading {h1 and h1.group(1)!r}"
+
+
+@pytest.mark.slow
+def test_equations_are_numbered_within_each_chapter(built_book):
+    """Each page numbers its equations (1), (2), ...: no book-wide counter that would read like another chapter's number."""
+    for md in SOURCES:
+        page = (built_book / "notebooks" / f"{md.stem}.html").read_text()
+        numbers = [int(n) for n in re.findall(r'class="eqno">\((\d+)\)', page)]
+        if numbers:
+            assert numbers == list(range(1, len(numbers) + 1)), f"{md.stem}: equations numbered {numbers[:5]}..."
