@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-__all__ = ["check_tensor", "check_tokens", "check_heads", "check_same_batch", "empty_batch"]
+__all__ = ["check_tensor", "check_tokens", "check_heads", "check_int", "check_same_batch", "empty_batch"]
 
 
 def check_tensor(x: object, name: str, shape: str, ndim: int | Sequence[int] | None = None) -> Tensor:
@@ -79,3 +79,12 @@ def check_heads(embed_dim: int, num_heads: int) -> int:
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
     return embed_dim // num_heads
+
+
+def check_int(name: str, value: object, low: int = 1) -> int:
+    """``value`` is an ``int`` (not a bool) and ``>= low``; returns it. Errors name the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value

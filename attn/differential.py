@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_int, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
 from .latent import apply_rotary, rotary_cos_sin
 from .masks import check_key_mask
@@ -62,14 +62,6 @@ def lambda_init(layer_index: int) -> float:
     if layer_index < 1:
         raise ValueError(f"layer_index is 1-based, got {layer_index}")
     return 0.8 - 0.6 * math.exp(-0.3 * (layer_index - 1))
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 @register(
@@ -100,8 +92,8 @@ class DifferentialAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, layer_index: int = 1, lambda_init_value: float | None = None,
                  causal: bool = False, bias: bool = False, eps: float = 1e-5) -> None:
         super().__init__()
-        _positive_int("embed_dim", embed_dim)
-        _positive_int("num_heads", num_heads)
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
         if embed_dim % (2 * num_heads):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by 2 * num_heads ({2 * num_heads})")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // (2 * num_heads)
@@ -241,7 +233,7 @@ class RotaryLM(nn.Module):
     def __init__(self, vocab: int, embed_dim: int = 32, num_heads: int = 4, num_layers: int = 2,
                  rope_base: float = 10000.0) -> None:
         super().__init__()
-        _positive_int("vocab", vocab)
+        check_int("vocab", vocab)
         if embed_dim % num_heads or (embed_dim // num_heads) % 2:
             raise ValueError(f"embed_dim ({embed_dim}) / num_heads ({num_heads}) must be an even integer")
         self.embed_dim, self.num_heads, self.head_dim, self.rope_base = embed_dim, num_heads, embed_dim // num_heads, rope_base

@@ -55,7 +55,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_int, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv
 from .masks import check_key_mask
 from .registry import register
@@ -66,13 +66,6 @@ __all__ = [
 ]
 
 
-def _check_block(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 def tile_plan(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> Tensor:
     """Which ``(query block, key block)`` tiles are computed: ``(n_q/block_q, n_k/block_k)`` int tensor.
 
@@ -80,8 +73,8 @@ def tile_plan(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> T
     query), ``1`` = computed and partly masked (the diagonal tiles), ``2`` =
     computed in full. Causal follows SDPA's ``is_causal``: query ``i`` sees keys ``j <= i``.
     """
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
+    check_int("block_q", block_q)
+    check_int("block_k", block_k)
     nq, nk = -(-n_q // block_q), -(-n_k // block_k)
     plan = torch.full((nq, nk), 2, dtype=torch.long)
     if causal:
@@ -228,8 +221,8 @@ def flash_attention(
         no visible key get zeros (their ``lse`` is ``-inf``).
     """
     check_qkv(q, k, v)
-    _check_block("block_q", block_q)
-    _check_block("block_k", block_k)
+    check_int("block_q", block_q)
+    check_int("block_k", block_k)
     check_key_mask(key_mask, q.shape[0], k.shape[-2], length_name="n_keys")
     squeeze = q.ndim == 3
     if squeeze:
@@ -269,7 +262,7 @@ def online_softmax_trace(scores: Tensor, block_k: int, causal_row: int | None = 
 
     ``causal_row=i`` hides keys ``j > i`` (and skips blocks wholly after it).
     """
-    _check_block("block_k", block_k)
+    check_int("block_k", block_k)
     n_k = scores.shape[-1]
     nb = -(-n_k // block_k)
     run_m = torch.full((nb,), float("nan"), dtype=torch.float64)
@@ -320,8 +313,8 @@ class FlashAttention(nn.Module):
             raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        _check_block("block_q", block_q)
-        _check_block("block_k", block_k)
+        check_int("block_q", block_q)
+        check_int("block_k", block_k)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.causal, self.block_q, self.block_k = causal, block_q, block_k
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V]

@@ -45,7 +45,6 @@ Multi-Head Checkpoints", EMNLP 2023.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_tokens, empty_batch

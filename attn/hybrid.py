@@ -57,20 +57,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_tokens, empty_batch
+from .checks import check_int, check_heads, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
 
 __all__ = ["BlockLayout", "bigbird_layout", "bigbird_mask", "bigbird_attention", "BigBirdAttention"]
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def _global_blocks(n_blocks: int, global_blocks: Sequence[int]) -> Tensor:
@@ -167,10 +159,10 @@ def bigbird_layout(
     blocks, then ``num_random`` random blocks drawn per head from the others
     (seeded by ``seed``). Global query blocks are listed too but attend densely.
     """
-    _check_int("n_blocks", n_blocks, 1)
-    _check_int("window", window, 0)
-    _check_int("num_random", num_random, 0)
-    _check_int("heads", heads, 1)
+    check_int("n_blocks", n_blocks, 1)
+    check_int("window", window, 0)
+    check_int("num_random", num_random, 0)
+    check_int("heads", heads, 1)
     g = _global_blocks(n_blocks, global_blocks)
     is_global = torch.zeros(n_blocks, dtype=torch.bool)
     is_global[g] = True
@@ -200,7 +192,7 @@ def bigbird_mask(n: int, block_size: int, layout: BlockLayout) -> Tensor:
     Built from :meth:`BlockLayout.block_mask` by repeating each block entry
     ``block_size`` times along both axes; the efficient code never builds it.
     """
-    _check_int("block_size", block_size, 1)
+    check_int("block_size", block_size, 1)
     nb = -(-n // block_size)
     if layout.n_blocks != nb:
         raise ValueError(f"layout has {layout.n_blocks} blocks, but n={n} with block_size={block_size} needs {nb}")
@@ -240,7 +232,7 @@ def bigbird_attention(
     check_qkv(q, k, v)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"bigbird attention needs as many queries as keys (self-attention), got {q.shape[-2]} and {k.shape[-2]}")
-    _check_int("block_size", block_size, 1)
+    check_int("block_size", block_size, 1)
     squeeze = q.ndim == 3
     if squeeze:  # (B, n, d) -> (B, 1, n, d)
         q, k, v = q[:, None], k[:, None], v[:, None]
@@ -350,12 +342,12 @@ class BigBirdAttention(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("embed_dim", embed_dim, 1)
-        _check_int("num_heads", num_heads, 1)
+        check_int("embed_dim", embed_dim, 1)
+        check_int("num_heads", num_heads, 1)
         check_heads(embed_dim, num_heads)
-        _check_int("block_size", block_size, 1)
-        _check_int("window", window, 0)
-        _check_int("num_random", num_random, 0)
+        check_int("block_size", block_size, 1)
+        check_int("window", window, 0)
+        check_int("num_random", num_random, 0)
         if isinstance(global_blocks, (int, str)) or not all(isinstance(g, int) and not isinstance(g, bool) for g in global_blocks):
             raise TypeError(f"global_blocks must be a sequence of ints (block indices), got {global_blocks!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads

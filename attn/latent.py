@@ -53,7 +53,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_int, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
 from .registry import register
 
@@ -128,14 +128,6 @@ class LatentCache:
         return self.c[:, :end], self.k_rope[:, :end]
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
 def _causal(past: int, t: int, m: int, device: torch.device) -> Tensor | None:
     """``(t, m)`` boolean mask, True = may attend: the query at position ``past + i`` sees keys ``j <= past + i``."""
     if t == 1:
@@ -175,20 +167,20 @@ class MultiHeadLatentAttention(nn.Module):
                  head_dim: int | None = None, rope_dim: int | None = None, v_head_dim: int | None = None,
                  rope_base: float = 10000.0, eps: float = 1e-6) -> None:
         super().__init__()
-        _positive_int("embed_dim", embed_dim)
-        _positive_int("num_heads", num_heads)
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
             head_dim = embed_dim // num_heads
-        d = _positive_int("head_dim", head_dim)
-        d_r = _positive_int("rope_dim", rope_dim if rope_dim is not None else max(2, (d // 2) // 2 * 2))
+        d = check_int("head_dim", head_dim)
+        d_r = check_int("rope_dim", rope_dim if rope_dim is not None else max(2, (d // 2) // 2 * 2))
         if d_r % 2:
             raise ValueError(f"rope_dim must be even (pairs are rotated), got {d_r}")
-        d_v = _positive_int("v_head_dim", v_head_dim if v_head_dim is not None else d)
-        r = _positive_int("kv_rank", kv_rank if kv_rank is not None else 4 * d)
+        d_v = check_int("v_head_dim", v_head_dim if v_head_dim is not None else d)
+        r = check_int("kv_rank", kv_rank if kv_rank is not None else 4 * d)
         if q_rank is not None:
-            _positive_int("q_rank", q_rank)
+            check_int("q_rank", q_rank)
         self.embed_dim, self.num_heads, self.head_dim, self.rope_dim, self.v_head_dim = embed_dim, num_heads, d, d_r, d_v
         self.kv_rank, self.q_rank, self.rope_base = r, q_rank, rope_base
         self.scale = 1.0 / math.sqrt(d + d_r)

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_tensor, check_tokens, empty_batch
+from .checks import check_int, check_heads, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -83,13 +83,6 @@ def faiss_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _check_count(name: str, value: int, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lowest:
-        raise ValueError(f"{name} must be >= {lowest}, got {value}")
 
 
 # --------------------------------------------------------------------------- persistent memory
@@ -120,7 +113,7 @@ class PersistentMemoryAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, slots: int = 8, bias: bool = True) -> None:
         super().__init__()
         check_heads(embed_dim, num_heads)
-        _check_count("slots", slots, 0)
+        check_int("slots", slots, 0)
         self.embed_dim, self.num_heads, self.head_dim, self.slots = embed_dim, num_heads, embed_dim // num_heads, slots
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -201,7 +194,7 @@ class KNNMemory:
     """
 
     def __init__(self, capacity: int) -> None:
-        _check_count("capacity", capacity, 1)
+        check_int("capacity", capacity, 1)
         self.capacity = capacity
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
@@ -283,7 +276,7 @@ def knn_attention(
     check_tensor(values, "values", "(batch, heads, S, d_v)", 4)
     if keys.shape[:2] != q.shape[:2] or keys.shape[-1] != q.shape[-1] or values.shape[:3] != keys.shape[:3]:
         raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} must share (batch, heads) and d; keys and values S")
-    _check_count("top_k", top_k, 1)
+    check_int("top_k", top_k, 1)
     if keys.shape[2] == 0:
         raise ValueError("the bank is empty (S = 0): nothing to retrieve")
     k = min(top_k, keys.shape[2])
@@ -364,9 +357,9 @@ class MemorizingAttention(nn.Module):
     ) -> None:
         super().__init__()
         check_heads(embed_dim, num_heads)
-        _check_count("segment", segment, 1)
-        _check_count("top_k", top_k, 0)
-        _check_count("capacity", capacity, 1)
+        check_int("segment", segment, 1)
+        check_int("top_k", top_k, 0)
+        check_int("capacity", capacity, 1)
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads

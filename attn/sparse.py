@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import empty_batch
+from .checks import check_int, empty_batch
 from .core import AttentionOutput, build_mask, check_qkv, masked_softmax
 from .masks import causal_mask, check_key_mask
 from .multihead import MultiHeadAttention
@@ -74,14 +74,6 @@ Pattern = Literal["strided", "fixed"]
 # ----------------------------------------------------------------------------- dense reference masks
 
 
-def _check_int(name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
 def _rows(n: int, keep: Callable[[Tensor, Tensor], Tensor], device: torch.device | str | None, chunk: int = 1024) -> Tensor:
     """Build an ``(n, n)`` boolean mask ``keep(i (rows, 1), j (1, n))`` a slab of rows at a time (bounded temporaries)."""
     out = torch.empty(n, n, dtype=torch.bool, device=device)
@@ -99,8 +91,8 @@ def strided_mask(n: int, stride: int, causal: bool = True, device: torch.device 
     ``(i - j) mod stride == 0``; with ``causal`` only ``j <= i``. This is the
     labelled *reference*: the efficient code never builds it.
     """
-    _check_int("n", n, 0)
-    l = _check_int("stride", stride)
+    check_int("n", n, 0)
+    l = check_int("stride", stride)
 
     def keep(i: Tensor, j: Tensor) -> Tensor:
         a = ((j >= i - l) & (j <= i + l)) | (i % l == j % l)  # A1 | A2: (i - j) mod l = 0 iff same residue
@@ -117,9 +109,9 @@ def fixed_mask(n: int, block: int, c: int, causal: bool = True, device: torch.de
     with ``causal`` only ``j <= i``. The labelled reference for
     :func:`fixed_attention`.
     """
-    _check_int("n", n, 0)
-    l = _check_int("block", block)
-    _check_int("c", c)
+    check_int("n", n, 0)
+    l = check_int("block", block)
+    check_int("c", c)
     if c > l:
         raise ValueError(f"c (summary positions per block) must be <= block, got c={c}, block={l}")
 
@@ -272,7 +264,7 @@ def strided_attention(
     """
     q, k, v, squeeze = _with_heads(q, k, v, dropout_p)
     B, H, n, d = q.shape
-    l = default_stride(n) if stride is None else _check_int("stride", stride)
+    l = default_stride(n) if stride is None else check_int("stride", stride)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     m = -(-n // l)  # number of blocks
     N = m * l
@@ -359,12 +351,12 @@ def fixed_attention(
     """
     q, k, v, squeeze = _with_heads(q, k, v, dropout_p)
     B, H, n, d = q.shape
-    c = _check_int("c", c)
+    c = check_int("c", c)
     if block is None:
         l = default_stride(n)
         c = min(c, l)
     else:
-        l = _check_int("block", block)
+        l = check_int("block", block)
         if c > l:
             raise ValueError(f"c (summary positions per block) must be <= block, got c={c}, block={l}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -419,7 +411,7 @@ def topk_mask(scores: Tensor, topk: int, mask: Tensor | None = None) -> Tensor:
     ``k``-th largest score, keep ``s > t``, then the first ``k - #(s > t)``
     entries equal to ``t`` in key order.
     """
-    topk = _check_int("topk", topk)
+    topk = check_int("topk", topk)
     s = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     kk = min(topk, s.shape[-1])
     t = s.topk(kk, dim=-1).values[..., -1:]  # (..., 1) k-th largest
@@ -460,7 +452,7 @@ def topk_attention(
             (boolean ``attn_mask``, ``True`` = may attend).
     """
     check_qkv(q, k, v)
-    topk = _check_int("topk", topk)
+    topk = check_int("topk", topk)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -531,8 +523,8 @@ class SparseAttention(MultiHeadAttention):
         if pattern not in ("strided", "fixed"):
             raise ValueError(f"pattern must be 'strided' or 'fixed', got {pattern!r}")
         if stride is not None:
-            _check_int("stride", stride)
-        _check_int("summary", summary)
+            check_int("stride", stride)
+        check_int("summary", summary)
         if stride is not None and pattern == "fixed" and summary > stride:
             raise ValueError(f"summary ({summary}) must be <= the block size stride ({stride})")
         self.pattern, self.stride, self.summary, self.causal = pattern, stride, summary, causal
@@ -582,7 +574,7 @@ class TopKAttention(MultiHeadAttention):
     def __init__(self, embed_dim: int, num_heads: int, topk: int = 8, dropout: float = 0.0, bias: bool = True,
                  kdim: int | None = None, vdim: int | None = None) -> None:
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
-        self.topk = _check_int("topk", topk)
+        self.topk = check_int("topk", topk)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, key_mask: Tensor | None,
                is_causal: bool, dropout_p: float, scale: float, need_weights: bool) -> AttentionOutput:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_tensor, check_tokens, empty_batch
+from .checks import check_int, check_heads, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .registry import register
 
@@ -131,13 +131,6 @@ def relative_scores_explicit(q: Tensor, k: Tensor, r_proj: Tensor, u: Tensor, v:
     return (a + b + c + d) * visible
 
 
-def _check_length(name: str, value: int, lowest: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lowest:
-        raise ValueError(f"{name} must be >= {lowest}, got {value}")
-
-
 @register(
     "transformer_xl",
     paper="Dai et al. 2019",
@@ -166,8 +159,8 @@ class TransformerXLAttention(nn.Module):
         check_heads(embed_dim, num_heads)
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even (sinusoid table), got {embed_dim}")
-        _check_length("segment", segment, 1)
-        _check_length("mem_len", mem_len, 0)
+        check_int("segment", segment, 1)
+        check_int("mem_len", mem_len, 0)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.segment, self.mem_len, self.dropout = segment, mem_len, dropout
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)  # [W_q; W_k,E; W_v]
@@ -372,7 +365,7 @@ class TransformerXLLM(nn.Module):
         self, vocab: int, embed_dim: int = 32, num_heads: int = 2, layers: int = 1, segment: int = 8, mem_len: int = 8, ff_mult: int = 2
     ) -> None:
         super().__init__()
-        _check_length("layers", layers, 1)
+        check_int("layers", layers, 1)
         self.vocab, self.segment, self.mem_len = vocab, segment, mem_len
         self.embed = nn.Embedding(vocab, embed_dim)
         self.blocks = nn.ModuleList(_Block(embed_dim, num_heads, segment, mem_len, ff_mult) for _ in range(layers))

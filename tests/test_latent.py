@@ -241,7 +241,7 @@ def test_bad_arguments_and_cache():
         MultiHeadLatentAttention(32, 4, rope_dim=3)
     with pytest.raises(TypeError, match="kv_rank must be an int"):
         MultiHeadLatentAttention(32, 4, kv_rank=2.5)
-    with pytest.raises(ValueError, match="q_rank must be positive"):
+    with pytest.raises(ValueError, match="q_rank must be >= 1"):
         MultiHeadLatentAttention(32, 4, q_rank=0)
     m = make()
     with pytest.raises(TypeError, match="LatentCache"):
