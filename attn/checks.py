@@ -12,9 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
+import torch
 from torch import Tensor
 
-__all__ = ["check_tensor", "check_tokens", "check_heads", "check_int", "check_same_batch", "empty_batch"]
+__all__ = [
+    "check_tensor",
+    "check_tokens",
+    "check_heads",
+    "check_int",
+    "check_positive_float",
+    "check_same_batch",
+    "check_same_dtype",
+    "check_token_ids",
+    "empty_batch",
+]
 
 
 def check_tensor(x: object, name: str, shape: str, ndim: int | Sequence[int] | None = None) -> Tensor:
@@ -88,3 +101,60 @@ def check_int(name: str, value: object, low: int = 1) -> int:
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def check_positive_float(name: str, value: object, *, allow_zero: bool = False, minimum: float | None = None) -> float:
+    """``value`` is a finite real number ``> 0`` (``>= 0`` with ``allow_zero``); returns it as a float.
+
+    ``minimum`` rejects values so small that the computation would underflow (a temperature of
+    1e-40 turns every score into inf); the message says so.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+            value = value.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    if minimum is not None and 0 < value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g} (smaller values overflow the scores to inf), got {value:g}")
+    return value
+
+
+def check_same_dtype(*named: tuple[str, Tensor | None]) -> None:
+    """All given tensors (``None`` entries skipped) share one dtype; the error names each argument and its dtype.
+
+    Mixed dtypes (a float64 memory into a float32 layer, a float32 cache beside a bf16 layer) otherwise
+    fail deep inside a matmul or silently upcast.
+    """
+    present = [(n, t) for n, t in named if t is not None]
+    dtypes = {t.dtype for _, t in present}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{n}: {t.dtype}" for n, t in present)
+        raise TypeError(f"dtypes must match ({listing}); cast them to one dtype first, e.g. .to({present[0][1].dtype})")
+
+
+def check_token_ids(ids: object, vocab_size: int, name: str = "tokens", ndim: int | None = 2) -> Tensor:
+    """``ids`` is an integer tensor of token ids in ``[0, vocab_size)`` (rank ``ndim`` when given), not empty.
+
+    Raises:
+        TypeError: not a tensor, or a floating-point/bool tensor.
+        ValueError: wrong rank, an empty sequence, or an id out of range (the message gives the range found).
+    """
+    shape = "(batch, seq)" if ndim == 2 else f"a {ndim}-D tensor" if ndim is not None else "a tensor"
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer token ids {shape}, got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must hold integer token ids {shape}, got dtype {ids.dtype}")
+    if ndim is not None and ids.ndim != ndim:
+        raise ValueError(f"{name} must have shape {shape}, got {ids.ndim}-D shape {tuple(ids.shape)}")
+    if ids.ndim >= 2 and ids.shape[-1] == 0 and ids.shape[0] > 0:
+        raise ValueError(f"{name} is an empty sequence: shape {shape} needs seq >= 1, got {tuple(ids.shape)}")
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    return ids
