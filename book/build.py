@@ -131,6 +131,11 @@ def _synced(text: str):
     return nb
 
 
+def _without_tool_version(text: str) -> str:
+    """The text minus jupytext's own version stamp, which changes with every jupytext release, not with the notebook."""
+    return "\n".join(line for line in text.splitlines() if "jupytext_version" not in line)
+
+
 def sync(check: bool = False) -> int:
     """Write each ``.md`` notebook's committed ``.ipynb`` twin (or, with ``check``, report drift)."""
     import jupytext
@@ -144,7 +149,7 @@ def sync(check: bool = False) -> int:
         ipynb = md.with_suffix(".ipynb")
         for path, text in ((md, md_text), (ipynb, ipynb_text)):
             old = path.read_text() if path.exists() else None
-            if old != text:
+            if old is None or _without_tool_version(old) != _without_tool_version(text):
                 drift.append(path.relative_to(ROOT))
                 if not check:
                     path.write_text(text)
