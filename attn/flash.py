@@ -266,6 +266,38 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     return s.softmax(-1) @ v
 
 
+def _check_partials(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> None:
+    """The inputs of :func:`merge_partial_attention`: matching non-empty sequences of ``(..., n_q, d_v)`` outputs and
+    ``(..., n_q)`` log-sum-exps, one shape, dtype and device, the log-sum-exps finite or ``-inf``."""
+    for name, seq in (("outputs", outputs), ("lses", lses)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list or tuple of tensors, one per key chunk, got {type(seq).__name__}")
+    if len(outputs) == 0:
+        raise ValueError("outputs must hold at least one chunk, got an empty sequence")
+    if len(outputs) != len(lses):
+        raise ValueError(f"outputs and lses must have one entry per chunk: got {len(outputs)} outputs and {len(lses)} lses")
+    first = outputs[0]
+    for c, (o, lse) in enumerate(zip(outputs, lses)):
+        if not isinstance(o, Tensor) or not isinstance(lse, Tensor):
+            bad, val = (f"outputs[{c}]", o) if not isinstance(o, Tensor) else (f"lses[{c}]", lse)
+            raise TypeError(f"{bad} must be a torch.Tensor, got {type(val).__name__}")
+        for name, t in ((f"outputs[{c}]", o), (f"lses[{c}]", lse)):
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if o.ndim < 2:
+            raise ValueError(f"outputs[{c}] must have shape (..., n_q, d_v), got {o.ndim}-D shape {tuple(o.shape)}")
+        if o.shape != first.shape:
+            raise ValueError(f"outputs[{c}] has shape {tuple(o.shape)}, outputs[0] {tuple(first.shape)}: every chunk's output has the same shape")
+        if lse.shape != o.shape[:-1]:
+            raise ValueError(f"lses[{c}] must have shape {tuple(o.shape[:-1])} (outputs[{c}] without its last dimension), got {tuple(lse.shape)}")
+        check_same_dtype(("outputs[0]", first), (f"outputs[{c}]", o), (f"lses[{c}]", lse))
+        if o.device != first.device or lse.device != first.device:
+            raise ValueError(f"outputs[{c}] and lses[{c}] must be on {first.device} like outputs[0], got {o.device} and {lse.device}")
+        with torch.no_grad():
+            if bool((torch.isnan(lse) | (lse == float("inf"))).any()):
+                raise ValueError(f"lses[{c}] must be finite or -inf (a chunk with no visible key), found NaN or +inf")
+
+
 def merge_partial_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     r"""Merge attentions computed over disjoint chunks of the keys into attention over all of them.
 
@@ -299,33 +331,7 @@ def merge_partial_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -
     Returns:
         ``(output (..., n_q, d_v), lse (..., n_q))``.
     """
-    for name, seq in (("outputs", outputs), ("lses", lses)):
-        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
-            raise TypeError(f"{name} must be a list or tuple of tensors, one per key chunk, got {type(seq).__name__}")
-    if len(outputs) == 0:
-        raise ValueError("outputs must hold at least one chunk, got an empty sequence")
-    if len(outputs) != len(lses):
-        raise ValueError(f"outputs and lses must have one entry per chunk: got {len(outputs)} outputs and {len(lses)} lses")
-    first = outputs[0]
-    for c, (o, lse) in enumerate(zip(outputs, lses)):
-        if not isinstance(o, Tensor) or not isinstance(lse, Tensor):
-            bad, val = (f"outputs[{c}]", o) if not isinstance(o, Tensor) else (f"lses[{c}]", lse)
-            raise TypeError(f"{bad} must be a torch.Tensor, got {type(val).__name__}")
-        for name, t in ((f"outputs[{c}]", o), (f"lses[{c}]", lse)):
-            if not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if o.ndim < 2:
-            raise ValueError(f"outputs[{c}] must have shape (..., n_q, d_v), got {o.ndim}-D shape {tuple(o.shape)}")
-        if o.shape != first.shape:
-            raise ValueError(f"outputs[{c}] has shape {tuple(o.shape)}, outputs[0] {tuple(first.shape)}: every chunk's output has the same shape")
-        if lse.shape != o.shape[:-1]:
-            raise ValueError(f"lses[{c}] must have shape {tuple(o.shape[:-1])} (outputs[{c}] without its last dimension), got {tuple(lse.shape)}")
-        check_same_dtype(("outputs[0]", first), (f"outputs[{c}]", o), (f"lses[{c}]", lse))
-        if o.device != first.device or lse.device != first.device:
-            raise ValueError(f"outputs[{c}] and lses[{c}] must be on {first.device} like outputs[0], got {o.device} and {lse.device}")
-        with torch.no_grad():
-            if bool((torch.isnan(lse) | (lse == float("inf"))).any()):
-                raise ValueError(f"lses[{c}] must be finite or -inf (a chunk with no visible key), found NaN or +inf")
+    _check_partials(outputs, lses)
     lse_all = torch.stack(list(lses))  # (C, ..., n_q)
     out_all = torch.stack(list(outputs))  # (C, ..., n_q, d_v)
     m = lse_all.detach().amax(0)  # a stabiliser only: the result does not depend on it, so no gradient through it
