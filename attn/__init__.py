@@ -40,7 +40,7 @@ from .gated import GatedAttention, GatedAttentionUnit, GatedMILPooling
 from .hard import HardAttention, HardSelfAttention
 from .adversarial import AttentionClassifier
 from .distillation import Distiller
-from .flash import FlashAttention, flash_attention
+from .flash import FlashAttention, flash_attention, merge_partial_attention
 from .linear import LinearAttention, PerformerAttention, linear_attention
 from .gqa import GroupedQueryAttention, KVCache
 from .positions import PositionalAttention, RotaryEmbedding, alibi_bias
@@ -104,6 +104,7 @@ __all__ = [
     "Distiller",
     "FlashAttention",
     "flash_attention",
+    "merge_partial_attention",
     "LinearAttention",
     "PerformerAttention",
     "linear_attention",

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_same_batch, check_tensor
+from .checks import check_int, check_same_batch, check_same_dtype, check_tensor
 from .core import masked_softmax
 from .masks import check_key_mask
 from .registry import OwnTask, register
@@ -94,6 +94,8 @@ class DCNOutput(NamedTuple):
 
 def _check_pair(layer: nn.Module, question: object, passage: object, question_mask: object, passage_mask: object,
                 q_name: str = "question", p_name: str = "passage") -> tuple[Tensor, Tensor]:
+    """Both inputs are real floating-point ``(batch, len >= 1, width)`` tensors of the layer's widths, one dtype (the
+    layer's, outside autocast) and one batch; masks are ``None`` or bool ``(batch, len)`` with a real position per row."""
     dq, dv = layer.question_dim, layer.passage_dim  # type: ignore[attr-defined]
     question = check_tensor(question, q_name, f"(batch, T, question_dim={dq})", 3)
     passage = check_tensor(passage, p_name, f"(batch, N, passage_dim={dv})", 3)
@@ -102,6 +104,14 @@ def _check_pair(layer: nn.Module, question: object, passage: object, question_ma
             raise ValueError(f"{name} must have shape (batch, {ln}, {d}), got {tuple(t.shape)} (width {t.shape[-1]} != {d})")
         if t.shape[1] == 0 and t.shape[0] > 0:
             raise ValueError(f"{name} must hold at least one position: shape (batch, {ln} >= 1, {d}), got {tuple(t.shape)}")
+    for name, t in ((q_name, question), (p_name, passage)):
+        if t.is_complex():
+            raise TypeError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+    check_same_dtype((q_name, question), (p_name, passage))
+    param = next(layer.parameters(), None)
+    if param is not None and param.dtype != question.dtype and not torch.is_autocast_enabled(question.device.type):
+        raise TypeError(f"{q_name} and {p_name} are {question.dtype} but the layer's parameters are {param.dtype}: "
+                        f"cast the inputs (.to({param.dtype})) or the layer (.to({question.dtype}))")
     check_same_batch((q_name, question), (p_name, passage))
     check_key_mask(question_mask, question.shape[0], question.shape[1], name=f"{q_name}_mask", length_name="T")  # type: ignore[arg-type]
     check_key_mask(passage_mask, passage.shape[0], passage.shape[1], name=f"{p_name}_mask", length_name="N")  # type: ignore[arg-type]
@@ -142,6 +152,8 @@ class ParallelCoAttention(nn.Module):
 
     def __init__(self, question_dim: int, passage_dim: int, hidden: int = 32) -> None:
         super().__init__()
+        for name, value in (("question_dim", question_dim), ("passage_dim", passage_dim), ("hidden", hidden)):
+            check_int(name, value)
         self.question_dim, self.passage_dim, self.hidden = question_dim, passage_dim, hidden
         self.w_b = nn.Parameter(torch.randn(question_dim, passage_dim) / math.sqrt(question_dim * passage_dim))  # W_b
         self.w_v = nn.Linear(passage_dim, hidden, bias=False)  # W_v
@@ -213,6 +225,8 @@ class AlternatingCoAttention(nn.Module):
 
     def __init__(self, question_dim: int, passage_dim: int, hidden: int = 32, third_step: bool = True) -> None:
         super().__init__()
+        for name, value in (("question_dim", question_dim), ("passage_dim", passage_dim), ("hidden", hidden)):
+            check_int(name, value)
         self.question_dim, self.passage_dim, self.hidden, self.third_step = question_dim, passage_dim, hidden, third_step
         self.step1 = _GuidedAttention(question_dim, None, hidden)  # s^ = A(Q; 0)
         self.step2 = _GuidedAttention(passage_dim, question_dim, hidden)  # v^ = A(V; s^)
@@ -254,12 +268,16 @@ class DCNCoAttention(nn.Module):
 
     ``forward(question (B, n, d_q), document (B, m, ℓ), question_mask, document_mask)`` -> :class:`DCNOutput`.
     The learned sentinels ``d_∅``, ``q_∅`` sit at index ``m`` and ``n`` (after
-    the padded length) and are always visible. Padded document
-    rows of ``A^D``, ``C^D`` and ``U`` are zero.
+    the padded length) and are always visible. Any masks are accepted (right or
+    left padding, holes): the BiLSTM reads each document's real words, in order,
+    exactly as it would read them alone. Padded document rows of ``A^D``,
+    ``C^D`` and ``U`` are zero.
     """
 
     def __init__(self, question_dim: int, passage_dim: int, fusion: bool = True) -> None:
         super().__init__()
+        check_int("question_dim", question_dim)
+        check_int("passage_dim", passage_dim)
         self.question_dim, self.passage_dim = question_dim, passage_dim
         self.q_proj = nn.Linear(question_dim, passage_dim)  # W^(Q), b^(Q)
         self.doc_sentinel = nn.Parameter(torch.randn(passage_dim) * 0.1)  # d_∅
@@ -288,12 +306,27 @@ class DCNCoAttention(nn.Module):
         c_d = a_d @ torch.cat([q, c_q], -1)  # C^D = [Q; C^Q] A^D, transposed: (B, m+1, 2ℓ)
         encoding = None
         if self.lstm is not None:
-            fused = torch.cat([d, c_d], -1)[:, :m] * dm[..., None]  # [D; C^D] at the document positions
-            lengths = dm.sum(-1).cpu()
-            packed = nn.utils.rnn.pack_padded_sequence(fused, lengths, batch_first=True, enforce_sorted=False)
-            out, _ = self.lstm(packed)
-            encoding, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=m)  # U: (B, m, 2ℓ)
+            encoding = self._fuse(torch.cat([d, c_d], -1)[:, :m], dm)  # U = BiLSTM([D; C^D]): (B, m, 2ℓ)
         return DCNOutput(c_d, c_q, aff, a_d, a_q, encoding)
+
+    def _fuse(self, fused: Tensor, mask: Tensor) -> Tensor:
+        """The BiLSTM over the real document words only, whatever the mask: ``(B, m, 3ℓ)``, ``(B, m)`` -> ``(B, m, 2ℓ)``.
+
+        Packing by lengths assumes the real words come first (right padding). Any
+        other mask (left padding, holes) is handled by gathering each example's
+        real words to the front, in order, packing those, and gathering the
+        outputs back to their positions; padded rows come out zero. The LSTM
+        thus reads exactly the sequence of real words, as if run on them alone.
+        """
+        m = fused.shape[1]
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # real positions first, in order: (B, m)
+        compact = fused.gather(1, order[..., None].expand_as(fused))  # (B, m, 3ℓ): real words, then padding
+        lengths = mask.sum(-1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(compact, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)  # type: ignore[misc]
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=m)  # zeros after each length
+        back = order.argsort(1)  # where each original position went in the compact order
+        return out.gather(1, back[..., None].expand(-1, -1, out.shape[-1]))  # padded positions read a zero row
 
 
 # ----------------------------------------------------------------------------- the paired task

@@ -29,8 +29,22 @@ matrix never exists.
 .. math::
 
     dV_j \mathrel{+}= P^\top dO_i, \quad dP = dO_i V_j^\top, \quad
-    dS = P \odot (dP - D_i), \quad dQ_i \mathrel{+}= \tau\, dS\, K_j, \quad
-    dK_j \mathrel{+}= \tau\, dS^\top Q_i .
+    dS = P \odot (dP - D_i + \bar L_i), \quad dQ_i \mathrel{+}= \tau\, dS\, K_j, \quad
+    dK_j \mathrel{+}= \tau\, dS^\top Q_i ,
+
+where ``\bar L_i`` is the gradient reaching the returned log-sum-exp
+(``\partial L_i / \partial s_{ij} = P_{ij}``; zero when only ``O`` is used).
+
+**Merging partial attentions.** Attention over keys split into disjoint
+chunks ``c`` (split-KV decoding, ring attention) is recovered from each
+chunk's output ``O_c`` and log-sum-exp ``L_c`` alone
+(:func:`merge_partial_attention`):
+
+.. math::
+
+    L = \log \textstyle\sum_c e^{L_c}, \qquad O = \sum_c e^{L_c - L}\, O_c ,
+
+exact in value and, because the backward above carries ``\bar L``, in gradient.
 
 Shapes: ``q (B, [H,] n_q, d)``, ``k (B, [H,] n_k, d)``, ``v (B, [H,] n_k, d_v)``
 -> output ``(B, [H,] n_q, d_v)``, log-sum-exp ``(B, [H,] n_q)``.
@@ -49,20 +63,21 @@ Partitioning", arXiv 2023.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_tokens, empty_batch
+from .checks import check_int, check_same_dtype, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv
 from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
     "flash_attention", "flash_forward", "flash_backward", "FlashAttentionFunction", "naive_attention",
-    "tile_plan", "online_softmax_trace", "FlashAttention",
+    "merge_partial_attention", "tile_plan", "online_softmax_trace", "FlashAttention",
 ]
 
 
@@ -146,16 +161,22 @@ def flash_forward(
 def flash_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool = False,
     scale: float | None = None, block_q: int = 64, block_k: int = 64, key_mask: Tensor | None = None,
+    grad_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` by recomputing each tile's probabilities from ``lse``.
 
     Outer loop over key blocks (``dK_j, dV_j`` accumulate in registers on a
     GPU), inner loop over query blocks; ``D = rowsum(dO * O)`` replaces the
-    ``n x n`` softmax Jacobian.
+    ``n x n`` softmax Jacobian. ``grad_lse (B, H, n_q)`` is the gradient that
+    reached the log-sum-exp: since ``dL_i/ds_ij = P_ij`` it adds
+    ``P * grad_lse`` to ``dS``, folded into ``D`` (``D_i - grad_lse_i``), so no
+    tile costs more.
     """
     n_q, n_k = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     delta = (grad_out * out).sum(-1, keepdim=True)  # D_i = dO_i . O_i, (B, H, n_q, 1)
+    if grad_lse is not None:  # dS = P * (dP - D + dlse) = P * (dP - (D - dlse))
+        delta = delta - grad_lse[..., None]
     lse_safe = lse.masked_fill(lse == float("-inf"), float("inf"))[..., None]  # rows with no key: P = 0
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for k_lo in range(0, n_k, block_k):
@@ -172,7 +193,7 @@ def flash_backward(
                 p = p.masked_fill(~mask, 0.0)
             dv[:, :, k_lo:k_hi] += p.transpose(-1, -2) @ doi
             dp = doi @ vj.transpose(-1, -2)
-            ds = p * (dp - delta[:, :, q_lo:q_hi])
+            ds = p * (dp - delta[:, :, q_lo:q_hi])  # the softmax Jacobian, plus P * grad_lse
             dq[:, :, q_lo:q_hi] += (ds @ kj) * scale
             dk[:, :, k_lo:k_hi] += (ds.transpose(-1, -2) @ qi) * scale
     return dq, dk, dv
@@ -194,7 +215,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         causal, scale, block_q, block_k = ctx.args
-        dq, dk, dv = flash_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, block_q, block_k, ctx.key_mask)
+        dq, dk, dv = flash_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, block_q, block_k, ctx.key_mask,
+                                    grad_lse=grad_lse)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -214,13 +236,15 @@ def flash_attention(
         scale: score scale ``tau``, default ``1/sqrt(d)``.
         block_q, block_k: tile sizes (any ``>= 1``; lengths need not be multiples).
         key_mask: ``(batch, n_k)`` boolean, ``True`` = real key.
-        return_lse: also return the log-sum-exp ``(batch, [heads,] n_q)`` of each query's scores.
+        return_lse: also return the log-sum-exp ``(batch, [heads,] n_q)`` of each query's scores
+            (differentiable: a loss through it gets its gradient, ``dL_i/ds_ij = P_ij``).
 
     Returns:
         ``output (batch, [heads,] n_q, d_v)`` (and the log-sum-exp). Queries with
         no visible key get zeros (their ``lse`` is ``-inf``).
     """
     check_qkv(q, k, v)
+    check_same_dtype(("query", q), ("key", k), ("value", v))
     check_int("block_q", block_q)
     check_int("block_k", block_k)
     check_key_mask(key_mask, q.shape[0], k.shape[-2], length_name="n_keys")
@@ -240,6 +264,85 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     return s.softmax(-1) @ v
+
+
+def _check_partials(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> None:
+    """The inputs of :func:`merge_partial_attention`: matching non-empty sequences of ``(..., n_q, d_v)`` outputs and
+    ``(..., n_q)`` log-sum-exps, one shape, dtype and device, the log-sum-exps finite or ``-inf``."""
+    for name, seq in (("outputs", outputs), ("lses", lses)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list or tuple of tensors, one per key chunk, got {type(seq).__name__}")
+    if len(outputs) == 0:
+        raise ValueError("outputs must hold at least one chunk, got an empty sequence")
+    if len(outputs) != len(lses):
+        raise ValueError(f"outputs and lses must have one entry per chunk: got {len(outputs)} outputs and {len(lses)} lses")
+    first = outputs[0]
+    for c, (o, lse) in enumerate(zip(outputs, lses)):
+        if not isinstance(o, Tensor) or not isinstance(lse, Tensor):
+            bad, val = (f"outputs[{c}]", o) if not isinstance(o, Tensor) else (f"lses[{c}]", lse)
+            raise TypeError(f"{bad} must be a torch.Tensor, got {type(val).__name__}")
+        for name, t in ((f"outputs[{c}]", o), (f"lses[{c}]", lse)):
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if o.ndim < 2:
+            raise ValueError(f"outputs[{c}] must have shape (..., n_q, d_v), got {o.ndim}-D shape {tuple(o.shape)}")
+        if o.shape != first.shape:
+            raise ValueError(f"outputs[{c}] has shape {tuple(o.shape)}, outputs[0] {tuple(first.shape)}: every chunk's output has the same shape")
+        if lse.shape != o.shape[:-1]:
+            raise ValueError(f"lses[{c}] must have shape {tuple(o.shape[:-1])} (outputs[{c}] without its last dimension), got {tuple(lse.shape)}")
+        check_same_dtype(("outputs[0]", first), (f"outputs[{c}]", o), (f"lses[{c}]", lse))
+        if o.device != first.device or lse.device != first.device:
+            raise ValueError(f"outputs[{c}] and lses[{c}] must be on {first.device} like outputs[0], got {o.device} and {lse.device}")
+        with torch.no_grad():
+            if bool((torch.isnan(lse) | (lse == float("inf"))).any()):
+                raise ValueError(f"lses[{c}] must be finite or -inf (a chunk with no visible key), found NaN or +inf")
+
+
+def merge_partial_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    r"""Merge attentions computed over disjoint chunks of the keys into attention over all of them.
+
+    Chunk ``c`` of the keys gives, for every query, an output ``O_c`` (its
+    softmax-weighted values) and the log-sum-exp ``L_c`` of its scores (e.g.
+    ``flash_attention(q, k_c, v_c, return_lse=True)``). Since the softmax over
+    all keys weighs chunk ``c`` by its share ``e^{L_c} / \sum_{c'} e^{L_{c'}}``
+    of the normaliser,
+
+    .. math::
+
+        L = \log \sum_c e^{L_c}, \qquad O = \sum_c e^{L_c - L}\, O_c ,
+
+    which equals one pass over all the keys -- the combine step of split-KV
+    ("flash-decoding") inference and of ring attention (Liu et al. 2023,
+    "Ring Attention with Blockwise Transformers"), the same rescaling as the
+    online softmax of Milakov & Gimelshein 2018 applied to whole chunks.
+    Gradients flow to every ``O_c`` *and* ``L_c`` (the weights depend on the
+    ``L_c``), so with :func:`flash_attention`'s differentiable log-sum-exp the
+    gradients w.r.t. ``q, k, v`` equal those of one pass too.
+
+    A chunk in which a query sees no key (all masked) has ``L_c = -inf`` and
+    weight 0; a query that sees no key in any chunk gets output 0 and
+    ``L = -inf``, with zero (not NaN) gradients. Only ``O(chunks x n_q x d_v)``
+    numbers are formed: no score matrix.
+
+    Args:
+        outputs: a non-empty sequence of ``(..., n_q, d_v)`` tensors, one per chunk, same shape and dtype.
+        lses: the matching sequence of ``(..., n_q)`` log-sum-exps (``-inf`` allowed, not ``+inf`` or NaN).
+
+    Returns:
+        ``(output (..., n_q, d_v), lse (..., n_q))``.
+    """
+    _check_partials(outputs, lses)
+    lse_all = torch.stack(list(lses))  # (C, ..., n_q)
+    out_all = torch.stack(list(outputs))  # (C, ..., n_q, d_v)
+    m = lse_all.detach().amax(0)  # a stabiliser only: the result does not depend on it, so no gradient through it
+    m = m.masked_fill(m == float("-inf"), 0.0)  # queries that see no key anywhere
+    w = torch.exp(lse_all - m)  # e^{L_c - m}, 0 for empty chunks: (C, ..., n_q)
+    total = w.sum(0)  # e^{L - m}
+    seen = total > 0
+    safe = torch.where(seen, total, torch.ones_like(total))  # no log 0 or 0/0, so no NaN in the backward
+    lse = torch.where(seen, m + torch.log(safe), torch.full_like(total, float("-inf")))
+    out = (w[..., None] * out_all).sum(0) / safe[..., None]  # sum_c e^{L_c - L} O_c (0 where nothing is seen)
+    return out, lse
 
 
 @dataclass

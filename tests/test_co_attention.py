@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -192,6 +193,63 @@ def test_dcn_fusion_is_a_bilstm_over_document_and_context():
         assert (out.encoding[i, m:] == 0).all()
 
 
+def random_mask(kind: str, b: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """``(b, n)`` bool masks with at least one real position per row: right-padded, left-padded or with holes."""
+    lengths = torch.randint(1, n + 1, (b,), generator=g)
+    right = torch.arange(n)[None] < lengths[:, None]
+    if kind == "right":
+        return right
+    if kind == "left":
+        return right.flip(-1)
+    mask = torch.rand(b, n, generator=g) < 0.6  # holes anywhere
+    mask[torch.arange(b), torch.randint(0, n, (b,), generator=g)] = True
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holes"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dcn_any_mask_equals_the_real_words_alone(kind, seed):
+    """U (and C^D, A^D) at real rows equal the layer run on the real words alone; padded rows are zero; gradients too.
+
+    Before the fix the BiLSTM was packed by lengths = mask.sum(), which reads the first positions, padded or not:
+    with left padding or holes U was wrong at real rows and non-zero at padded ones.
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mod = DCNCoAttention(DQ, DV, fusion=True).double()
+    b, n, m = 4, 5, 8
+    q = torch.randn(b, n, DQ, generator=g, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(b, m, DV, generator=g, dtype=torch.float64, requires_grad=True)
+    qm, dm = random_mask(kind, b, n, g), random_mask(kind, b, m, g)
+    if kind != "right":
+        assert not all(bool(r[: int(r.sum())].all()) for r in dm)  # at least one document is not right-padded
+    out = mod(q, d, qm, dm)
+    up = torch.randn(out.encoding.shape, generator=g, dtype=torch.float64)
+    up_c = torch.randn(out.context.shape, generator=g, dtype=torch.float64)
+    params = list(mod.parameters())
+    grads = torch.autograd.grad((up * out.encoding).sum() + (up_c * out.context).sum(), [q, d, *params])
+    param_grads_alone = [torch.zeros_like(p) for p in params]
+    for i in range(b):
+        qi, di = q[i, qm[i]].detach().requires_grad_(), d[i, dm[i]].detach().requires_grad_()
+        alone = mod(qi[None], di[None])  # the real words only, no mask
+        enc = out.encoding[i][dm[i]]
+        assert (enc - alone.encoding[0]).abs().max() <= 1e-12
+        assert (out.encoding[i][~dm[i]] == 0).all()  # padded rows of U are zero
+        rows = torch.cat([dm[i], torch.tensor([True])])  # real document rows and the sentinel
+        cols = torch.cat([qm[i], torch.tensor([True])])
+        assert (out.context[i][rows] - alone.context[0]).abs().max() <= 1e-12
+        assert (out.document_weights[i][rows][:, cols] - alone.document_weights[0]).abs().max() <= 1e-12
+        loss_i = (up[i][dm[i]] * alone.encoding[0]).sum() + (up_c[i][rows] * alone.context[0]).sum()
+        g_alone = torch.autograd.grad(loss_i, [qi, di, *params])
+        assert (grads[0][i][qm[i]] - g_alone[0]).abs().max() <= 1e-12
+        assert (grads[1][i][dm[i]] - g_alone[1]).abs().max() <= 1e-12
+        assert (grads[0][i][~qm[i]] == 0).all() and (grads[1][i][~dm[i]] == 0).all()  # padded inputs get no gradient
+        for acc, ga in zip(param_grads_alone, g_alone[2:]):
+            acc += ga
+    for a, b_ in zip(grads[2:], param_grads_alone):
+        assert (a - b_).abs().max() <= 1e-10
+
+
 @pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
 def test_batched_equals_per_example_and_padding_has_no_effect(cls):
     torch.manual_seed(0)
@@ -245,13 +303,54 @@ def test_gradcheck_float64():
         ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), torch.ones(1, 3, dtype=torch.bool)), ValueError, r"question_mask must have shape \(batch=1, T=2\)"),
         ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), None, torch.ones(1, 3)), TypeError, "torch.bool"),
         ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), torch.zeros(1, 2, dtype=torch.bool)), ValueError, "at least one real position"),
+        # mixed dtypes between the two sequences, or against the layer (RuntimeErrors deep in a matmul before)
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV, dtype=torch.float64)), TypeError,
+         r"dtypes must match \(question: torch.float32, passage: torch.float64\)"),
+        ((torch.ones(1, 2, DQ, dtype=torch.bfloat16), torch.ones(1, 3, DV)), TypeError, r"question: torch.bfloat16"),
+        ((torch.ones(1, 2, DQ, dtype=torch.float64), torch.ones(1, 3, DV, dtype=torch.float64)), TypeError,
+         r"torch.float64 but the layer's parameters are torch.float32"),
+        ((torch.ones(1, 2, DQ, dtype=torch.complex64), torch.ones(1, 3, DV)), TypeError, "question must be a real floating-point"),
+        # the other bad inputs of the public forwards
+        ((torch.ones(1, 2, DQ), [[[1.0] * DV]]), TypeError, r"passage must be a torch.Tensor of shape \(batch, N, passage_dim=7\)"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 1, 3, DV)), ValueError, r"passage must have shape \(batch, N, passage_dim=7\), got 4-D"),
+        ((torch.ones(1, 2, DQ + 1), torch.ones(1, 3, DV)), ValueError, r"width 6 != 5"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 0, DV)), ValueError, r"passage must hold at least one position"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), [[True, True]]), TypeError, "question_mask must be a torch.bool tensor"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), None, torch.ones(1, 3, dtype=torch.long)), TypeError,
+         "passage_mask must be a torch.bool tensor"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), None, torch.ones(1, 3, 1, dtype=torch.bool)), ValueError,
+         r"passage_mask must have shape \(batch=1, N=3\), got \(1, 3, 1\)"),
+        ((torch.ones(1, 2, DQ), torch.ones(1, 3, DV), None, torch.ones(2, 3, dtype=torch.bool)), ValueError,
+         r"passage_mask must have shape \(batch=1, N=3\), got \(2, 3\)"),
     ],
 )
 def test_bad_input(cls, args, error, match):
     if cls is DCNCoAttention:
-        match = match.replace("passage", "document")
+        match = re.sub("passage(?!_dim)", "document", match)  # DCN names its passage "document" (width still passage_dim)
     with pytest.raises(error, match=match):
         cls(DQ, DV)(*args)
+
+
+@pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
+def test_same_dtype_inputs_run_in_that_dtype(cls):
+    """The dtype check does not get in the way: a float64 layer takes float64 inputs, a bf16 layer bf16 inputs."""
+    for dtype in (torch.float64, torch.bfloat16):
+        out = cls(DQ, DV).to(dtype)(torch.randn(2, 3, DQ, dtype=dtype), torch.randn(2, 4, DV, dtype=dtype))
+        assert out[0].dtype == dtype and torch.isfinite(out[0].float()).all()
+
+
+@pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"question_dim": 0}, ValueError, "question_dim must be >= 1"),
+    ({"passage_dim": 2.0}, TypeError, "passage_dim must be an int"),
+])
+def test_bad_constructor(cls, kwargs, error, match):
+    args = {"question_dim": DQ, "passage_dim": DV, **kwargs}
+    with pytest.raises(error, match=match):
+        cls(**args)
+    if cls is not DCNCoAttention:
+        with pytest.raises(ValueError, match="hidden must be >= 1"):
+            cls(DQ, DV, hidden=0)
 
 
 @pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from attn import registry
 from attn.benchmark import fit_exponent, peak_memory
+import attn
 from attn.flash import (
-    FlashAttention, flash_attention, flash_forward, naive_attention, online_softmax_trace, tile_plan,
+    FlashAttention, flash_attention, flash_forward, merge_partial_attention, naive_attention, online_softmax_trace,
+    tile_plan,
 )
 from attn.masks import padding_mask
 from attn.multihead import MultiHeadAttention
@@ -203,6 +205,172 @@ def test_flash_forward_matches_the_function():
     assert lse.shape == (1, 1, 10)
 
 
+# ----------------------------------------------------------------------------- the log-sum-exp is differentiable
+
+
+def masked_scores(q, k, causal=False, key_mask=None):
+    """The full score matrix with -inf where a key is hidden (the reference only)."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    n_q, n_k = s.shape[-2:]
+    if causal:
+        s = s.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool).triu(1), float("-inf"))
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return s
+
+
+@pytest.mark.parametrize("causal, masked", [(False, False), (True, False), (False, True)])
+def test_lse_gradient_matches_torch_logsumexp(causal, masked):
+    """A loss through the returned lse gets dL/ds_ij = P_ij; before the fix the backward returned zeros for it."""
+    q, k, v = qkv(2, 2, 13, 11, d=4, d_v=3, dtype=torch.float64)
+    km = padding_mask([11, 6], 11) if masked else None
+    out, lse = flash_attention(q, k, v, causal=causal, block_q=4, block_k=3, key_mask=km, return_lse=True)
+    ref_lse = torch.logsumexp(masked_scores(q, k, causal, km), -1)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-13, rtol=1e-13)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    mine = torch.autograd.grad((w * lse).sum(), (q, k), allow_unused=True, retain_graph=True)
+    ref = torch.autograd.grad((w * ref_lse).sum(), (q, k), retain_graph=True)
+    for a, b in zip(mine, ref):
+        assert b.abs().max() > 0.1  # the term is not small
+        assert a is not None and (a - b).abs().max() <= 1e-13
+    # through the output and the lse at once
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    ref_out = torch.softmax(masked_scores(q, k, causal, km), -1) @ v
+    mine = torch.autograd.grad((up * out).sum() + (w * lse).sum(), (q, k, v))
+    ref = torch.autograd.grad((up * ref_out).sum() + (w * ref_lse).sum(), (q, k, v))
+    for a, b in zip(mine, ref):
+        assert (a - b).abs().max() <= 1e-13
+
+
+def test_lse_gradcheck_float64():
+    km = padding_mask([6, 4], 6)
+    for causal, mask in ((False, km), (True, None)):
+        q, k, v = qkv(2, 1, 5, 6, d=3, dtype=torch.float64)
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: flash_attention(q, k, v, causal=causal, block_q=2, block_k=4, key_mask=mask, return_lse=True),
+            (q, k, v))
+    q, k, v = (t[:, 0] for t in qkv(1, 1, 4, 7, d=2, dtype=torch.float64))  # 3-D input
+    assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, block_q=3, block_k=2, return_lse=True)[1], (q, k, v))
+
+
+def test_lse_gradient_of_fully_masked_rows_is_zero():
+    q, k, v = qkv(2, 1, 6, 6)
+    km = torch.tensor([[False] * 6, [True] * 6])
+    _, lse = flash_attention(q, k, v, key_mask=km, return_lse=True, block_q=4, block_k=4)
+    (lse[1].sum() + torch.where(torch.isinf(lse[0]), 0.0, lse[0]).sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert q.grad[0].abs().max() == 0 and q.grad[1].abs().max() > 0
+
+
+# ----------------------------------------------------------------------------- merging partial attentions (split-KV)
+
+
+def split_kv(q, k, v, bounds, key_mask=None, block=3):
+    """flash_attention on each key chunk [lo, hi) alone, then the merge by log-sum-exp."""
+    outs, lses = [], []
+    for lo, hi in bounds:
+        km = None if key_mask is None else key_mask[:, lo:hi]
+        o, lse = flash_attention(q, k[..., lo:hi, :], v[..., lo:hi, :], key_mask=km, block_q=block, block_k=block, return_lse=True)
+        outs.append(o)
+        lses.append(lse)
+    return merge_partial_attention(outs, lses)
+
+
+@pytest.mark.parametrize("bounds", [[(0, 17)], [(0, 8), (8, 17)], [(0, 3), (3, 4), (4, 11), (11, 17)]])
+@pytest.mark.parametrize("masked", [False, True])
+def test_split_kv_equals_one_pass_with_gradients(bounds, masked):
+    """Forward and gradients w.r.t. q, k, v equal one pass over all keys (float64), including a loss through the lse."""
+    q, k, v = qkv(3, 2, 5, 17, d=4, d_v=6, dtype=torch.float64)
+    # example 1 has no real key after 7 (its last chunks are empty: lse = -inf), example 2 has holes
+    km = torch.stack([torch.ones(17, dtype=torch.bool), torch.arange(17) < 7, torch.arange(17) % 3 != 1]) if masked else None
+    out, lse = split_kv(q, k, v, bounds, km)
+    ref_out, ref_lse = flash_attention(q, k, v, key_mask=km, return_lse=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=None if km is None else km[:, None, None, :])
+    assert (out - sdpa).abs().max() <= 1e-13 and (lse - ref_lse).abs().max() <= 1e-13
+    g = torch.Generator().manual_seed(2)
+    up, w = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    mine = torch.autograd.grad((up * out).sum(), (q, k, v), retain_graph=True)
+    ref = torch.autograd.grad((up * sdpa).sum(), (q, k, v))
+    for a, b in zip(mine, ref):
+        assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-13
+    mine = torch.autograd.grad((up * out).sum() + (w * lse).sum(), (q, k, v))
+    ref = torch.autograd.grad((up * ref_out).sum() + (w * ref_lse).sum(), (q, k, v))
+    for a, b in zip(mine, ref):
+        assert (a - b).abs().max() <= 1e-13
+
+
+def test_split_kv_decoding_one_query_float32_and_three_dim():
+    """Split-KV decoding: one new query against a long cache in chunks, float32, (batch, n, d) input."""
+    q, k, v = (t[:, 0] for t in qkv(2, 1, 1, 300, d=16))
+    bounds = [(lo, min(lo + 64, 300)) for lo in range(0, 300, 64)]
+    out, lse = split_kv(q, k, v, bounds, block=32)
+    assert out.shape == (2, 1, 16) and lse.shape == (2, 1)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert (out - ref).abs().max() <= 1e-6
+    up = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_merge_of_empty_chunks_gives_zeros_not_nan():
+    o = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    lse = torch.tensor([[0.5, float("-inf"), 1.0], [float("-inf")] * 3], dtype=torch.float64, requires_grad=True)
+    lse_b = torch.full((2, 3), float("-inf"), dtype=torch.float64, requires_grad=True)
+    o_b = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    out, merged = merge_partial_attention([o, o_b], [lse, lse_b])
+    assert torch.equal(out[0, 0], o[0, 0]) and merged[0, 0] == 0.5  # the other chunk is empty: weight 0
+    assert (out[0, 1] == 0).all() and (out[1] == 0).all() and torch.isinf(merged[1]).all() and (merged[1] < 0).all()
+    (out.sum() + torch.where(torch.isinf(merged), 0.0, merged).sum()).backward()
+    for t in (o, lse, o_b, lse_b):
+        assert torch.isfinite(t.grad).all()
+    assert o_b.grad.abs().max() == 0 and o.grad[1].abs().max() == 0
+
+
+def test_merge_gradcheck_and_formula():
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    lses = [(torch.randn(2, 3, generator=g, dtype=torch.float64) * 5).requires_grad_() for _ in range(3)]
+    with torch.no_grad():
+        lses[1][0, 2] = float("-inf")  # one empty chunk for one query
+    assert torch.autograd.gradcheck(lambda *t: merge_partial_attention(t[:3], t[3:]), (*outs, *lses))
+    out, lse = merge_partial_attention(outs, lses)
+    ref_lse = torch.logsumexp(torch.stack(lses), 0)
+    ref = sum(torch.exp(l - ref_lse)[..., None] * o for o, l in zip(outs, lses))
+    torch.testing.assert_close(lse, ref_lse, atol=1e-14, rtol=0)
+    torch.testing.assert_close(out, ref, atol=1e-14, rtol=0)
+    big = [torch.full((1, 1), 1e4, dtype=torch.float64), torch.full((1, 1), 1e4 - 1, dtype=torch.float64)]  # exp(1e4) overflows
+    out, lse = merge_partial_attention([torch.ones(1, 1, 2, dtype=torch.float64), torch.zeros(1, 1, 2, dtype=torch.float64)], big)
+    assert torch.isfinite(out).all() and lse.item() == pytest.approx(1e4 + math.log1p(math.exp(-1)))
+
+
+def test_merge_is_exported():
+    assert "merge_partial_attention" in attn.__all__ and attn.merge_partial_attention is merge_partial_attention
+
+
+MERGE_BAD = [
+    ("tensor, not list", lambda o, l: (torch.stack([o, o]), [l, l]), TypeError, "outputs must be a list or tuple"),
+    ("empty", lambda o, l: ([], []), ValueError, "at least one chunk"),
+    ("count", lambda o, l: ([o, o], [l]), ValueError, "2 outputs and 1 lses"),
+    ("list entry", lambda o, l: ([o.tolist()], [l]), TypeError, r"outputs\[0\] must be a torch.Tensor"),
+    ("int lse", lambda o, l: ([o], [l.long()]), TypeError, r"lses\[0\] must be a floating-point"),
+    ("1-D output", lambda o, l: ([o[0, 0]], [l[0, 0]]), ValueError, r"\(\.\.\., n_q, d_v\)"),
+    ("shapes differ", lambda o, l: ([o, o[:, :2]], [l, l[:, :2]]), ValueError, r"outputs\[1\] has shape \(2, 2, 4\)"),
+    ("lse shape", lambda o, l: ([o], [l[:, :2]]), ValueError, r"lses\[0\] must have shape \(2, 3\)"),
+    ("dtypes differ", lambda o, l: ([o, o.double()], [l, l.double()]), TypeError, "dtypes must match"),
+    ("nan lse", lambda o, l: ([o], [l.masked_fill(l > -10, float("nan"))]), ValueError, "NaN or \\+inf"),
+    ("+inf lse", lambda o, l: ([o], [torch.full_like(l, float("inf"))]), ValueError, "NaN or \\+inf"),
+]
+
+
+@pytest.mark.parametrize("case, make, exc, match", MERGE_BAD, ids=[b[0] for b in MERGE_BAD])
+def test_merge_bad_input(case, make, exc, match):
+    o, lse = torch.randn(2, 3, 4), torch.randn(2, 3)
+    with pytest.raises(exc, match=match):
+        merge_partial_attention(*make(o, lse))
+
+
 # ----------------------------------------------------------------------------- the module and the registry
 
 
@@ -254,6 +422,8 @@ BAD = [
     ("block float", lambda q: (q, q, q), {"block_k": 2.0}, TypeError, "block_k must be an int"),
     ("mask dtype", lambda q: (q, q, q), {"key_mask": torch.ones(2, 8)}, TypeError, "torch.bool"),
     ("mask shape", lambda q: (q, q, q), {"key_mask": torch.ones(2, 7, dtype=torch.bool)}, ValueError, r"\(batch=2, n_keys=8\)"),
+    ("float64 key", lambda q: (q, q.double(), q), {}, TypeError, r"dtypes must match \(query: torch.float32, key: torch.float64"),
+    ("bf16 value", lambda q: (q, q, q.bfloat16()), {}, TypeError, r"value: torch.bfloat16"),
 ]
 
 
