@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_tensor, check_tokens, empty_batch
+from .checks import check_heads, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, masked_softmax
 from .masks import check_key_mask
 from .registry import OwnTask, register
@@ -374,6 +374,7 @@ class SentinelAttention(nn.Module):
             check_tensor(t, name, f"(batch, {self.dim})", 2)
             if tuple(t.shape) != (b, self.dim):
                 raise ValueError(f"{name} must have shape (batch={b}, {self.dim}), got {tuple(t.shape)}")
+        check_same_dtype(("features", features), ("h", h), ("sentinel", sentinel))
         check_key_mask(key_mask, b, k, length_name="k")
         g = self.w_g(h)[:, None, :]  # (B, 1, a)
         z = self.w_h(torch.tanh(self.w_v(features) + g)).squeeze(-1)  # (B, k): scores of the features

@@ -25,9 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_same_dtype
 from .masks import causal_mask, check_key_mask, check_mask
 
-__all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv", "build_mask"]
+__all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv", "build_mask", "MIN_TEMPERATURE"]
+
+#: The smallest temperature the layers accept: the score scale ``1 / (tau sqrt(d))`` must stay far below
+#: float32's largest number (3.4e38) even after multiplying a dot product; at ``tau = 1e-40`` the
+#: scale itself is inf and every output NaN.
+MIN_TEMPERATURE = 1e-30
 
 
 class AttentionOutput(NamedTuple):
@@ -48,6 +54,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             )
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    check_same_dtype(("query", q), ("key", k), ("value", v))
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(f"query, key, value must have the same rank, got {q.ndim}, {k.ndim}, {v.ndim}")
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
@@ -67,7 +74,29 @@ def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor
 
     Rows whose every entry is masked come out as zeros (not NaN, not uniform),
     with a zero gradient.
+
+    Args:
+        scores: floating-point scores of any shape.
+        mask: ``None`` or a ``torch.bool`` tensor (``True`` = keep) that broadcasts to ``scores``.
+        dim: the dimension normalised.
     """
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.dtype.is_floating_point:
+        raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype} (cast with .float())")
+    if not -scores.ndim <= dim < max(scores.ndim, 1):
+        raise ValueError(f"dim must be in [{-scores.ndim}, {scores.ndim}) for scores of shape {tuple(scores.shape)}, got {dim}")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+            hint = "; a 0/1 integer mask (1 = keep) converts with mask.bool()" if isinstance(mask, Tensor) and not mask.dtype.is_floating_point else ""
+            raise TypeError(f"mask must be a torch.bool tensor (True = keep) broadcastable to the scores, got {got}{hint}")
+        try:
+            ok = torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores of shape {tuple(scores.shape)}")
     if mask is None:
         return scores.softmax(dim)
     very_negative = torch.finfo(scores.dtype).min
@@ -127,11 +156,22 @@ def scaled_dot_product_attention(
     check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        try:
+            if isinstance(scale, (str, bytes, bool)):
+                raise TypeError
+            scale = float(scale)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}") from None
+        if not math.isfinite(scale) or abs(scale) > torch.finfo(q.dtype).max:
+            raise ValueError(f"scale must be a finite number in {q.dtype}, got {scale:g} (a temperature too close to 0?)")
 
     additive: Tensor | None = None
     if attn_mask is not None and isinstance(attn_mask, Tensor) and attn_mask.dtype.is_floating_point:
         check_mask(attn_mask, tuple(q.shape[:-1]) + (k.shape[-2],), "attn_mask")
+        check_same_dtype(("query", q), ("attn_mask", attn_mask))
         additive = attn_mask
         attn_mask = attn_mask > float("-inf")  # -inf entries block; finite ones shift the scores
     mask = build_mask(q, k, attn_mask, key_mask, is_causal)

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tensor, check_tokens
+from .checks import check_positive_float, check_tensor, check_token_ids, check_tokens
 from .core import AttentionOutput, masked_softmax
 from .models import RecallTokens
 from .registry import OwnTask, register
@@ -284,12 +284,7 @@ class RecallTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, task.n_values)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[LayerRecord]]:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor of token ids with shape (batch, {self.task.length}), got {type(x).__name__}")
-        if x.dtype.is_floating_point or x.dtype == torch.bool:
-            raise TypeError(f"x must hold integer token ids (torch.long) of shape (batch, {self.task.length}), got dtype {x.dtype}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.task.vocab):
-            raise ValueError(f"token ids must lie in [0, {self.task.vocab}), got min {int(x.min())}, max {int(x.max())}")
+        x = _check_recall_tokens(x, self.task)
         h = self.tokens(x)  # (B, n, E); checks the shape
         records = []
         for block in self.blocks:
@@ -315,8 +310,7 @@ class Distiller(nn.Module):
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
         if kind != "none" and student.num_heads != teacher.num_heads:
             raise ValueError(f"{kind} pairs heads one to one: student has {student.num_heads} heads, teacher {teacher.num_heads}")
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
+        weight = check_positive_float("weight", weight, allow_zero=True)
         self.student, self.kind, self.weight = student, kind, weight
         self.teacher = teacher.eval().requires_grad_(False)
         self.projection = nn.Linear(student.embed_dim, teacher.embed_dim, bias=False) if kind == "tinybert" else None  # W_h
@@ -330,10 +324,32 @@ class Distiller(nn.Module):
         return self.student(x)[0]
 
 
+def _check_recall_tokens(x: object, task: AssociativeRecall) -> Tensor:
+    """``x`` ``(B, 2 n_pairs + 1)``: keys (ids ``[0, n_keys)``) at even positions, values (``[n_keys, vocab)``) at odd ones."""
+    x = check_token_ids(x, task.vocab, "x", ndim=None)
+    if x.ndim != 2 or x.shape[1] != task.length:
+        raise ValueError(f"x must have shape (batch, {task.length}) (token ids), got {tuple(x.shape)}")
+    if x.numel():
+        keys, values = x[:, 0::2], x[:, 1::2]  # k1 k2 ... q and v1 v2 ...
+        if int(keys.max()) >= task.n_keys:
+            raise ValueError(f"x must hold key ids in [0, {task.n_keys}) at even positions, got {int(keys.max())}")
+        if int(values.min()) < task.n_keys:
+            raise ValueError(f"x must hold value ids in [{task.n_keys}, {task.vocab}) at odd positions, got {int(values.min())}")
+    return x
+
+
+def _targets(batch: dict[str, Tensor], task: AssociativeRecall) -> Tensor:
+    """``batch["y"]`` ``(B,)``: value tokens in ``[n_keys, n_keys + n_values)``; returns the class index ``y - n_keys``."""
+    y = check_token_ids(batch.get("y"), task.vocab, 'batch["y"]', ndim=1)
+    if y.numel() and int(y.min()) < task.n_keys:
+        raise ValueError(f'batch["y"] must be value tokens in [{task.n_keys}, {task.vocab}), got a minimum of {int(y.min())}')
+    return y - task.n_keys
+
+
 def distillation_loss(model: Distiller, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """``CE(student) + weight * distillation``; metrics ``acc`` (student), ``ce`` and ``distill``."""
     x = batch["x"]
-    target = batch["y"] - model.student.task.n_keys
+    target = _targets(batch, model.student.task)
     logits, recs = model.student(x)
     ce = F.cross_entropy(logits, target)
     distill = ce.new_zeros(())
@@ -352,7 +368,7 @@ def distillation_loss(model: Distiller, batch: dict[str, Tensor]) -> tuple[Tenso
 def teacher_loss(model: RecallTransformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy and accuracy of a :class:`RecallTransformer` trained on its own."""
     logits, _ = model(batch["x"])
-    target = batch["y"] - model.task.n_keys
+    target = _targets(batch, model.task)
     return F.cross_entropy(logits, target), {"acc": float((logits.argmax(-1) == target).float().mean())}
 
 

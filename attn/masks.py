@@ -16,6 +16,8 @@ a key mask is ``(batch, n_keys)`` and marks the real (non-padding) keys.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -33,21 +35,69 @@ __all__ = [
 ]
 
 
+def _size(name: str, value: object, low: int = 0) -> int:
+    """``value`` is an integer (a Python, NumPy or 0-d integer tensor; not a bool) ``>= low``; returns it as an int."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and (value.dtype == torch.bool or value.is_floating_point())):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__ if not isinstance(value, Tensor) else value.dtype}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def _bool_mask(mask: object, name: str, expected: str = "(True = may attend)") -> Tensor:
+    """``mask`` is a ``torch.bool`` tensor; a TypeError naming ``name`` and ``expected`` otherwise (lists, 0/1 integers, floats)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.bool tensor {expected}, got {type(mask).__name__} "
+            "(make one with torch.tensor(..., dtype=torch.bool))"
+        )
+    if mask.dtype != torch.bool:
+        hint = "; a 0/1 integer mask (1 = attend) converts with mask.bool()" if not mask.dtype.is_floating_point else ""
+        raise TypeError(f"{name} must be a torch.bool tensor {expected}, got dtype {mask.dtype}{hint}")
+    return mask
+
+
 def causal_mask(n_queries: int, n_keys: int | None = None, device: torch.device | str | None = None) -> Tensor:
     """Lower-triangular mask ``(n_queries, n_keys)``: query ``i`` sees keys ``j <= i``.
 
     Aligned top-left, like ``F.scaled_dot_product_attention(is_causal=True)``.
     """
-    n_keys = n_queries if n_keys is None else n_keys
+    n_queries = _size("n_queries", n_queries)
+    n_keys = n_queries if n_keys is None else _size("n_keys", n_keys)
     return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril()
 
 
 def padding_mask(lengths: Tensor | list[int], max_len: int | None = None, device: torch.device | str | None = None) -> Tensor:
-    """Key mask ``(batch, max_len)``: ``True`` for the first ``lengths[b]`` positions of row ``b``."""
-    lengths = torch.as_tensor(lengths, device=device)
+    """Key mask ``(batch, max_len)``: ``True`` for the first ``lengths[b]`` positions of row ``b``.
+
+    ``lengths`` are integers in ``[0, max_len]`` (``max_len`` defaults to the longest); an empty
+    ``lengths`` gives the empty ``(0, max_len)`` mask.
+    """
+    if not isinstance(lengths, (Tensor, list, tuple, range)):
+        raise TypeError(f"lengths must be a 1-D integer tensor or list (batch,), got {type(lengths).__name__}")
+    try:
+        lengths = torch.as_tensor(lengths, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"lengths must be a 1-D integer tensor or list (batch,): {e}") from None
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D (batch,), got shape {tuple(lengths.shape)}")
-    max_len = int(lengths.max()) if max_len is None else max_len
+    if lengths.numel() == 0:
+        lengths = lengths.long()  # torch.as_tensor([]) is float32
+    if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+        raise TypeError(f"lengths must hold integers (batch,), got dtype {lengths.dtype}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"lengths must be >= 0, got {lengths.tolist()}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_len is None:
+        max_len = longest
+    else:
+        max_len = _size("max_len", max_len)
+        if longest > max_len:
+            raise ValueError(f"lengths must be <= max_len={max_len}, got a length of {longest}")
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
@@ -57,8 +107,7 @@ def band_mask(n: int, window: int, causal: bool = False, device: torch.device | 
     With ``causal=True`` only ``i - window <= j <= i``. This dense mask is the
     *reference* for local attention; efficient code never materialises it.
     """
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
+    n, window = _size("n", n), _size("window", window)
     i = torch.arange(n, device=device)
     diff = i[:, None] - i[None, :]  # (n, n): i - j
     keep = diff.abs() <= window
@@ -69,16 +118,14 @@ def band_mask(n: int, window: int, causal: bool = False, device: torch.device | 
 
 def block_mask(n: int, block: int, device: torch.device | str | None = None) -> Tensor:
     """Block-diagonal mask ``(n, n)``: positions attend within their block of ``block`` tokens."""
-    if block <= 0:
-        raise ValueError(f"block must be positive, got {block}")
+    n, block = _size("n", n), _size("block", block, 1)
     idx = torch.arange(n, device=device) // block
     return idx[:, None] == idx[None, :]
 
 
 def key_mask_to_attn_mask(key_mask: Tensor) -> Tensor:
     """``(batch, n_keys)`` key mask -> ``(batch, 1, 1, n_keys)`` attention mask."""
-    if key_mask.dtype != torch.bool:
-        raise TypeError(f"key_mask must be torch.bool (True = real token), got {key_mask.dtype}")
+    _bool_mask(key_mask, "key_mask", "(batch, n_keys) (True = real token)")
     if key_mask.ndim != 2:
         raise ValueError(f"key_mask must have shape (batch, n_keys), got {tuple(key_mask.shape)}")
     return key_mask[:, None, None, :]
@@ -87,11 +134,18 @@ def key_mask_to_attn_mask(key_mask: Tensor) -> Tensor:
 def combine_masks(*masks: Tensor | None) -> Tensor | None:
     """Logical AND of boolean masks (``None`` entries are ignored); broadcasts."""
     out: Tensor | None = None
-    for m in masks:
+    for i, m in enumerate(masks):
         if m is None:
             continue
-        if m.dtype != torch.bool:
-            raise TypeError(f"combine_masks takes boolean masks, got {m.dtype}")
+        _bool_mask(m, f"combine_masks: mask {i}")
+        if out is not None:
+            try:
+                torch.broadcast_shapes(out.shape, m.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"combine_masks: mask {i} of shape {tuple(m.shape)} does not broadcast with the masks before it, "
+                    f"shape {tuple(out.shape)}"
+                ) from None
         out = m if out is None else out & m
     return out
 
@@ -100,17 +154,22 @@ def mha_convention(mask: Tensor | None) -> Tensor | None:
     """Convert a boolean mask between our convention and ``torch.nn.MultiheadAttention``'s.
 
     Ours: ``True`` = may attend; ``nn.MultiheadAttention``: ``True`` = blocked.
-    The conversion is a negation, so it is its own inverse. Float masks pass through.
+    The conversion is a negation, so it is its own inverse. Float (additive) masks pass through.
+    Integer masks are refused: a Hugging Face ``attention_mask`` (1 = attend) is neither
+    convention; ``mask.bool()`` makes it ours.
     """
     if mask is None:
         return None
-    return ~mask if mask.dtype == torch.bool else mask
+    if isinstance(mask, Tensor) and mask.dtype.is_floating_point:
+        return mask
+    return ~_bool_mask(mask, "mask", "(True = may attend) or a float additive mask")
 
 
 def to_additive(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Boolean mask -> additive float mask (``0`` where kept, ``-inf`` where blocked)."""
-    if mask.dtype != torch.bool:
-        raise TypeError(f"to_additive takes a boolean mask, got {mask.dtype}")
+    """Boolean mask -> additive float mask (``0`` where kept, ``-inf`` where blocked) of floating ``dtype``."""
+    _bool_mask(mask, "mask")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (an additive mask holds -inf), got {dtype}")
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     return torch.where(mask, zero, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
 

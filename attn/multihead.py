@@ -23,8 +23,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_tokens
-from .core import AttentionOutput, scaled_dot_product_attention
+from .checks import check_heads, check_int, check_positive_float, check_same_dtype, check_tokens
+from .core import MIN_TEMPERATURE, AttentionOutput, scaled_dot_product_attention
 from .masks import mha_convention
 from .registry import register
 
@@ -61,7 +61,12 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
     ) -> None:
         super().__init__()
-        check_heads(embed_dim, num_heads)
+        check_heads(check_int("embed_dim", embed_dim), check_int("num_heads", num_heads))
+        for name, width in (("kdim", kdim), ("vdim", vdim)):
+            if width is not None:
+                check_int(name, width)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
@@ -83,6 +88,7 @@ class MultiHeadAttention(nn.Module):
     def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             check_tokens(t, width, name, allow_empty_seq=True)
+        check_same_dtype(("query", query), ("key", key), ("value", value))
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(f"key and value must share (batch, seq): {tuple(key.shape[:2])} vs {tuple(value.shape[:2])}")
         if query.shape[0] != key.shape[0]:
@@ -140,7 +146,7 @@ class MultiHeadAttention(nn.Module):
             is_causal: query ``i`` sees keys ``<= i``.
             need_weights: return the weights; otherwise the fused SDPA kernel runs.
             average_weights: average the returned weights over heads, ``(B, L, S)``.
-            temperature: divides the scores.
+            temperature: divides the scores; at least :data:`~attn.core.MIN_TEMPERATURE` (1e-30).
 
         Returns:
             ``(output (B, L, E), weights (B, h, L, S) | (B, L, S) | None)``.
@@ -148,8 +154,7 @@ class MultiHeadAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         self._check(query, key, value)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = check_positive_float("temperature", temperature, minimum=MIN_TEMPERATURE)
         if attn_mask is not None and isinstance(attn_mask, Tensor) and attn_mask.ndim == 3:
             attn_mask = attn_mask[:, None]  # (B, L, S) -> (B, 1, L, S), shared by the heads
         q = self.split_heads(self.q_proj(query))  # (B, h, L, d_h)

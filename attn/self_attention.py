@@ -19,8 +19,8 @@ import math
 
 from torch import Tensor, nn
 
-from .checks import check_tokens
-from .core import AttentionOutput, scaled_dot_product_attention
+from .checks import check_int, check_positive_float, check_tokens
+from .core import MIN_TEMPERATURE, AttentionOutput, scaled_dot_product_attention
 from .registry import register
 
 __all__ = ["SelfAttention"]
@@ -47,8 +47,12 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_model: int, d_k: int | None = None, d_v: int | None = None, bias: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
-        if d_model <= 0:
-            raise ValueError(f"d_model must be positive, got {d_model}")
+        check_int("d_model", d_model)
+        for name, width in (("d_k", d_k), ("d_v", d_v)):
+            if width is not None:
+                check_int(name, width)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.d_model = d_model
         self.d_k = d_k or d_model
         self.d_v = d_v or self.d_k
@@ -73,14 +77,14 @@ class SelfAttention(nn.Module):
             key_mask: ``(batch, n)``, ``True`` = real token.
             is_causal: token ``i`` sees only tokens ``<= i``.
             need_weights: also return the ``(batch, n, n)`` weights.
-            temperature: divides the scores; ``> 1`` flattens, ``< 1`` sharpens.
+            temperature: divides the scores; ``> 1`` flattens, ``< 1`` sharpens; at least
+                :data:`~attn.core.MIN_TEMPERATURE` (1e-30), below which the scores overflow.
 
         Returns:
             ``(output (batch, n, d_v), weights (batch, n, n) or None)``.
         """
         x = check_tokens(x, self.d_model)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        temperature = check_positive_float("temperature", temperature, minimum=MIN_TEMPERATURE)
         q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # (B, n, d_k), (B, n, d_k), (B, n, d_v)
         return scaled_dot_product_attention(
             q, k, v,

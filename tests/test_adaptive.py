@@ -318,3 +318,13 @@ def test_sentinel_task_and_registry():
     assert (no_sentinel(batch["items"], batch["query"])[:, -1] == 0).all()  # the baseline cannot say "none"
     with pytest.raises(ValueError, match="unknown preset"):
         make_sentinel_task("huge")
+
+
+@pytest.mark.parametrize("which", ["features", "h", "sentinel"])
+def test_sentinel_refuses_mixed_dtypes(which):
+    """A float64 tensor among float32 ones used to fail deep in a matmul; now the error names each argument's dtype."""
+    mod = SentinelAttention(4)
+    args = {"features": torch.randn(2, 3, 4), "h": torch.randn(2, 4), "sentinel": torch.randn(2, 4)}
+    args[which] = args[which].double()
+    with pytest.raises(TypeError, match=rf"dtypes must match \(.*{which}: torch.float64"):
+        mod(**args)

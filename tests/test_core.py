@@ -8,8 +8,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attn.core import masked_softmax, scaled_dot_product_attention
-from attn.masks import band_mask, block_mask, causal_mask, check_mask, combine_masks, mha_convention, padding_mask, to_additive
+from attn.core import MIN_TEMPERATURE, masked_softmax, scaled_dot_product_attention
+from attn.masks import (
+    band_mask, block_mask, causal_mask, check_mask, combine_masks, key_mask_to_attn_mask, mha_convention, padding_mask, to_additive,
+)
+from attn.multihead import MultiHeadAttention
+from attn.self_attention import SelfAttention
 
 
 def qkv(*shape, dv=None, dtype=torch.float32, grad=False):
@@ -245,3 +249,101 @@ def test_bad_masks():
         scaled_dot_product_attention(q, k, v, dropout_p=1.5)
     with pytest.raises(TypeError):
         check_mask("mask", (1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- clear errors (issue 15, section 4)
+
+_B = torch.ones(2, 3, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        # mixed dtypes
+        (lambda: scaled_dot_product_attention(torch.randn(1, 2, 4), torch.randn(1, 3, 4, dtype=torch.float64), torch.randn(1, 3, 4)),
+         TypeError, r"dtypes must match \(query: torch.float32, key: torch.float64, value: torch.float32\)"),
+        (lambda: scaled_dot_product_attention(torch.randn(1, 2, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 4, dtype=torch.bfloat16)),
+         TypeError, r"value: torch.bfloat16"),
+        (lambda: scaled_dot_product_attention(*qkv(1, 2, 4), attn_mask=torch.zeros(2, 5, dtype=torch.float64)),
+         TypeError, r"dtypes must match \(query: torch.float32, attn_mask: torch.float64\)"),
+        # integers and degenerate scales
+        (lambda: scaled_dot_product_attention(torch.ones(1, 2, 4, dtype=torch.long), *qkv(1, 2, 4)[1:]), TypeError, "query must be a floating-point"),
+        (lambda: scaled_dot_product_attention(*qkv(1, 2, 4), scale=float("nan")), ValueError, "scale must be a finite number"),
+        (lambda: scaled_dot_product_attention(*qkv(1, 2, 4), scale=1e40), ValueError, r"scale must be a finite number in torch.float32, got 1e\+40"),
+        (lambda: scaled_dot_product_attention(*qkv(1, 2, 4), scale="1"), TypeError, "scale must be a real number"),
+        # masked_softmax
+        (lambda: masked_softmax(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.long)), TypeError, r"mask must be a torch.bool.*mask.bool\(\)"),
+        (lambda: masked_softmax(torch.randn(2, 3), [[True] * 3] * 2), TypeError, "mask must be a torch.bool tensor.*got list"),
+        (lambda: masked_softmax(torch.ones(2, 3, dtype=torch.long), _B), TypeError, "scores must be a floating-point tensor, got dtype torch.int64"),
+        (lambda: masked_softmax(torch.ones(2, 3, dtype=torch.long), None), TypeError, "scores must be a floating-point"),
+        (lambda: masked_softmax([[1.0, 2.0]], None), TypeError, "scores must be a torch.Tensor"),
+        (lambda: masked_softmax(torch.randn(2, 3), torch.ones(4, dtype=torch.bool)), ValueError, r"mask of shape \(4,\) does not broadcast to the scores of shape \(2, 3\)"),
+        (lambda: masked_softmax(torch.randn(3), torch.ones(2, 3, dtype=torch.bool)), ValueError, r"mask of shape \(2, 3\) does not broadcast to the scores of shape \(3,\)"),
+        (lambda: masked_softmax(torch.randn(2, 3), None, dim=2), ValueError, r"dim must be in \[-2, 2\)"),
+        # mask helpers given lists, integers, bad sizes
+        (lambda: key_mask_to_attn_mask([[True]]), TypeError, r"key_mask must be a torch.bool tensor \(batch, n_keys\).*got list"),
+        (lambda: combine_masks(causal_mask(2), [[True]]), TypeError, "combine_masks: mask 1 must be a torch.bool tensor.*got list"),
+        (lambda: combine_masks(causal_mask(2), causal_mask(3)), ValueError, r"mask 1 of shape \(3, 3\) does not broadcast.*\(2, 2\)"),
+        (lambda: mha_convention([[True]]), TypeError, "mask must be a torch.bool tensor.*got list"),
+        (lambda: mha_convention(torch.ones(2, 2, dtype=torch.long)), TypeError, r"got dtype torch.int64; a 0/1 integer mask \(1 = attend\) converts with mask.bool\(\)"),
+        (lambda: to_additive([[True]]), TypeError, "mask must be a torch.bool tensor.*got list"),
+        (lambda: to_additive(causal_mask(2), torch.long), TypeError, r"dtype must be a floating-point torch.dtype.*got torch.int64"),
+        (lambda: padding_mask([-1, 2]), ValueError, r"lengths must be >= 0, got \[-1, 2\]"),
+        (lambda: padding_mask([1.5, 2]), TypeError, "lengths must hold integers"),
+        (lambda: padding_mask([5, 2], 3), ValueError, r"lengths must be <= max_len=3, got a length of 5"),
+        (lambda: padding_mask(3), TypeError, "lengths must be a 1-D integer tensor or list"),
+        (lambda: causal_mask(-1), ValueError, "n_queries must be >= 0, got -1"),
+        (lambda: causal_mask(2.5), TypeError, "n_queries must be an int"),
+        (lambda: causal_mask(2, -3), ValueError, "n_keys must be >= 0"),
+        (lambda: band_mask(3, 1.5), TypeError, "window must be an int"),
+        (lambda: block_mask(-2, 2), ValueError, "n must be >= 0"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_edge_input_that_is_valid():
+    assert padding_mask([]).shape == (0, 0) and padding_mask([], 4).shape == (0, 4)
+    assert padding_mask([], 4).dtype == torch.bool
+    assert padding_mask(torch.tensor([0, 2]), 3).tolist() == [[False] * 3, [True, True, False]]
+    assert to_additive(causal_mask(2), torch.float64).dtype == torch.float64
+    f = torch.zeros(2, 2)
+    assert mha_convention(f) is f  # additive masks pass through
+    assert key_mask_to_attn_mask(padding_mask([1, 2])).shape == (2, 1, 1, 2)
+    q, k, v = qkv(1, 2, 4, dtype=torch.float64)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(2, 5, dtype=torch.float64), need_weights=True)
+    assert out.output.dtype == torch.float64
+    assert torch.allclose(masked_softmax(torch.zeros(2, 3), torch.tensor([True, False, True])), torch.tensor([[0.5, 0, 0.5]] * 2))
+
+
+@pytest.mark.parametrize("make", [lambda: SelfAttention(8), lambda: MultiHeadAttention(8, 2)], ids=["self", "multihead"])
+def test_temperature_too_small_is_refused_not_nan(make):
+    """At tau = 1e-40 the scale 1 / (tau sqrt(d)) is inf in float32 and every output NaN: refuse it."""
+    layer, x = make(), torch.randn(2, 5, 8)
+    for tau in (1e-40, 0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be"):
+            layer(x, temperature=tau)
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        layer(x, temperature="hot")
+    for tau in (MIN_TEMPERATURE, 1e-3, 1.0, 10):
+        for nw in (False, True):
+            assert torch.isfinite(layer(x, temperature=tau, need_weights=nw).output).all()
+
+
+def test_multihead_refuses_mixed_dtypes_and_bad_sizes():
+    mha = MultiHeadAttention(8, 2)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match=r"dtypes must match \(query: torch.float32, key: torch.float64"):
+        mha(x, x.double(), x)
+    with pytest.raises(TypeError, match="query must be a floating-point"):
+        mha(torch.ones(2, 5, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="embed_dim must be an int"):
+        MultiHeadAttention(8.0, 2)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        MultiHeadAttention(8, 2, dropout=1.5)
+    with pytest.raises(TypeError, match="d_model must be an int"):
+        SelfAttention("8")
+    with pytest.raises(ValueError, match="d_k must be >= 1"):
+        SelfAttention(8, d_k=-1)

@@ -20,6 +20,7 @@ from attn.tasks import AssociativeRecall
 from attn.train import set_seed, train
 
 TASK = AssociativeRecall(n_pairs=4, n_keys=8, n_values=8)
+GOOD_X = torch.tensor([[0, 8, 1, 9, 2, 10, 3, 11, 2]] * 2)  # k1 v1 ... k4 v4 q
 
 
 def rand_attn(*shape, dtype=torch.float64, seed=0, grad=False):
@@ -265,7 +266,23 @@ A = torch.rand(2, 3, 4, 4)
         (lambda: RecallTransformer(TASK, 8, 2)(torch.rand(2, 9)), TypeError, "integer token ids"),
         (lambda: RecallTransformer(TASK, 8, 2)(torch.zeros(2, 9, dtype=torch.long).tolist()), TypeError, "must be a torch.Tensor"),
         (lambda: RecallTransformer(TASK, 8, 2)(torch.zeros(2, 7, dtype=torch.long)), ValueError, r"x must have shape \(batch, 9\)"),
-        (lambda: RecallTransformer(TASK, 8, 2)(torch.full((2, 9), 99)), ValueError, r"token ids must lie in \[0, 16\)"),
+        (lambda: RecallTransformer(TASK, 8, 2)(torch.full((2, 9), 99)), ValueError, r"x must be token ids in \[0, 16\), got values in \[99, 99\]"),
+        (lambda: RecallTransformer(TASK, 8, 2)(torch.full((2, 9), -1)), ValueError, r"x must be token ids in \[0, 16\), got values in \[-1, -1\]"),
+        (lambda: RecallTransformer(TASK, 8, 2)(torch.zeros(2, 9, dtype=torch.long)), ValueError, r"value ids in \[8, 16\) at odd positions, got 0"),
+        (lambda: RecallTransformer(TASK, 8, 2)(GOOD_X.roll(1, -1)), ValueError, r"key ids in \[0, 8\) at even positions, got 11"),
+        (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2))(torch.zeros(2, 9, dtype=torch.long)), ValueError, "value ids"),
+        (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2))(GOOD_X.float()), TypeError, "x must hold integer token ids"),
+        (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2), weight=float("nan")), ValueError, "weight must be finite"),
+        (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2), weight=float("inf")), ValueError, "weight must be finite"),
+        (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2), weight="1"), TypeError, "weight must be a real number"),
+        (lambda: distillation_loss(Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2)),
+                                   {"x": GOOD_X, "y": torch.tensor([8, 99])}),
+         ValueError, r'batch\["y"\] must be token ids in \[0, 16\)'),
+        (lambda: distillation_loss(Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2)),
+                                   {"x": GOOD_X, "y": torch.tensor([8, 3])}),
+         ValueError, r'batch\["y"\] must be value tokens in \[8, 16\)'),
+        (lambda: teacher_loss(RecallTransformer(TASK, 8, 2), {"x": GOOD_X, "y": torch.tensor([8.0, 9.0])}),
+         TypeError, r'batch\["y"\] must hold integer token ids'),
         (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 4), "minilm"), ValueError, "pairs heads one to one"),
         (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2), "hint"), ValueError, "kind must be one of"),
         (lambda: make_task("huge"), ValueError, "preset must be one of"),
