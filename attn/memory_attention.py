@@ -56,7 +56,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_heads, check_tensor, check_tokens, empty_batch
+from .checks import (
+    check_heads,
+    check_int,
+    check_positive_float,
+    check_same_dtype,
+    check_tensor,
+    check_token_ids,
+    check_tokens,
+    empty_batch,
+)
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -142,6 +151,7 @@ class PersistentMemoryAttention(nn.Module):
                 (the rest sits on the slots).
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.q_proj.weight)
         batch, n, _ = x.shape
         check_key_mask(key_mask, batch, n, length_name="n")
         N, h = self.slots, self.num_heads
@@ -167,6 +177,10 @@ class PersistentMemoryAttention(nn.Module):
     @torch.no_grad()
     def load_torch_weights(self, mha: nn.MultiheadAttention) -> "PersistentMemoryAttention":
         """Copy a ``torch.nn.MultiheadAttention(add_bias_kv=True, batch_first=True)``: its ``bias_k, bias_v`` become one slot."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention(add_bias_kv=True), got {type(mha).__name__}")
+        if mha.in_proj_weight is None or mha.in_proj_bias is None:
+            raise ValueError("mha must use one packed in_proj with biases (equal kdim/vdim, bias=True)")
         if self.slots != 1 or mha.bias_k is None:
             raise ValueError("only a 1-slot module matches nn.MultiheadAttention(add_bias_kv=True)")
         if (mha.embed_dim, mha.num_heads) != (self.embed_dim, self.num_heads):
@@ -205,19 +219,48 @@ class KNNMemory:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def add(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        """Append ``keys, values (B, h, L, d)`` from stream positions ``(L,)``; keep the newest ``capacity``."""
+        """Append ``keys (B, h, L, d)``, ``values (B, h, L, d_v)`` from stream positions ``(L,)``; keep the newest ``capacity``.
+
+        Raises:
+            TypeError: a non-tensor (a list), integer keys/values, float positions, or dtypes that
+                differ from each other or from the bank's.
+            ValueError: wrong ranks, or shapes that disagree with each other or with the bank.
+        """
         check_tensor(keys, "keys", "(batch, heads, L, d)", 4)
-        check_tensor(values, "values", "(batch, heads, L, d)", 4)
-        if keys.shape[:3] != values.shape[:3] or positions.shape != (keys.shape[2],):
-            raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and positions {tuple(positions.shape)} disagree")
+        check_tensor(values, "values", "(batch, heads, L, d_v)", 4)
+        L = keys.shape[2]
+        if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+            got = f"dtype {positions.dtype}" if isinstance(positions, Tensor) else type(positions).__name__
+            raise TypeError(f"positions must be an integer torch.Tensor of stream positions, shape (L={L},), got {got}")
+        if values.shape[:3] != keys.shape[:3]:
+            raise ValueError(f"values must have shape (batch, heads, L, d_v) = {tuple(keys.shape[:3])} + (d_v,) like keys, got {tuple(values.shape)}")
+        if positions.shape != (L,):
+            raise ValueError(f"positions must have shape (L={L},), one per key, got {tuple(positions.shape)}")
+        check_same_dtype(("keys", keys), ("values", values), ("the bank's keys", self.keys))
         if self.keys is not None and (self.keys.shape[:2] != keys.shape[:2] or self.keys.shape[-1] != keys.shape[-1]):
             raise ValueError(f"keys (batch, heads, L, d) = {tuple(keys.shape)} do not match the bank's {tuple(self.keys.shape)}")
+        if self.values is not None and self.values.shape[-1] != values.shape[-1]:
+            raise ValueError(f"values must have d_v = {self.values.shape[-1]} like the bank's, got shape {tuple(values.shape)}")
+        if L == 0:
+            return  # nothing to add
         keys, values = keys.detach(), values.detach()  # the memory is not differentiable
         if self.keys is not None:
             keys = torch.cat([self.keys, keys], 2)
             values = torch.cat([self.values, values], 2)
             positions = torch.cat([self.positions, positions])
         self.keys, self.values, self.positions = keys[:, :, -self.capacity :], values[:, :, -self.capacity :], positions[-self.capacity :]
+
+
+def _check_layer_dtype(x: Tensor, weight: Tensor) -> None:
+    """``x`` has the dtype of the layer's parameters (outside autocast, where torch mixes them itself)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        check_same_dtype(("the layer's parameters", weight), ("x", x))
+
+
+def _check_memory(memory: object) -> None:
+    """``memory`` is ``None`` or a :class:`KNNMemory`."""
+    if memory is not None and not isinstance(memory, KNNMemory):
+        raise TypeError(f"memory must be a KNNMemory (or None), got {type(memory).__name__}")
 
 
 class Retrieval(NamedTuple):
@@ -254,6 +297,20 @@ def _faiss_search(q: Tensor, keys: Tensor, k: int) -> Tensor:
     return torch.from_numpy(out).to(q.device)
 
 
+def _check_search(q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None) -> float:
+    """Checks shared by :func:`knn_attention` and :func:`knn_attention_dense`; returns the score scale."""
+    check_tensor(q, "q", "(batch, heads, L, d)", 4)
+    check_tensor(keys, "keys", "(batch, heads, S, d)", 4)
+    check_tensor(values, "values", "(batch, heads, S, d_v)", 4)
+    if keys.shape[:2] != q.shape[:2] or keys.shape[-1] != q.shape[-1] or values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} must share (batch, heads) and d; keys and values S")
+    check_same_dtype(("q", q), ("keys", keys), ("values", values))
+    check_int("top_k", top_k, 1)
+    if keys.shape[2] == 0:
+        raise ValueError("the bank is empty (S = 0): nothing to retrieve")
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_positive_float("scale", scale)
+
+
 def knn_attention(
     q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None = None, backend: Literal["torch", "faiss"] = "torch"
 ) -> Retrieval:
@@ -271,16 +328,8 @@ def knn_attention(
         :class:`Retrieval`. The softmax runs over the ``k`` retrieved scores;
         gradients reach ``q`` (and the bank, if it required grad).
     """
-    check_tensor(q, "q", "(batch, heads, L, d)", 4)
-    check_tensor(keys, "keys", "(batch, heads, S, d)", 4)
-    check_tensor(values, "values", "(batch, heads, S, d_v)", 4)
-    if keys.shape[:2] != q.shape[:2] or keys.shape[-1] != q.shape[-1] or values.shape[:3] != keys.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} must share (batch, heads) and d; keys and values S")
-    check_int("top_k", top_k, 1)
-    if keys.shape[2] == 0:
-        raise ValueError("the bank is empty (S = 0): nothing to retrieve")
+    scale = _check_search(q, keys, values, top_k, scale)
     k = min(top_k, keys.shape[2])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "torch":
         scores = torch.matmul(q * scale, keys.transpose(-1, -2))  # (B, h, L, S): the exact search
         top, idx = scores.topk(k, dim=-1)  # (B, h, L, k)
@@ -302,7 +351,7 @@ def knn_attention_dense(q: Tensor, keys: Tensor, values: Tensor, top_k: int, sca
     Equal to :func:`knn_attention` (ties aside); with ``top_k >= S`` it is
     plain attention over the whole bank. ``O(L S d)`` and an ``(L, S)`` matrix per head.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _check_search(q, keys, values, top_k, scale)
     scores = torch.matmul(q * scale, keys.transpose(-1, -2))
     k = min(top_k, keys.shape[2])
     kth = scores.topk(k, dim=-1).values[..., -1:]
@@ -381,14 +430,21 @@ class MemorizingAttention(nn.Module):
         ``top_k = 0``, the output is local attention alone.
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
+        _check_memory(memory)
         batch, L, _ = x.shape
         h, d = self.num_heads, self.head_dim
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=h)  # (B, h, L, d)
         local, local_w = scaled_dot_product_attention(q, k, v, is_causal=True, need_weights=need_weights)
         mem_w = idx = None
         if memory is not None and memory.size > 0 and self.top_k > 0:
-            if memory.keys.shape[:2] != (batch, h) or memory.keys.shape[-1] != d:
-                raise ValueError(f"memory holds (batch, heads, S, d) = {tuple(memory.keys.shape)}, the segment needs ({batch}, {h}, S, {d})")
+            if memory.keys.shape[:2] != (batch, h) or memory.keys.shape[-1] != d or memory.values.shape[-1] != d:
+                raise ValueError(
+                    f"memory holds keys (batch, heads, S, d) = {tuple(memory.keys.shape)} and values {tuple(memory.values.shape)}, "
+                    f"the segment needs ({batch}, {h}, S, {d}) for both"
+                )
+            # q is x projected (its dtype, or autocast's): the bank must hold the same dtype
+            check_same_dtype(("x (projected to queries)", q), ("memory.keys", memory.keys), ("memory.values", memory.values))
             found = knn_attention(q, memory.keys, memory.values, self.top_k, backend=self.backend)
             g = self.gate[None, :, None, None]
             out = g * found.output + (1 - g) * local  # V = g V_mem + (1 - g) V_local
@@ -410,8 +466,10 @@ class MemorizingAttention(nn.Module):
                 segments run at once (:meth:`forward_parallel`), with the same result.
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
+        _check_memory(memory)
         batch, n, _ = x.shape
-        h, L = self.num_heads, self.segment
+        h, L = self.num_heads, min(self.segment, n)  # a segment longer than x is x (same result, no padding)
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
         if memory is None and self.backend == "torch":
@@ -436,6 +494,17 @@ class MemorizingAttention(nn.Module):
         return AttentionOutput(torch.cat(outs, 1), dense)
 
 
+    def effective_sizes(self, n: int) -> tuple[int, int]:
+        """``(L, C)`` the parallel form uses on ``n`` tokens: ``L' = min(L, n)``, ``C' = min(C, (ceil(n / L') - 1) L')``.
+
+        A segment longer than the sequence is the sequence, and no segment has more
+        than ``(nb - 1) L'`` tokens before it, so a larger window only adds slots that
+        are always empty. Same result; the cost stays within dense attention over the
+        (segment-padded) sequence whatever ``L`` and ``C`` were set to.
+        """
+        L = max(1, min(self.segment, n))
+        return L, min(self.capacity, (-(-n // L) - 1) * L)
+
     def forward_parallel(self, x: Tensor, need_weights: bool = False) -> AttentionOutput:
         """All segments at once: segment ``b`` searches the ``C`` keys just before it (the bank it would hold).
 
@@ -447,8 +516,12 @@ class MemorizingAttention(nn.Module):
         the segment-by-segment :meth:`forward` with a :class:`KNNMemory`.
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
-        h, d, L, C = self.num_heads, self.head_dim, self.segment, self.capacity
+        h, d = self.num_heads, self.head_dim
+        if empty_batch(x):
+            return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
+        L, C = self.effective_sizes(n)
         nb = -(-n // L)
         n_pad = nb * L
         q, k, v = rearrange(self.qkv(F.pad(x, (0, 0, 0, n_pad - n))), "b n (three h d) -> three b h n d", three=3, h=h)
@@ -461,7 +534,7 @@ class MemorizingAttention(nn.Module):
             local_w = rearrange(local_w, "(b nb) h l m -> b h nb l m", b=batch)
         share = x.new_zeros(1, h, nb, 1, 1)
         mem_w = cols = None
-        if self.top_k > 0 and nb > 1:
+        if self.top_k > 0 and nb > 1 and C > 0:
             # the C detached entries before each segment: (B, h, nb, C, d), slot c = position bL - C + c
             window = lambda t: F.pad(t.detach(), (0, 0, C, 0)).unfold(2, C, L)[:, :, :nb].transpose(-1, -2)  # noqa: E731
             mem_k, mem_v = window(k), window(v)
@@ -560,6 +633,10 @@ class MemoryRecallModel(nn.Module):
 
     def embed(self, keys: Tensor, values: Tensor) -> Tensor:
         """``keys, values (B, n)`` -> tokens ``(B, n, E)``: pairs, then the query (which carries no value)."""
+        check_token_ids(keys, self.task.n_keys, "keys")
+        check_token_ids(values, self.task.n_values, "values")
+        if values.shape != keys.shape:
+            raise ValueError(f"values must have the shape of keys (batch, n) = {tuple(keys.shape)}, got {tuple(values.shape)}")
         flag = self.query_flag.expand(keys.shape[0], 1, -1)
         return self.key_embed(keys) + torch.cat([self.value_embed(values[:, :-1]), flag], 1)
 
