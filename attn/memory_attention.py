@@ -498,9 +498,8 @@ class MemorizingAttention(nn.Module):
         """``(L, C)`` the parallel form uses on ``n`` tokens: ``L' = min(L, n)``, ``C' = min(C, (ceil(n / L') - 1) L')``.
 
         A segment longer than the sequence is the sequence, and no segment has more
-        than ``(nb - 1) L'`` tokens before it, so a larger window only adds slots that
-        are always empty. Same result; the cost stays within dense attention over the
-        (segment-padded) sequence whatever ``L`` and ``C`` were set to.
+        than ``(ceil(n / L') - 1) L'`` tokens before it, so a larger window only adds
+        slots that are always empty. Same result whatever ``L`` and ``C`` were set to.
         """
         L = max(1, min(self.segment, n))
         return L, min(self.capacity, (-(-n // L) - 1) * L)
@@ -514,53 +513,81 @@ class MemorizingAttention(nn.Module):
         (``Tensor.unfold``, a view), score it, take its top ``k`` and attend,
         all segments in one batch: ``O(n (L + C) d)``, no Python loop. Equal to
         the segment-by-segment :meth:`forward` with a :class:`KNNMemory`.
+
+        Never more work than dense attention over ``n``: ``L`` and ``C`` are clamped to the
+        sequence (:meth:`effective_sizes`); segment 0 (nothing to retrieve) and a shorter
+        last segment run as their own batches, so no window of empty slots is searched
+        for segment 0 and nothing is padded.
         """
         x = check_tokens(x, self.embed_dim)
         _check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
-        h, d = self.num_heads, self.head_dim
+        h = self.num_heads
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
         L, C = self.effective_sizes(n)
-        nb = -(-n // L)
-        n_pad = nb * L
-        q, k, v = rearrange(self.qkv(F.pad(x, (0, 0, 0, n_pad - n))), "b n (three h d) -> three b h n d", three=3, h=h)
-        blocks = lambda t: rearrange(t, "b h (nb l) d -> b h nb l d", l=L)  # noqa: E731
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)  # (B, h, nb, L, d)
-        flat = lambda t: rearrange(t, "b h nb l d -> (b nb) h l d")  # noqa: E731  (the core takes 4-D tensors)
+        C = C if self.top_k > 0 else 0
+        nb, tail = divmod(n, L)  # nb >= 1 full segments, then a last one of `tail` tokens (if any)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)  # (B, h, n, d)
+        first = 1 if C > 0 else 0  # segment 0 retrieves nothing: alone, without a window, when the others search one
+        parts = []
+        if first:
+            parts.append(self._segment_batch(q, k, v, 0, 1, L, 0, need_weights))
+        if nb > first:
+            parts.append(self._segment_batch(q, k, v, first * L, nb - first, L, C, need_weights))
+        if tail:
+            parts.append(self._segment_batch(q, k, v, nb * L, 1, tail, C, need_weights))  # C <= nb L: no empty slot
+        out = self.out_proj(rearrange(torch.cat([o for o, _ in parts], 2), "b h n d -> b n (h d)"))
+        return AttentionOutput(out, torch.cat([w for _, w in parts], 2) if need_weights else None)
+
+    def _segment_batch(
+        self, q: Tensor, k: Tensor, v: Tensor, start: int, m: int, length: int, window: int, need_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``m`` segments of ``length`` tokens from position ``start`` of the projected ``q, k, v (B, h, n, d)``, in one batch.
+
+        Causal attention inside each segment, gated with top-``k`` retrieval from the ``window``
+        detached keys and values just before it (slots before position 0 are empty; ``window = 0``
+        or segment 0: local attention only). Returns the output ``(B, h, m length, d)`` and, with
+        ``need_weights``, the effective weights of those rows over the whole sequence ``(B, h, m length, n)``.
+        """
+        batch, h, n, d = q.shape
+        L, C = length, window
+        dev = q.device
+        blocks = lambda t: rearrange(t[:, :, start : start + m * L], "b h (m l) d -> b h m l d", l=L)  # noqa: E731
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)  # (B, h, m, L, d)
+        flat = lambda t: rearrange(t, "b h m l d -> (b m) h l d")  # noqa: E731  (the core takes 4-D tensors)
         local, local_w = scaled_dot_product_attention(flat(qb), flat(kb), flat(vb), is_causal=True, need_weights=need_weights)
-        local = rearrange(local, "(b nb) h l d -> b h nb l d", b=batch)
-        if local_w is not None:
-            local_w = rearrange(local_w, "(b nb) h l m -> b h nb l m", b=batch)
-        share = x.new_zeros(1, h, nb, 1, 1)
+        local = rearrange(local, "(b m) h l d -> b h m l d", b=batch)
+        seg_start = start + torch.arange(m, device=dev) * L  # (m,) stream position of each segment's first token
+        share = q.new_zeros(1, h, m, 1, 1)
         mem_w = cols = None
-        if self.top_k > 0 and nb > 1 and C > 0:
-            # the C detached entries before each segment: (B, h, nb, C, d), slot c = position bL - C + c
-            window = lambda t: F.pad(t.detach(), (0, 0, C, 0)).unfold(2, C, L)[:, :, :nb].transpose(-1, -2)  # noqa: E731
-            mem_k, mem_v = window(k), window(v)
-            pos = torch.arange(nb, device=x.device)[:, None] * L - C + torch.arange(C, device=x.device)[None, :]  # (nb, C)
-            scores = torch.einsum("bhnld,bhncd->bhnlc", qb / math.sqrt(d), mem_k)  # the exact search, (B, h, nb, L, C)
+        if C > 0 and self.top_k > 0 and start + (m - 1) * L > 0:
+            # the C detached entries before each segment: (B, h, m, C, d), slot c = position s - C + c
+            win = lambda t: F.pad(t.detach(), (0, 0, C, 0))[:, :, start : start + (m - 1) * L + C].unfold(2, C, L).transpose(-1, -2)  # noqa: E731
+            mem_k, mem_v = win(k), win(v)
+            pos = seg_start[:, None] - C + torch.arange(C, device=dev)[None, :]  # (m, C)
+            scores = torch.einsum("bhmld,bhmcd->bhmlc", qb / math.sqrt(d), mem_k)  # the exact search, (B, h, m, L, C)
             scores = scores.masked_fill(~(pos >= 0)[:, None, :], torch.finfo(scores.dtype).min)  # slots before position 0
-            top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, nb, L, k)
+            top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, m, L, k)
             mem_w = top.softmax(-1)  # empty slots get exp(min - max) = 0 (all-empty: segment 0, gated off below)
-            rows = torch.arange(batch, device=x.device)[:, None, None, None, None]
-            heads = torch.arange(h, device=x.device)[None, :, None, None, None]
-            segs = torch.arange(nb, device=x.device)[None, None, :, None, None]
-            retrieved = torch.einsum("bhnlk,bhnlkd->bhnld", mem_w, mem_v[rows, heads, segs, idx])  # gathered: O(L k d)
-            has_memory = (torch.arange(nb, device=x.device) > 0).to(x.dtype)[None, None, :, None, None]
+            rows = torch.arange(batch, device=dev)[:, None, None, None, None]
+            heads = torch.arange(h, device=dev)[None, :, None, None, None]
+            segs = torch.arange(m, device=dev)[None, None, :, None, None]
+            retrieved = torch.einsum("bhmlk,bhmlkd->bhmld", mem_w, mem_v[rows, heads, segs, idx])  # gathered: O(L k d)
+            has_memory = (seg_start > 0).to(q.dtype)[None, None, :, None, None]
             share = self.gate[None, :, None, None, None] * has_memory
             local = share * retrieved + (1 - share) * local
-            cols = pos[torch.arange(nb, device=x.device)[:, None, None], idx]  # (B, h, nb, L, k) stream positions
-        out = self.out_proj(rearrange(local, "b h nb l d -> b (nb l) (h d)")[:, :n])
-        weights = None
-        if need_weights:
-            dense = x.new_zeros(batch, h, nb, L, n_pad)
-            own = (torch.arange(nb, device=x.device)[:, None] * L + torch.arange(L, device=x.device)[None, :])[:, None, :]  # (nb, 1, L)
-            dense = dense.scatter(-1, own.expand(nb, L, L).expand(batch, h, -1, -1, -1), (1 - share) * local_w)
-            if mem_w is not None:
-                dense = dense.scatter_add(-1, cols.clamp(min=0), share * mem_w * (cols >= 0))
-            weights = rearrange(dense, "b h nb l p -> b h (nb l) p")[:, :, :n, :n]
-        return AttentionOutput(out, weights)
+            cols = pos[torch.arange(m, device=dev)[:, None, None], idx]  # (B, h, m, L, k) stream positions
+        out = rearrange(local, "b h m l d -> b h (m l) d")
+        if not need_weights:
+            return out, None
+        local_w = rearrange(local_w, "(b m) h l j -> b h m l j", b=batch)
+        own = (seg_start[:, None] + torch.arange(L, device=dev)[None, :])[:, None, :]  # (m, 1, L) columns of the segment
+        dense = q.new_zeros(batch, h, m, L, n)
+        dense = dense.scatter(-1, own.expand(m, L, L).expand(batch, h, -1, -1, -1), (1 - share) * local_w)
+        if mem_w is not None:
+            dense = dense.scatter_add(-1, cols.clamp(min=0), share * mem_w * (cols >= 0))
+        return out, rearrange(dense, "b h m l p -> b h (m l) p")
 
 
 # --------------------------------------------------------------------------- the chapter's task
