@@ -56,7 +56,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_heads, check_tensor, check_tokens, empty_batch
+from .checks import (
+    check_heads,
+    check_int,
+    check_positive_float,
+    check_same_dtype,
+    check_tensor,
+    check_token_ids,
+    check_tokens,
+    empty_batch,
+)
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -142,6 +151,7 @@ class PersistentMemoryAttention(nn.Module):
                 (the rest sits on the slots).
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.q_proj.weight)
         batch, n, _ = x.shape
         check_key_mask(key_mask, batch, n, length_name="n")
         N, h = self.slots, self.num_heads
@@ -167,6 +177,10 @@ class PersistentMemoryAttention(nn.Module):
     @torch.no_grad()
     def load_torch_weights(self, mha: nn.MultiheadAttention) -> "PersistentMemoryAttention":
         """Copy a ``torch.nn.MultiheadAttention(add_bias_kv=True, batch_first=True)``: its ``bias_k, bias_v`` become one slot."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention(add_bias_kv=True), got {type(mha).__name__}")
+        if mha.in_proj_weight is None or mha.in_proj_bias is None:
+            raise ValueError("mha must use one packed in_proj with biases (equal kdim/vdim, bias=True)")
         if self.slots != 1 or mha.bias_k is None:
             raise ValueError("only a 1-slot module matches nn.MultiheadAttention(add_bias_kv=True)")
         if (mha.embed_dim, mha.num_heads) != (self.embed_dim, self.num_heads):
@@ -205,19 +219,48 @@ class KNNMemory:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def add(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        """Append ``keys, values (B, h, L, d)`` from stream positions ``(L,)``; keep the newest ``capacity``."""
+        """Append ``keys (B, h, L, d)``, ``values (B, h, L, d_v)`` from stream positions ``(L,)``; keep the newest ``capacity``.
+
+        Raises:
+            TypeError: a non-tensor (a list), integer keys/values, float positions, or dtypes that
+                differ from each other or from the bank's.
+            ValueError: wrong ranks, or shapes that disagree with each other or with the bank.
+        """
         check_tensor(keys, "keys", "(batch, heads, L, d)", 4)
-        check_tensor(values, "values", "(batch, heads, L, d)", 4)
-        if keys.shape[:3] != values.shape[:3] or positions.shape != (keys.shape[2],):
-            raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and positions {tuple(positions.shape)} disagree")
+        check_tensor(values, "values", "(batch, heads, L, d_v)", 4)
+        L = keys.shape[2]
+        if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+            got = f"dtype {positions.dtype}" if isinstance(positions, Tensor) else type(positions).__name__
+            raise TypeError(f"positions must be an integer torch.Tensor of stream positions, shape (L={L},), got {got}")
+        if values.shape[:3] != keys.shape[:3]:
+            raise ValueError(f"values must have shape (batch, heads, L, d_v) = {tuple(keys.shape[:3])} + (d_v,) like keys, got {tuple(values.shape)}")
+        if positions.shape != (L,):
+            raise ValueError(f"positions must have shape (L={L},), one per key, got {tuple(positions.shape)}")
+        check_same_dtype(("keys", keys), ("values", values), ("the bank's keys", self.keys))
         if self.keys is not None and (self.keys.shape[:2] != keys.shape[:2] or self.keys.shape[-1] != keys.shape[-1]):
             raise ValueError(f"keys (batch, heads, L, d) = {tuple(keys.shape)} do not match the bank's {tuple(self.keys.shape)}")
+        if self.values is not None and self.values.shape[-1] != values.shape[-1]:
+            raise ValueError(f"values must have d_v = {self.values.shape[-1]} like the bank's, got shape {tuple(values.shape)}")
+        if L == 0:
+            return  # nothing to add
         keys, values = keys.detach(), values.detach()  # the memory is not differentiable
         if self.keys is not None:
             keys = torch.cat([self.keys, keys], 2)
             values = torch.cat([self.values, values], 2)
             positions = torch.cat([self.positions, positions])
         self.keys, self.values, self.positions = keys[:, :, -self.capacity :], values[:, :, -self.capacity :], positions[-self.capacity :]
+
+
+def _check_layer_dtype(x: Tensor, weight: Tensor) -> None:
+    """``x`` has the dtype of the layer's parameters (outside autocast, where torch mixes them itself)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        check_same_dtype(("the layer's parameters", weight), ("x", x))
+
+
+def _check_memory(memory: object) -> None:
+    """``memory`` is ``None`` or a :class:`KNNMemory`."""
+    if memory is not None and not isinstance(memory, KNNMemory):
+        raise TypeError(f"memory must be a KNNMemory (or None), got {type(memory).__name__}")
 
 
 class Retrieval(NamedTuple):
@@ -254,6 +297,20 @@ def _faiss_search(q: Tensor, keys: Tensor, k: int) -> Tensor:
     return torch.from_numpy(out).to(q.device)
 
 
+def _check_search(q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None) -> float:
+    """Checks shared by :func:`knn_attention` and :func:`knn_attention_dense`; returns the score scale."""
+    check_tensor(q, "q", "(batch, heads, L, d)", 4)
+    check_tensor(keys, "keys", "(batch, heads, S, d)", 4)
+    check_tensor(values, "values", "(batch, heads, S, d_v)", 4)
+    if keys.shape[:2] != q.shape[:2] or keys.shape[-1] != q.shape[-1] or values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} must share (batch, heads) and d; keys and values S")
+    check_same_dtype(("q", q), ("keys", keys), ("values", values))
+    check_int("top_k", top_k, 1)
+    if keys.shape[2] == 0:
+        raise ValueError("the bank is empty (S = 0): nothing to retrieve")
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_positive_float("scale", scale)
+
+
 def knn_attention(
     q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None = None, backend: Literal["torch", "faiss"] = "torch"
 ) -> Retrieval:
@@ -271,16 +328,8 @@ def knn_attention(
         :class:`Retrieval`. The softmax runs over the ``k`` retrieved scores;
         gradients reach ``q`` (and the bank, if it required grad).
     """
-    check_tensor(q, "q", "(batch, heads, L, d)", 4)
-    check_tensor(keys, "keys", "(batch, heads, S, d)", 4)
-    check_tensor(values, "values", "(batch, heads, S, d_v)", 4)
-    if keys.shape[:2] != q.shape[:2] or keys.shape[-1] != q.shape[-1] or values.shape[:3] != keys.shape[:3]:
-        raise ValueError(f"q {tuple(q.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} must share (batch, heads) and d; keys and values S")
-    check_int("top_k", top_k, 1)
-    if keys.shape[2] == 0:
-        raise ValueError("the bank is empty (S = 0): nothing to retrieve")
+    scale = _check_search(q, keys, values, top_k, scale)
     k = min(top_k, keys.shape[2])
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "torch":
         scores = torch.matmul(q * scale, keys.transpose(-1, -2))  # (B, h, L, S): the exact search
         top, idx = scores.topk(k, dim=-1)  # (B, h, L, k)
@@ -302,7 +351,7 @@ def knn_attention_dense(q: Tensor, keys: Tensor, values: Tensor, top_k: int, sca
     Equal to :func:`knn_attention` (ties aside); with ``top_k >= S`` it is
     plain attention over the whole bank. ``O(L S d)`` and an ``(L, S)`` matrix per head.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _check_search(q, keys, values, top_k, scale)
     scores = torch.matmul(q * scale, keys.transpose(-1, -2))
     k = min(top_k, keys.shape[2])
     kth = scores.topk(k, dim=-1).values[..., -1:]
@@ -381,14 +430,21 @@ class MemorizingAttention(nn.Module):
         ``top_k = 0``, the output is local attention alone.
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
+        _check_memory(memory)
         batch, L, _ = x.shape
         h, d = self.num_heads, self.head_dim
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=h)  # (B, h, L, d)
         local, local_w = scaled_dot_product_attention(q, k, v, is_causal=True, need_weights=need_weights)
         mem_w = idx = None
         if memory is not None and memory.size > 0 and self.top_k > 0:
-            if memory.keys.shape[:2] != (batch, h) or memory.keys.shape[-1] != d:
-                raise ValueError(f"memory holds (batch, heads, S, d) = {tuple(memory.keys.shape)}, the segment needs ({batch}, {h}, S, {d})")
+            if memory.keys.shape[:2] != (batch, h) or memory.keys.shape[-1] != d or memory.values.shape[-1] != d:
+                raise ValueError(
+                    f"memory holds keys (batch, heads, S, d) = {tuple(memory.keys.shape)} and values {tuple(memory.values.shape)}, "
+                    f"the segment needs ({batch}, {h}, S, {d}) for both"
+                )
+            # q is x projected (its dtype, or autocast's): the bank must hold the same dtype
+            check_same_dtype(("x (projected to queries)", q), ("memory.keys", memory.keys), ("memory.values", memory.values))
             found = knn_attention(q, memory.keys, memory.values, self.top_k, backend=self.backend)
             g = self.gate[None, :, None, None]
             out = g * found.output + (1 - g) * local  # V = g V_mem + (1 - g) V_local
@@ -410,8 +466,10 @@ class MemorizingAttention(nn.Module):
                 segments run at once (:meth:`forward_parallel`), with the same result.
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
+        _check_memory(memory)
         batch, n, _ = x.shape
-        h, L = self.num_heads, self.segment
+        h, L = self.num_heads, min(self.segment, n)  # a segment longer than x is x (same result, no padding)
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
         if memory is None and self.backend == "torch":
@@ -436,6 +494,16 @@ class MemorizingAttention(nn.Module):
         return AttentionOutput(torch.cat(outs, 1), dense)
 
 
+    def effective_sizes(self, n: int) -> tuple[int, int]:
+        """``(L, C)`` the parallel form uses on ``n`` tokens: ``L' = min(L, n)``, ``C' = min(C, (ceil(n / L') - 1) L')``.
+
+        A segment longer than the sequence is the sequence, and no segment has more
+        than ``(ceil(n / L') - 1) L'`` tokens before it, so a larger window only adds
+        slots that are always empty. Same result whatever ``L`` and ``C`` were set to.
+        """
+        L = max(1, min(self.segment, n))
+        return L, min(self.capacity, (-(-n // L) - 1) * L)
+
     def forward_parallel(self, x: Tensor, need_weights: bool = False) -> AttentionOutput:
         """All segments at once: segment ``b`` searches the ``C`` keys just before it (the bank it would hold).
 
@@ -445,49 +513,81 @@ class MemorizingAttention(nn.Module):
         (``Tensor.unfold``, a view), score it, take its top ``k`` and attend,
         all segments in one batch: ``O(n (L + C) d)``, no Python loop. Equal to
         the segment-by-segment :meth:`forward` with a :class:`KNNMemory`.
+
+        Never more work than dense attention over ``n``: ``L`` and ``C`` are clamped to the
+        sequence (:meth:`effective_sizes`); segment 0 (nothing to retrieve) and a shorter
+        last segment run as their own batches, so no window of empty slots is searched
+        for segment 0 and nothing is padded.
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
-        h, d, L, C = self.num_heads, self.head_dim, self.segment, self.capacity
-        nb = -(-n // L)
-        n_pad = nb * L
-        q, k, v = rearrange(self.qkv(F.pad(x, (0, 0, 0, n_pad - n))), "b n (three h d) -> three b h n d", three=3, h=h)
-        blocks = lambda t: rearrange(t, "b h (nb l) d -> b h nb l d", l=L)  # noqa: E731
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)  # (B, h, nb, L, d)
-        flat = lambda t: rearrange(t, "b h nb l d -> (b nb) h l d")  # noqa: E731  (the core takes 4-D tensors)
+        h = self.num_heads
+        if empty_batch(x):
+            return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
+        L, C = self.effective_sizes(n)
+        C = C if self.top_k > 0 else 0
+        nb, tail = divmod(n, L)  # nb >= 1 full segments, then a last one of `tail` tokens (if any)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)  # (B, h, n, d)
+        first = 1 if C > 0 else 0  # segment 0 retrieves nothing: alone, without a window, when the others search one
+        parts = []
+        if first:
+            parts.append(self._segment_batch(q, k, v, 0, 1, L, 0, need_weights))
+        if nb > first:
+            parts.append(self._segment_batch(q, k, v, first * L, nb - first, L, C, need_weights))
+        if tail:
+            parts.append(self._segment_batch(q, k, v, nb * L, 1, tail, C, need_weights))  # C <= nb L: no empty slot
+        out = self.out_proj(rearrange(torch.cat([o for o, _ in parts], 2), "b h n d -> b n (h d)"))
+        return AttentionOutput(out, torch.cat([w for _, w in parts], 2) if need_weights else None)
+
+    def _segment_batch(
+        self, q: Tensor, k: Tensor, v: Tensor, start: int, m: int, length: int, window: int, need_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``m`` segments of ``length`` tokens from position ``start`` of the projected ``q, k, v (B, h, n, d)``, in one batch.
+
+        Causal attention inside each segment, gated with top-``k`` retrieval from the ``window``
+        detached keys and values just before it (slots before position 0 are empty; ``window = 0``
+        or segment 0: local attention only). Returns the output ``(B, h, m length, d)`` and, with
+        ``need_weights``, the effective weights of those rows over the whole sequence ``(B, h, m length, n)``.
+        """
+        batch, h, n, d = q.shape
+        L, C = length, window
+        dev = q.device
+        blocks = lambda t: rearrange(t[:, :, start : start + m * L], "b h (m l) d -> b h m l d", l=L)  # noqa: E731
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)  # (B, h, m, L, d)
+        flat = lambda t: rearrange(t, "b h m l d -> (b m) h l d")  # noqa: E731  (the core takes 4-D tensors)
         local, local_w = scaled_dot_product_attention(flat(qb), flat(kb), flat(vb), is_causal=True, need_weights=need_weights)
-        local = rearrange(local, "(b nb) h l d -> b h nb l d", b=batch)
-        if local_w is not None:
-            local_w = rearrange(local_w, "(b nb) h l m -> b h nb l m", b=batch)
-        share = x.new_zeros(1, h, nb, 1, 1)
+        local = rearrange(local, "(b m) h l d -> b h m l d", b=batch)
+        seg_start = start + torch.arange(m, device=dev) * L  # (m,) stream position of each segment's first token
+        share = q.new_zeros(1, h, m, 1, 1)
         mem_w = cols = None
-        if self.top_k > 0 and nb > 1:
-            # the C detached entries before each segment: (B, h, nb, C, d), slot c = position bL - C + c
-            window = lambda t: F.pad(t.detach(), (0, 0, C, 0)).unfold(2, C, L)[:, :, :nb].transpose(-1, -2)  # noqa: E731
-            mem_k, mem_v = window(k), window(v)
-            pos = torch.arange(nb, device=x.device)[:, None] * L - C + torch.arange(C, device=x.device)[None, :]  # (nb, C)
-            scores = torch.einsum("bhnld,bhncd->bhnlc", qb / math.sqrt(d), mem_k)  # the exact search, (B, h, nb, L, C)
+        if C > 0 and self.top_k > 0 and start + (m - 1) * L > 0:
+            # the C detached entries before each segment: (B, h, m, C, d), slot c = position s - C + c
+            win = lambda t: F.pad(t.detach(), (0, 0, C, 0))[:, :, start : start + (m - 1) * L + C].unfold(2, C, L).transpose(-1, -2)  # noqa: E731
+            mem_k, mem_v = win(k), win(v)
+            pos = seg_start[:, None] - C + torch.arange(C, device=dev)[None, :]  # (m, C)
+            scores = torch.einsum("bhmld,bhmcd->bhmlc", qb / math.sqrt(d), mem_k)  # the exact search, (B, h, m, L, C)
             scores = scores.masked_fill(~(pos >= 0)[:, None, :], torch.finfo(scores.dtype).min)  # slots before position 0
-            top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, nb, L, k)
+            top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, m, L, k)
             mem_w = top.softmax(-1)  # empty slots get exp(min - max) = 0 (all-empty: segment 0, gated off below)
-            rows = torch.arange(batch, device=x.device)[:, None, None, None, None]
-            heads = torch.arange(h, device=x.device)[None, :, None, None, None]
-            segs = torch.arange(nb, device=x.device)[None, None, :, None, None]
-            retrieved = torch.einsum("bhnlk,bhnlkd->bhnld", mem_w, mem_v[rows, heads, segs, idx])  # gathered: O(L k d)
-            has_memory = (torch.arange(nb, device=x.device) > 0).to(x.dtype)[None, None, :, None, None]
+            rows = torch.arange(batch, device=dev)[:, None, None, None, None]
+            heads = torch.arange(h, device=dev)[None, :, None, None, None]
+            segs = torch.arange(m, device=dev)[None, None, :, None, None]
+            retrieved = torch.einsum("bhmlk,bhmlkd->bhmld", mem_w, mem_v[rows, heads, segs, idx])  # gathered: O(L k d)
+            has_memory = (seg_start > 0).to(q.dtype)[None, None, :, None, None]
             share = self.gate[None, :, None, None, None] * has_memory
             local = share * retrieved + (1 - share) * local
-            cols = pos[torch.arange(nb, device=x.device)[:, None, None], idx]  # (B, h, nb, L, k) stream positions
-        out = self.out_proj(rearrange(local, "b h nb l d -> b (nb l) (h d)")[:, :n])
-        weights = None
-        if need_weights:
-            dense = x.new_zeros(batch, h, nb, L, n_pad)
-            own = (torch.arange(nb, device=x.device)[:, None] * L + torch.arange(L, device=x.device)[None, :])[:, None, :]  # (nb, 1, L)
-            dense = dense.scatter(-1, own.expand(nb, L, L).expand(batch, h, -1, -1, -1), (1 - share) * local_w)
-            if mem_w is not None:
-                dense = dense.scatter_add(-1, cols.clamp(min=0), share * mem_w * (cols >= 0))
-            weights = rearrange(dense, "b h nb l p -> b h (nb l) p")[:, :, :n, :n]
-        return AttentionOutput(out, weights)
+            cols = pos[torch.arange(m, device=dev)[:, None, None], idx]  # (B, h, m, L, k) stream positions
+        out = rearrange(local, "b h m l d -> b h (m l) d")
+        if not need_weights:
+            return out, None
+        local_w = rearrange(local_w, "(b m) h l j -> b h m l j", b=batch)
+        own = (seg_start[:, None] + torch.arange(L, device=dev)[None, :])[:, None, :]  # (m, 1, L) columns of the segment
+        dense = q.new_zeros(batch, h, m, L, n)
+        dense = dense.scatter(-1, own.expand(m, L, L).expand(batch, h, -1, -1, -1), (1 - share) * local_w)
+        if mem_w is not None:
+            dense = dense.scatter_add(-1, cols.clamp(min=0), share * mem_w * (cols >= 0))
+        return out, rearrange(dense, "b h m l p -> b h (m l) p")
 
 
 # --------------------------------------------------------------------------- the chapter's task
@@ -560,6 +660,10 @@ class MemoryRecallModel(nn.Module):
 
     def embed(self, keys: Tensor, values: Tensor) -> Tensor:
         """``keys, values (B, n)`` -> tokens ``(B, n, E)``: pairs, then the query (which carries no value)."""
+        check_token_ids(keys, self.task.n_keys, "keys")
+        check_token_ids(values, self.task.n_values, "values")
+        if values.shape != keys.shape:
+            raise ValueError(f"values must have the shape of keys (batch, n) = {tuple(keys.shape)}, got {tuple(values.shape)}")
         flag = self.query_flag.expand(keys.shape[0], 1, -1)
         return self.key_embed(keys) + torch.cat([self.value_embed(values[:, :-1]), flag], 1)
 

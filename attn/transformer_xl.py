@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_heads, check_tensor, check_tokens, empty_batch
+from .checks import check_int, check_heads, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .registry import register
 
@@ -86,6 +86,9 @@ def rel_shift(x: Tensor) -> Tensor:
     ``j <= K - L + i``; the entries right of that (future keys) are
     meaningless and must be masked. Cost: one pad and two reshapes, ``O(L K)``.
     """
+    check_tensor(x, "x", "(..., L, K)")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (..., L, K), at least 2-D, got {x.ndim}-D shape {tuple(x.shape)}")
     *lead, length, keys = x.shape
     if keys < length:
         raise ValueError(f"rel_shift needs at least as many keys as queries (K >= L), got L={length}, K={keys}")
@@ -100,6 +103,10 @@ def sinusoid_table(distances: Tensor, dim: int) -> Tensor:
     ``distances (K,)`` -> ``(K, dim)`` (the same table as Vaswani et al. 2017,
     indexed by a distance instead of a position).
     """
+    if not isinstance(distances, Tensor) or distances.ndim != 1 or distances.dtype == torch.bool or distances.is_complex():
+        got = f"shape {tuple(distances.shape)}, dtype {distances.dtype}" if isinstance(distances, Tensor) else type(distances).__name__
+        raise TypeError(f"distances must be a 1-D real torch.Tensor (K,), got {got}")
+    check_int("dim", dim, 2)
     if dim % 2:
         raise ValueError(f"the sinusoid table needs an even width, got {dim}")
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float64) / dim))
@@ -129,6 +136,12 @@ def relative_scores_explicit(q: Tensor, k: Tensor, r_proj: Tensor, u: Tensor, v:
     c = torch.einsum("hd,bhjd->bhj", u, k)[:, :, None, :]
     d = torch.einsum("hd,ijhd->hij", v, r_ij)[None]
     return (a + b + c + d) * visible
+
+
+def _check_layer_dtype(x: Tensor, weight: Tensor) -> None:
+    """``x`` has the dtype of the layer's parameters (outside autocast, where torch mixes them itself)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        check_same_dtype(("the layer's parameters", weight), ("x", x))
 
 
 @register(
@@ -175,31 +188,48 @@ class TransformerXLAttention(nn.Module):
 
     def projected_positions(self, distances: Tensor, dtype: torch.dtype) -> Tensor:
         """``W_R R_d`` for the given distances: ``(K,) -> (K, h, d_h)``."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
         table = sinusoid_table(distances, self.embed_dim).to(dtype)
         return rearrange(self.r_net(table), "k (h d) -> k h d", h=self.num_heads)
 
-    def _scores_bias(self, q: Tensor, keys: int) -> Tensor:
-        """Terms (b) + (d), shifted into place: ``q (B, h, L, d) -> (B, h, L, K)``."""
-        distances = torch.arange(keys - 1, -1, -1, device=q.device)  # K-1 .. 0: the order rel_shift expects
-        r = self.projected_positions(distances, q.dtype)  # (K, h, d)
+    def _position_table(self, keys: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``W_R R_d`` for ``d = K-1 .. 0`` (the order :func:`rel_shift` expects): ``(K, h, d_h)``."""
+        return self.projected_positions(torch.arange(keys - 1, -1, -1, device=device), dtype)
+
+    def _scores_bias(self, q: Tensor, keys: int, table: Tensor | None = None) -> Tensor:
+        """Terms (b) + (d), shifted into place: ``q (B, h, L, d) -> (B, h, L, K)``.
+
+        ``table``: a :meth:`_position_table` of ``K' >= K`` distances to reuse (its last ``K`` rows are ``K-1 .. 0``).
+        """
+        r = self._position_table(keys, q.dtype, q.device) if table is None else table[table.shape[0] - keys :]  # (K, h, d)
         bd = torch.einsum("bhid,khd->bhik", q + self.v[:, None, :], r)  # (B, h, L, K), column c = distance K-1-c
         return rel_shift(bd)
 
     def attend_segment(
-        self, x: Tensor, memory: Tensor | None = None, memory_mask: Tensor | None = None, need_weights: bool = False
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        need_weights: bool = False,
+        norm: nn.Module | None = None,
     ) -> AttentionOutput:
-        """The recurrent form: one segment ``x (B, L, E)`` attends to ``[SG(memory) (B, M, E) | x]``, causally.
+        r"""The recurrent form: one segment ``x (B, L, E)`` attends to ``[SG(memory) (B, M, E) | x]``, causally.
 
         Args:
             x: the current segment.
             memory: the states before it (``None`` or ``M = 0``: no memory). Detached here (stop-gradient).
             memory_mask: ``(B, M)`` boolean, ``True`` = the memory slot holds a real state.
             need_weights: also return the weights ``(B, h, L, M + L)`` over ``[memory | segment]``.
+            norm: the pre-norm of a block (a ``LayerNorm``), applied *after* the stop-gradient:
+                the layer reads ``norm([SG(memory) | x])``, as in Dai et al.'s code, so the norm's
+                parameters get gradient through the memory path too (``LN(SG(m))``, not ``SG(LN(m))``).
 
         Returns:
             ``(output (B, L, E), weights or None)``.
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
         mem_len = 0
         if memory is not None:
             memory = check_tensor(memory, "memory", f"(batch, mem_len, embed_dim={self.embed_dim})", 3)
@@ -207,24 +237,54 @@ class TransformerXLAttention(nn.Module):
                 raise ValueError(
                     f"memory must have shape (batch={x.shape[0]}, mem_len, embed_dim={self.embed_dim}), got {tuple(memory.shape)}"
                 )
+            check_same_dtype(("x", x), ("memory", memory))
             mem_len = memory.shape[1]
         if memory_mask is not None:
             if not isinstance(memory_mask, Tensor) or memory_mask.dtype != torch.bool:
                 raise TypeError(f"memory_mask must be a torch.bool tensor (True = real state), got {getattr(memory_mask, 'dtype', type(memory_mask).__name__)}")
             if memory_mask.shape != (x.shape[0], mem_len):
                 raise ValueError(f"memory_mask must have shape (batch={x.shape[0]}, mem_len={mem_len}), got {tuple(memory_mask.shape)}")
-        batch, length, _ = x.shape
-        keys = mem_len + length
         if empty_batch(x):
-            w = x.new_zeros(0, self.num_heads, length, keys) if need_weights else None
-            return AttentionOutput(x.new_zeros(0, length, self.embed_dim), w)
-        context = x if mem_len == 0 else torch.cat([memory.detach(), x], 1)  # (B, K, E): SG(m) o h
-        wq = self.qkv.weight[: self.embed_dim]
+            w = x.new_zeros(0, self.num_heads, x.shape[1], mem_len + x.shape[1]) if need_weights else None
+            return AttentionOutput(x.new_zeros(0, x.shape[1], self.embed_dim), w)
+        if mem_len == 0:
+            memory = memory_mask = None
+        else:
+            memory = memory.detach()  # SG(m) ...
+            memory = memory if norm is None else norm(memory)  # ... then the norm: LN(SG(m))
+        memory_kv = None if memory is None else self._project_kv(memory)
+        return self._attend(x if norm is None else norm(x), memory_kv, memory_mask, need_weights)
+
+    def _project_kv(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``states (B, T, E)``: ``(B, h, T, d)`` each (``W_k``, ``W_v``)."""
         wkv = self.qkv.weight[self.embed_dim :]
+        k, v = rearrange(states @ wkv.T, "b t (two h d) -> two b h t d", two=2, h=self.num_heads)
+        return k, v
+
+    def _attend(
+        self,
+        x: Tensor,
+        memory_kv: tuple[Tensor, Tensor] | None,
+        memory_mask: Tensor | None,
+        need_weights: bool,
+        table: Tensor | None = None,
+    ) -> AttentionOutput:
+        """The attention of :meth:`attend_segment` on checked inputs.
+
+        ``x (B, L, E)``: the (normalised) segment; ``memory_kv``: keys and values ``(B, h, M, d)``
+        of the memory, already projected from ``SG(m)``; they enter as given. ``table``: a
+        position table to share between calls (see :meth:`_scores_bias`).
+        """
+        batch, length, _ = x.shape
+        mem_len = 0 if memory_kv is None else memory_kv[0].shape[2]
+        keys = mem_len + length
+        wq = self.qkv.weight[: self.embed_dim]
         q = rearrange(x @ wq.T, "b l (h d) -> b h l d", h=self.num_heads)  # (B, h, L, d)
-        k, v = rearrange(context @ wkv.T, "b k (two h d) -> two b h k d", two=2, h=self.num_heads)  # (B, h, K, d)
+        k, v = self._project_kv(x)  # (B, h, L, d)
+        if memory_kv is not None:  # keys and values of SG(m) o h: (B, h, K, d)
+            k, v = torch.cat([memory_kv[0], k], 2), torch.cat([memory_kv[1], v], 2)
         scale = 1.0 / math.sqrt(self.head_dim)
-        bias = self._scores_bias(q, keys) * scale  # terms (b) + (d), scaled: (B, h, L, K)
+        bias = self._scores_bias(q, keys, table) * scale  # terms (b) + (d), scaled: (B, h, L, K)
         # causal: query i (key-axis position M + i) sees keys j <= M + i
         visible = torch.ones(length, keys, dtype=torch.bool, device=x.device).tril(mem_len)
         if memory_mask is not None:
@@ -239,7 +299,17 @@ class TransformerXLAttention(nn.Module):
 
     # ------------------------------------------------------------------ the parallel form
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> AttentionOutput:
+    def effective_sizes(self, n: int) -> tuple[int, int]:
+        """``(L, M)`` used on a sequence of ``n`` tokens: ``L' = min(L, n)``, ``M' = min(M, (ceil(n / L') - 1) L')``.
+
+        A segment longer than the sequence is the sequence; memory slots before position 0
+        are always masked, so at most the ``(ceil(n / L') - 1) L'`` states before the last
+        segment are ever read. The result is the same whatever ``L`` and ``M`` were set to.
+        """
+        L = max(1, min(self.segment, n))
+        return L, min(self.mem_len, (-(-n // L) - 1) * L)
+
+    def forward(self, x: Tensor, need_weights: bool = False, norm: nn.Module | None = None) -> AttentionOutput:
         """The parallel form over a whole sequence ``x (B, n, E)``: every segment at once.
 
         The sequence is cut into ``ceil(n / L)`` segments; segment ``b`` attends
@@ -247,41 +317,83 @@ class TransformerXLAttention(nn.Module):
         position 0 are masked). Equal to running :meth:`attend_segment` segment
         by segment with the previous ``M`` states as memory, in ``O(n (M + L) d)``.
 
+        Never more work than dense attention over ``n``: ``L`` and ``M`` are clamped to the
+        sequence (:meth:`effective_sizes`), the full segments run as one batch and a shorter
+        last segment runs on its own (no padding), and the memory's keys and values are
+        projected once per position, not once per segment that reads them.
+
+        Args:
+            norm: a block's pre-norm, applied after the stop-gradient (see :meth:`attend_segment`):
+                queries from ``norm(x)``, memory from ``norm(SG(x))``.
+
         Returns:
             ``(output (B, n, E), weights (B, h, n, n) | None)``; the weights are
             scattered from the segments into a dense matrix (small ``n`` only).
         """
         x = check_tokens(x, self.embed_dim)
+        _check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
-        L, M = self.segment, self.mem_len
-        nb = -(-n // L)
-        n_pad = nb * L
-        cur = rearrange(F.pad(x, (0, 0, 0, n_pad - n)), "b (nb l) e -> (b nb) l e", l=L)  # (B*nb, L, E)
-        memory = mask = None
+        L, M = self.effective_sizes(n)
+        nb, tail = divmod(n, L)  # nb full segments, then a last one of `tail` tokens (if any)
+        n_full = nb * L
+        cur = x if norm is None else norm(x)
+        mem_kv: Tensor | None = None
         if M > 0:
-            # position bL - M + c of x for slot c of segment b; before position 0: padding, masked
-            front = F.pad(x.detach(), (0, 0, M, n_pad - n))  # (B, M + n_pad, E)
-            memory = rearrange(front.unfold(1, M, L)[:, :nb], "b nb e m -> (b nb) m e")  # (B*nb, M, E)
-            pos = torch.arange(nb, device=x.device)[:, None] * L - M + torch.arange(M, device=x.device)[None, :]
-            mask = (pos >= 0).repeat(batch, 1)  # (B*nb, M)
-        out, wb = self.attend_segment(cur, memory, mask, need_weights=need_weights)
-        out = rearrange(out, "(b nb) l e -> b (nb l) e", b=batch)[:, :n]
-        weights = None
-        if wb is not None:
-            weights = _scatter_segments(wb, batch, nb, L, M)[:, :, :n, :n]
-        return AttentionOutput(out, weights)
+            # the memory is read from SG(x), normalised after the stop-gradient, and projected
+            # once per position: (B, n, 2E) keys and values of SG(x), O(n E^2) like dense attention
+            source = x.detach() if norm is None else norm(x.detach())
+            mem_kv = source @ self.qkv.weight[self.embed_dim :].T
+        split = lambda t: tuple(rearrange(t, "b m (two h d) -> two b h m d", two=2, h=self.num_heads))  # noqa: E731
+        # one table of W_R R_d for the longest key axis below, shared by the calls
+        table = self._position_table(max(M + L, L if nb else 0, M + tail), x.dtype, x.device)
+        outs, weights = [], []
+        # segment 0 has no memory: it runs alone when the others have one (no M masked slots)
+        first = 1 if M > 0 and nb > 0 else 0
+        if first:
+            out, w0 = self._attend(cur[:, :L], None, None, need_weights, table)
+            outs.append(out)
+            if w0 is not None:
+                weights.append(F.pad(w0, (0, n - L)))
+        if nb > first:
+            m = nb - first  # segments first .. nb - 1, as one batch
+            blocks = rearrange(cur[:, first * L : n_full], "b (m l) e -> (b m) l e", l=L)  # (B*m, L, E)
+            memory_kv = mask = None
+            if M > 0:
+                # slot c of segment b holds position bL - M + c; before position 0: padding, masked
+                front = F.pad(mem_kv[:, :n_full], (0, 0, M, 0))  # (B, M + n_full, 2E)
+                windows = front.unfold(1, M, L)[:, first:nb]  # (B, m, 2E, M): a view
+                memory_kv = split(rearrange(windows, "b m e c -> (b m) c e"))
+                pos = torch.arange(first, nb, device=x.device)[:, None] * L - M + torch.arange(M, device=x.device)[None, :]
+                mask = (pos >= 0).repeat(batch, 1)  # (B*m, M)
+            out, wb = self._attend(blocks, memory_kv, mask, need_weights, table)
+            outs.append(rearrange(out, "(b m) l e -> b (m l) e", b=batch))
+            if wb is not None:
+                dense = _scatter_segments(wb, batch, m, L, M)  # (B, h, mL, M + mL): column c = position first*L - M + c
+                offset = first * L - M  # < 0: the columns before position 0 hold masked slots (zero weight)
+                weights.append(F.pad(dense[..., max(0, -offset) :], (max(0, offset), tail)))
+        if tail:
+            # the last, shorter segment: its M memory slots all hold real states (M <= n_full)
+            memory_kv = None if M == 0 else split(mem_kv[:, n_full - M : n_full])
+            out, wt = self._attend(cur[:, n_full:], memory_kv, None, need_weights, table)
+            outs.append(out)
+            if wt is not None:
+                weights.append(F.pad(wt, (n_full - M, 0)))  # (B, h, tail, n): columns n_full - M .. n - 1
+        return AttentionOutput(torch.cat(outs, 1), torch.cat(weights, 2) if need_weights else None)
 
 
 def _scatter_segments(wb: Tensor, batch: int, nb: int, L: int, M: int) -> Tensor:
-    """Segment weights ``(B*nb, h, L, M + L)`` -> dense ``(B, h, nb*L, nb*L)`` (zeros outside ``[memory | segment]``)."""
+    """Segment weights ``(B*nb, h, L, M + L)`` -> dense ``(B, h, nb*L, M + nb*L)`` (zeros outside ``[memory | segment]``).
+
+    Column ``c`` is the ``c``-th position counted from ``M`` before the first segment's start.
+    """
     wb = rearrange(wb, "(b nb) h l k -> b h nb l k", b=batch)
     width = M + nb * L  # key axis shifted by M: position p sits at column p + M
     cols = torch.arange(nb, device=wb.device)[:, None] * L + torch.arange(M + L, device=wb.device)[None, :]  # (nb, M+L)
     dense = wb.new_zeros(*wb.shape[:-1], width)
     dense = dense.scatter(-1, cols[:, None, :].expand(nb, L, M + L).expand_as(wb), wb)
-    return rearrange(dense, "b h nb l p -> b h (nb l) p")[..., M:]
+    return rearrange(dense, "b h nb l p -> b h (nb l) p")
 
 
 def transformer_xl_dense(
@@ -331,7 +443,12 @@ def transformer_xl_dense(
 
 
 class _Block(nn.Module):
-    """Pre-norm block: ``h + Attn(LN(h))`` then ``h + FF(LN(h))``."""
+    """Pre-norm block: ``h + Attn(LN([SG(m) | h]))`` then ``h + FF(LN(h))``.
+
+    The memory ``m`` holds the block's raw inputs; the stop-gradient comes first and the
+    norm second, ``LN(SG(m))``, so ``LN``'s parameters learn through the memory path as
+    ``W_k, W_v`` do (Dai et al. 2019's code, ``pre_lnorm``).
+    """
 
     def __init__(self, embed_dim: int, num_heads: int, segment: int, mem_len: int, ff_mult: int) -> None:
         super().__init__()
@@ -340,13 +457,18 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(embed_dim, ff_mult * embed_dim), nn.GELU(), nn.Linear(ff_mult * embed_dim, embed_dim))
 
     def forward(self, h: Tensor, memory: Tensor | None = None, need_weights: bool = False, parallel: bool = True) -> tuple[Tensor, Tensor | None]:
+        # the memory is stored raw and normalised here, after its stop-gradient: LN1(SG(m)) (Dai et al.'s code)
         if parallel:
-            a, w = self.attn(self.norm1(h), need_weights=need_weights)
+            a, w = self.attn(h, need_weights=need_weights, norm=self.norm1)
         else:
-            mem = None if memory is None else self.norm1(memory)
-            a, w = self.attn.attend_segment(self.norm1(h), mem, need_weights=need_weights)
+            a, w = self.attn.attend_segment(h, memory, need_weights=need_weights, norm=self.norm1)
         h = h + a
         return h + self.ff(self.norm2(h)), w
+
+
+def _describe(obj: object) -> str:
+    """``len`` and type of a would-be list, for messages."""
+    return f"{type(obj).__name__} of length {len(obj)}" if isinstance(obj, (list, tuple)) else type(obj).__name__
 
 
 class TransformerXLLM(nn.Module):
@@ -399,8 +521,15 @@ class TransformerXLLM(nn.Module):
         new memory keeps the last ``M`` of ``[mems[n] | this segment's inputs]``, detached.
         """
         h = self.embed(self._check_tokens(tokens))
-        if mems is not None and len(mems) != len(self.blocks):
-            raise ValueError(f"mems must hold one tensor per layer ({len(self.blocks)}), got {len(mems)}")
+        if mems is not None:
+            if not isinstance(mems, (list, tuple)) or len(mems) != len(self.blocks):
+                raise ValueError(f"mems must be a list of one tensor per layer ({len(self.blocks)}), got {_describe(mems)}")
+            E = h.shape[-1]
+            for n, mem in enumerate(mems):
+                check_tensor(mem, f"mems[{n}]", f"(batch={h.shape[0]}, mem_len, embed_dim={E})", 3)
+                if mem.shape[0] != h.shape[0] or mem.shape[-1] != E:
+                    raise ValueError(f"mems[{n}] must have shape (batch={h.shape[0]}, mem_len, embed_dim={E}), got {tuple(mem.shape)}")
+                check_same_dtype(("the model's states", h), (f"mems[{n}]", mem))
         new_mems = []
         for n, block in enumerate(self.blocks):
             mem = None if mems is None or mems[n].shape[1] == 0 else mems[n]
@@ -412,6 +541,7 @@ class TransformerXLLM(nn.Module):
     @torch.no_grad()
     def evaluate_cached(self, tokens: Tensor) -> Tensor:
         """Logits of a stream ``(B, n)``, segment by segment, each computed once with the cache."""
+        self._check_tokens(tokens)
         mems, out = None, []
         for start in range(0, tokens.shape[1], self.segment):
             logits, mems = self.step(tokens[:, start : start + self.segment], mems)
@@ -432,6 +562,7 @@ class TransformerXLLM(nn.Module):
         back). Running the parallel form on them from an empty memory gives
         exactly the cached result for segment ``tau``, at about ``c + 1`` times the work.
         """
+        self._check_tokens(tokens)
         c, L = self.context_segments, self.segment
         out = []
         for start in range(0, tokens.shape[1], L):

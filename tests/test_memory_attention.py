@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn import registry
+from attn.benchmark import count_flops
 from attn.masks import padding_mask
+from attn.multihead import MultiHeadAttention
 from attn.memory_attention import (
     FarRecallTask,
     KNNMemory,
@@ -381,3 +383,113 @@ def test_parallel_form_equals_segment_by_segment_bank(n, L, top_k, capacity):
     seq, w_seq = layer(x, need_weights=True, memory=KNNMemory(capacity))
     torch.testing.assert_close(par, seq, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(w_par, w_seq, atol=1e-12, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- sizes clamped to the sequence, dtypes, bad input
+
+
+@pytest.mark.parametrize("n, small, big", [(8, (8, 64), (512, 64)), (8, (8, 64), (512, 512)), (16, (4, 12), (4, 512)), (17, (17, 64), (512, 512))])
+def test_segment_and_capacity_longer_than_the_sequence_cost_nothing_extra(n, small, big):
+    """A segment of 512 on n = 8 is the sequence; bank slots before position 0 are always empty.
+
+    Before the clamp, segment 512 on n = 8 padded the input to 512: 17,567,744 FLOPs instead of 20,480.
+    """
+    torch.manual_seed(0)
+    a = MemorizingAttention(16, 2, segment=small[0], top_k=4, capacity=small[1])
+    b = MemorizingAttention(16, 2, segment=big[0], top_k=4, capacity=big[1])
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, n, 16)
+    out_a, w_a = a(x, need_weights=True)
+    out_b, w_b = b(x, need_weights=True)
+    assert torch.equal(out_a, out_b) and torch.equal(w_a, w_b)
+    assert count_flops(lambda: b(x)) == count_flops(lambda: a(x))
+
+
+@pytest.mark.parametrize("n", [1, 3, 9, 17])
+def test_parallel_form_never_costs_more_than_dense(n):
+    """Whatever L, C, k: never above dense causal multi-head attention over n (same projections).
+
+    Before: n = 17, L = 16 cost 2.1x dense (the last segment padded to 16, segment 0 searching an empty window).
+    """
+    x = torch.randn(1, n, 16)
+    dense = count_flops(lambda: MultiHeadAttention(16, 2)(x, is_causal=True))
+    for L in (1, 2, 4, 7, 16, 512):
+        for C in (1, 3, 16, 512):
+            layer = MemorizingAttention(16, 2, segment=L, top_k=4, capacity=C)
+            flops = count_flops(lambda: layer(x))
+            assert flops <= dense, (n, L, C, flops, dense)
+
+
+def test_effective_sizes():
+    assert MemorizingAttention(8, 2, segment=512, capacity=512).effective_sizes(8) == (8, 0)
+    assert MemorizingAttention(8, 2, segment=4, capacity=512).effective_sizes(10) == (4, 8)
+
+
+def _bank64(batch=1, dtype=torch.float64):
+    bank = KNNMemory(8)
+    bank.add(torch.randn(batch, 2, 3, 4, dtype=dtype), torch.randn(batch, 2, 3, 4, dtype=dtype), torch.arange(3))
+    return bank
+
+
+def test_mixed_dtypes_are_a_clear_error():
+    layer = MemorizingAttention(8, 2, segment=4)
+    x = torch.randn(1, 4, 8)
+    msg = r"dtypes must match \(x \(projected to queries\): torch.float32, memory.keys: torch.float64"
+    with pytest.raises(TypeError, match=msg):
+        layer.attend_segment(x, _bank64())
+    with pytest.raises(TypeError, match=msg):
+        layer(x, memory=_bank64())
+    with pytest.raises(TypeError, match=r"dtypes must match \(the layer's parameters: torch.float32, x: torch.float64\)"):
+        layer(x.double())
+    with pytest.raises(TypeError, match=r"dtypes must match \(the layer's parameters: torch.float32, x: torch.float64\)"):
+        PersistentMemoryAttention(8, 2)(x.double())
+    with pytest.raises(TypeError, match=r"dtypes must match \(q: torch.float32, keys: torch.float64, values: torch.float64\)"):
+        knn_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4).double(), torch.randn(1, 2, 5, 4).double(), 2)
+    with pytest.raises(TypeError, match=r"dtypes must match \(keys: torch.float32, values: torch.float64\)"):
+        KNNMemory(4).add(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).double(), torch.arange(3))
+    with pytest.raises(TypeError, match=r"the bank's keys: torch.float64"):
+        _bank64().add(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.arange(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torch mixes dtypes itself under autocast: no error
+        assert layer(x).output.shape == (1, 4, 8)
+
+
+_q, _kv = lambda: torch.randn(1, 2, 3, 4), lambda: torch.randn(1, 2, 5, 4)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: KNNMemory(4).add([[1.0]], [[1.0]], [0]), TypeError, r"keys must be a torch.Tensor of shape \(batch, heads, L, d\), got list"),
+        (lambda: KNNMemory(4).add(_kv(), [[1.0]], torch.arange(5)), TypeError, r"values must be a torch.Tensor of shape \(batch, heads, L, d_v\), got list"),
+        (lambda: KNNMemory(4).add(_kv(), _kv(), [0, 1, 2, 3, 4]), TypeError, r"positions must be an integer torch.Tensor .*shape \(L=5,\), got list"),
+        (lambda: KNNMemory(4).add(_kv(), _kv(), torch.zeros(5)), TypeError, r"positions must be an integer .*got dtype torch.float32"),
+        (lambda: KNNMemory(4).add(_kv(), _kv(), torch.arange(4)), ValueError, r"positions must have shape \(L=5,\)"),
+        (lambda: KNNMemory(4).add(torch.ones(1, 2, 5, 4, dtype=torch.long), _kv(), torch.arange(5)), TypeError, "keys must be a floating-point"),
+        (lambda: KNNMemory(4).add(torch.randn(2, 5, 4), _kv(), torch.arange(5)), ValueError, r"keys must have shape \(batch, heads, L, d\), got 3-D"),
+        (lambda: KNNMemory(4).add(_kv(), torch.randn(1, 2, 4, 4), torch.arange(5)), ValueError, r"values must have shape \(batch, heads, L, d_v\)"),
+        (lambda: _bank64(1, torch.float32).add(_kv(), torch.randn(1, 2, 5, 6), torch.arange(5)), ValueError, "values must have d_v = 4"),
+        (lambda: knn_attention_dense([1.0], _kv(), _kv(), 2), TypeError, r"q must be a torch.Tensor"),
+        (lambda: knn_attention_dense(_q(), _kv(), _kv(), 0), ValueError, "top_k must be >= 1"),
+        (lambda: knn_attention_dense(_q(), torch.randn(1, 2, 5, 3), _kv(), 2), ValueError, "must share"),
+        (lambda: knn_attention(_q(), _kv(), _kv(), 2, scale=-1.0), ValueError, "scale must be > 0"),
+        (lambda: MemorizingAttention(8, 2)(torch.randn(1, 4, 8), memory=[1.0]), TypeError, "memory must be a KNNMemory"),
+        (lambda: MemorizingAttention(8, 2).attend_segment(torch.randn(1, 4, 8), {"k": 1}), TypeError, "memory must be a KNNMemory"),
+        (lambda: MemorizingAttention(8, 2).forward_parallel([[1.0]]), TypeError, r"x must be a torch.Tensor of shape \(batch, seq, embed_dim=8\)"),
+        (lambda: PersistentMemoryAttention(8, 2, slots=1).load_torch_weights("mha"), TypeError, "mha must be a torch.nn.MultiheadAttention"),
+        (lambda: MemoryRecallModel(FarRecallTask(n_keys=24, segment=4, segments=3))(torch.full((1, 12), 99), torch.zeros(1, 12, dtype=torch.long)), ValueError, r"keys must be token ids in \[0, 24\)"),
+        (lambda: MemoryRecallModel(FarRecallTask(n_keys=24, segment=4, segments=3))(torch.zeros(1, 12), torch.zeros(1, 12)), TypeError, "keys must hold integer token ids"),
+    ],
+)
+def test_bad_input_elsewhere(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_empty_inputs():
+    bank = KNNMemory(4)
+    bank.add(torch.randn(1, 2, 0, 4), torch.randn(1, 2, 0, 4), torch.arange(0))  # nothing to add: a no-op
+    assert bank.size == 0
+    layer = MemorizingAttention(8, 2, segment=4)
+    out, w = layer(torch.randn(0, 5, 8), need_weights=True, memory=KNNMemory(3))
+    assert out.shape == (0, 5, 8) and w.shape == (0, 2, 5, 5)
+    assert layer.forward_parallel(torch.randn(0, 5, 8)).output.shape == (0, 5, 8)

@@ -103,7 +103,7 @@ def test_sinusoid_table():
 # ----------------------------------------------------------------------------- segment form and parallel form
 
 
-@pytest.mark.parametrize("n, L, M", [(17, 5, 3), (16, 4, 4), (9, 3, 7), (6, 8, 8), (10, 4, 0)])
+@pytest.mark.parametrize("n, L, M", [(17, 5, 3), (16, 4, 4), (9, 3, 7), (6, 8, 8), (10, 4, 0), (17, 8, 16), (5, 4, 8), (13, 1, 512)])
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_parallel_form_matches_dense_masked_reference(n, L, M, need_weights):
     torch.manual_seed(1)
@@ -324,3 +324,178 @@ def test_dense_baseline_with_shift_equals_gather():
     torch.testing.assert_close(transformer_xl_dense(layer, x, positions="shift").output, a, atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="positions must be"):
         transformer_xl_dense(layer, x, positions="loop")
+
+
+# ----------------------------------------------------------------------------- the LM against Dai et al.'s recurrence
+
+
+def _sinusoid_ref(dist, E):
+    """``[sin(d w_0..), cos(d w_0..)]``, ``w_k = 10000^(-2k/E)``, written out again for the reference."""
+    w = 10000.0 ** (-torch.arange(0, E, 2, dtype=torch.float64) / E)
+    a = dist.to(torch.float64)[:, None] * w[None, :]
+    return torch.cat([a.sin(), a.cos()], 1)
+
+
+def _reference_lm_logits(lm, tokens):
+    """Dai et al. (2019) section 3.2 and their code (pre-norm variant), written independently in plain torch.
+
+    Per segment and layer: the memory holds the *raw* inputs of the layer, detached, and the layer
+    normalises ``cat[SG(m), h]`` itself, so LN1's parameters see the memory path: ``LN(SG(m))``.
+    Relative scores ``(q_i + u)^T k_j + (q_i + v)^T W_R R_{i-j}`` with each distance looked up.
+    """
+    B, n = tokens.shape
+    E = lm.embed.weight.shape[1]
+    L, M = lm.segment, lm.mem_len
+    mems = [None] * len(lm.blocks)
+    logits = []
+    for s in range(0, n, L):
+        h = lm.embed.weight[tokens[:, s : s + L]]
+        Lc = h.shape[1]
+        for li, blk in enumerate(lm.blocks):
+            a = blk.attn
+            H, d = a.num_heads, a.head_dim
+            m = mems[li]
+            raw = h if m is None else torch.cat([m, h], 1)
+            mems[li] = raw[:, max(0, raw.shape[1] - M) :].detach() if M > 0 else None
+            ctx = h if m is None else torch.cat([m.detach(), h], 1)  # cat[SG(m), h]
+            c = F.layer_norm(ctx, (E,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)  # then LN
+            K = ctx.shape[1]
+            Mp = K - Lc
+            Wq, Wk, Wv = a.qkv.weight.split(E)
+            q = (c[:, Mp:] @ Wq.T).view(B, Lc, H, d)
+            k = (c @ Wk.T).view(B, K, H, d)
+            v = (c @ Wv.T).view(B, K, H, d)
+            dist = Mp + torch.arange(Lc)[:, None] - torch.arange(K)[None, :]  # (Lc, K)
+            R = (_sinusoid_ref(dist.clamp(min=0).flatten(), E) @ a.r_net.weight.T).view(Lc, K, H, d)
+            score = torch.einsum("bihd,bjhd->bhij", q + a.u, k) + torch.einsum("bihd,ijhd->bhij", q + a.v, R)
+            score = (score / math.sqrt(d)).masked_fill(dist < 0, float("-inf"))
+            att = torch.einsum("bhij,bjhd->bihd", score.softmax(-1), v).reshape(B, Lc, E)
+            h = h + F.linear(att, a.out_proj.weight, a.out_proj.bias)
+            f = F.layer_norm(h, (E,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+            f = F.linear(F.gelu(F.linear(f, blk.ff[0].weight, blk.ff[0].bias)), blk.ff[2].weight, blk.ff[2].bias)
+            h = h + f
+        h = F.layer_norm(h, (E,), lm.norm.weight, lm.norm.bias, lm.norm.eps)
+        logits.append(F.linear(h, lm.head.weight, lm.head.bias))
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("form", ["parallel", "step"])
+def test_lm_logits_and_every_gradient_match_the_papers_recurrence(form):
+    """2 layers, L = 4, M = 6, float64: logits and all gradients (LN1 weight and bias included) agree to 1e-12.
+
+    The memory is stored detached and normalised inside the layer, LN(SG(m)): the first LayerNorm of each
+    block gets gradient through the memory path too (a model that stored SG(LN(m)) differs there at O(1)).
+    """
+    torch.manual_seed(0)
+    lm = TransformerXLLM(13, 16, 2, layers=2, segment=4, mem_len=6).double()
+    with torch.no_grad():  # LayerNorm starts at (1, 0): make its parameters matter
+        for p in lm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tokens = torch.randint(0, 13, (2, 16))
+    if form == "parallel":
+        ours = lm(tokens)[0]
+    else:
+        mems, out = None, []
+        for s in range(0, 16, 4):
+            logits, mems = lm.step(tokens[:, s : s + 4], mems)
+            out.append(logits)
+        ours = torch.cat(out, 1)
+    ref = _reference_lm_logits(lm, tokens)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    up = torch.randn_like(ref)
+    names, params = zip(*lm.named_parameters())
+    g_ours = torch.autograd.grad(ours, params, up)
+    g_ref = torch.autograd.grad(ref, params, up)
+    for name, a, b in zip(names, g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    ln = dict(zip(names, g_ref))
+    assert ln["blocks.0.norm1.weight"].abs().max() > 1e-3  # the gradient that SG(LN(m)) would get wrong
+
+
+# ----------------------------------------------------------------------------- sizes clamped to the sequence, dtypes
+
+
+@pytest.mark.parametrize("n, small, big", [(8, (8, 8), (512, 512)), (8, (8, 0), (512, 0)), (16, (4, 12), (4, 512))])
+def test_segment_and_memory_longer_than_the_sequence_cost_nothing_extra(n, small, big):
+    """A segment of 512 on n = 8 is the sequence; memory beyond the first position is always masked.
+
+    Before the clamp, L = M = 512 on n = 8 padded the input to 512 and cost 52,428,800 FLOPs instead of 26,624.
+    """
+    torch.manual_seed(0)
+    a = TransformerXLAttention(16, 2, *small)
+    b = TransformerXLAttention(16, 2, *big)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, n, 16)
+    out_a, w_a = a(x, need_weights=True)
+    out_b, w_b = b(x, need_weights=True)
+    assert torch.equal(out_a, out_b) and torch.equal(w_a, w_b)
+    flops = count_flops(lambda: b(x))
+    assert flops == count_flops(lambda: a(x))
+    assert flops <= count_flops(lambda: transformer_xl_dense(b, x, positions="shift"))  # never above dense
+    lm_a, lm_b = TransformerXLLM(7, 16, 2, 1, *small), TransformerXLLM(7, 16, 2, 1, *big)
+    lm_b.load_state_dict(lm_a.state_dict())
+    tokens = torch.randint(0, 7, (2, n))
+    assert torch.equal(lm_a(tokens)[0], lm_b(tokens)[0])
+    assert count_flops(lambda: lm_b(tokens)) == count_flops(lambda: lm_a(tokens))
+
+
+@pytest.mark.parametrize("n", [1, 3, 9, 17])
+def test_parallel_form_never_costs_more_than_dense(n):
+    """Whatever L and M: clamped sizes, segment 0 without memory slots, the short last segment unpadded.
+
+    Before: n = 17, L = 16, M = 16 cost 2.0x the dense baseline (the last segment padded to 16); now <= 1.
+    """
+    x = torch.randn(1, n, 16)
+    for L in (1, 2, 4, 7, 16, 512):
+        for M in (0, 1, 3, 8, 16, 512):
+            layer = TransformerXLAttention(16, 2, segment=L, mem_len=M)
+            flops = count_flops(lambda: layer(x))
+            dense = count_flops(lambda: transformer_xl_dense(layer, x, positions="shift"))
+            assert flops <= dense, (n, L, M, flops, dense)
+
+
+def test_effective_sizes():
+    layer = TransformerXLAttention(8, 2, segment=512, mem_len=512)
+    assert layer.effective_sizes(8) == (8, 0)
+    layer = TransformerXLAttention(8, 2, segment=4, mem_len=512)
+    assert layer.effective_sizes(10) == (4, 8) and layer.effective_sizes(3) == (3, 0)
+
+
+def test_mixed_dtypes_are_a_clear_error():
+    layer = TransformerXLAttention(8, 2, segment=4, mem_len=4)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(TypeError, match=r"dtypes must match \(x: torch.float32, memory: torch.float64\)"):
+        layer.attend_segment(x, torch.randn(1, 2, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"dtypes must match \(the layer's parameters: torch.float32, x: torch.float64\)"):
+        layer(x.double())
+    with pytest.raises(TypeError, match=r"dtypes must match \(the layer's parameters: torch.float32, x: torch.float64\)"):
+        layer.attend_segment(x.double())
+    lm = TransformerXLLM(5, 8, 2, 1, 4, 4)
+    with pytest.raises(TypeError, match=r"mems\[0\]: torch.float64"):
+        lm.step(torch.tensor([[1, 2]]), [torch.randn(1, 2, 8, dtype=torch.float64)])
+    # under autocast torch mixes dtypes itself: no error
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x.bfloat16()).output.shape == (1, 3, 8)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, lm: m.projected_positions([1, 2], torch.float32), TypeError, r"distances must be a 1-D real torch.Tensor \(K,\), got list"),
+        (lambda m, lm: m.projected_positions(torch.ones(2, 2), torch.float32), TypeError, r"distances must be a 1-D .*shape \(2, 2\)"),
+        (lambda m, lm: m.projected_positions(torch.arange(3), torch.long), TypeError, "dtype must be a floating-point"),
+        (lambda m, lm: rel_shift([[1.0]]), TypeError, r"x must be a torch.Tensor of shape \(\.\.\., L, K\)"),
+        (lambda m, lm: rel_shift(torch.ones(3)), ValueError, r"x must have shape \(\.\.\., L, K\), at least 2-D"),
+        (lambda m, lm: sinusoid_table([1, 2], 4), TypeError, "distances must be a 1-D"),
+        (lambda m, lm: m.attend_segment(torch.randn(1, 3, 8), torch.ones(1, 2, 8, dtype=torch.long)), TypeError, "memory must be a floating-point"),
+        (lambda m, lm: m.attend_segment(torch.randn(1, 3, 8), torch.randn(2, 8)), ValueError, r"memory must have shape \(batch, mem_len, embed_dim=8\)"),
+        (lambda m, lm: lm.step(torch.tensor([[1, 2]]), [[1.0]]), TypeError, r"mems\[0\] must be a torch.Tensor of shape \(batch=1, mem_len, embed_dim=8\)"),
+        (lambda m, lm: lm.step(torch.tensor([[1, 2]]), [torch.randn(2, 2, 8)]), ValueError, r"mems\[0\] must have shape \(batch=1"),
+        (lambda m, lm: lm.step(torch.tensor([[1, 2]]), torch.randn(1, 1, 2, 8)), ValueError, "mems must be a list of one tensor per layer"),
+        (lambda m, lm: lm.evaluate_cached([[1, 2]]), TypeError, r"tokens must be a torch.Tensor of shape \(batch, n\)"),
+        (lambda m, lm: lm.evaluate_recompute(torch.tensor([1, 2])), ValueError, r"tokens must have shape \(batch, n\)"),
+    ],
+)
+def test_bad_input_elsewhere(call, error, match):
+    with pytest.raises(error, match=match):
+        call(TransformerXLAttention(8, 2, segment=4, mem_len=4), TransformerXLLM(5, 8, 2, 1, 4, 4))
