@@ -245,9 +245,9 @@ def favor_features(x: Tensor, projection: Tensor, is_query: bool, stabilise: boo
     r"""FAVOR+ positive features ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)``, ``x' = x d^{-1/4}``.
 
     ``phi(q)^T phi(k)`` estimates ``exp(q^T k / sqrt(d))`` without bias.
-    ``stabilise`` subtracts a maximum inside the exponential (per query row for
-    queries, one value per batch element and head for keys, taken over the
-    *real* keys only when ``key_mask`` is given): constant factors that cancel in
+    ``stabilise`` subtracts the maximum of the exponent ``W x' - |x'|^2 / 2``
+    (per query row for queries, one value per batch element and head for keys,
+    taken over the *real* keys only when ``key_mask`` is given): constant factors that cancel in
     the attention's normalisation but change the raw kernel estimate, so pass
     ``False`` to estimate the kernel itself. Keys where ``key_mask`` is ``False``
     get features exactly 0, whatever their content. Shapes: ``x (..., n, d)``,
