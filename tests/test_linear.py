@@ -352,11 +352,12 @@ def test_favor_pair_is_the_estimator_up_to_a_per_query_constant():
     torch.testing.assert_close(out, _favor_reference(q, k, v, proj, km), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("pad", ["right", "left", "holes"])
-def test_performer_padded_content_never_reaches_real_outputs_float32(pad):
+def test_performer_padded_content_never_reaches_real_outputs_float32(pad, causal):
     """The original took the key maximum over padded keys too: padded content of scale 1e3 moved real outputs by O(1)."""
     torch.manual_seed(0)
-    layer = PerformerAttention(16, 4, num_features=64)
+    layer = PerformerAttention(16, 4, num_features=64, causal=causal, chunk=4)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 12, 16, generator=g)
     km = {"right": padding_mask([12, 7], 12), "left": padding_mask([12, 7], 12).flip(-1),
