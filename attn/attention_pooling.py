@@ -93,13 +93,41 @@ def _check_set(z: object, dim: int | None, key_mask: Tensor | None, name: str = 
 
 
 def _bandwidth(bandwidth: float | Tensor) -> Tensor | float:
+    """``h``: a finite number ``> 0`` or a tensor of them (a learnable scalar)."""
     if isinstance(bandwidth, Tensor):
-        if bool((bandwidth <= 0).any()):
-            raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+        if bandwidth.is_complex() or not bool(torch.isfinite(bandwidth).all()) or bool((bandwidth <= 0).any()):
+            raise ValueError(f"bandwidth must be > 0 and finite, got {bandwidth}")
         return bandwidth
     if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not bandwidth > 0:
         raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
+    if not math.isfinite(bandwidth):
+        raise ValueError(f"bandwidth must be a positive number and finite, got {bandwidth!r}")
     return float(bandwidth)
+
+
+def _check_bandwidth_scale(h2: Tensor | float, q: Tensor, k: Tensor) -> None:
+    """Reject ``h`` so small that ``h^2`` underflows or the scores ``(x^T x_i - |x_i|^2/2) / h^2`` overflow in ``q``'s dtype.
+
+    ``q`` and ``k`` are the centred points. Past these limits the estimate is the
+    nearest observation's value (the limit ``h -> 0``), but the float
+    arithmetic would give NaN; the error says how small ``h`` may be.
+    """
+    info = torch.finfo(q.dtype)
+    smallest = float(h2.detach().min()) if isinstance(h2, Tensor) else h2
+    if not smallest >= info.tiny:
+        raise ValueError(
+            f"bandwidth must be >= {math.sqrt(info.tiny):.3g} in {q.dtype} (its square underflows), got {math.sqrt(smallest):.3g}"
+        )
+    with torch.no_grad():
+        qn = float(q.norm(dim=-1).max()) if q.numel() else 0.0
+        kn = float(k.norm(dim=-1).max()) if k.numel() else 0.0
+        bound = (qn * kn + kn * kn / 2) / smallest  # the largest |score|
+    if not bound < info.max / 4:
+        need = math.sqrt((qn * kn + kn * kn / 2) / (info.max / 4))
+        raise ValueError(
+            f"bandwidth {math.sqrt(smallest):.3g} is too small for points {qn:.3g} apart from the keys' centre in "
+            f"{q.dtype}: the scores |x - x_i|^2 / 2h^2 overflow (need bandwidth >= {need:.3g}, or float64)"
+        )
 
 
 def _check_regression(queries: object, keys: object, values: object) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,13 +153,21 @@ def nadaraya_watson(
 
     .. math::
 
-        \hat y(x) = \sum_i \operatorname{softmax}_i\big((x^\top x_i - \tfrac12\lVert x_i\rVert^2)/h^2\big)\, y_i
+        \hat y(x) = \sum_i \operatorname{softmax}_i\big((\bar x^\top \bar x_i - \tfrac12\lVert \bar x_i\rVert^2)/h^2\big)\, y_i,
+        \qquad \bar x = x - c,\ \bar x_i = x_i - c
+
+    The estimate depends only on the differences ``x - x_i``, so every point is
+    first shifted by ``c``, the mean of the (real) observed ``x_i``: far from the
+    origin the expanded scores would otherwise cancel (in float32 at an offset of
+    1,000 the weights lost two digits). The softmax subtracts the largest score,
+    so the kernel cannot underflow everywhere; a bandwidth whose square
+    underflows, or so small that the scores overflow, is a ``ValueError``.
 
     Args:
         queries: ``(B, m, d)`` the points ``x`` to predict at.
         keys: ``(B, n, d)`` the observed ``x_i``.
         values: ``(B, n, k)`` the observed ``y_i``.
-        bandwidth: ``h > 0``, a number or a (learnable) scalar tensor.
+        bandwidth: ``h > 0``, finite, a number or a (learnable) scalar tensor.
         key_mask: ``(B, n)`` boolean, ``True`` = real observation.
         need_weights: also return the kernel weights ``(B, m, n)``.
 
@@ -143,7 +179,12 @@ def nadaraya_watson(
     check_key_mask(key_mask, k.shape[0], k.shape[1], length_name="n")
     if k.shape[0] == 0:
         return AttentionOutput(v.new_zeros(0, q.shape[1], v.shape[-1]), v.new_zeros(0, q.shape[1], k.shape[1]) if need_weights else None)
+    # centre: the estimate is shift-invariant; c (B, 1, d) is the mean of the real x_i (constant for autograd: it cancels)
+    real = torch.ones(k.shape[:2], dtype=k.dtype, device=k.device) if key_mask is None else key_mask.to(k.dtype)
+    c = ((k * real[..., None]).sum(1, keepdim=True) / real.sum(1)[:, None, None].clamp_min(1)).detach()
+    q, k = q - c, k - c
     h2 = h * h
+    _check_bandwidth_scale(h2, q, k if key_mask is None else k * key_mask[..., None].to(k.dtype))  # real keys set the scale
     bias = (-0.5 * (k * k).sum(-1) / h2)[:, None, :]  # (B, 1, n): -||x_i||^2 / 2h^2, the same for every query
     # scale the queries by 1/h^2 (not SDPA's float scale) so that a tensor h gets a gradient
     return scaled_dot_product_attention(q / h2, k, v, attn_mask=bias, key_mask=key_mask, scale=1.0, need_weights=need_weights)
@@ -153,8 +194,7 @@ def gaussian_kernel_weights(queries: Tensor, keys: Tensor, bandwidth: float | Te
     """The explicit estimator's weights ``K_h(x - x_i) / sum_j K_h(x - x_j)``, ``(B, m, n)`` (a reference: exp of distances)."""
     q, k, _ = _check_regression(queries, keys, keys)
     d2 = ((q[:, :, None, :] - k[:, None, :, :]) ** 2).sum(-1)  # (B, m, n) squared distances
-    kern = torch.exp(-d2 / (2 * _bandwidth(bandwidth) ** 2))
-    return kern / kern.sum(-1, keepdim=True)
+    return (-d2 / (2 * _bandwidth(bandwidth) ** 2)).softmax(-1)  # exp(-d2 / 2h^2) normalised; max-shifted, no 0/0
 
 
 @register(
@@ -179,7 +219,12 @@ class NadarayaWatson(nn.Module):
 
     def __init__(self, bandwidth: float = 1.0, learnable: bool = True) -> None:
         super().__init__()
-        log_h = torch.tensor(math.log(_bandwidth(bandwidth)))
+        h = _bandwidth(bandwidth)
+        h = float(h) if isinstance(h, Tensor) else h
+        if h * h < torch.finfo(torch.get_default_dtype()).tiny:
+            raise ValueError(f"bandwidth must be >= {math.sqrt(torch.finfo(torch.get_default_dtype()).tiny):.3g} "
+                             f"(its square underflows in {torch.get_default_dtype()}), got {h:g}")
+        log_h = torch.tensor(math.log(h))
         if learnable:
             self.log_bandwidth = nn.Parameter(log_h)
         else:

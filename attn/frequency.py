@@ -46,8 +46,16 @@ fixed), normalised to sum to 1. FNet's are almost uniform (:math:`|F_{ts}| = 1`
 for every pair): every token reads every other with the same magnitude.
 
 Shapes: ``x`` ``(batch, n, E)`` -> ``(batch, n, E)``. ``key_mask`` ``(batch, n)``,
-``True`` = real token: padding tokens are zeroed before the transform, so their
-content has no effect (the transform still runs over all ``n`` positions).
+``True`` = real token: a padding position enters every Fourier transform as an
+exact zero, so it contributes nothing to the spectrum, neither its content nor
+a projection's bias. FNet zeroes the tokens (it has no projection); FEB-f and
+FEA-f zero the *projected* vectors ``x W + b`` (zeroing ``x`` before the
+projection would still put ``b`` into the spectrum). The transform still runs
+over all ``n`` positions, and the outputs at padding positions are not zero.
+
+**Precision.** ``torch.fft`` has no ``bfloat16`` (nor, on the CPU, ``float16``)
+kernels: half-precision inputs are transformed in ``float32`` and the result is
+cast back, so ``bfloat16`` in gives ``bfloat16`` out.
 """
 
 from __future__ import annotations
@@ -95,6 +103,11 @@ def dft_matrix(n: int, dtype: torch.dtype = torch.complex128, device: torch.devi
     return torch.polar(torch.ones_like(angle), angle).to(dtype)
 
 
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype the FFT runs in: ``float32`` for ``bfloat16`` / ``float16`` (no FFT kernels), else ``dtype``."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _zero_padding(x: Tensor, key_mask: Tensor | None) -> Tensor:
     check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
     return x if key_mask is None else x * key_mask[..., None].to(x.dtype)
@@ -112,7 +125,7 @@ def fourier_mix(x: Tensor, norm: FFTNorm = "backward", key_mask: Tensor | None =
     x = _zero_padding(x, key_mask)
     if empty_batch(x):
         return x.clone()
-    return torch.fft.fft2(x, dim=(-2, -1), norm=norm).real  # (B, n, E)
+    return torch.fft.fft2(x.to(_fft_dtype(x.dtype)), dim=(-2, -1), norm=norm).real.to(x.dtype)  # (B, n, E)
 
 
 def dft_real_parts(n: int, e: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -302,18 +315,23 @@ class FrequencyEnhancedBlock(_ModeSelection):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W_O
 
     def mix_modes(self, q: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """The frequency-domain core on split heads: ``q (B, n, h, d)`` -> ``(B, n, h, d)`` (no projections)."""
-        n = q.shape[1]
+        """The frequency-domain core on split heads: ``q (B, n, h, d)`` -> ``(B, n, h, d)`` (no projections).
+
+        ``q`` is the projected query ``x W_Q + b_Q``; where ``key_mask`` is ``False`` it is zeroed, so a
+        padding position adds nothing to the spectrum. Half precision is transformed in ``float32``.
+        """
+        n, dtype = q.shape[1], q.dtype
         if key_mask is not None:
             q = q * key_mask[:, :, None, None].to(q.dtype)
+        work = _fft_dtype(dtype)
         idx = self.mode_index(n).to(q.device)
         m = idx.numel()
-        qf = torch.fft.rfft(q, dim=1)  # (B, n//2 + 1, h, d) complex
+        qf = torch.fft.rfft(q.to(work), dim=1)  # (B, n//2 + 1, h, d) complex
         qs = qf.index_select(1, idx)  # (B, M, h, d): the kept modes only
-        r = torch.complex(self.weight_real[:, :m], self.weight_imag[:, :m]).to(qs.dtype)  # (h, M, d, d)
+        r = torch.complex(self.weight_real[:, :m].to(work), self.weight_imag[:, :m].to(work)).to(qs.dtype)  # (h, M, d, d)
         ys = torch.einsum("bmhi,hmio->bmho", qs, r)  # per mode and head: (B, M, h, d)
         yf = qf.new_zeros(qf.shape).index_copy(1, idx, ys)  # Pad_I: zeros elsewhere
-        return torch.fft.irfft(yf, n=n, dim=1)  # (B, n, h, d)
+        return torch.fft.irfft(yf, n=n, dim=1).to(dtype)  # (B, n, h, d)
 
     def offset_operator(self, n: int) -> Tensor:
         r"""The core as a circular convolution: ``J (h, n, d, d)`` with ``y_t = \sum_s q_s J[(t - s) mod n]`` per head.
@@ -386,20 +404,21 @@ class FrequencyEnhancedAttention(_ModeSelection):
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def _modes(self, x: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        if key_mask is not None:
-            x = x * key_mask[..., None].to(x.dtype)
         n = x.shape[1]
         idx = self.mode_index(n).to(x.device)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        qkv = self.qkv(x)  # (B, n, 3E)
+        if key_mask is not None:  # zero the projected q, k, v (biases included): padding adds nothing to the spectrum
+            qkv = qkv * key_mask[..., None].to(qkv.dtype)
+        q, k, v = rearrange(qkv.to(_fft_dtype(qkv.dtype)), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         f = torch.fft.rfft(torch.stack((q, k, v)), dim=-2, norm="ortho")  # (3, B, h, n//2+1, d)
         qs, ks, vs = f.index_select(-2, idx).unbind(0)  # (B, h, M, d) each
         scores = torch.einsum("bhmd,bhld->bhml", qs, ks).abs() / math.sqrt(self.head_dim)  # |Q K^T|: (B, h, M, M)
-        return scores.softmax(-1), vs, f[2], idx, x
+        return scores.softmax(-1), vs, f[2], idx, x  # weights in the FFT's dtype (float32 for half inputs)
 
     def mode_weights(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """The attention among kept modes, ``(B, h, M, M)``, rows summing to 1 (rows/columns follow :meth:`mode_index`)."""
         x = self._check(x, key_mask)
-        return self._modes(x, key_mask)[0]
+        return self._modes(x, key_mask)[0].to(x.dtype)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         """``x (B, n, E)``, ``key_mask (B, n)`` -> ``(output (B, n, E), influence weights (B, h, n, n) | None)``.
@@ -416,8 +435,8 @@ class FrequencyEnhancedAttention(_ModeSelection):
         w, vs, vf, idx, _ = self._modes(x, key_mask)
         ys = w.to(vs.dtype) @ vs  # (B, h, M, d)
         yf = vf.new_zeros(vf.shape).index_copy(-2, idx, ys)  # Pad_I
-        y = torch.fft.irfft(yf, n=n, dim=-2, norm="ortho")  # (B, h, n, d)
-        weights = _normalise_rows(self.token_mixing(w, idx, n).abs(), key_mask) if need_weights else None
+        y = torch.fft.irfft(yf, n=n, dim=-2, norm="ortho").to(x.dtype)  # (B, h, n, d)
+        weights = _normalise_rows(self.token_mixing(w, idx, n).abs().to(x.dtype), key_mask) if need_weights else None
         return AttentionOutput(self.out_proj(rearrange(y, "b h n d -> b n (h d)")), weights)
 
     @staticmethod

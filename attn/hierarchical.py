@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .checks import check_tensor
+from .checks import check_tensor, check_token_ids
 from .core import AttentionOutput, masked_softmax
 from .registry import OwnTask, register
 
@@ -114,14 +114,19 @@ def _check_bool(mask: object, name: str, shape: tuple[int, ...], shape_name: str
     return mask
 
 
-def check_documents(ids: object, mask: object, vocab_size: int, padding_idx: int = 0) -> Tensor:
+def check_documents(ids: object, mask: object, vocab_size: int, padding_idx: int | None = 0) -> Tensor:
     """Validate a batch of padded documents; return the word mask ``(B, S, T)``.
+
+    The padding id is reserved: its embedding is the zero vector and gets no
+    gradient, so a *real* word (``mask`` ``True``) with that id would silently
+    read as nothing. It is rejected. ``padding_idx=None`` declares that there is
+    no reserved id (every id is a word; the mask alone marks padding).
 
     Raises:
         TypeError: ``ids`` not an integer tensor (a nested list: use :func:`pad_documents`), ``mask`` not boolean.
         ValueError: wrong rank, ids out of ``[0, vocab_size)``, padding ids with no mask
-            (ragged documents), a mask whose real words or sentences are not first,
-            a document with no word.
+            (ragged documents), the padding id at a real word, a mask whose real
+            words or sentences are not first, a document with no word.
     """
     if not isinstance(ids, Tensor):
         raise TypeError(
@@ -134,10 +139,9 @@ def check_documents(ids: object, mask: object, vocab_size: int, padding_idx: int
         raise ValueError(f"ids must have shape {_IDS}, got {ids.ndim}-D shape {tuple(ids.shape)}")
     if ids.shape[0] > 0 and ids.shape[1] * ids.shape[2] == 0:
         raise ValueError(f"ids must hold at least one sentence of one word: shape {_IDS}, got {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"ids must lie in [0, vocab_size={vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    check_token_ids(ids, vocab_size, "ids", ndim=3)  # in [0, vocab_size)
     if mask is None:
-        if ids.numel() and bool((ids == padding_idx).any()):
+        if padding_idx is not None and ids.numel() and bool((ids == padding_idx).any()):
             raise ValueError(
                 f"ids contain the padding id {padding_idx} but no mask was given: documents with different numbers "
                 f"of sentences or words need mask {_IDS}, True = real word (pad_documents returns both)"
@@ -153,6 +157,16 @@ def check_documents(ids: object, mask: object, vocab_size: int, padding_idx: int
         empty = (~real_sentence.any(-1)).nonzero()
         if len(empty):
             raise ValueError(f"every document needs at least one real word; document {int(empty[0])} has none")
+    if padding_idx is not None and mask.numel():
+        clash = (mask & (ids == padding_idx)).nonzero()
+        if len(clash):
+            b, i, t = (int(v) for v in clash[0])
+            raise ValueError(
+                f"ids hold the padding id {padding_idx} at {len(clash)} real word(s) (mask True), first at document {b}, "
+                f"sentence {i}, word {t}: the padding id embeds to the zero vector, so that word would be silently "
+                f"blank; give real words other ids, mark that position False in the mask, or build the model with "
+                f"padding_idx=None (no reserved id)"
+            )
     return mask
 
 
@@ -277,16 +291,20 @@ class HierarchicalAttentionNetwork(nn.Module):
         attn_dim: width of ``u`` and of the context vectors (default ``2 * hidden``).
         pooling: ``"attention"`` (HAN) or ``"mean"`` (the average-pooling baseline:
             uniform weights over real words and real sentences, same encoders).
-        padding_idx: the id used for padding.
+        padding_idx: the id reserved for padding (its embedding is zero and never trained;
+            a real word with this id is an error); ``None``: no reserved id, the mask alone marks padding.
     """
 
     def __init__(self, vocab_size: int, num_classes: int, embed_dim: int = 32, hidden: int = 32,
-                 attn_dim: int | None = None, pooling: Pooling = "attention", padding_idx: int = 0) -> None:
+                 attn_dim: int | None = None, pooling: Pooling = "attention", padding_idx: int | None = 0) -> None:
         super().__init__()
         if min(vocab_size, num_classes, embed_dim, hidden) <= 0:
             raise ValueError("vocab_size, num_classes, embed_dim and hidden must be positive")
         if pooling not in ("attention", "mean"):
             raise ValueError(f"pooling must be 'attention' or 'mean', got {pooling!r}")
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+                                        or not 0 <= padding_idx < vocab_size):
+            raise ValueError(f"padding_idx must be None or an int in [0, vocab_size={vocab_size}), got {padding_idx!r}")
         self.vocab_size, self.num_classes, self.padding_idx, self.pooling = vocab_size, num_classes, padding_idx, pooling
         width = 2 * hidden
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)

@@ -49,14 +49,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_positive_float, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv
 from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
     "elu_feature", "linear_attention", "linear_attention_recurrent", "linear_attention_quadratic",
-    "orthogonal_gaussian", "favor_features", "softmax_kernel_estimate", "LinearAttention", "PerformerAttention",
+    "orthogonal_gaussian", "favor_features", "favor_feature_pair", "softmax_kernel_estimate", "LinearAttention", "PerformerAttention",
 ]
 
 
@@ -100,6 +100,7 @@ def linear_attention(
     """
     _prepare(q, k, v, key_mask, causal)
     _check_chunk(chunk)
+    eps = check_positive_float("eps", eps, allow_zero=True)
     squeeze = q.ndim == 3
     if squeeze:
         q, k, v = q[:, None], k[:, None], v[:, None]
@@ -168,6 +169,7 @@ def linear_attention_recurrent(
     a state of fixed size ``r x d_v`` whatever the length. Shapes as :func:`linear_attention`.
     """
     _prepare(q, k, v, None, True)
+    eps = check_positive_float("eps", eps, allow_zero=True)
     fq, fk = (q, k) if feature_map is None else (feature_map(q), feature_map(k))
     state = fq.new_zeros(*fq.shape[:-2], fq.shape[-1], v.shape[-1])  # S: (..., r, d_v)
     norm = fq.new_zeros(*fq.shape[:-2], fq.shape[-1])  # z: (..., r)
@@ -224,24 +226,86 @@ def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None
     return (directions * norms).to(dtype=dtype, device=device)
 
 
-def favor_features(x: Tensor, projection: Tensor, is_query: bool, stabilise: bool = True) -> Tensor:
+def _key_mask_like(x: Tensor, key_mask: Tensor | None) -> Tensor | None:
+    """``key_mask (B, n)`` viewed to broadcast against features ``x (B, [H,] n, m)``; ``None`` stays ``None``."""
+    if key_mask is None:
+        return None
+    check_key_mask(key_mask, x.shape[0], x.shape[-2])
+    return key_mask.reshape(key_mask.shape[0], *([1] * (x.ndim - 3)), key_mask.shape[1], 1)
+
+
+def _favor_exponent(x: Tensor, projection: Tensor) -> Tensor:
+    """``W x' - |x'|^2 / 2`` with ``x' = x d^{-1/4}``: the exponent of the unnormalised FAVOR+ feature, ``(..., n, m)``."""
+    x = x * x.shape[-1] ** -0.25
+    return x @ projection.to(x.dtype).T - (x * x).sum(-1, keepdim=True) / 2
+
+
+def favor_features(x: Tensor, projection: Tensor, is_query: bool, stabilise: bool = True,
+                   key_mask: Tensor | None = None) -> Tensor:
     r"""FAVOR+ positive features ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)``, ``x' = x d^{-1/4}``.
 
     ``phi(q)^T phi(k)`` estimates ``exp(q^T k / sqrt(d))`` without bias.
-    ``stabilise`` subtracts a maximum inside the exponential (per query row for
-    queries, one global value for keys): constant factors that cancel in the
-    attention's normalisation but change the raw kernel estimate, so pass
-    ``False`` to estimate the kernel itself. Shapes: ``x (..., n, d)``,
-    ``projection (m, d)`` -> ``(..., n, m)``.
+    ``stabilise`` subtracts the maximum of the exponent ``W x' - |x'|^2 / 2``
+    (per query row for queries, one value per batch element and head for keys,
+    taken over the *real* keys only when ``key_mask`` is given): constant factors that cancel in
+    the attention's normalisation but change the raw kernel estimate, so pass
+    ``False`` to estimate the kernel itself. Keys where ``key_mask`` is ``False``
+    get features exactly 0, whatever their content. Shapes: ``x (..., n, d)``,
+    ``projection (m, d)``, ``key_mask (B, n)`` (keys only) -> ``(..., n, m)``.
+    For attention, :func:`favor_feature_pair` is the safer choice: it cannot
+    underflow to an all-zero row.
     """
-    d, m = x.shape[-1], projection.shape[0]
-    x = x * d ** -0.25
-    wx = x @ projection.to(x.dtype).T  # (..., n, m)
-    half_sq = (x * x).sum(-1, keepdim=True) / 2
+    m = projection.shape[0]
+    arg = _favor_exponent(x, projection)  # (..., n, m)
+    mask = None if is_query else _key_mask_like(arg, key_mask)
+    if mask is not None:
+        arg = arg.masked_fill(~mask, -math.inf)  # padded keys: exp(-inf) = 0, and they cannot set the maximum
     if stabilise:
-        shift = wx.amax(-1, keepdim=True) if is_query else wx.amax(dim=(-1, -2), keepdim=True)
-        wx = wx - shift.detach()
-    return torch.exp(wx - half_sq) / math.sqrt(m)
+        shift = arg.amax(-1, keepdim=True) if is_query else arg.amax(dim=(-1, -2), keepdim=True)
+        shift = shift.masked_fill(~torch.isfinite(shift), 0.0)  # no real key at all: nothing to stabilise
+        arg = arg - shift.detach()
+    return torch.exp(arg) / math.sqrt(m)
+
+
+def favor_feature_pair(q: Tensor, k: Tensor, projection: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""FAVOR+ features of queries and keys, stabilised together so that no query row can underflow to zero.
+
+    With :math:`a_{jl} = w_l^\top k'_j - \lVert k'_j\rVert^2/2` and
+    :math:`b_{il} = w_l^\top q'_i - \lVert q'_i\rVert^2/2` (the exponents of
+    :func:`favor_features`), each feature ``l`` is shifted by its maximum over the
+    real keys, :math:`M_l = \max_{j\,\text{real}} a_{jl}`, moved from the keys to the queries:
+
+    .. math::
+
+        \tilde\phi(k_j)_l = \frac{e^{a_{jl} - M_l}}{\sqrt m},\qquad
+        \tilde\phi(q_i)_l = \frac{e^{b_{il} + M_l - c_i}}{\sqrt m},\qquad
+        c_i = \max_l\,(b_{il} + M_l),
+
+    so :math:`\tilde\phi(q_i)^\top\tilde\phi(k_j) = e^{-c_i}\,\phi(q_i)^\top\phi(k_j)`
+    exactly (the paper's estimator times a per-query constant, which cancels in
+    the row normalisation). Every exponent is ``<= 0`` (no overflow), and for
+    each query the feature ``l`` reaching :math:`c_i` meets the key reaching
+    :math:`M_l` with product ``1/m``: the normaliser of a query with at least one
+    real key is ``>= 1/m``, never 0, however far an outlier key sits. (A single
+    global maximum over keys, the usual stabiliser, lets one outlier key push
+    every other feature below the underflow threshold.) Padded keys (``key_mask``
+    ``False``) get features exactly 0 and take no part in any maximum.
+
+    Shapes: ``q (..., n_q, d)``, ``k (..., n_k, d)``, ``projection (m, d)``,
+    ``key_mask (B, n_k)`` -> ``(phi(q) (..., n_q, m), phi(k) (..., n_k, m))``.
+    The guarantee is for non-causal attention: with causal prefix sums a query
+    sees only the keys before it, and ``M_l`` may come from a later key.
+    """
+    m = projection.shape[0]
+    a = _favor_exponent(k, projection)  # (..., n_k, m)
+    mask = _key_mask_like(a, key_mask)
+    if mask is not None:
+        a = a.masked_fill(~mask, -math.inf)
+    top = a.amax(-2, keepdim=True)  # (..., 1, m): M_l over the real keys
+    top = top.masked_fill(~torch.isfinite(top), 0.0).detach()  # no real key: features all 0 anyway
+    b = _favor_exponent(q, projection) + top  # (..., n_q, m)
+    b = b - b.amax(-1, keepdim=True).detach()  # c_i: cancels in the normalisation
+    return torch.exp(b) / math.sqrt(m), torch.exp(a - top) / math.sqrt(m)
 
 
 def softmax_kernel_estimate(q: Tensor, k: Tensor, projection: Tensor) -> Tensor:
@@ -264,7 +328,8 @@ class _Heads(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V]
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
 
-    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def features(self, q: Tensor, k: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``phi(q), phi(k)`` per head, ``(B, h, n, r)``; keys where ``key_mask`` is ``False`` may be ignored (they are zeroed after)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
@@ -275,7 +340,7 @@ class _Heads(nn.Module):
             return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
         check_key_mask(key_mask, x.shape[0], n, length_name="n")
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        fq, fk = self.features(q, k)
+        fq, fk = self.features(q, k, key_mask)
         out = linear_attention(fq, fk, v, None, causal=self.causal, chunk=self.chunk, key_mask=key_mask)
         weights = None
         if need_weights:  # inspection only: the n x n matrix the linear form never builds
@@ -307,7 +372,7 @@ class LinearAttention(_Heads):
     def __init__(self, embed_dim: int, num_heads: int, causal: bool = False, chunk: int = 64, bias: bool = True) -> None:
         super().__init__(embed_dim, num_heads, causal, chunk, bias)
 
-    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def features(self, q: Tensor, k: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return elu_feature(q), elu_feature(k)
 
 
@@ -344,7 +409,8 @@ class PerformerAttention(_Heads):
         new = orthogonal_gaussian(self.num_features, self.head_dim, generator, self.orthogonal)
         self.projection.copy_(new.to(self.projection))
 
-    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        return favor_features(q, self.projection, True), favor_features(k, self.projection, False)
+    def features(self, q: Tensor, k: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:func:`favor_feature_pair`: stabilised over the real keys only, so padded content cannot change the output."""
+        return favor_feature_pair(q, k, self.projection, key_mask)
 
 

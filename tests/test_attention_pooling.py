@@ -337,3 +337,53 @@ def test_learned_bandwidth_moves_towards_the_better_one():
     nw = NadarayaWatson(2.0)  # far too wide: the fit is a flat line
     train(nw, task.sample, make_regression_task("quick").loss, steps=40, batch_size=16, lr=5e-2, progress=False)
     assert float(nw.bandwidth) < 0.8
+
+
+# ----------------------------------------------------------------------------- Nadaraya-Watson numerics (issue 15)
+
+
+def test_nadaraya_watson_float32_far_from_the_origin():
+    """Shift invariance: centred first, float32 at offset 1,000 keeps the accuracy it has at the origin.
+
+    The reference is the explicit estimator in float64 on the same (float32-rounded) points, so only the
+    arithmetic differs. The original (expanded squared distance, not centred) was off by 8.8e-2 here.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 64, 1, generator=g, dtype=torch.float64) * 5
+    y = torch.sin(2 * x)
+    q = torch.linspace(0, 5, 50, dtype=torch.float64)[None, :, None].expand(4, -1, -1)
+    for offset in (0.0, 1e3):
+        q32, x32, y32 = (q + offset).float(), (x + offset).float(), y.float()
+        ref = gaussian_kernel_weights(q32.double(), x32.double(), 0.3) @ y32.double()
+        out = nadaraya_watson(q32, x32, y32, 0.3).output
+        assert out.dtype == torch.float32
+        assert float((out.double() - ref).abs().max()) < 1e-5, offset
+    # masked: the centre is the mean of the real observations, padded garbage does not move it
+    km = padding_mask([64, 40, 64, 10], 64)
+    x32 = (x + 1e3).float()
+    garbage = torch.where(km[..., None], x32, torch.full_like(x32, 1e6))
+    torch.testing.assert_close(nadaraya_watson((q + 1e3).float(), garbage, y.float(), 0.3, key_mask=km).output,
+                               nadaraya_watson((q + 1e3).float(), x32, y.float(), 0.3, key_mask=km).output)
+
+
+def test_degenerate_bandwidths_are_rejected_never_nan():
+    """bandwidth 1e-20 gave NaN on the original; non-finite ones were accepted (inf: NaN, nan: NaN)."""
+    x = torch.tensor([[[0.0], [1.0], [3.0]]])
+    y = torch.tensor([[[1.0], [2.0], [6.0]]])
+    q = torch.tensor([[[0.9], [2.6]]])
+    for h, match in [(float("nan"), "positive number"), (float("inf"), "finite"), (torch.tensor(float("inf")), "finite"),
+                     (1e-20, r"bandwidth must be >= 1.08e-19 in torch.float32 \(its square underflows\)"),
+                     (torch.tensor(1e-20), r"its square underflows")]:
+        with pytest.raises(ValueError, match=match):
+            nadaraya_watson(q, x, y, h)
+    with pytest.raises(ValueError, match=r"bandwidth must be >= 1.08e-19 \(its square underflows in torch.float32\)"):
+        NadarayaWatson(1e-20)
+    with pytest.raises(ValueError, match=r"too small for points .* the scores .* overflow \(need bandwidth >= "):
+        nadaraya_watson(q * 1e3, x * 1e3, y, 1e-17)
+    # small but representable: the limit h -> 0, the nearest observation's value, exactly and finite
+    for h in (1e-18, torch.tensor(1e-18)):
+        torch.testing.assert_close(nadaraya_watson(q, x, y, h).output, torch.tensor([[[2.0], [6.0]]]))
+    # float64 takes far smaller bandwidths
+    torch.testing.assert_close(nadaraya_watson(q.double(), x.double(), y.double(), 1e-100).output,
+                               torch.tensor([[[2.0], [6.0]]], dtype=torch.float64))
+    assert torch.isfinite(gaussian_kernel_weights(q, x, 1e-18)).all()

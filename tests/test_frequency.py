@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -63,10 +64,11 @@ def feb_reference(mod: FrequencyEnhancedBlock, x, key_mask=None):
 def fea_reference(mod: FrequencyEnhancedAttention, x, key_mask=None):
     """FEA-f with explicit orthonormal DFT sums, float64."""
     B, n, E = x.shape
-    if key_mask is not None:
-        x = x * key_mask[..., None]
     h, d = mod.num_heads, mod.head_dim
-    qkv = (x @ mod.qkv.weight.T + mod.qkv.bias).reshape(B, n, 3, h, d).permute(2, 0, 3, 1, 4)  # (3, B, h, n, d)
+    qkv = x @ mod.qkv.weight.T + mod.qkv.bias
+    if key_mask is not None:  # padding: zero projected vectors (as FEB-f), no bias in the spectrum
+        qkv = qkv * key_mask[..., None]
+    qkv = qkv.reshape(B, n, 3, h, d).permute(2, 0, 3, 1, 4)  # (3, B, h, n, d)
     k = mod.mode_index(n)
     fwd = _dft_rows(k, n, -1.0) / math.sqrt(n)
     qm, km, vm = (torch.einsum("mt,bhtd->bhmd", fwd, t.to(torch.complex128)) for t in qkv)
@@ -387,3 +389,57 @@ def test_fea_token_mixing_reproduces_the_core():
     torch.testing.assert_close(t @ v, y)
     _, weights = mod(x, need_weights=True)
     torch.testing.assert_close(weights, t.abs() / t.abs().sum(-1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- one padding rule; half precision (issue 15)
+
+
+def _zero_projection_input(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The token ``x_0`` with ``W x_0 + b = 0`` (``W`` square, invertible)."""
+    return torch.linalg.solve(weight, -bias)
+
+
+@pytest.mark.parametrize("kind", ["feb", "fea"])
+def test_a_padding_position_is_a_zero_projected_vector(kind):
+    """FEB-f and FEA-f treat padding alike: as a position whose projected vectors (bias included) are zero.
+
+    On the original code FEA-f zeroed ``x`` before its projections, so the padding still put the
+    biases into the spectrum and the real outputs differed from this reference by O(0.1).
+    """
+    torch.manual_seed(0)
+    e, n = 8, 13
+    if kind == "feb":
+        layer = FrequencyEnhancedBlock(e, 2, modes=4).double()
+        w, b = layer.in_proj.weight, layer.in_proj.bias
+    else:
+        layer = FrequencyEnhancedAttention(e, 2, modes=4).double()
+        with torch.no_grad():  # tie W_Q = W_K = W_V and the biases, so that one token zeroes all three projections
+            w3, b3 = layer.qkv.weight.view(3, e, e), layer.qkv.bias.view(3, e)
+            b3[0] *= 10  # large biases: a leak of them is obvious
+            w3[1:], b3[1:] = w3[0].clone(), b3[0].clone()
+            w, b = w3[0].clone(), b3[0].clone()
+    km = padding_mask([n, 8], n)
+    km[1, 2] = False  # second row: padding at the end and a hole
+    x = rand(2, n, e, dtype=torch.float64)
+    with torch.no_grad():
+        x0 = _zero_projection_input(w, b)
+        assert float((w @ x0 + b).abs().max()) < 1e-10
+        masked = layer(x, key_mask=km).output
+        zeros = layer(torch.where(km[..., None], x, x0), key_mask=None).output  # padding = a zero projected vector
+    torch.testing.assert_close(masked[km], zeros[km], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=["fnet", "feb", "fea"])
+def test_bfloat16_in_bfloat16_out_close_to_float32(layer):
+    """torch.fft has no bfloat16 on the CPU (the original raised 'Unsupported dtype BFloat16'): transform in float32, cast back."""
+    x = rand(2, 12, 8).to(torch.bfloat16)
+    km = padding_mask([12, 9], 12)
+    low = copy.deepcopy(layer).to(torch.bfloat16)
+    with torch.no_grad():
+        out = low(x, key_mask=km, need_weights=True)
+        ref = copy.deepcopy(low).float()(x.float(), key_mask=km).output  # the same (bf16-rounded) weights and input, in float32
+    assert out.output.dtype == torch.bfloat16 and out.weights.dtype == torch.bfloat16
+    err = (out.output.float() - ref).abs().max() / ref.abs().max()
+    assert float(err) < 2e-2, float(err)
+    if isinstance(low, FrequencyEnhancedAttention):
+        assert low.mode_weights(x).dtype == torch.bfloat16

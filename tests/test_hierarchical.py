@@ -184,7 +184,10 @@ def test_bad_input():
         ((ids.float(), mask), TypeError, r"integer tensor of token ids with shape \(batch, sentences, words\)"),
         ((ids[0], mask[0]), ValueError, r"shape \(batch, sentences, words\), got 2-D"),
         ((ids, None), ValueError, r"padding id 0 but no mask.*mask \(batch, sentences, words\)"),
-        ((ids + 20, mask), ValueError, r"\[0, vocab_size=10\)"),
+        ((ids + 20, mask), ValueError, r"ids must be token ids in \[0, 10\), got values in \[2\d, 2\d\]"),
+        ((ids - 5, mask), ValueError, r"ids must be token ids in \[0, 10\), got values in \[-5, "),
+        ((ids.double(), mask), TypeError, r"integer tensor of token ids"),
+        ((ids.bool(), mask), TypeError, r"integer tensor of token ids"),
         ((ids, mask.long()), TypeError, r"torch.bool"),
         ((ids, mask[:, :2]), ValueError, r"mask must have shape \(batch, sentences, words\)"),
         ((ids, mask.flip(-1)), ValueError, r"real words of each sentence first"),
@@ -261,3 +264,23 @@ def test_registry_and_own_task():
     torch.testing.assert_close(w.sum(-1), torch.ones(5))
     with pytest.raises(ValueError, match="preset"):
         make_task("huge")
+
+
+def test_a_real_word_with_the_padding_id_is_an_error():
+    """The padding id embeds to zero: on the original code a real word with id 0 was silently blank."""
+    model = make_model(torch.float32)
+    ids, mask = pad_documents(DOCS)
+    ids[0, 0, 2] = 0  # the last word of the first sentence (mask True) gets the padding id
+    with pytest.raises(ValueError, match=r"padding id 0 at 1 real word.*document 0, sentence 0, word 2.*padding_idx=None"):
+        model(ids, mask)
+    mask2 = mask.clone()
+    mask2[0, 0, 2] = False  # the same id where the mask says padding is fine
+    assert torch.isfinite(model(ids, mask2).logits).all()
+    # no reserved id: id 0 is a word like any other, with a trained embedding
+    torch.manual_seed(0)
+    free = HierarchicalAttentionNetwork(10, 3, embed_dim=6, hidden=5, padding_idx=None)
+    out = free(ids, mask).logits
+    out.sum().backward()
+    assert float(free.embed.weight.grad[0].abs().max()) > 0
+    with pytest.raises(ValueError, match=r"padding_idx must be None or an int in \[0, vocab_size=10\)"):
+        HierarchicalAttentionNetwork(10, 3, padding_idx=10)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from attn import registry
 from attn.benchmark import count_flops
 from attn.linear import (
-    LinearAttention, PerformerAttention, elu_feature, favor_features, linear_attention, linear_attention_quadratic,
+    LinearAttention, PerformerAttention, elu_feature, favor_feature_pair, favor_features, linear_attention, linear_attention_quadratic,
     linear_attention_recurrent, orthogonal_gaussian, softmax_kernel_estimate,
 )
 from attn.masks import padding_mask
@@ -269,6 +269,8 @@ BAD = [
     ("chunk 0", lambda q: (q, q, q), {"chunk": 0}, ValueError, "chunk must be >= 1"),
     ("chunk float", lambda q: (q, q, q), {"chunk": 4.0}, TypeError, "chunk must be an int"),
     ("mask shape", lambda q: (q, q, q), {"key_mask": torch.ones(2, 3, dtype=torch.bool)}, ValueError, r"\(batch=2, n_keys=8\)"),
+    ("eps negative", lambda q: (q, q, q), {"eps": -1e-3}, ValueError, "eps must be >= 0"),
+    ("eps nan", lambda q: (q, q, q), {"eps": float("nan")}, ValueError, "eps must be finite"),
 ]
 
 
@@ -288,3 +290,94 @@ def test_module_bad_input():
         LinearAttention(8, 2)(torch.randn(3, 8))
     with pytest.raises(ValueError, match=r"key_mask must have shape"):
         LinearAttention(8, 2)(torch.randn(2, 3, 8), key_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- FAVOR+ stabilisation (issue 15)
+
+
+def _favor_reference(q, k, v, proj, key_mask=None):
+    """FAVOR+ attention in float64 log space: weights softmax_j(log sum_l exp(b_il + a_jl)), no feature ever formed."""
+    q, k, v, proj = (t.detach().double() for t in (q, k, v, proj))
+    qs, ks = q * q.shape[-1] ** -0.25, k * k.shape[-1] ** -0.25
+    b = qs @ proj.T - (qs * qs).sum(-1, keepdim=True) / 2  # (..., n_q, m)
+    a = ks @ proj.T - (ks * ks).sum(-1, keepdim=True) / 2  # (..., n_k, m)
+    logits = torch.logsumexp(b[..., :, None, :] + a[..., None, :, :], -1)  # (..., n_q, n_k): log phi(q_i).phi(k_j) + log m
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask.reshape(key_mask.shape[0], *([1] * (logits.ndim - 3)), 1, -1), -math.inf)
+    return logits.softmax(-1) @ v
+
+
+def _outlier_case(c=4.0, n=20, d=16, m=32, seed=0):
+    """Keys and queries of unit scale plus one key aligned with the longest projection row, ``c`` times over."""
+    g = torch.Generator().manual_seed(seed)
+    proj = orthogonal_gaussian(m, d, g)
+    q, k, v = torch.randn(1, n, d, generator=g), torch.randn(1, n, d, generator=g), torch.randn(1, n, 4, generator=g)
+    k[0, 3] = c * proj[proj.norm(dim=-1).argmax()] * d**0.25
+    return q, k, v, proj
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_outlier_key_cannot_zero_the_favor_output(causal):
+    """eps = 0 and a global key maximum: one outlier key underflowed every other feature and the rows came out 0.
+
+    On the original code (global maximum over keys, eps = 0) all 20 rows are exactly 0 in float32
+    (error 0.84 against the float64 reference); the jointly stabilised pair keeps them to ~1e-6.
+    """
+    q, k, v, proj = _outlier_case()
+    out = linear_attention(*favor_feature_pair(q, k, proj), v, None, causal=causal, chunk=4, eps=0.0)
+    assert bool((out.abs().amax(-1) > 0).all())
+    if not causal:
+        assert float((out.double() - _favor_reference(q, k, v, proj)).abs().max()) < 1e-4
+    # the layer uses the pair: a large key at one position leaves no row at zero
+    layer = PerformerAttention(16, 1, num_features=32, causal=causal, chunk=4)
+    with torch.no_grad():
+        x = torch.randn(1, 20, 16, generator=torch.Generator().manual_seed(1))
+        x[0, 3] *= 40
+        y = layer(x).output
+        pre = layer.out_proj.bias.detach().expand_as(y)  # a zero attention output leaves only the bias
+    assert float((y - pre).abs().amax(-1).min()) > 0
+
+
+def test_favor_pair_is_the_estimator_up_to_a_per_query_constant():
+    q, k, v = (t.detach() for t in qkv(2, 3, 9, 8, dtype=torch.float64))
+    proj = orthogonal_gaussian(24, 8, torch.Generator().manual_seed(2), dtype=torch.float64)
+    fq, fk = favor_feature_pair(q, k, proj)
+    ratio = (fq @ fk.transpose(-1, -2)) / softmax_kernel_estimate(q, k, proj)  # (..., n_q, n_k)
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-12, atol=0)
+    assert float(fq.max()) <= 1 / math.sqrt(24) + 1e-15 and float(fk.max()) <= 1 / math.sqrt(24) + 1e-15  # exponents <= 0
+    km = padding_mask([9, 6], 9)
+    fq, fk = favor_feature_pair(q, k, proj, km)
+    assert float(fk[1, :, 6:].abs().max()) == 0
+    out = linear_attention(fq, fk, v, None, key_mask=km, eps=0.0)
+    torch.testing.assert_close(out, _favor_reference(q, k, v, proj, km), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pad", ["right", "left", "holes"])
+def test_performer_padded_content_never_reaches_real_outputs_float32(pad, causal):
+    """The original took the key maximum over padded keys too: padded content of scale 1e3 moved real outputs by O(1)."""
+    torch.manual_seed(0)
+    layer = PerformerAttention(16, 4, num_features=64, causal=causal, chunk=4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 12, 16, generator=g)
+    km = {"right": padding_mask([12, 7], 12), "left": padding_mask([12, 7], 12).flip(-1),
+          "holes": torch.tensor([[True] * 12, [True, False, False, True, True, False, True, False, True, True, False, True]])}[pad]
+    x2 = torch.where(km[..., None], x, 1e3 * torch.randn(2, 12, 16, generator=g))
+    with torch.no_grad():
+        y1, y2 = layer(x, key_mask=km).output[km], layer(x2, key_mask=km).output[km]
+        alone = layer(x[1:, km[1]]).output[0]  # the real tokens of the second row, unpadded
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(y1[12:], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_favor_features_masked_keys_are_zero_and_set_no_maximum():
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(2, 7, 8, generator=g)
+    proj = orthogonal_gaussian(16, 8, g)
+    km = padding_mask([7, 4], 7)
+    base = favor_features(k, proj, False, key_mask=km)
+    k2 = k.clone()
+    k2[1, 4:] = 100 * proj[0] * 8**0.25  # would own the maximum if it counted
+    torch.testing.assert_close(favor_features(k2, proj, False, key_mask=km), base, rtol=0, atol=0)
+    assert float(base[1, 4:].abs().max()) == 0
+    assert torch.isfinite(favor_features(k, proj, False, key_mask=torch.zeros(2, 7, dtype=torch.bool))).all()
