@@ -685,6 +685,32 @@ table(
     bad("key_mask ints", lambda f: f(*_qkv4(), key_mask=km(6, 3, n=6).long()), TypeError, r"key_mask"),
 )
 
+def _fixed_qkv() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(2, H, 6, 4, generator=g) for _ in range(3))
+
+
+def _partials(dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two chunks of 3 keys each for 6 queries: outputs (2, H, 6, 4) and log-sum-exps (2, H, 6)."""
+    q, k, v = (t.to(dtype) for t in _fixed_qkv())
+    parts = [attn.flash_attention(q, k[..., i : i + 3, :], v[..., i : i + 3, :], return_lse=True) for i in (0, 3)]
+    return [o for o, _ in parts], [lse for _, lse in parts]
+
+
+table(
+    "merge_partial_attention", lambda: attn.merge_partial_attention,
+    good("two chunks equal one pass", lambda f: f(*_partials()),
+         lambda o: bool(torch.allclose(o[0], attn.flash_attention(*_fixed_qkv()), atol=1e-5))),
+    good("float64", lambda f: f(*_partials(F64)), lambda o: o[0].dtype == F64),
+    bad("tensor instead of a list", lambda f: f(_partials()[0][0], _partials()[1][0]), TypeError, r"outputs|list|sequence"),
+    bad("no chunks", lambda f: f([], []), ValueError, r"outputs|empty|at least"),
+    bad("unequal counts", lambda f: f(_partials()[0], _partials()[1][:1]), ValueError, r"lses|outputs|same number|count"),
+    bad("mixed dtypes", lambda f: f([_partials()[0][0], _partials()[0][1].double()], _partials()[1]), TypeError, r"dtype"),
+    bad("int lse", lambda f: f(_partials()[0], [t.long() for t in _partials()[1]]), TypeError, r"lse"),
+    bad("lse of the wrong shape", lambda f: f(_partials()[0], [t[..., :2] for t in _partials()[1]]), ValueError, r"lse|shape"),
+    bad("nan lse", lambda f: f(_partials()[0], [torch.full_like(t, math.nan) for t in _partials()[1]]), ValueError, r"lse|nan|NaN"),
+)
+
 table("LinearAttention", lambda: attn.LinearAttention(E, H, chunk=2).eval(), *mixer_rows(),
       bad("chunk 0", lambda m: attn.LinearAttention(E, H, chunk=0), ValueError, r"chunk"))
 table("PerformerAttention", lambda: attn.PerformerAttention(E, H, num_features=8, chunk=2).eval(), *mixer_rows(),
