@@ -105,12 +105,12 @@ def test_global_tokens_match_dense_masked_reference(n, window, gidx):
     layer = GlobalTokenAttention(16, 2, window=window, global_idx=gidx).double()
     x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
     km = padding_mask([n, max(1, n - 3), max(1, n // 2)], n)
-    for key_mask in (None, km):
-        out, w = layer(x, need_weights=True, key_mask=key_mask)
+    for key_mask, blockwise in ((None, True), (km, True), (km, None)):  # the blocks forced, and the cheaper path
+        out, w = layer(x, need_weights=True, key_mask=key_mask, blockwise=blockwise)
         ref_out, ref_w = layer.reference(x, need_weights=True, key_mask=key_mask)
         torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(w, ref_w, atol=1e-10, rtol=1e-10)
-        fast = layer(x, key_mask=key_mask).output
+        fast = layer(x, key_mask=key_mask, blockwise=blockwise).output
         torch.testing.assert_close(fast, ref_out, atol=1e-10, rtol=1e-10)
         up = torch.randn_like(fast)
         params = [x, *layer.parameters()]
@@ -164,7 +164,7 @@ def test_global_tokens_are_efficient():
 
 
 def test_global_tokens_bad_input():
-    with pytest.raises(ValueError, match="multiple of num_heads"):
+    with pytest.raises(ValueError, match=r"embed_dim \(10\) must be divisible by num_heads \(3\)"):
         GlobalTokenAttention(10, 3)
     with pytest.raises(ValueError, match="window must be >= 0"):
         GlobalTokenAttention(8, 2, window=-1)

@@ -47,7 +47,7 @@ def test_matches_dense_sdpa_with_bigbird_mask(n, b, w, g, r, heads, padded, need
     km = padding_mask([n, max(1, n - 6)], n) if padded else None
     layout = bigbird_layout(-(-n // b), w, g, r, heads, seed=3)
     pattern = bigbird_mask(n, b, layout)  # (heads, n, n)
-    out, wts = bigbird_attention(q, k, v, b, layout, key_mask=km, need_weights=need_weights)
+    out, wts = bigbird_attention(q, k, v, b, layout, key_mask=km, need_weights=need_weights, blockwise=True)
     ref = dense_reference(q, k, v, pattern, km)
     assert (out - ref).abs().max() <= 1e-5
     up = torch.randn_like(out)

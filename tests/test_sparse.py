@@ -33,6 +33,7 @@ def qkv(*shape, dtype=torch.float32, grad=False, seed=0):
 
 
 def run_pattern(pattern, q, k, v, l, c=2, **kw):
+    kw.setdefault("blockwise", True)  # the blockwise parts, even where dense attention would be cheaper
     if pattern == "strided":
         return strided_attention(q, k, v, stride=l, **kw)
     return fixed_attention(q, k, v, block=l, c=c, **kw)
