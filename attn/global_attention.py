@@ -47,7 +47,7 @@ from .checks import check_heads, check_int, check_same_dtype, check_token_ids, c
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register
-from .soft import MultiplicativeAttention, _ScoreAttention
+from .soft import MultiplicativeAttention, _check_query_keys, _check_seq2seq_inputs, _ScoreAttention
 
 __all__ = [
     "ConcatAttention",
@@ -79,6 +79,8 @@ class ConcatAttention(_ScoreAttention):
 
     def __init__(self, query_dim: int, key_dim: int, hidden: int = 64) -> None:
         super().__init__()
+        for name, value in (("query_dim", query_dim), ("key_dim", key_dim), ("hidden", hidden)):
+            check_int(name, value)
         self.query_dim, self.key_dim = query_dim, key_dim
         self.w = nn.Linear(query_dim + key_dim, hidden, bias=False)  # W_a
         self.v = nn.Linear(hidden, 1, bias=False)  # v_a
@@ -123,8 +125,11 @@ class LuongGlobalAttention(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int, score: LuongScore = "general", hidden: int = 64, out_dim: int | None = None) -> None:
         super().__init__()
+        if out_dim is not None:
+            check_int("out_dim", out_dim)
         self.score_kind = score
         self.score = make_luong_score(score, query_dim, key_dim, hidden)
+        self.query_dim, self.key_dim = query_dim, key_dim
         self.w_c = nn.Linear(key_dim + query_dim, out_dim or query_dim, bias=False)  # W_c
 
     def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> AttentionOutput:
@@ -137,7 +142,12 @@ class LuongGlobalAttention(nn.Module):
 
         Returns:
             ``(\tilde h (B, [T,] d_out), a (B, [T,] S))``.
+
+        Raises:
+            TypeError, ValueError: naming ``query`` or ``memory`` (not a float tensor of
+            the shape above, or mixed dtypes) or ``key_mask``.
         """
+        _check_query_keys(query, memory, memory, self.query_dim, self.key_dim, keys_name="memory", values_name="memory")
         context, align = self.score(query, memory, key_mask=key_mask)  # c_t (B, [T,] d_k), a_t (B, [T,] S)
         h_tilde = torch.tanh(self.w_c(torch.cat([context, query], -1)))  # eq. 5
         return AttentionOutput(h_tilde, align)
@@ -186,6 +196,8 @@ class LuongSeq2Seq(nn.Module):
 
     def __init__(self, vocab: int, embed: int = 32, hidden: int = 32, score: LuongScore = "general", input_feeding: bool = True) -> None:
         super().__init__()
+        for name, value in (("vocab", vocab), ("embed", embed), ("hidden", hidden)):
+            check_int(name, value)
         d = 2 * hidden
         self.vocab, self.input_feeding, self.d = vocab, input_feeding, d
         self.src_embed = nn.Embedding(vocab, embed)
@@ -199,9 +211,14 @@ class LuongSeq2Seq(nn.Module):
         self.out = nn.Linear(d, vocab)  # W_s
 
     def forward(self, src: Tensor, tgt_in: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced decoding: ``src (B, S)``, ``tgt_in (B, T)`` -> ``logits (B, T, vocab)``, ``a (B, T, S)``."""
-        if src.ndim != 2 or tgt_in.ndim != 2 or src.shape[0] != tgt_in.shape[0]:
-            raise ValueError(f"src (B, S) and tgt_in (B, T) token ids expected, got {tuple(src.shape)} and {tuple(tgt_in.shape)}")
+        """Teacher-forced decoding: ``src (B, S)``, ``tgt_in (B, T)`` -> ``logits (B, T, vocab)``, ``a (B, T, S)``.
+
+        ``src`` and ``tgt_in`` are integer token ids in ``[0, vocab)`` (errors name the
+        argument and the range found); ``key_mask (B, S)`` is ``True`` at real source tokens.
+        """
+        empty = _check_seq2seq_inputs(src, tgt_in, key_mask, self.vocab, self.out.weight.dtype)
+        if empty is not None:
+            return empty
         memory, (h_n, c_n) = self.encoder(self.src_embed(src))  # (B, S, D); (2, B, H) each
         h = torch.cat([h_n[0], h_n[1]], -1)  # (B, D): forward and backward final states
         c = torch.cat([c_n[0], c_n[1]], -1)

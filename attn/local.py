@@ -291,8 +291,12 @@ class LocalAttention(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
         check_heads(embed_dim, num_heads)
         _check_window(window, exact_band)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.window, self.causal, self.exact_band, self.dropout = window, causal, exact_band, dropout
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V], all heads
@@ -340,6 +344,10 @@ class LocalPAttention(nn.Module):
         super().__init__()
         if isinstance(half_window, bool) or not isinstance(half_window, int) or half_window < 1:
             raise ValueError(f"half_window D must be an int >= 1, got {half_window!r}")
+        check_int("query_dim", query_dim)
+        check_int("key_dim", key_dim)
+        if hidden is not None:
+            check_int("hidden", hidden)
         if score not in ("general", "dot"):
             raise ValueError(f"score must be 'general' or 'dot', got {score!r}")
         if score == "dot" and query_dim != key_dim:
@@ -359,6 +367,9 @@ class LocalPAttention(nn.Module):
         for name, t in (("query", query), ("keys", keys), ("values", values)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        check_same_dtype(("query", query), ("keys", keys), ("values", values if values is not keys else None))
         if query.ndim not in (2, 3) or query.shape[-1] != self.query_dim:
             raise ValueError(f"query must have shape (batch, {self.query_dim}) or (batch, T, {self.query_dim}), got {tuple(query.shape)}")
         if keys.ndim != 3 or keys.shape[-1] != self.key_dim or keys.shape[0] != query.shape[0]:

@@ -72,7 +72,7 @@ def test_luong_bad_input():
     with pytest.raises(ValueError, match="dot scores need"):
         LuongGlobalAttention(3, 4, "dot")
     att = LuongGlobalAttention(4, 6, "concat")
-    with pytest.raises(ValueError, match=r"keys must have shape \(batch=2, n_keys, 6\)"):
+    with pytest.raises(ValueError, match=r"^memory must have shape \(batch=2, n_keys, 6\)"):  # the caller passed memory
         att(torch.randn(2, 4), torch.randn(2, 5, 5))
     with pytest.raises(ValueError, match="empty"):
         att(torch.randn(2, 4), torch.randn(2, 0, 6))
@@ -274,3 +274,57 @@ def test_global_tokens_bad_hyper_parameters():
         GlobalTokenAttention(8.0, 2)
     with pytest.raises(TypeError, match="blockwise must be None, True or False"):
         GlobalTokenAttention(8, 2)(torch.randn(1, 4, 8), blockwise="yes")
+
+
+# ----------------------------------------------------------------------------- bad input (issue 15, section 4)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda a: a(torch.randn(2, 4).tolist(), torch.randn(2, 5, 6)), TypeError, r"^query must be a torch\.Tensor of shape \(batch, 4\) or \(batch, n_queries, 4\), got list$"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(2, 5, 6).tolist()), TypeError, r"^memory must be a torch\.Tensor of shape \(batch=2, n_keys, 6\), got list$"),
+    (lambda a: a(torch.randint(0, 3, (2, 4)), torch.randn(2, 5, 6)), TypeError, r"^query must be a floating-point tensor"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(2, 5, 6).double()), TypeError, r"^dtypes must match \(query: torch\.float32, memory: torch\.float64\)"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(1, 5, 6)), ValueError, r"^memory must have shape \(batch=2, n_keys, 6\), got \(1, 5, 6\)$"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(2, 0, 6)), ValueError, r"^memory is an empty sequence"),
+])
+@pytest.mark.parametrize("score", ["general", "concat"])
+def test_luong_global_bad_input_names_the_argument(call, exc, match, score):
+    with pytest.raises(exc, match=match):
+        call(LuongGlobalAttention(4, 6, score))
+
+
+def test_luong_bad_sizes():
+    with pytest.raises(TypeError, match=r"^query_dim must be an int, got float$"):
+        LuongGlobalAttention(4.0, 6, "concat")
+    with pytest.raises(ValueError, match=r"^hidden must be >= 1, got 0$"):
+        LuongGlobalAttention(4, 6, "concat", hidden=0)
+    with pytest.raises(ValueError, match=r"^out_dim must be >= 1, got -2$"):
+        LuongGlobalAttention(4, 6, out_dim=-2)
+
+
+SRC, TGT = torch.arange(10).view(2, 5), torch.arange(8).view(2, 4)  # ids 0..9 and 0..7
+
+
+@pytest.mark.parametrize("src,tgt,exc,match", [
+    (SRC + 10, TGT, ValueError, r"^src must be token ids in \[0, 10\), got values in \[10, 19\]$"),
+    (SRC - 20, TGT, ValueError, r"^src must be token ids in \[0, 10\), got values in \[-20, -11\]$"),
+    (SRC, TGT + 5, ValueError, r"^tgt_in must be token ids in \[0, 10\), got values in \[5, 12\]$"),
+    (SRC.float(), TGT, TypeError, r"^src must hold integer token ids"),
+    (SRC[:, :0], TGT, ValueError, r"^src is an empty sequence"),
+    (SRC, TGT[:, :0], ValueError, r"^tgt_in is an empty sequence"),
+    (SRC.tolist(), TGT, TypeError, r"^src must be a torch\.Tensor of integer token ids"),
+])
+@pytest.mark.parametrize("input_feeding", [True, False])
+def test_luong_seq2seq_bad_token_ids(src, tgt, exc, match, input_feeding):
+    model = LuongSeq2Seq(10, 8, 8, input_feeding=input_feeding)
+    with pytest.raises(exc, match=match):
+        model(src, tgt)
+
+
+@pytest.mark.parametrize("input_feeding", [True, False])
+def test_luong_seq2seq_empty_batch_and_sizes(input_feeding):
+    model = LuongSeq2Seq(10, 8, 8, input_feeding=input_feeding)
+    logits, align = model(SRC[:0], TGT[:0])
+    assert logits.shape == (0, 4, 10) and align.shape == (0, 4, 5)
+    with pytest.raises(ValueError, match=r"^hidden must be >= 1, got 0$"):
+        LuongSeq2Seq(10, 8, 0)

@@ -383,3 +383,36 @@ def test_module_window_larger_than_n():
         wide = layer(x).output
         layer.window = 8
         torch.testing.assert_close(wide, layer(x).output)
+
+
+# ----------------------------------------------------------------------------- bad input (issue 15, section 4)
+
+
+def test_empty_batch_gives_an_empty_output():
+    """Batch 0 once raised ZeroDivisionError."""
+    for shape in ((0, 2, 8, 4), (0, 8, 4)):
+        q = torch.randn(*shape)
+        v = torch.randn(*shape[:-1], 3)
+        out = local_attention(q, q, v, 2, need_weights=True)
+        assert out.output.shape == (*shape[:-1], 3) and out.weights.shape == (*shape[:-1], 8)
+        assert local_attention(q, q, v, 2, causal=True, exact_band=False).output.shape == (*shape[:-1], 3)
+
+
+def test_mixed_dtypes_and_bad_arguments():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(TypeError, match=r"^dtypes must match \(q: torch\.float32, k: torch\.float64, v: torch\.float32\)"):
+        local_attention(q, q.double(), q, 2)
+    with pytest.raises(TypeError, match="blockwise must be None, True or False"):
+        local_attention(q, q, q, 2, blockwise="no")
+    with pytest.raises(TypeError, match=r"^embed_dim must be an int, got float$"):
+        LocalAttention(8.0, 2)
+    with pytest.raises(ValueError, match=r"^dropout must be a number in \[0, 1\), got 2\.0$"):
+        LocalAttention(8, 2, dropout=2.0)
+    mod = LocalPAttention(8, 6, half_window=2)
+    h, hs = torch.randn(2, 8), torch.randn(2, 5, 6)
+    with pytest.raises(TypeError, match=r"^query must be a floating-point tensor, got dtype torch\.int64$"):
+        mod(h.long(), hs)
+    with pytest.raises(TypeError, match=r"^dtypes must match \(query: torch\.float32, keys: torch\.float64\)"):
+        mod(h, hs.double())
+    with pytest.raises(ValueError, match=r"^query_dim must be >= 1, got 0$"):
+        LocalPAttention(0, 6)
