@@ -32,13 +32,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_tokens
+from .checks import check_int, check_positive_float, check_same_batch, check_same_dtype, check_tensor, check_tokens
 from .core import AttentionOutput, scaled_dot_product_attention
 from .masks import check_key_mask
 from .multihead import MultiHeadAttention
 from .registry import register
 
 __all__ = ["CrossAttention", "MemoryCache", "LatentCrossAttention", "SortUniqueTask", "CrossAttentionDecoder", "sort_unique_loss"]
+
+
+def _check_states(x: object, name: str, width: int, width_name: str, seq_name: str) -> Tensor:
+    """``x`` is a floating-point ``(batch, seq_name, width_name=width)`` tensor with ``seq >= 1`` (unless the batch is empty)."""
+    shape = f"(batch, {seq_name}, {width_name}={width})"
+    x = check_tensor(x, name, shape, 3)
+    if x.shape[-1] != width:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)} (last dimension {x.shape[-1]} != {width})")
+    if x.shape[1] == 0 and x.shape[0] > 0:
+        raise ValueError(f"{name} is an empty sequence: shape {shape} needs {seq_name} >= 1, got {tuple(x.shape)}")
+    return x
+
+
+#: the smallest temperature accepted: below it the scores overflow to inf and the weights turn to NaN
+MIN_TEMPERATURE = 1e-30
 
 
 class MemoryCache(NamedTuple):
@@ -87,6 +102,11 @@ class CrossAttention(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim is not None:
+                check_int(name, dim)
         kdim = kdim or embed_dim
         vdim = vdim or kdim
         self.mha = MultiHeadAttention(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
@@ -99,13 +119,22 @@ class CrossAttention(nn.Module):
         to every :meth:`forward` call instead of the memory, saving
         ``2 S E (kdim + vdim)`` FLOPs per step.
         """
-        memory_values = self._values(memory, memory_values)
-        dummy = memory.new_empty(memory.shape[0], 1, self.embed_dim)
-        self.mha._check(dummy, memory, memory_values)
-        check_key_mask(memory_mask, memory.shape[0], memory.shape[1], name="memory_mask", length_name="source_len", meaning="real source token")
+        memory, memory_values = self._check_memory(memory, memory_values, memory_mask)
         k = self.mha.split_heads(self.mha.k_proj(memory))  # (B, h, S, d_k)
         v = self.mha.split_heads(self.mha.v_proj(memory_values))  # (B, h, S, d_k)
         return MemoryCache(k, v, memory_mask)
+
+    def _check_memory(self, memory: object, memory_values: object, memory_mask: object) -> tuple[Tensor, Tensor]:
+        """Validate the memory (errors name ``memory``, ``memory_values``, ``memory_mask``); returns ``(memory, values)``."""
+        memory = _check_states(memory, "memory", self.kdim, "kdim", "source_len")
+        values = self._values(memory, memory_values)  # type: ignore[arg-type]
+        if values is not memory:
+            values = _check_states(values, "memory_values", self.vdim, "vdim", "source_len")
+            if values.shape[:2] != memory.shape[:2]:
+                raise ValueError(f"memory_values must share (batch, source_len) with memory: {tuple(values.shape[:2])} vs {tuple(memory.shape[:2])}")
+            check_same_dtype(("memory", memory), ("memory_values", values))
+        check_key_mask(memory_mask, memory.shape[0], memory.shape[1], name="memory_mask", length_name="source_len", meaning="real source token")  # type: ignore[arg-type]
+        return memory, values
 
     def _values(self, memory: Tensor, memory_values: Tensor | None) -> Tensor:
         if memory_values is not None:
@@ -141,23 +170,31 @@ class CrossAttention(nn.Module):
 
         Returns:
             ``(output (B, L, E), weights (B, h, L, S) | (B, L, S) | None)``.
+
+        Raises:
+            TypeError, ValueError: naming the argument (``query``, ``memory``,
+            ``memory_values``, ``memory_mask``, ``cache``, ``temperature``) and what was expected;
+            mixed dtypes between the query and the memory are refused.
         """
+        query = _check_states(query, "query", self.embed_dim, "embed_dim", "target_len")
+        temperature = check_positive_float("temperature", temperature, minimum=MIN_TEMPERATURE)
+        if attn_mask is not None and not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor (boolean, True = may attend), got {type(attn_mask).__name__}")
         if cache is None:
             if memory is None:
                 raise ValueError("cross-attention needs a memory (batch, source_len, kdim) or a cache from encode_memory")
-            memory_values = self._values(memory, memory_values)
-            if isinstance(memory, Tensor):
-                check_key_mask(memory_mask, memory.shape[0], memory.shape[1], name="memory_mask", length_name="source_len", meaning="real source token")
+            memory, memory_values = self._check_memory(memory, memory_values, memory_mask)
+            check_same_batch(("query", query), ("memory", memory))
+            check_same_dtype(("query", query), ("memory", memory), ("memory_values", memory_values if memory_values is not memory else None))
             return self.mha(query, memory, memory_values, key_mask=memory_mask, attn_mask=attn_mask,
                             need_weights=need_weights, average_weights=average_weights, temperature=temperature)
         if memory is not None or memory_values is not None or memory_mask is not None:
             raise ValueError("pass either memory (and memory_values, memory_mask) or cache, not both")
-        if not isinstance(query, Tensor) or query.ndim != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query must have shape (batch, target_len, {self.embed_dim}), got {tuple(getattr(query, 'shape', ()))}")
+        if not isinstance(cache, MemoryCache):
+            raise TypeError(f"cache must be a MemoryCache from encode_memory, got {type(cache).__name__}")
         if query.shape[0] != cache.k.shape[0]:
             raise ValueError(f"query batch {query.shape[0]} differs from the cached memory's {cache.k.shape[0]}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_same_dtype(("query", query), ("cache", cache.k))
         if attn_mask is not None and attn_mask.ndim == 3:
             attn_mask = attn_mask[:, None]  # (B, L, S) -> (B, 1, L, S)
         q = self.mha.split_heads(self.mha.q_proj(query))  # (B, h, L, d_k)
@@ -218,8 +255,8 @@ class LatentCrossAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_latents: int = 8) -> None:
         super().__init__()
-        if num_latents <= 0:
-            raise ValueError(f"num_latents must be positive, got {num_latents}")
+        check_int("embed_dim", embed_dim)
+        check_int("num_latents", num_latents)
         self.latents = nn.Parameter(torch.randn(num_latents, embed_dim) / math.sqrt(embed_dim))  # Z_0 (m, E)
         self.read = CrossAttention(embed_dim, num_heads)  # latents <- tokens
         self.write = CrossAttention(embed_dim, num_heads)  # tokens <- latents
@@ -228,6 +265,7 @@ class LatentCrossAttention(nn.Module):
     def maps(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(output (B, n, E), write weights (B, h, n, m), read weights (B, h, m, n))``."""
         check_tokens(x, self.embed_dim)
+        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")  # named as the caller passed it
         z0 = self.latents.expand(x.shape[0], -1, -1)  # (B, m, E)
         read = self.read(z0, x, memory_mask=key_mask, need_weights=need_weights)
         z = z0 + read.output  # (B, m, E)

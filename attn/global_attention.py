@@ -33,18 +33,21 @@ of keys) plus the ``g`` global columns: ``O(n (w + g) d)`` time and memory.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_heads, check_int, check_same_dtype, check_token_ids, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register
-from .soft import MultiplicativeAttention, _ScoreAttention
+from .soft import MultiplicativeAttention, _check_query_keys, _check_seq2seq_inputs, _ScoreAttention
 
 __all__ = [
     "ConcatAttention",
@@ -76,6 +79,8 @@ class ConcatAttention(_ScoreAttention):
 
     def __init__(self, query_dim: int, key_dim: int, hidden: int = 64) -> None:
         super().__init__()
+        for name, value in (("query_dim", query_dim), ("key_dim", key_dim), ("hidden", hidden)):
+            check_int(name, value)
         self.query_dim, self.key_dim = query_dim, key_dim
         self.w = nn.Linear(query_dim + key_dim, hidden, bias=False)  # W_a
         self.v = nn.Linear(hidden, 1, bias=False)  # v_a
@@ -120,8 +125,11 @@ class LuongGlobalAttention(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int, score: LuongScore = "general", hidden: int = 64, out_dim: int | None = None) -> None:
         super().__init__()
+        if out_dim is not None:
+            check_int("out_dim", out_dim)
         self.score_kind = score
         self.score = make_luong_score(score, query_dim, key_dim, hidden)
+        self.query_dim, self.key_dim = query_dim, key_dim
         self.w_c = nn.Linear(key_dim + query_dim, out_dim or query_dim, bias=False)  # W_c
 
     def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> AttentionOutput:
@@ -134,7 +142,12 @@ class LuongGlobalAttention(nn.Module):
 
         Returns:
             ``(\tilde h (B, [T,] d_out), a (B, [T,] S))``.
+
+        Raises:
+            TypeError, ValueError: naming ``query`` or ``memory`` (not a float tensor of
+            the shape above, or mixed dtypes) or ``key_mask``.
         """
+        _check_query_keys(query, memory, memory, self.query_dim, self.key_dim, keys_name="memory", values_name="memory")
         context, align = self.score(query, memory, key_mask=key_mask)  # c_t (B, [T,] d_k), a_t (B, [T,] S)
         h_tilde = torch.tanh(self.w_c(torch.cat([context, query], -1)))  # eq. 5
         return AttentionOutput(h_tilde, align)
@@ -183,6 +196,8 @@ class LuongSeq2Seq(nn.Module):
 
     def __init__(self, vocab: int, embed: int = 32, hidden: int = 32, score: LuongScore = "general", input_feeding: bool = True) -> None:
         super().__init__()
+        for name, value in (("vocab", vocab), ("embed", embed), ("hidden", hidden)):
+            check_int(name, value)
         d = 2 * hidden
         self.vocab, self.input_feeding, self.d = vocab, input_feeding, d
         self.src_embed = nn.Embedding(vocab, embed)
@@ -196,9 +211,14 @@ class LuongSeq2Seq(nn.Module):
         self.out = nn.Linear(d, vocab)  # W_s
 
     def forward(self, src: Tensor, tgt_in: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Teacher-forced decoding: ``src (B, S)``, ``tgt_in (B, T)`` -> ``logits (B, T, vocab)``, ``a (B, T, S)``."""
-        if src.ndim != 2 or tgt_in.ndim != 2 or src.shape[0] != tgt_in.shape[0]:
-            raise ValueError(f"src (B, S) and tgt_in (B, T) token ids expected, got {tuple(src.shape)} and {tuple(tgt_in.shape)}")
+        """Teacher-forced decoding: ``src (B, S)``, ``tgt_in (B, T)`` -> ``logits (B, T, vocab)``, ``a (B, T, S)``.
+
+        ``src`` and ``tgt_in`` are integer token ids in ``[0, vocab)`` (errors name the
+        argument and the range found); ``key_mask (B, S)`` is ``True`` at real source tokens.
+        """
+        empty = _check_seq2seq_inputs(src, tgt_in, key_mask, self.vocab, self.out.weight.dtype)
+        if empty is not None:
+            return empty
         memory, (h_n, c_n) = self.encoder(self.src_embed(src))  # (B, S, D); (2, B, H) each
         h = torch.cat([h_n[0], h_n[1]], -1)  # (B, D): forward and backward final states
         c = torch.cat([c_n[0], c_n[1]], -1)
@@ -220,9 +240,51 @@ class LuongSeq2Seq(nn.Module):
 # ----------------------------------------------------------------------------- global tokens
 
 
+def _index_tensor(global_idx: object) -> Tensor:
+    """``global_idx`` as a 1-D tensor: integer positions (``long``) or a boolean mask (``bool``).
+
+    Accepted: a sequence (list, tuple, range) of ints, a sequence of bools (a
+    mask), a 1-D integer or boolean tensor (or array). Floats are refused, not
+    truncated to positions.
+
+    Raises:
+        TypeError: not a sequence or tensor, floats, or ints mixed with bools.
+        ValueError: a tensor of more than one dimension.
+    """
+    expected = "int positions (a sequence or a 1-D integer tensor) or a boolean mask of shape (n,)"
+    if isinstance(global_idx, Tensor):
+        idx = global_idx
+    elif isinstance(global_idx, (list, tuple, range)):
+        items = list(global_idx)
+        if items and all(isinstance(i, (bool, np.bool_)) for i in items):
+            idx = torch.tensor([bool(i) for i in items], dtype=torch.bool)
+        elif all(isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)) for i in items):
+            idx = torch.tensor([int(i) for i in items], dtype=torch.long)
+        else:
+            kinds = sorted({type(i).__name__ for i in items})
+            raise TypeError(f"global_idx must be {expected}, got a {type(global_idx).__name__} of {', '.join(kinds)}")
+    elif isinstance(global_idx, np.ndarray):
+        idx = torch.as_tensor(global_idx)
+    else:
+        raise TypeError(f"global_idx must be {expected}, got {type(global_idx).__name__}")
+    if idx.is_floating_point() or idx.is_complex():
+        raise TypeError(f"global_idx must be {expected}, got dtype {idx.dtype}")
+    if idx.ndim > 1:
+        raise ValueError(f"global_idx must be 1-D ({expected}), got shape {tuple(idx.shape)}")
+    return idx.reshape(-1) if idx.dtype == torch.bool else idx.reshape(-1).long()
+
+
 def _global_index(n: int, global_idx: Sequence[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
-    """Sorted unique non-negative positions ``(g,)``; negative indices count from the end."""
-    idx = torch.as_tensor(global_idx, dtype=torch.long, device=device).reshape(-1)
+    """Sorted unique non-negative positions ``(g,)``.
+
+    ``global_idx`` holds positions (negative ones count from the end) or is a
+    boolean mask of length ``n`` (``True`` = global), see :func:`_index_tensor`.
+    """
+    idx = _index_tensor(global_idx).to(device)
+    if idx.dtype == torch.bool:
+        if idx.numel() != n:
+            raise ValueError(f"global_idx as a boolean mask must have shape (n={n},), got ({idx.numel()},)")
+        return idx.nonzero()[:, 0]
     if idx.numel() and (idx.min() < -n or idx.max() >= n):
         raise ValueError(f"global_idx must lie in [-{n}, {n}) for a sequence of length {n}, got {idx.tolist()}")
     return torch.unique(torch.where(idx < 0, idx + n, idx))
@@ -259,23 +321,29 @@ class GlobalTokenAttention(nn.Module):
     Cost: ``O(n (3w + g) d)`` for the banded rows and ``O(g n d)`` for the
     global rows, time and memory, per head. No ``n x n`` tensor is built unless
     ``need_weights=True``, which returns the dense ``(B, h, n, n)`` weights
-    (for small ``n``, to draw them).
+    (for small ``n``, to draw them). The block size is ``min(window, n)`` (a
+    window of ``n`` or more is the whole sequence); when the blocks would score
+    at least the ``n^2`` pairs of dense attention (``n`` up to about
+    ``3w + g``), the same pattern is applied to the dense scores instead
+    (:meth:`reference`): the cost never exceeds dense attention's.
 
     Args:
         embed_dim: width ``E``; num_heads: heads ``h`` (must divide ``E``).
         window: one-sided window ``w`` (``0`` = each token sees itself and the globals).
-        global_idx: default global positions (negative = from the end); ``()`` for none.
+        global_idx: default global positions (ints, negative = from the end; ``()`` for
+            none), or a boolean mask of length ``n`` (``True`` = global) for inputs of
+            that length only.
         bias: biases on the projections.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, window: int = 8, global_idx: Sequence[int] = (0,), bias: bool = True) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, window: int = 8, global_idx: Sequence[int] | Sequence[bool] | Tensor = (0,), bias: bool = True) -> None:
         super().__init__()
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        if window < 0:
-            raise ValueError(f"window must be >= 0, got {window}")
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
+        check_heads(embed_dim, num_heads)
+        check_int("window", window, 0)
         self.embed_dim, self.num_heads, self.head_dim, self.window = embed_dim, num_heads, embed_dim // num_heads, window
-        self.global_idx = tuple(int(i) for i in global_idx)
+        self.global_idx = tuple(_index_tensor(global_idx).tolist())  # ints, or bools (a mask)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -294,24 +362,36 @@ class GlobalTokenAttention(nn.Module):
         x: Tensor,
         need_weights: bool = False,
         key_mask: Tensor | None = None,
-        global_idx: Sequence[int] | Tensor | None = None,
+        global_idx: Sequence[int] | Sequence[bool] | Tensor | None = None,
+        *,
+        blockwise: bool | None = None,
     ) -> AttentionOutput:
         """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, h, n, n) or None)``.
 
         Args:
             key_mask: ``(B, n)`` boolean, ``True`` = real token.
-            global_idx: global positions for this call (default: the constructor's).
+            global_idx: global positions for this call (default: the constructor's):
+                ints (negative = from the end) or a boolean mask ``(n,)``, ``True`` = global.
+            blockwise: ``None`` takes the cheaper of the blockwise and the dense
+                computation (same output); ``True``/``False`` forces one.
         """
         self._check(x, key_mask)
-        if empty_batch(x):
-            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
+        if blockwise is not None and not isinstance(blockwise, bool):
+            raise TypeError(f"blockwise must be None, True or False, got {blockwise!r}")
         B, n, _ = x.shape
         g_idx = _global_index(n, self.global_idx if global_idx is None else global_idx, x.device)  # (g,)
+        if empty_batch(x):
+            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
+        b = min(max(self.window, 1), n)  # block size: a block of b queries needs keys from its own and the two neighbouring blocks
+        nb = -(-n // b)
+        g = g_idx.numel()
+        if blockwise is None:  # scores per (batch, head): blocks (band + global columns) and global rows, vs n^2
+            blockwise = nb * b * (3 * b + g) + g * n < n * n
         q, k, v = self._qkv(x)
+        if not blockwise:
+            return self._dense(q, k, v, g_idx, key_mask, need_weights)
         scale = 1.0 / math.sqrt(self.head_dim)
         w = self.window
-        b = max(w, 1)  # block size: a block of b queries needs keys from its own and the two neighbouring blocks
-        nb = -(-n // b)
         pad = nb * b - n
         is_global = torch.zeros(n, dtype=torch.bool, device=x.device)
         is_global[g_idx] = True
@@ -336,12 +416,12 @@ class GlobalTokenAttention(nn.Module):
         gcol_ok = real[:, g_idx][:, None, None, None, :].expand(B, 1, nb, b, -1)  # (B, 1, nb, b, g)
 
         p = masked_softmax(torch.cat([s_band, s_gcol], -1), torch.cat([band_ok, gcol_ok], -1))  # (B, h, nb, b, 3b + g)
-        p_band, p_gcol = p.split([3 * b, g_idx.numel()], -1)
+        p_band, p_gcol = p.split([3 * b, g], -1)
         out = p_band @ vw.transpose(-1, -2) + p_gcol @ v_g[:, :, None]  # (B, h, nb, b, d)
         out = out.reshape(B, self.num_heads, nb * b, -1)[:, :, :n]  # (B, h, n, d)
 
         # global rows: the g global queries attend densely to all n keys (g x n)
-        if g_idx.numel():
+        if g:
             out_g, p_grow = scaled_dot_product_attention(q[:, :, g_idx], k, v, key_mask=key_mask, need_weights=need_weights)
             out = out.index_copy(2, g_idx, out_g)
         y = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
@@ -354,16 +434,19 @@ class GlobalTokenAttention(nn.Module):
         dense = dense.scatter_add(-1, col.expand(B, self.num_heads, -1, -1), p_band.reshape(B, self.num_heads, nb * b, 3 * b))
         dense = dense[:, :, :n, b : b + n]
         dense = dense.index_add(-1, g_idx, p_gcol.reshape(B, self.num_heads, nb * b, -1)[:, :, :n])
-        if g_idx.numel():
+        if g:
             dense = dense.index_copy(2, g_idx, p_grow)
         return AttentionOutput(y, dense)
 
-    def reference(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None,
-                  global_idx: Sequence[int] | Tensor | None = None) -> AttentionOutput:
-        """The labelled baseline: the same layer as dense attention over an ``n x n`` :func:`global_mask`."""
-        self._check(x, key_mask)
-        n = x.shape[1]
-        mask = global_mask(n, self.global_idx if global_idx is None else global_idx, self.window, x.device)
-        q, k, v = self._qkv(x)
+    def _dense(self, q: Tensor, k: Tensor, v: Tensor, g_idx: Tensor, key_mask: Tensor | None, need_weights: bool) -> AttentionOutput:
+        """Dense attention of the projected ``q, k, v`` ``(B, h, n, d)`` under the ``(n, n)`` :func:`global_mask`."""
+        mask = global_mask(q.shape[2], g_idx, self.window, q.device)
         out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, need_weights=need_weights)
         return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
+
+    def reference(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None,
+                  global_idx: Sequence[int] | Sequence[bool] | Tensor | None = None) -> AttentionOutput:
+        """The labelled baseline: the same layer as dense attention over an ``n x n`` :func:`global_mask`."""
+        self._check(x, key_mask)
+        g_idx = _global_index(x.shape[1], self.global_idx if global_idx is None else global_idx, x.device)
+        return self._dense(*self._qkv(x), g_idx, key_mask, need_weights)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_heads, check_tokens, empty_batch
+from .checks import check_int, check_heads, check_positive_float, check_same_dtype, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -163,6 +163,7 @@ def bigbird_layout(
     check_int("window", window, 0)
     check_int("num_random", num_random, 0)
     check_int("heads", heads, 1)
+    check_int("seed", seed, -(2**63))
     g = _global_blocks(n_blocks, global_blocks)
     is_global = torch.zeros(n_blocks, dtype=torch.bool)
     is_global[g] = True
@@ -211,11 +212,19 @@ def bigbird_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    *,
+    blockwise: bool | None = None,
 ) -> AttentionOutput:
     """BigBird block-sparse attention, by gathering key blocks: ``O(n K b d)``, no ``n x n`` tensor.
 
     Equal to :func:`attn.core.scaled_dot_product_attention` with
     ``attn_mask=bigbird_mask(n, block_size, layout)``.
+
+    Never dearer than dense attention: a block of ``n`` or more tokens is
+    clamped to ``n`` (one block either way: the same layout and output), and
+    when the gathered blocks would score at least the ``n^2`` pairs of dense
+    attention (``n_b b K b + g b n >= n^2``: short sequences, large blocks),
+    the layout's ``(n, n)`` mask is applied to the dense scores instead.
 
     Args:
         q, k, v: ``(batch, heads, n, d)`` or ``(batch, n, d)``; self-attention (same ``n``).
@@ -225,11 +234,17 @@ def bigbird_attention(
         scale: default ``1 / sqrt(d)``.
         dropout_p: dropout on the weights (0 in eval).
         need_weights: also return the dense ``(batch, heads, n, n)`` weights (small ``n`` only).
+        blockwise: ``None`` (default) takes the cheaper of the gathered blocks and
+            the dense masked scores (same output); ``True``/``False`` forces one.
 
     Returns:
-        :class:`~attn.core.AttentionOutput`; queries with no visible key get zeros.
+        :class:`~attn.core.AttentionOutput`; queries with no visible key get zeros;
+        an empty batch gives an empty output.
     """
     check_qkv(q, k, v)
+    check_same_dtype(("q", q), ("k", k), ("v", v))
+    if blockwise is not None and not isinstance(blockwise, bool):
+        raise TypeError(f"blockwise must be None, True or False, got {blockwise!r}")
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"bigbird attention needs as many queries as keys (self-attention), got {q.shape[-2]} and {k.shape[-2]}")
     check_int("block_size", block_size, 1)
@@ -247,10 +262,25 @@ def bigbird_attention(
             f"layout is for {layout.n_blocks} blocks and {layout.heads} head(s); n={n}, block_size={b} "
             f"and {heads} heads need {nb} blocks and 1 or {heads} heads"
         )
+    if batch == 0:  # empty batch: empty output (and weights)
+        out, w0 = v.new_zeros(0, heads, n, v.shape[-1]), q.new_zeros(0, heads, n, n) if need_weights else None
+        return AttentionOutput(out[:, 0], w0[:, 0] if w0 is not None else None) if squeeze else AttentionOutput(out, w0)
     layout = layout.to(q.device)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    b = min(b, n)  # one block either way (nb = 1): a larger block only pads
     n_pad = nb * b
     kslots = layout.index.shape[-1]  # K = 2w + 1 + g + r
+    g_tok = (layout.global_blocks[:, None] * b + torch.arange(b, device=q.device)).flatten()
+    g_tok = g_tok[g_tok < n]  # the tokens of the global blocks
+    if blockwise is None:  # scores per (batch, head): gathered blocks + global rows, against dense attention's n^2
+        blockwise = nb * b * kslots * b + g_tok.numel() * n < n * n
+    if not blockwise:
+        out, weights = scaled_dot_product_attention(
+            q, k, v, attn_mask=bigbird_mask(n, b, layout), key_mask=key_mask, scale=scale, dropout_p=dropout_p,
+            need_weights=need_weights)  # mask (1 or h, n, n), no larger than the gathered blocks here
+        if squeeze:
+            return AttentionOutput(out[:, 0], weights[:, 0] if weights is not None else None)
+        return AttentionOutput(out, weights)
 
     real = torch.ones(batch, n, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
     real_p = F.pad(real, (0, n_pad - n), value=False).view(batch, nb, b)  # (B, nb, b)
@@ -273,8 +303,6 @@ def bigbird_attention(
     out = rearrange(out, "B (h nb) b d -> B h (nb b) d", h=heads)[:, :, :n]
 
     # global query blocks: their queries attend densely to all n keys (g b x n scores)
-    g_tok = (layout.global_blocks[:, None] * b + torch.arange(b, device=q.device)).flatten()
-    g_tok = g_tok[g_tok < n]
     p_grow = None
     if g_tok.numel():
         out_g, p_grow = scaled_dot_product_attention(
@@ -348,6 +376,10 @@ class BigBirdAttention(nn.Module):
         check_int("block_size", block_size, 1)
         check_int("window", window, 0)
         check_int("num_random", num_random, 0)
+        check_int("seed", seed, -(2**63))
+        check_positive_float("dropout", dropout, allow_zero=True)
+        if dropout >= 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if isinstance(global_blocks, (int, str)) or not all(isinstance(g, int) and not isinstance(g, bool) for g in global_blocks):
             raise TypeError(f"global_blocks must be a sequence of ints (block indices), got {global_blocks!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_tokens, empty_batch
+from .checks import check_heads, check_int, check_same_dtype, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register
@@ -113,6 +113,8 @@ def local_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    *,
+    blockwise: bool | None = None,
 ) -> AttentionOutput:
     r"""Sliding-window attention computed blockwise in ``O(n w d)`` time and memory.
 
@@ -120,6 +122,13 @@ def local_attention(
     ``attn_mask=band_mask(n, window, causal)`` (or :func:`local_pattern` with
     ``exact_band=False``), without building any ``n x n`` tensor unless
     ``need_weights`` asks for the weights.
+
+    **Never dearer than dense attention.** The block size is ``min(window, n)``
+    (a window of ``n`` or more is the whole sequence: same output). The
+    blocks score ``ceil(n / w) w x 3w`` pairs (``2w`` causal), plus the edge
+    blocks redone with their key mask; when that is at least the ``n^2`` of
+    dense attention (``n <= 3w`` or so), the band is applied to the dense
+    scores instead, whose ``n x n`` mask is then no larger than the blocks.
 
     Args:
         q, k, v: ``(batch, [heads,] n, d)``; queries and keys are the same sequence.
@@ -135,37 +144,59 @@ def local_attention(
         need_weights: also return the dense ``(batch, [heads,] n, n)`` weights,
             scattered from the blocks. This materialises ``n^2`` numbers: use it
             for inspection at small ``n`` only.
+        blockwise: ``None`` (default) takes the cheaper of the blockwise and
+            the dense computation (the same output); ``True`` forces the
+            blocks, ``False`` the dense band (to measure or check either).
 
     Returns:
         :class:`~attn.core.AttentionOutput` ``(output (batch, [heads,] n, d_v), weights or None)``.
-        Queries with no visible key get zeros.
+        Queries with no visible key get zeros; an empty batch gives an empty output.
     """
     check_qkv(q, k, v)
+    check_same_dtype(("q", q), ("k", k), ("v", v))
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"local attention needs as many queries as keys (self-attention), got {q.shape[-2]} and {k.shape[-2]}")
     _check_window(window, exact_band)
     check_key_mask(key_mask, q.shape[0], k.shape[-2], length_name="n")
+    if blockwise is not None and not isinstance(blockwise, bool):
+        raise TypeError(f"blockwise must be None, True or False, got {blockwise!r}")
+    n = q.shape[-2]
+    if q.shape[0] == 0:  # empty batch: empty output (and weights)
+        out = v.new_zeros(*q.shape[:-1], v.shape[-1])
+        return AttentionOutput(out, q.new_zeros(*q.shape[:-1], n) if need_weights else None)
     squeeze = q.ndim == 3
     if squeeze:  # (B, n, d) -> (B, 1, n, d)
         q, k, v = q[:, None], k[:, None], v[:, None]
     batch, heads, n, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
-    w = max(window, 1)  # block size
+    w = min(max(window, 1), n)  # block size; a window of n or more already covers the whole sequence
     back, fwd = 1, 0 if causal else 1  # neighbouring blocks read before / after
     nb = -(-n // w)  # number of blocks
     n_pad = nb * w
     span = (back + 1 + fwd) * w  # keys per query block: 3w (2w causal)
+
+    # which keys exist: inside [0, n) and not padding -> (B, nb, span)
+    real = torch.ones(batch, n, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    real = rearrange(_unfold(real, w, back, fwd, n_pad, value=False), "b nb s -> (b nb) s")
+    whole = real.all(-1)  # (B*nb,): blocks whose keys all exist need only the shared (w, span) band
+    if blockwise is None:  # scores the blocks would compute (edge blocks twice) against dense attention's n^2
+        n_whole = int(whole.sum())
+        redone = 0 if n_whole in (whole.numel(), 0) or n_whole < whole.numel() / 2 else whole.numel() - n_whole
+        blockwise = (batch * nb + redone) * w * span < batch * n * n
+    if not blockwise:
+        pattern = local_pattern(n, window, causal, exact_band, device=q.device)  # (n, n) <= the blocks' scores
+        out, weights = scaled_dot_product_attention(
+            q, k, v, attn_mask=pattern, key_mask=key_mask, scale=scale, dropout_p=dropout_p, need_weights=need_weights)
+        if squeeze:
+            return AttentionOutput(out[:, 0], weights[:, 0] if weights is not None else None)
+        return AttentionOutput(out, weights)
 
     # queries in blocks, one batch row per (batch, block): (B*nb, H, w, d)
     qb = rearrange(F.pad(q, (0, 0, 0, n_pad - n)), "b h (nb w) d -> (b nb) h w d", w=w)
     # keys and values of each block and its neighbours: (B*nb, H, span, d)
     kb = rearrange(_unfold(k, w, back, fwd, n_pad), "b h nb s d -> (b nb) h s d")
     vb = rearrange(_unfold(v, w, back, fwd, n_pad), "b h nb s d -> (b nb) h s d")
-
-    # which keys exist: inside [0, n) and not padding -> (B, nb, span)
-    real = torch.ones(batch, n, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-    real = _unfold(real, w, back, fwd, n_pad, value=False)
     # the band inside a block, the same for every block: query r, key c, i - j = back*w + r - c
     r = torch.arange(w, device=q.device)[:, None]
     c = torch.arange(span, device=q.device)[None, :]
@@ -175,8 +206,6 @@ def local_attention(
     else:
         band = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
     kwargs = dict(scale=scale, dropout_p=dropout_p, need_weights=need_weights)
-    real = rearrange(real, "b nb s -> (b nb) s")
-    whole = real.all(-1)  # (B*nb,): blocks whose keys all exist need only the shared (w, span) band
     if bool(whole.all()):
         out, wb = scaled_dot_product_attention(qb, kb, vb, attn_mask=band, **kwargs)
     else:  # the edge (and padded) blocks also mask their missing keys: (blocks, 1, w, span)
@@ -262,8 +291,12 @@ class LocalAttention(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
         check_heads(embed_dim, num_heads)
         _check_window(window, exact_band)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.window, self.causal, self.exact_band, self.dropout = window, causal, exact_band, dropout
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V], all heads
@@ -311,6 +344,10 @@ class LocalPAttention(nn.Module):
         super().__init__()
         if isinstance(half_window, bool) or not isinstance(half_window, int) or half_window < 1:
             raise ValueError(f"half_window D must be an int >= 1, got {half_window!r}")
+        check_int("query_dim", query_dim)
+        check_int("key_dim", key_dim)
+        if hidden is not None:
+            check_int("hidden", hidden)
         if score not in ("general", "dot"):
             raise ValueError(f"score must be 'general' or 'dot', got {score!r}")
         if score == "dot" and query_dim != key_dim:
@@ -330,6 +367,9 @@ class LocalPAttention(nn.Module):
         for name, t in (("query", query), ("keys", keys), ("values", values)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        check_same_dtype(("query", query), ("keys", keys), ("values", values if values is not keys else None))
         if query.ndim not in (2, 3) or query.shape[-1] != self.query_dim:
             raise ValueError(f"query must have shape (batch, {self.query_dim}) or (batch, T, {self.query_dim}), got {tuple(query.shape)}")
         if keys.ndim != 3 or keys.shape[-1] != self.key_dim or keys.shape[0] != query.shape[0]:

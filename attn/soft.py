@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .checks import check_tokens
+from .checks import check_int, check_same_batch, check_same_dtype, check_tensor, check_token_ids, check_tokens
 from .core import AttentionOutput, masked_softmax
 from .masks import check_key_mask
 from .registry import OwnTask, register
@@ -51,13 +51,30 @@ def softmax_vjp(p: Tensor, grad_p: Tensor) -> Tensor:
     return p * (grad_p - (p * grad_p).sum(-1, keepdim=True))
 
 
-def _check_query_keys(query: Tensor, keys: Tensor, qdim: int, kdim: int) -> None:
-    if query.ndim not in (2, 3) or query.shape[-1] != qdim:
+def _check_query_keys(
+    query: object, keys: object, values: object, qdim: int, kdim: int, keys_name: str = "keys", values_name: str = "values"
+) -> None:
+    """``query (B, d_q)`` or ``(B, L, d_q)``, ``keys (B, S, d_k)``, ``values (B, S, d_v)``: floating point, one dtype.
+
+    ``keys_name``/``values_name`` are the caller's argument names (``memory`` in
+    :class:`~attn.global_attention.LuongGlobalAttention`), so the errors name
+    what the caller passed.
+    """
+    query = check_tensor(query, "query", f"(batch, {qdim}) or (batch, n_queries, {qdim})", (2, 3))
+    if query.shape[-1] != qdim:
         raise ValueError(f"query must have shape (batch, {qdim}) or (batch, n_queries, {qdim}), got {tuple(query.shape)}")
-    if keys.ndim != 3 or keys.shape[-1] != kdim or keys.shape[0] != query.shape[0]:
-        raise ValueError(f"keys must have shape (batch={query.shape[0]}, n_keys, {kdim}), got {tuple(keys.shape)}")
+    shape = f"(batch={query.shape[0]}, n_keys, {kdim})"
+    keys = check_tensor(keys, keys_name, shape, 3)
+    if keys.shape[-1] != kdim or keys.shape[0] != query.shape[0]:
+        raise ValueError(f"{keys_name} must have shape {shape}, got {tuple(keys.shape)}")
     if keys.shape[1] == 0:
-        raise ValueError("keys is an empty sequence (n_keys = 0)")
+        raise ValueError(f"{keys_name} is an empty sequence (n_keys = 0)")
+    if values is not keys:
+        vshape = f"(batch={keys.shape[0]}, n_keys={keys.shape[1]}, d_v)"
+        values = check_tensor(values, values_name, vshape, 3)
+        if values.shape[:2] != keys.shape[:2]:
+            raise ValueError(f"{values_name} must have shape {vshape}, got {tuple(values.shape)}")
+    check_same_dtype(("query", query), (keys_name, keys), (values_name, values) if values is not keys else (values_name, None))
 
 
 class _ScoreAttention(nn.Module):
@@ -81,8 +98,8 @@ class _ScoreAttention(nn.Module):
         Returns:
             ``(context (B, d_v) | (B, L, d_v), weights (B, S) | (B, L, S))``.
         """
-        _check_query_keys(query, keys, self.query_dim, self.key_dim)
         values = keys if values is None else values
+        _check_query_keys(query, keys, values, self.query_dim, self.key_dim)
         single = query.ndim == 2
         q = query[:, None] if single else query  # (B, L, d_q)
         e = self.scores(q, keys)  # (B, L, S)
@@ -116,6 +133,8 @@ class AdditiveAttention(_ScoreAttention):
 
     def __init__(self, query_dim: int, key_dim: int, hidden: int = 64) -> None:
         super().__init__()
+        for name, value in (("query_dim", query_dim), ("key_dim", key_dim), ("hidden", hidden)):
+            check_int(name, value)
         self.query_dim, self.key_dim = query_dim, key_dim
         self.w_q = nn.Linear(query_dim, hidden, bias=False)
         self.w_k = nn.Linear(key_dim, hidden, bias=True)
@@ -152,6 +171,8 @@ class MultiplicativeAttention(_ScoreAttention):
 
     def __init__(self, query_dim: int, key_dim: int, kind: Literal["general", "dot"] = "general") -> None:
         super().__init__()
+        check_int("query_dim", query_dim)
+        check_int("key_dim", key_dim)
         if kind not in ("general", "dot"):
             raise ValueError(f"kind must be 'general' or 'dot', got {kind!r}")
         if kind == "dot" and query_dim != key_dim:
@@ -235,6 +256,8 @@ class Seq2SeqAttention(nn.Module):
 
     def __init__(self, vocab: int, embed: int = 32, hidden: int = 64, score: ScoreKind = "additive") -> None:
         super().__init__()
+        for name, value in (("vocab", vocab), ("embed", embed), ("hidden", hidden)):
+            check_int(name, value)
         self.vocab, self.hidden = vocab, hidden
         self.src_embed = nn.Embedding(vocab, embed)
         self.tgt_embed = nn.Embedding(vocab, embed)
@@ -254,9 +277,14 @@ class Seq2SeqAttention(nn.Module):
 
         Returns:
             ``logits (B, T, vocab)`` and the alignments ``(B, T, S)``.
+
+        Raises:
+            TypeError, ValueError: ids that are not integer tensors ``(B, S)`` / ``(B, T)``,
+            out of ``[0, vocab)``, empty sequences, or a bad ``key_mask``.
         """
-        if src.ndim != 2 or tgt_in.ndim != 2 or src.shape[0] != tgt_in.shape[0]:
-            raise ValueError(f"src (B, S) and tgt_in (B, T) token ids expected, got {tuple(src.shape)} and {tuple(tgt_in.shape)}")
+        empty = _check_seq2seq_inputs(src, tgt_in, key_mask, self.vocab, self.out.weight.dtype)
+        if empty is not None:
+            return empty
         annotations, _ = self.encoder(self.src_embed(src))  # (B, S, 2H)
         s = torch.tanh(self.init_state(annotations.mean(1)))  # (B, 2H)
         emb = self.tgt_embed(tgt_in)  # (B, T, E)
@@ -267,6 +295,22 @@ class Seq2SeqAttention(nn.Module):
             logits.append(self.out(torch.cat([s, context], -1)))
             alignments.append(alpha)
         return torch.stack(logits, 1), torch.stack(alignments, 1)
+
+
+def _check_seq2seq_inputs(src: object, tgt_in: object, key_mask: object, vocab: int, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """Token ids ``src (B, S)`` and ``tgt_in (B, T)`` in ``[0, vocab)``, one batch, ``key_mask (B, S)``.
+
+    Shared by the encoder-decoders of chapters 1 and 5. Returns the empty
+    outputs ``(logits (0, T, vocab), alignments (0, T, S))`` for an empty batch, else ``None``.
+    """
+    src = check_token_ids(src, vocab, "src")
+    tgt_in = check_token_ids(tgt_in, vocab, "tgt_in")
+    check_same_batch(("src", src), ("tgt_in", tgt_in))
+    check_key_mask(key_mask, src.shape[0], src.shape[1], length_name="source_len")  # type: ignore[arg-type]
+    if src.shape[0] == 0:
+        B, S, T = 0, src.shape[1], tgt_in.shape[1]
+        return torch.zeros(B, T, vocab, dtype=dtype, device=src.device), torch.zeros(B, T, S, dtype=dtype, device=src.device)
+    return None
 
 
 def permutation_loss(perm: Tensor):

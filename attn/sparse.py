@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_int, empty_batch
-from .core import AttentionOutput, build_mask, check_qkv, masked_softmax
+from .checks import check_int, check_same_dtype, empty_batch
+from .core import AttentionOutput, build_mask, check_qkv, masked_softmax, scaled_dot_product_attention
 from .masks import causal_mask, check_key_mask
 from .multihead import MultiHeadAttention
 from .registry import register
@@ -133,6 +133,7 @@ def default_stride(n: int) -> int:
 def _with_heads(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> tuple[Tensor, Tensor, Tensor, bool]:
     """Validate; return 4-D ``(B, H, n, d)`` views and whether a head dim was added."""
     check_qkv(q, k, v)
+    check_same_dtype(("q", q), ("k", k), ("v", v))
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if q.shape[-2] != k.shape[-2]:
@@ -214,6 +215,19 @@ def _scatter_weights(dense: Tensor, weights: Tensor, qi: Tensor, kj: Tensor) -> 
     return dense.reshape(B, H, N * N).scatter_add(-1, flat.expand(B, H, -1), weights.reshape(B, H, -1)).view(B, H, N, N)
 
 
+def _check_blockwise(blockwise: object) -> None:
+    if blockwise is not None and not isinstance(blockwise, bool):
+        raise TypeError(f"blockwise must be None, True or False, got {blockwise!r}")
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, key_mask: Tensor | None, scale: float, dropout_p: float,
+           need_weights: bool, squeeze: bool) -> AttentionOutput:
+    """The pattern's ``(n, n)`` ``mask`` on the dense scores: used when that is cheaper than the blocks."""
+    out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, scale=scale,
+                                                dropout_p=dropout_p, need_weights=need_weights)
+    return _finish(out, weights, q.shape[-2], squeeze)
+
+
 def _finish(out: Tensor, weights: Tensor | None, n: int, squeeze: bool) -> AttentionOutput:
     out = out[..., :n, :]
     if weights is not None:
@@ -234,6 +248,8 @@ def strided_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    *,
+    blockwise: bool | None = None,
 ) -> AttentionOutput:
     r"""Strided factorised self-attention (Child et al. 2019), without an ``n x n`` matrix.
 
@@ -252,22 +268,34 @@ def strided_attention(
 
     Args:
         q, k, v: ``(B, [H,] n, d)`` (``v`` may have its own width ``d_v``).
-        stride: ``l``; default ``ceil(sqrt(n))``.
+        stride: ``l``; default ``ceil(sqrt(n))``. A stride of ``n`` or more is
+            clamped to ``n`` (every key is then in the band: the same pattern).
         causal: autoregressive (the paper's setting); ``False`` for the two-sided pattern.
         key_mask: ``(B, n)`` bool, ``True`` = real token.
         scale: score scale, default ``1/sqrt(d)``.
         dropout_p: dropout on the attention weights.
         need_weights: also return the ``(B, [H,] n, n)`` weights (materialised: small ``n`` only).
+        blockwise: ``None`` (default) takes the cheaper of the two parts above and
+            dense attention under :func:`strided_mask` (the same output): the blocks
+            score ``(n/l) l (2l or 3l) + l (n/l)^2`` pairs, dense ``n^2``, so at small
+            ``n`` or large ``l`` dense is cheaper and its ``n x n`` mask no larger
+            than the blocks. ``True``/``False`` forces one.
 
     Returns:
         :class:`~attn.core.AttentionOutput` ``(output (B, [H,] n, d_v), weights or None)``.
     """
     q, k, v, squeeze = _with_heads(q, k, v, dropout_p)
+    _check_blockwise(blockwise)
     B, H, n, d = q.shape
-    l = default_stride(n) if stride is None else check_int("stride", stride)
+    l = default_stride(n) if stride is None else min(check_int("stride", stride), n)  # l >= n: every key in the band
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     m = -(-n // l)  # number of blocks
     N = m * l
+    if blockwise is None:  # scores per (batch, head): band + column parts, against dense attention's n^2
+        blockwise = m * l * (2 if causal else 3) * l + l * m * m < n * n
+    if not blockwise:
+        check_key_mask(key_mask, B, n)
+        return _dense(q, k, v, strided_mask(n, l, causal, q.device), key_mask, scale, dropout_p, need_weights, squeeze)
     dev = q.device
     valid = _key_valid(key_mask, B, n, N, dev)  # (B, N)
     qb, kb, vb = (_pad_seq(t, N).unflatten(2, (m, l)) for t in (q, k, v))  # (B, H, m, l, d)
@@ -328,6 +356,8 @@ def fixed_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    *,
+    blockwise: bool | None = None,
 ) -> AttentionOutput:
     r"""Fixed factorised self-attention (Child et al. 2019), without an ``n x n`` matrix.
 
@@ -345,23 +375,33 @@ def fixed_attention(
 
     Args:
         q, k, v: ``(B, [H,] n, d)``.
-        block: ``l``; default ``ceil(sqrt(n))``.
-        c: summary positions per block (clipped to ``l`` when ``block`` is defaulted).
+        block: ``l``; default ``ceil(sqrt(n))``. A block of ``n`` or more is
+            clamped to ``n`` (one block holding every key: the same pattern).
+        c: summary positions per block (clipped to ``l`` when ``block`` is defaulted or clamped).
         causal, key_mask, scale, dropout_p, need_weights: as in :func:`strided_attention`.
+        blockwise: ``None`` (default) takes the cheaper of the two parts (``n l + n c n/l``
+            scores) and dense attention under :func:`fixed_mask` (``n^2``); same output.
     """
     q, k, v, squeeze = _with_heads(q, k, v, dropout_p)
+    _check_blockwise(blockwise)
     B, H, n, d = q.shape
     c = check_int("c", c)
     if block is None:
         l = default_stride(n)
-        c = min(c, l)
     else:
         l = check_int("block", block)
         if c > l:
             raise ValueError(f"c (summary positions per block) must be <= block, got c={c}, block={l}")
+        l = min(l, n)  # one block of n already holds every key
+    c = min(c, l)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     m = -(-n // l)
     N = m * l
+    if blockwise is None:  # scores per (batch, head): within-block + summary parts, against n^2
+        blockwise = m * l * l + N * m * c < n * n
+    if not blockwise:
+        check_key_mask(key_mask, B, n)
+        return _dense(q, k, v, fixed_mask(n, l, c, causal, q.device), key_mask, scale, dropout_p, need_weights, squeeze)
     dev = q.device
     valid = _key_valid(key_mask, B, n, N, dev)
     qb, kb, vb = (_pad_seq(t, N).unflatten(2, (m, l)) for t in (q, k, v))  # (B, H, m, l, d)
@@ -452,6 +492,7 @@ def topk_attention(
             (boolean ``attn_mask``, ``True`` = may attend).
     """
     check_qkv(q, k, v)
+    check_same_dtype(("q", q), ("k", k), ("v", v))
     topk = check_int("topk", topk)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")

@@ -101,9 +101,9 @@ def test_bad_input():
         ca(q)
     with pytest.raises(ValueError, match=r"memory_values \(batch, source_len, 5\) is required"):
         ca(q, k)
-    with pytest.raises(ValueError, match=r"key must have shape \(batch, seq, embed_dim=6\)"):
+    with pytest.raises(ValueError, match=r"^memory must have shape \(batch, source_len, kdim=6\)"):  # the caller passed memory
         ca(q, torch.randn(2, 4, 7), v)
-    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, embed_dim=8\)"):
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, target_len, embed_dim=8\)"):
         ca(torch.randn(3, 8), k, v)
     with pytest.raises(ValueError, match="empty"):
         ca(q, k[:, :0], v[:, :0])
@@ -116,7 +116,7 @@ def test_bad_input():
     cache = ca.encode_memory(k, v)
     with pytest.raises(ValueError, match="either memory"):
         ca(q, k, v, cache=cache)
-    with pytest.raises(ValueError, match=r"query must have shape \(batch, target_len, 8\)"):
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, target_len, embed_dim=8\)"):
         ca(torch.randn(2, 3, 7), cache=cache)
 
 
@@ -155,3 +155,72 @@ def test_sort_unique_task_and_alignment_is_learned():
     train(model, task.sample, sort_unique_loss, steps=200, lr=3e-3, progress=False)
     res = evaluate(model, task.sample, sort_unique_loss, batch_size=256)
     assert res["acc"] > 0.9 and res["align_acc"] > 0.8, res
+
+
+# ----------------------------------------------------------------------------- bad input (issue 15, section 4)
+
+
+def test_errors_name_what_the_caller_passed():
+    ca = CrossAttention(8, 2, kdim=6, vdim=5)
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(2, 4, 5)
+    with pytest.raises(TypeError, match=r"^memory must be a torch\.Tensor of shape \(batch, source_len, kdim=6\), got list$"):
+        ca.encode_memory(k.tolist(), v)
+    with pytest.raises(TypeError, match=r"^memory must be a floating-point tensor"):
+        ca.encode_memory(k.long(), v)  # once blamed "query", a tensor the caller never passed
+    with pytest.raises(TypeError, match=r"^memory_values must be a torch\.Tensor of shape \(batch, source_len, vdim=5\), got list$"):
+        ca.encode_memory(k, v.tolist())
+    with pytest.raises(TypeError, match=r"^memory must be a torch\.Tensor"):
+        ca(q, k.tolist(), v)
+    with pytest.raises(ValueError, match=r"^memory_values must have shape \(batch, source_len, vdim=5\), got \(2, 4, 4\)"):
+        ca(q, k, torch.randn(2, 4, 4))
+    with pytest.raises(ValueError, match=r"^memory_values must share \(batch, source_len\) with memory"):
+        ca(q, k, torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match=r"^memory is an empty sequence: shape \(batch, source_len, kdim=6\) needs source_len >= 1"):
+        ca(q, k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match=r"^batch sizes differ: query=1, memory=2$"):
+        ca(q[:1], k, v)
+    with pytest.raises(TypeError, match=r"^query must be a torch\.Tensor of shape \(batch, target_len, embed_dim=8\), got list$"):
+        ca(q.tolist(), cache=ca.encode_memory(k, v))
+    with pytest.raises(TypeError, match=r"^cache must be a MemoryCache from encode_memory, got tuple$"):
+        ca(q, cache=(k, v, None))
+
+
+def test_mixed_dtypes_are_refused():
+    ca = CrossAttention(8, 2, kdim=6, vdim=5)
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(2, 4, 5)
+    with pytest.raises(TypeError, match=r"^dtypes must match \(memory: torch\.float64, memory_values: torch\.float32\)"):
+        ca(q, k.double(), v)
+    with pytest.raises(TypeError, match=r"^dtypes must match \(query: torch\.float32, memory: torch\.float64, memory_values: torch\.float64\)"):
+        ca(q, k.double(), v.double())
+    with pytest.raises(TypeError, match=r"^dtypes must match \(query: torch\.float32, memory: torch\.float64\)"):
+        CrossAttention(8, 2, kdim=6)(q, k.double())
+    with pytest.raises(TypeError, match=r"^dtypes must match \(memory: torch\.float32, memory_values: torch\.float64\)"):
+        ca.encode_memory(k, v.double())
+    cache = ca.encode_memory(k, v)
+    with pytest.raises(TypeError, match=r"^dtypes must match \(query: torch\.float64, cache: torch\.float32\)"):
+        ca(q.double(), cache=cache)
+
+
+def test_temperature_and_sizes():
+    ca = CrossAttention(8, 2, kdim=6)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 4, 6)
+    cache = ca.encode_memory(k)
+    for kw in (dict(memory=k), dict(cache=cache)):
+        with pytest.raises(ValueError, match=r"^temperature must be >= 1e-30 \(smaller values overflow"):
+            ca(q, temperature=1e-40, **kw)  # once NaN, silently
+        with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0\.0$"):
+            ca(q, temperature=0, **kw)
+        assert torch.isfinite(ca(q, temperature=1e-3, **kw).output).all()
+    with pytest.raises(ValueError, match=r"^kdim must be >= 1, got 0$"):
+        CrossAttention(8, 2, kdim=0)  # once taken as "no kdim"
+    with pytest.raises(TypeError, match=r"^num_latents must be an int, got float$"):
+        LatentCrossAttention(8, 2, 2.5)
+
+
+def test_latent_cross_attention_names_key_mask():
+    layer = LatentCrossAttention(8, 2, 4)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"^key_mask must have shape \(batch=2, n=3\), got \(2, 4\)$"):
+        layer(x, key_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"^key_mask must be a torch\.bool tensor"):
+        layer(x, key_mask=torch.ones(2, 3))

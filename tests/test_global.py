@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from attn import registry
 from attn.benchmark import count_flops, peak_memory
@@ -18,6 +20,7 @@ from attn.global_attention import (
     make_luong_score,
 )
 from attn.masks import padding_mask
+from attn.multihead import MultiHeadAttention
 from attn.tasks import PermutationTask
 from attn.train import evaluate, train
 
@@ -69,7 +72,7 @@ def test_luong_bad_input():
     with pytest.raises(ValueError, match="dot scores need"):
         LuongGlobalAttention(3, 4, "dot")
     att = LuongGlobalAttention(4, 6, "concat")
-    with pytest.raises(ValueError, match=r"keys must have shape \(batch=2, n_keys, 6\)"):
+    with pytest.raises(ValueError, match=r"^memory must have shape \(batch=2, n_keys, 6\)"):  # the caller passed memory
         att(torch.randn(2, 4), torch.randn(2, 5, 5))
     with pytest.raises(ValueError, match="empty"):
         att(torch.randn(2, 4), torch.randn(2, 0, 6))
@@ -105,12 +108,12 @@ def test_global_tokens_match_dense_masked_reference(n, window, gidx):
     layer = GlobalTokenAttention(16, 2, window=window, global_idx=gidx).double()
     x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
     km = padding_mask([n, max(1, n - 3), max(1, n // 2)], n)
-    for key_mask in (None, km):
-        out, w = layer(x, need_weights=True, key_mask=key_mask)
+    for key_mask, blockwise in ((None, True), (km, True), (km, None)):  # the blocks forced, and the cheaper path
+        out, w = layer(x, need_weights=True, key_mask=key_mask, blockwise=blockwise)
         ref_out, ref_w = layer.reference(x, need_weights=True, key_mask=key_mask)
         torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(w, ref_w, atol=1e-10, rtol=1e-10)
-        fast = layer(x, key_mask=key_mask).output
+        fast = layer(x, key_mask=key_mask, blockwise=blockwise).output
         torch.testing.assert_close(fast, ref_out, atol=1e-10, rtol=1e-10)
         up = torch.randn_like(fast)
         params = [x, *layer.parameters()]
@@ -164,7 +167,7 @@ def test_global_tokens_are_efficient():
 
 
 def test_global_tokens_bad_input():
-    with pytest.raises(ValueError, match="multiple of num_heads"):
+    with pytest.raises(ValueError, match=r"embed_dim \(10\) must be divisible by num_heads \(3\)"):
         GlobalTokenAttention(10, 3)
     with pytest.raises(ValueError, match="window must be >= 0"):
         GlobalTokenAttention(8, 2, window=-1)
@@ -193,3 +196,135 @@ def test_builds():
         torch.testing.assert_close(out.weights.sum(-1), torch.ones_like(out.weights.sum(-1)))
         assert layer(x).weights is None
     assert registry.get("global").cls is LuongGlobalAttention
+
+
+# ----------------------------------------------------------------------------- sizes clamped to n (issue 15, section 3)
+
+
+def test_global_token_window_larger_than_n_costs_no_more_than_dense():
+    """A window of 512 on n = 8 once cost over 1,000x the FLOPs of dense attention; now at most dense's, same output."""
+    torch.manual_seed(0)
+    layer = GlobalTokenAttention(32, 2, window=512, global_idx=(0,)).eval()
+    mha = MultiHeadAttention(32, 2).eval()
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        assert count_flops(lambda: layer(x)) <= count_flops(lambda: mha(x))
+        wide, forced = layer(x).output, layer(x, blockwise=True).output
+        layer.window = 8
+        torch.testing.assert_close(wide, layer(x).output)
+        torch.testing.assert_close(forced, layer(x, blockwise=True).output)
+        assert count_flops(lambda: layer(x, blockwise=True)) <= 4 * count_flops(lambda: mha(x))  # blocks of n, not 512
+
+
+@pytest.mark.parametrize("n,window,gidx", [(7, 2, (0,)), (13, 3, (0, 5, -1)), (40, 2, (0,)), (9, 0, ())])
+def test_global_tokens_take_the_cheaper_path(n, window, gidx):
+    layer = GlobalTokenAttention(16, 2, window=window, global_idx=gidx).eval()
+    x = torch.randn(2, n, 16)
+    km = padding_mask([n, n - 2], n)
+    with torch.no_grad():
+        flops = {bw: count_flops(lambda: layer(x, key_mask=km, blockwise=bw)) for bw in (None, True, False)}
+        assert flops[None] == min(flops[True], flops[False]), flops
+        torch.testing.assert_close(layer(x, key_mask=km, blockwise=True).output, layer(x, key_mask=km, blockwise=False).output,
+                                   atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- global_idx: positions or a boolean mask
+
+
+def test_global_idx_as_a_boolean_mask_equals_the_positions():
+    layer = GlobalTokenAttention(16, 2, window=1, global_idx=(0, 5)).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[[0, 5]] = True
+    ref = layer(x).output
+    torch.testing.assert_close(layer(x, global_idx=mask).output, ref)
+    torch.testing.assert_close(layer(x, global_idx=mask.tolist()).output, ref)
+    by_mask = GlobalTokenAttention(16, 2, window=1, global_idx=mask).double()
+    by_mask.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(by_mask(x).output, ref)
+    torch.testing.assert_close(layer(x, global_idx=torch.tensor([0, 5])).output, ref)
+    torch.testing.assert_close(layer(x, global_idx=np.array([5, 0])).output, ref)
+    assert torch.equal(global_mask(9, mask, 1), global_mask(9, [0, 5], 1))
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (torch.tensor([0.5]), TypeError, r"global_idx must be int positions .* got dtype torch\.float32"),
+    ([1.7], TypeError, r"global_idx must be int positions .* got a list of float"),
+    ((0, True), TypeError, r"global_idx must be int positions .* got a tuple of bool, int"),
+    (3, TypeError, r"global_idx must be int positions .* got int"),
+    (torch.tensor([[0, 1]]), ValueError, r"global_idx must be 1-D .* got shape \(1, 2\)"),
+    (torch.ones(8, dtype=torch.bool), ValueError, r"global_idx as a boolean mask must have shape \(n=10,\), got \(8,\)"),
+    ([10], ValueError, r"global_idx must lie in \[-10, 10\)"),
+])
+def test_global_idx_bad_input(bad, exc, match):
+    layer = GlobalTokenAttention(8, 2, window=2)
+    with pytest.raises(exc, match=match):
+        layer(torch.randn(2, 10, 8), global_idx=bad)
+    if exc is TypeError or (isinstance(bad, Tensor) and bad.ndim > 1):
+        with pytest.raises(exc, match=match):
+            GlobalTokenAttention(8, 2, global_idx=bad)
+
+
+def test_global_tokens_bad_hyper_parameters():
+    with pytest.raises(TypeError, match="window must be an int, got float"):
+        GlobalTokenAttention(8, 2, window=2.5)
+    with pytest.raises(TypeError, match="window must be an int, got NoneType"):
+        GlobalTokenAttention(8, 2, window=None)
+    with pytest.raises(TypeError, match="embed_dim must be an int, got float"):
+        GlobalTokenAttention(8.0, 2)
+    with pytest.raises(TypeError, match="blockwise must be None, True or False"):
+        GlobalTokenAttention(8, 2)(torch.randn(1, 4, 8), blockwise="yes")
+
+
+# ----------------------------------------------------------------------------- bad input (issue 15, section 4)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda a: a(torch.randn(2, 4).tolist(), torch.randn(2, 5, 6)), TypeError, r"^query must be a torch\.Tensor of shape \(batch, 4\) or \(batch, n_queries, 4\), got list$"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(2, 5, 6).tolist()), TypeError, r"^memory must be a torch\.Tensor of shape \(batch=2, n_keys, 6\), got list$"),
+    (lambda a: a(torch.randint(0, 3, (2, 4)), torch.randn(2, 5, 6)), TypeError, r"^query must be a floating-point tensor"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(2, 5, 6).double()), TypeError, r"^dtypes must match \(query: torch\.float32, memory: torch\.float64\)"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(1, 5, 6)), ValueError, r"^memory must have shape \(batch=2, n_keys, 6\), got \(1, 5, 6\)$"),
+    (lambda a: a(torch.randn(2, 4), torch.randn(2, 0, 6)), ValueError, r"^memory is an empty sequence"),
+])
+@pytest.mark.parametrize("score", ["general", "concat"])
+def test_luong_global_bad_input_names_the_argument(call, exc, match, score):
+    with pytest.raises(exc, match=match):
+        call(LuongGlobalAttention(4, 6, score))
+
+
+def test_luong_bad_sizes():
+    with pytest.raises(TypeError, match=r"^query_dim must be an int, got float$"):
+        LuongGlobalAttention(4.0, 6, "concat")
+    with pytest.raises(ValueError, match=r"^hidden must be >= 1, got 0$"):
+        LuongGlobalAttention(4, 6, "concat", hidden=0)
+    with pytest.raises(ValueError, match=r"^out_dim must be >= 1, got -2$"):
+        LuongGlobalAttention(4, 6, out_dim=-2)
+
+
+SRC, TGT = torch.arange(10).view(2, 5), torch.arange(8).view(2, 4)  # ids 0..9 and 0..7
+
+
+@pytest.mark.parametrize("src,tgt,exc,match", [
+    (SRC + 10, TGT, ValueError, r"^src must be token ids in \[0, 10\), got values in \[10, 19\]$"),
+    (SRC - 20, TGT, ValueError, r"^src must be token ids in \[0, 10\), got values in \[-20, -11\]$"),
+    (SRC, TGT + 5, ValueError, r"^tgt_in must be token ids in \[0, 10\), got values in \[5, 12\]$"),
+    (SRC.float(), TGT, TypeError, r"^src must hold integer token ids"),
+    (SRC[:, :0], TGT, ValueError, r"^src is an empty sequence"),
+    (SRC, TGT[:, :0], ValueError, r"^tgt_in is an empty sequence"),
+    (SRC.tolist(), TGT, TypeError, r"^src must be a torch\.Tensor of integer token ids"),
+])
+@pytest.mark.parametrize("input_feeding", [True, False])
+def test_luong_seq2seq_bad_token_ids(src, tgt, exc, match, input_feeding):
+    model = LuongSeq2Seq(10, 8, 8, input_feeding=input_feeding)
+    with pytest.raises(exc, match=match):
+        model(src, tgt)
+
+
+@pytest.mark.parametrize("input_feeding", [True, False])
+def test_luong_seq2seq_empty_batch_and_sizes(input_feeding):
+    model = LuongSeq2Seq(10, 8, 8, input_feeding=input_feeding)
+    logits, align = model(SRC[:0], TGT[:0])
+    assert logits.shape == (0, 4, 10) and align.shape == (0, 4, 5)
+    with pytest.raises(ValueError, match=r"^hidden must be >= 1, got 0$"):
+        LuongSeq2Seq(10, 8, 0)

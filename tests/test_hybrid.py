@@ -13,6 +13,7 @@ from attn.benchmark import count_flops, peak_memory
 from attn.core import AttentionOutput
 from attn.hybrid import BigBirdAttention, BlockLayout, bigbird_attention, bigbird_layout, bigbird_mask
 from attn.masks import block_mask, padding_mask
+from attn.multihead import MultiHeadAttention
 
 
 def dense_reference(q, k, v, pattern, key_mask=None):
@@ -47,7 +48,7 @@ def test_matches_dense_sdpa_with_bigbird_mask(n, b, w, g, r, heads, padded, need
     km = padding_mask([n, max(1, n - 6)], n) if padded else None
     layout = bigbird_layout(-(-n // b), w, g, r, heads, seed=3)
     pattern = bigbird_mask(n, b, layout)  # (heads, n, n)
-    out, wts = bigbird_attention(q, k, v, b, layout, key_mask=km, need_weights=need_weights)
+    out, wts = bigbird_attention(q, k, v, b, layout, key_mask=km, need_weights=need_weights, blockwise=True)
     ref = dense_reference(q, k, v, pattern, km)
     assert (out - ref).abs().max() <= 1e-5
     up = torch.randn_like(out)
@@ -320,3 +321,59 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"key_mask must have shape"):
         BigBirdAttention(8, 2)(torch.randn(2, 5, 8), key_mask=torch.ones(2, 4, dtype=torch.bool))
     assert isinstance(layout, BlockLayout)
+
+
+# ----------------------------------------------------------------------------- sizes clamped to n (issue 15, section 3)
+
+
+def test_block_larger_than_n_costs_no_more_than_dense_and_gives_the_same_output():
+    """A BigBird block of 512 on n = 8 once cost about 2,000x dense attention's FLOPs; now at most dense's."""
+    q, k, v = qkv(2, 2, 8, 16)
+    km = padding_mask([8, 5], 8)
+    layout = bigbird_layout(1, 1, (0,), 1, 2)  # one block, whatever its size >= n
+    with torch.no_grad():
+        dense = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+        at_n = bigbird_attention(q, k, v, 8, layout, key_mask=km, blockwise=True).output
+        for b in (512, 4096):
+            assert count_flops(lambda: bigbird_attention(q, k, v, b, layout, key_mask=km)) <= dense
+            torch.testing.assert_close(bigbird_attention(q, k, v, b, layout, key_mask=km).output, at_n)
+            torch.testing.assert_close(bigbird_attention(q, k, v, b, layout, key_mask=km, blockwise=True).output, at_n)
+            assert count_flops(lambda: bigbird_attention(q, k, v, b, layout, key_mask=km, blockwise=True)) <= 8 * dense
+    torch.manual_seed(0)
+    layer = BigBirdAttention(32, 2, block_size=512).eval()
+    mha = MultiHeadAttention(32, 2).eval()
+    x = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        assert count_flops(lambda: layer(x)) <= count_flops(lambda: mha(x))
+        wide = layer(x).output
+        layer.block_size = 8
+        torch.testing.assert_close(wide, layer(x).output)
+
+
+@pytest.mark.parametrize("n, b, w, g, r, heads", CASES)
+def test_the_cheaper_path_is_taken_and_both_agree(n, b, w, g, r, heads):
+    q, k, v = qkv(2, heads, n, 8)
+    km = padding_mask([n, max(1, n - 6)], n)
+    layout = bigbird_layout(-(-n // b), w, g, r, heads, seed=3)
+    with torch.no_grad():
+        flops = {bw: count_flops(lambda: bigbird_attention(q, k, v, b, layout, key_mask=km, blockwise=bw)) for bw in (None, True, False)}
+        assert flops[None] == min(flops[True], flops[False]), flops
+        torch.testing.assert_close(bigbird_attention(q, k, v, b, layout, key_mask=km, blockwise=True).output,
+                                   bigbird_attention(q, k, v, b, layout, key_mask=km, blockwise=False).output, atol=1e-6, rtol=1e-5)
+
+
+def test_empty_batch_mixed_dtypes_and_bad_arguments():
+    layout = bigbird_layout(5)
+    q = torch.randn(0, 2, 10, 4)
+    out = bigbird_attention(q, q, q, 2, layout, need_weights=True)
+    assert out.output.shape == (0, 2, 10, 4) and out.weights.shape == (0, 2, 10, 10)
+    assert bigbird_attention(q[:, 0], q[:, 0], q[:, 0], 2, layout).output.shape == (0, 10, 4)
+    x = torch.randn(1, 10, 4)
+    with pytest.raises(TypeError, match=r"dtypes must match \(q: torch\.float32, k: torch\.float64, v: torch\.float32\)"):
+        bigbird_attention(x, x.double(), x, 2, layout)
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        BigBirdAttention(8, 2, seed=1.5)
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        bigbird_layout(4, seed=0.5)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 2\.0"):
+        BigBirdAttention(8, 2, dropout=2.0)

@@ -334,3 +334,85 @@ def test_local_p_single_query_and_bad_input():
         LocalPAttention(4, 4, half_window=0)
     with pytest.raises(ValueError, match="dot scores need"):
         LocalPAttention(4, 5, score="dot")
+
+
+# ----------------------------------------------------------------------------- sizes clamped to n (issue 15, section 3)
+
+
+def test_window_larger_than_n_costs_no_more_than_dense_and_gives_the_same_output():
+    """A window of 512 or 4,096 on n = 8 once cost 600-2,000x dense attention's FLOPs; now at most dense's."""
+    q, k, v = qkv(2, 3, 8, 16)
+    with torch.no_grad():
+        dense = count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+        for causal in (False, True):
+            for exact_band in (True, False):
+                at_n = local_attention(q, k, v, 8, causal=causal, exact_band=exact_band, blockwise=True).output
+                for window in (512, 4096):
+                    flops = count_flops(lambda: local_attention(q, k, v, window, causal=causal, exact_band=exact_band))
+                    assert flops <= dense, (window, causal, exact_band, flops, dense)
+                    torch.testing.assert_close(local_attention(q, k, v, window, causal=causal, exact_band=exact_band).output, at_n)
+                    # the blocks themselves are clamped too: n = 8 needs blocks of 8, not 4,096
+                    forced = count_flops(lambda: local_attention(q, k, v, window, causal=causal, exact_band=exact_band, blockwise=True))
+                    assert forced <= 3 * dense
+                    torch.testing.assert_close(
+                        local_attention(q, k, v, window, causal=causal, exact_band=exact_band, blockwise=True).output, at_n)
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 24])
+@pytest.mark.parametrize("window", [0, 3, 8])
+def test_the_cheaper_path_is_taken_and_both_agree(n, window):
+    """Blockwise or dense (whichever scores fewer pairs): never more FLOPs than either, the same output."""
+    q, k, v = qkv(2, 2, n, 8)
+    km = padding_mask([n, max(1, n - 3)], n)
+    with torch.no_grad():
+        for causal in (False, True):
+            flops = {bw: count_flops(lambda: local_attention(q, k, v, window, causal=causal, key_mask=km, blockwise=bw))
+                     for bw in (None, True, False)}
+            assert flops[None] == min(flops[True], flops[False]), flops
+            outs = [local_attention(q, k, v, window, causal=causal, key_mask=km, blockwise=bw).output for bw in (True, False)]
+            torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+
+
+def test_module_window_larger_than_n():
+    torch.manual_seed(0)
+    layer = LocalAttention(32, 2, window=512).eval()
+    mha = MultiHeadAttention(32, 2).eval()
+    x = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        assert count_flops(lambda: layer(x)) <= count_flops(lambda: mha(x))
+        wide = layer(x).output
+        layer.window = 8
+        torch.testing.assert_close(wide, layer(x).output)
+
+
+# ----------------------------------------------------------------------------- bad input (issue 15, section 4)
+
+
+def test_empty_batch_gives_an_empty_output():
+    """Batch 0 once raised ZeroDivisionError."""
+    for shape in ((0, 2, 8, 4), (0, 8, 4)):
+        q = torch.randn(*shape)
+        v = torch.randn(*shape[:-1], 3)
+        out = local_attention(q, q, v, 2, need_weights=True)
+        assert out.output.shape == (*shape[:-1], 3) and out.weights.shape == (*shape[:-1], 8)
+        assert local_attention(q, q, v, 2, causal=True, exact_band=False).output.shape == (*shape[:-1], 3)
+
+
+def test_mixed_dtypes_and_bad_arguments():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(TypeError, match=r"^dtypes must match \(q: torch\.float32, k: torch\.float64, v: torch\.float32\)"):
+        local_attention(q, q.double(), q, 2)
+    with pytest.raises(TypeError, match="blockwise must be None, True or False"):
+        local_attention(q, q, q, 2, blockwise="no")
+    with pytest.raises(TypeError, match=r"^embed_dim must be an int, got float$"):
+        LocalAttention(8.0, 2)
+    with pytest.raises(ValueError, match=r"^dropout must be a number in \[0, 1\), got 2\.0$"):
+        LocalAttention(8, 2, dropout=2.0)
+    mod = LocalPAttention(8, 6, half_window=2)
+    h, hs = torch.randn(2, 8), torch.randn(2, 5, 6)
+    with pytest.raises(TypeError, match=r"^query must be a floating-point tensor, got dtype torch\.int64$"):
+        mod(h.long(), hs)
+    with pytest.raises(TypeError, match=r"^dtypes must match \(query: torch\.float32, keys: torch\.float64\)"):
+        mod(h, hs.double())
+    with pytest.raises(ValueError, match=r"^query_dim must be >= 1, got 0$"):
+        LocalPAttention(0, 6)

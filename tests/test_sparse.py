@@ -33,6 +33,7 @@ def qkv(*shape, dtype=torch.float32, grad=False, seed=0):
 
 
 def run_pattern(pattern, q, k, v, l, c=2, **kw):
+    kw.setdefault("blockwise", True)  # the blockwise parts, even where dense attention would be cheaper
     if pattern == "strided":
         return strided_attention(q, k, v, stride=l, **kw)
     return fixed_attention(q, k, v, block=l, c=c, **kw)
@@ -396,3 +397,61 @@ def test_chapter_9_mechanisms_are_registered_and_build():
             assert out.shape == (2, n, 16) and w.shape[-2:] == (n, n), name
             torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, n), msg=name)
             torch.testing.assert_close(layer(x).output, out, msg=name)
+
+
+# ----------------------------------------------------------------------------- sizes clamped to n (issue 15, section 3)
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_stride_larger_than_n_costs_no_more_than_dense_and_gives_the_same_output(pattern):
+    """A stride (or block) of 512 on n = 8 once cost 600-2,000x dense attention's FLOPs; now at most dense's."""
+    q, k, v = qkv(2, 3, 8, 16)
+    km = padding_mask([8, 5], 8)
+    with torch.no_grad():
+        dense = benchmark.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+        for causal in (True, False):
+            at_n = run_pattern(pattern, q, k, v, 8, key_mask=km, causal=causal).output  # blockwise at l = n
+            for l in (512, 4096):
+                flops = benchmark.count_flops(lambda: run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal, blockwise=None))
+                assert flops <= dense, (l, flops, dense)
+                torch.testing.assert_close(run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal, blockwise=None).output, at_n)
+                forced = benchmark.count_flops(lambda: run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal))
+                assert forced <= 4 * dense  # the blocks are clamped to n too
+                torch.testing.assert_close(run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal).output, at_n)
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+@pytest.mark.parametrize("n,l", [(1, 1), (7, 2), (16, 4), (64, 8), (33, 6)])
+def test_the_cheaper_path_is_taken_and_both_agree(pattern, n, l):
+    q, k, v = qkv(2, 2, n, 8)
+    km = padding_mask([n, max(1, n - 3)], n)
+    with torch.no_grad():
+        c = min(2, l)
+        flops = {bw: benchmark.count_flops(lambda: run_pattern(pattern, q, k, v, l, c, key_mask=km, blockwise=bw))
+                 for bw in (None, True, False)}
+        assert flops[None] == min(flops[True], flops[False]), flops
+        torch.testing.assert_close(run_pattern(pattern, q, k, v, l, c, key_mask=km, blockwise=True).output,
+                                   run_pattern(pattern, q, k, v, l, c, key_mask=km, blockwise=False).output, atol=1e-6, rtol=1e-5)
+
+
+def test_sparse_module_stride_larger_than_n():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 32)
+    mha = MultiHeadAttention(32, 2).eval()
+    with torch.no_grad():
+        for pattern in ("strided", "fixed"):
+            layer = SparseAttention(32, 2, pattern=pattern, stride=512, summary=4).eval()
+            assert benchmark.count_flops(lambda: layer(x)) <= benchmark.count_flops(lambda: mha(x))
+            wide = layer(x).output
+            layer.stride = 8
+            torch.testing.assert_close(wide, layer(x).output)
+
+
+def test_mixed_dtypes_and_bad_blockwise():
+    q, k, v = qkv(1, 2, 8, 4)
+    for fn in (lambda *a, **kw: strided_attention(*a, stride=2, **kw), lambda *a, **kw: fixed_attention(*a, block=4, c=2, **kw),
+               lambda *a, **kw: topk_attention(*a, topk=2, **kw)):
+        with pytest.raises(TypeError, match=r"dtypes must match \(q: torch\.float32, k: torch\.float64, v: torch\.float32\)"):
+            fn(q, k.double(), v)
+    with pytest.raises(TypeError, match="blockwise must be None, True or False"):
+        strided_attention(q, k, v, 2, blockwise=1)
