@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_int, check_positive_float, check_same_batch, check_same_dtype, check_tensor, check_tokens
-from .core import AttentionOutput, scaled_dot_product_attention
+from .core import MIN_TEMPERATURE, AttentionOutput, scaled_dot_product_attention
 from .masks import check_key_mask
 from .multihead import MultiHeadAttention
 from .registry import register
@@ -50,10 +50,6 @@ def _check_states(x: object, name: str, width: int, width_name: str, seq_name: s
     if x.shape[1] == 0 and x.shape[0] > 0:
         raise ValueError(f"{name} is an empty sequence: shape {shape} needs {seq_name} >= 1, got {tuple(x.shape)}")
     return x
-
-
-#: the smallest temperature accepted: below it the scores overflow to inf and the weights turn to NaN
-MIN_TEMPERATURE = 1e-30
 
 
 class MemoryCache(NamedTuple):

@@ -280,12 +280,20 @@ table(
     bad("key_mask ints names key_mask", lambda m: m(x(), key_mask=km(5, 3).long()), CLEAR, r"\bkey_mask"),
 )
 
+def _same_globals(layer: attn.GlobalTokenAttention) -> bool:
+    """A boolean ``global_idx`` mask (documented) selects the same tokens as their positions."""
+    inp = x()
+    by_mask = layer(inp, global_idx=torch.tensor([True, False, True, False, False]))[0]
+    return bool(torch.equal(by_mask, layer(inp, global_idx=torch.tensor([0, 2]))[0]))
+
+
 table(
     "GlobalTokenAttention", lambda: attn.GlobalTokenAttention(E, H, window=1, global_idx=(0,)).eval(),
     *mixer_rows(),
     good("global_idx list", lambda m: m(x(), global_idx=[0, 2]), shaped(2, N, E)),
     good("global_idx long tensor", lambda m: m(x(), global_idx=torch.tensor([0, 2])), shaped(2, N, E)),
-    bad("global_idx bool mask", lambda m: m(x(), global_idx=torch.tensor([True, False, True, False, False])), CLEAR, r"global_idx"),
+    good("global_idx bool mask = its positions", lambda m: _same_globals(m), lambda same: same is True),
+    bad("global_idx bool mask of the wrong length", lambda m: m(x(), global_idx=torch.tensor([True, False])), CLEAR, r"global_idx"),
     bad("global_idx floats", lambda m: m(x(), global_idx=torch.tensor([0.0, 2.0])), CLEAR, r"global_idx"),
     bad("global_idx out of range", lambda m: m(x(), global_idx=[0, 9]), CLEAR, r"global_idx"),
     bad("window 0", lambda m: attn.GlobalTokenAttention(E, H, window=-1), CLEAR, r"window"),
