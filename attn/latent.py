@@ -38,8 +38,8 @@ outputs equal ``absorb=False``, which up-projects every cached latent.
 the query ``[W^{UK\top}_i q^C_{t,i}; q^R_{t,i}]`` and the shared key
 ``[c_j; k^R_j]`` make one dot product ``q^{C\top} k^C + q^{R\top} k^R``, and the
 same key serves as the value: the first ``d_c`` columns of the output are
-``\sum_j a_{tj} c_j`` (the rotary columns are dropped), as in the released
-decoding kernels; one key/value head for all ``h`` query heads (``enable_gqa``).
+``\sum_j a_{tj} c_j`` (the rotary columns are dropped); one key/value head
+for all ``h`` query heads (``enable_gqa``).
 Unabsorbed, the values ``d_v`` wide are padded with zeros to ``d + d_R`` for the
 CPU's fused kernel. A key padding mask ``key_mask`` ``(B, m)`` is applied to
 blocks of queries. ``need_weights=True`` forms the weights explicitly.
@@ -186,9 +186,13 @@ class MultiHeadLatentAttention(nn.Module):
         rope_base: RoPE base.
         eps: epsilon of the RMSNorms on the latents.
 
-    ``forward(x (B, t, E), need_weights=False, cache=None, absorb=False)``:
+    ``forward(x (B, t, E), need_weights=False, cache=None, absorb=False, key_mask=None)``:
     with a cache (:meth:`new_cache`), ``x`` holds only the new tokens, whose
     positions continue the cached ones. ``absorb=True`` attends in latent space.
+    ``key_mask`` ``(B, m)``, True = real token, covers every key read (``m = t``
+    without a cache, cached + new tokens with one); a query with no real key
+    visible gets zeros. Without weights: :func:`attn.gqa.fused_attention`,
+    memory linear in ``t``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kv_rank: int | None = None, q_rank: int | None = None,
