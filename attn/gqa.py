@@ -72,6 +72,9 @@ __all__ = [
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_number: int = 2) -> int:
     """Bytes the KV cache grows by per token: ``2 (K and V) * L * g * d * bytes``."""
+    for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                      ("bytes_per_number", bytes_per_number)):
+        check_int(name, val)
     return 2 * num_layers * num_kv_heads * head_dim * bytes_per_number
 
 

@@ -80,6 +80,10 @@ def rotary_cos_sin(positions: Tensor, dim: int, base: float = 10000.0, dtype: to
 
     Half-split layout: column ``k`` and ``k + dim/2`` share the frequency ``\theta_k``.
     """
+    if not isinstance(positions, Tensor) or positions.ndim != 1 or positions.dtype == torch.bool or positions.is_complex():
+        got = f"shape {tuple(positions.shape)}, dtype {positions.dtype}" if isinstance(positions, Tensor) else type(positions).__name__
+        raise TypeError(f"positions must be a 1-D real torch.Tensor (n,), got {got}")
+    check_int("dim", dim)
     if dim % 2:
         raise ValueError(f"the rotary width must be even, got {dim}")
     inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)  # (dim/2,)
@@ -90,6 +94,12 @@ def rotary_cos_sin(positions: Tensor, dim: int, base: float = 10000.0, dtype: to
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs ``(x_k, x_{k + dim/2})`` of ``x`` ``(..., n, dim)`` by the angles in ``cos, sin`` ``(n, dim)``."""
+    check_tensor(x, "x", "(..., n, dim)")
+    check_tensor(cos, "cos", "(n, dim)")
+    check_tensor(sin, "sin", "(n, dim)")
+    if x.ndim < 1 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"apply_rotary needs x (..., n, dim) with dim even and cos, sin (n, dim) of the same dim, "
+                         f"got x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], -1)  # rotate_half
     return x * cos + rotated * sin
@@ -97,6 +107,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def latent_cache_bytes_per_token(num_layers: int, kv_rank: int, rope_dim: int, bytes_per_number: int = 2) -> int:
     """Bytes an MLA cache grows by per token: ``L (d_c + d_R)`` numbers (against ``2 L g d`` for GQA)."""
+    for name, val in (("num_layers", num_layers), ("kv_rank", kv_rank), ("rope_dim", rope_dim),
+                      ("bytes_per_number", bytes_per_number)):
+        check_int(name, val)
     return num_layers * (kv_rank + rope_dim) * bytes_per_number
 
 
@@ -243,6 +256,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def latents(self, x: Tensor, past: int = 0) -> tuple[Tensor, Tensor]:
         """What the cache stores for tokens ``x`` ``(B, t, E)`` at positions ``past..``: ``c`` ``(B, t, d_c)``, rotated ``k^R`` ``(B, t, d_R)``."""
+        x = check_tokens(x, self.embed_dim)
+        check_int("past", past, 0)
         ckv = self.kv_down(x)  # (B, t, d_c + d_R)
         c = self.kv_norm(ckv[..., : self.kv_rank])  # (B, t, d_c)
         cos, sin = self._rotary(past, x.shape[1], x)
@@ -250,6 +265,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def queries(self, x: Tensor, past: int = 0) -> tuple[Tensor, Tensor]:
         """``q^C`` ``(B, h, t, d)`` and rotated ``q^R`` ``(B, h, t, d_R)``."""
+        x = check_tokens(x, self.embed_dim)
+        check_int("past", past, 0)
         B, t, _ = x.shape
         q = self.q_proj(x) if self.q_rank is None else self.q_up(self.q_norm(self.q_down(x)))
         q = q.view(B, t, self.num_heads, self.head_dim + self.rope_dim).transpose(1, 2)  # (B, h, t, d + d_R)

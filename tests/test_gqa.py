@@ -481,3 +481,10 @@ def test_bad_input_of_cache_attention_and_lm():
         lm(torch.zeros(1, 2))
     with pytest.raises(ValueError, match="steps must be >= 0"):
         generate(lm, torch.zeros(1, 2, dtype=torch.long), -1)
+
+
+def test_bytes_per_token_rejects_non_integers():
+    with pytest.raises(TypeError, match="num_kv_heads must be an int"):
+        kv_cache_bytes_per_token(2, 1.5, 64)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        kv_cache_bytes_per_token(2, 2, 0)

@@ -445,3 +445,22 @@ def test_bad_input_of_latent_cache_and_key_mask():
         m(tokens(), key_mask=[[True] * 7] * 2)
     with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, seq=7\)"):
         m(tokens(), key_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+def test_bad_input_of_the_public_helpers():
+    m = make()
+    with pytest.raises(TypeError, match=r"positions must be a 1-D real torch.Tensor"):
+        rotary_cos_sin([0, 1, 2], 4)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        rotary_cos_sin(torch.arange(3), 4.0)
+    cos, sin = rotary_cos_sin(torch.arange(3), 4)
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor of shape \(\.\.\., n, dim\)"):
+        apply_rotary([[0.0] * 4] * 3, cos, sin)
+    with pytest.raises(ValueError, match="same dim"):
+        apply_rotary(torch.zeros(3, 6), cos, sin)
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor of shape \(batch, seq, embed_dim=32\)"):
+        m.latents([[0.0] * E])
+    with pytest.raises(ValueError, match="past must be >= 0"):
+        m.queries(tokens(), past=-1)
+    with pytest.raises(TypeError, match="kv_rank must be an int"):
+        latent_cache_bytes_per_token(1, 2.0, 4)
