@@ -163,6 +163,29 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def _check_grouped(q: object, k: object, v: object, past: object, causal: bool, key_mask: object) -> int:
+    """Shapes, dtypes, ``past`` and ``key_mask`` of a grouped attention call; returns ``past``."""
+    shape = "(batch, heads, seq, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(x, name, shape, 4)
+    check_same_dtype(("q", q), ("k", k), ("v", v))
+    B, h, t, d = q.shape
+    g, m = k.shape[1], k.shape[2]
+    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != g or v.shape[2] != m or k.shape[3] != d:
+        raise ValueError(f"expected q (B, h, t, d), k (B, g, m, d), v (B, g, m, d_v), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if g == 0 or h % g:
+        raise ValueError(f"the number of query heads ({h}) must be a multiple of the key/value heads ({g})")
+    if t == 0 or m == 0:
+        raise ValueError(f"empty sequence: t={t} queries, m={m} keys; both must be >= 1")
+    past = check_int("past", past, 0)
+    if causal and past + t != m:
+        raise ValueError(f"causal attention needs past + t == m (the queries are the newest tokens), got past {past}, "
+                         f"t {t}, m {m}")
+    check_key_mask(key_mask, B, m)
+    return past
+
+
 _BLOCK_ELEMENTS = 2**20  # queries per block x keys: bounds each block's mask (1 MiB of booleans per example)
 
 
@@ -197,6 +220,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
     and ``k`` add nothing to a score; zero columns of ``v`` give output columns
     that are dropped).
     """
+    past = _check_grouped(q, k, v, past, causal, key_mask)
     B, h, t, d = q.shape
     g, m, dv = k.shape[1], k.shape[2], v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -230,14 +254,6 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
     return torch.cat(outs, 2)[..., :dv]
 
 
-def _check_past(past: object, causal: bool, t: int, m: int) -> int:
-    past = check_int("past", past, 0)
-    if causal and past + t != m:
-        raise ValueError(f"causal attention needs past + t == m (the queries are the newest tokens), got past {past}, "
-                         f"t {t}, m {m}")
-    return past
-
-
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool = True,
                       need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
     r"""Attention of ``h`` query heads over ``g`` key/value heads, without repeating the keys.
@@ -255,21 +271,9 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bo
         ``(output (B, h, t, d_v), weights or None)``. Without weights: :func:`fused_attention`
         (linear memory); with weights: the query heads of a group folded into rows, explicit scores.
     """
-    shape = "(batch, heads, seq, head_dim)"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(x, name, shape, 4)
-    check_same_dtype(("q", q), ("k", k), ("v", v))
+    past = _check_grouped(q, k, v, past, causal, key_mask)
     B, h, t, d = q.shape
     g, m, dv = k.shape[1], k.shape[2], v.shape[-1]
-    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != g or v.shape[2] != m or k.shape[3] != d:
-        raise ValueError(f"expected q (B, h, t, d), k (B, g, m, d), v (B, g, m, d_v), got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if h % g:
-        raise ValueError(f"the number of query heads ({h}) must be a multiple of the key/value heads ({g})")
-    if t == 0 or m == 0:
-        raise ValueError(f"empty sequence: t={t} queries, m={m} keys; both must be >= 1")
-    past = _check_past(past, causal, t, m)
-    check_key_mask(key_mask, B, m)
     if not need_weights:
         return AttentionOutput(fused_attention(q, k, v, past, causal, key_mask), None)
     r = h // g
