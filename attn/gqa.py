@@ -14,9 +14,15 @@ multi-query attention (MQA, Shazeer 2019). The same convention as
 ``F.scaled_dot_product_attention(enable_gqa=True)`` and ``transformers``'
 ``repeat_kv``: key/value head ``j`` serves query heads ``j r .. j r + r - 1``.
 
-The keys and values are never repeated: the ``r`` query heads of a group are
-folded into the query-length axis, ``(B, h, t, d) -> (B, g, r t, d)``, and one
-attention call per group reads the group's single ``(B, g, m, d)`` keys.
+The keys and values are never repeated. Without weights (the inference path),
+one fused ``F.scaled_dot_product_attention(..., enable_gqa=True)`` call pairs
+the ``h`` query heads with the ``g`` key/value heads, and the causal mask is the
+kernel's own ``is_causal``: no ``n x n`` score or mask tensor exists, and the
+peak memory grows linearly in ``n`` (:func:`fused_attention`). A key padding
+mask, or a chunk of queries after cached tokens, is applied to blocks of
+queries, so the largest mask is ``(block, m)``. With ``need_weights=True`` the
+``r`` query heads of a group are folded into the query-length axis,
+``(B, h, t, d) -> (B, g, r t, d)``, and the weights are formed explicitly.
 
 **KV cache.** In autoregressive decoding the keys and values of past tokens do
 not change, so they are stored (:class:`KVCache`, preallocated to
@@ -29,6 +35,9 @@ prefix. The cache holds, per token and per layer, ``2 g d`` numbers:
     \text{bytes per token} = 2 \cdot L \cdot g \cdot d \cdot \text{bytes per number},
 
 which is what GQA shrinks by ``h / g`` (:func:`kv_cache_bytes_per_token`).
+The cache is written in place under ``torch.no_grad()`` (inference); when
+gradients are recorded it is updated out of place, so that backpropagation
+through cached decoding works (each step then copies the cache once).
 
 **Uptraining** (Ainslie et al. 2023, section 2.1): a trained MHA becomes a GQA
 by mean-pooling the key and value projection heads of each group
@@ -44,22 +53,48 @@ Multi-Head Checkpoints", EMNLP 2023.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_tokens, empty_batch
+from .checks import check_int, check_same_dtype, check_tensor, check_token_ids, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
+from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
-    "KVCache", "GroupedQueryAttention", "grouped_attention", "kv_cache_bytes_per_token", "mha_to_gqa",
-    "DecoderLM", "generate",
+    "KVCache", "GroupedQueryAttention", "grouped_attention", "fused_attention", "kv_cache_bytes_per_token",
+    "mha_to_gqa", "DecoderLM", "generate",
 ]
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_number: int = 2) -> int:
     """Bytes the KV cache grows by per token: ``2 (K and V) * L * g * d * bytes``."""
+    for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                      ("bytes_per_number", bytes_per_number)):
+        check_int(name, val)
     return 2 * num_layers * num_kv_heads * head_dim * bytes_per_number
+
+
+def _check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    return dtype
+
+
+def _cache_write(store: Tensor, new: Tensor, dim: int, start: int) -> Tensor:
+    """``store`` with ``new`` written at ``start..`` along ``dim``: in place (inference), or out of place.
+
+    Out of place (``slice_scatter``, a copy of ``store``) when autograd records the step: the new
+    keys carry gradient, or ``store`` already holds some. An in-place write would overwrite a tensor
+    that an earlier step saved for its backward ("modified by an inplace operation").
+    """
+    if (torch.is_grad_enabled() and new.requires_grad) or store.requires_grad:
+        return store.slice_scatter(new, dim, start, start + new.shape[dim])
+    store.narrow(dim, start, new.shape[dim]).copy_(new)
+    return store
 
 
 class KVCache:
@@ -69,14 +104,25 @@ class KVCache:
     stored ones and returns views of everything stored so far; nothing is
     copied again as the cache grows (a ``torch.cat`` per step would copy the
     whole prefix every time: quadratic).
+
+    The cache is meant for inference (``torch.no_grad()``). When autograd
+    records the step (the new keys require grad), :meth:`append` writes out of
+    place instead, a copy of the ``max_len`` slots per step, so that
+    backpropagation through cached decoding gives the gradients of the full
+    forward.
+
+    ``dtype`` and ``device`` must be the layer's (:meth:`GroupedQueryAttention.new_cache`
+    takes them from the layer); a cache of another dtype is rejected with a
+    ``TypeError``, not converted.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        if min(batch, num_kv_heads, head_dim, max_len) < 0 or min(num_kv_heads, head_dim, max_len) == 0:
-            raise ValueError(f"KVCache needs num_kv_heads, head_dim, max_len >= 1 and batch >= 0, got "
-                             f"{batch}, {num_kv_heads}, {head_dim}, {max_len}")
+        check_int("batch", batch, 0)
+        for name, val in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("max_len", max_len)):
+            check_int(name, val)
         shape = (batch, num_kv_heads, max_len, head_dim)
+        dtype = _check_dtype(dtype)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
@@ -86,53 +132,159 @@ class KVCache:
         return self.k.shape[2]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the keys and values stored so far (not the preallocated room)."""
         return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k, v`` ``(B, g, t, d)`` after the cached tokens; return all keys and values ``(B, g, length, d)``."""
+        shape = "(batch, num_kv_heads, t, head_dim)"
+        check_tensor(k, "k", shape, 4)
+        check_tensor(v, "v", shape, 4)
         want = (self.k.shape[0], self.k.shape[1], k.shape[2], self.k.shape[3])
         if tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"cache expects keys and values of shape (batch, num_kv_heads, t, head_dim) = {want}, "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != self.dtype or v.dtype != self.dtype:
+            raise TypeError(f"KVCache dtype {self.dtype} != keys/values dtype {k.dtype}/{v.dtype}: create the cache "
+                            f"with the layer's dtype (layer.new_cache(...) does), or cast the layer")
+        if k.device != self.k.device or v.device != self.k.device:
+            raise ValueError(f"KVCache is on {self.k.device}, keys/values on {k.device}/{v.device}")
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {self.length} cached + {k.shape[2]} new > max_len {self.max_len}")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        self.k = _cache_write(self.k, k, 2, self.length)
+        self.v = _cache_write(self.v, v, 2, self.length)
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def _check_grouped(q: object, k: object, v: object, past: object, causal: bool, key_mask: object) -> int:
+    """Shapes, dtypes, ``past`` and ``key_mask`` of a grouped attention call; returns ``past``."""
+    shape = "(batch, heads, seq, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(x, name, shape, 4)
+    check_same_dtype(("q", q), ("k", k), ("v", v))
+    B, h, t, d = q.shape
+    g, m = k.shape[1], k.shape[2]
+    if k.shape[0] != B or v.shape[0] != B or v.shape[1] != g or v.shape[2] != m or k.shape[3] != d:
+        raise ValueError(f"expected q (B, h, t, d), k (B, g, m, d), v (B, g, m, d_v), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if g == 0 or h % g:
+        raise ValueError(f"the number of query heads ({h}) must be a multiple of the key/value heads ({g})")
+    if t == 0 or m == 0:
+        raise ValueError(f"empty sequence: t={t} queries, m={m} keys; both must be >= 1")
+    past = check_int("past", past, 0)
+    if causal and past + t != m:
+        raise ValueError(f"causal attention needs past + t == m (the queries are the newest tokens), got past {past}, "
+                         f"t {t}, m {m}")
+    check_key_mask(key_mask, B, m)
+    return past
+
+
+_BLOCK_ELEMENTS = 2**20  # queries per block x keys: bounds each block's mask (1 MiB of booleans per example)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool = True,
+                    key_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    r"""``softmax(s\, q k^\top + M)\, v`` through the fused SDPA kernel, without an ``n x n`` score or mask tensor.
+
+    .. math::
+
+        o_{i} = \sum_{j} \operatorname{softmax}_j\big(s\, q_i^\top k_{j} + M_{ij}\big)\, v_{j},
+        \qquad M_{ij} = 0 \text{ if key } j \text{ is real and } (\text{not causal or } j \le \text{past} + i),
+        \ -\infty \text{ otherwise}.
+
+    Args:
+        q: ``(B, h, t, D)`` queries at positions ``past .. past + t - 1``.
+        k: ``(B, g, m, D)``; ``g`` divides ``h``, query head ``i`` reads key/value head ``i // (h / g)``
+            (``enable_gqa``: the keys are not repeated).
+        v: ``(B, g, m, D_v)``.
+        past: cached tokens before the queries (causal: bottom-right aligned, ``m = past + t``).
+        causal: hide keys after each query's position.
+        key_mask: ``(B, m)`` boolean, True = real token.
+        scale: ``s``; default ``1 / sqrt(D)``.
+
+    Returns:
+        ``(B, h, t, D_v)``; a query that sees no real key gets zeros (not NaN).
+
+    No mask but causality: one SDPA call with ``is_causal`` (``past = 0``) or no
+    mask (one query after the cache). Otherwise the queries go in blocks of
+    ``b`` with a ``(b, m)`` mask each (``b m`` about ``2^20``), and a causal block
+    reads only the keys up to its last position. The CPU's fused kernel needs
+    ``D_v = D``: the narrower side is padded with zeros (zero columns of ``q``
+    and ``k`` add nothing to a score; zero columns of ``v`` give output columns
+    that are dropped).
+    """
+    past = _check_grouped(q, k, v, past, causal, key_mask)
+    B, h, t, d = q.shape
+    g, m, dv = k.shape[1], k.shape[2], v.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    elif dv > d:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    gqa = g != h
+    if key_mask is None and not (causal and past > 0 and t > 1):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and t > 1, scale=scale, enable_gqa=gqa)
+        return out[..., :dv]
+    km = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, m)
+    # a causal mask differs per query: blocks of queries; a key mask alone is (B, 1, 1, m): one call
+    block = max(1, min(t, _BLOCK_ELEMENTS // m)) if causal else t
+    outs = []
+    for a in range(0, t, block):
+        b = min(a + block, t)
+        hi = min(m, past + b) if causal else m  # a causal block never sees keys after its last query
+        mask = None
+        if causal:
+            pos = torch.arange(past + a, past + b, device=q.device)
+            mask = torch.arange(hi, device=q.device)[None, :] <= pos[:, None]  # (b - a, hi)
+        if km is not None:
+            mask = km[..., :hi] if mask is None else mask & km[..., :hi]  # (B, 1, b - a, hi)
+        assert mask is not None
+        row_ok = mask.any(-1, keepdim=True) if km is not None else None  # a causal row always sees key 0
+        safe = mask if row_ok is None else mask | ~row_ok  # fully masked rows read every key, then are zeroed
+        o = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :hi], v[:, :, :hi], attn_mask=safe, scale=scale,
+                                           enable_gqa=gqa)
+        outs.append(o if row_ok is None else o * row_ok.to(o.dtype))
+    return torch.cat(outs, 2)[..., :dv]
+
+
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool = True,
-                      need_weights: bool = False) -> AttentionOutput:
+                      need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
     r"""Attention of ``h`` query heads over ``g`` key/value heads, without repeating the keys.
 
     Args:
         q: ``(B, h, t, d)`` queries of the ``t`` newest tokens (absolute positions ``past .. past + t - 1``).
-        k, v: ``(B, g, m, d)`` keys and values of positions ``0 .. m - 1`` (``g`` divides ``h``).
+        k: ``(B, g, m, d)`` keys of positions ``0 .. m - 1`` (``g`` divides ``h``).
+        v: ``(B, g, m, d_v)`` values (``d_v`` may differ from ``d``).
         past: number of tokens before the queries (``m = past + t`` with a cache).
         causal: query at position ``p`` sees keys ``j <= p`` (bottom-right aligned when ``past > 0``).
         need_weights: also return the weights ``(B, h, t, m)``.
+        key_mask: ``(B, m)`` boolean, True = real token; a query with no real key visible gets zeros.
 
     Returns:
-        ``(output (B, h, t, d), weights or None)``.
+        ``(output (B, h, t, d_v), weights or None)``. Without weights: :func:`fused_attention`
+        (linear memory); with weights: the query heads of a group folded into rows, explicit scores.
     """
+    past = _check_grouped(q, k, v, past, causal, key_mask)
     B, h, t, d = q.shape
-    g, m = k.shape[1], k.shape[2]
-    if h % g:
-        raise ValueError(f"the number of query heads ({h}) must be a multiple of the key/value heads ({g})")
+    g, m, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if not need_weights:
+        return AttentionOutput(fused_attention(q, k, v, past, causal, key_mask), None)
     r = h // g
     qg = q.reshape(B, g, r * t, d)  # query heads of a group stacked along the length: row = r_idx * t + i
     mask = None
-    if causal and t > 1:  # a single new token sees every cached key: no mask, fused path
+    if causal and t > 1:  # a single new token sees every cached key
         pos = torch.arange(past, past + t, device=q.device)
         mask = torch.arange(m, device=q.device)[None, :] <= pos[:, None]  # (t, m), True = may attend
         mask = mask.repeat(r, 1)  # (r t, m): the same pattern for each query head of the group
-    out, w = scaled_dot_product_attention(qg, k, v, attn_mask=mask, need_weights=need_weights)  # (B, g, r t, d)
-    out = out.reshape(B, h, t, d)
-    return AttentionOutput(out, None if w is None else w.reshape(B, h, t, m))
+    out, w = scaled_dot_product_attention(qg, k, v, attn_mask=mask, key_mask=key_mask, need_weights=True)  # (B, g, r t, d_v)
+    return AttentionOutput(out.reshape(B, h, t, dv), w.reshape(B, h, t, m))
 
 
 def _check_heads(num_heads: int, num_kv_heads: int) -> None:
@@ -168,20 +320,27 @@ class GroupedQueryAttention(nn.Module):
         causal: hide future tokens (a decoder); ``False`` for bidirectional attention.
         bias: biases on the projections (Llama has none).
 
-    ``forward(x (B, t, E), need_weights=False, cache=None)``: with a
+    ``forward(x (B, t, E), need_weights=False, cache=None, key_mask=None)``: with a
     :class:`KVCache` (see :meth:`new_cache`), ``x`` holds only the new tokens;
     their keys and values are appended and the queries read the whole cache.
+    ``key_mask`` ``(B, m)``, True = real token, covers every key the queries
+    read: ``m = t`` without a cache, ``m`` = cached + new tokens with one (pass
+    the mask of the whole sequence so far at each step, e.g. for left-padded
+    prompts). Without weights the attention is :func:`fused_attention`
+    (memory linear in ``t``); ``need_weights=True`` forms the weights explicitly.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  causal: bool = True, bias: bool = False) -> None:
         super().__init__()
+        check_int("embed_dim", embed_dim)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_heads(num_heads, num_kv_heads)
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
             head_dim = embed_dim // num_heads
+        check_int("head_dim", head_dim)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.causal = causal
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)  # W^Q: h heads
@@ -191,31 +350,41 @@ class GroupedQueryAttention(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        """An empty cache for this layer."""
+        """An empty cache for this layer (the layer's device and dtype unless given)."""
         w = self.k_proj.weight
         return KVCache(batch, self.num_kv_heads, self.head_dim, max_len, device or w.device, dtype or w.dtype)
 
-    def forward(self, x: Tensor, need_weights: bool = False, cache: KVCache | None = None) -> AttentionOutput:
+    def forward(self, x: Tensor, need_weights: bool = False, cache: KVCache | None = None,
+                key_mask: Tensor | None = None) -> AttentionOutput:
         x = check_tokens(x, self.embed_dim)
         B, t, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        w = self.q_proj.weight
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
+            check_same_dtype(("x", x), ("the layer's weights", w))
+        past = 0
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be an attn.gqa.KVCache, got {type(cache).__name__}")
             if cache.k.shape[0] != B or cache.k.shape[1] != g or cache.k.shape[3] != d:
                 raise ValueError(f"cache holds (batch, num_kv_heads, max_len, head_dim) = {tuple(cache.k.shape)}, "
                                  f"this call needs batch {B}, {g} key/value heads of width {d}")
+            if not autocast and cache.dtype != w.dtype:
+                raise TypeError(f"cache dtype {cache.dtype} != layer dtype {w.dtype}: create the cache with "
+                                f"layer.new_cache(batch, max_len), which takes the layer's dtype, or cast the layer")
+            past = cache.length
+        m = past + t
+        check_key_mask(key_mask, B, m, length_name="cached + new tokens" if cache is not None else "seq")
         if empty_batch(x):
-            m = t + (cache.length if cache is not None else 0)
             return AttentionOutput(x.new_zeros(B, t, self.embed_dim), x.new_zeros(B, h, t, m) if need_weights else None)
         q = self.q_proj(x).view(B, t, h, d).transpose(1, 2)  # (B, h, t, d)
         k = self.k_proj(x).view(B, t, g, d).transpose(1, 2)  # (B, g, t, d)
         v = self.v_proj(x).view(B, t, g, d).transpose(1, 2)  # (B, g, t, d)
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.append(k, v)  # (B, g, past + t, d)
-        out, weights = grouped_attention(q, k, v, past=past, causal=self.causal, need_weights=need_weights)
+        out, weights = grouped_attention(q, k, v, past=past, causal=self.causal, need_weights=need_weights,
+                                         key_mask=key_mask)
         y = self.o_proj(out.transpose(1, 2).reshape(B, t, h * d))  # (B, t, E)
         return AttentionOutput(y, weights)
 
@@ -277,8 +446,16 @@ class DecoderLM(nn.Module):
         return [layer["attn"].new_cache(batch, max_len or self.max_len) for layer in self.layers]
 
     def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"tokens must be a (batch, t) long tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+        check_token_ids(tokens, self.embed.num_embeddings)
+        if caches is not None:
+            if not isinstance(caches, (list, tuple)) or not all(isinstance(c, KVCache) for c in caches):
+                raise TypeError(f"caches must be a list of KVCache (one per layer, model.new_caches(batch)), "
+                                f"got {type(caches).__name__}")
+            if len(caches) != len(self.layers):
+                raise ValueError(f"caches must hold one KVCache per layer: {len(self.layers)} layers, got {len(caches)}")
+            if len({c.length for c in caches}) > 1:
+                raise ValueError(f"the caches hold different lengths {[c.length for c in caches]}: they must "
+                                 "advance together")
         past = caches[0].length if caches else 0
         if past + tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len {self.max_len}")
@@ -297,7 +474,11 @@ def generate(model: DecoderLM, prompt: Tensor, steps: int, use_cache: bool = Tru
     only the newest token through the cached layers. ``False``: every step
     recomputes the whole sequence (the baseline the cache replaces).
     """
+    check_token_ids(prompt, model.embed.num_embeddings, "prompt")
+    check_int("steps", steps, 0)
     seq = prompt
+    if steps == 0:
+        return seq
     if use_cache:
         caches = model.new_caches(prompt.shape[0], prompt.shape[1] + steps)
         logits = model(prompt, caches)  # prefill

@@ -33,6 +33,17 @@ attention in latent space), and ``W^{UV}_i`` is applied after the weighted
 sum (it folds into ``W^O``). ``forward(..., absorb=True)`` computes this; the
 outputs equal ``absorb=False``, which up-projects every cached latent.
 
+**Linear memory.** Without weights both forms run through one fused SDPA call
+(:func:`attn.gqa.fused_attention`): no ``n x n`` score or mask tensor. Absorbed,
+the query ``[W^{UK\top}_i q^C_{t,i}; q^R_{t,i}]`` and the shared key
+``[c_j; k^R_j]`` make one dot product ``q^{C\top} k^C + q^{R\top} k^R``, and the
+same key serves as the value: the first ``d_c`` columns of the output are
+``\sum_j a_{tj} c_j`` (the rotary columns are dropped); one key/value head
+for all ``h`` query heads (``enable_gqa``).
+Unabsorbed, the values ``d_v`` wide are padded with zeros to ``d + d_R`` for the
+CPU's fused kernel. A key padding mask ``key_mask`` ``(B, m)`` is applied to
+blocks of queries. ``need_weights=True`` forms the weights explicitly.
+
 The decoupled rotary key exists because RoPE sits between ``W^{UK}`` and the
 query: ``q^\top R_{t-j} W^{UK} c_j`` has a position-dependent matrix in the
 middle, so ``W^{UK}`` could not be absorbed if the rotated part were
@@ -53,8 +64,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_tokens, empty_batch
+from .checks import check_int, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
+from .gqa import _cache_write, _check_dtype, fused_attention
+from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
@@ -67,6 +80,10 @@ def rotary_cos_sin(positions: Tensor, dim: int, base: float = 10000.0, dtype: to
 
     Half-split layout: column ``k`` and ``k + dim/2`` share the frequency ``\theta_k``.
     """
+    if not isinstance(positions, Tensor) or positions.ndim != 1 or positions.dtype == torch.bool or positions.is_complex():
+        got = f"shape {tuple(positions.shape)}, dtype {positions.dtype}" if isinstance(positions, Tensor) else type(positions).__name__
+        raise TypeError(f"positions must be a 1-D real torch.Tensor (n,), got {got}")
+    check_int("dim", dim)
     if dim % 2:
         raise ValueError(f"the rotary width must be even, got {dim}")
     inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)  # (dim/2,)
@@ -77,6 +94,12 @@ def rotary_cos_sin(positions: Tensor, dim: int, base: float = 10000.0, dtype: to
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs ``(x_k, x_{k + dim/2})`` of ``x`` ``(..., n, dim)`` by the angles in ``cos, sin`` ``(n, dim)``."""
+    check_tensor(x, "x", "(..., n, dim)")
+    check_tensor(cos, "cos", "(n, dim)")
+    check_tensor(sin, "sin", "(n, dim)")
+    if x.ndim < 1 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"apply_rotary needs x (..., n, dim) with dim even and cos, sin (n, dim) of the same dim, "
+                         f"got x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], -1)  # rotate_half
     return x * cos + rotated * sin
@@ -84,6 +107,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def latent_cache_bytes_per_token(num_layers: int, kv_rank: int, rope_dim: int, bytes_per_number: int = 2) -> int:
     """Bytes an MLA cache grows by per token: ``L (d_c + d_R)`` numbers (against ``2 L g d`` for GQA)."""
+    for name, val in (("num_layers", num_layers), ("kv_rank", kv_rank), ("rope_dim", rope_dim),
+                      ("bytes_per_number", bytes_per_number)):
+        check_int(name, val)
     return num_layers * (kv_rank + rope_dim) * bytes_per_number
 
 
@@ -91,14 +117,18 @@ class LatentCache:
     """The MLA cache of one layer, preallocated: latents ``c`` ``(batch, max_len, d_c)`` and rotary keys ``(batch, max_len, d_R)``.
 
     :meth:`append` writes the new tokens after the ``length`` stored ones and
-    returns views of everything stored (no copy of the prefix per step).
+    returns views of everything stored (no copy of the prefix per step). As
+    :class:`attn.gqa.KVCache`: meant for inference; when autograd records the
+    step it writes out of place (a copy per step), so backpropagation through
+    cached decoding works. Its dtype must be the layer's (a ``TypeError`` otherwise).
     """
 
     def __init__(self, batch: int, kv_rank: int, rope_dim: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        if batch < 0 or min(kv_rank, rope_dim, max_len) < 1:
-            raise ValueError(f"LatentCache needs kv_rank, rope_dim, max_len >= 1 and batch >= 0, got "
-                             f"{kv_rank}, {rope_dim}, {max_len}, {batch}")
+        check_int("batch", batch, 0)
+        for name, val in (("kv_rank", kv_rank), ("rope_dim", rope_dim), ("max_len", max_len)):
+            check_int(name, val)
+        dtype = _check_dtype(dtype)
         self.c = torch.zeros(batch, max_len, kv_rank, device=device, dtype=dtype)
         self.k_rope = torch.zeros(batch, max_len, rope_dim, device=device, dtype=dtype)
         self.length = 0
@@ -108,6 +138,10 @@ class LatentCache:
         return self.c.shape[1]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.c.dtype
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the latents and rotary keys stored so far (not the preallocated room)."""
         stored = self.c[:, : self.length].numel() + self.k_rope[:, : self.length].numel()
@@ -115,15 +149,22 @@ class LatentCache:
 
     def append(self, c: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``c`` ``(B, t, d_c)`` and ``k_rope`` ``(B, t, d_R)``; return all stored ``(B, length, .)``."""
+        check_tensor(c, "c", "(batch, t, d_c)", 3)
+        check_tensor(k_rope, "k_rope", "(batch, t, d_R)", 3)
         B, t = c.shape[0], c.shape[1]
         if tuple(c.shape) != (self.c.shape[0], t, self.c.shape[2]) or tuple(k_rope.shape) != (B, t, self.k_rope.shape[2]):
             raise ValueError(f"cache expects c (batch={self.c.shape[0]}, t, d_c={self.c.shape[2]}) and k_rope "
                              f"(batch, t, d_R={self.k_rope.shape[2]}), got {tuple(c.shape)} and {tuple(k_rope.shape)}")
+        if c.dtype != self.dtype or k_rope.dtype != self.dtype:
+            raise TypeError(f"LatentCache dtype {self.dtype} != latents dtype {c.dtype}/{k_rope.dtype}: create the "
+                            f"cache with the layer's dtype (layer.new_cache(...) does), or cast the layer")
+        if c.device != self.c.device or k_rope.device != self.c.device:
+            raise ValueError(f"LatentCache is on {self.c.device}, latents on {c.device}/{k_rope.device}")
         end = self.length + t
         if end > self.max_len:
             raise ValueError(f"latent cache is full: {self.length} cached + {t} new > max_len {self.max_len}")
-        self.c[:, self.length : end] = c
-        self.k_rope[:, self.length : end] = k_rope
+        self.c = _cache_write(self.c, c, 1, self.length)
+        self.k_rope = _cache_write(self.k_rope, k_rope, 1, self.length)
         self.length = end
         return self.c[:, :end], self.k_rope[:, :end]
 
@@ -158,9 +199,13 @@ class MultiHeadLatentAttention(nn.Module):
         rope_base: RoPE base.
         eps: epsilon of the RMSNorms on the latents.
 
-    ``forward(x (B, t, E), need_weights=False, cache=None, absorb=False)``:
+    ``forward(x (B, t, E), need_weights=False, cache=None, absorb=False, key_mask=None)``:
     with a cache (:meth:`new_cache`), ``x`` holds only the new tokens, whose
     positions continue the cached ones. ``absorb=True`` attends in latent space.
+    ``key_mask`` ``(B, m)``, True = real token, covers every key read (``m = t``
+    without a cache, cached + new tokens with one); a query with no real key
+    visible gets zeros. Without weights: :func:`attn.gqa.fused_attention`,
+    memory linear in ``t``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kv_rank: int | None = None, q_rank: int | None = None,
@@ -211,6 +256,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def latents(self, x: Tensor, past: int = 0) -> tuple[Tensor, Tensor]:
         """What the cache stores for tokens ``x`` ``(B, t, E)`` at positions ``past..``: ``c`` ``(B, t, d_c)``, rotated ``k^R`` ``(B, t, d_R)``."""
+        x = check_tokens(x, self.embed_dim)
+        check_int("past", past, 0)
         ckv = self.kv_down(x)  # (B, t, d_c + d_R)
         c = self.kv_norm(ckv[..., : self.kv_rank])  # (B, t, d_c)
         cos, sin = self._rotary(past, x.shape[1], x)
@@ -218,6 +265,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     def queries(self, x: Tensor, past: int = 0) -> tuple[Tensor, Tensor]:
         """``q^C`` ``(B, h, t, d)`` and rotated ``q^R`` ``(B, h, t, d_R)``."""
+        x = check_tokens(x, self.embed_dim)
+        check_int("past", past, 0)
         B, t, _ = x.shape
         q = self.q_proj(x) if self.q_rank is None else self.q_up(self.q_norm(self.q_down(x)))
         q = q.view(B, t, self.num_heads, self.head_dim + self.rope_dim).transpose(1, 2)  # (B, h, t, d + d_R)
@@ -230,42 +279,58 @@ class MultiHeadLatentAttention(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor, need_weights: bool = False, cache: LatentCache | None = None,
-                absorb: bool = False) -> AttentionOutput:
+                absorb: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
         x = check_tokens(x, self.embed_dim)
         B, t, _ = x.shape
         h = self.num_heads
+        w = self.kv_down.weight
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
+            check_same_dtype(("x", x), ("the layer's weights", w))
         if cache is not None:
             if not isinstance(cache, LatentCache):
                 raise TypeError(f"cache must be an attn.latent.LatentCache, got {type(cache).__name__}")
             if cache.c.shape[0] != B or cache.c.shape[2] != self.kv_rank or cache.k_rope.shape[2] != self.rope_dim:
                 raise ValueError(f"cache holds (batch, max_len, d_c) = {tuple(cache.c.shape)} and d_R = "
                                  f"{cache.k_rope.shape[2]}; this call needs batch {B}, d_c {self.kv_rank}, d_R {self.rope_dim}")
+            if not autocast and cache.dtype != w.dtype:
+                raise TypeError(f"cache dtype {cache.dtype} != layer dtype {w.dtype}: create the cache with "
+                                f"layer.new_cache(batch, max_len), which takes the layer's dtype, or cast the layer")
         past = cache.length if cache is not None else 0
+        m = past + t
+        check_key_mask(key_mask, B, m, length_name="cached + new tokens" if cache is not None else "seq")
         if empty_batch(x):
-            return AttentionOutput(x.new_zeros(B, t, self.embed_dim), x.new_zeros(B, h, t, past + t) if need_weights else None)
+            return AttentionOutput(x.new_zeros(B, t, self.embed_dim), x.new_zeros(B, h, t, m) if need_weights else None)
         q_c, q_r = self.queries(x, past)  # (B, h, t, d), (B, h, t, d_R)
         c, k_r = self.latents(x, past)  # (B, t, d_c), (B, t, d_R)
         if cache is not None:
             c, k_r = cache.append(c, k_r)  # (B, m, d_c), (B, m, d_R)
-        m = c.shape[1]
-        mask = _causal(past, t, m, x.device)
         w_uk, w_uv = self.up_weights()  # (h, d, d_c), (h, d_v, d_c)
+        weights = None
         if absorb:
             # query in latent space: W^UK_i^T q^C_i; every head reads the same keys [c; k^R] and values c
-            q_lat = torch.einsum("bhtd,hdr->bhtr", q_c, w_uk)  # (B, h, t, d_c)
-            q = torch.cat([q_lat, q_r], -1).reshape(B, 1, h * t, self.kv_rank + self.rope_dim)  # heads folded into rows
+            q = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_c, w_uk), q_r], -1)  # (B, h, t, d_c + d_R)
             k = torch.cat([c, k_r], -1)[:, None]  # (B, 1, m, d_c + d_R): one shared key head
-            rows = None if mask is None else mask.repeat(h, 1)  # (h t, m)
-            o_lat, w = scaled_dot_product_attention(q, k, c[:, None], attn_mask=rows, scale=self.scale, need_weights=need_weights)
-            o_lat = o_lat.view(B, h, t, self.kv_rank)  # sum_j a_tj c_j per head
+            if need_weights:
+                mask = _causal(past, t, m, x.device)
+                rows = None if mask is None else mask.repeat(h, 1)  # (h t, m): heads folded into rows
+                q_rows = q.reshape(B, 1, h * t, self.kv_rank + self.rope_dim)
+                o_lat, w_rows = scaled_dot_product_attention(q_rows, k, c[:, None], attn_mask=rows, key_mask=key_mask,
+                                                             scale=self.scale, need_weights=True)
+                o_lat, weights = o_lat.view(B, h, t, self.kv_rank), w_rows.view(B, h, t, m)
+            else:  # the key doubles as the value: its first d_c output columns are sum_j a_tj c_j
+                o_lat = fused_attention(q, k, k, past, True, key_mask, self.scale)[..., : self.kv_rank]
             out = torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (B, h, t, d_v): W^UV after the sum
-            weights = None if w is None else w.view(B, h, t, m)
         else:
             kv = self.kv_up(c).view(B, m, h, self.head_dim + self.v_head_dim).transpose(1, 2)  # (B, h, m, d + d_v)
             k = torch.cat([kv[..., : self.head_dim], k_r[:, None].expand(B, h, m, self.rope_dim)], -1)  # (B, h, m, d + d_R)
             q = torch.cat([q_c, q_r], -1)  # (B, h, t, d + d_R)
-            out, weights = scaled_dot_product_attention(q, k, kv[..., self.head_dim :], attn_mask=mask, scale=self.scale,
-                                                        need_weights=need_weights)
+            v = kv[..., self.head_dim :]  # (B, h, m, d_v)
+            if need_weights:
+                out, weights = scaled_dot_product_attention(q, k, v, attn_mask=_causal(past, t, m, x.device),
+                                                            key_mask=key_mask, scale=self.scale, need_weights=True)
+            else:
+                out = fused_attention(q, k, v, past, True, key_mask, self.scale)
         y = self.o_proj(out.transpose(1, 2).reshape(B, t, h * self.v_head_dim))  # (B, t, E)
         return AttentionOutput(y, weights)
 

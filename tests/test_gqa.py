@@ -257,3 +257,234 @@ def test_registry_build():
     out = layer(torch.randn(2, 7, 32), need_weights=True)
     assert out.output.shape == (2, 7, 32) and out.weights.shape == (2, 4, 7, 7)
     assert mech.build(32, 1).num_kv_heads == 1
+
+
+# ----------------------------------------------------------------------------- issue 15: linear memory, key mask,
+# backprop through the cache, wide values, dtypes and bad input
+
+
+def dense_reference(q, k, v, past=0, causal=True, key_mask=None):
+    """Keys repeated to h heads, every score formed, masked softmax; a row with no visible key -> zeros."""
+    r = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    t, m = q.shape[2], k.shape[2]
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    allowed = torch.ones(q.shape[0], 1, t, m, dtype=torch.bool)
+    if causal:
+        allowed = allowed & (torch.arange(m)[None, :] <= torch.arange(past, past + t)[:, None])
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    a = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return a @ v, a
+
+
+def largest_tensor(fn) -> int:
+    """The most elements of any tensor an aten op returns while ``fn()`` runs (inputs made before are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with torch.no_grad(), Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_weights_path_never_forms_an_n_by_n_tensor(masked, monkeypatch):
+    import attn.gqa as gqa_module
+
+    n = 96
+    monkeypatch.setattr(gqa_module, "_BLOCK_ELEMENTS", 8 * n)  # blocks of 8 queries at this small n
+    m = GroupedQueryAttention(16, 4, 2)
+    x = torch.randn(1, n, 16)
+    km = torch.rand(1, n) > 0.3 if masked else None
+    assert largest_tensor(lambda: m(x, key_mask=km)) < n * n  # the largest is a (n, 16) projection
+    assert largest_tensor(lambda: m(x, key_mask=km, need_weights=True)) >= n * n  # the weights path forms them
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("g", [4, 2, 1])
+def test_key_mask_equals_masked_dense_reference(causal, g, monkeypatch):
+    import attn.gqa as gqa_module
+
+    torch.manual_seed(g)
+    B, h, t, d = 3, 4, 10, 5
+    q, k, v = torch.randn(B, h, t, d), torch.randn(B, g, t, d), torch.randn(B, g, t, 7)
+    km = torch.ones(B, t, dtype=torch.bool)
+    km[0, :4] = False  # left padding: with causality the first 4 queries see no real key -> zeros
+    km[1, 6:] = False  # right padding
+    km[2, ::3] = False  # holes
+    ref, ref_w = dense_reference(q, k, v, 0, causal, km)
+    for block in (2**20, 3 * t):  # one block, and blocks of 3 queries
+        monkeypatch.setattr(gqa_module, "_BLOCK_ELEMENTS", block)
+        out = grouped_attention(q, k, v, causal=causal, key_mask=km).output
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out_w, w = grouped_attention(q, k, v, causal=causal, key_mask=km, need_weights=True)
+    torch.testing.assert_close(out_w, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
+    if causal:
+        assert out[0, :, :4].abs().max() == 0 and not out.isnan().any()
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_key_mask_content_at_masked_positions_changes_nothing_real(need_weights):
+    m = GroupedQueryAttention(16, 4, 2, bias=True)
+    x = torch.randn(2, 9, 16)
+    km = torch.tensor([[False, False, True, True, True, True, True, True, True],
+                       [True, True, False, True, True, True, False, False, True]])
+    x2 = torch.where(km[..., None], x, 100 * torch.randn_like(x))
+    a, b = m(x, need_weights, key_mask=km).output, m(x2, need_weights, key_mask=km).output
+    assert (a - b)[km].abs().max() <= 1e-5
+    assert (a - b)[~km].abs().max() > 1e-3  # the padded positions' own outputs do change (their queries did)
+
+
+def test_key_mask_with_cache_equals_full_forward():
+    """Left-padded prompts, then cached decoding: each step passes the mask of everything so far."""
+    m = GroupedQueryAttention(16, 4, 2)
+    x = torch.randn(2, 10, 16)
+    km = torch.ones(2, 10, dtype=torch.bool)
+    km[0, :3] = False
+    km[1, 7] = False
+    with torch.no_grad():
+        full = m(x, key_mask=km).output
+        cache = m.new_cache(2, 10)
+        steps = [m(x[:, :2], cache=cache, key_mask=km[:, :2]).output, m(x[:, 2:5], cache=cache, key_mask=km[:, :5]).output]
+        steps += [m(x[:, i : i + 1], cache=cache, key_mask=km[:, : i + 1]).output for i in range(5, 10)]
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+    cache = m.new_cache(2, 12)
+    m(x, cache=cache)
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, cached \+ new tokens=11\)"):
+        m(x[:, :1], cache=cache, key_mask=km[:, :1])  # the mask of the new token only: it must cover the cache too
+
+
+def test_key_mask_matches_transformers_llama_with_padding():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    E, h, g, n = 32, 4, 2, 8
+    cfg = LlamaConfig(hidden_size=E, num_attention_heads=h, num_key_value_heads=g, attention_bias=False)
+    cfg._attn_implementation = "eager"
+    llama = LlamaAttention(cfg, layer_idx=0).eval()
+    ours = GroupedQueryAttention(E, h, g)
+    ours.load_state_dict(llama.state_dict())
+    x = torch.randn(2, n, E)
+    km = torch.ones(2, n, dtype=torch.bool)
+    km[0, :2] = False
+    km[1, 5] = False
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & km[:, None, None, :]
+    d = E // h
+    with torch.no_grad():
+        ref = llama(x, position_embeddings=(torch.ones(2, n, d), torch.zeros(2, n, d)),
+                    attention_mask=torch.zeros(2, 1, n, n).masked_fill(~allowed, float("-inf")))[0]
+        for need_weights in (False, True):
+            out = ours(x, need_weights, key_mask=km).output
+            assert (out - ref)[km].abs().max() <= 1e-5  # real rows (Llama gives NaN on rows with no visible key)
+
+
+def test_backprop_through_cached_decoding_equals_full_forward():
+    """Training through the KV cache: the original wrote in place and autograd failed."""
+    torch.manual_seed(0)
+    m = GroupedQueryAttention(16, 4, 2)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    cache = m.new_cache(2, 7)
+    y = torch.cat([m(x[:, :3], cache=cache).output] + [m(x[:, i : i + 1], cache=cache).output for i in range(3, 7)], 1)
+    up = torch.randn_like(y)
+    params = [x, *m.parameters()]
+    got = torch.autograd.grad(y, params, up)
+    want = torch.autograd.grad(m(x).output, params, up)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-5
+    with torch.no_grad():  # inference still writes in place: the stored tensor is the same object
+        c = m.new_cache(2, 7)
+        before = c.k
+        m(x[:, :2], cache=c)
+        assert c.k is before
+
+
+@pytest.mark.parametrize("g", [4, 2, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_values_wider_than_queries_and_keys(g, causal):
+    torch.manual_seed(g)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, g, 6, 8), torch.randn(2, g, 6, 13)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    for need_weights in (False, True):
+        out = grouped_attention(q, k, v, causal=causal, need_weights=need_weights).output
+        assert out.shape == (2, 4, 6, 13) and (out - ref).abs().max() <= 1e-5
+    narrow = torch.randn(2, g, 6, 3)  # and narrower
+    ref = F.scaled_dot_product_attention(q, k, narrow, is_causal=causal, enable_gqa=True)
+    assert (grouped_attention(q, k, narrow, causal=causal).output - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("layer_dtype", [torch.bfloat16, torch.float64])
+def test_cache_of_another_dtype_is_a_clear_type_error(layer_dtype):
+    m = GroupedQueryAttention(16, 4, 2).to(layer_dtype)
+    x = torch.randn(1, 3, 16, dtype=layer_dtype)
+    with pytest.raises(TypeError, match=rf"cache dtype torch.float32 != layer dtype {layer_dtype}"):
+        m(x, cache=KVCache(1, 2, 4, 8))
+    assert m(x, cache=m.new_cache(1, 8)).output.dtype == layer_dtype  # new_cache takes the layer's dtype
+    with pytest.raises(TypeError, match=r"dtypes must match \(x: torch.float32"):
+        m(x.float())
+    with pytest.raises(TypeError, match="KVCache dtype torch.float32"):
+        KVCache(1, 2, 4, 8).append(torch.zeros(1, 2, 1, 4, dtype=layer_dtype), torch.zeros(1, 2, 1, 4, dtype=layer_dtype))
+
+
+def test_bad_input_of_cache_attention_and_lm():
+    m = GroupedQueryAttention(16, 4, 2)
+    for args, err, match in [
+        ((1.5, 2, 4, 8), TypeError, "batch must be an int"),
+        ((-1, 2, 4, 8), ValueError, "batch must be >= 0"),
+        ((1, 2, 4, 0), ValueError, "max_len must be >= 1"),
+    ]:
+        with pytest.raises(err, match=match):
+            KVCache(*args)
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        KVCache(1, 2, 4, 8, dtype=torch.long)
+    cache = KVCache(1, 2, 4, 8)
+    with pytest.raises(TypeError, match=r"k must be a torch.Tensor of shape \(batch, num_kv_heads, t, head_dim\)"):
+        cache.append([[0.0]], torch.zeros(1, 2, 1, 4))
+    with pytest.raises(ValueError, match=r"k must have shape \(batch, num_kv_heads, t, head_dim\), got 3-D"):
+        cache.append(torch.zeros(2, 1, 4), torch.zeros(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="cache expects keys and values of shape"):
+        cache.append(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 2, 4))
+    q, k = torch.randn(1, 4, 3, 4), torch.randn(1, 2, 3, 4)
+    with pytest.raises(TypeError, match=r"q must be a torch.Tensor of shape \(batch, heads, seq, head_dim\)"):
+        grouped_attention(q.tolist(), k, k)
+    with pytest.raises(TypeError, match="dtypes must match"):
+        grouped_attention(q, k, k.double())
+    with pytest.raises(ValueError, match=r"k \(B, g, m, d\)"):
+        grouped_attention(q, torch.randn(1, 2, 3, 5), k)
+    with pytest.raises(ValueError, match="past \\+ t == m"):
+        grouped_attention(q, k, k, past=2)
+    with pytest.raises(ValueError, match="past must be >= 0"):
+        grouped_attention(q, k, k, past=-1, causal=False)
+    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+        m(torch.randn(1, 3, 16), key_mask=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=1, seq=3\)"):
+        m(torch.randn(1, 3, 16), key_mask=torch.ones(1, 4, dtype=torch.bool))
+    lm = DecoderLM(vocab=10, embed_dim=16, num_heads=4, num_kv_heads=2, num_layers=2, max_len=8)
+    with pytest.raises(ValueError, match="one KVCache per layer: 2 layers, got 1"):
+        lm(torch.zeros(1, 2, dtype=torch.long), lm.new_caches(1)[:1])
+    with pytest.raises(TypeError, match="caches must be a list of KVCache"):
+        lm(torch.zeros(1, 2, dtype=torch.long), [object(), object()])
+    with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 10\)"):
+        lm(torch.full((1, 2), 10))
+    with pytest.raises(TypeError, match="tokens must hold integer token ids"):
+        lm(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        generate(lm, torch.zeros(1, 2, dtype=torch.long), -1)
+
+
+def test_bytes_per_token_rejects_non_integers():
+    with pytest.raises(TypeError, match="num_kv_heads must be an int"):
+        kv_cache_bytes_per_token(2, 1.5, 64)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        kv_cache_bytes_per_token(2, 2, 0)

@@ -101,8 +101,11 @@ def test_rotary_matches_transformers_and_is_relative():
 # ----------------------------------------------------------------------------- absorption, explicit formula
 
 
-def explicit(m: MultiHeadLatentAttention, x: torch.Tensor) -> torch.Tensor:
-    """The paper's equations head by head, with explicit matrices and a loop over queries."""
+def explicit(m: MultiHeadLatentAttention, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's equations head by head, with explicit matrices and a loop over queries.
+
+    ``key_mask`` (B, n): padded keys get weight 0; a query with no real key visible gets o = 0.
+    """
     B, n, _ = x.shape
     d, dr, dv, r = m.head_dim, m.rope_dim, m.v_head_dim, m.kv_rank
     cos, sin = rotary_cos_sin(torch.arange(n), dr, dtype=x.dtype)
@@ -120,7 +123,10 @@ def explicit(m: MultiHeadLatentAttention, x: torch.Tensor) -> torch.Tensor:
         rows = []
         for t in range(n):
             s = (q_c[:, t : t + 1] @ k_c[:, : t + 1].transpose(1, 2) + q_r[:, t : t + 1] @ k_r[:, : t + 1].transpose(1, 2))
-            rows.append((s / (d + dr) ** 0.5).softmax(-1) @ v_c[:, : t + 1])
+            s = s / (d + dr) ** 0.5
+            if key_mask is not None:
+                s = s.masked_fill(~key_mask[:, None, : t + 1], float("-inf"))
+            rows.append(s.softmax(-1).nan_to_num(0.0) @ v_c[:, : t + 1])
         heads.append(torch.cat(rows, 1))
     return torch.cat(heads, -1) @ m.o_proj.weight.T
 
@@ -262,3 +268,199 @@ def test_registry_entry():
     out = layer(torch.randn(2, 6, 32), need_weights=True)
     assert out.output.shape == (2, 6, 32) and out.weights.shape == (2, 4, 6, 6)
     assert torch.allclose(out.weights.sum(-1), torch.ones(2, 4, 6))
+
+
+# ----------------------------------------------------------------------------- issue 15: linear memory, key mask,
+# backprop through the cache, dtypes and bad input
+
+
+def largest_tensor(fn) -> int:
+    """The most elements of any tensor an aten op returns while ``fn()`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with torch.no_grad(), Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_weights_path_never_forms_an_n_by_n_tensor(absorb, masked, monkeypatch):
+    import attn.gqa as gqa_module
+
+    n = 128
+    monkeypatch.setattr(gqa_module, "_BLOCK_ELEMENTS", 8 * n)  # blocks of 8 queries at this small n
+    m = MultiHeadLatentAttention(16, 2, kv_rank=8, head_dim=4, rope_dim=2, v_head_dim=4)
+    x = torch.randn(1, n, 16)
+    km = torch.rand(1, n) > 0.3 if masked else None
+    assert largest_tensor(lambda: m(x, absorb=absorb, key_mask=km)) < n * n  # the largest: (n, h (d + d_v)) = 16 n
+    assert largest_tensor(lambda: m(x, absorb=absorb, key_mask=km, need_weights=True)) >= n * n
+
+
+def padding_masks(B=3, n=8):
+    km = torch.ones(B, n, dtype=torch.bool)
+    km[0, :3] = False  # left padding: the first 3 queries see no real key -> o = 0
+    km[1, 5:] = False  # right padding
+    km[2, 1::3] = False  # holes
+    return km[:B]
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_key_mask_equals_explicit_masked_formula(absorb, need_weights, monkeypatch):
+    import attn.gqa as gqa_module
+
+    m = make(q_rank=10)
+    x = tokens(B=3, n=8)
+    km = padding_masks()
+    ref = explicit(m, x, km)
+    for block in (2**20, 3 * 8):  # one block, blocks of 3 queries
+        monkeypatch.setattr(gqa_module, "_BLOCK_ELEMENTS", block)
+        y, w = m(x, need_weights=need_weights, absorb=absorb, key_mask=km)
+        assert (y - ref).abs().max() <= 2e-6
+    assert y[0, :3].abs().max() == 0 and not y.isnan().any()  # no bias: a query with no real key outputs 0
+    if need_weights:
+        assert (w.sum(-1)[0, :, :3] == 0).all() and (w[~km[:, None, None, :].expand_as(w)] == 0).all()
+
+
+def test_key_mask_gradients_equal_on_all_paths():
+    m = make(q_rank=10, dtype=torch.float64)
+    x = tokens(B=3, n=8, dtype=torch.float64).requires_grad_()
+    km = padding_masks()
+    params = [x, *m.parameters()]
+    outs = [m(x, need_weights=nw, absorb=ab, key_mask=km).output for nw in (False, True) for ab in (False, True)]
+    up = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(y, params, up) for y in outs]
+    for y, g in zip(outs[1:], grads[1:]):
+        assert (y - outs[0]).abs().max() <= 1e-12
+        assert max((a - b).abs().max().item() for a, b in zip(g, grads[0])) <= 1e-12
+
+
+def test_key_mask_content_at_masked_positions_changes_nothing_real():
+    m = make()
+    x = tokens(B=3, n=8)
+    km = padding_masks()
+    x2 = torch.where(km[..., None], x, 50 * torch.randn_like(x))
+    with torch.no_grad():
+        for absorb in (False, True):
+            a, b = m(x, absorb=absorb, key_mask=km).output, m(x2, absorb=absorb, key_mask=km).output
+            assert (a - b)[km].abs().max() <= 1e-5
+
+
+def test_key_mask_matches_transformers_deepseek_v3_with_padding():
+    m = make(q_rank=10, dtype=torch.float64)
+    ref, rot = hf_copy(m)
+    x = tokens(B=3, n=8, dtype=torch.float64)
+    km = padding_masks()
+    B, n = x.shape[:2]
+    cos, sin = rot(x, torch.arange(n)[None].expand(B, n))
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & km[:, None, None, :]
+    with torch.no_grad():
+        y_ref = ref(x, (cos, sin), torch.zeros(B, 1, n, n, dtype=x.dtype).masked_fill(~allowed, float("-inf")))[0]
+        for absorb in (False, True):
+            y = m(x, absorb=absorb, key_mask=km).output
+            assert (y - y_ref)[km].abs().max() <= 1e-6  # real rows (transformers gives NaN where no key is visible)
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_key_mask_with_cache_equals_full_forward(absorb):
+    m = make(q_rank=10)
+    x = tokens(B=3, n=8)
+    km = padding_masks()
+    with torch.no_grad():
+        full = m(x, key_mask=km).output
+        cache = m.new_cache(3, 8)
+        outs = [m(x[:, :2], cache=cache, absorb=absorb, key_mask=km[:, :2]).output,
+                m(x[:, 2:5], cache=cache, absorb=absorb, key_mask=km[:, :5]).output]  # a chunk after cached tokens
+        outs += [m(x[:, i : i + 1], cache=cache, absorb=absorb, key_mask=km[:, : i + 1]).output for i in range(5, 8)]
+    assert (torch.cat(outs, 1) - full).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=3, cached \+ new tokens=9\)"):
+        m(x[:, :1], cache=cache_of(m, x), key_mask=km[:, :1])  # the new token's mask alone: it must cover the cache
+
+
+def cache_of(m, x):
+    cache = m.new_cache(x.shape[0], x.shape[1] + 1)
+    with torch.no_grad():
+        m(x, cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_backprop_through_cached_decoding_equals_full_forward(absorb):
+    """The original cache wrote in place: autograd failed with 'modified by an inplace operation'."""
+    m = make(q_rank=10)
+    x = tokens(n=7).requires_grad_()
+    cache = m.new_cache(2, 7)
+    y = torch.cat([m(x[:, :3], cache=cache, absorb=absorb).output]
+                  + [m(x[:, i : i + 1], cache=cache, absorb=absorb).output for i in range(3, 7)], 1)
+    up = torch.randn_like(y)
+    params = [x, *m.parameters()]
+    got = torch.autograd.grad(y, params, up)
+    want = torch.autograd.grad(m(x).output, params, up)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("layer_dtype", [torch.bfloat16, torch.float64])
+def test_cache_of_another_dtype_is_a_clear_type_error(layer_dtype):
+    m = make(dtype=layer_dtype)
+    x = tokens(n=3, dtype=layer_dtype)
+    with pytest.raises(TypeError, match=rf"cache dtype torch.float32 != layer dtype {layer_dtype}"):
+        m(x, cache=LatentCache(2, m.kv_rank, m.rope_dim, 8))
+    assert m(x, cache=m.new_cache(2, 8)).output.dtype == layer_dtype
+    with pytest.raises(TypeError, match=r"dtypes must match \(x: torch.float32"):
+        m(x.float())
+    with pytest.raises(TypeError, match="LatentCache dtype torch.float32"):
+        LatentCache(1, 4, 2, 8).append(torch.zeros(1, 1, 4, dtype=layer_dtype), torch.zeros(1, 1, 2, dtype=layer_dtype))
+
+
+def test_bad_input_of_latent_cache_and_key_mask():
+    for args, err, match in [
+        ((1.0, 4, 2, 8), TypeError, "batch must be an int"),
+        ((-1, 4, 2, 8), ValueError, "batch must be >= 0"),
+        ((1, 4, 0, 8), ValueError, "rope_dim must be >= 1"),
+    ]:
+        with pytest.raises(err, match=match):
+            LatentCache(*args)
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        LatentCache(1, 4, 2, 8, dtype="float32")
+    cache = LatentCache(1, 4, 2, 8)
+    with pytest.raises(TypeError, match=r"c must be a torch.Tensor of shape \(batch, t, d_c\)"):
+        cache.append([[[0.0] * 4]], torch.zeros(1, 1, 2))
+    with pytest.raises(ValueError, match=r"k_rope must have shape \(batch, t, d_R\)"):
+        cache.append(torch.zeros(1, 1, 4), torch.zeros(1, 2))
+    m = make()
+    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+        m(tokens(), key_mask=[[True] * 7] * 2)
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, seq=7\)"):
+        m(tokens(), key_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+def test_bad_input_of_the_public_helpers():
+    m = make()
+    with pytest.raises(TypeError, match=r"positions must be a 1-D real torch.Tensor"):
+        rotary_cos_sin([0, 1, 2], 4)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        rotary_cos_sin(torch.arange(3), 4.0)
+    cos, sin = rotary_cos_sin(torch.arange(3), 4)
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor of shape \(\.\.\., n, dim\)"):
+        apply_rotary([[0.0] * 4] * 3, cos, sin)
+    with pytest.raises(ValueError, match="same dim"):
+        apply_rotary(torch.zeros(3, 6), cos, sin)
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor of shape \(batch, seq, embed_dim=32\)"):
+        m.latents([[0.0] * E])
+    with pytest.raises(ValueError, match="past must be >= 0"):
+        m.queries(tokens(), past=-1)
+    with pytest.raises(TypeError, match="kv_rank must be an int"):
+        latent_cache_bytes_per_token(1, 2.0, 4)
