@@ -234,7 +234,7 @@ def test_html_key_follows_the_executed_notebooks_and_the_book(tiny_book, monkeyp
     assert build.html_key() != key
 
 
-def test_papermill_runs_in_parallel_workers_and_measures_the_kernels_cpu_time(tmp_path, monkeypatch):
+def test_papermill_runs_in_parallel_workers_and_measures_the_kernels_cpu_time(tmp_path, monkeypatch, capfd):
     """Two real notebooks, two at a time: each kernel burns ~1 s of CPU on one thread, and reports it."""
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
@@ -249,6 +249,9 @@ def test_papermill_runs_in_parallel_workers_and_measures_the_kernels_cpu_time(tm
     (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
     assert build.sync() == 0
     assert build.execute(jobs=2) == 0
+    logs = capfd.readouterr()
+    for noise in ("Unable to parse", "without encryption", "frozen modules", "Input Notebook"):
+        assert noise not in logs.out + logs.err, noise
     report = _report(tmp_path)
     import nbformat
 
@@ -274,3 +277,52 @@ def test_every_parameters_cell_parses_with_papermill(caplog):
         found = [p.name for p in PythonTranslator.inspect(cell)]
         assert found == assigned, f"{md.name}: papermill sees {found}, the cell assigns {assigned}"
         assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()], md.name
+
+
+# --------------------------------------------------------------------------- publishing
+
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+
+def _actionlint() -> str:
+    """The actionlint binary of the test extra (next to this interpreter), else one on PATH."""
+    import shutil
+
+    here = Path(sys.executable).with_name("actionlint")
+    found = str(here) if here.exists() else shutil.which("actionlint")
+    assert found, "actionlint is missing: install the test extra (pip install -e '.[test]')"
+    return found
+
+
+def test_workflows_pass_actionlint():
+    import subprocess
+
+    files = sorted(WORKFLOWS.glob("*.yml"))
+    assert len(files) >= 2
+    proc = subprocess.run([_actionlint(), "-no-color", "-oneline", *map(str, files)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_workflows_test_the_clone_and_publish_the_book():
+    import yaml
+
+    test = yaml.safe_load((WORKFLOWS / "test.yml").read_text())
+    runs = [s.get("run", "") for job in test["jobs"].values() for s in job["steps"]]
+    assert any("make test" in r for r in runs)
+    pages = yaml.safe_load((WORKFLOWS / "pages.yml").read_text())
+    steps = [s for job in pages["jobs"].values() for s in job["steps"]]
+    uses = {s["uses"].split("@")[0] for s in steps if "uses" in s}
+    assert {"actions/configure-pages", "actions/upload-pages-artifact", "actions/deploy-pages"} <= uses
+    assert any("make book" in s.get("run", "") for s in steps)
+    uploaded = " ".join(str(s.get("with", {}).get("path", "")) for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))
+    assert "_build/src/notebooks" in uploaded and ".zip" in uploaded  # the executed notebooks, the HTML zipped
+    assert pages[True]["push"]["branches"] == ["main"]  # yaml reads the key `on` as True
+    assert pages["permissions"]["pages"] == "write" and pages["permissions"]["id-token"] == "write"
+
+
+def test_license_and_readme_are_ready_to_publish():
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License") and "Permission is hereby granted" in license_text
+    readme = (ROOT / "README.md").read_text()
+    assert "repository.url" in readme and "GitHub Pages" in readme and "fork" in readme
+    assert "marked *coming*" not in readme
