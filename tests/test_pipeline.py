@@ -326,3 +326,26 @@ def test_license_and_readme_are_ready_to_publish():
     readme = (ROOT / "README.md").read_text()
     assert "repository.url" in readme and "GitHub Pages" in readme and "fork" in readme
     assert "marked *coming*" not in readme
+
+
+def test_html_build_is_skipped_when_its_inputs_are_unchanged(tiny_book, monkeypatch):
+    build.execute(runner=FakeRunner())
+    (tiny_book / "_toc.yml").write_text("format: jb-book\n")
+    (tiny_book / "book").mkdir()
+    html = tiny_book / "html"
+    html.mkdir()
+    (html / "index.html").write_text("<html></html>")
+    monkeypatch.setattr(build, "HTML", html)
+    (tiny_book / "reports" / "html.json").write_text(json.dumps({"key": build.html_key(), "status": "ok", "seconds": 1.0}))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("jupyter-book must not run")
+
+    monkeypatch.setattr(build, "hero_figure", no_build)
+    monkeypatch.setattr(build.subprocess, "run", no_build)
+    assert build.html() == 0
+    out = tiny_book / "src" / "notebooks" / "01_one.ipynb"
+    out.write_text(out.read_text() + " ")  # a re-executed notebook: the book is built again
+    with pytest.raises(AssertionError, match="must not run"):
+        build.html()
+    assert not (tiny_book / "reports" / "html.json").exists()
