@@ -234,6 +234,7 @@ def test_html_key_follows_the_executed_notebooks_and_the_book(tiny_book, monkeyp
     assert build.html_key() != key
 
 
+@pytest.mark.slow  # two real kernels (~20 s)
 def test_papermill_runs_in_parallel_workers_and_measures_the_kernels_cpu_time(tmp_path, monkeypatch, capfd):
     """Two real notebooks, two at a time: each kernel burns ~1 s of CPU on one thread, and reports it."""
     nbdir = tmp_path / "notebooks"
