@@ -318,11 +318,12 @@ def environment_digest() -> str:
     """
     from importlib import metadata
 
-    dists = sorted(
-        {f"{(d.metadata['Name'] or '').lower()}=={d.version}" for d in metadata.distributions()}
-        - {f"attn=={d.version}" for d in metadata.distributions() if (d.metadata["Name"] or "").lower() == "attn"}
-    )
-    return _sha256(sys.version.encode(), "\n".join(dists).encode())
+    dists = set()
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name != "attn":
+            dists.add(f"{name}=={dist.version}")
+    return _sha256(sys.version.encode(), "\n".join(sorted(dists)).encode())
 
 
 def notebook_key(source: Path, parameters: dict, package: str, environment: str) -> str:
