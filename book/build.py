@@ -379,13 +379,11 @@ def run_papermill(job: Job) -> dict:
     processes it starts: the worker's children's usage before and after (the
     kernel is this worker's only child and is reaped when papermill shuts it down).
     """
-    import logging
     import resource
 
     for var in THREAD_VARS:  # inherited by the kernel: one torch thread per notebook
         os.environ[var] = str(job.threads)
     os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # ipykernel's debugger: "frozen modules" notice
-    logging.getLogger("papermill").setLevel(logging.ERROR)  # "Input Notebook: ..." and friends
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 

@@ -251,7 +251,7 @@ def test_papermill_runs_in_parallel_workers_and_measures_the_kernels_cpu_time(tm
     assert build.sync() == 0
     assert build.execute(jobs=2) == 0
     logs = capfd.readouterr()
-    for noise in ("Unable to parse", "without encryption", "frozen modules", "Input Notebook"):
+    for noise in ("Unable to parse", "without encryption", "frozen modules", "Input Notebook", "WARNING"):
         assert noise not in logs.out + logs.err, noise
     report = _report(tmp_path)
     import nbformat
@@ -263,6 +263,8 @@ def test_papermill_runs_in_parallel_workers_and_measures_the_kernels_cpu_time(tm
         assert nb.cells[-1].outputs[0]["text"].split() == ["1", "1"]  # one thread in the kernel
     assert build.execute(jobs=2) == 0
     assert all(e["cached"] for e in _report(tmp_path).values())
+    build.execute(["01_burn"], parameters={"sead": 1}, jobs=1)  # a real warning (a misspelt parameter) still shows
+    assert "Passed unknown parameter: sead" in capfd.readouterr().err
 
 
 def test_every_parameters_cell_parses_with_papermill(caplog):
