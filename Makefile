@@ -1,6 +1,9 @@
 # The Attention Book. Two commands on a fresh clone:
-#   make book   -- set up, execute every notebook with papermill, build the HTML book
+#   make book   -- set up, execute the notebooks with papermill, build the HTML book
 #   make test   -- set up, run the full test suite (unit tests, notebooks, book build)
+# Both are incremental: a notebook is executed again only when its source, its
+# parameters, the attn package or the installed environment changed, N at a time
+# (N = CPUs, or ATTN_BOOK_JOBS); `make clean` starts afresh.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv

@@ -4,19 +4,28 @@ Usage (the Makefile calls these; run from anywhere)::
 
     python book/build.py sync [--check]   # text notebooks -> committed .ipynb (Colab), install cell from _config.yml
     python book/build.py assets           # npm packages the book serves itself (require.js, widgets, MathJax)
-    python book/build.py execute [NAME..] # papermill every notebook into _build/src/notebooks, timing report
-    python book/build.py html             # stage sources and build the HTML book with Jupyter Book 1, -W
+    python book/build.py execute [NAME..] # papermill the changed notebooks into _build/src/notebooks, N at a time
+    python book/build.py html [--force]   # stage sources and build the HTML book with Jupyter Book 1, -W
     python book/build.py all              # all of the above, in order
 
 Notebook sources are MyST Markdown files ``notebooks/NN_slug.md`` (jupytext).
 Their ``.ipynb`` twins are committed without outputs, so that Colab can open
 them; ``sync --check`` fails when the two drift apart.
+
+``execute`` and ``html`` are incremental. A notebook is executed again only
+when its key changes: a hash of its ``.ipynb``, its parameters, every file of
+the ``attn`` package and the installed distributions' versions
+(:func:`notebook_key`); ``_build/reports/execution.json`` keeps each key with
+the wall and kernel CPU times measured when the notebook last ran. The HTML is
+rebuilt only when the executed notebooks, ``book/``, the config, the package or
+the environment changed (:func:`html_key`). Delete ``_build`` to start afresh.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +34,8 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -259,11 +270,190 @@ def _hide_injected_parameters(path: Path) -> None:
         nbformat.write(nb, path)
 
 
-def execute(names: list[str] | None = None, parameters: dict | None = None) -> int:
-    """Execute notebooks with papermill into ``_build/src/notebooks``; write a timing report."""
+# A notebook is executed again only when its key changes: the key hashes
+# everything its outputs can depend on. Bump CACHE_VERSION when the way
+# notebooks are executed or post-processed changes.
+CACHE_VERSION = "1"
+PACKAGE = ROOT / "attn"
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Per-notebook budget, in seconds of the kernel's CPU time (its own threads and
+# the processes it starts). Every notebook runs with one torch thread, so its
+# CPU time is about what it would take alone on one idle core, however many
+# notebooks run beside it and whatever else loads the machine; wall time is
+# recorded too, but several notebooks at a time stretch it. The numbers are the
+# former wall-time budgets (one notebook at a time on an idle 2-core machine).
+# The comparison trains and sweeps every registered mechanism (over forty models,
+# in `workers = 2` processes, whose CPU time counts).
+BUDGET_S = 60.0
+BUDGETS = {"24_comparison": 150.0}
+
+
+def _sha256(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()
+
+
+def _tree_digest(folder: Path, skip: tuple[str, ...] = ("__pycache__",)) -> str:
+    """Hash of every file under ``folder`` (relative path and bytes), in a stable order."""
+    parts: list[bytes] = []
+    if folder.exists():
+        for f in sorted(folder.rglob("*")):
+            rel = f.relative_to(folder)
+            if f.is_file() and not any(s in rel.parts for s in skip) and f.suffix != ".pyc":
+                parts += [str(rel.as_posix()).encode(), f.read_bytes()]
+    return _sha256(*parts)
+
+
+def package_digest() -> str:
+    """Hash of the ``attn`` package: every file under ``attn/`` (sources, static front end)."""
+    return _tree_digest(PACKAGE)
+
+
+def environment_digest() -> str:
+    """Hash of the locked environment: the Python version and every installed distribution's version.
+
+    ``attn`` itself is left out (its files are hashed by :func:`package_digest`).
+    """
+    from importlib import metadata
+
+    dists = set()
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name != "attn":
+            dists.add(f"{name}=={dist.version}")
+    return _sha256(sys.version.encode(), "\n".join(sorted(dists)).encode())
+
+
+def notebook_key(source: Path, parameters: dict, package: str, environment: str) -> str:
+    """The cache key of one notebook: its source, its parameters, the package and the environment."""
+    return _sha256(
+        CACHE_VERSION.encode(),
+        source.read_bytes(),
+        json.dumps(parameters, sort_keys=True).encode(),
+        package.encode(),
+        environment.encode(),
+    )
+
+
+def budget(name: str) -> float:
+    """The notebook's budget in seconds of kernel CPU time."""
+    return BUDGETS.get(name, BUDGET_S)
+
+
+def budget_problem(name: str, entry: dict | None) -> str | None:
+    """Why the recorded execution of ``name`` fails its budget (or did not succeed); ``None`` when it is fine.
+
+    The entry is the one in ``_build/reports/execution.json``: for a notebook
+    taken from the cache it still holds the times measured when it did execute.
+    """
+    if entry is None:
+        return f"{name}: not executed"
+    if entry.get("status") != "ok":
+        return f"{name}: status {entry.get('status')!r}"
+    cpu = entry.get("cpu_seconds")
+    if not isinstance(cpu, (int, float)):
+        return f"{name}: no CPU time recorded"
+    if cpu >= budget(name):
+        return f"{name} took {cpu:.1f} s of CPU time (budget {budget(name):.0f} s; {entry.get('seconds')} s wall)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One notebook to execute: paths are absolute, so that a worker process needs nothing else."""
+
+    name: str
+    source: str
+    output: str
+    cwd: str
+    parameters: dict
+    threads: int = 1
+
+
+def run_papermill(job: Job) -> dict:
+    """Execute one notebook with papermill (in a worker process); return its status and times.
+
+    ``cpu_seconds`` is the kernel's CPU time, user plus system, including the
+    processes it starts: the worker's children's usage before and after (the
+    kernel is this worker's only child and is reaped when papermill shuts it down).
+    """
+    import resource
+
+    for var in THREAD_VARS:  # inherited by the kernel: one torch thread per notebook
+        os.environ[var] = str(job.threads)
+    os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"  # ipykernel's debugger: "frozen modules" notice
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    c0, t0 = cpu(), time.perf_counter()
+    result: dict = {"status": "ok"}
+    try:
+        pm.execute_notebook(
+            job.source,
+            job.output,
+            parameters=job.parameters,
+            kernel_name="python3",
+            cwd=job.cwd,
+            progress_bar=False,
+            request_save_on_cell_execute=False,
+            # the kernel's start-up notice "running over TCP without encryption" (a local kernel, on
+            # 127.0.0.1) is noise; errors still show, and cell output goes to the notebook as before
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
+        _hide_injected_parameters(Path(job.output))
+    except PapermillExecutionError as err:
+        result = {"status": "failed", "cell": err.cell_index, "exec_count": err.exec_count,
+                  "error": f"{err.ename}: {err.evalue}"}
+    except Exception as err:  # kernel died, bad notebook, ...: report it, do not hang the pool
+        result = {"status": "failed", "cell": None, "exec_count": None, "error": f"{type(err).__name__}: {err}"}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["cpu_seconds"] = round(cpu() - c0, 2)
+    return result
+
+
+def default_jobs() -> int:
+    """Notebooks executed at once: ``ATTN_BOOK_JOBS``, else the CPUs this process may use."""
+    env = os.environ.get("ATTN_BOOK_JOBS")
+    if env:
+        return max(1, int(env))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _write_reports(report: dict) -> None:
+    path = REPORTS / "execution.json"
+    path.write_text(json.dumps(dict(sorted(report.items())), indent=2) + "\n")
+    lines = ["| notebook | wall s | CPU s | budget (CPU s) | status | this run |", "|---|---:|---:|---:|---|---|"]
+    for k, v in sorted(report.items()):
+        lines.append(
+            f"| {k} | {v.get('seconds', 0):.1f} | {v.get('cpu_seconds', 0) or 0:.1f} | {budget(k):.0f} | "
+            f"{v.get('status')} | {'cached' if v.get('cached') else 'executed'} |"
+        )
+    total_wall = sum(v.get("seconds", 0) for v in report.values())
+    total_cpu = sum(v.get("cpu_seconds", 0) or 0 for v in report.values())
+    lines.append(f"| **total** | {total_wall:.1f} | {total_cpu:.1f} | | | |")
+    (REPORTS / "execution.md").write_text("\n".join(lines) + "\n")
+
+
+def execute(
+    names: list[str] | None = None,
+    parameters: dict | None = None,
+    jobs: int | None = None,
+    runner: Callable[[Job], dict] | None = None,
+) -> int:
+    """Execute the notebooks whose cache key changed, ``jobs`` at a time, into ``_build/src/notebooks``.
+
+    A notebook is skipped when ``_build/reports/execution.json`` holds a
+    successful run with the same key (:func:`notebook_key`) and its executed
+    copy is still the one that run wrote. Its entry keeps the times measured
+    then, so the budgets are checked on every build. ``runner`` replaces
+    papermill (tests); it is then called in this process, one notebook at a time.
+    """
     params = {**DEFAULT_PARAMETERS, **(parameters or {})}
     out_dir = SRC / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,39 +465,74 @@ def execute(names: list[str] | None = None, parameters: dict | None = None) -> i
             raise SystemExit(f"[book] no notebook matches {names}")
     report_path = REPORTS / "execution.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if not names:  # forget notebooks that no longer exist
+        report = {k: v for k, v in report.items() if k in {p.stem for p in sources}}
+    package, environment = package_digest(), environment_digest()
+    todo: list[tuple[Job, str]] = []
     for nb in sources:
-        log(f"executing {nb.relative_to(ROOT)}")
-        t0 = time.perf_counter()
-        try:
-            pm.execute_notebook(
-                str(nb),
-                str(out_dir / nb.name),
-                parameters=params,
-                kernel_name="python3",
-                cwd=str(NOTEBOOKS),
-                progress_bar=False,
-                request_save_on_cell_execute=False,
-            )
-        except PapermillExecutionError as err:
-            wall = time.perf_counter() - t0
-            report[nb.stem] = {"seconds": round(wall, 2), "status": "failed", "cell": err.cell_index}
-            report_path.write_text(json.dumps(report, indent=2))
-            log(
-                f"FAILED {nb.relative_to(ROOT)}: cell {err.cell_index} (execution count {err.exec_count}) "
-                f"raised {err.ename}: {err.evalue}"
-            )
-            return 1
-        wall = time.perf_counter() - t0
-        _hide_injected_parameters(out_dir / nb.name)
-        report[nb.stem] = {"seconds": round(wall, 2), "status": "ok"}
-        log(f"  {nb.stem}: {wall:.1f} s")
-        report_path.write_text(json.dumps(report, indent=2))
-    lines = ["| notebook | seconds | status |", "|---|---:|---|"]
-    lines += [f"| {k} | {v['seconds']:.1f} | {v['status']} |" for k, v in sorted(report.items())]
-    lines.append(f"| **total** | {sum(v['seconds'] for v in report.values()):.1f} | |")
-    (REPORTS / "execution.md").write_text("\n".join(lines) + "\n")
+        key = notebook_key(nb, params, package, environment)
+        out = out_dir / nb.name
+        entry = report.get(nb.stem, {})
+        fresh = (
+            entry.get("key") == key
+            and entry.get("status") == "ok"
+            and out.exists()
+            and entry.get("output_sha256") == _sha256(out.read_bytes())
+        )
+        if fresh:
+            entry["cached"] = True
+        else:
+            job = Job(nb.stem, str(nb), str(out), str(NOTEBOOKS), params)
+            todo.append((job, key))
+    # longest first (by the last recorded CPU time, else the budget), so that the pool ends together
+    todo.sort(key=lambda jk: -(report.get(jk[0].name, {}).get("cpu_seconds") or budget(jk[0].name)))
+    jobs = max(1, min(jobs or default_jobs(), len(todo) or 1))
+    log(f"{len(sources) - len(todo)} notebook(s) up to date, {len(todo)} to execute" + (f", {jobs} at a time" if todo else ""))
+    failed: list[str] = []
+    t_all = time.perf_counter()
+
+    def record(job: Job, key: str, result: dict) -> None:
+        entry = {**result, "cached": False, "jobs": jobs, "key": key}
+        if result["status"] == "ok":
+            entry["output_sha256"] = _sha256(Path(job.output).read_bytes())
+            log(f"  {job.name}: {result['seconds']:.1f} s wall, {result['cpu_seconds']:.1f} s CPU")
+        else:
+            failed.append(job.name)
+            log(f"FAILED {Path(job.source).relative_to(ROOT)}: cell {result.get('cell')} "
+                f"(execution count {result.get('exec_count')}) raised {result.get('error')}")
+        report[job.name] = entry
+        _write_reports(report)
+
+    if runner is not None:
+        for job, key in todo:
+            log(f"executing {Path(job.source).relative_to(ROOT)}")
+            record(job, key, runner(job))
+            if failed:
+                break
+    elif todo:
+        import multiprocessing
+
+        # spawn: fresh workers (no forked threads of the caller); each runs one notebook at a time
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for job, key in todo:
+                futures[pool.submit(run_papermill, job)] = (job, key)
+            for fut in as_completed(futures):
+                if fut.cancelled():
+                    continue
+                job, key = futures[fut]
+                record(job, key, fut.result())
+                if failed:  # stop: start no other notebook, let the running ones finish
+                    for other in futures:
+                        other.cancel()
+    _write_reports(report)
+    if todo:
+        log(f"executed {len(todo)} notebook(s) in {time.perf_counter() - t_all:.1f} s")
+    over = [p for p in (budget_problem(nb.stem, report.get(nb.stem)) for nb in sources) if p]
+    for problem in over:
+        log(f"over budget or not run: {problem}")
     log(f"timing report: {(REPORTS / 'execution.md').relative_to(ROOT)}")
-    return 0
+    return 1 if failed else 0
 
 
 # --------------------------------------------------------------------------- html
@@ -353,13 +578,42 @@ def hero_figure(path: Path) -> None:
     plt.close(fig)
 
 
-def html() -> int:
-    """Stage the sources and build the HTML book; warnings are errors."""
+def html_key() -> str:
+    """The cache key of the HTML build: everything the staged sources and the build read."""
+    executed = sorted((SRC / "notebooks").glob("*.ipynb"))
+    files = [ROOT / "_config.yml", ROOT / "_toc.yml"] + executed
+    return _sha256(
+        CACHE_VERSION.encode(),
+        *[f.name.encode() + b"\0" + f.read_bytes() for f in files],
+        _tree_digest(ROOT / "book").encode(),  # prose, bibliography, static files, this pipeline, assets.json
+        package_digest().encode(),  # the chapter map and the hero figure come from the package
+        environment_digest().encode(),  # Sphinx, the theme, myst-nb, anywidget's front end
+    )
+
+
+def html(force: bool = False) -> int:
+    """Stage the sources and build the HTML book; warnings are errors.
+
+    Skipped when the last successful build had the same :func:`html_key` and its
+    output is still there: its Sphinx log (``_build/reports/sphinx.log``) stays
+    the log of the build that produced the pages.
+    """
     executed = sorted((SRC / "notebooks").glob("*.ipynb"))
     expected = {p.with_suffix(".ipynb").name for p in notebook_sources()}
     missing = expected - {p.name for p in executed}
     if missing:
         raise SystemExit(f"[book] not executed yet: {sorted(missing)}; run `python book/build.py execute` first")
+    stale = {p for p in executed if p.name not in expected}
+    for p in stale:  # a renamed or deleted chapter: its old output must not reach the book
+        p.unlink()
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    stamp = REPORTS / "html.json"
+    key = html_key()
+    last = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if not force and last.get("key") == key and last.get("status") == "ok" and (HTML / "index.html").exists():
+        log(f"HTML up to date (built in {last.get('seconds')} s from the same sources): {HTML / 'index.html'}")
+        return 0
+    stamp.unlink(missing_ok=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, SRC / name)
     shutil.rmtree(SRC / "book", ignore_errors=True)
@@ -374,13 +628,14 @@ def html() -> int:
         "--path-output", str(ROOT), "--warningiserror", "--nitpick", "--keep-going", "--all",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    (REPORTS).mkdir(parents=True, exist_ok=True)
     (REPORTS / "sphinx.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not (HTML / "index.html").exists():
         print(proc.stdout[-6000:], proc.stderr[-6000:], sep="\n")
         log(f"book build FAILED (full log: {(REPORTS / 'sphinx.log').relative_to(ROOT)})")
         return proc.returncode or 1
-    log(f"built in {time.perf_counter() - t0:.1f} s")
+    seconds = round(time.perf_counter() - t0, 1)
+    stamp.write_text(json.dumps({"key": key, "status": "ok", "seconds": seconds}, indent=2) + "\n")
+    log(f"built in {seconds:.1f} s")
     log(f"the book is at {HTML / 'index.html'}")
     return 0
 
@@ -394,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("execute")
     e.add_argument("names", nargs="*", help="substrings of notebook names (default: all)")
     e.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    sub.add_parser("html")
+    e.add_argument("-j", "--jobs", type=int, default=None, help="notebooks at once (default: ATTN_BOOK_JOBS or the CPU count)")
+    h = sub.add_parser("html")
+    h.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
     sub.add_parser("all")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -403,9 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "assets":
         return assets()
     if args.cmd == "execute":
-        return execute(args.names, {k: yaml.safe_load(v) for k, v in args.parameter})
+        return execute(args.names, {k: yaml.safe_load(v) for k, v in args.parameter}, jobs=args.jobs)
     if args.cmd == "html":
-        return html()
+        return html(force=args.force)
     t0 = time.perf_counter()
     for step in (sync, assets, execute, html):
         rc = step()

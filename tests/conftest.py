@@ -1,4 +1,4 @@
-"""Shared fixtures. The slow ones execute the notebooks and build the book once per session."""
+"""Shared fixtures. The slow ones execute the notebooks and build the book (incrementally) once per session."""
 
 from __future__ import annotations
 
@@ -27,11 +27,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def executed_notebooks() -> dict:
-    """Execute every notebook with papermill (once); return the timing report."""
+    """Every notebook executed with papermill; return the timing report (``_build/reports/execution.json``).
+
+    ``book/build.py execute`` executes only the notebooks whose cache key changed
+    (source, parameters, the ``attn`` package, the installed environment), so
+    right after ``make book`` it executes none. Each entry keeps the wall and
+    kernel CPU times measured when the notebook last did execute, and the tests
+    check the budgets, the outputs, the build and the browser on every run.
+    """
     report = BUILD / "reports" / "execution.json"
-    if os.environ.get("ATTN_REUSE_BUILD") and report.exists():  # developer shortcut: test the existing build
+    if os.environ.get("ATTN_REUSE_BUILD") and report.exists():  # developer shortcut: test the existing build as it is
         return json.loads(report.read_text())
-    report.unlink(missing_ok=True)
     proc = _run("execute")
     if proc.returncode != 0:
         pytest.fail(f"notebook execution failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -40,7 +46,11 @@ def executed_notebooks() -> dict:
 
 @pytest.fixture(scope="session")
 def built_book(executed_notebooks) -> Path:
-    """Fetch the front-end assets and build the HTML book (warnings are errors); return _build/html."""
+    """Fetch the front-end assets and build the HTML book (warnings are errors); return _build/html.
+
+    The build is skipped when its inputs are those of the last successful build
+    (``book/build.py html``); ``_build/reports/sphinx.log`` is that build's log.
+    """
     if os.environ.get("ATTN_REUSE_BUILD") and (BUILD / "html" / "index.html").exists():
         return BUILD / "html"
     for step in ("assets", "html"):

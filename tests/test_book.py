@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "book"))
+import build  # noqa: E402  (book/build.py: the budgets and their check)
+
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
-BUDGET_S = 60  # per chapter, on the 2-core CI machine
-# The comparison trains and sweeps every registered mechanism (over forty models, two at a time).
-BUDGETS = {"24_comparison": 150}
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes_within_budget(executed_notebooks, name):
-    entry = executed_notebooks[name]
-    assert entry["status"] == "ok"
-    budget = BUDGETS.get(name, BUDGET_S)
-    assert entry["seconds"] < budget, f"{name} took {entry['seconds']} s (budget {budget} s)"
+    """60 s of kernel CPU time per chapter, on one torch thread (the comparison, in 2 worker processes: 150 s).
+
+    CPU time, not wall time: the notebooks run several at a time, and a shared
+    machine stretches wall time, not the work done. A notebook taken from the
+    cache is checked against the times recorded when it did execute.
+    """
+    problem = build.budget_problem(name, executed_notebooks.get(name))
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
