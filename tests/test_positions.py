@@ -202,7 +202,7 @@ def test_bad_arguments():
         RotaryEmbedding(8)(torch.randn(3, 6), torch.arange(3))
     with pytest.raises(ValueError, match=r"positions must have shape"):
         RotaryEmbedding(8)(torch.randn(3, 8), torch.arange(4))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
         alibi_slopes(0)
 
 
