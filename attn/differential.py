@@ -60,7 +60,8 @@ from .positions import fused_attention
 from .registry import register
 
 __all__ = [
-    "lambda_init", "attend_wide_values", "DifferentialAttention", "SinkCache", "RotaryLM", "MotifStream", "window_recompute_logits",
+    "lambda_init", "attend_wide_values", "DifferentialAttention", "SinkCache", "RotaryLM", "MotifStream",
+    "window_recompute_logits",
 ]
 
 

@@ -29,18 +29,18 @@ the paper's interleaving of the two nearest powers).
 Shapes: ``x`` ``(B, n, E)``; RoPE acts on ``(B, H, n, d)``; the ALiBi bias is
 ``(H, n_q, n_k)``.
 
-**Precision rule.** Angles and tables (RoPE's ``cos, sin``, the sinusoidal
-embedding) are computed in float64 and cast to the input's dtype, as in
-:mod:`attn.latent`: a float64 input gets float64-exact rotations, a float32 or
-bf16 input the correctly rounded ones.
+**Precision rule.** Angles and tables are computed in float64 and cast to the
+input's dtype (RoPE's ``cos, sin``, as in :mod:`attn.latent`; the sinusoidal
+embedding is cast to the default dtype): a float64 input gets float64-exact
+rotations, a float32 or bf16 input the correctly rounded ones.
 
 **Memory.** Without weights, attention runs in memory linear in ``n``
 (:func:`fused_attention`): RoPE and the causal mask go straight into the fused
 ``F.scaled_dot_product_attention`` (``is_causal``, no mask tensor). The ALiBi
 bias is additive, and torch's CPU kernels have no fused path for an additive
-bias computed inside the kernel (the one that runs it, FlexAttention, needs a
-``torch.compile`` build of the kernel first, tens of seconds on a CPU, per
-shape): so the bias is built one block of ``block_q`` queries at a time,
+bias computed inside the kernel (the one that runs it, FlexAttention, runs on a
+CPU only through ``torch.compile``, a C++ build of the kernel before its first
+call): so the bias is built one block of ``block_q`` queries at a time,
 ``(H, block_q, n_k)``, and each block goes through the fused kernel. Memory
 ``O(H\, block_q\, n)`` instead of ``O(H n^2)``; with ``need_weights=True`` the
 exact dense path forms the full ``(B, H, n, n)`` weights.
@@ -60,8 +60,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_heads, check_int, check_positive_float, check_tensor, check_tokens, empty_batch
-from .core import AttentionOutput, scaled_dot_product_attention
+from .checks import (
+    check_heads, check_int, check_positive_float, check_same_dtype, check_tensor, check_tokens, empty_batch,
+)
+from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
 
@@ -206,7 +208,7 @@ def fused_attention(
       keys are skipped) and one fused call. Memory ``O(H\, block_q\, n_k)``.
 
     Args:
-        q: ``(B, H, n_q, d)``. k: ``(B, H, n_k, d)``. v: ``(B, H, n_k, d_v)``.
+        q: ``(B, [H,] n_q, d)``. k: ``(B, [H,] n_k, d)``. v: ``(B, [H,] n_k, d_v)``.
         key_mask: ``(B, n_k)`` boolean, ``True`` = real key.
         causal: hide keys ``j > i``.
         scale: ``\tau``, default ``1/sqrt(d)``.
@@ -216,9 +218,14 @@ def fused_attention(
         block_q: queries per block on the blocked path.
 
     Returns:
-        ``(B, H, n_q, d_v)``.
+        ``(B, [H,] n_q, d_v)``.
     """
+    check_qkv(q, k, v)
+    check_same_dtype(("q", q), ("k", k), ("v", v))
     check_int("block_q", block_q)
+    if q.ndim == 3:  # one head
+        return fused_attention(q[:, None], k[:, None], v[:, None], key_mask=key_mask, causal=causal, scale=scale,
+                               bias=bias, dropout_p=dropout_p, block_q=block_q)[:, 0]
     batch, n_q, n_k = q.shape[0], q.shape[-2], k.shape[-2]
     if key_mask is not None:
         check_key_mask(key_mask, batch, n_k)

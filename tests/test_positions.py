@@ -346,3 +346,18 @@ def test_rope_tables_are_float64_for_float64_input():
 
     lc, ls = rotary_cos_sin(pos, 16, 10000.0, torch.float64)
     assert torch.equal(lc, cos) and torch.equal(ls, sin)
+
+
+def test_fused_attention_one_head_and_bad_input():
+    from attn.positions import fused_attention
+
+    q = torch.randn(2, 6, 4, dtype=torch.float64)
+    ref = (q @ q.transpose(-1, -2) / 2.0).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    assert (fused_attention(q, q, q, causal=True, block_q=4) - ref.softmax(-1) @ q).abs().max() <= 1e-13
+    assert (fused_attention(q, q, q, causal=True) - ref.softmax(-1) @ q).abs().max() <= 1e-13
+    with pytest.raises(TypeError, match="dtypes must match"):
+        fused_attention(q, q.float(), q)
+    with pytest.raises(ValueError, match="key_mask"):
+        fused_attention(q, q, q, key_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_q must be >= 1"):
+        fused_attention(q, q, q, block_q=0)
