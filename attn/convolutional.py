@@ -50,6 +50,7 @@ from .checks import check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput
 from .masks import check_key_mask
 from .multihead import MultiHeadAttention
+from .positions import fused_attention
 from .registry import OwnTask, register
 
 __all__ = [
@@ -234,6 +235,11 @@ class MultiDConvHeadAttention(MultiHeadAttention):
     ``(output (B, n, E), weights (B, h, n, n) | None)``. Padded positions are
     zeroed before the convolutions, like the zeros past the sequence's ends, so
     they reach no real token.
+
+    Memory: the convolutions are ``O(n E k)``; without weights, attention is the
+    fused ``F.scaled_dot_product_attention`` (``is_causal``, no ``n x n`` mask;
+    a key mask with causal runs in query blocks, :func:`attn.positions.fused_attention`),
+    linear in ``n``. ``need_weights=True`` takes the exact dense path.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size: int = 3, causal: bool = True, dropout: float = 0.0, bias: bool = True) -> None:
@@ -271,9 +277,13 @@ class MultiDConvHeadAttention(MultiHeadAttention):
             self.split_heads(causal_depthwise_conv(p, self.dconv_weight[i], self.dconv_bias[i], self.causal))  # (B, h, n, d_h)
             for i, p in enumerate(projected)
         )
-        out, weights = self.attend(
+        dropout_p, scale = self.dropout if self.training else 0.0, 1.0 / math.sqrt(self.head_dim)
+        if not need_weights:  # fused kernel, linear memory
+            out = fused_attention(q, k, v, key_mask=key_mask, causal=self.causal, scale=scale, dropout_p=dropout_p)
+            return AttentionOutput(self.out_proj(self.merge_heads(out)), None)
+        out, weights = self.attend(  # the exact dense path, (B, h, n, n) weights
             q, k, v, attn_mask=None, key_mask=key_mask, is_causal=self.causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=1.0 / math.sqrt(self.head_dim), need_weights=need_weights,
+            dropout_p=dropout_p, scale=scale, need_weights=True,
         )
         return AttentionOutput(self.out_proj(self.merge_heads(out)), weights)
 

@@ -20,7 +20,13 @@ with learnable vectors ``\lambda_{q_1}, \lambda_{k_1}, \lambda_{q_2}, \lambda_{k
 index (1-based). ``h = E / (2d)``: a differential layer of width ``E`` with
 ``h`` heads has the parameters of a standard layer with ``2h`` heads of
 width ``d``. The output is two fused attention calls, ``A_1 V - \lambda A_2 V``:
-no ``n x n`` map is formed unless the weights are asked for.
+no ``n x n`` map is formed unless the weights are asked for. The fused kernels
+want values as wide as queries (``d``), and ``V`` is ``2d`` wide: as in the
+authors' code, ``V`` is split into halves ``V^{(1)}, V^{(2)}`` and
+``A_i V = [A_i V^{(1)}; A_i V^{(2)}]``; the two halves ride as extra heads of
+one call per map (:func:`attend_wide_values`). Memory is linear in ``n``
+(causal: ``is_causal``, no mask tensor); ``need_weights=True`` takes the exact
+dense path.
 
 **Attention sinks** (Xiao et al., "Efficient Streaming Language Models with
 Attention Sinks", ICLR 2024). A causal LM decoding past its training length
@@ -46,22 +52,55 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int, check_tokens, empty_batch
+from .checks import check_int, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
 from .latent import apply_rotary, rotary_cos_sin
 from .masks import check_key_mask
+from .positions import fused_attention
 from .registry import register
 
 __all__ = [
-    "lambda_init", "DifferentialAttention", "SinkCache", "RotaryLM", "MotifStream", "window_recompute_logits",
+    "lambda_init", "attend_wide_values", "DifferentialAttention", "SinkCache", "RotaryLM", "MotifStream",
+    "window_recompute_logits",
 ]
+
+
+def _check_lambda_init(value: object) -> float:
+    """``lambda_init_value`` must be a finite real number in ``[0, 1)``; the message says why."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"lambda_init_value must be a real number in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"lambda_init_value must be a finite number in [0, 1), got {value}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"lambda_init_value must be in [0, 1), got {value}: every head is scaled by (1 - lambda_init), "
+            "so 1 makes the layer's output exactly zero (and no gradient reaches it) and values above 1 flip its sign; "
+            "the paper's schedule lambda_init(l) stays in [0.2, 0.8)")
+    return value
 
 
 def lambda_init(layer_index: int) -> float:
     r"""``0.8 - 0.6 \exp(-0.3 (l - 1))`` for layer ``l >= 1`` (Ye et al., section 2.1): 0.2 in layer 1, towards 0.8 deep down."""
-    if layer_index < 1:
-        raise ValueError(f"layer_index is 1-based, got {layer_index}")
+    check_int("layer_index (1-based)", layer_index)
     return 0.8 - 0.6 * math.exp(-0.3 * (layer_index - 1))
+
+
+def attend_wide_values(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    r"""``softmax(q k^\top / \sqrt d) v`` for values twice as wide as the queries, in linear memory.
+
+    ``q, k`` ``(B, h, n, d)``, ``v`` ``(B, h, n, 2d)`` -> ``(B, h, n, 2d)``. The fused
+    kernels need ``d_v = d``: ``v`` is split into its halves, which become heads
+    ``2i, 2i+1`` (each paired with the same ``q, k`` of head ``i``) of one
+    :func:`attn.positions.fused_attention` call: ``A [V^{(1)}, V^{(2)}] = [A V^{(1)}, A V^{(2)}]``.
+    """
+    B, h, n, d = q.shape
+    two = (B, h, 2, n, d)
+    qq = q.unsqueeze(2).expand(two).reshape(B, 2 * h, n, d)  # head i's queries, twice
+    kk = k.unsqueeze(2).expand(two).reshape(B, 2 * h, n, d)
+    vv = v.reshape(B, h, n, 2, d).transpose(2, 3).reshape(B, 2 * h, n, d)  # halves V^(1), V^(2) as heads 2i, 2i+1
+    out = fused_attention(qq, kk, vv, key_mask=key_mask, causal=causal, scale=1.0 / math.sqrt(d))  # (B, 2h, n, d)
+    return out.view(B, h, 2, n, d).transpose(2, 3).reshape(B, h, n, 2 * d)
 
 
 @register(
@@ -80,7 +119,8 @@ class DifferentialAttention(nn.Module):
         num_heads: differential heads ``h``; each has query/key halves of width
             ``d = E / (2h)`` and values of width ``2d`` (``2h`` standard heads' worth of parameters).
         layer_index: the layer's 1-based depth ``l``, which sets ``lambda_init`` (default 1: 0.2).
-        lambda_init_value: override ``lambda_init``.
+        lambda_init_value: override ``lambda_init``: a finite number in ``[0, 1)`` (the heads are
+            scaled by ``1 - lambda_init``: 1 would zero the output, above 1 flip its sign).
         causal: hide future keys (a decoder).
         bias: biases on the projections (the paper has none).
         eps: epsilon of the per-head RMSNorm.
@@ -98,7 +138,7 @@ class DifferentialAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by 2 * num_heads ({2 * num_heads})")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // (2 * num_heads)
         self.causal = causal
-        self.lambda_init = lambda_init(layer_index) if lambda_init_value is None else float(lambda_init_value)
+        self.lambda_init = lambda_init(layer_index) if lambda_init_value is None else _check_lambda_init(lambda_init_value)
         d = self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # h heads x [Q_1; Q_2], each of width d
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # h heads x [K_1; K_2]
@@ -139,9 +179,13 @@ class DifferentialAttention(nn.Module):
                                    x.new_zeros(B, self.num_heads, n, n) if need_weights else None)
         q1, q2, k1, k2, v = self._qkv(x)
         lam = self.lam()
-        kw = dict(key_mask=key_mask, is_causal=self.causal, need_weights=need_weights)
-        o1, a1 = scaled_dot_product_attention(q1, k1, v, **kw)  # A_1 V, (B, h, n, 2d)
-        o2, a2 = scaled_dot_product_attention(q2, k2, v, **kw)  # A_2 V
+        if need_weights:  # the exact dense path: both maps are formed
+            kw = dict(key_mask=key_mask, is_causal=self.causal, need_weights=True)
+            o1, a1 = scaled_dot_product_attention(q1, k1, v, **kw)  # A_1 V, (B, h, n, 2d)
+            o2, a2 = scaled_dot_product_attention(q2, k2, v, **kw)  # A_2 V
+        else:  # two fused calls, V in halves: memory linear in n
+            o1 = attend_wide_values(q1, k1, v, key_mask, self.causal)
+            o2 = attend_wide_values(q2, k2, v, key_mask, self.causal)
         heads = self.head_norm(o1 - lam * o2) * (1.0 - self.lambda_init)  # (B, h, n, 2d)
         y = self.out_proj(heads.transpose(1, 2).reshape(B, n, self.embed_dim))
         return AttentionOutput(y, (a1 - lam * a2) if need_weights else None)
@@ -193,6 +237,17 @@ class SinkCache:
     """
 
     def __init__(self, num_layers: int, window: int | None, sinks: int | Tensor = 0) -> None:
+        self.num_layers = check_int("num_layers", num_layers)
+        if window is not None:
+            check_int("window", window)
+        if isinstance(sinks, Tensor):
+            if sinks.ndim != 1 or sinks.dtype == torch.bool or sinks.is_floating_point() or sinks.is_complex():
+                raise TypeError(f"sinks must be an int or a (batch,) integer tensor (one policy per row), "
+                                f"got a {sinks.ndim}-D {sinks.dtype} tensor")
+            if sinks.numel() == 0:
+                raise ValueError("sinks given as a tensor must have one entry per row, got an empty tensor")
+        else:
+            check_int("sinks", sinks, low=0)
         most = int(sinks.max()) if isinstance(sinks, Tensor) else sinks
         least = int(sinks.min()) if isinstance(sinks, Tensor) else sinks
         if window is not None and not 0 <= least <= most < window:
@@ -204,8 +259,40 @@ class SinkCache:
         self.v: list[Tensor | None] = [None] * num_layers
         self.seen = 0  # tokens appended so far
 
+    def _check(self, layer: object, k: object, v: object) -> tuple[Tensor, Tensor]:
+        """Clear errors for a bad layer index, non-tensors, shapes and dtypes that don't fit the cache."""
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int in [0, {self.num_layers}), got {type(layer).__name__}")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}) (the cache was built for num_layers="
+                             f"{self.num_layers}), got {layer}")
+        k = check_tensor(k, "k", "(batch, heads, tokens, head_dim)", 4)
+        v = check_tensor(v, "v", "(batch, heads, tokens, head_dim_v)", 4)
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"k and v must share (batch, heads, tokens), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+        cached_k, cached_v = self.k[layer], self.v[layer]
+        check_same_dtype(("k", k), ("v", v), ("cached keys", cached_k))
+        if cached_k is not None and cached_v is not None:
+            want = (cached_k.shape[0], cached_k.shape[1], cached_k.shape[3])
+            if (k.shape[0], k.shape[1], k.shape[3]) != want or v.shape[3] != cached_v.shape[3]:
+                raise ValueError(
+                    f"layer {layer}'s cache holds (batch={want[0]}, heads={want[1]}, head_dim={want[2]}) with values of "
+                    f"width {cached_v.shape[3]}: k and v must continue it, got k {tuple(k.shape)} and v {tuple(v.shape)} "
+                    "(start a new SinkCache for a new batch)")
+        if isinstance(self.sinks, Tensor) and self.sinks.shape[0] != k.shape[0]:
+            raise ValueError(f"sinks has one entry per row: shape ({k.shape[0]},) for this batch of {k.shape[0]}, "
+                             f"got {tuple(self.sinks.shape)}")
+        return k, v
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add one token's ``k, v`` ``(B, h, 1, d)``; evict; return the cache ``(B, h, size, d)``."""
+        """Add one token's ``k, v`` ``(B, h, 1, d)``; evict; return the cache ``(B, h, size, d)``.
+
+        Raises:
+            TypeError: ``k`` or ``v`` not a floating-point tensor, or a dtype other than the cache's.
+            ValueError: ``layer`` outside ``[0, num_layers)``; a batch, head count or width other than
+                the cache's; per-row ``sinks`` of another batch size.
+        """
+        k, v = self._check(layer, k, v)
         if self.k[layer] is None:
             ks, vs = k, v
         else:

@@ -289,6 +289,62 @@ def test_mdha_bad_construction_and_empty_batch():
     assert out.output.shape == (0, 5, 8) and out.weights.shape == (0, 2, 5, 5)
 
 
+def largest_tensor(fn) -> int:
+    """The most elements any aten op's output has while ``fn()`` runs (no grad): ``n^2`` per head means a dense map."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with torch.no_grad(), Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mdha_no_dense_map_without_weights(causal):
+    """Convolutions, then the fused kernel with is_causal: no (n, n) mask or map (the original built an n x n causal mask)."""
+    n = 512
+    mod = MultiDConvHeadAttention(8, 2, kernel_size=3, causal=causal)
+    x = torch.randn(1, n, 8)
+    assert largest_tensor(lambda: mod(x)) < n * n // 8
+    assert largest_tensor(lambda: mod(x, need_weights=True)) >= 2 * n * n
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mask", ["none", "right", "left"])
+def test_mdha_fused_path_equals_dense_path_float64(causal, mask):
+    """need_weights=False against need_weights=True and the explicit formula: outputs and all gradients, float64."""
+    torch.manual_seed(0)
+    mod = MultiDConvHeadAttention(12, 3, kernel_size=3, causal=causal).double()
+    with torch.no_grad():
+        mod.dconv_bias.normal_()
+    x = torch.randn(3, 9, 12, dtype=torch.float64, requires_grad=True)
+    km = None
+    if mask != "none":
+        km = padding_mask([9, 6, 4], 9)
+        if mask == "left":  # causal rows before the first real key see nothing
+            km = km.flip(-1)
+        km[2] = False  # and a row of padding only
+    fast, dense = mod(x, key_mask=km), mod(x, key_mask=km, need_weights=True)
+    assert fast.weights is None
+    assert (fast.output - dense.output).abs().max() <= 1e-12
+    if mask == "none":
+        assert (fast.output - mdha_reference(mod, x, None)).abs().max() <= 1e-12
+    params = [x, *mod.parameters()]
+    for a, b in zip(torch.autograd.grad(fast.output.square().sum(), params),
+                    torch.autograd.grad(dense.output.square().sum(), params)):
+        assert (a - b).abs().max() <= 1e-11
+
+
 # ----------------------------------------------------------------------------- registry, task
 
 

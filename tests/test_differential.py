@@ -254,3 +254,134 @@ def test_motif_stream_and_bad_tokens():
         lm()(torch.zeros(2, 5))
     with pytest.raises(ValueError):
         MotifStream(vocab=2)
+
+
+# ----------------------------------------------------------------------------- linear memory, bad input
+
+
+def largest_tensor(fn) -> int:
+    """The most elements any aten op's output has while ``fn()`` runs (no grad): ``n^2`` per head means a dense map."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with torch.no_grad(), Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_dense_map_without_weights(causal):
+    """Two fused calls with V in halves: nothing of size n^2 (the dense path forms (B, h, n, n) maps, twice)."""
+    n = 512
+    m = make(causal=causal)
+    x = torch.randn(1, n, E)
+    assert largest_tensor(lambda: m(x)) < n * n // 8
+    assert largest_tensor(lambda: m(x, need_weights=True)) >= m.num_heads * n * n
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_path_equals_dense_path_and_formula_float64(causal, padded):
+    """need_weights=False (two fused calls) against the dense path and the paper's formula: outputs and gradients."""
+    m = make(causal=causal, dtype=torch.float64)
+    x = tokens(B=3, n=9, dtype=torch.float64).requires_grad_()
+    km = None
+    if padded:  # left padding (causal rows with no visible key), right padding, an all-padding row
+        km = torch.ones(3, 9, dtype=torch.bool)
+        km[0, :3] = False
+        km[1, 6:] = False
+        km[2] = False
+    fast, dense = m(x, key_mask=km), m(x, key_mask=km, need_weights=True)
+    assert fast.weights is None
+    assert (fast.output - dense.output).abs().max() <= 1e-12
+    if not padded:
+        assert (fast.output - explicit(m, x)).abs().max() <= 1e-12
+    params = [x, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(fast.output.square().sum(), params),
+                    torch.autograd.grad(dense.output.square().sum(), params)):
+        assert (a - b).abs().max() <= 1e-11
+
+
+def test_attend_wide_values_is_softmax_times_wide_values():
+    from attn.differential import attend_wide_values
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64)
+    for causal in (False, True):
+        s = q @ k.transpose(-1, -2) / 2.0
+        if causal:
+            s = s.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+        assert (attend_wide_values(q, k, v, causal=causal) - s.softmax(-1) @ v).abs().max() <= 1e-13
+
+
+@pytest.mark.parametrize(
+    "value, err, match",
+    [
+        (float("inf"), ValueError, "lambda_init_value must be a finite number"),
+        (float("nan"), ValueError, "lambda_init_value must be a finite number"),
+        (1.0, ValueError, r"1 makes the layer's output exactly zero"),
+        (1.5, ValueError, r"in \[0, 1\)"),
+        (-0.2, ValueError, r"in \[0, 1\)"),
+        ("0.5", TypeError, "lambda_init_value must be a real number"),
+    ],
+)
+def test_lambda_init_value_must_be_finite_and_below_one(value, err, match):
+    with pytest.raises(err, match=match):
+        DifferentialAttention(E, 2, lambda_init_value=value)
+
+
+def test_lambda_init_layer_index_checked():
+    with pytest.raises(ValueError, match="layer_index"):
+        lambda_init(0)
+    with pytest.raises(TypeError, match="layer_index"):
+        lambda_init(1.5)
+
+
+def kv(B=2, h=2, d=4, dtype=torch.float32):
+    return torch.randn(B, h, 1, d, dtype=dtype), torch.randn(B, h, 1, d, dtype=dtype)
+
+
+def started(B=2, h=2, d=4, layers=2, sinks=1):
+    cache = SinkCache(layers, window=4, sinks=sinks)
+    cache.append(0, *kv(B, h, d))
+    return cache
+
+
+@pytest.mark.parametrize(
+    "call, err, match",
+    [
+        (lambda: started().append(0, [[0.0]], kv()[1]), TypeError,
+         r"k must be a torch.Tensor of shape \(batch, heads, tokens, head_dim\)"),
+        (lambda: started().append(0, torch.randn(2, 1, 4), torch.randn(2, 1, 4)), ValueError,
+         r"k must have shape \(batch, heads, tokens, head_dim\)"),
+        (lambda: started().append(0, *kv(B=3)), ValueError,  # a new batch mid-decoding
+         r"holds \(batch=2, heads=2, head_dim=4\).*new SinkCache"),
+        (lambda: started().append(0, *kv(h=4)), ValueError, r"holds \(batch=2, heads=2, head_dim=4\)"),  # new head count
+        (lambda: started().append(2, *kv()), ValueError, r"layer must be in \[0, 2\).*got 2"),  # past the cache
+        (lambda: started().append(-1, *kv()), ValueError, r"layer must be in \[0, 2\)"),
+        (lambda: started().append(0, *kv(dtype=torch.float64)), TypeError,  # mixed dtypes with the cache
+         r"dtypes must match.*cached keys: torch.float32"),
+        (lambda: SinkCache(1, window=4).append(0, kv()[0], kv()[1].double()), TypeError,
+         r"dtypes must match \(k: torch.float32, v: torch.float64"),
+        (lambda: SinkCache(1, window=4).append(0, kv()[0], torch.randn(2, 2, 2, 4)), ValueError, "k and v must share"),
+        (lambda: SinkCache(1, window=3, sinks=torch.tensor([0, 1, 2])).append(0, *kv(B=2)), ValueError,  # per-row sinks
+         r"sinks has one entry per row: shape \(2,\)"),
+        (lambda: SinkCache(1, window=4, sinks=torch.tensor([0.5, 1.0])), TypeError, "sinks must be an int or a"),
+        (lambda: SinkCache(2.0, window=4), TypeError, "num_layers must be an int"),
+        (lambda: SinkCache(1, window=0), ValueError, "window must be >= 1"),
+    ],
+)
+def test_sink_cache_bad_input_names_what_was_expected(call, err, match):
+    with pytest.raises(err, match=match):
+        call()

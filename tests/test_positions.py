@@ -202,7 +202,7 @@ def test_bad_arguments():
         RotaryEmbedding(8)(torch.randn(3, 6), torch.arange(3))
     with pytest.raises(ValueError, match=r"positions must have shape"):
         RotaryEmbedding(8)(torch.randn(3, 8), torch.arange(4))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
         alibi_slopes(0)
 
 
@@ -213,3 +213,151 @@ def test_registry_build():
         layer = mech.build(32, 4)
         out = layer(torch.randn(2, 7, 32), need_weights=True)
         assert out.output.shape == (2, 7, 32) and out.weights.shape == (2, 4, 7, 7)
+
+
+# ----------------------------------------------------------------------------- linear memory, bad input, precision
+
+
+def largest_tensor(fn) -> int:
+    """The most elements any aten op's output has while ``fn()`` runs (no grad): ``n_q * n_k`` per head means a dense map."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with torch.no_grad(), Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("position", ["alibi", "rope", "none"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_no_dense_map_without_weights(position, causal):
+    """Without weights no tensor bigger than one query block's (H, block_q, n) exists (the dense map has H n^2)."""
+    n, H, block = 512, 4, 64
+    m = PositionalAttention(16, H, position, causal=causal, block_q=block)
+    x = torch.randn(1, n, 16)
+    assert largest_tensor(lambda: m(x)) <= H * block * n  # = H n^2 / 8 here
+    assert largest_tensor(lambda: m(x, need_weights=True)) >= H * n * n  # the weights path is the dense one
+
+
+@pytest.mark.parametrize("position", ["alibi", "rope", "none"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_linear_memory_path_equals_dense_reference_float64(position, causal, padded):
+    """need_weights=False (blocked/fused) against need_weights=True (dense): outputs and every gradient, float64."""
+    torch.manual_seed(0)
+    m = PositionalAttention(16, 4, position, causal=causal, block_q=3).double()
+    x = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
+    km = None
+    if padded:  # left padding (causal rows with no visible key), right padding, an all-padding row
+        km = torch.ones(3, 10, dtype=torch.bool)
+        km[0, :4] = False
+        km[1, 7:] = False
+        km[2] = False
+    fast, dense = m(x, key_mask=km), m(x, key_mask=km, need_weights=True)
+    assert fast.weights is None and dense.weights.shape == (3, 4, 10, 10)
+    assert (fast.output - dense.output).abs().max() <= 1e-12
+    params = [x, *m.parameters()]
+    g_fast = torch.autograd.grad(fast.output.square().sum(), params)
+    g_dense = torch.autograd.grad(dense.output.square().sum(), params)
+    for a, b in zip(g_fast, g_dense):
+        assert (a - b).abs().max() <= 1e-11
+    if padded:  # padding content never reaches real outputs
+        x2 = x.detach().clone()
+        x2[~km] = 100.0
+        real = km.any(-1)
+        with torch.no_grad():
+            y1, y2 = m(x.detach(), key_mask=km).output, m(x2, key_mask=km).output
+        assert (y1[real][km[real]] - y2[real][km[real]]).abs().max() <= 1e-12
+
+
+def test_fused_attention_with_bias_equals_core_sdpa():
+    from attn.core import scaled_dot_product_attention
+    from attn.positions import fused_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(3, 9, 9, generator=g, dtype=torch.float64)
+    km = torch.tensor([[False] * 3 + [True] * 6, [True] * 5 + [False] * 4])
+    for causal in (False, True):
+        for key_mask in (None, km):
+            for b in (None, bias):
+                ref = scaled_dot_product_attention(q, k, v, attn_mask=b, key_mask=key_mask, is_causal=causal,
+                                                   need_weights=True).output
+                got = fused_attention(q, k, v, key_mask=key_mask, causal=causal, block_q=2,
+                                      bias=None if b is None else (lambda lo, hi, kh: bias[:, lo:hi, :kh]))
+                assert (got - ref).abs().max() <= 1e-12, (causal, key_mask is not None, b is not None)
+
+
+@pytest.mark.parametrize(
+    "call, err, match",
+    [
+        (lambda: alibi_bias(3, 5, torch.ones(4, 1)), ValueError, r"slopes must have shape \(num_heads,\)"),
+        (lambda: alibi_bias(3, 5, [0.5, 0.25]), TypeError, r"slopes must be a torch.Tensor of shape \(num_heads,\)"),
+        (lambda: alibi_bias(3, 5, torch.tensor([1, 2])), TypeError, "slopes must be a floating-point"),
+        (lambda: alibi_bias(-1, 5, alibi_slopes(2)), ValueError, "n_queries must be >= 1, got -1"),
+        (lambda: alibi_bias(0, 5, alibi_slopes(2)), ValueError, "n_queries must be >= 1, got 0"),
+        (lambda: alibi_bias(3, 0, alibi_slopes(2)), ValueError, "n_keys must be >= 1, got 0"),
+        (lambda: alibi_bias(3, 5, alibi_slopes(2), offset=-2), ValueError, "offset must be >= 0"),
+        (lambda: alibi_bias(2.5, 5, alibi_slopes(2)), TypeError, "n_queries must be an int"),
+        (lambda: alibi_slopes(-3), ValueError, "num_heads must be >= 1"),
+        (lambda: RotaryEmbedding(8)(torch.randn(3, 8), [0, 1, 2]), TypeError, r"positions must be a torch.Tensor"),
+        (lambda: RotaryEmbedding(8)(torch.randn(3, 8), torch.ones(3, dtype=torch.bool)), TypeError, "positions"),
+        (lambda: RotaryEmbedding(8)(torch.randn(3, 8), torch.arange(3)[None]), ValueError, r"positions must have shape"),
+        (lambda: RotaryEmbedding(0), ValueError, "head_dim must be >= 1"),
+        (lambda: RotaryEmbedding(8, base=-1.0), ValueError, "base must be > 0"),
+        (lambda: PositionalAttention(16, 0), ValueError, "num_heads must be >= 1, got 0"),
+        (lambda: PositionalAttention(16, -4), ValueError, "num_heads must be >= 1"),
+        (lambda: PositionalAttention(16, 3), ValueError, "divisible"),
+        (lambda: PositionalAttention(16, 4)(torch.randn(2, 5, 16), key_mask=torch.ones(2, 4, dtype=torch.bool)),
+         ValueError, "key_mask"),
+        (lambda: PositionalAttention(16, 4)(torch.randn(2, 5, 16), offset=-1), ValueError, "offset must be >= 0"),
+        (lambda: sinusoidal_embedding([0, 1], 8), TypeError, "positions must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_name_what_was_expected(call, err, match):
+    with pytest.raises(err, match=match):
+        call()
+
+
+def test_rope_tables_are_float64_for_float64_input():
+    """One precision rule (as attn.latent): angles in float64, cast to the input dtype. float64 input is exact to 1e-12."""
+    rope = RotaryEmbedding(16, base=10000.0)
+    pos = torch.arange(3000, 3040)  # large angles: float32 tables are off by ~1e-4 here
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    ref = explicit_rotation(x, pos, 10000.0)
+    assert (rope(x, pos) - ref).abs().max() <= 1e-12
+    cos, sin = rope.cos_sin(pos)
+    assert cos.dtype == torch.float64 and rope.cos_sin(pos, torch.float32)[0].dtype == torch.float32
+    x32 = x.float()
+    assert rope(x32, pos).dtype == torch.float32
+    assert (rope(x32, pos).double() - explicit_rotation(x32, pos, 10000.0)).abs().max() <= 1e-5
+    # the same tables as attn.latent's (the rule differential attention's RotaryLM uses)
+    from attn.latent import rotary_cos_sin
+
+    lc, ls = rotary_cos_sin(pos, 16, 10000.0, torch.float64)
+    assert torch.equal(lc, cos) and torch.equal(ls, sin)
+
+
+def test_fused_attention_one_head_and_bad_input():
+    from attn.positions import fused_attention
+
+    q = torch.randn(2, 6, 4, dtype=torch.float64)
+    ref = (q @ q.transpose(-1, -2) / 2.0).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    assert (fused_attention(q, q, q, causal=True, block_q=4) - ref.softmax(-1) @ q).abs().max() <= 1e-13
+    assert (fused_attention(q, q, q, causal=True) - ref.softmax(-1) @ q).abs().max() <= 1e-13
+    with pytest.raises(TypeError, match="dtypes must match"):
+        fused_attention(q, q.float(), q)
+    with pytest.raises(ValueError, match="key_mask"):
+        fused_attention(q, q, q, key_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_q must be >= 1"):
+        fused_attention(q, q, q, block_q=0)
