@@ -25,6 +25,8 @@ __all__ = [
     "check_positive_float",
     "check_same_batch",
     "check_same_dtype",
+    "check_layer_dtype",
+    "autocast_active",
     "check_token_ids",
     "empty_batch",
 ]
@@ -158,3 +160,17 @@ def check_token_ids(ids: object, vocab_size: int, name: str = "tokens", ndim: in
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got values in [{lo}, {hi}]")
     return ids
+
+
+def autocast_active(t: Tensor) -> bool:
+    """True when autocast is on for ``t``'s device: torch then mixes dtypes on purpose, and dtype checks stand aside."""
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def check_layer_dtype(x: Tensor, weight: Tensor, name: str = "x") -> None:
+    """``x`` has the dtype of the layer's parameters ``weight`` (outside autocast, where torch mixes them itself).
+
+    A float64 input into a float32 layer otherwise fails inside ``nn.Linear`` with a message that names neither.
+    """
+    if not autocast_active(x):
+        check_same_dtype(("the layer's parameters", weight), (name, x))

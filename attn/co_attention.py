@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int, check_same_batch, check_same_dtype, check_tensor
+from .checks import autocast_active, check_int, check_same_batch, check_same_dtype, check_tensor
 from .core import masked_softmax
 from .masks import check_key_mask
 from .registry import OwnTask, register
@@ -109,7 +109,7 @@ def _check_pair(layer: nn.Module, question: object, passage: object, question_ma
             raise TypeError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
     check_same_dtype((q_name, question), (p_name, passage))
     param = next(layer.parameters(), None)
-    if param is not None and param.dtype != question.dtype and not torch.is_autocast_enabled(question.device.type):
+    if param is not None and param.dtype != question.dtype and not autocast_active(question):
         raise TypeError(f"{q_name} and {p_name} are {question.dtype} but the layer's parameters are {param.dtype}: "
                         f"cast the inputs (.to({param.dtype})) or the layer (.to({question.dtype}))")
     check_same_batch((q_name, question), (p_name, passage))

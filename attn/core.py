@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_same_dtype
+from .checks import autocast_active, check_same_dtype
 from .masks import causal_mask, check_key_mask, check_mask
 
 __all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv", "build_mask", "MIN_TEMPERATURE"]
@@ -54,7 +54,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             )
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    check_same_dtype(("query", q), ("key", k), ("value", v))
+    if not autocast_active(q):  # under autocast torch mixes dtypes on purpose
+        check_same_dtype(("query", q), ("key", k), ("value", v))
     if not (q.ndim == k.ndim == v.ndim):
         raise ValueError(f"query, key, value must have the same rank, got {q.ndim}, {k.ndim}, {v.ndim}")
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
@@ -171,7 +172,8 @@ def scaled_dot_product_attention(
     additive: Tensor | None = None
     if attn_mask is not None and isinstance(attn_mask, Tensor) and attn_mask.dtype.is_floating_point:
         check_mask(attn_mask, tuple(q.shape[:-1]) + (k.shape[-2],), "attn_mask")
-        check_same_dtype(("query", q), ("attn_mask", attn_mask))
+        if not autocast_active(q):
+            check_same_dtype(("query", q), ("attn_mask", attn_mask))
         additive = attn_mask
         attn_mask = attn_mask > float("-inf")  # -inf entries block; finite ones shift the scores
     mask = build_mask(q, k, attn_mask, key_mask, is_causal)

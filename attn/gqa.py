@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_int, check_same_dtype, check_tensor, check_token_ids, check_tokens, empty_batch
+from .checks import autocast_active, check_int, check_layer_dtype, check_same_dtype, check_tensor, check_token_ids, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -360,9 +360,8 @@ class GroupedQueryAttention(nn.Module):
         B, t, _ = x.shape
         h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
         w = self.q_proj.weight
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast:
-            check_same_dtype(("x", x), ("the layer's weights", w))
+        autocast = autocast_active(x)
+        check_layer_dtype(x, w)
         past = 0
         if cache is not None:
             if not isinstance(cache, KVCache):

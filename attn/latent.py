@@ -64,7 +64,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_same_dtype, check_tensor, check_tokens, empty_batch
+from .checks import autocast_active, check_int, check_layer_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
 from .gqa import _cache_write, _check_dtype, fused_attention
 from .masks import check_key_mask
@@ -284,9 +284,8 @@ class MultiHeadLatentAttention(nn.Module):
         B, t, _ = x.shape
         h = self.num_heads
         w = self.kv_down.weight
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast:
-            check_same_dtype(("x", x), ("the layer's weights", w))
+        autocast = autocast_active(x)
+        check_layer_dtype(x, w)
         if cache is not None:
             if not isinstance(cache, LatentCache):
                 raise TypeError(f"cache must be an attn.latent.LatentCache, got {type(cache).__name__}")

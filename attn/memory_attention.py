@@ -57,6 +57,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .checks import (
+    check_layer_dtype,
     check_heads,
     check_int,
     check_positive_float,
@@ -151,7 +152,7 @@ class PersistentMemoryAttention(nn.Module):
                 (the rest sits on the slots).
         """
         x = check_tokens(x, self.embed_dim)
-        _check_layer_dtype(x, self.q_proj.weight)
+        check_layer_dtype(x, self.q_proj.weight)
         batch, n, _ = x.shape
         check_key_mask(key_mask, batch, n, length_name="n")
         N, h = self.slots, self.num_heads
@@ -249,12 +250,6 @@ class KNNMemory:
             values = torch.cat([self.values, values], 2)
             positions = torch.cat([self.positions, positions])
         self.keys, self.values, self.positions = keys[:, :, -self.capacity :], values[:, :, -self.capacity :], positions[-self.capacity :]
-
-
-def _check_layer_dtype(x: Tensor, weight: Tensor) -> None:
-    """``x`` has the dtype of the layer's parameters (outside autocast, where torch mixes them itself)."""
-    if not torch.is_autocast_enabled(x.device.type):
-        check_same_dtype(("the layer's parameters", weight), ("x", x))
 
 
 def _check_memory(memory: object) -> None:
@@ -430,7 +425,7 @@ class MemorizingAttention(nn.Module):
         ``top_k = 0``, the output is local attention alone.
         """
         x = check_tokens(x, self.embed_dim)
-        _check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.qkv.weight)
         _check_memory(memory)
         batch, L, _ = x.shape
         h, d = self.num_heads, self.head_dim
@@ -466,7 +461,7 @@ class MemorizingAttention(nn.Module):
                 segments run at once (:meth:`forward_parallel`), with the same result.
         """
         x = check_tokens(x, self.embed_dim)
-        _check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.qkv.weight)
         _check_memory(memory)
         batch, n, _ = x.shape
         h, L = self.num_heads, min(self.segment, n)  # a segment longer than x is x (same result, no padding)
@@ -520,7 +515,7 @@ class MemorizingAttention(nn.Module):
         for segment 0 and nothing is padded.
         """
         x = check_tokens(x, self.embed_dim)
-        _check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
         h = self.num_heads
         if empty_batch(x):

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_heads, check_same_dtype, check_tensor, check_tokens, empty_batch
+from .checks import check_int, check_layer_dtype, check_heads, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .registry import register
 
@@ -136,12 +136,6 @@ def relative_scores_explicit(q: Tensor, k: Tensor, r_proj: Tensor, u: Tensor, v:
     c = torch.einsum("hd,bhjd->bhj", u, k)[:, :, None, :]
     d = torch.einsum("hd,ijhd->hij", v, r_ij)[None]
     return (a + b + c + d) * visible
-
-
-def _check_layer_dtype(x: Tensor, weight: Tensor) -> None:
-    """``x`` has the dtype of the layer's parameters (outside autocast, where torch mixes them itself)."""
-    if not torch.is_autocast_enabled(x.device.type):
-        check_same_dtype(("the layer's parameters", weight), ("x", x))
 
 
 @register(
@@ -229,7 +223,7 @@ class TransformerXLAttention(nn.Module):
             ``(output (B, L, E), weights or None)``.
         """
         x = check_tokens(x, self.embed_dim)
-        _check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.qkv.weight)
         mem_len = 0
         if memory is not None:
             memory = check_tensor(memory, "memory", f"(batch, mem_len, embed_dim={self.embed_dim})", 3)
@@ -331,7 +325,7 @@ class TransformerXLAttention(nn.Module):
             scattered from the segments into a dense matrix (small ``n`` only).
         """
         x = check_tokens(x, self.embed_dim)
-        _check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)

@@ -431,7 +431,7 @@ def test_cache_of_another_dtype_is_a_clear_type_error(layer_dtype):
     with pytest.raises(TypeError, match=rf"cache dtype torch.float32 != layer dtype {layer_dtype}"):
         m(x, cache=KVCache(1, 2, 4, 8))
     assert m(x, cache=m.new_cache(1, 8)).output.dtype == layer_dtype  # new_cache takes the layer's dtype
-    with pytest.raises(TypeError, match=r"dtypes must match \(x: torch.float32"):
+    with pytest.raises(TypeError, match=r"dtypes must match \(the layer.s parameters: torch\.(bfloat16|float64), x: torch\.float32"):
         m(x.float())
     with pytest.raises(TypeError, match="KVCache dtype torch.float32"):
         KVCache(1, 2, 4, 8).append(torch.zeros(1, 2, 1, 4, dtype=layer_dtype), torch.zeros(1, 2, 1, 4, dtype=layer_dtype))

@@ -369,7 +369,7 @@ def test_empty_batch_mixed_dtypes_and_bad_arguments():
     assert out.output.shape == (0, 2, 10, 4) and out.weights.shape == (0, 2, 10, 10)
     assert bigbird_attention(q[:, 0], q[:, 0], q[:, 0], 2, layout).output.shape == (0, 10, 4)
     x = torch.randn(1, 10, 4)
-    with pytest.raises(TypeError, match=r"dtypes must match \(q: torch\.float32, k: torch\.float64, v: torch\.float32\)"):
+    with pytest.raises(TypeError, match=r"dtypes must match \((q|query): torch\.float32, (k|key): torch\.float64, (v|value): torch\.float32\)"):
         bigbird_attention(x, x.double(), x, 2, layout)
     with pytest.raises(TypeError, match="seed must be an int, got float"):
         BigBirdAttention(8, 2, seed=1.5)

@@ -400,7 +400,7 @@ def test_empty_batch_gives_an_empty_output():
 
 def test_mixed_dtypes_and_bad_arguments():
     q = torch.randn(1, 2, 8, 4)
-    with pytest.raises(TypeError, match=r"^dtypes must match \(q: torch\.float32, k: torch\.float64, v: torch\.float32\)"):
+    with pytest.raises(TypeError, match=r"^dtypes must match \((q|query): torch\.float32, (k|key): torch\.float64, (v|value): torch\.float32\)"):
         local_attention(q, q.double(), q, 2)
     with pytest.raises(TypeError, match="blockwise must be None, True or False"):
         local_attention(q, q, q, 2, blockwise="no")

@@ -49,19 +49,16 @@ class Call:
     error: type[BaseException] | tuple[type[BaseException], ...] | None = None
     match: str = ""
     check: Callable[[Any], bool] | None = None
-    extra: str = ""  # a gap this table found beyond issue 15's list: expected to fail until fixed (xfail, not strict)
 
 
 def good(case: str, run: Callable[[Any], Any], check: Callable[[Any], bool] | None = None) -> Call:
     return Call(case, run, "good", check=check)
 
 
-def bad(case: str, run: Callable[[Any], Any], error: Any, match: str, extra: str = "") -> Call:
-    return Call(case, run, "bad", error, match, extra=extra)
+def bad(case: str, run: Callable[[Any], Any], error: Any, match: str) -> Call:
+    return Call(case, run, "bad", error, match)
 
 
-#: the reason given to rows beyond the issue's list that fail today
-EXTRA = "found by this table, not listed in issue 15: to fix in the module's own issue"
 
 
 def edge(case: str, run: Callable[[Any], Any], check: Callable[[Any], bool], match: str = "") -> Call:
@@ -307,7 +304,7 @@ table(
     bad("int query", lambda m: m(ints(2, E), x(e=6)), CLEAR, r"query"),
     bad("memory wrong width names memory", lambda m: m(rand(2, E), x(e=7)), CLEAR, r"memory"),
     bad("memory list names memory", lambda m: m(rand(2, E), x(e=6).tolist()), CLEAR, r"memory"),
-    bad("memory float64", lambda m: m(rand(2, E), x(e=6, dtype=F64)), CLEAR, r"memory|dtype", extra=EXTRA),
+    bad("memory float64", lambda m: m(rand(2, E), x(e=6, dtype=F64)), CLEAR, r"memory|dtype"),
     bad("unknown score", lambda m: attn.LuongGlobalAttention(E, 6, score="cosine"), ValueError, r"score"),
 )
 
@@ -346,9 +343,9 @@ table(
     good("one step", lambda m: m(rand(2, E), x(e=6)), lambda o: first(o).shape == (2, 6)),
     good("all steps", lambda m: m(rand(2, 3, E), x(e=6)), lambda o: first(o).shape == (2, 3, 6)),
     bad("query list", lambda m: m(rand(2, E).tolist(), x(e=6)), TypeError, r"query"),
-    bad("int query", lambda m: m(ints(2, E), x(e=6)), TypeError, r"query", extra=EXTRA),
+    bad("int query", lambda m: m(ints(2, E), x(e=6)), TypeError, r"query"),
     bad("keys wrong width", lambda m: m(rand(2, E), x(e=7)), ValueError, r"keys"),
-    bad("keys float64", lambda m: m(rand(2, E), x(e=6, dtype=F64)), CLEAR, r"keys|dtype", extra=EXTRA),
+    bad("keys float64", lambda m: m(rand(2, E), x(e=6, dtype=F64)), CLEAR, r"keys|dtype"),
     bad("key_mask ints", lambda m: m(rand(2, E), x(e=6), key_mask=km(5, 3).long()), TypeError, r"key_mask"),
     bad("half_window -1", lambda m: attn.LocalPAttention(E, 6, half_window=-1), ValueError, r"half_window"),
 )
@@ -444,7 +441,7 @@ table(
     bad("keys wrong width", lambda m: m(rand(2, E), x(e=7)), ValueError, r"keys"),
     bad("values of another length", lambda m: m(rand(2, E), x(e=6), x(n=N + 1, e=3)), CLEAR, r"values"),
     bad("values 2-D", lambda m: m(rand(2, E), x(e=6), rand(2, 3)), CLEAR, r"values"),
-    bad("keys float64", lambda m: m(rand(2, E), x(e=6, dtype=F64)), CLEAR, r"keys|dtype", extra=EXTRA),
+    bad("keys float64", lambda m: m(rand(2, E), x(e=6, dtype=F64)), CLEAR, r"keys|dtype"),
     bad("key_mask ints", lambda m: m(rand(2, E), x(e=6), key_mask=km(5, 3).long()), TypeError, r"key_mask"),
 )
 
@@ -454,7 +451,7 @@ table(
     bad("query list", lambda m: m(rand(2, E).tolist(), x(e=6)), CLEAR, r"query"),
     bad("int query", lambda m: m(ints(2, E), x(e=6)), CLEAR, r"query"),
     bad("keys wrong width", lambda m: m(rand(2, E), x(e=7)), ValueError, r"keys"),
-    bad("values of another length", lambda m: m(rand(2, E), x(e=6), x(n=N + 1, e=3)), ValueError, r"values", extra=EXTRA),
+    bad("values of another length", lambda m: m(rand(2, E), x(e=6), x(n=N + 1, e=3)), ValueError, r"values"),
     bad("dot with unequal widths", lambda m: attn.MultiplicativeAttention(E, 6, kind="dot"), ValueError, r"dot"),
 )
 
@@ -542,7 +539,7 @@ table(
     good("with a bank", lambda m: m(x(), memory=_bank()), shaped(2, N, E)),
     good("segment larger than n", lambda m: attn.MemorizingAttention(E, H, segment=512, top_k=2, capacity=8).eval()(x()), shaped(2, N, E)),
     bad("float64 bank", lambda m: m(x(), memory=_bank(F64)), CLEAR, r"memory|dtype|bank"),
-    bad("memory not a KNNMemory", lambda m: m(x(), memory=x()), TypeError, r"memory", extra=EXTRA),
+    bad("memory not a KNNMemory", lambda m: m(x(), memory=x()), TypeError, r"memory"),
     bad("top_k -1", lambda m: attn.MemorizingAttention(E, H, top_k=-1), ValueError, r"top_k"),
 )
 
@@ -552,10 +549,10 @@ table(
     bad("capacity 0", lambda m: attn.KNNMemory(0), ValueError, r"capacity"),
     bad("keys list", lambda m: m.add(torch.randn(2, H, 3, 4).tolist(), torch.randn(2, H, 3, 4), torch.arange(3)), TypeError, r"keys"),
     bad("positions list", lambda m: m.add(torch.randn(2, H, 3, 4), torch.randn(2, H, 3, 4), [0, 1, 2]), CLEAR, r"positions|ids"),
-    bad("positions float", lambda m: m.add(torch.randn(2, H, 3, 4), torch.randn(2, H, 3, 4), torch.arange(3.0)), TypeError, r"positions", extra=EXTRA),
+    bad("positions float", lambda m: m.add(torch.randn(2, H, 3, 4), torch.randn(2, H, 3, 4), torch.arange(3.0)), TypeError, r"positions"),
     bad("positions wrong length", lambda m: m.add(torch.randn(2, H, 3, 4), torch.randn(2, H, 3, 4), torch.arange(4)), ValueError, r"positions"),
     bad("values of another length", lambda m: m.add(torch.randn(2, H, 3, 4), torch.randn(2, H, 2, 4), torch.arange(3)), ValueError, r"values"),
-    bad("values float64", lambda m: m.add(torch.randn(2, H, 3, 4), torch.randn(2, H, 3, 4, dtype=F64), torch.arange(3)), CLEAR, r"values|dtype", extra=EXTRA),
+    bad("values float64", lambda m: m.add(torch.randn(2, H, 3, 4), torch.randn(2, H, 3, 4, dtype=F64), torch.arange(3)), CLEAR, r"values|dtype"),
 )
 
 table(
@@ -732,7 +729,7 @@ table(
     bad("list q", lambda f: f(_q(2, 6, 4).tolist(), _q(2, 6, 4), _q(2, 6, 4)), TypeError, r"q|query"),
     bad("int q", lambda f: f(ints(2, 6, 4), _q(2, 6, 4), _q(2, 6, 4)), TypeError, r"q|query"),
     bad("chunk 0", lambda f: f(*_qkv4(), chunk=0), ValueError, r"chunk"),
-    bad("eps -1", lambda f: f(*_qkv4(), eps=-1.0), ValueError, r"eps", extra=EXTRA),
+    bad("eps -1", lambda f: f(*_qkv4(), eps=-1.0), ValueError, r"eps"),
 )
 
 
@@ -753,9 +750,9 @@ table(
 table(
     "KVCache", lambda: attn.KVCache(2, 2, 4, 4),
     good("append", lambda c: c.append(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)), lambda o: o[0].shape == (2, 2, 1, 4)),
-    bad("bf16 into a float32 cache", lambda c: c.append(torch.randn(2, 2, 1, 4, dtype=BF16), torch.randn(2, 2, 1, 4, dtype=BF16)), CLEAR, r"dtype", extra=EXTRA),
+    bad("bf16 into a float32 cache", lambda c: c.append(torch.randn(2, 2, 1, 4, dtype=BF16), torch.randn(2, 2, 1, 4, dtype=BF16)), CLEAR, r"dtype"),
     bad("past max_len", lambda c: c.append(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)), ValueError, r"max_len|full|capacity"),
-    bad("k list", lambda c: c.append(torch.randn(2, 2, 1, 4).tolist(), torch.randn(2, 2, 1, 4)), TypeError, r"k", extra=EXTRA),
+    bad("k list", lambda c: c.append(torch.randn(2, 2, 1, 4).tolist(), torch.randn(2, 2, 1, 4)), TypeError, r"k"),
     bad("wrong head count", lambda c: c.append(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)), ValueError, r"k|shape"),
     bad("max_len 0", lambda c: attn.KVCache(2, 2, 4, 0), ValueError, r"max_len"),
 )
@@ -766,7 +763,7 @@ table(
     good("alibi", lambda m: attn.PositionalAttention(E, H, position="alibi").eval()(x()), shaped(2, N, E)),
     bad("num_heads 0", lambda m: attn.PositionalAttention(16, 0), CLEAR, r"num_heads"),
     bad("unknown position", lambda m: attn.PositionalAttention(E, H, position="learned-ish"), ValueError, r"position"),
-    bad("offset -1", lambda m: m(x(), offset=-1), ValueError, r"offset", extra=EXTRA),
+    bad("offset -1", lambda m: m(x(), offset=-1), ValueError, r"offset"),
 )
 
 table(
@@ -785,7 +782,7 @@ table(
     bad("slopes list", lambda f: f(3, 5, [0.5, 0.25]), CLEAR, r"slopes"),
     bad("slopes (H, 1)", lambda f: f(3, 5, torch.tensor([[0.5], [0.25]])), CLEAR, r"slopes"),
     bad("n_queries -1", lambda f: f(-1, 5, torch.tensor([0.5])), CLEAR, r"n_queries"),
-    bad("n_keys float", lambda f: f(3, 5.0, torch.tensor([0.5])), TypeError, r"n_keys", extra=EXTRA),
+    bad("n_keys float", lambda f: f(3, 5.0, torch.tensor([0.5])), TypeError, r"n_keys"),
 )
 
 
@@ -804,9 +801,9 @@ table(
 table(
     "LatentCache", lambda: attn.LatentCache(2, 4, 2, 4),
     good("append", lambda c: c.append(torch.randn(2, 1, 4), torch.randn(2, 1, 2)), lambda o: o[0].shape == (2, 1, 4)),
-    bad("bf16 into a float32 cache", lambda c: c.append(torch.randn(2, 1, 4, dtype=BF16), torch.randn(2, 1, 2, dtype=BF16)), CLEAR, r"dtype", extra=EXTRA),
+    bad("bf16 into a float32 cache", lambda c: c.append(torch.randn(2, 1, 4, dtype=BF16), torch.randn(2, 1, 2, dtype=BF16)), CLEAR, r"dtype"),
     bad("past max_len", lambda c: c.append(torch.randn(2, 5, 4), torch.randn(2, 5, 2)), ValueError, r"max_len|full|capacity"),
-    bad("c list", lambda c: c.append(torch.randn(2, 1, 4).tolist(), torch.randn(2, 1, 2)), TypeError, r"c", extra=EXTRA),
+    bad("c list", lambda c: c.append(torch.randn(2, 1, 4).tolist(), torch.randn(2, 1, 2)), TypeError, r"c"),
     bad("c wrong width", lambda c: c.append(torch.randn(2, 1, 5), torch.randn(2, 1, 2)), ValueError, r"c|kv_rank"),
 )
 
@@ -836,11 +833,11 @@ table(
     bad("keys list", lambda c: c.append(0, _kv()[0].tolist(), _kv()[1]), CLEAR, r"k"),
     bad("new batch mid-decoding", lambda c: _after_one(c, b=3), CLEAR, r"batch"),
     bad("new head count mid-decoding", lambda c: _after_one(c, h=H + 1), CLEAR, r"head"),
-    bad("float64 mid-decoding", lambda c: _after_one(c, dtype=F64), CLEAR, r"dtype", extra=EXTRA),
+    bad("float64 mid-decoding", lambda c: _after_one(c, dtype=F64), CLEAR, r"dtype"),
     bad("layer past the cache", lambda c: c.append(2, *_kv()), CLEAR, r"layer"),
-    bad("layer -1", lambda c: c.append(-1, *_kv()), ValueError, r"layer", extra=EXTRA),
+    bad("layer -1", lambda c: c.append(-1, *_kv()), ValueError, r"layer"),
     bad("per-row sinks of the wrong batch", lambda c: attn.SinkCache(1, window=3, sinks=torch.tensor([1, 1, 1])).append(0, *_kv()), CLEAR, r"sinks|batch"),
-    bad("num_layers 0", lambda c: attn.SinkCache(0, window=3), ValueError, r"num_layers", extra=EXTRA),
+    bad("num_layers 0", lambda c: attn.SinkCache(0, window=3), ValueError, r"num_layers"),
 )
 
 # --- the registry --------------------------------------------------------------------
@@ -877,7 +874,7 @@ table(
 
 ROWS = [(name, row) for name, (_, rows) in TABLES.items() for row in rows]
 PARAMS = [
-    pytest.param(name, row, id=f"{name}-{row.case}", marks=[pytest.mark.xfail(reason=row.extra, strict=False)] if row.extra else [])
+    pytest.param(name, row, id=f"{name}-{row.case}")
     for name, row in ROWS
 ]
 

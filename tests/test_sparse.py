@@ -451,7 +451,7 @@ def test_mixed_dtypes_and_bad_blockwise():
     q, k, v = qkv(1, 2, 8, 4)
     for fn in (lambda *a, **kw: strided_attention(*a, stride=2, **kw), lambda *a, **kw: fixed_attention(*a, block=4, c=2, **kw),
                lambda *a, **kw: topk_attention(*a, topk=2, **kw)):
-        with pytest.raises(TypeError, match=r"dtypes must match \(q: torch\.float32, k: torch\.float64, v: torch\.float32\)"):
+        with pytest.raises(TypeError, match=r"dtypes must match \((q|query): torch\.float32, (k|key): torch\.float64, (v|value): torch\.float32\)"):
             fn(q, k.double(), v)
     with pytest.raises(TypeError, match="blockwise must be None, True or False"):
         strided_attention(q, k, v, 2, blockwise=1)
