@@ -31,6 +31,7 @@ __all__ = [
     "time_median",
     "count_flops",
     "peak_memory",
+    "largest_tensor",
     "compare",
     "sweep",
     "fit_exponent",
@@ -114,6 +115,33 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str | None = No
         running += delta
         peak = max(peak, running)
     return int(peak)
+
+
+def largest_tensor(fn: Callable[[], object]) -> int:
+    """The most elements of any tensor an aten op returns while ``fn()`` runs under ``no_grad``.
+
+    Tensors made before the call (inputs, weights) are not counted. A result of ``h * n * n`` or more
+    means some op formed a dense ``n x n`` map per head; a kernel that is linear in memory stays far
+    below it whatever its allocator does, so this is a device-independent companion to
+    :func:`peak_memory` for tests.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    most = 0
+
+    class _Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            nonlocal most
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    most = max(most, t.numel())
+            return out
+
+    with torch.no_grad(), _Largest():
+        fn()
+    return most
 
 
 def compare(

@@ -176,6 +176,10 @@ def scaled_dot_product_attention(
             check_same_dtype(("query", q), ("attn_mask", attn_mask))
         additive = attn_mask
         attn_mask = attn_mask > float("-inf")  # -inf entries block; finite ones shift the scores
+    if not need_weights and is_causal and attn_mask is None and key_mask is None:
+        # causality alone: the fused kernel applies it itself (top-left aligned, as causal_mask), no n x n mask
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        return AttentionOutput(out, None)
     mask = build_mask(q, k, attn_mask, key_mask, is_causal)
 
     if not need_weights:

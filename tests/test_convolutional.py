@@ -9,14 +9,22 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
+from attn.benchmark import largest_tensor
 from attn.convolutional import (
-    CBAM, ChannelAttention, MultiDConvHeadAttention, ShapeImages, ShapeNet, SpatialAttention, causal_depthwise_conv,
-    make_cbam_task, shape_loss, spatial_mass_on_object,
+    CBAM,
+    ChannelAttention,
+    MultiDConvHeadAttention,
+    ShapeImages,
+    ShapeNet,
+    SpatialAttention,
+    causal_depthwise_conv,
+    make_cbam_task,
+    shape_loss,
+    spatial_mass_on_object,
 )
 from attn.core import AttentionOutput
 from attn.masks import padding_mask
 from attn.train import evaluate, train
-
 
 # ----------------------------------------------------------------------------- CBAM against its equations
 
@@ -288,25 +296,6 @@ def test_mdha_bad_construction_and_empty_batch():
     out = MultiDConvHeadAttention(8, 2)(torch.ones(0, 5, 8), need_weights=True)
     assert out.output.shape == (0, 5, 8) and out.weights.shape == (0, 2, 5, 5)
 
-
-def largest_tensor(fn) -> int:
-    """The most elements any aten op's output has while ``fn()`` runs (no grad): ``n^2`` per head means a dense map."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    Largest.most = max(Largest.most, t.numel())
-            return out
-
-    with torch.no_grad(), Largest():
-        fn()
-    return Largest.most
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -347,3 +347,25 @@ def test_multihead_refuses_mixed_dtypes_and_bad_sizes():
         SelfAttention("8")
     with pytest.raises(ValueError, match="d_k must be >= 1"):
         SelfAttention(8, d_k=-1)
+
+
+@pytest.mark.parametrize("lq,lk", [(7, 7), (5, 9), (9, 5)])
+def test_causal_alone_takes_the_fused_kernel_and_equals_the_explicit_path(lq, lk):
+    """``is_causal`` with no other mask goes to the fused kernel's own causal flag (top-left aligned)."""
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64) for n in (lq, lk, lk))
+    fused = scaled_dot_product_attention(q, k, v, is_causal=True).output
+    explicit = scaled_dot_product_attention(q, k, v, is_causal=True, need_weights=True).output
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-12)
+
+
+def test_causal_multi_head_attention_forms_no_n_by_n_mask():
+    """A causal MultiHeadAttention without weights is linear in memory: no op output reaches n^2 (it built a
+    causal (n, n) mask before)."""
+    from attn import MultiHeadAttention
+    from attn.benchmark import largest_tensor
+
+    n = 256
+    layer = MultiHeadAttention(16, 2).eval()
+    x = torch.randn(1, n, 16)
+    assert largest_tensor(lambda: layer(x, x, x, is_causal=True)) < n * n // 4
+    assert largest_tensor(lambda: layer(x, x, x, is_causal=True, need_weights=True)) >= 2 * n * n

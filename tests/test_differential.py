@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
+from attn.benchmark import largest_tensor
 from attn.differential import (
-    DifferentialAttention, MotifStream, RotaryLM, SinkCache, lambda_init, window_recompute_logits,
+    DifferentialAttention,
+    MotifStream,
+    RotaryLM,
+    SinkCache,
+    lambda_init,
+    window_recompute_logits,
 )
 from attn.masks import padding_mask
 
@@ -258,25 +264,6 @@ def test_motif_stream_and_bad_tokens():
 
 # ----------------------------------------------------------------------------- linear memory, bad input
 
-
-def largest_tensor(fn) -> int:
-    """The most elements any aten op's output has while ``fn()`` runs (no grad): ``n^2`` per head means a dense map."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    Largest.most = max(Largest.most, t.numel())
-            return out
-
-    with torch.no_grad(), Largest():
-        fn()
-    return Largest.most
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -9,10 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
-from attn.train import cpu_threads
+from attn.benchmark import largest_tensor
 from attn.gqa import (
-    DecoderLM, GroupedQueryAttention, KVCache, generate, grouped_attention, kv_cache_bytes_per_token, mha_to_gqa,
+    DecoderLM,
+    GroupedQueryAttention,
+    KVCache,
+    generate,
+    grouped_attention,
+    kv_cache_bytes_per_token,
+    mha_to_gqa,
 )
+from attn.train import cpu_threads
 
 
 def sdpa_reference(m: GroupedQueryAttention, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -277,25 +284,6 @@ def dense_reference(q, k, v, past=0, causal=True, key_mask=None):
     a = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
     return a @ v, a
 
-
-def largest_tensor(fn) -> int:
-    """The most elements of any tensor an aten op returns while ``fn()`` runs (inputs made before are not counted)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class Largest(TorchDispatchMode):
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    Largest.most = max(Largest.most, t.numel())
-            return out
-
-    with torch.no_grad(), Largest():
-        fn()
-    return Largest.most
 
 
 @pytest.mark.parametrize("masked", [False, True])

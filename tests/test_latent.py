@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from attn import registry
+from attn.benchmark import largest_tensor
 from attn.latent import (
-    LatentCache, MultiHeadLatentAttention, apply_rotary, latent_cache_bytes_per_token, rotary_cos_sin,
+    LatentCache,
+    MultiHeadLatentAttention,
+    apply_rotary,
+    latent_cache_bytes_per_token,
+    rotary_cos_sin,
 )
 
 E, H = 32, 4
@@ -33,7 +38,10 @@ def tokens(B=2, n=7, seed=1, dtype=torch.float32):
 
 def hf_copy(m: MultiHeadLatentAttention):
     tr = pytest.importorskip("transformers")
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3Attention,
+        DeepseekV3RotaryEmbedding,
+    )
 
     cfg = tr.DeepseekV3Config(
         hidden_size=E, num_attention_heads=H, num_key_value_heads=H, q_lora_rank=m.q_rank, kv_lora_rank=m.kv_rank,
@@ -273,25 +281,6 @@ def test_registry_entry():
 # ----------------------------------------------------------------------------- issue 15: linear memory, key mask,
 # backprop through the cache, dtypes and bad input
 
-
-def largest_tensor(fn) -> int:
-    """The most elements of any tensor an aten op returns while ``fn()`` runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class Largest(TorchDispatchMode):
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    Largest.most = max(Largest.most, t.numel())
-            return out
-
-    with torch.no_grad(), Largest():
-        fn()
-    return Largest.most
 
 
 @pytest.mark.parametrize("absorb", [False, True])

@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from attn import registry
+from attn.benchmark import largest_tensor
 from attn.positions import (
-    LastValueTask, PositionalAttention, PositionModel, RotaryEmbedding, alibi_bias, alibi_slopes, position_loss,
-    rotate_half, sinusoidal_embedding,
+    LastValueTask,
+    PositionalAttention,
+    PositionModel,
+    RotaryEmbedding,
+    alibi_bias,
+    alibi_slopes,
+    position_loss,
+    rotate_half,
+    sinusoidal_embedding,
 )
 from attn.train import train
 
@@ -30,7 +38,10 @@ def explicit_rotation(x: torch.Tensor, positions: torch.Tensor, base: float) -> 
 @pytest.mark.parametrize("head_dim, base", [(8, 10000.0), (16, 500.0), (4, 1e6)])
 def test_rope_matches_transformers_rotary_embedding(head_dim, base):
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import (
+        LlamaRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
 
     heads = 2
     cfg = LlamaConfig(hidden_size=head_dim * heads, num_attention_heads=heads, num_key_value_heads=heads,
@@ -217,25 +228,6 @@ def test_registry_build():
 
 # ----------------------------------------------------------------------------- linear memory, bad input, precision
 
-
-def largest_tensor(fn) -> int:
-    """The most elements any aten op's output has while ``fn()`` runs (no grad): ``n_q * n_k`` per head means a dense map."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    Largest.most = max(Largest.most, t.numel())
-            return out
-
-    with torch.no_grad(), Largest():
-        fn()
-    return Largest.most
 
 
 @pytest.mark.parametrize("position", ["alibi", "rope", "none"])
