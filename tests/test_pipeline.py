@@ -39,14 +39,20 @@ def test_failing_cell_stops_execution_and_is_named(tmp_path, monkeypatch, capsys
     assert '"failed"' in report
 
 
-def test_sync_check_detects_drift(tmp_path, monkeypatch):
+def _scratch_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """A book of one tiny text notebook (a parameters cell) in ``tmp_path``; returns its source."""
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
-    src = nbdir / "97_tiny.md"
-    src.write_text("---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n---\n\n# Tiny\n\n```{code-cell} ipython3\n:tags: [parameters]\nseed = 0\n```\n")
+    src = nbdir / name
+    src.write_text("---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n---\n\n# Scratch\n\n```{code-cell} ipython3\n:tags: [parameters]\nseed = 0\n```\n")
     monkeypatch.setattr(build, "NOTEBOOKS", nbdir)
     monkeypatch.setattr(build, "ROOT", tmp_path)
     (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
+    return src
+
+
+def test_sync_check_detects_drift(tmp_path, monkeypatch):
+    src = _scratch_book(tmp_path, monkeypatch, "97_tiny.md")
     assert build.sync(check=True) == 1  # no .ipynb yet
     assert build.sync() == 0
     assert build.sync(check=True) == 0
@@ -59,13 +65,7 @@ def test_sync_check_detects_drift(tmp_path, monkeypatch):
 def test_sync_check_ignores_the_jupytext_version_stamp(tmp_path, monkeypatch):
     """A new jupytext release rewrites its own version stamp, not the notebook: that is no drift (a fresh CI venv
     with jupytext 1.19.7 reported all 60 files out of sync against sources stamped 1.19.6)."""
-    nbdir = tmp_path / "notebooks"
-    nbdir.mkdir()
-    src = nbdir / "96_stamp.md"
-    src.write_text("---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n---\n\n# Stamp\n\n```{code-cell} ipython3\n:tags: [parameters]\nseed = 0\n```\n")
-    monkeypatch.setattr(build, "NOTEBOOKS", nbdir)
-    monkeypatch.setattr(build, "ROOT", tmp_path)
-    (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
+    src = _scratch_book(tmp_path, monkeypatch, "96_stamp.md")
     assert build.sync() == 0
     for path in (src, src.with_suffix(".ipynb")):
         text = path.read_text()
