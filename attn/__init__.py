@@ -14,38 +14,38 @@ pieces live once:
 """
 
 from . import masks
+from .adaptive import AdaptiveSpanAttention, SentinelAttention
+from .adversarial import AttentionClassifier
+from .attention_pooling import PMA, AttentionPool, NadarayaWatson
+from .axial import AxialAttention
 from .bert import BidirectionalSelfAttention
+from .co_attention import AlternatingCoAttention, DCNCoAttention, ParallelCoAttention
+from .convolutional import CBAM, MultiDConvHeadAttention
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .cross import CrossAttention, LatentCrossAttention
-from .global_attention import GlobalTokenAttention, LuongGlobalAttention, LuongSeq2Seq
-from .local import LocalAttention, LocalPAttention, local_attention
-from .multihead import MultiHeadAttention
-from .registry import CHAPTERS, MECHANISMS, chapter, get, mechanisms
-from .self_attention import SelfAttention
-from .sparse import SparseAttention, TopKAttention
-from .sparsemax import EntmaxAttention, SparsemaxAttention
-from .soft import AdditiveAttention, MultiplicativeAttention, Seq2SeqAttention
-from .co_attention import AlternatingCoAttention, DCNCoAttention, ParallelCoAttention
-from .hybrid import BigBirdAttention
-from .axial import AxialAttention
-from .frequency import FourierMixing, FrequencyEnhancedAttention, FrequencyEnhancedBlock
-from .adaptive import AdaptiveSpanAttention, SentinelAttention
-from .transformer_xl import TransformerXLAttention
-from .memory_attention import KNNMemory, MemorizingAttention, PersistentMemoryAttention
-from .hierarchical import ContextAttention, HierarchicalAttentionNetwork
-from .attention_pooling import PMA, AttentionPool, NadarayaWatson
-from .graph import GraphAttention, GraphAttentionV2
-from .convolutional import CBAM, MultiDConvHeadAttention
-from .gated import GatedAttention, GatedAttentionUnit, GatedMILPooling
-from .hard import HardAttention, HardSelfAttention
-from .adversarial import AttentionClassifier
+from .differential import DifferentialAttention, SinkCache
 from .distillation import Distiller
 from .flash import FlashAttention, flash_attention, merge_partial_attention
-from .linear import LinearAttention, PerformerAttention, linear_attention
+from .frequency import FourierMixing, FrequencyEnhancedAttention, FrequencyEnhancedBlock
+from .gated import GatedAttention, GatedAttentionUnit, GatedMILPooling
+from .global_attention import GlobalTokenAttention, LuongGlobalAttention, LuongSeq2Seq
 from .gqa import GroupedQueryAttention, KVCache
-from .positions import PositionalAttention, RotaryEmbedding, alibi_bias
+from .graph import GraphAttention, GraphAttentionV2
+from .hard import HardAttention, HardSelfAttention
+from .hierarchical import ContextAttention, HierarchicalAttentionNetwork
+from .hybrid import BigBirdAttention
 from .latent import LatentCache, MultiHeadLatentAttention
-from .differential import DifferentialAttention, SinkCache
+from .linear import LinearAttention, PerformerAttention, linear_attention
+from .local import LocalAttention, LocalPAttention, local_attention
+from .memory_attention import KNNMemory, MemorizingAttention, PersistentMemoryAttention
+from .multihead import MultiHeadAttention
+from .positions import PositionalAttention, RotaryEmbedding, alibi_bias
+from .registry import CHAPTERS, MECHANISMS, chapter, get, mechanisms
+from .self_attention import SelfAttention
+from .soft import AdditiveAttention, MultiplicativeAttention, Seq2SeqAttention
+from .sparse import SparseAttention, TopKAttention
+from .sparsemax import EntmaxAttention, SparsemaxAttention
+from .transformer_xl import TransformerXLAttention
 
 __version__ = "0.1.0"
 

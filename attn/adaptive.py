@@ -49,7 +49,7 @@ Shapes: ``x`` ``(batch, n, E)`` -> ``(batch, n, E)``; weights ``(batch, heads, n
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +220,7 @@ def adaptive_span_reference(
     return AttentionOutput(a @ v, a)
 
 
-def _build_adaptive(embed_dim: int, num_heads: int) -> "AdaptiveSpanAttention":
+def _build_adaptive(embed_dim: int, num_heads: int) -> AdaptiveSpanAttention:
     return AdaptiveSpanAttention(embed_dim, num_heads, max_span=64, ramp=8, init_span=1.0)
 
 

@@ -126,7 +126,7 @@ class AxialAttention(nn.Module):
         if len(tuple(grid)) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
             raise ValueError(f"grid must be two positive ints (H, W), got {grid!r}")
         H, W = grid
-        if H * W != x.shape[1]:
+        if x.shape[1] != H * W:
             raise ValueError(f"grid=({H}, {W}) holds H*W = {H * W} tokens, but x has {x.shape[1]} (shape {tuple(x.shape)})")
         return x.reshape(x.shape[0], H, W, C), True
 

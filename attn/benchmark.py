@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 import sys
-from typing import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd

@@ -275,7 +275,7 @@ class BidirectionalSelfAttention(MultiHeadAttention):
         )
 
     @torch.no_grad()
-    def load_bert_weights(self, self_attention: nn.Module, self_output: nn.Module | None = None) -> "BidirectionalSelfAttention":
+    def load_bert_weights(self, self_attention: nn.Module, self_output: nn.Module | None = None) -> BidirectionalSelfAttention:
         """Copy a ``transformers`` ``BertSelfAttention`` (``query``/``key``/``value`` Linears).
 
         ``self_output``, a ``BertSelfOutput``, also gives ``W^O`` (its ``dense``
@@ -300,7 +300,7 @@ class BidirectionalSelfAttention(MultiHeadAttention):
                 ours.bias.copy_(theirs.bias)
         return self
 
-    def load_torch_weights(self, mha: nn.MultiheadAttention) -> "BidirectionalSelfAttention":
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> BidirectionalSelfAttention:
         if not self.output_projection:
             raise ValueError("this module has no output projection (output_projection=False); nn.MultiheadAttention has one")
         return super().load_torch_weights(mha)  # type: ignore[return-value]
@@ -346,7 +346,7 @@ class RightContextTask:
             raise ValueError(f"vocab must be >= 2, got {self.vocab}")
         if not 2 <= self.min_length <= self.length:
             raise ValueError(f"need 2 <= min_length <= length, got min_length={self.min_length}, length={self.length}")
-        if not 1 <= self.n_masks or 2 * self.n_masks > self.min_length:
+        if not self.n_masks >= 1 or 2 * self.n_masks > self.min_length:
             raise ValueError(f"n_masks must be in [1, min_length / 2 = {self.min_length // 2}], got {self.n_masks}")
 
     @property

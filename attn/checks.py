@@ -10,9 +10,8 @@ Empty batches are legal: a layer given ``(0, n, E)`` returns ``(0, n, E)``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -203,7 +203,7 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return out if bias is None else out + bias
 
 
-def _primer_build(embed_dim: int, num_heads: int) -> "MultiDConvHeadAttention":
+def _primer_build(embed_dim: int, num_heads: int) -> MultiDConvHeadAttention:
     return MultiDConvHeadAttention(embed_dim, num_heads, kernel_size=3, causal=True)
 
 
@@ -253,7 +253,7 @@ class MultiDConvHeadAttention(MultiHeadAttention):
         nn.init.uniform_(self.dconv_weight, -bound, bound)
 
     @torch.no_grad()
-    def identity_dconv(self) -> "MultiDConvHeadAttention":
+    def identity_dconv(self) -> MultiDConvHeadAttention:
         """Set every kernel to pass its input through (weight 1 on the current position, 0 elsewhere, no bias).
 
         The layer is then plain multi-head attention: a reference point.

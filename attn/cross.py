@@ -207,7 +207,7 @@ class CrossAttention(nn.Module):
             weights = weights.mean(1)
         return AttentionOutput(out, weights)
 
-    def load_torch_weights(self, mha: nn.MultiheadAttention) -> "CrossAttention":
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> CrossAttention:
         """Copy the weights of ``torch.nn.MultiheadAttention(E, h, kdim=, vdim=)``."""
         self.mha.load_torch_weights(mha)
         return self

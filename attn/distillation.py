@@ -315,7 +315,7 @@ class Distiller(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.projection = nn.Linear(student.embed_dim, teacher.embed_dim, bias=False) if kind == "tinybert" else None  # W_h
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.teacher.eval()  # the teacher stays in eval mode
         return self

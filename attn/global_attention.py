@@ -34,16 +34,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_int, check_same_dtype, check_token_ids, check_tensor, check_tokens, empty_batch
+from .checks import check_heads, check_int, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register

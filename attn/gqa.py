@@ -59,7 +59,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import autocast_active, check_int, check_layer_dtype, check_same_dtype, check_tensor, check_token_ids, check_tokens, empty_batch
+from .checks import (
+    autocast_active,
+    check_int,
+    check_layer_dtype,
+    check_same_dtype,
+    check_tensor,
+    check_token_ids,
+    check_tokens,
+    empty_batch,
+)
 from .core import AttentionOutput, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register

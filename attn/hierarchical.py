@@ -37,8 +37,9 @@ Document Classification", NAACL 2016.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F

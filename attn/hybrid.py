@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_heads, check_positive_float, check_same_dtype, check_tokens, empty_batch
+from .checks import check_heads, check_int, check_positive_float, check_same_dtype, check_tokens, empty_batch
 from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
@@ -100,7 +100,7 @@ class BlockLayout:
     def heads(self) -> int:
         return self.index.shape[0]
 
-    def to(self, device: torch.device | str) -> "BlockLayout":
+    def to(self, device: torch.device | str) -> BlockLayout:
         return BlockLayout(self.index.to(device), self.valid.to(device), self.global_blocks.to(device), self.window, self.num_random)
 
     def block_mask(self) -> Tensor:

@@ -42,7 +42,7 @@ Choromanski et al., "Rethinking Attention with Performers", ICLR 2021.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -57,9 +57,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .checks import (
-    check_layer_dtype,
     check_heads,
     check_int,
+    check_layer_dtype,
     check_positive_float,
     check_same_dtype,
     check_tensor,
@@ -176,7 +176,7 @@ class PersistentMemoryAttention(nn.Module):
         return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), w)
 
     @torch.no_grad()
-    def load_torch_weights(self, mha: nn.MultiheadAttention) -> "PersistentMemoryAttention":
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> PersistentMemoryAttention:
         """Copy a ``torch.nn.MultiheadAttention(add_bias_kv=True, batch_first=True)``: its ``bias_k, bias_v`` become one slot."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention(add_bias_kv=True), got {type(mha).__name__}")

@@ -175,7 +175,7 @@ class MultiHeadAttention(nn.Module):
         return AttentionOutput(out, weights)
 
     @torch.no_grad()
-    def load_torch_weights(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> MultiHeadAttention:
         """Copy the parameters of a ``torch.nn.MultiheadAttention`` with the same sizes.
 
         Its packed ``in_proj_weight`` is ``(3E, E)`` with rows ``[W_q; W_k; W_v]``;

@@ -61,7 +61,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import (
-    check_heads, check_int, check_positive_float, check_same_dtype, check_tensor, check_tokens, empty_batch,
+    check_heads,
+    check_int,
+    check_positive_float,
+    check_same_dtype,
+    check_tensor,
+    check_tokens,
+    empty_batch,
 )
 from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +68,7 @@ class Mechanism:
     data: str = "sequence"
     summary: str = ""
     build: Callable[[int, int], nn.Module] | None = field(default=None, compare=False, hash=False)
-    task: Callable[[str], "OwnTask"] | None = field(default=None, compare=False, hash=False)
+    task: Callable[[str], OwnTask] | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass

@@ -44,7 +44,8 @@ Boolean masks: ``True`` = may attend (:mod:`attn.masks`).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

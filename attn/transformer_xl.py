@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_int, check_layer_dtype, check_heads, check_same_dtype, check_tensor, check_tokens, empty_batch
+from .checks import check_heads, check_int, check_layer_dtype, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .registry import register
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import itertools
 import math
 import pathlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import anywidget
 import numpy as np

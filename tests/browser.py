@@ -48,7 +48,7 @@ class BookServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "BookServer":
+    def __enter__(self) -> BookServer:
         self.thread.start()
         return self
 

@@ -10,8 +10,15 @@ import torch.nn.functional as F
 
 from attn import registry
 from attn.adversarial import (
-    AttentionClassifier, AttentionPooling, CueSentiment, adversarial_loss, attack, fgm_perturbation,
-    js_distance, make_task, tv_distance,
+    AttentionClassifier,
+    AttentionPooling,
+    CueSentiment,
+    adversarial_loss,
+    attack,
+    fgm_perturbation,
+    js_distance,
+    make_task,
+    tv_distance,
 )
 from attn.masks import padding_mask
 from attn.train import set_seed, train

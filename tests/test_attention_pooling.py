@@ -9,8 +9,17 @@ import torch.nn.functional as F
 
 from attn import registry
 from attn.attention_pooling import (
-    MAB, PMA, AttentionPool, ContentMeanSets, KernelRegressionTask, NadarayaWatson, SetClassifier,
-    gaussian_kernel_weights, make_regression_task, make_set_task, nadaraya_watson,
+    MAB,
+    PMA,
+    AttentionPool,
+    ContentMeanSets,
+    KernelRegressionTask,
+    NadarayaWatson,
+    SetClassifier,
+    gaussian_kernel_weights,
+    make_regression_task,
+    make_set_task,
+    nadaraya_watson,
 )
 from attn.masks import padding_mask
 from attn.train import cpu_threads, train

@@ -15,7 +15,6 @@ from urllib.parse import urlparse
 
 import nbformat
 import pytest
-
 from browser import CHROMIUM_ARGS, BookServer, chromium_path
 
 ROOT = Path(__file__).resolve().parents[1]

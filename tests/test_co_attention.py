@@ -10,8 +10,13 @@ import torch
 
 from attn import registry
 from attn.co_attention import (
-    AlternatingCoAttention, CoAttentionPointer, DCNCoAttention, MatchingPairs, ParallelCoAttention,
-    make_co_attention_task, pointer_loss,
+    AlternatingCoAttention,
+    CoAttentionPointer,
+    DCNCoAttention,
+    MatchingPairs,
+    ParallelCoAttention,
+    make_co_attention_task,
+    pointer_loss,
 )
 from attn.masks import padding_mask
 from attn.train import train

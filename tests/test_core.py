@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from attn.core import MIN_TEMPERATURE, masked_softmax, scaled_dot_product_attention
 from attn.masks import (
-    band_mask, block_mask, causal_mask, check_mask, combine_masks, key_mask_to_attn_mask, mha_convention, padding_mask, to_additive,
+    band_mask,
+    block_mask,
+    causal_mask,
+    check_mask,
+    combine_masks,
+    key_mask_to_attn_mask,
+    mha_convention,
+    padding_mask,
+    to_additive,
 )
 from attn.multihead import MultiHeadAttention
 from attn.self_attention import SelfAttention

@@ -11,9 +11,19 @@ import torch.nn.functional as F
 
 from attn import registry
 from attn.distillation import (
-    Distiller, RecallTransformer, RecordingAttention, activation_attention, attention_transfer_loss,
-    distillation_loss, make_task, minilm_attention_loss, minilm_value_loss, teacher_loss,
-    tinybert_attention_loss, tinybert_hidden_loss, value_relation,
+    Distiller,
+    RecallTransformer,
+    RecordingAttention,
+    activation_attention,
+    attention_transfer_loss,
+    distillation_loss,
+    make_task,
+    minilm_attention_loss,
+    minilm_value_loss,
+    teacher_loss,
+    tinybert_attention_loss,
+    tinybert_hidden_loss,
+    value_relation,
 )
 from attn.masks import padding_mask
 from attn.tasks import AssociativeRecall

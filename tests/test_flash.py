@@ -9,11 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attn
 from attn import registry
 from attn.benchmark import fit_exponent, peak_memory
-import attn
 from attn.flash import (
-    FlashAttention, flash_attention, flash_forward, merge_partial_attention, naive_attention, online_softmax_trace,
+    FlashAttention,
+    flash_attention,
+    flash_forward,
+    merge_partial_attention,
+    naive_attention,
+    online_softmax_trace,
     tile_plan,
 )
 from attn.masks import padding_mask

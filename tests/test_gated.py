@@ -9,8 +9,17 @@ import torch
 
 from attn import registry
 from attn.gated import (
-    BagTask, CopyLMTask, GatedAttention, GatedAttentionUnit, GatedMILPooling, MILModel, SinkLM,
-    first_token_mass, lm_loss, make_mil_task, mil_loss,
+    BagTask,
+    CopyLMTask,
+    GatedAttention,
+    GatedAttentionUnit,
+    GatedMILPooling,
+    MILModel,
+    SinkLM,
+    first_token_mass,
+    lm_loss,
+    make_mil_task,
+    mil_loss,
 )
 from attn.masks import padding_mask
 from attn.multihead import MultiHeadAttention

@@ -10,8 +10,18 @@ import torch.nn.functional as F
 
 from attn import registry
 from attn.hard import (
-    HardAttention, HardSelfAttention, LookupModel, LookupTask, MovingAverageBaseline, expected_loss, gradient_samples,
-    gumbel_noise, lookup_loss, make_lookup_task, reinforce_loss, select,
+    HardAttention,
+    HardSelfAttention,
+    LookupModel,
+    LookupTask,
+    MovingAverageBaseline,
+    expected_loss,
+    gradient_samples,
+    gumbel_noise,
+    lookup_loss,
+    make_lookup_task,
+    reinforce_loss,
+    select,
 )
 from attn.masks import padding_mask
 from attn.train import train

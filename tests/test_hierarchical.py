@@ -8,7 +8,12 @@ from torch.func import functional_call
 
 from attn import registry
 from attn.hierarchical import (
-    ContextAttention, HierarchicalAttentionNetwork, PlantedWordDocuments, han_loss, make_task, pad_documents,
+    ContextAttention,
+    HierarchicalAttentionNetwork,
+    PlantedWordDocuments,
+    han_loss,
+    make_task,
+    pad_documents,
     planted_mass,
 )
 from attn.train import cpu_threads, set_seed, train

@@ -11,8 +11,16 @@ import torch.nn.functional as F
 from attn import registry
 from attn.benchmark import count_flops
 from attn.linear import (
-    LinearAttention, PerformerAttention, elu_feature, favor_feature_pair, favor_features, linear_attention, linear_attention_quadratic,
-    linear_attention_recurrent, orthogonal_gaussian, softmax_kernel_estimate,
+    LinearAttention,
+    PerformerAttention,
+    elu_feature,
+    favor_feature_pair,
+    favor_features,
+    linear_attention,
+    linear_attention_quadratic,
+    linear_attention_recurrent,
+    orthogonal_gaussian,
+    softmax_kernel_estimate,
 )
 from attn.masks import padding_mask
 

@@ -11,7 +11,14 @@ from attn.masks import causal_mask, mha_convention, padding_mask
 from attn.models import RecallModel, recall_loss
 from attn.multihead import MultiHeadAttention
 from attn.self_attention import SelfAttention
-from attn.soft import AdditiveAttention, MultiplicativeAttention, Seq2SeqAttention, make_score, permutation_loss, softmax_vjp
+from attn.soft import (
+    AdditiveAttention,
+    MultiplicativeAttention,
+    Seq2SeqAttention,
+    make_score,
+    permutation_loss,
+    softmax_vjp,
+)
 from attn.tasks import AssociativeRecall, PermutationTask
 from attn.train import evaluate, train
 

@@ -12,18 +12,18 @@ from torch import nn
 from attn import registry
 from attn.benchmark import count_flops
 from attn.masks import padding_mask
-from attn.multihead import MultiHeadAttention
 from attn.memory_attention import (
     FarRecallTask,
     KNNMemory,
     MemorizingAttention,
     MemoryRecallModel,
     PersistentMemoryAttention,
-    far_recall_loss,
     faiss_available,
+    far_recall_loss,
     knn_attention,
     knn_attention_dense,
 )
+from attn.multihead import MultiHeadAttention
 from attn.train import cpu_threads, evaluate, set_seed, train
 
 

@@ -22,7 +22,15 @@ from attn.sparse import (
     topk_attention,
     topk_mask,
 )
-from attn.sparsemax import EntmaxAttention, SparsemaxAttention, entmax, entmax15, entmax_attention, entmax_bisect, sparsemax
+from attn.sparsemax import (
+    EntmaxAttention,
+    SparsemaxAttention,
+    entmax,
+    entmax15,
+    entmax_attention,
+    entmax_bisect,
+    sparsemax,
+)
 
 F64 = torch.float64
 

@@ -30,7 +30,7 @@ def _try(res: MechanismResult, what: str, fn: Callable[[], float]) -> float:
     """``fn()``, or NaN and a note when this one measurement fails (the others still stand)."""
     try:
         return float(fn())
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         res.notes.append(f"{what} failed: {type(err).__name__}: {err}")
         return float("nan")
 
@@ -83,7 +83,7 @@ def sweep_layer(
             args = _to(inputs(n, gen), device)
             fn_n = _layer_call(layer, args)
             ms = benchmark.time_median(fn_n, preset.min_run_time) * 1e3
-        except Exception as err:  # noqa: BLE001 - a mechanism's own limit (e.g. a maximum length) ends its sweep
+        except Exception as err:
             res.notes.append(f"sweep stopped at n = {n}: {type(err).__name__}: {err}")
             break
         frames.append(pd.DataFrame([{

@@ -67,7 +67,7 @@ def run_one(
             del model
         if cost:
             sequence_cost(mech, p, seed, dev, res)
-    except Exception as err:  # noqa: BLE001 - one broken mechanism must not stop the comparison
+    except Exception as err:
         res.status = "error"
         res.notes.append(f"{type(err).__name__}: {err}")
     res.metrics["wall_s"] = time.perf_counter() - t_start
@@ -88,7 +88,7 @@ def _run_own_task(
             own_task_learning(task, p, seed, dev, res, progress)
         if cost:
             own_task_cost(task, p, seed, dev, res)
-    except Exception as err:  # noqa: BLE001 - one broken mechanism must not stop the comparison
+    except Exception as err:
         res.status = "error"
         res.notes.append(f"{type(err).__name__}: {err}")
 
