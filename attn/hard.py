@@ -63,7 +63,6 @@ from .checks import check_tensor, check_tokens
 from .core import AttentionOutput
 from .masks import check_key_mask
 from .registry import OwnTask, register
-from .train import cpu_threads
 
 __all__ = [
     "Estimator", "HardAttentionOutput", "gumbel_noise", "select", "HardAttention", "HardSelfAttention",
@@ -414,6 +413,8 @@ def gradient_samples(model: LookupModel, batch: dict[str, Tensor], n_samples: in
     g = torch.Generator(device=batch["keys"].device).manual_seed(seed)
     rows = []
     try:
+        from .train import cpu_threads  # the trainer's helper, loaded on use: layers do not import training
+
         with cpu_threads(1 if batch["keys"].device.type == "cpu" else None):  # tiny products: one thread is fastest
             rows = [_one_gradient(model, batch, g, params) for _ in range(n_samples)]
     finally:

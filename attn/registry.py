@@ -233,12 +233,20 @@ def part_of(number: int) -> str:
 
 _LOADED = False
 
+#: modules of the package that register no mechanism: the book's tooling (plots, widgets, benchmarks, the
+#: trainer, the comparison, the CLI). :func:`load_all` leaves them alone, so that ``attn.get(...)`` loads
+#: neither matplotlib, anywidget nor pandas.
+SUPPORT_MODULES = frozenset(
+    {"benchmark", "checks", "compare", "core", "masks", "models", "notebook", "plotting", "registry", "tasks", "train", "widgets"}
+)
+
 
 def load_all() -> None:
     """Import every module of the package, so that every mechanism is registered.
 
     A new mechanism module registers itself by being imported; this finds it
-    without a list to keep in step.
+    without a list to keep in step (only the tooling in :data:`SUPPORT_MODULES` is skipped;
+    a test checks that none of those registers anything).
     """
     global _LOADED
     if _LOADED:
@@ -246,7 +254,7 @@ def load_all() -> None:
     import attn
 
     for info in pkgutil.iter_modules(attn.__path__):
-        if not info.name.startswith("_"):
+        if not info.name.startswith("_") and info.name not in SUPPORT_MODULES:
             importlib.import_module(f"attn.{info.name}")
     _LOADED = True
 

@@ -11,12 +11,14 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["History", "Recorder", "cpu_threads", "set_seed", "train", "evaluate"]
 
@@ -68,6 +70,8 @@ class History:
             self.metrics.setdefault(k, []).append(v)
 
     def to_frame(self) -> pd.DataFrame:
+        import pandas as pd  # loaded on use: ``import attn`` stays free of pandas
+
         return pd.DataFrame({"step": self.step, "loss": self.loss, **self.metrics})
 
     def first_step_reaching(self, metric: str, target: float) -> int | None:
