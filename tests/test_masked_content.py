@@ -35,10 +35,6 @@ from attn.registry import Mechanism, mechanisms
 NO_KEY_MASK: dict[str, str] = {
     "transformer_xl": "segment-level recurrence over a fixed-length stream; no padding argument (forward(x, need_weights))",
     "memorizing": "a streaming memory layer: forward(x, need_weights, memory); no padding argument",
-    "gqa": "forward(x, need_weights, cache) on the original code; key_mask support is being added (issue 15, section 3)",
-    "mla": "forward(x, need_weights, cache, absorb) on the original code; key_mask support is being added (issue 15, section 3)",
-    "alibi": "PositionalAttention.forward(x, need_weights, offset): causal decoder for unpadded sequences, no padding argument",
-    "rope": "PositionalAttention.forward(x, need_weights, offset): causal decoder for unpadded sequences, no padding argument",
 }
 
 EMBED, HEADS, BATCH, N = 16, 4, 3, 16
@@ -100,6 +96,8 @@ def test_every_mechanism_is_checked_or_explained() -> None:
     missing = [name for name in sorted(registered) if name not in CHECKED and name not in NO_KEY_MASK]
     assert not missing, f"mechanisms with no key_mask and no reason in NO_KEY_MASK: {missing}"
     assert set(NO_KEY_MASK) <= registered, f"NO_KEY_MASK names no registered mechanism: {set(NO_KEY_MASK) - registered}"
+    stale = sorted(set(NO_KEY_MASK) & set(CHECKED))
+    assert not stale, f"{stale} take a key_mask now: remove them from NO_KEY_MASK"
     assert len(CHECKED) >= 20, CHECKED  # the detection finds the masked layers (27 on the original code)
     # a skipped layer must not take a padding mask under another name (attention_mask, key_padding_mask, ...)
     for m in _sequence_mechanisms():
