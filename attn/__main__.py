@@ -99,7 +99,7 @@ def _list(show_all: bool) -> int:
     rows += [(m.name, f"{m.chapter:2d} {_title(m.chapter)}", m.paper, m.complexity, m.data) for m in ms]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
     covered = {m.chapter for m in ms}

@@ -131,7 +131,7 @@ def largest_tensor(fn: Callable[[], object]) -> int:
     most = 0
 
     class _Largest(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             nonlocal most
             out = func(*args, **(kwargs or {}))
             for t in tree_leaves(out):

@@ -11,7 +11,7 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["History", "Recorder", "cpu_threads", "set_seed", "train", "evaluate"]
 
 Batch = dict[str, Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, float]]]
+ModelT = TypeVar("ModelT", bound=nn.Module)
+# ``(model, batch) -> (loss, metrics)``, generic in the model so a loss written for one model class type-checks
+LossFn = Callable[[ModelT, Batch], tuple[Tensor, dict[str, float]]]
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -76,7 +78,8 @@ class History:
 
     def first_step_reaching(self, metric: str, target: float) -> int | None:
         """First logged step at which ``metric >= target`` (``None`` if never)."""
-        for s, v in zip(self.step, self.metrics.get(metric, [])):
+        # strict=False: a metric that was never logged gives [], and then no step reaches the target
+        for s, v in zip(self.step, self.metrics.get(metric, []), strict=False):
             if v >= target:
                 return s
         return None
@@ -101,9 +104,9 @@ class Recorder:
 
 
 def train(
-    model: nn.Module,
+    model: ModelT,
     sample: Callable[[int, torch.Generator], Batch],
-    loss_fn: LossFn,
+    loss_fn: LossFn[ModelT],
     steps: int,
     batch_size: int = 64,
     lr: float = 3e-3,
@@ -111,7 +114,7 @@ def train(
     log_every: int = 10,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    callback: Callable[[int, nn.Module], Any] | None = None,
+    callback: Callable[[int, ModelT], Any] | None = None,
     grad_clip: float | None = 1.0,
     num_threads: int | None = 1,
 ) -> History:
@@ -139,9 +142,9 @@ def train(
 
 
 def _train_loop(
-    model: nn.Module,
+    model: ModelT,
     sample: Callable[[int, torch.Generator], Batch],
-    loss_fn: LossFn,
+    loss_fn: LossFn[ModelT],
     steps: int,
     batch_size: int,
     lr: float,
@@ -149,7 +152,7 @@ def _train_loop(
     log_every: int,
     device: torch.device | str,
     progress: bool,
-    callback: Callable[[int, nn.Module], Any] | None,
+    callback: Callable[[int, ModelT], Any] | None,
     grad_clip: float | None,
     tqdm: Any,
 ) -> History:
@@ -179,9 +182,9 @@ def _train_loop(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: ModelT,
     sample: Callable[[int, torch.Generator], Batch],
-    loss_fn: LossFn,
+    loss_fn: LossFn[ModelT],
     batch_size: int = 512,
     seed: int = 12345,
     device: torch.device | str = "cpu",

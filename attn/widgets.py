@@ -209,11 +209,11 @@ class AttentionExplorer(anywidget.AnyWidget):
     _css = _STATIC / "explorer.css"
 
     title = traitlets.Unicode("").tag(sync=True)
-    controls = traitlets.List().tag(sync=True)
+    controls: traitlets.List[dict[str, Any]] = traitlets.List().tag(sync=True)
     states = traitlets.Dict().tag(sync=True)
     selection = traitlets.List(traitlets.Int()).tag(sync=True)
     live = traitlets.Dict().tag(sync=True)
-    palette = traitlets.List().tag(sync=True)
+    palette: traitlets.List[str] = traitlets.List().tag(sync=True)
 
     def __init__(
         self,
@@ -262,7 +262,7 @@ class AttentionExplorer(anywidget.AnyWidget):
 
     def params(self, idx: Sequence[int]) -> dict[str, Any]:
         """Slider positions -> keyword arguments of ``compute``."""
-        return {name: vals[i] for (name, vals), i in zip(self._values.items(), idx)}
+        return {name: vals[i] for (name, vals), i in zip(self._values.items(), idx, strict=True)}
 
     def _view(self, idx: Sequence[int]) -> View:
         out = self._compute(**self.params(idx))

@@ -174,8 +174,8 @@ def sync(check: bool = False) -> int:
     stray = [p for p in NOTEBOOKS.glob("*.ipynb") if not p.with_suffix(".md").exists()]
     if check:
         problems = [f"out of sync: {p}" for p in drift] + [f"no .md source: {p.relative_to(ROOT)}" for p in stray]
-        for p in problems:
-            log(p)
+        for problem in problems:
+            log(problem)
         if problems:
             log("run `python book/build.py sync` (or `make sync`) and commit the result")
         return 1 if problems else 0
@@ -571,8 +571,10 @@ def hero_figure(path: Path) -> None:
         "local window (w = 2)": band_mask(16, 2),
     }
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), constrained_layout=True)
-    for ax, (title, mask) in zip(axes, panels.items()):
-        w = scaled_dot_product_attention(x, x, x, attn_mask=mask, need_weights=True, scale=0.6).weights[0]
+    for ax, (title, mask) in zip(axes, panels.items(), strict=True):
+        weights = scaled_dot_product_attention(x, x, x, attn_mask=mask, need_weights=True, scale=0.6).weights
+        assert weights is not None, "need_weights=True returns the weights"
+        w = weights[0]
         plotting.heatmap(w, ax=ax, title=title, colorbar=False, vmax=None)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -581,7 +583,7 @@ def hero_figure(path: Path) -> None:
 def html_key() -> str:
     """The cache key of the HTML build: everything the staged sources and the build read."""
     executed = sorted((SRC / "notebooks").glob("*.ipynb"))
-    files = [ROOT / "_config.yml", ROOT / "_toc.yml"] + executed
+    files = [ROOT / "_config.yml", ROOT / "_toc.yml", *executed]
     return _sha256(
         CACHE_VERSION.encode(),
         *[f.name.encode() + b"\0" + f.read_bytes() for f in files],

@@ -111,7 +111,7 @@ def test_cli_list():
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["name", "chapter", "paper", "complexity", "data"]
     for m in registry.mechanisms():
-        line = next(l for l in lines if l.split() and l.split()[0] == m.name)
+        line = next(row for row in lines if row.split() and row.split()[0] == m.name)
         assert m.paper in line and m.complexity in line and f"{m.chapter:2d} {registry.chapter(m.chapter).title}" in line
     assert f"{len(registry.MECHANISMS)} mechanisms registered" in proc.stdout
 
@@ -170,7 +170,7 @@ def test_same_seed_same_results_and_independent_of_the_others():
     alone = compare.run(["multihead"], preset=TINY, seed=3, device="cpu", progress=False, cost=False)
     other_seed = compare.run(["multihead"], preset=TINY, seed=4, device="cpu", progress=False, cost=False)
     assert [r.name for r in a.results] == [r.name for r in b.results] == ["self", "multihead"]
-    for ra, rb in zip(a.results, b.results):
+    for ra, rb in zip(a.results, b.results, strict=True):
         assert ra.status == rb.status == "ok"
         assert ra.history["loss"].tolist() == rb.history["loss"].tolist()
         assert ra.history["acc"].tolist() == rb.history["acc"].tolist()
@@ -251,7 +251,7 @@ def test_presets_and_devices():
         compare.get_preset("x")
     assert compare.resolve_device("cpu") == torch.device("cpu")
     assert compare.resolve_device("auto").type in ("cpu", "cuda")
-    with pytest.raises(KeyError, match="unknown mechanism.*'nope'.*registered: .*self"):
+    with pytest.raises(KeyError, match=r"unknown mechanism.*'nope'.*registered: .*self"):
         compare.run(["nope"], preset=TINY)
     for p in compare.PRESETS.values():  # every sweep and fixed size is measurable, and the task is valid
         assert p.n_keys >= p.n_pairs and p.sweep_lengths == tuple(sorted(p.sweep_lengths))
@@ -289,7 +289,7 @@ def test_workers_learn_exactly_what_one_process_learns():
     one = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False)
     two = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False, workers=2)
     assert [r.name for r in two.results] == [r.name for r in one.results] == names
-    for a, b in zip(one.results, two.results):
+    for a, b in zip(one.results, two.results, strict=True):
         assert a.status == b.status == "ok"
         assert a.metrics["accuracy"] == b.metrics["accuracy"] and list(a.history["loss"]) == list(b.history["loss"])
     with pytest.raises(ValueError, match="workers"):

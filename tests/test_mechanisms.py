@@ -213,7 +213,7 @@ def test_multihead_bad_input():
         mha(torch.randn(1, 4, 8), torch.randn(1, 4, 6))
     with pytest.raises(ValueError, match="empty"):
         mha(torch.randn(1, 0, 8))
-    with pytest.raises(TypeError, match="torch.bool"):
+    with pytest.raises(TypeError, match=r"torch\.bool"):
         mha(torch.randn(1, 4, 8), attn_mask=torch.ones(4, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="does not broadcast"):
         mha(torch.randn(1, 4, 8), attn_mask=torch.ones(3, 4, dtype=torch.bool))

@@ -62,9 +62,9 @@ def test_toc_is_generated_from_the_registry():
 
 
 def test_intro_map_numbers_every_chapter_from_the_registry():
-    rows = [r for r in build.chapter_map().splitlines()[2:]]
+    rows = build.chapter_map().splitlines()[2:]
     assert len(rows) == len(registry.CHAPTERS)
-    for row, chapter in zip(rows, registry.CHAPTERS):
+    for row, chapter in zip(rows, registry.CHAPTERS, strict=True):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == str(chapter.number) and chapter.title in cells[1]
         assert cells[2] == registry.part_of(chapter.number)
@@ -86,9 +86,9 @@ def test_prose_chapter_numbers_name_the_right_chapter(md):
     """'chapter 8' in prose must stand next to that chapter's title ('local attention (chapter 8)')."""
     text = _prose(md)
     mentions = re.finditer(r"\bchapters? (\d+(?:(?:,? and |, | or )\d+)*)", text, re.I)
-    for m, number in ((m, int(n)) for m in mentions for n in re.findall(r"\d+", m.group(1))):
+    for mention, number in ((m, int(n)) for m in mentions for n in re.findall(r"\d+", m.group(1))):
         assert number in BY_NUMBER, f"{md.name}: 'chapter {number}' does not exist"
-        around = text[max(0, m.start() - 90) : m.end() + 40].lower()
+        around = text[max(0, mention.start() - 90) : mention.end() + 40].lower()
         link = f"{number:02d}_{BY_NUMBER[number].slug}.ipynb"
         word = _title_word(BY_NUMBER[number].title)
         assert word in around or link in around, (

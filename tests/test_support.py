@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from attn import benchmark, registry
 from attn.multihead import MultiHeadAttention
@@ -69,7 +71,12 @@ def test_compare_and_sweep():
     x = torch.randn(128, 128)
     df = benchmark.compare({"one": lambda: x @ x, "four": lambda: x @ x @ x @ x @ x}, min_run_time=0.05)
     assert df.loc["one", "ratio"] == 1.0 and df.loc["four", "ratio"] > 1.0  # four products vs one: robust to noise
-    sweep = benchmark.sweep(lambda n: {"mm": (lambda a=torch.randn(n, n): a @ a)}, [64, 128], min_run_time=0.05, flops=True)
+
+    def square_matmul(n: int) -> dict[str, Callable[[], Tensor]]:
+        a = torch.randn(n, n)
+        return {"mm": lambda: a @ a}
+
+    sweep = benchmark.sweep(square_matmul, [64, 128], min_run_time=0.05, flops=True)
     assert list(sweep.columns) == ["name", "n", "median_ms", "peak_mib", "gflops"]
     assert sweep.gflops.iloc[1] == pytest.approx(8 * sweep.gflops.iloc[0])
     assert benchmark.exponents(sweep, "gflops")["mm"] == pytest.approx(3.0)
@@ -143,7 +150,7 @@ def test_recall_task_is_consistent_and_seeded():
     b = task.sample(32, torch.Generator().manual_seed(1))
     x, y = b["x"], b["y"]
     assert x.shape == (32, 11)
-    for row, target, where in zip(x, y, b["where"]):
+    for row, target, where in zip(x, y, b["where"], strict=True):
         keys, values = row[:-1:2], row[1:-1:2]
         assert len(set(keys.tolist())) == 5 and (keys < 7).all() and (values >= 7).all()
         assert values[(keys == row[-1]).nonzero()[0, 0]] == target == row[where]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,8 +89,8 @@ def sweep_layer(
             break
         frames.append(pd.DataFrame([{
             "name": res.name, "n": n, "median_ms": ms,
-            "peak_mib": _try(res, f"peak memory at n = {n}", lambda fn_n=fn_n: benchmark.peak_memory(fn_n, device) / 2**20),
-            "gflops": _try(res, f"FLOP count at n = {n}", lambda args=args: _flops(layer, args) / 1e9),
+            "peak_mib": _try(res, f"peak memory at n = {n}", functools.partial(benchmark.peak_memory, fn_n, device)) / 2**20,
+            "gflops": _try(res, f"FLOP count at n = {n}", functools.partial(_flops, layer, args)) / 1e9,
         }]))
     if frames:
         res.sweep = pd.concat(frames, ignore_index=True)

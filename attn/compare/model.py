@@ -57,7 +57,7 @@ class PositionalRecallModel(nn.Module):
         """Logits ``(B, n_values)`` and, if asked, each layer's attention weights."""
         h = self.tokens(x)
         weights: list[Tensor | None] = []
-        for norm, mixer in zip(self.norms, self.mixers):
+        for norm, mixer in zip(self.norms, self.mixers, strict=True):
             out = mixer(norm(h), need_weights=need_weights)
             h = h + out[0]
             weights.append(out[1] if need_weights else None)

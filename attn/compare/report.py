@@ -91,7 +91,7 @@ class Comparison:
         out["ch"] = t["chapter"]
         out["task"] = t["task"]
         out["size"] = [
-            "" if pd.isna(m) else f"{u} <= {int(m)}" for u, m in zip(t["size_unit"], t["sweep_max_n"])
+            "" if pd.isna(m) else f"{u} <= {int(m)}" for u, m in zip(t["size_unit"], t["sweep_max_n"], strict=True)
         ]
         _cost_columns(out, t, "size")
         out["acc"] = _fmt(t["accuracy"], ".3f")
@@ -315,24 +315,24 @@ class Comparison:
         """
         from ..widgets import AttentionExplorer, Panel, View, entropy
 
-        have = [r for r in self.results if r.probe_weights is not None]
+        # name -> (result, its probe weights (layers, k, H, n, n)), for the mechanisms that returned weights
+        have = {r.name: (r, r.probe_weights) for r in self.results if r.probe_weights is not None}
         if not have:
             raise ValueError("no mechanism returned attention weights to explore")
-        k = min(r.probe_weights.shape[1] for r in have)
+        k = min(pw.shape[1] for _, pw in have.values())
         k = k if examples is None else min(k, examples)
-        layers = min(r.probe_weights.shape[0] for r in have)
+        layers = min(pw.shape[0] for _, pw in have.values())
         task = self.preset.task()
-        by_name = {r.name: r for r in have}
 
         def labels(r: MechanismResult, b: int) -> list[str]:
             xs = r.probe["x"][b].tolist()
             answer = (int(r.probe["where"][b]) - 1) // 2
             pairs = [f"{xs[2 * i]}:{xs[2 * i + 1] - task.n_keys}" + ("*" if i == answer else "") for i in range(task.n_pairs)]
-            return pairs + [f"q={xs[-1]}"]
+            return [*pairs, f"q={xs[-1]}"]
 
         def view(mechanism: str, example: int, layer: int = 0) -> View:
-            r = by_name[mechanism]
-            w = r.probe_weights[layer, example]  # (H, n, n)
+            r, probe_weights = have[mechanism]
+            w = probe_weights[layer, example]  # (H, n, n)
             lab = labels(r, example)
             answer = (int(r.probe["where"][example]) - 1) // 2
             q = w.shape[-1] - 1
@@ -349,11 +349,11 @@ class Comparison:
                 ),
             )
 
-        sliders: dict[str, list[Any]] = {"mechanism": list(by_name), "example": list(range(k))}
+        sliders: dict[str, list[Any]] = {"mechanism": list(have), "example": list(range(k))}
         if layers > 1:
             sliders["layer"] = list(range(layers))
         return AttentionExplorer(
-            view, sliders, initial={"mechanism": next(iter(by_name)), "example": 0},
+            view, sliders, initial={"mechanism": next(iter(have)), "example": 0},
             title="Trained models on held-out recall queries",
         )
 
@@ -448,7 +448,7 @@ def _cost_columns(out: pd.DataFrame, t: pd.DataFrame, size: str) -> None:
 
 def _steps(results: list[MechanismResult], t: pd.DataFrame) -> list[str]:
     """Steps to the target accuracy: a number, "never" within the budget, or empty for a failed row."""
-    return ["" if r.status != "ok" else ("never" if pd.isna(v) else str(int(v))) for r, v in zip(results, t["steps_to_target"])]
+    return ["" if r.status != "ok" else ("never" if pd.isna(v) else str(int(v))) for r, v in zip(results, t["steps_to_target"], strict=True)]
 
 
 def _own(r: MechanismResult) -> bool:

@@ -171,7 +171,7 @@ def run(
 
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
             futures = [pool.submit(_run_one_in_worker, m.name, p, seed, str(dev), cost, learn) for m in chosen]
-            for f in cf.as_completed(futures):
+            for _ in cf.as_completed(futures):
                 bar.update()
             results = [f.result() for f in futures]
     bar.close()
