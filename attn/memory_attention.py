@@ -182,7 +182,7 @@ class PersistentMemoryAttention(nn.Module):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention(add_bias_kv=True), got {type(mha).__name__}")
         if mha.in_proj_weight is None or mha.in_proj_bias is None:
             raise ValueError("mha must use one packed in_proj with biases (equal kdim/vdim, bias=True)")
-        if self.slots != 1 or mha.bias_k is None:
+        if self.slots != 1 or mha.bias_k is None or mha.bias_v is None:
             raise ValueError("only a 1-slot module matches nn.MultiheadAttention(add_bias_kv=True)")
         if (mha.embed_dim, mha.num_heads) != (self.embed_dim, self.num_heads):
             raise ValueError("nn.MultiheadAttention sizes (embed_dim, num_heads) differ from this module's")
@@ -204,8 +204,11 @@ class KNNMemory:
     """A bank of past ``(key, value)`` pairs per example and head: not differentiable, at most ``capacity`` entries.
 
     ``keys``, ``values``: ``(B, h, S, d)`` with ``S <= capacity``; ``positions``
-    ``(S,)``: where in the stream each entry came from. :meth:`add` appends a
-    segment (detached) and drops the oldest entries beyond ``capacity``.
+    ``(S,)``: where in the stream each entry came from; ``valid``: ``None`` (every
+    entry real) or ``(B, S)`` boolean, ``False`` = the entry came from a padded
+    token and is never retrieved. :meth:`add` appends a segment (detached) and
+    drops the oldest entries beyond ``capacity`` (padded entries count: the bank
+    holds the last ``capacity`` positions of the stream).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -214,13 +217,16 @@ class KNNMemory:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.positions: Tensor | None = None
+        self.valid: Tensor | None = None
 
     @property
     def size(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def add(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+    def add(self, keys: Tensor, values: Tensor, positions: Tensor, valid: Tensor | None = None) -> None:
         """Append ``keys (B, h, L, d)``, ``values (B, h, L, d_v)`` from stream positions ``(L,)``; keep the newest ``capacity``.
+
+        ``valid``: ``(B, L)`` boolean, ``True`` = the entry comes from a real token (``None``: all real).
 
         Raises:
             TypeError: a non-tensor (a list), integer keys/values, float positions, or dtypes that
@@ -242,14 +248,19 @@ class KNNMemory:
             raise ValueError(f"keys (batch, heads, L, d) = {tuple(keys.shape)} do not match the bank's {tuple(self.keys.shape)}")
         if self.values is not None and self.values.shape[-1] != values.shape[-1]:
             raise ValueError(f"values must have d_v = {self.values.shape[-1]} like the bank's, got shape {tuple(values.shape)}")
+        check_key_mask(valid, keys.shape[0], L, name="valid", length_name="L", meaning="entry from a real token")
         if L == 0:
             return  # nothing to add
         keys, values = keys.detach(), values.detach()  # the memory is not differentiable
-        if self.keys is not None:
+        if self.keys is not None and self.values is not None and self.positions is not None:
+            if valid is not None or self.valid is not None:  # one validity mask for the whole bank
+                old = self.valid if self.valid is not None else keys.new_ones(keys.shape[0], self.size, dtype=torch.bool)
+                valid = torch.cat([old, valid if valid is not None else old.new_ones(keys.shape[0], L)], 1)
             keys = torch.cat([self.keys, keys], 2)
             values = torch.cat([self.values, values], 2)
             positions = torch.cat([self.positions, positions])
         self.keys, self.values, self.positions = keys[:, :, -self.capacity :], values[:, :, -self.capacity :], positions[-self.capacity :]
+        self.valid = None if valid is None else valid[:, -self.capacity :]
 
 
 def _check_memory(memory: object) -> None:
@@ -307,7 +318,14 @@ def _check_search(q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: fl
 
 
 def knn_attention(
-    q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None = None, backend: Literal["torch", "faiss"] = "torch"
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    top_k: int,
+    scale: float | None = None,
+    backend: Literal["torch", "faiss"] = "torch",
+    *,
+    key_mask: Tensor | None = None,
 ) -> Retrieval:
     r"""Attention over the ``top_k`` bank entries with the largest ``q^T k`` (gathered, not masked).
 
@@ -318,13 +336,25 @@ def knn_attention(
         scale: score scale, default ``1 / sqrt(d)``.
         backend: ``"torch"``: exact :func:`torch.topk` over all ``S`` scores;
             ``"faiss"``: the same exact search by ``faiss.IndexFlatIP`` (needs ``faiss``).
+        key_mask: ``(B, S)`` boolean, ``True`` = a real bank entry (keyword only, torch backend).
+            The search runs over the real entries only; a query with fewer than ``k`` real
+            entries attends to those, one with none gets zero weights and a zero output.
 
     Returns:
         :class:`Retrieval`. The softmax runs over the ``k`` retrieved scores;
         gradients reach ``q`` (and the bank, if it required grad).
     """
     scale = _check_search(q, keys, values, top_k, scale)
+    check_key_mask(key_mask, q.shape[0], keys.shape[2], length_name="S", meaning="real bank entry")
     k = min(top_k, keys.shape[2])
+    if key_mask is not None:
+        if backend != "torch":
+            raise ValueError(f"key_mask needs backend='torch' (the faiss index searches every entry), got backend={backend!r}")
+        scores = torch.matmul(q * scale, keys.transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        top, idx = scores.topk(k, dim=-1)  # (B, h, L, k): real entries first, padded ones at -inf
+        picked = key_mask[torch.arange(q.shape[0], device=q.device)[:, None, None, None], idx]  # (B, h, L, k)
+        weights = masked_softmax(top, picked)  # zero on padded entries; all-zero row when none is real
+        return Retrieval(torch.einsum("bhlk,bhlkd->bhld", weights, _gather(values, idx)), weights, idx)
     if backend == "torch":
         scores = torch.matmul(q * scale, keys.transpose(-1, -2))  # (B, h, L, S): the exact search
         top, idx = scores.topk(k, dim=-1)  # (B, h, L, k)
@@ -340,17 +370,25 @@ def knn_attention(
     return Retrieval(out, weights, idx)
 
 
-def knn_attention_dense(q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None = None) -> AttentionOutput:
+def knn_attention_dense(
+    q: Tensor, keys: Tensor, values: Tensor, top_k: int, scale: float | None = None, *, key_mask: Tensor | None = None
+) -> AttentionOutput:
     """Baseline: all ``S`` scores, a mask keeping each query's ``top_k`` largest, dense softmax and product.
 
     Equal to :func:`knn_attention` (ties aside); with ``top_k >= S`` it is
     plain attention over the whole bank. ``O(L S d)`` and an ``(L, S)`` matrix per head.
+    ``key_mask (B, S)``: ``True`` = real entry; the top ``k`` are taken among the real ones.
     """
     scale = _check_search(q, keys, values, top_k, scale)
+    check_key_mask(key_mask, q.shape[0], keys.shape[2], length_name="S", meaning="real bank entry")
     scores = torch.matmul(q * scale, keys.transpose(-1, -2))
+    real = None if key_mask is None else key_mask[:, None, None, :]
+    if real is not None:
+        scores = scores.masked_fill(~real, float("-inf"))
     k = min(top_k, keys.shape[2])
     kth = scores.topk(k, dim=-1).values[..., -1:]
-    weights = masked_softmax(scores, scores >= kth)
+    keep = scores >= kth
+    weights = masked_softmax(scores, keep if real is None else keep & real)
     return AttentionOutput(weights @ values, weights)
 
 
@@ -362,7 +400,10 @@ class SegmentOutput(NamedTuple):
 
     ``output (B, L, E)``; ``local_weights (B, h, L, L)`` and ``memory_weights (B, h, L, k)``
     (``None`` unless asked for / no memory); ``indices (B, h, L, k)`` into the bank (``None``
-    without retrieval); ``keys, values (B, h, L, d)``: what to add to the bank afterwards.
+    without retrieval); ``keys, values (B, h, L, d)``: what to add to the bank afterwards;
+    ``share``: the memory's share of each row, ``g`` ``(1, h, 1, 1)``, or ``(B, h, L, 1)``
+    (0 for a query that found no real entry) when the bank holds padded entries; ``None``
+    without retrieval.
     """
 
     output: Tensor
@@ -371,6 +412,7 @@ class SegmentOutput(NamedTuple):
     indices: Tensor | None
     keys: Tensor
     values: Tensor
+    share: Tensor | None = None
 
 
 @register(
@@ -417,38 +459,51 @@ class MemorizingAttention(nn.Module):
         """``g = sigmoid(b_g)``, ``(h,)``: the share of each head's output that comes from the memory."""
         return torch.sigmoid(self.gate_bias)
 
-    def attend_segment(self, x: Tensor, memory: KNNMemory | None = None, need_weights: bool = False) -> SegmentOutput:
+    def attend_segment(
+        self, x: Tensor, memory: KNNMemory | None = None, need_weights: bool = False, *, key_mask: Tensor | None = None
+    ) -> SegmentOutput:
         """One segment ``x (B, L, E)``: causal attention inside it, gated with retrieval from ``memory``.
 
         The memory is read, not written: add ``keys, values`` of the result to it
-        afterwards (as :meth:`forward` does). With no memory, an empty one or
-        ``top_k = 0``, the output is local attention alone.
+        afterwards (as :meth:`forward` does, with ``valid=key_mask``). With no memory, an
+        empty one or ``top_k = 0``, the output is local attention alone.
+
+        ``key_mask``: ``(B, L)`` boolean, ``True`` = real token; padded tokens are hidden from
+        the local attention. Padded *bank* entries are marked in ``memory.valid`` and never
+        retrieved; a query that finds no real entry uses local attention alone (share 0).
         """
         x = check_tokens(x, self.embed_dim)
         check_layer_dtype(x, self.qkv.weight)
         _check_memory(memory)
-        batch, L, _ = x.shape
+        batch, _, _ = x.shape
+        check_key_mask(key_mask, batch, x.shape[1], length_name="L")
         h, d = self.num_heads, self.head_dim
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=h)  # (B, h, L, d)
-        local, local_w = scaled_dot_product_attention(q, k, v, is_causal=True, need_weights=need_weights)
-        mem_w = idx = None
-        if memory is not None and memory.size > 0 and self.top_k > 0:
-            if memory.keys.shape[:2] != (batch, h) or memory.keys.shape[-1] != d or memory.values.shape[-1] != d:
+        local, local_w = scaled_dot_product_attention(q, k, v, key_mask=key_mask, is_causal=True, need_weights=need_weights)
+        mem_w = idx = share = None
+        if memory is not None and memory.keys is not None and memory.values is not None and self.top_k > 0:
+            bank_k, bank_v = memory.keys, memory.values
+            if bank_k.shape[:2] != (batch, h) or bank_k.shape[-1] != d or bank_v.shape[-1] != d:
                 raise ValueError(
-                    f"memory holds keys (batch, heads, S, d) = {tuple(memory.keys.shape)} and values {tuple(memory.values.shape)}, "
+                    f"memory holds keys (batch, heads, S, d) = {tuple(bank_k.shape)} and values {tuple(bank_v.shape)}, "
                     f"the segment needs ({batch}, {h}, S, {d}) for both"
                 )
             # q is x projected (its dtype, or autocast's): the bank must hold the same dtype
-            check_same_dtype(("x (projected to queries)", q), ("memory.keys", memory.keys), ("memory.values", memory.values))
-            found = knn_attention(q, memory.keys, memory.values, self.top_k, backend=self.backend)
-            g = self.gate[None, :, None, None]
-            out = g * found.output + (1 - g) * local  # V = g V_mem + (1 - g) V_local
+            check_same_dtype(("x (projected to queries)", q), ("memory.keys", bank_k), ("memory.values", bank_v))
+            found = knn_attention(q, bank_k, bank_v, self.top_k, backend=self.backend, key_mask=memory.valid)
+            share = self.gate[None, :, None, None]
+            if memory.valid is not None:  # a query that found no real entry keeps its local output
+                rows = torch.arange(batch, device=x.device)[:, None, None, None]
+                share = share * memory.valid[rows, found.indices].any(-1, keepdim=True).to(share.dtype)  # (B, h, L, 1)
+            out = share * found.output + (1 - share) * local  # V = g V_mem + (1 - g) V_local
             mem_w, idx = (found.weights if need_weights else None), found.indices
         else:
             out = local
-        return SegmentOutput(self.out_proj(rearrange(out, "b h l d -> b l (h d)")), local_w, mem_w, idx, k, v)
+        return SegmentOutput(self.out_proj(rearrange(out, "b h l d -> b l (h d)")), local_w, mem_w, idx, k, v, share)
 
-    def forward(self, x: Tensor, need_weights: bool = False, memory: KNNMemory | None = None) -> AttentionOutput:
+    def forward(
+        self, x: Tensor, need_weights: bool = False, memory: KNNMemory | None = None, *, key_mask: Tensor | None = None
+    ) -> AttentionOutput:
         """Read ``x (B, n, E)`` in segments of ``L``, each one retrieving from the memory of the earlier ones.
 
         Args:
@@ -459,33 +514,48 @@ class MemorizingAttention(nn.Module):
             memory: a :class:`KNNMemory` to read and extend, segment by
                 segment (a stream read over several calls). Without one, all
                 segments run at once (:meth:`forward_parallel`), with the same result.
+            key_mask: ``(B, n)`` boolean, ``True`` = real token (keyword only). A padded
+                token is never attended to: it is hidden from its segment's local attention,
+                and its key and value enter the bank marked invalid (``KNNMemory.valid``),
+                so no later segment (nor a later call sharing ``memory``) retrieves it. A
+                query whose window holds no real entry uses local attention alone; a query
+                with no visible key at all gets a zero row and the output ``out_proj(0)``.
+
+        Returns:
+            ``(output (B, n, E), weights (B, h, n, S=n) | None)``: the key axis is the
+            sequence ``x`` itself (bank entries from earlier calls have no column).
         """
         x = check_tokens(x, self.embed_dim)
         check_layer_dtype(x, self.qkv.weight)
         _check_memory(memory)
         batch, n, _ = x.shape
+        check_key_mask(key_mask, batch, n, length_name="n")
         h, L = self.num_heads, min(self.segment, n)  # a segment longer than x is x (same result, no padding)
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
         if memory is None and self.backend == "torch":
-            return self.forward_parallel(x, need_weights)
+            return self.forward_parallel(x, need_weights, key_mask=key_mask)
         memory = KNNMemory(self.capacity) if memory is None else memory
         offset = 0 if memory.positions is None else int(memory.positions[-1]) + 1  # stream position of x[:, 0]
         outs, dense = [], x.new_zeros(batch, h, n, n) if need_weights else None
         for start in range(0, n, L):
-            seg = self.attend_segment(x[:, start : start + L], memory, need_weights)
+            stop = min(start + L, n)
+            seg_mask = None if key_mask is None else key_mask[:, start:stop]
+            bank_positions = memory.positions  # the bank this segment reads (before adding it)
+            seg = self.attend_segment(x[:, start:stop], memory, need_weights, key_mask=seg_mask)
             outs.append(seg.output)
             if dense is not None:
-                stop = start + seg.output.shape[1]
-                share = self.gate[None, :, None, None] if seg.indices is not None else x.new_zeros(1, h, 1, 1)
+                assert seg.local_weights is not None  # need_weights was passed on
+                share = x.new_zeros(1, h, 1, 1) if seg.share is None else seg.share
                 dense[:, :, start:stop, start:stop] = (1 - share) * seg.local_weights
                 if seg.indices is not None:
-                    cols = memory.positions[seg.indices] - offset  # (B, h, L, k) in this call's coordinates
+                    assert bank_positions is not None and seg.memory_weights is not None  # a retrieval happened
+                    cols = bank_positions[seg.indices] - offset  # (B, h, L, k) in this call's coordinates
                     inside = cols >= 0  # entries from earlier calls have no column here
                     dense[:, :, start:stop] = dense[:, :, start:stop].scatter_add(
                         -1, cols.clamp(min=0), share * seg.memory_weights * inside)
-            positions = torch.arange(start, start + seg.output.shape[1], device=x.device) + offset
-            memory.add(seg.keys, seg.values, positions)
+            positions = torch.arange(start, stop, device=x.device) + offset
+            memory.add(seg.keys, seg.values, positions, valid=seg_mask)
         return AttentionOutput(torch.cat(outs, 1), dense)
 
 
@@ -499,7 +569,7 @@ class MemorizingAttention(nn.Module):
         L = max(1, min(self.segment, n))
         return L, min(self.capacity, (-(-n // L) - 1) * L)
 
-    def forward_parallel(self, x: Tensor, need_weights: bool = False) -> AttentionOutput:
+    def forward_parallel(self, x: Tensor, need_weights: bool = False, *, key_mask: Tensor | None = None) -> AttentionOutput:
         """All segments at once: segment ``b`` searches the ``C`` keys just before it (the bank it would hold).
 
         A bank filled segment by segment and bounded at ``C`` entries holds, when
@@ -513,10 +583,14 @@ class MemorizingAttention(nn.Module):
         sequence (:meth:`effective_sizes`); segment 0 (nothing to retrieve) and a shorter
         last segment run as their own batches, so no window of empty slots is searched
         for segment 0 and nothing is padded.
+
+        ``key_mask (B, n)``: ``True`` = real token, as in :meth:`forward` (padded tokens are
+        hidden locally and are invalid slots of every later window).
         """
         x = check_tokens(x, self.embed_dim)
         check_layer_dtype(x, self.qkv.weight)
-        batch, n, _ = x.shape
+        _, n, _ = x.shape
+        check_key_mask(key_mask, x.shape[0], n, length_name="n")
         h = self.num_heads
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
@@ -527,16 +601,18 @@ class MemorizingAttention(nn.Module):
         first = 1 if C > 0 else 0  # segment 0 retrieves nothing: alone, without a window, when the others search one
         parts = []
         if first:
-            parts.append(self._segment_batch(q, k, v, 0, 1, L, 0, need_weights))
+            parts.append(self._segment_batch(q, k, v, 0, 1, L, 0, need_weights, key_mask))
         if nb > first:
-            parts.append(self._segment_batch(q, k, v, first * L, nb - first, L, C, need_weights))
+            parts.append(self._segment_batch(q, k, v, first * L, nb - first, L, C, need_weights, key_mask))
         if tail:
-            parts.append(self._segment_batch(q, k, v, nb * L, 1, tail, C, need_weights))  # C <= nb L: no empty slot
+            parts.append(self._segment_batch(q, k, v, nb * L, 1, tail, C, need_weights, key_mask))  # C <= nb L: no empty slot
         out = self.out_proj(rearrange(torch.cat([o for o, _ in parts], 2), "b h n d -> b n (h d)"))
-        return AttentionOutput(out, torch.cat([w for _, w in parts], 2) if need_weights else None)
+        weights = [w for _, w in parts if w is not None]  # one per part when need_weights
+        return AttentionOutput(out, torch.cat(weights, 2) if need_weights else None)
 
     def _segment_batch(
-        self, q: Tensor, k: Tensor, v: Tensor, start: int, m: int, length: int, window: int, need_weights: bool
+        self, q: Tensor, k: Tensor, v: Tensor, start: int, m: int, length: int, window: int, need_weights: bool,
+        key_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``m`` segments of ``length`` tokens from position ``start`` of the projected ``q, k, v (B, h, n, d)``, in one batch.
 
@@ -544,6 +620,8 @@ class MemorizingAttention(nn.Module):
         detached keys and values just before it (slots before position 0 are empty; ``window = 0``
         or segment 0: local attention only). Returns the output ``(B, h, m length, d)`` and, with
         ``need_weights``, the effective weights of those rows over the whole sequence ``(B, h, m length, n)``.
+        ``key_mask (B, n)``: padded tokens are hidden locally and are invalid window slots; a query
+        whose top ``k`` holds no real slot keeps its local output (share 0).
         """
         batch, h, n, d = q.shape
         L, C = length, window
@@ -551,7 +629,10 @@ class MemorizingAttention(nn.Module):
         blocks = lambda t: rearrange(t[:, :, start : start + m * L], "b h (m l) d -> b h m l d", l=L)  # noqa: E731
         qb, kb, vb = blocks(q), blocks(k), blocks(v)  # (B, h, m, L, d)
         flat = lambda t: rearrange(t, "b h m l d -> (b m) h l d")  # noqa: E731  (the core takes 4-D tensors)
-        local, local_w = scaled_dot_product_attention(flat(qb), flat(kb), flat(vb), is_causal=True, need_weights=need_weights)
+        local_mask = None if key_mask is None else rearrange(key_mask[:, start : start + m * L], "b (m l) -> (b m) l", l=L)
+        local, local_w = scaled_dot_product_attention(
+            flat(qb), flat(kb), flat(vb), key_mask=local_mask, is_causal=True, need_weights=need_weights
+        )
         local = rearrange(local, "(b m) h l d -> b h m l d", b=batch)
         seg_start = start + torch.arange(m, device=dev) * L  # (m,) stream position of each segment's first token
         share = q.new_zeros(1, h, m, 1, 1)
@@ -562,25 +643,35 @@ class MemorizingAttention(nn.Module):
             mem_k, mem_v = win(k), win(v)
             pos = seg_start[:, None] - C + torch.arange(C, device=dev)[None, :]  # (m, C)
             scores = torch.einsum("bhmld,bhmcd->bhmlc", qb / math.sqrt(d), mem_k)  # the exact search, (B, h, m, L, C)
-            scores = scores.masked_fill(~(pos >= 0)[:, None, :], torch.finfo(scores.dtype).min)  # slots before position 0
-            top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, m, L, k)
-            mem_w = top.softmax(-1)  # empty slots get exp(min - max) = 0 (all-empty: segment 0, gated off below)
             rows = torch.arange(batch, device=dev)[:, None, None, None, None]
             heads = torch.arange(h, device=dev)[None, :, None, None, None]
             segs = torch.arange(m, device=dev)[None, None, :, None, None]
+            if key_mask is None:
+                scores = scores.masked_fill(~(pos >= 0)[:, None, :], torch.finfo(scores.dtype).min)  # slots before position 0
+                top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, m, L, k)
+                mem_w = top.softmax(-1)  # empty slots get exp(min - max) = 0 (all-empty: segment 0, gated off below)
+                has_memory = (seg_start > 0).to(q.dtype)[None, None, :, None, None]
+            else:
+                # real slots of each window: (B, m, C); slots before position 0 are False too
+                real = F.pad(key_mask, (C, 0), value=False)[:, start : start + (m - 1) * L + C].unfold(1, C, L)
+                scores = scores.masked_fill(~real[:, None, :, None, :], float("-inf"))
+                top, idx = scores.topk(min(self.top_k, C), dim=-1)  # (B, h, m, L, k): real slots first
+                picked = real[rows, segs, idx]  # (B, h, m, L, k): which retrieved slots are real
+                mem_w = masked_softmax(top, picked)  # zero on padded slots; all-zero row when none is real
+                has_memory = picked.any(-1, keepdim=True).to(q.dtype)  # no real slot: local attention alone
             retrieved = torch.einsum("bhmlk,bhmlkd->bhmld", mem_w, mem_v[rows, heads, segs, idx])  # gathered: O(L k d)
-            has_memory = (seg_start > 0).to(q.dtype)[None, None, :, None, None]
             share = self.gate[None, :, None, None, None] * has_memory
             local = share * retrieved + (1 - share) * local
             cols = pos[torch.arange(m, device=dev)[:, None, None], idx]  # (B, h, m, L, k) stream positions
         out = rearrange(local, "b h m l d -> b h (m l) d")
         if not need_weights:
             return out, None
+        assert local_w is not None  # need_weights was passed to the core
         local_w = rearrange(local_w, "(b m) h l j -> b h m l j", b=batch)
         own = (seg_start[:, None] + torch.arange(L, device=dev)[None, :])[:, None, :]  # (m, 1, L) columns of the segment
         dense = q.new_zeros(batch, h, m, L, n)
         dense = dense.scatter(-1, own.expand(m, L, L).expand(batch, h, -1, -1, -1), (1 - share) * local_w)
-        if mem_w is not None:
+        if mem_w is not None and cols is not None:
             dense = dense.scatter_add(-1, cols.clamp(min=0), share * mem_w * (cols >= 0))
         return out, rearrange(dense, "b h m l p -> b h (m l) p")
 

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from .checks import check_heads, check_int, check_layer_dtype, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
+from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
@@ -207,6 +208,8 @@ class TransformerXLAttention(nn.Module):
         memory_mask: Tensor | None = None,
         need_weights: bool = False,
         norm: nn.Module | None = None,
+        *,
+        key_mask: Tensor | None = None,
     ) -> AttentionOutput:
         r"""The recurrent form: one segment ``x (B, L, E)`` attends to ``[SG(memory) (B, M, E) | x]``, causally.
 
@@ -218,6 +221,8 @@ class TransformerXLAttention(nn.Module):
             norm: the pre-norm of a block (a ``LayerNorm``), applied *after* the stop-gradient:
                 the layer reads ``norm([SG(memory) | x])``, as in Dai et al.'s code, so the norm's
                 parameters get gradient through the memory path too (``LN(SG(m))``, not ``SG(LN(m))``).
+            key_mask: ``(B, L)`` boolean, ``True`` = real token of this segment; padded tokens are
+                never attended to (a query with no visible key gets a zero row).
 
         Returns:
             ``(output (B, L, E), weights or None)``.
@@ -238,16 +243,17 @@ class TransformerXLAttention(nn.Module):
                 raise TypeError(f"memory_mask must be a torch.bool tensor (True = real state), got {getattr(memory_mask, 'dtype', type(memory_mask).__name__)}")
             if memory_mask.shape != (x.shape[0], mem_len):
                 raise ValueError(f"memory_mask must have shape (batch={x.shape[0]}, mem_len={mem_len}), got {tuple(memory_mask.shape)}")
+        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="L")
         if empty_batch(x):
             w = x.new_zeros(0, self.num_heads, x.shape[1], mem_len + x.shape[1]) if need_weights else None
             return AttentionOutput(x.new_zeros(0, x.shape[1], self.embed_dim), w)
-        if mem_len == 0:
-            memory = memory_mask = None
+        memory_kv = None
+        if memory is None or mem_len == 0:
+            memory_mask = None
         else:
             memory = memory.detach()  # SG(m) ...
-            memory = memory if norm is None else norm(memory)  # ... then the norm: LN(SG(m))
-        memory_kv = None if memory is None else self._project_kv(memory)
-        return self._attend(x if norm is None else norm(x), memory_kv, memory_mask, need_weights)
+            memory_kv = self._project_kv(memory if norm is None else norm(memory))  # ... then the norm: LN(SG(m))
+        return self._attend(x if norm is None else norm(x), memory_kv, memory_mask, need_weights, key_mask=key_mask)
 
     def _project_kv(self, states: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of ``states (B, T, E)``: ``(B, h, T, d)`` each (``W_k``, ``W_v``)."""
@@ -262,12 +268,15 @@ class TransformerXLAttention(nn.Module):
         memory_mask: Tensor | None,
         need_weights: bool,
         table: Tensor | None = None,
+        key_mask: Tensor | None = None,
     ) -> AttentionOutput:
         """The attention of :meth:`attend_segment` on checked inputs.
 
         ``x (B, L, E)``: the (normalised) segment; ``memory_kv``: keys and values ``(B, h, M, d)``
         of the memory, already projected from ``SG(m)``; they enter as given. ``table``: a
-        position table to share between calls (see :meth:`_scores_bias`).
+        position table to share between calls (see :meth:`_scores_bias`). ``memory_mask (B, M)``
+        and ``key_mask (B, L)``: ``True`` = a real state / token (``None``: all real); a key that
+        is ``False`` in either is hidden from every query.
         """
         batch, length, _ = x.shape
         mem_len = 0 if memory_kv is None else memory_kv[0].shape[2]
@@ -281,8 +290,10 @@ class TransformerXLAttention(nn.Module):
         bias = self._scores_bias(q, keys, table) * scale  # terms (b) + (d), scaled: (B, h, L, K)
         # causal: query i (key-axis position M + i) sees keys j <= M + i
         visible = torch.ones(length, keys, dtype=torch.bool, device=x.device).tril(mem_len)
-        if memory_mask is not None:
-            visible = visible & torch.cat([memory_mask, memory_mask.new_ones(batch, length)], 1)[:, None, None, :]
+        if memory_mask is not None or key_mask is not None:
+            mem_part = visible.new_ones(batch, mem_len) if memory_mask is None else memory_mask
+            seg_part = visible.new_ones(batch, length) if key_mask is None else key_mask
+            visible = visible & torch.cat([mem_part, seg_part], 1)[:, None, None, :]  # (B, 1, L, K)
         additive = bias.masked_fill(~visible, float("-inf"))
         # terms (a) + (c) = (q + u)^T k in the attention core; (b) + (d) enter as an additive mask
         out, weights = scaled_dot_product_attention(
@@ -303,7 +314,9 @@ class TransformerXLAttention(nn.Module):
         L = max(1, min(self.segment, n))
         return L, min(self.mem_len, (-(-n // L) - 1) * L)
 
-    def forward(self, x: Tensor, need_weights: bool = False, norm: nn.Module | None = None) -> AttentionOutput:
+    def forward(
+        self, x: Tensor, need_weights: bool = False, norm: nn.Module | None = None, *, key_mask: Tensor | None = None
+    ) -> AttentionOutput:
         """The parallel form over a whole sequence ``x (B, n, E)``: every segment at once.
 
         The sequence is cut into ``ceil(n / L)`` segments; segment ``b`` attends
@@ -317,16 +330,25 @@ class TransformerXLAttention(nn.Module):
         projected once per position, not once per segment that reads them.
 
         Args:
+            need_weights: also return the weights over the ``S = n`` positions of ``x``.
             norm: a block's pre-norm, applied after the stop-gradient (see :meth:`attend_segment`):
                 queries from ``norm(x)``, memory from ``norm(SG(x))``.
+            key_mask: ``(B, n)`` boolean, ``True`` = real token (keyword only). A padded position
+                ``p`` is never attended to: neither as a key of its own segment nor as a memory
+                slot of a later segment (the memory is read from ``x``, so the same mask hides it
+                there). A query with no visible key (e.g. a left-padded first token) gets a zero
+                row of weights and the output ``out_proj(0)``. ``None``: every token is real, and
+                the work is exactly that of the unmasked form.
 
         Returns:
-            ``(output (B, n, E), weights (B, h, n, n) | None)``; the weights are
+            ``(output (B, n, E), weights (B, h, n, S=n) | None)``: the key axis is the
+            sequence itself (memory slots are earlier positions of ``x``); the weights are
             scattered from the segments into a dense matrix (small ``n`` only).
         """
         x = check_tokens(x, self.embed_dim)
         check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
+        check_key_mask(key_mask, batch, n, length_name="n")
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
         L, M = self.effective_sizes(n)
@@ -346,22 +368,29 @@ class TransformerXLAttention(nn.Module):
         # segment 0 has no memory: it runs alone when the others have one (no M masked slots)
         first = 1 if M > 0 and nb > 0 else 0
         if first:
-            out, w0 = self._attend(cur[:, :L], None, None, need_weights, table)
+            km0 = None if key_mask is None else key_mask[:, :L]
+            out, w0 = self._attend(cur[:, :L], None, None, need_weights, table, km0)
             outs.append(out)
             if w0 is not None:
                 weights.append(F.pad(w0, (0, n - L)))
         if nb > first:
             m = nb - first  # segments first .. nb - 1, as one batch
             blocks = rearrange(cur[:, first * L : n_full], "b (m l) e -> (b m) l e", l=L)  # (B*m, L, E)
-            memory_kv = mask = None
+            memory_kv = mask = block_mask = None
+            if key_mask is not None:  # the segments' own tokens: (B*m, L)
+                block_mask = rearrange(key_mask[:, first * L : n_full], "b (m l) -> (b m) l", l=L)
             if M > 0:
+                assert mem_kv is not None  # projected above whenever M > 0
                 # slot c of segment b holds position bL - M + c; before position 0: padding, masked
                 front = F.pad(mem_kv[:, :n_full], (0, 0, M, 0))  # (B, M + n_full, 2E)
                 windows = front.unfold(1, M, L)[:, first:nb]  # (B, m, 2E, M): a view
                 memory_kv = split(rearrange(windows, "b m e c -> (b m) c e"))
                 pos = torch.arange(first, nb, device=x.device)[:, None] * L - M + torch.arange(M, device=x.device)[None, :]
                 mask = (pos >= 0).repeat(batch, 1)  # (B*m, M)
-            out, wb = self._attend(blocks, memory_kv, mask, need_weights, table)
+                if key_mask is not None:  # a slot that holds a padded position stays hidden in every later segment
+                    padded_front = F.pad(key_mask[:, :n_full], (M, 0), value=False)  # (B, M + n_full), same windows
+                    mask = mask & rearrange(padded_front.unfold(1, M, L)[:, first:nb], "b m c -> (b m) c")
+            out, wb = self._attend(blocks, memory_kv, mask, need_weights, table, block_mask)
             outs.append(rearrange(out, "(b m) l e -> b (m l) e", b=batch))
             if wb is not None:
                 dense = _scatter_segments(wb, batch, m, L, M)  # (B, h, mL, M + mL): column c = position first*L - M + c
@@ -369,8 +398,14 @@ class TransformerXLAttention(nn.Module):
                 weights.append(F.pad(dense[..., max(0, -offset) :], (max(0, offset), tail)))
         if tail:
             # the last, shorter segment: its M memory slots all hold real states (M <= n_full)
-            memory_kv = None if M == 0 else split(mem_kv[:, n_full - M : n_full])
-            out, wt = self._attend(cur[:, n_full:], memory_kv, None, need_weights, table)
+            memory_kv = tail_mem_mask = tail_mask = None
+            if M > 0:
+                assert mem_kv is not None  # projected above whenever M > 0
+                memory_kv = split(mem_kv[:, n_full - M : n_full])
+            if key_mask is not None:
+                tail_mem_mask = key_mask[:, n_full - M : n_full] if M > 0 else None
+                tail_mask = key_mask[:, n_full:]
+            out, wt = self._attend(cur[:, n_full:], memory_kv, tail_mem_mask, need_weights, table, tail_mask)
             outs.append(out)
             if wt is not None:
                 weights.append(F.pad(wt, (n_full - M, 0)))  # (B, h, tail, n): columns n_full - M .. n - 1
@@ -391,7 +426,7 @@ def _scatter_segments(wb: Tensor, batch: int, nb: int, L: int, M: int) -> Tensor
 
 
 def transformer_xl_dense(
-    layer: TransformerXLAttention, x: Tensor, need_weights: bool = False, positions: str = "gather"
+    layer: TransformerXLAttention, x: Tensor, need_weights: bool = False, positions: str = "gather", *, key_mask: Tensor | None = None
 ) -> AttentionOutput:
     """Baseline: the parallel form as one dense ``n x n`` computation with a mask (the reference, ``O(n^2 d)``).
 
@@ -402,12 +437,14 @@ def transformer_xl_dense(
     ``W_R R_{i-j}`` for each pair (the independent reference, an
     ``(n, n, h, d)`` tensor: small ``n`` only); ``positions="shift"`` uses
     :func:`rel_shift` on the ``n x n`` matrix (the dense baseline of the
-    benchmark, ``O(n^2)`` memory). Use it to check
-    :meth:`TransformerXLAttention.forward`, never to run a model.
+    benchmark, ``O(n^2)`` memory). ``key_mask (B, n)`` (``True`` = real token)
+    hides the padded keys from every query, in the segment and in the memory alike.
+    Use it to check :meth:`TransformerXLAttention.forward`, never to run a model.
     """
     if positions not in ("gather", "shift"):
         raise ValueError(f"positions must be 'gather' or 'shift', got {positions!r}")
     x = check_tokens(x, layer.embed_dim)
+    check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
     n, E, h = x.shape[1], layer.embed_dim, layer.num_heads
     split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=h)  # noqa: E731
     wq, wk, wv = layer.qkv.weight.split(E)
@@ -418,6 +455,8 @@ def transformer_xl_dense(
     j = torch.arange(n, device=x.device)[None, :]
     start = (i // layer.segment) * layer.segment
     visible = (j <= i) & (j >= start - layer.mem_len)  # (n, n)
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :]  # (B, 1, n, n)
     in_memory = j < start
     content_cur = torch.einsum("bhid,bhjd->bhij", q + layer.u[:, None, :], k)
     content_mem = torch.einsum("bhid,bhjd->bhij", q + layer.u[:, None, :], k_sg)
@@ -526,10 +565,10 @@ class TransformerXLLM(nn.Module):
                 check_same_dtype(("the model's states", h), (f"mems[{n}]", mem))
         new_mems = []
         for n, block in enumerate(self.blocks):
-            mem = None if mems is None or mems[n].shape[1] == 0 else mems[n]
-            context = h if mem is None else torch.cat([mem, h], 1)
+            block_mem = None if mems is None or mems[n].shape[1] == 0 else mems[n]
+            context = h if block_mem is None else torch.cat([block_mem, h], 1)
             new_mems.append(context[:, max(0, context.shape[1] - self.mem_len) :].detach())
-            h, _ = block(h, mem, parallel=False)
+            h, _ = block(h, block_mem, parallel=False)
         return self.head(self.norm(h)), new_mems
 
     @torch.no_grad()
@@ -598,8 +637,10 @@ class LagCopyTask:
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         x = torch.randint(0, self.vocab, (batch_size, self.length), generator=generator)
+        lag = self.lag
+        assert lag is not None  # set in __post_init__
         y = torch.full_like(x, -100)
-        y[:, self.lag :] = x[:, : -self.lag]
+        y[:, lag:] = x[:, :-lag]
         return {"x": x, "y": y}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from attn import registry
 from attn.benchmark import count_flops
+from attn.core import masked_softmax
 from attn.masks import padding_mask
 from attn.memory_attention import (
     FarRecallTask,
@@ -121,7 +123,7 @@ def test_knn_attention_equals_dense_masked_baseline(top_k):
     torch.testing.assert_close(ref.weights.gather(-1, got.indices), got.weights)
     assert ((ref.weights > 0).sum(-1) == k).all()
     up = torch.randn_like(got.output)
-    for a, b in zip(torch.autograd.grad(got.output, (q, keys, values), up), torch.autograd.grad(ref.output, (q, keys, values), up)):
+    for a, b in zip(torch.autograd.grad(got.output, (q, keys, values), up), torch.autograd.grad(ref.output, (q, keys, values), up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     if top_k >= 20:  # the whole bank: plain attention
         torch.testing.assert_close(got.output, F.scaled_dot_product_attention(q, keys, values), atol=1e-12, rtol=1e-12)
@@ -220,8 +222,8 @@ def test_memorizing_attention_equals_explicit_reference(n, L, top_k, capacity):
     assert (w.triu(1) == 0).all()  # nothing from the future
     up = torch.randn_like(out)
     params = [x, layer.gate_bias, layer.qkv.weight, layer.out_proj.weight]
-    kw = dict(allow_unused=True, materialize_grads=True)  # top_k = 0 leaves the gate unused
-    for a, b in zip(torch.autograd.grad(out, params, up, **kw), torch.autograd.grad(ref, params, up, **kw)):
+    kw = {"allow_unused": True, "materialize_grads": True}  # top_k = 0 leaves the gate unused
+    for a, b in zip(torch.autograd.grad(out, params, up, **kw), torch.autograd.grad(ref, params, up, **kw), strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
 
 
@@ -416,7 +418,7 @@ def test_parallel_form_never_costs_more_than_dense(n):
     for L in (1, 2, 4, 7, 16, 512):
         for C in (1, 3, 16, 512):
             layer = MemorizingAttention(16, 2, segment=L, top_k=4, capacity=C)
-            flops = count_flops(lambda: layer(x))
+            flops = count_flops(partial(layer, x))
             assert flops <= dense, (n, L, C, flops, dense)
 
 
@@ -493,3 +495,153 @@ def test_empty_inputs():
     out, w = layer(torch.randn(0, 5, 8), need_weights=True, memory=KNNMemory(3))
     assert out.shape == (0, 5, 8) and w.shape == (0, 2, 5, 5)
     assert layer.forward_parallel(torch.randn(0, 5, 8)).output.shape == (0, 5, 8)
+
+
+# ----------------------------------------------------------------------------- key_mask (the sequence-mixer protocol)
+
+
+def _padding_masks(n: int) -> dict[str, torch.Tensor]:
+    """``(3, n)`` boolean masks, True = real token: right- and left-padded rows, and holes (one row nearly empty)."""
+    pos = torch.arange(n)
+    lengths = torch.tensor([n, n - 5, 3])
+    holed = torch.ones(3, n, dtype=torch.bool)
+    holed[0, [1, 2, n // 2, n // 2 + 1, n - 2]] = False
+    holed[1, ::2] = False
+    holed[2] = False
+    holed[2, [0, n // 2, n - 1]] = True
+    return {"right": pos < lengths[:, None], "left": pos >= (n - lengths)[:, None], "holed": holed}
+
+
+def explicit_memorizing_masked(layer: MemorizingAttention, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Reference with padding: dense per segment; padded keys hidden locally and padded bank entries never retrieved.
+
+    A query whose bank window holds no real entry uses local attention alone; a row with no visible key is zero.
+    """
+    B, n, E = x.shape
+    h, d, L = layer.num_heads, layer.head_dim, layer.segment
+    q, k, v = (t.view(B, n, h, d).transpose(1, 2) for t in layer.qkv(x).split(E, -1))
+    outs = []
+    for start in range(0, n, L):
+        stop = min(start + L, n)
+        qs, ks, vs = q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop]
+        causal = torch.ones(stop - start, stop - start, dtype=torch.bool).tril()
+        visible = causal & key_mask[:, None, None, start:stop]
+        local = masked_softmax(qs @ ks.transpose(-1, -2) / math.sqrt(d), visible) @ vs
+        first = max(0, start - layer.capacity)
+        if start > 0 and layer.top_k > 0:
+            bk, bv = k[:, :, first:start].detach(), v[:, :, first:start].detach()  # the bounded bank
+            real = key_mask[:, None, None, first:start]
+            s = (qs @ bk.transpose(-1, -2) / math.sqrt(d)).masked_fill(~real, float("-inf"))
+            kk = min(layer.top_k, start - first)
+            keep = (s >= s.topk(kk, -1).values[..., -1:]) & real
+            mem = masked_softmax(s, keep) @ bv
+            g = torch.sigmoid(layer.gate_bias)[None, :, None, None] * keep.any(-1, keepdim=True)
+            local = g * mem + (1 - g) * local
+        outs.append(local)
+    return layer.out_proj(torch.cat(outs, 2).transpose(1, 2).reshape(B, n, E))
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holed"])
+@pytest.mark.parametrize("n, L, top_k, capacity", [(20, 4, 3, 8), (23, 5, 2, 100), (12, 4, 0, 8), (9, 3, 50, 3), (16, 16, 4, 64)])
+def test_key_mask_equals_explicit_reference_forward_and_gradients(kind, n, L, top_k, capacity):
+    """float64: parallel form, segment-by-segment bank and the explicit reference agree, weights (B, h, L, S=n) too.
+
+    On the original code (eda29e8) ``forward`` had no ``key_mask`` (TypeError).
+    """
+    torch.manual_seed(0)
+    layer = MemorizingAttention(8, 2, segment=L, top_k=top_k, capacity=capacity).double()
+    with torch.no_grad():
+        layer.gate_bias.copy_(torch.tensor([0.7, -1.2]))
+    km = _padding_masks(n)[kind]
+    x = torch.randn(3, n, 8, dtype=torch.float64, requires_grad=True)
+    out, w = layer(x, need_weights=True, key_mask=km)
+    ref = explicit_memorizing_masked(layer, x, km)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    seq, w_seq = layer(x, need_weights=True, memory=KNNMemory(capacity), key_mask=km)
+    torch.testing.assert_close(seq, out, atol=1e-12, rtol=1e-12)
+    assert w.shape == (3, 2, n, n)
+    torch.testing.assert_close(w_seq, w, atol=1e-12, rtol=1e-12)
+    assert (w.transpose(1, 3)[~km] == 0).all()  # (B, S, L, h) at padded keys: no weight on a padded key
+    v = layer.qkv(x)[..., 16:].view(3, n, 2, 4).transpose(1, 2)  # the weights reproduce the output
+    torch.testing.assert_close(layer.out_proj((w @ v).transpose(1, 2).reshape(3, n, 8)), out, atol=1e-12, rtol=1e-12)
+    up = torch.randn_like(out)
+    params = [x, layer.gate_bias, layer.qkv.weight, layer.out_proj.weight]
+    kw = {"allow_unused": True, "materialize_grads": True}  # top_k = 0 leaves the gate unused
+    for a, b in zip(torch.autograd.grad(out, params, up, **kw), torch.autograd.grad(ref, params, up, **kw), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holed"])
+def test_padded_content_never_reaches_real_outputs_nor_the_bank(kind):
+    """Padded tokens change nothing at real positions: not locally, not through the kNN bank, not in a later call."""
+    torch.manual_seed(0)
+    n = 16
+    layer = MemorizingAttention(16, 4, segment=4, top_k=3, capacity=6).double()
+    km = _padding_masks(n)[kind]
+    x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
+    x2 = torch.where(km[..., None], x, 1e3 * torch.randn(3, n, 16, dtype=torch.float64))
+    out = layer(x, key_mask=km).output
+    torch.testing.assert_close(layer(x2, key_mask=km).output[km], out[km], atol=1e-12, rtol=1e-12)
+    (g,) = torch.autograd.grad(out[km].sum(), x)
+    assert (g[~km] == 0).all() and g[km].abs().max() > 0
+    # a stream over two calls: the padded entries of call 1 sit in the bank marked invalid and are never retrieved
+    nxt = torch.randn(3, 8, 16, dtype=torch.float64)
+    outs = []
+    for first in (x, x2):
+        bank = KNNMemory(6)
+        layer(first.detach(), memory=bank, key_mask=km)
+        assert bank.valid is not None and torch.equal(bank.valid, km[:, -6:])
+        outs.append(layer(nxt, memory=bank).output)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-12)
+    # rows with no visible key at all (left padding, segment 0: no bank yet) are zero rows, not NaN
+    left = _padding_masks(n)["left"]
+    o, w = layer(x, need_weights=True, key_mask=left)
+    assert torch.isfinite(o).all() and torch.isfinite(w).all()
+    empty = ~(left.cumsum(1) > 0)
+    empty[:, 4:] = False  # later segments may retrieve real entries
+    assert empty.any() and (w.transpose(1, 2)[empty] == 0).all()
+    torch.testing.assert_close(o[empty], layer.out_proj.bias.expand(int(empty.sum()), -1))
+    torch.testing.assert_close(layer(x, key_mask=torch.ones(3, n, dtype=torch.bool)).output, layer(x).output, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 9])
+def test_knn_attention_key_mask_equals_dense_baseline(top_k):
+    """Only real bank entries are searched: fewer real than k -> those; none -> zero weights and output."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    keys, values = torch.randn(3, 2, 9, 4, dtype=torch.float64), torch.randn(3, 2, 9, 4, dtype=torch.float64)
+    km = torch.ones(3, 9, dtype=torch.bool)
+    km[0, ::2] = False
+    km[1, 1:] = False  # one real entry
+    km[2] = False  # none
+    got = knn_attention(q, keys, values, top_k, key_mask=km)
+    ref = knn_attention_dense(q, keys, values, top_k, key_mask=km)
+    torch.testing.assert_close(got.output, ref.output, atol=1e-12, rtol=1e-12)
+    dense = torch.zeros_like(ref.weights).scatter_add(-1, got.indices, got.weights)
+    torch.testing.assert_close(dense, ref.weights, atol=1e-12, rtol=1e-12)
+    assert (ref.weights[2] == 0).all() and (got.output[2] == 0).all()
+    assert (ref.weights.transpose(1, 3)[~km] == 0).all()
+    (ga,) = torch.autograd.grad(got.output.sum(), q)
+    (gb,) = torch.autograd.grad(ref.output.sum(), q)
+    torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-12)
+
+
+def test_key_mask_bad_input_and_registered_build():
+    layer = registry.get("memorizing").build(16, 4)
+    x = torch.randn(2, 10, 16)
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool tensor"):
+        layer(x, key_mask=torch.ones(2, 10))
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, n=10\)"):
+        layer(x, key_mask=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        layer(x, True, None, torch.ones(2, 10, dtype=torch.bool))  # keyword only
+    with pytest.raises(ValueError, match=r"valid must have shape \(batch=2, L=3\)"):
+        KNNMemory(4).add(torch.randn(2, 4, 3, 4), torch.randn(2, 4, 3, 4), torch.arange(3), valid=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_mask needs backend='torch'"):
+        knn_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), 2, backend="faiss",
+                      key_mask=torch.ones(1, 3, dtype=torch.bool))
+    km = torch.ones(2, 10, dtype=torch.bool)
+    km[1, 6:] = False
+    out, w = layer(x, key_mask=km, need_weights=True)
+    assert out.shape == (2, 10, 16) and w.shape == (2, 4, 10, 10)
+    assert layer(x[:0], key_mask=km[:0], need_weights=True).weights.shape == (0, 4, 10, 10)

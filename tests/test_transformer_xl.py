@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_parallel_form_matches_dense_masked_reference(n, L, M, need_weights):
         torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, n, dtype=torch.float64))
     up = torch.randn_like(out)
     params = [x, layer.u, layer.v, layer.r_net.weight, layer.qkv.weight, layer.out_proj.weight]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
 
 
@@ -403,12 +404,12 @@ def test_lm_logits_and_every_gradient_match_the_papers_recurrence(form):
     ref = _reference_lm_logits(lm, tokens)
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
     up = torch.randn_like(ref)
-    names, params = zip(*lm.named_parameters())
+    names, params = zip(*lm.named_parameters(), strict=True)
     g_ours = torch.autograd.grad(ours, params, up)
     g_ref = torch.autograd.grad(ref, params, up)
-    for name, a, b in zip(names, g_ours, g_ref):
+    for name, a, b in zip(names, g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
-    ln = dict(zip(names, g_ref))
+    ln = dict(zip(names, g_ref, strict=True))
     assert ln["blocks.0.norm1.weight"].abs().max() > 1e-3  # the gradient that SG(LN(m)) would get wrong
 
 
@@ -449,8 +450,8 @@ def test_parallel_form_never_costs_more_than_dense(n):
     for L in (1, 2, 4, 7, 16, 512):
         for M in (0, 1, 3, 8, 16, 512):
             layer = TransformerXLAttention(16, 2, segment=L, mem_len=M)
-            flops = count_flops(lambda: layer(x))
-            dense = count_flops(lambda: transformer_xl_dense(layer, x, positions="shift"))
+            flops = count_flops(partial(layer, x))
+            dense = count_flops(partial(transformer_xl_dense, layer, x, positions="shift"))
             assert flops <= dense, (n, L, M, flops, dense)
 
 
@@ -499,3 +500,98 @@ def test_mixed_dtypes_are_a_clear_error():
 def test_bad_input_elsewhere(call, error, match):
     with pytest.raises(error, match=match):
         call(TransformerXLAttention(8, 2, segment=4, mem_len=4), TransformerXLLM(5, 8, 2, 1, 4, 4))
+
+
+# ----------------------------------------------------------------------------- key_mask (the sequence-mixer protocol)
+
+
+def _padding_masks(n: int) -> dict[str, torch.Tensor]:
+    """``(3, n)`` boolean masks, True = real token: right- and left-padded rows, and holes (one row nearly empty)."""
+    pos = torch.arange(n)
+    lengths = torch.tensor([n, n - 5, 3])
+    holed = torch.ones(3, n, dtype=torch.bool)
+    holed[0, [1, 2, n // 2, n // 2 + 1, n - 2]] = False
+    holed[1, ::2] = False
+    holed[2] = False
+    holed[2, [0, n // 2, n - 1]] = True
+    return {"right": pos < lengths[:, None], "left": pos >= (n - lengths)[:, None], "holed": holed}
+
+
+def _segment_by_segment(layer: TransformerXLAttention, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """The recurrent form run by hand: segment s reads the previous M states of x as memory, the mask sliced alongside."""
+    L, M = layer.effective_sizes(x.shape[1])
+    outs = []
+    for s in range(0, x.shape[1], L):
+        lo = max(0, s - M)
+        mem, mem_mask = (x[:, lo:s], key_mask[:, lo:s]) if s > lo else (None, None)
+        outs.append(layer.attend_segment(x[:, s : s + L], mem, mem_mask, key_mask=key_mask[:, s : s + L]).output)
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holed"])
+@pytest.mark.parametrize("n, L, M", [(17, 5, 3), (16, 4, 4), (9, 3, 7), (6, 8, 8), (10, 4, 0), (13, 1, 512)])
+def test_key_mask_equals_dense_reference_forward_and_gradients(kind, n, L, M):
+    """float64: outputs, weights (B, h, L, S=n) and every gradient equal the dense reference with the same mask.
+
+    On the original code (eda29e8) ``forward`` had no ``key_mask`` (TypeError).
+    """
+    torch.manual_seed(2)
+    layer = TransformerXLAttention(16, 4, segment=L, mem_len=M).double()
+    km = _padding_masks(n)[kind]
+    x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
+    out, w = layer(x, need_weights=True, key_mask=km)
+    ref, w_ref = transformer_xl_dense(layer, x, need_weights=True, key_mask=km)
+    assert w.shape == (3, 4, n, n)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w, w_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(layer(x, key_mask=km).output, out, atol=1e-12, rtol=1e-12)  # need_weights=False path
+    assert (w.transpose(1, 3)[~km] == 0).all()  # (B, S, L, h) at padded keys: no weight on a padded key
+    # the recurrent form, segment by segment with memory_mask and key_mask, gives the same outputs
+    torch.testing.assert_close(_segment_by_segment(layer, x, km), out, atol=1e-12, rtol=1e-12)
+    up = torch.randn_like(out)
+    params = [x, layer.u, layer.v, layer.r_net.weight, layer.qkv.weight, layer.out_proj.weight]
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holed"])
+def test_padded_content_never_reaches_real_outputs_nor_later_memory(kind):
+    """Padded states change nothing at real positions, in their segment or as memory of later ones; no NaN."""
+    torch.manual_seed(0)
+    n = 16
+    layer = TransformerXLAttention(16, 4, segment=4, mem_len=6).double()
+    km = _padding_masks(n)[kind]
+    x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
+    other = 1e3 * torch.randn(3, n, 16, dtype=torch.float64)
+    out = layer(x, key_mask=km).output
+    out2 = layer(torch.where(km[..., None], x, other), key_mask=km).output
+    torch.testing.assert_close(out2[km], out[km], atol=1e-12, rtol=1e-12)
+    (g,) = torch.autograd.grad(out[km].sum(), x)
+    assert (g[~km] == 0).all() and g[km].abs().max() > 0  # nothing flows to or from padded states
+    # a query with no visible key (a left-padded first token: causal, every earlier key padded) -> zero row, no NaN
+    left = _padding_masks(n)["left"]
+    o, w = layer(x, need_weights=True, key_mask=left)
+    assert torch.isfinite(o).all() and torch.isfinite(w).all()
+    empty = ~(left.cumsum(1) > 0)  # (B, n): no real token at or before this position
+    assert empty.any() and (w.transpose(1, 2)[empty] == 0).all()
+    torch.testing.assert_close(o[empty], layer.out_proj.bias.expand(int(empty.sum()), -1))
+    # an all-True mask is no mask
+    torch.testing.assert_close(layer(x, key_mask=torch.ones(3, n, dtype=torch.bool)).output, layer(x).output, atol=1e-13, rtol=0)
+
+
+def test_key_mask_bad_input_and_registered_build():
+    layer = registry.get("transformer_xl").build(16, 4)
+    x = torch.randn(2, 10, 16)
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool tensor"):
+        layer(x, key_mask=torch.ones(2, 10))
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, n=10\)"):
+        layer(x, key_mask=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, L=3\)"):
+        layer.attend_segment(x[:, :3], key_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        layer(x, True, None, torch.ones(2, 10, dtype=torch.bool))  # keyword only
+    km = torch.ones(2, 10, dtype=torch.bool)
+    km[1, 6:] = False
+    out, w = layer(x, key_mask=km, need_weights=True)
+    assert out.shape == (2, 10, 16) and w.shape == (2, 4, 10, 10)
+    assert layer(x[:0], key_mask=km[:0], need_weights=True).weights.shape == (0, 4, 10, 10)
