@@ -30,12 +30,9 @@ import torch
 
 from attn.registry import Mechanism, mechanisms
 
-#: Mechanisms whose built layer has no key mask argument, and why (checked at collection time:
-#: an entry whose layer has since gained ``key_mask`` is simply tested).
-NO_KEY_MASK: dict[str, str] = {
-    "transformer_xl": "segment-level recurrence over a fixed-length stream; no padding argument (forward(x, need_weights))",
-    "memorizing": "a streaming memory layer: forward(x, need_weights, memory); no padding argument",
-}
+#: Mechanisms whose built layer has no key mask argument, and why. Empty: every registered sequence
+#: mixer takes ``key_mask`` (issue 23's protocol); an entry whose layer takes one fails the test as stale.
+NO_KEY_MASK: dict[str, str] = {}
 
 EMBED, HEADS, BATCH, N = 16, 4, 3, 16
 SCALE = 1e3
