@@ -175,10 +175,11 @@ def adaptive_span_attention(
     elif key_mask is None:  # fused kernel; only block 0 of each example has missing keys (its "previous block")
         first = bias.clone()
         first[..., :w] = neg  # block 0 reads no previous block
-        blocks = [t.view(batch, nb, *t.shape[1:]) for t in (qb, kb, vb)]  # (B, nb, H, ., d)
-        out = F.scaled_dot_product_attention(*(t[:, 0] for t in blocks), attn_mask=first, scale=scale)[:, None]
+        qn, kn, vn = (t.view(batch, nb, *t.shape[1:]) for t in (qb, kb, vb))  # (B, nb, H, ., d)
+        out = F.scaled_dot_product_attention(qn[:, 0], kn[:, 0], vn[:, 0], attn_mask=first, scale=scale)[:, None]
         if nb > 1:
-            rest = F.scaled_dot_product_attention(*(t[:, 1:].flatten(0, 1) for t in blocks), attn_mask=bias, scale=scale)
+            rest = F.scaled_dot_product_attention(qn[:, 1:].flatten(0, 1), kn[:, 1:].flatten(0, 1),
+                                                  vn[:, 1:].flatten(0, 1), attn_mask=bias, scale=scale)
             out = torch.cat([out, rest.view(batch, nb - 1, *rest.shape[1:])], dim=1)  # (B, nb, H, w, d)
         out = out.flatten(0, 1)
     else:  # padding: a per-block mask, and queries that see no real key give zeros
@@ -461,9 +462,13 @@ def make_sentinel_task(preset: str = "book") -> OwnTask:
         return (torch.randn(1, size, dim, generator=generator), torch.randn(1, dim, generator=generator),
                 torch.randn(1, dim, generator=generator))
 
+    def loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(model, SentinelPointer), "the task trains the SentinelPointer it was built with"
+        return sentinel_loss(model, batch)
+
     return OwnTask(
         description=f"point at the item matching the query among {k}, or at the sentinel when it is absent",
-        model=SentinelPointer(n_symbols, dim), sample=_sentinel_sample(n_symbols, k), loss=sentinel_loss,
+        model=SentinelPointer(n_symbols, dim), sample=_sentinel_sample(n_symbols, k), loss=loss,
         layer=layer, inputs=inputs, sizes=(64, 256, 1024, 4096), size_unit="items", steps=steps, batch_size=64,
         lr=1e-2, log_every=10, target_acc=0.9,
         weights=lambda model, batch: model(batch["items"], batch["query"]),

@@ -42,7 +42,7 @@ from .checks import check_heads, check_tensor, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
 from .registry import OwnTask, register
 
-__all__ = ["AxialWeights", "axis_attention", "AxialAttention", "GridRecall", "GridRecallModel", "make_task"]
+__all__ = ["AxialWeights", "AxialOutput", "axis_attention", "AxialAttention", "GridRecall", "GridRecallModel", "make_task"]
 
 
 class AxialWeights(NamedTuple):
@@ -50,6 +50,16 @@ class AxialWeights(NamedTuple):
 
     row: Tensor
     col: Tensor
+
+
+class AxialOutput(NamedTuple):
+    """What :class:`AxialAttention` returns: ``output`` shaped like its input, and both passes' weights or ``None``.
+
+    The same two fields as :class:`~attn.core.AttentionOutput`, but ``weights`` is an :class:`AxialWeights`.
+    """
+
+    output: Tensor
+    weights: AxialWeights | None
 
 
 def axis_attention(q: Tensor, k: Tensor, v: Tensor, axis: str, need_weights: bool = False, dropout_p: float = 0.0) -> AttentionOutput:
@@ -69,7 +79,7 @@ def axis_attention(q: Tensor, k: Tensor, v: Tensor, axis: str, need_weights: boo
         raise ValueError(f"q, k, v must share (batch, heads, H, W): {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if axis not in ("row", "col"):
         raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
-    B, h, H, W, _ = q.shape
+    B = q.shape[0]
     if axis == "row":  # the H rows are independent sequences of length W
         seq = lambda t: rearrange(t, "b h H W d -> (b H) h W d")  # noqa: E731
         out, w = scaled_dot_product_attention(seq(q), seq(k), seq(v), need_weights=need_weights, dropout_p=dropout_p)
@@ -135,18 +145,21 @@ class AxialAttention(nn.Module):
         y, w = axis_attention(q, k, v, axis, need_weights, self.dropout if self.training else 0.0)
         return out(rearrange(y, "b h H W d -> b H W (h d)")), w
 
-    def forward(self, x: Tensor, need_weights: bool = False, grid: tuple[int, int] | None = None) -> AttentionOutput:
+    def forward(self, x: Tensor, need_weights: bool = False, grid: tuple[int, int] | None = None) -> AxialOutput:
         """``x (B, H, W, C)`` (or ``(B, H W, C)`` with ``grid``) -> ``(z, AxialWeights | None)``, ``z`` shaped like ``x``."""
         x4, flat = self._grid(x, grid)
         if empty_batch(x4):
-            B, H, W, _ = x4.shape
+            _, H, W, _ = x4.shape
             w = AxialWeights(x4.new_zeros(0, self.num_heads, H, W, W), x4.new_zeros(0, self.num_heads, W, H, H)) if need_weights else None
-            return AttentionOutput(x4.new_zeros(x.shape), w)
+            return AxialOutput(x4.new_zeros(x.shape), w)
         y, w_row = self._pass(x4, self.row_qkv, self.row_out, "row", need_weights)  # along W, within each row
         z, w_col = self._pass(y, self.col_qkv, self.col_out, "col", need_weights)  # along H, within each column
         if flat:
             z = z.reshape(x.shape)
-        return AttentionOutput(z, AxialWeights(w_row, w_col) if need_weights else None)
+        if not need_weights:
+            return AxialOutput(z, None)
+        assert w_row is not None and w_col is not None, "axis_attention returns weights when need_weights=True"
+        return AxialOutput(z, AxialWeights(w_row, w_col))
 
     @staticmethod
     def receptive_weights(weights: AxialWeights) -> Tensor:
@@ -219,10 +232,18 @@ def grid_loss(model: GridRecallModel, batch: dict[str, Tensor]) -> tuple[Tensor,
     return F.cross_entropy(logits, batch["y"]), {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
 
 
-def _grid_weights(model: GridRecallModel, batch: dict[str, Tensor]) -> Tensor:
+def _grid_weights(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Row-pass attention rows ``(B, h, H, W, W)``, each summing to 1 (for the entropy column)."""
+    assert isinstance(model, GridRecallModel), "the task's model is the GridRecallModel built by make_task"
     _, w = model(batch["values"], batch["flag"], need_weights=True)
+    assert w is not None, "need_weights=True returns the weights"
     return w.row
+
+
+def _grid_task_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """:func:`grid_loss` for :class:`~attn.registry.OwnTask`, which passes the model as an ``nn.Module``."""
+    assert isinstance(model, GridRecallModel), "the task's model is the GridRecallModel built by make_task"
+    return grid_loss(model, batch)
 
 
 _PRESETS = {  # preset -> (H, W, n_values, embed_dim, heads, steps, batch, sizes: pixel counts of (s, 2s) grids)
@@ -253,7 +274,7 @@ def make_task(preset: str = "book") -> OwnTask:
 
     return OwnTask(
         description=f"grid recall: read the flagged cell's value at the corner of a {H}x{W} grid",
-        model=model, sample=task.sample, loss=grid_loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=task.sample, loss=_grid_task_loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="pixels", steps=steps, batch_size=batch, lr=3e-3, log_every=10, target_acc=0.9,
         weights=_grid_weights,
     )

@@ -46,6 +46,7 @@ map ``A_1 - \lambda A_2``, not a distribution: rows sum to ``1 - \lambda``)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,7 @@ class DifferentialAttention(nn.Module):
         q1, q2, k1, k2, v = self._qkv(x)
         a1 = scaled_dot_product_attention(q1, k1, v, key_mask=key_mask, is_causal=self.causal, need_weights=True).weights
         a2 = scaled_dot_product_attention(q2, k2, v, key_mask=key_mask, is_causal=self.causal, need_weights=True).weights
+        assert a1 is not None and a2 is not None, "need_weights=True returns the weights"
         return a1, a2, self.lam()
 
     def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
@@ -179,16 +181,20 @@ class DifferentialAttention(nn.Module):
                                    x.new_zeros(B, self.num_heads, n, n) if need_weights else None)
         q1, q2, k1, k2, v = self._qkv(x)
         lam = self.lam()
+        weights: Tensor | None = None
         if need_weights:  # the exact dense path: both maps are formed
-            kw = dict(key_mask=key_mask, is_causal=self.causal, need_weights=True)
-            o1, a1 = scaled_dot_product_attention(q1, k1, v, **kw)  # A_1 V, (B, h, n, 2d)
-            o2, a2 = scaled_dot_product_attention(q2, k2, v, **kw)  # A_2 V
+            o1, a1 = scaled_dot_product_attention(q1, k1, v, key_mask=key_mask, is_causal=self.causal,
+                                                  need_weights=True)  # A_1 V, (B, h, n, 2d)
+            o2, a2 = scaled_dot_product_attention(q2, k2, v, key_mask=key_mask, is_causal=self.causal,
+                                                  need_weights=True)  # A_2 V
+            assert a1 is not None and a2 is not None, "need_weights=True returns the weights"
+            weights = a1 - lam * a2
         else:  # two fused calls, V in halves: memory linear in n
             o1 = attend_wide_values(q1, k1, v, key_mask, self.causal)
             o2 = attend_wide_values(q2, k2, v, key_mask, self.causal)
         heads = self.head_norm(o1 - lam * o2) * (1.0 - self.lambda_init)  # (B, h, n, 2d)
         y = self.out_proj(heads.transpose(1, 2).reshape(B, n, self.embed_dim))
-        return AttentionOutput(y, (a1 - lam * a2) if need_weights else None)
+        return AttentionOutput(y, weights)
 
 
 # ============================================================================ attention sinks
@@ -293,10 +299,11 @@ class SinkCache:
                 the cache's; per-row ``sinks`` of another batch size.
         """
         k, v = self._check(layer, k, v)
-        if self.k[layer] is None:
+        cached_k, cached_v = self.k[layer], self.v[layer]
+        if cached_k is None or cached_v is None:  # set together: both or neither
             ks, vs = k, v
         else:
-            ks, vs = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+            ks, vs = torch.cat([cached_k, k], 2), torch.cat([cached_v, v], 2)
         size = ks.shape[2]
         if self.window is not None and size > self.window:
             # slot j keeps token j if j < sinks, else token j + (size - window): the first sinks and the newest rest
@@ -333,6 +340,12 @@ class RotaryLM(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, vocab, bias=False)
 
+    def _blocks(self) -> Iterator[nn.ModuleDict]:
+        """The transformer blocks, typed: each is the ``ModuleDict`` built in ``__init__``."""
+        for layer in self.layers:
+            assert isinstance(layer, nn.ModuleDict)
+            yield layer
+
     def _split(self, layer: nn.ModuleDict, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, n, _ = h.shape
         qkv = layer["qkv"](layer["norm1"](h)).view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -347,12 +360,14 @@ class RotaryLM(nn.Module):
         h = self.embed(tokens)
         n = tokens.shape[1]
         cos, sin = rotary_cos_sin(torch.arange(n, device=tokens.device), self.head_dim, self.rope_base, h.dtype)
-        weights = []
-        for layer in self.layers:
+        weights: list[Tensor] = []
+        for layer in self._blocks():
             q, k, v = self._split(layer, h)
             out, w = scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v,
                                                   is_causal=True, need_weights=need_weights)
-            weights.append(w)
+            if need_weights:
+                assert w is not None, "need_weights=True returns the weights"
+                weights.append(w)
             h = h + layer["out"](out.transpose(1, 2).reshape(h.shape))
             h = h + layer["mlp"](layer["norm2"](h))
         logits = self.head(self.norm(h))
@@ -376,7 +391,7 @@ class RotaryLM(nn.Module):
         out = []
         for t in range(n):
             h = self.embed(tokens[:, t : t + 1])  # (B, 1, E)
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self._blocks()):
                 q, k, v = self._split(layer, h)
                 ks, vs = cache.append(i, k, v)
                 size = ks.shape[2]

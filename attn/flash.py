@@ -3,22 +3,22 @@ r"""Chapter 25 -- FlashAttention from scratch: exact attention in tiles, never s
 **Online softmax** (Milakov & Gimelshein 2018). The softmax of a row
 ``s_1..s_n`` needs its maximum and its normaliser; both can be accumulated
 block by block. After key block ``j`` with scores ``S^{(j)}`` a query row
-keeps a running maximum ``m``, a running sum ``l`` and an unnormalised output
+keeps a running maximum ``m``, a running sum ``ell`` (:math:`\ell`) and an unnormalised output
 ``o``:
 
 .. math::
 
     m^{(j)} = \max\big(m^{(j-1)}, \max_c S^{(j)}_c\big), \qquad
     P^{(j)} = e^{S^{(j)} - m^{(j)}}, \\
-    l^{(j)} = e^{m^{(j-1)} - m^{(j)}}\, l^{(j-1)} + \textstyle\sum_c P^{(j)}_c, \qquad
+    \ell^{(j)} = e^{m^{(j-1)} - m^{(j)}}\, \ell^{(j-1)} + \textstyle\sum_c P^{(j)}_c, \qquad
     o^{(j)} = e^{m^{(j-1)} - m^{(j)}}\, o^{(j-1)} + P^{(j)} V^{(j)},
 
-and at the end ``y = o / l`` and the log-sum-exp ``L = m + log l``.
+and at the end ``y = o / ell`` and the log-sum-exp ``L = m + log ell``.
 
 **FlashAttention** (Dao et al. 2022; loop order of FlashAttention-2, Dao
 2023). Queries are cut into blocks of ``block_q`` rows, keys and values into
 blocks of ``block_k``; each ``(block_q, block_k)`` tile of scores is formed,
-folded into ``(m, l, o)`` and dropped. With ``causal=True`` the tiles that lie
+folded into ``(m, ell, o)`` and dropped. With ``causal=True`` the tiles that lie
 wholly above the diagonal are skipped (never computed). Memory: ``O(n d)``
 for ``Q, K, V, O`` plus ``O(n)`` for ``L`` plus one tile; the ``n x n``
 matrix never exists.
@@ -136,7 +136,7 @@ def flash_forward(
         q_hi = min(q_lo + block_q, n_q)
         qi = q[:, :, q_lo:q_hi] * scale  # (B, H, bq, d): scale the queries once
         m = q.new_full((batch, heads, q_hi - q_lo, 1), neg_inf)  # running max
-        l = q.new_zeros(batch, heads, q_hi - q_lo, 1)  # running sum of exp(s - m)
+        ell = q.new_zeros(batch, heads, q_hi - q_lo, 1)  # running sum of exp(s - m)
         o = q.new_zeros(batch, heads, q_hi - q_lo, d_v)  # running sum of exp(s - m) v
         k_end = min(n_k, q_hi) if causal else n_k  # causal: key blocks after the last query are skipped
         for k_lo in range(0, k_end, block_k):
@@ -149,12 +149,12 @@ def flash_forward(
             m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)  # rows with nothing visible yet
             p = torch.exp(s - m_safe)  # (B, H, bq, bk)
             alpha = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
-            l = alpha * l + p.sum(-1, keepdim=True)
+            ell = alpha * ell + p.sum(-1, keepdim=True)
             o = alpha * o + p @ v[:, :, k_lo:k_hi]
             m = m_new
-        seen = l > 0
-        out[:, :, q_lo:q_hi] = torch.where(seen, o / torch.where(seen, l, 1.0), 0.0)
-        lse[:, :, q_lo:q_hi] = torch.where(seen, m + torch.log(torch.where(seen, l, 1.0)), neg_inf)[..., 0]
+        seen = ell > 0
+        out[:, :, q_lo:q_hi] = torch.where(seen, o / torch.where(seen, ell, 1.0), 0.0)
+        lse[:, :, q_lo:q_hi] = torch.where(seen, m + torch.log(torch.where(seen, ell, 1.0)), neg_inf)[..., 0]
     return out, lse
 
 
@@ -203,7 +203,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     """``autograd.Function`` around :func:`flash_forward` / :func:`flash_backward`; saves ``q, k, v, O, lse`` only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, block_q, block_k, key_mask):  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, block_q: int, block_k: int,
+                key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         out, lse = flash_forward(q, k, v, causal, scale, block_q, block_k, key_mask)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.key_mask = key_mask
@@ -212,7 +213,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         causal, scale, block_q, block_k = ctx.args
         dq, dk, dv = flash_backward(grad_out.contiguous(), q, k, v, out, lse, causal, scale, block_q, block_k, ctx.key_mask,
@@ -277,7 +278,7 @@ def _check_partials(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> None:
     if len(outputs) != len(lses):
         raise ValueError(f"outputs and lses must have one entry per chunk: got {len(outputs)} outputs and {len(lses)} lses")
     first = outputs[0]
-    for c, (o, lse) in enumerate(zip(outputs, lses)):
+    for c, (o, lse) in enumerate(zip(outputs, lses, strict=True)):  # lengths checked equal above
         if not isinstance(o, Tensor) or not isinstance(lse, Tensor):
             bad, val = (f"outputs[{c}]", o) if not isinstance(o, Tensor) else (f"lses[{c}]", lse)
             raise TypeError(f"{bad} must be a torch.Tensor, got {type(val).__name__}")
@@ -349,7 +350,7 @@ def merge_partial_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -
 class SoftmaxTrace:
     """The online softmax of one query row, one entry per key block visited.
 
-    ``running_max[j]``, ``running_sum[j]`` are ``m`` and ``l`` after key block
+    ``running_max[j]``, ``running_sum[j]`` are ``m`` and ``ell`` after key block
     ``j`` (``nan`` for skipped blocks); ``block_max[j]`` the block's own max;
     ``lse`` the final log-sum-exp.
     """
@@ -361,7 +362,7 @@ class SoftmaxTrace:
 
 
 def online_softmax_trace(scores: Tensor, block_k: int, causal_row: int | None = None) -> SoftmaxTrace:
-    """Run the online softmax over one row of ``scores (n_k,)`` block by block, recording ``m`` and ``l``.
+    """Run the online softmax over one row of ``scores (n_k,)`` block by block, recording ``m`` and ``ell``.
 
     ``causal_row=i`` hides keys ``j > i`` (and skips blocks wholly after it).
     """
@@ -370,7 +371,7 @@ def online_softmax_trace(scores: Tensor, block_k: int, causal_row: int | None = 
     nb = -(-n_k // block_k)
     run_m = torch.full((nb,), float("nan"), dtype=torch.float64)
     run_l, blk_m = run_m.clone(), run_m.clone()
-    m, l = float("-inf"), 0.0
+    m, ell = float("-inf"), 0.0
     for j in range(nb):
         lo, hi = j * block_k, min((j + 1) * block_k, n_k)
         if causal_row is not None and lo > causal_row:
@@ -380,10 +381,10 @@ def online_softmax_trace(scores: Tensor, block_k: int, causal_row: int | None = 
             s = s[: max(0, min(hi, causal_row + 1) - lo)]
         bm = float(s.max())
         m_new = max(m, bm)
-        l = math.exp(m - m_new) * l + float(torch.exp(s - m_new).sum())
+        ell = math.exp(m - m_new) * ell + float(torch.exp(s - m_new).sum())
         m = m_new
-        run_m[j], run_l[j], blk_m[j] = m, l, bm
-    return SoftmaxTrace(run_m, run_l, blk_m, m + math.log(l))
+        run_m[j], run_l[j], blk_m[j] = m, ell, bm
+    return SoftmaxTrace(run_m, run_l, blk_m, m + math.log(ell))
 
 
 @register(

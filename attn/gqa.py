@@ -54,6 +54,7 @@ Multi-Head Checkpoints", EMNLP 2023.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -172,8 +173,9 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def _check_grouped(q: object, k: object, v: object, past: object, causal: bool, key_mask: object) -> int:
-    """Shapes, dtypes, ``past`` and ``key_mask`` of a grouped attention call; returns ``past``."""
+def _check_grouped(q: Tensor, k: Tensor, v: Tensor, past: int, causal: bool, key_mask: Tensor | None) -> int:
+    """Shapes, dtypes, ``past`` and ``key_mask`` of a grouped attention call (checked at run time, whatever the
+    caller passed); returns ``past``."""
     shape = "(batch, heads, seq, head_dim)"
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(x, name, shape, 4)
@@ -230,7 +232,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
     that are dropped).
     """
     past = _check_grouped(q, k, v, past, causal, key_mask)
-    B, h, t, d = q.shape
+    _, h, t, d = q.shape
     g, m, dv = k.shape[1], k.shape[2], v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if dv < d:
@@ -293,6 +295,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bo
         mask = torch.arange(m, device=q.device)[None, :] <= pos[:, None]  # (t, m), True = may attend
         mask = mask.repeat(r, 1)  # (r t, m): the same pattern for each query head of the group
     out, w = scaled_dot_product_attention(qg, k, v, attn_mask=mask, key_mask=key_mask, need_weights=True)  # (B, g, r t, d_v)
+    assert w is not None, "need_weights=True returns the weights"
     return AttentionOutput(out.reshape(B, h, t, dv), w.reshape(B, h, t, m))
 
 
@@ -450,8 +453,19 @@ class DecoderLM(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, vocab, bias=False)
 
+    def _blocks(self) -> Iterator[nn.ModuleDict]:
+        """The transformer blocks, typed: each is the ``ModuleDict`` built in ``__init__``."""
+        for layer in self.layers:
+            assert isinstance(layer, nn.ModuleDict)
+            yield layer
+
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
-        return [layer["attn"].new_cache(batch, max_len or self.max_len) for layer in self.layers]
+        caches = []
+        for layer in self._blocks():
+            attention = layer["attn"]
+            assert isinstance(attention, GroupedQueryAttention)
+            caches.append(attention.new_cache(batch, max_len or self.max_len))
+        return caches
 
     def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
         check_token_ids(tokens, self.embed.num_embeddings)
@@ -468,7 +482,7 @@ class DecoderLM(nn.Module):
         if past + tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len {self.max_len}")
         h = self.embed(tokens) + self.pos(torch.arange(past, past + tokens.shape[1], device=tokens.device))
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._blocks()):
             h = h + layer["attn"](layer["norm1"](h), cache=None if caches is None else caches[i]).output
             h = h + layer["mlp"](layer["norm2"](h))
         return self.head(self.norm(h))

@@ -86,7 +86,8 @@ class HardAttentionOutput(NamedTuple):
     output: Tensor
     weights: Tensor
     probs: Tensor
-    index: Tensor
+    # a field named like tuple.index: the public name of the picked key (out.index), kept on purpose
+    index: Tensor  # type: ignore[assignment]
     log_prob: Tensor
     entropy: Tensor
 
@@ -269,6 +270,9 @@ class HardSelfAttention(nn.Module):
 class MovingAverageBaseline(nn.Module):
     """``b <- m b + (1 - m) mean(l)``: Xu et al.'s moving-average baseline for REINFORCE (a buffer, not trained)."""
 
+    value: Tensor  # buffer: the baseline, a scalar
+    started: Tensor  # buffer: bool scalar, False until the first update
+
     def __init__(self, momentum: float = 0.9) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
@@ -442,13 +446,18 @@ def make_lookup_task(preset: str = "default", estimator: Estimator = "reinforce"
         g = generator
         return (torch.randn(8, 1, 16, generator=g), torch.randn(8, size, 16, generator=g), torch.randn(8, size, 16, generator=g))
 
-    def weights(model: LookupModel, batch: dict[str, Tensor]) -> Tensor:
+    def loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(model, LookupModel), "the task trains the LookupModel it was built with"
+        return lookup_loss(model, batch)
+
+    def weights(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        assert isinstance(model, LookupModel), "the task trains the LookupModel it was built with"
         return model(batch)[1].probs[:, 0]
 
     sizes = (16, 64, 256) if preset == "quick" else (64, 256, 1024, 4096)
     return OwnTask(
         description="lookup: read the label of the item whose key matches the (rotated) query, 16 items",
-        model=model, sample=task.sample, loss=lookup_loss, layer=layer, inputs=inputs, sizes=sizes, size_unit="keys",
+        model=model, sample=task.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes, size_unit="keys",
         steps=steps[preset], batch_size=32, lr=1e-2, target_acc=0.9, weights=weights,
     )
 

@@ -316,6 +316,7 @@ class MultiHeadLatentAttention(nn.Module):
                 q_rows = q.reshape(B, 1, h * t, self.kv_rank + self.rope_dim)
                 o_lat, w_rows = scaled_dot_product_attention(q_rows, k, c[:, None], attn_mask=rows, key_mask=key_mask,
                                                              scale=self.scale, need_weights=True)
+                assert w_rows is not None, "need_weights=True returns the weights"
                 o_lat, weights = o_lat.view(B, h, t, self.kv_rank), w_rows.view(B, h, t, m)
             else:  # the key doubles as the value: its first d_c output columns are sum_j a_tj c_j
                 o_lat = fused_attention(q, k, k, past, True, key_mask, self.scale)[..., : self.kv_rank]

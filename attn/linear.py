@@ -116,11 +116,14 @@ def linear_attention(
         out = _causal_chunked(q, k, v, phi, keys, chunk, eps)
     else:
         # S = phi(K)^T V and z = phi(K)^T 1, accumulated chunk by chunk (the working set stays one chunk)
-        state, norm = 0.0, 0.0
+        state: Tensor | None = None  # None until the first chunk
+        norm: Tensor | None = None
         for lo in range(0, n_k, chunk):
             fk = keys(lo)
-            state = state + fk.transpose(-1, -2) @ v[..., lo : lo + chunk, :]  # (B, H, r, d_v)
-            norm = norm + fk.sum(-2)[..., None]  # (B, H, r, 1)
+            kv = fk.transpose(-1, -2) @ v[..., lo : lo + chunk, :]  # (B, H, r, d_v)
+            z = fk.sum(-2)[..., None]  # (B, H, r, 1)
+            state, norm = (kv, z) if state is None or norm is None else (state + kv, norm + z)
+        assert state is not None and norm is not None, "n_k >= 1 (checked by _prepare): at least one chunk"
         outs = []
         for lo in range(0, q.shape[-2], chunk):
             fq = phi(q[..., lo : lo + chunk, :])  # (B, H, c, r)
@@ -144,19 +147,21 @@ def _causal_chunked(q: Tensor, k: Tensor, v: Tensor, phi: Callable[[Tensor], Ten
     chunk and one ``r x d_v`` state, whatever ``n``. ``keys(lo)`` gives the
     chunk's (masked) key features.
     """
-    state, norm = 0.0, 0.0  # S_[<t] (B, H, r, d_v) and z_[<t] (B, H, r, 1), zero before the first chunk
+    # S_[<t] (B, H, r, d_v) and z_[<t] (B, H, r, 1): None (zero) before the first chunk
+    state: Tensor | None = None
+    norm: Tensor | None = None
     outs = []
     for lo in range(0, q.shape[-2], chunk):
         qc, kc, vc = phi(q[..., lo : lo + chunk, :]), keys(lo), v[..., lo : lo + chunk, :]  # (B, H, c, .)
         a = (qc @ kc.transpose(-1, -2)).tril()  # (B, H, c, c): phi(q_i)^T phi(k_j), j <= i inside the chunk
         num = a @ vc  # this chunk's own keys: (B, H, c, d_v)
         den = a.sum(-1, keepdim=True)  # (B, H, c, 1)
-        if lo > 0:  # + the state of the earlier chunks
+        if state is not None and norm is not None:  # lo > 0: + the state of the earlier chunks
             num = num + qc @ state
             den = den + qc @ norm
         outs.append(num / _safe(den + eps))
-        state = state + kc.transpose(-1, -2) @ vc  # fold this chunk in: + phi(K_t)^T V_t
-        norm = norm + kc.sum(-2)[..., None]
+        kv, z = kc.transpose(-1, -2) @ vc, kc.sum(-2)[..., None]  # fold this chunk in: + phi(K_t)^T V_t
+        state, norm = (kv, z) if state is None or norm is None else (state + kv, norm + z)
     return torch.cat(outs, -2)
 
 
@@ -394,6 +399,8 @@ class PerformerAttention(_Heads):
         causal: prefix sums, in chunks of ``chunk`` tokens.
         seed: seeds the projection (a buffer; :meth:`redraw` draws a new one).
     """
+
+    projection: Tensor  # buffer: (m, d_head) random features
 
     def __init__(self, embed_dim: int, num_heads: int, num_features: int = 64, orthogonal: bool = True,
                  causal: bool = False, chunk: int = 64, bias: bool = True, seed: int = 0) -> None:

@@ -238,10 +238,10 @@ def fused_attention(
     if bias is None and (key_mask is None or not causal):
         if key_mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale)
-        row_ok = key_mask.any(-1)  # (B,): a row with no real key at all attends nowhere
-        safe = (key_mask | ~row_ok[:, None])[:, None, None, :]  # (B, 1, 1, n_k): finite math in empty rows
+        has_key = key_mask.any(-1)  # (B,): a row with no real key at all attends nowhere
+        safe = (key_mask | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, n_k): finite math in empty rows
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p, scale=scale)
-        return out * row_ok[:, None, None, None].to(out.dtype)
+        return out * has_key[:, None, None, None].to(out.dtype)
     blocks = []
     for lo in range(0, n_q, block_q):
         hi = min(lo + block_q, n_q)
@@ -301,6 +301,8 @@ class PositionalAttention(nn.Module):
     bias for ALiBi; ``need_weights=True`` takes the dense path and returns ``(B, H, n, n)``.
     """
 
+    slopes: Tensor  # buffer: (H,) ALiBi slopes
+
     def __init__(self, embed_dim: int, num_heads: int, position: str = "rope", causal: bool = True,
                  base: float = 10000.0, bias: bool = True, block_q: int = 128) -> None:
         super().__init__()
@@ -327,7 +329,7 @@ class PositionalAttention(nn.Module):
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(B, n, E), x.new_zeros(B, H, n, n) if need_weights else None)
         q, k, v = self.qkv(x).view(B, n, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, n, d)
-        if self.position == "rope":
+        if self.rotary is not None:  # position == "rope"
             pos = torch.arange(offset, offset + n, device=x.device)
             q, k = self.rotary(q, pos), self.rotary(k, pos)
         slopes = self.slopes.to(x.dtype)

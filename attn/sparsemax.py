@@ -35,6 +35,7 @@ blocked comes out as zeros, never NaN. Shapes: any ``(..., n)``, over ``dim``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ def _top(x: Tensor, k: int) -> Tensor:
     return torch.topk(x, k, dim=-1, sorted=True).values
 
 
-def _threshold(x: Tensor, floor: Tensor, solve) -> tuple[Tensor, Tensor]:
+def _threshold(x: Tensor, floor: Tensor | float, solve: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     r"""``(tau, support size)`` per row of ``x`` ``(..., n)``, sorting only what can be in the support.
 
     No probability exceeds 1, so every entry of the support lies above
@@ -110,7 +111,7 @@ def _entmax15_solve(xs: Tensor) -> tuple[Tensor, Tensor]:
 
 class _Sparsemax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor) -> Tensor:
         tau, size = _threshold(z, z.amax(-1, keepdim=True) - 1, _sparsemax_solve)
         p = (z - tau).clamp_(min=0)
         if not bool(size.all()):  # rows with every entry masked: zeros, not NaN
@@ -119,7 +120,7 @@ class _Sparsemax(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         (p,) = ctx.saved_tensors
         support = p > 0
         g = grad.masked_fill(~support, 0.0)
@@ -129,7 +130,7 @@ class _Sparsemax(torch.autograd.Function):
 
 class _Entmax15(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor) -> Tensor:
         top = z.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # fully masked rows
         x = (z - top) / 2  # (alpha - 1) z, shifted (entmax is shift-invariant): max 0
@@ -141,7 +142,7 @@ class _Entmax15(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> Tensor:
         (p,) = ctx.saved_tensors
         s = p.sqrt()
         return _simplex_backward(grad, s)
@@ -149,7 +150,7 @@ class _Entmax15(torch.autograd.Function):
 
 class _EntmaxBisect(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z: Tensor, alpha: float, n_iter: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, alpha: float, n_iter: int) -> Tensor:
         finite = torch.isfinite(z)
         n_valid = finite.sum(-1, keepdim=True)
         x = (alpha - 1) * z
@@ -176,7 +177,7 @@ class _EntmaxBisect(torch.autograd.Function):
         return p
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (p,) = ctx.saved_tensors
         s = torch.where(p > 0, p ** (2 - ctx.alpha), torch.zeros_like(p))
         return _simplex_backward(grad, s), None, None

@@ -37,7 +37,7 @@ def explicit_formula(q, k, v, span, ramp, max_span, rel_bias=None, key_mask=None
     for h in range(H):
         z = float(span[h].detach().clamp(0, max_span))
         for i in range(n):
-            js = [j for j in range(n) if 0 <= i - j < max_span and (key_mask is None or True)]
+            js = [j for j in range(n) if 0 <= i - j < max_span]  # padding is masked below
             s = (q[:, h, i : i + 1] @ k[:, h, js].transpose(-1, -2))[:, 0] / math.sqrt(d)  # (B, |js|)
             if rel_bias is not None:
                 s = s + rel_bias[h, [i - j for j in js]]
@@ -84,7 +84,7 @@ def test_matches_paper_formula_and_dense_reference(n, spans, ramp, max_span, wit
     params = [q, k, v, span] + ([bias] if with_bias else [])
     g_ref = torch.autograd.grad(ref, params, up, retain_graph=True)
     for result in (out, fast):
-        for a, b in zip(torch.autograd.grad(result, params, up, retain_graph=True), g_ref):
+        for a, b in zip(torch.autograd.grad(result, params, up, retain_graph=True), g_ref, strict=True):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
@@ -168,7 +168,7 @@ def test_module_with_full_span_is_causal_multihead_attention():
     ada = AdaptiveSpanAttention(E, H, max_span=32, ramp=4, init_span=1.0, rel_bias=False)
     mha = MultiHeadAttention(E, H)
     with torch.no_grad():
-        for lin, wt, b in zip((mha.q_proj, mha.k_proj, mha.v_proj), ada.qkv.weight.split(E), ada.qkv.bias.split(E)):
+        for lin, wt, b in zip((mha.q_proj, mha.k_proj, mha.v_proj), ada.qkv.weight.split(E), ada.qkv.bias.split(E), strict=True):
             lin.weight.copy_(wt)
             lin.bias.copy_(b)
         mha.out_proj.load_state_dict(ada.out_proj.state_dict())
@@ -235,7 +235,7 @@ def test_bad_arguments_and_empty_batch():
         adaptive_span_attention(q, q, q, torch.ones(2), 2, 8, rel_bias=torch.zeros(2, 7))
     with pytest.raises(ValueError, match=r"\(batch, heads, n, d\)"):
         adaptive_span_attention(q[0], q[0], q[0], torch.ones(2), 2, 8)
-    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool"):
         AdaptiveSpanAttention(8, 2, max_span=16, ramp=4)(torch.randn(1, 5, 8), key_mask=torch.ones(1, 5))
     with pytest.raises(ValueError, match=r"init_span is z / max_span and must be in \[0, 1\]"):
         AdaptiveSpanAttention(8, 2, init_span=2.0)
@@ -268,7 +268,7 @@ def test_sentinel_matches_the_papers_equations():
     torch.testing.assert_close(alpha_hat, ref_alpha)
     torch.testing.assert_close(ctx, ref)
     up = torch.randn_like(ctx)
-    for a, b in zip(torch.autograd.grad(ctx, (V, h, s, *mod.parameters()), up), torch.autograd.grad(ref, (V, h, s, *mod.parameters()), up)):
+    for a, b in zip(torch.autograd.grad(ctx, (V, h, s, *mod.parameters()), up), torch.autograd.grad(ref, (V, h, s, *mod.parameters()), up), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -285,7 +285,7 @@ def test_sentinel_can_attend_to_nothing_and_gradcheck():
         mod(torch.randn(2, 5, 3, dtype=torch.float64), h, s)
     with pytest.raises(ValueError, match=r"sentinel must have shape \(batch=2, 4\)"):
         mod(V, h, s[:1])
-    with pytest.raises(TypeError, match="features must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"features must be a torch\.Tensor"):
         mod([[0.0]], h, s)  # type: ignore[arg-type]
 
 

@@ -59,7 +59,7 @@ def test_axis_attention_matches_per_row_and_per_column_sdpa(axis, H, W):
     assert out.shape == (2, 3, H, W, 4)
     assert (out - ref).abs().max() <= 1e-5
     up = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         assert (a - b).abs().max() <= 1e-5
     # the weights: softmax over the row (keys (i, l)) or the column (keys (m, j))
     if axis == "row":
@@ -91,7 +91,7 @@ def test_module_matches_torch_multihead_row_by_row_then_column_by_column(H, W):
     torch.testing.assert_close(g1[0], g2[0], atol=1e-5, rtol=1e-5)
     # parameter gradients: same module run through the explicit path with its own parameters
     ref_p = torch.autograd.grad((explicit_module_params(mod, x) * up).sum(), list(mod.parameters()))
-    for a, b in zip(g1[1:], ref_p):
+    for a, b in zip(g1[1:], ref_p, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -147,8 +147,8 @@ def test_receptive_weights_compose_the_two_passes():
     r = AxialAttention.receptive_weights(w)  # (B, h, H, W, H, W)
     assert r.shape == (2, 2, 3, 5, 3, 5)
     torch.testing.assert_close(r.sum((-1, -2)), torch.ones(2, 2, 3, 5))
-    i, j, m, l = 1, 4, 2, 0
-    torch.testing.assert_close(r[:, :, i, j, m, l], w.col[:, :, j, i, m] * w.row[:, :, m, j, l])
+    i, j, m, col = 1, 4, 2, 0
+    torch.testing.assert_close(r[:, :, i, j, m, col], w.col[:, :, j, i, m] * w.row[:, :, m, j, col])
     assert (r > 0).all()  # every pixel reaches every pixel after two passes
 
 

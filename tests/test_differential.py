@@ -73,7 +73,7 @@ def test_matches_explicit_formula_forward_and_gradients(causal, need_weights):
     assert (y - ref).abs().max() <= 1e-12
     up = torch.randn_like(y)
     params = [x, *m.parameters()]
-    for a, b in zip(torch.autograd.grad(y, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(y, params, up), torch.autograd.grad(ref, params, up), strict=True):
         assert (a - b).abs().max() <= 1e-11
     if need_weights:
         a1, a2, lam = m.maps(x)
@@ -295,7 +295,7 @@ def test_fused_path_equals_dense_path_and_formula_float64(causal, padded):
         assert (fast.output - explicit(m, x)).abs().max() <= 1e-12
     params = [x, *m.parameters()]
     for a, b in zip(torch.autograd.grad(fast.output.square().sum(), params),
-                    torch.autograd.grad(dense.output.square().sum(), params)):
+                    torch.autograd.grad(dense.output.square().sum(), params), strict=True):
         assert (a - b).abs().max() <= 1e-11
 
 

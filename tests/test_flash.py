@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def test_matches_sdpa_forward_and_gradients(causal, n_q, n_k, block_q, block_k):
         s = s.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool).triu(1), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
     up = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         assert (a - b).abs().max() <= 2e-5
 
 
@@ -74,7 +75,7 @@ def test_gradcheck_float64():
     for causal in (False, True):
         q, k, v = qkv(2, 1, 7, 7, d=3, dtype=torch.float64)
         assert torch.autograd.gradcheck(
-            lambda q, k, v: flash_attention(q, k, v, causal=causal, block_q=3, block_k=2, key_mask=km), (q, k, v))
+            partial(flash_attention, causal=causal, block_q=3, block_k=2, key_mask=km), (q, k, v))
     q, k, v = qkv(1, 2, 5, 6, d=2, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, block_q=2, block_k=4), (q, k, v))
 
@@ -119,8 +120,8 @@ def test_peak_memory_grows_linearly_and_naive_quadratically():
         for n in ns:
             q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
             # flash_forward directly: the profiler books the frees inside an autograd.Function at its start
-            peaks["flash"].append(peak_memory(lambda: flash_forward(q, k, v, block_q=256, block_k=256), "cpu"))
-            peaks["naive"].append(peak_memory(lambda: naive_attention(q, k, v), "cpu"))
+            peaks["flash"].append(peak_memory(partial(flash_forward, q, k, v, block_q=256, block_k=256), "cpu"))
+            peaks["naive"].append(peak_memory(partial(naive_attention, q, k, v), "cpu"))
     assert fit_exponent(ns, peaks["flash"]) <= 1.1
     assert fit_exponent(ns, peaks["naive"]) >= 1.8
     assert peaks["flash"][-1] < 2048 * 2048 * 4 / 8
@@ -141,7 +142,7 @@ def test_masked_keys_have_no_influence_and_match_sdpa():
     v2[1, :, 11:] -= 100
     torch.testing.assert_close(flash_attention(q, k2, v2, key_mask=km, block_q=8, block_k=4), out)
     up = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
@@ -236,7 +237,7 @@ def test_lse_gradient_matches_torch_logsumexp(causal, masked):
     w = torch.randn(lse.shape, generator=g, dtype=torch.float64)
     mine = torch.autograd.grad((w * lse).sum(), (q, k), allow_unused=True, retain_graph=True)
     ref = torch.autograd.grad((w * ref_lse).sum(), (q, k), retain_graph=True)
-    for a, b in zip(mine, ref):
+    for a, b in zip(mine, ref, strict=True):
         assert b.abs().max() > 0.1  # the term is not small
         assert a is not None and (a - b).abs().max() <= 1e-13
     # through the output and the lse at once
@@ -244,7 +245,7 @@ def test_lse_gradient_matches_torch_logsumexp(causal, masked):
     ref_out = torch.softmax(masked_scores(q, k, causal, km), -1) @ v
     mine = torch.autograd.grad((up * out).sum() + (w * lse).sum(), (q, k, v))
     ref = torch.autograd.grad((up * ref_out).sum() + (w * ref_lse).sum(), (q, k, v))
-    for a, b in zip(mine, ref):
+    for a, b in zip(mine, ref, strict=True):
         assert (a - b).abs().max() <= 1e-13
 
 
@@ -253,8 +254,7 @@ def test_lse_gradcheck_float64():
     for causal, mask in ((False, km), (True, None)):
         q, k, v = qkv(2, 1, 5, 6, d=3, dtype=torch.float64)
         assert torch.autograd.gradcheck(
-            lambda q, k, v: flash_attention(q, k, v, causal=causal, block_q=2, block_k=4, key_mask=mask, return_lse=True),
-            (q, k, v))
+            partial(flash_attention, causal=causal, block_q=2, block_k=4, key_mask=mask, return_lse=True), (q, k, v))
     q, k, v = (t[:, 0] for t in qkv(1, 1, 4, 7, d=2, dtype=torch.float64))  # 3-D input
     assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, block_q=3, block_k=2, return_lse=True)[1], (q, k, v))
 
@@ -298,11 +298,11 @@ def test_split_kv_equals_one_pass_with_gradients(bounds, masked):
     up, w = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g, dtype=torch.float64)
     mine = torch.autograd.grad((up * out).sum(), (q, k, v), retain_graph=True)
     ref = torch.autograd.grad((up * sdpa).sum(), (q, k, v))
-    for a, b in zip(mine, ref):
+    for a, b in zip(mine, ref, strict=True):
         assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-13
     mine = torch.autograd.grad((up * out).sum() + (w * lse).sum(), (q, k, v))
     ref = torch.autograd.grad((up * ref_out).sum() + (w * ref_lse).sum(), (q, k, v))
-    for a, b in zip(mine, ref):
+    for a, b in zip(mine, ref, strict=True):
         assert (a - b).abs().max() <= 1e-13
 
 
@@ -315,7 +315,7 @@ def test_split_kv_decoding_one_query_float32_and_three_dim():
     ref = F.scaled_dot_product_attention(q, k, v)
     assert (out - ref).abs().max() <= 1e-6
     up = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         assert (a - b).abs().max() <= 1e-5
 
 
@@ -342,7 +342,7 @@ def test_merge_gradcheck_and_formula():
     assert torch.autograd.gradcheck(lambda *t: merge_partial_attention(t[:3], t[3:]), (*outs, *lses))
     out, lse = merge_partial_attention(outs, lses)
     ref_lse = torch.logsumexp(torch.stack(lses), 0)
-    ref = sum(torch.exp(l - ref_lse)[..., None] * o for o, l in zip(outs, lses))
+    ref = sum(torch.exp(chunk_lse - ref_lse)[..., None] * o for o, chunk_lse in zip(outs, lses, strict=True))
     torch.testing.assert_close(lse, ref_lse, atol=1e-14, rtol=0)
     torch.testing.assert_close(out, ref, atol=1e-14, rtol=0)
     big = [torch.full((1, 1), 1e4, dtype=torch.float64), torch.full((1, 1), 1e4 - 1, dtype=torch.float64)]  # exp(1e4) overflows
@@ -355,17 +355,17 @@ def test_merge_is_exported():
 
 
 MERGE_BAD = [
-    ("tensor, not list", lambda o, l: (torch.stack([o, o]), [l, l]), TypeError, "outputs must be a list or tuple"),
-    ("empty", lambda o, l: ([], []), ValueError, "at least one chunk"),
-    ("count", lambda o, l: ([o, o], [l]), ValueError, "2 outputs and 1 lses"),
-    ("list entry", lambda o, l: ([o.tolist()], [l]), TypeError, r"outputs\[0\] must be a torch.Tensor"),
-    ("int lse", lambda o, l: ([o], [l.long()]), TypeError, r"lses\[0\] must be a floating-point"),
-    ("1-D output", lambda o, l: ([o[0, 0]], [l[0, 0]]), ValueError, r"\(\.\.\., n_q, d_v\)"),
-    ("shapes differ", lambda o, l: ([o, o[:, :2]], [l, l[:, :2]]), ValueError, r"outputs\[1\] has shape \(2, 2, 4\)"),
-    ("lse shape", lambda o, l: ([o], [l[:, :2]]), ValueError, r"lses\[0\] must have shape \(2, 3\)"),
-    ("dtypes differ", lambda o, l: ([o, o.double()], [l, l.double()]), TypeError, "dtypes must match"),
-    ("nan lse", lambda o, l: ([o], [l.masked_fill(l > -10, float("nan"))]), ValueError, "NaN or \\+inf"),
-    ("+inf lse", lambda o, l: ([o], [torch.full_like(l, float("inf"))]), ValueError, "NaN or \\+inf"),
+    ("tensor, not list", lambda o, lse: (torch.stack([o, o]), [lse, lse]), TypeError, "outputs must be a list or tuple"),
+    ("empty", lambda o, lse: ([], []), ValueError, "at least one chunk"),
+    ("count", lambda o, lse: ([o, o], [lse]), ValueError, "2 outputs and 1 lses"),
+    ("list entry", lambda o, lse: ([o.tolist()], [lse]), TypeError, r"outputs\[0\] must be a torch.Tensor"),
+    ("int lse", lambda o, lse: ([o], [lse.long()]), TypeError, r"lses\[0\] must be a floating-point"),
+    ("1-D output", lambda o, lse: ([o[0, 0]], [lse[0, 0]]), ValueError, r"\(\.\.\., n_q, d_v\)"),
+    ("shapes differ", lambda o, lse: ([o, o[:, :2]], [lse, lse[:, :2]]), ValueError, r"outputs\[1\] has shape \(2, 2, 4\)"),
+    ("lse shape", lambda o, lse: ([o], [lse[:, :2]]), ValueError, r"lses\[0\] must have shape \(2, 3\)"),
+    ("dtypes differ", lambda o, lse: ([o, o.double()], [lse, lse.double()]), TypeError, "dtypes must match"),
+    ("nan lse", lambda o, lse: ([o], [lse.masked_fill(lse > -10, float("nan"))]), ValueError, "NaN or \\+inf"),
+    ("+inf lse", lambda o, lse: ([o], [torch.full_like(lse, float("inf"))]), ValueError, "NaN or \\+inf"),
 ]
 
 

@@ -58,7 +58,7 @@ def test_matches_sdpa_enable_gqa_forward_and_gradients(h, g, causal):
     assert (out - ref).abs().max() <= 1e-5
     up = torch.randn_like(out)
     params = [x, *m.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         assert (a - b).abs().max() <= 1e-5
 
 
@@ -93,7 +93,7 @@ def test_matches_transformers_llama_attention(h, g):
     up = torch.randn_like(out)
     g1 = torch.autograd.grad(out, [x, *ours.parameters()], up)
     g2 = torch.autograd.grad(ref, [x, *llama.parameters()], up)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert (a - b).abs().max() <= 1e-5
 
 
@@ -389,7 +389,7 @@ def test_backprop_through_cached_decoding_equals_full_forward():
     params = [x, *m.parameters()]
     got = torch.autograd.grad(y, params, up)
     want = torch.autograd.grad(m(x).output, params, up)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert (a - b).abs().max() <= 1e-5
     with torch.no_grad():  # inference still writes in place: the stored tensor is the same object
         c = m.new_cache(2, 7)
@@ -421,7 +421,7 @@ def test_cache_of_another_dtype_is_a_clear_type_error(layer_dtype):
     assert m(x, cache=m.new_cache(1, 8)).output.dtype == layer_dtype  # new_cache takes the layer's dtype
     with pytest.raises(TypeError, match=r"dtypes must match \(the layer.s parameters: torch\.(bfloat16|float64), x: torch\.float32"):
         m(x.float())
-    with pytest.raises(TypeError, match="KVCache dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"KVCache dtype torch\.float32"):
         KVCache(1, 2, 4, 8).append(torch.zeros(1, 2, 1, 4, dtype=layer_dtype), torch.zeros(1, 2, 1, 4, dtype=layer_dtype))
 
 
@@ -434,7 +434,7 @@ def test_bad_input_of_cache_attention_and_lm():
     ]:
         with pytest.raises(err, match=match):
             KVCache(*args)
-    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
         KVCache(1, 2, 4, 8, dtype=torch.long)
     cache = KVCache(1, 2, 4, 8)
     with pytest.raises(TypeError, match=r"k must be a torch.Tensor of shape \(batch, num_kv_heads, t, head_dim\)"):
@@ -454,7 +454,7 @@ def test_bad_input_of_cache_attention_and_lm():
         grouped_attention(q, k, k, past=2)
     with pytest.raises(ValueError, match="past must be >= 0"):
         grouped_attention(q, k, k, past=-1, causal=False)
-    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool"):
         m(torch.randn(1, 3, 16), key_mask=torch.ones(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=1, seq=3\)"):
         m(torch.randn(1, 3, 16), key_mask=torch.ones(1, 4, dtype=torch.bool))

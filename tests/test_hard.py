@@ -31,12 +31,9 @@ def per_sample_score_gradients(scores, losses, estimator, tau=1.0, baseline=0.0,
     """Per-sample gradient estimates wrt the scores ``(n,)``: each row of a leaf ``(m, n)`` copy is its own sample."""
     s_rep = scores.detach().repeat(m, 1).requires_grad_()
     g = torch.Generator().manual_seed(seed)
-    weights, probs, index, log_prob, entropy = select(s_rep, estimator, tau, generator=g)
+    weights, _probs, _index, log_prob, _entropy = select(s_rep, estimator, tau, generator=g)
     loss = weights @ losses  # (m,): l(z) for a one-hot pick (and the relaxed mix in the backward for gumbel)
-    if estimator == "reinforce":
-        total = reinforce_loss(loss, log_prob, baseline) * m
-    else:
-        total = loss.sum()
+    total = reinforce_loss(loss, log_prob, baseline) * m if estimator == "reinforce" else loss.sum()
     total.backward()
     return s_rep.grad  # (m, n), row i = estimate from sample i
 

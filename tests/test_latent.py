@@ -84,7 +84,7 @@ def test_matches_transformers_deepseek_v3_attention(q_rank, absorb):
     got = sorted((tuple(g.shape), float(g.abs().sum())) for g in mine[1:])
     want = sorted((tuple(g.shape), float(g.abs().sum())) for g in theirs[1:])
     assert [s for s, _ in got] == [s for s, _ in want]
-    assert all(abs(a - b) <= 1e-6 * max(1.0, b) for (_, a), (_, b) in zip(got, want))
+    assert all(abs(a - b) <= 1e-6 * max(1.0, b) for (_, a), (_, b) in zip(got, want, strict=True))
 
 
 def test_rotary_matches_transformers_and_is_relative():
@@ -114,7 +114,7 @@ def explicit(m: MultiHeadLatentAttention, x: torch.Tensor, key_mask: torch.Tenso
 
     ``key_mask`` (B, n): padded keys get weight 0; a query with no real key visible gets o = 0.
     """
-    B, n, _ = x.shape
+    _, n, _ = x.shape
     d, dr, dv, r = m.head_dim, m.rope_dim, m.v_head_dim, m.kv_rank
     cos, sin = rotary_cos_sin(torch.arange(n), dr, dtype=x.dtype)
     rms = lambda v, w: v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
@@ -151,7 +151,7 @@ def test_absorbed_equals_unabsorbed_equals_explicit_formula(q_rank):
     up = torch.randn_like(y0)
     params = [x, *m.parameters()]
     g0, g1, gr = (torch.autograd.grad(y, params, up) for y in (y0, y1, ref))
-    for a, b, c in zip(g0, g1, gr):
+    for a, b, c in zip(g0, g1, gr, strict=True):
         assert (a - c).abs().max() <= 1e-5
         assert (b - c).abs().max() <= 1e-5
 
@@ -177,7 +177,7 @@ def test_gradcheck_float64_both_paths():
     m = MultiHeadLatentAttention(8, 2, kv_rank=3, q_rank=3, head_dim=2, rope_dim=2, v_head_dim=2).double()
     x = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
     for absorb in (False, True):
-        assert torch.autograd.gradcheck(lambda x: m(x, absorb=absorb).output, (x,), eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(lambda x, absorb=absorb: m(x, absorb=absorb).output, (x,), eps=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- cache and properties
@@ -331,9 +331,9 @@ def test_key_mask_gradients_equal_on_all_paths():
     outs = [m(x, need_weights=nw, absorb=ab, key_mask=km).output for nw in (False, True) for ab in (False, True)]
     up = torch.randn_like(outs[0])
     grads = [torch.autograd.grad(y, params, up) for y in outs]
-    for y, g in zip(outs[1:], grads[1:]):
+    for y, g in zip(outs[1:], grads[1:], strict=True):
         assert (y - outs[0]).abs().max() <= 1e-12
-        assert max((a - b).abs().max().item() for a, b in zip(g, grads[0])) <= 1e-12
+        assert max((a - b).abs().max().item() for a, b in zip(g, grads[0], strict=True)) <= 1e-12
 
 
 def test_key_mask_content_at_masked_positions_changes_nothing_real():
@@ -397,7 +397,7 @@ def test_backprop_through_cached_decoding_equals_full_forward(absorb):
     params = [x, *m.parameters()]
     got = torch.autograd.grad(y, params, up)
     want = torch.autograd.grad(m(x).output, params, up)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert (a - b).abs().max() <= 1e-5
 
 
@@ -410,7 +410,7 @@ def test_cache_of_another_dtype_is_a_clear_type_error(layer_dtype):
     assert m(x, cache=m.new_cache(2, 8)).output.dtype == layer_dtype
     with pytest.raises(TypeError, match=r"dtypes must match \(the layer.s parameters: torch\.(bfloat16|float64), x: torch\.float32"):
         m(x.float())
-    with pytest.raises(TypeError, match="LatentCache dtype torch.float32"):
+    with pytest.raises(TypeError, match=r"LatentCache dtype torch\.float32"):
         LatentCache(1, 4, 2, 8).append(torch.zeros(1, 1, 4, dtype=layer_dtype), torch.zeros(1, 1, 2, dtype=layer_dtype))
 
 
@@ -422,7 +422,7 @@ def test_bad_input_of_latent_cache_and_key_mask():
     ]:
         with pytest.raises(err, match=match):
             LatentCache(*args)
-    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
         LatentCache(1, 4, 2, 8, dtype="float32")
     cache = LatentCache(1, 4, 2, 8)
     with pytest.raises(TypeError, match=r"c must be a torch.Tensor of shape \(batch, t, d_c\)"):
@@ -430,7 +430,7 @@ def test_bad_input_of_latent_cache_and_key_mask():
     with pytest.raises(ValueError, match=r"k_rope must have shape \(batch, t, d_R\)"):
         cache.append(torch.zeros(1, 1, 4), torch.zeros(1, 2))
     m = make()
-    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool"):
         m(tokens(), key_mask=[[True] * 7] * 2)
     with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, seq=7\)"):
         m(tokens(), key_mask=torch.ones(2, 6, dtype=torch.bool))

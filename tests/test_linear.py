@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_matches_explicit_formula_forward_and_gradients(causal, n, chunk):
     ref = explicit(q, k, v, causal)
     assert (out - ref).abs().max() <= 1e-12
     up = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         assert (a - b).abs().max() <= 1e-11
 
 
@@ -83,7 +84,7 @@ def test_recurrent_form_equals_parallel_form():
     up = torch.randn_like(rec)
     g1 = torch.autograd.grad(rec, (q, k, v), up)
     g2 = torch.autograd.grad(linear_attention(q, k, v, causal=True, chunk=8), (q, k, v), up)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
 
 
@@ -91,7 +92,7 @@ def test_gradcheck_float64():
     q, k, v = qkv(1, 2, 7, 3, dtype=torch.float64)
     km = padding_mask([5], 7)
     for causal in (False, True):
-        assert torch.autograd.gradcheck(lambda q, k, v: linear_attention(q, k, v, causal=causal, chunk=3), (q, k, v))
+        assert torch.autograd.gradcheck(partial(linear_attention, causal=causal, chunk=3), (q, k, v))
     assert torch.autograd.gradcheck(lambda q, k, v: linear_attention(q, k, v, key_mask=km), (q, k, v))
     proj = orthogonal_gaussian(5, 3, torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.autograd.gradcheck(
@@ -223,7 +224,10 @@ def test_modules_equal_the_quadratic_form_with_their_weights():
     for mod in (LinearAttention(16, 4, causal=True, chunk=4), PerformerAttention(16, 2, num_features=12, causal=False)):
         out, w = mod(x, key_mask=km, need_weights=True)
         q, k, v = mod.qkv(x).chunk(3, -1)
-        split = lambda t: t.reshape(2, 13, mod.num_heads, -1).transpose(1, 2)
+
+        def split(t: torch.Tensor, heads: int = mod.num_heads) -> torch.Tensor:
+            return t.reshape(2, 13, heads, -1).transpose(1, 2)
+
         fq, fk = mod.features(split(q), split(k))
         ref = linear_attention_quadratic(fq, fk, split(v), None, causal=mod.causal, key_mask=km)[0]
         torch.testing.assert_close(out, mod.out_proj(ref.transpose(1, 2).reshape(2, 13, 16)), atol=1e-5, rtol=1e-5)

@@ -58,7 +58,7 @@ def test_rope_matches_transformers_rotary_embedding(head_dim, base):
     up = torch.randn_like(q_ref)
     g1 = torch.autograd.grad((q_ours * up).sum() + (k_ours * up).sum(), (q, k))
     g2 = torch.autograd.grad((q_ref * up).sum() + (k_ref * up).sum(), (q, k))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert (a - b).abs().max() <= 1e-5
 
 
@@ -135,7 +135,7 @@ def test_module_matches_explicit_attention(position, causal):
     assert (out - ref).abs().max() <= 1e-5
     assert (m(x).output - ref).abs().max() <= 1e-5  # fused path
     up = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(out, [x, *m.parameters()], up), torch.autograd.grad(ref, [x, *m.parameters()], up)):
+    for a, b in zip(torch.autograd.grad(out, [x, *m.parameters()], up), torch.autograd.grad(ref, [x, *m.parameters()], up), strict=True):
         assert (a - b).abs().max() <= 1e-5
 
 
@@ -149,7 +149,7 @@ def test_gradcheck_float64():
     for position in ("rope", "alibi"):
         m = PositionalAttention(8, 2, position).double()
         x = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda t: m(t, need_weights=True).output, (x,))
+        assert torch.autograd.gradcheck(lambda t, m=m: m(t, need_weights=True).output, (x,))
 
 
 def test_causal_ignores_future_and_batched_equals_single():
@@ -261,7 +261,7 @@ def test_linear_memory_path_equals_dense_reference_float64(position, causal, pad
     params = [x, *m.parameters()]
     g_fast = torch.autograd.grad(fast.output.square().sum(), params)
     g_dense = torch.autograd.grad(dense.output.square().sum(), params)
-    for a, b in zip(g_fast, g_dense):
+    for a, b in zip(g_fast, g_dense, strict=True):
         assert (a - b).abs().max() <= 1e-11
     if padded:  # padding content never reaches real outputs
         x2 = x.detach().clone()
