@@ -286,6 +286,7 @@ def _worst_case(model: AttentionClassifier, batch: dict[str, Tensor], target: Ta
             (g,) = torch.autograd.grad(loss, s, retain_graph=True)
             r = fgm_perturbation(g, epsilon)
         elif target == "attention":
+            assert zero is not None  # made above for target "attention"
             (g,) = torch.autograd.grad(loss, zero, retain_graph=True)
             r = fgm_perturbation(g, epsilon)
     return s, logits, a, loss, r
@@ -388,6 +389,7 @@ def attack(
             adv_loss = F.cross_entropy(adv_logits, y)
     finally:
         model.train(was_training)
+    assert adv_a is not None  # perturbed() asks for the weights
     a, adv_a = a.detach(), adv_a.detach()
     return {"clean_pred": logits.argmax(-1).detach(), "adv_pred": adv_logits.argmax(-1), "clean_weights": a,
             "adv_weights": adv_a, "js": js_distance(a, adv_a), "tv": tv_distance(a, adv_a),

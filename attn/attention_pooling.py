@@ -401,11 +401,10 @@ class SetClassifier(nn.Module):
         x = _check_set(x, self.in_dim, key_mask, "x")
         h = self.encoder(x)  # (B, n, d)
         weights = None
-        if self.pool_kind == "pma":
+        if self.pool is not None:  # "pma" or "clip"
             pooled, weights = self.pool(h, key_mask, need_weights)
-            pooled = pooled[:, 0]
-        elif self.pool_kind == "clip":
-            pooled, weights = self.pool(h, key_mask, need_weights)
+            if self.pool_kind == "pma":
+                pooled = pooled[:, 0]  # the one seed's output
         else:
             real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if key_mask is None else key_mask
             if self.pool_kind == "mean":
@@ -501,9 +500,13 @@ def make_set_task(preset: str = "default", pool: Pool = "pma") -> OwnTask:
         w = m(b["x"], b["mask"], need_weights=True).weights  # PMA (B, h, 1, n); CLIP (B, h, n + 1)
         return w.flatten(0, -2)
 
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, SetClassifier)  # OwnTask hands its loss the task's own model
+        return set_loss(m, b)
+
     return OwnTask(
         description=f"sets of {sets.size[0]}-{sets.size[1]} elements: is the mean of the A elements above the set's mean?",
-        model=model, sample=sets.sample, loss=set_loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=sets.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="set elements", steps=steps, batch_size=batch, lr=3e-3, log_every=10, target_acc=0.9, weights=weights,
     )
 
@@ -558,9 +561,13 @@ def make_regression_task(preset: str = "default") -> OwnTask:
     def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
         return m(b["queries"], b["keys"], b["values"], need_weights=True).weights.flatten(0, 1)
 
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, NadarayaWatson)  # OwnTask hands its loss the task's own model
+        return _regression_loss(m, b)
+
     return OwnTask(
         description="1-D kernel regression from 64 noisy samples, bandwidth learned (acc: |error| < 0.25)",
-        model=NadarayaWatson(2.0), sample=task.sample, loss=_regression_loss, layer=layer, inputs=inputs,
+        model=NadarayaWatson(2.0), sample=task.sample, loss=loss, layer=layer, inputs=inputs,
         sizes=tuple(s for s in sizes if s <= 4096), size_unit="observations", steps=max(steps // 2, 10),
         batch_size=batch, lr=5e-2, log_every=10, target_acc=0.6, weights=weights,
     )

@@ -212,7 +212,7 @@ class BidirectionalSelfAttention(MultiHeadAttention):
         self.pattern = pattern
         self.output_projection = output_projection
         if not output_projection:
-            self.out_proj = nn.Identity()  # type: ignore[assignment]
+            self.out_proj = nn.Identity()
 
     def forward(  # type: ignore[override]
         self,
@@ -281,19 +281,24 @@ class BidirectionalSelfAttention(MultiHeadAttention):
         ``self_output``, a ``BertSelfOutput``, also gives ``W^O`` (its ``dense``
         layer); its LayerNorm and residual are not part of attention.
         """
-        for name in ("query", "key", "value"):
+        pairs: list[tuple[nn.Linear, nn.Linear]] = []
+        for ours, name in ((self.q_proj, "query"), (self.k_proj, "key"), (self.v_proj, "value")):
             lin = getattr(self_attention, name, None)
             if not isinstance(lin, nn.Linear):
                 raise TypeError(f"self_attention must have nn.Linear '{name}' (a BertSelfAttention), got {type(self_attention).__name__}")
             if tuple(lin.weight.shape) != (self.embed_dim, self.embed_dim):
                 raise ValueError(f"BertSelfAttention.{name} is {tuple(lin.weight.shape)}, this module needs ({self.embed_dim}, {self.embed_dim})")
+            pairs.append((ours, lin))
         if getattr(self_attention, "num_attention_heads", self.num_heads) != self.num_heads:
             raise ValueError(f"BertSelfAttention has {self_attention.num_attention_heads} heads, this module {self.num_heads}")
-        pairs = [(self.q_proj, self_attention.query), (self.k_proj, self_attention.key), (self.v_proj, self_attention.value)]
         if self_output is not None:
             if not self.output_projection:
                 raise ValueError("this module has no output projection (output_projection=False) to load BertSelfOutput.dense into")
-            pairs.append((self.out_proj, self_output.dense))
+            dense = getattr(self_output, "dense", None)
+            if not isinstance(dense, nn.Linear):
+                raise TypeError(f"self_output must have nn.Linear 'dense' (a BertSelfOutput), got {type(self_output).__name__}")
+            assert isinstance(self.out_proj, nn.Linear)  # output_projection=True keeps W^O
+            pairs.append((self.out_proj, dense))
         for ours, theirs in pairs:
             ours.weight.copy_(theirs.weight)
             if ours.bias is not None:
@@ -303,7 +308,7 @@ class BidirectionalSelfAttention(MultiHeadAttention):
     def load_torch_weights(self, mha: nn.MultiheadAttention) -> BidirectionalSelfAttention:
         if not self.output_projection:
             raise ValueError("this module has no output projection (output_projection=False); nn.MultiheadAttention has one")
-        return super().load_torch_weights(mha)  # type: ignore[return-value]
+        return super().load_torch_weights(mha)
 
 
 # ----------------------------------------------------------------------------- the toy task

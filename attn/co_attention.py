@@ -92,11 +92,12 @@ class DCNOutput(NamedTuple):
     encoding: Tensor | None
 
 
-def _check_pair(layer: nn.Module, question: object, passage: object, question_mask: object, passage_mask: object,
+def _check_pair(layer: ParallelCoAttention | AlternatingCoAttention | DCNCoAttention, question: object, passage: object,
+                question_mask: Tensor | None, passage_mask: Tensor | None,
                 q_name: str = "question", p_name: str = "passage") -> tuple[Tensor, Tensor]:
     """Both inputs are real floating-point ``(batch, len >= 1, width)`` tensors of the layer's widths, one dtype (the
     layer's, outside autocast) and one batch; masks are ``None`` or bool ``(batch, len)`` with a real position per row."""
-    dq, dv = layer.question_dim, layer.passage_dim  # type: ignore[attr-defined]
+    dq, dv = layer.question_dim, layer.passage_dim
     question = check_tensor(question, q_name, f"(batch, T, question_dim={dq})", 3)
     passage = check_tensor(passage, p_name, f"(batch, N, passage_dim={dv})", 3)
     for name, t, d, ln in ((q_name, question, dq, "T"), (p_name, passage, dv, "N")):
@@ -113,10 +114,10 @@ def _check_pair(layer: nn.Module, question: object, passage: object, question_ma
         raise TypeError(f"{q_name} and {p_name} are {question.dtype} but the layer's parameters are {param.dtype}: "
                         f"cast the inputs (.to({param.dtype})) or the layer (.to({question.dtype}))")
     check_same_batch((q_name, question), (p_name, passage))
-    check_key_mask(question_mask, question.shape[0], question.shape[1], name=f"{q_name}_mask", length_name="T")  # type: ignore[arg-type]
-    check_key_mask(passage_mask, passage.shape[0], passage.shape[1], name=f"{p_name}_mask", length_name="N")  # type: ignore[arg-type]
+    check_key_mask(question_mask, question.shape[0], question.shape[1], name=f"{q_name}_mask", length_name="T")
+    check_key_mask(passage_mask, passage.shape[0], passage.shape[1], name=f"{p_name}_mask", length_name="N")
     for name, m in ((f"{q_name}_mask", question_mask), (f"{p_name}_mask", passage_mask)):
-        if m is not None and m.shape[0] > 0 and not bool(m.any(-1).all()):  # type: ignore[union-attr]
+        if m is not None and m.shape[0] > 0 and not bool(m.any(-1).all()):
             raise ValueError(f"{name}: every example needs at least one real position (a row of {name} is all False)")
     return question, passage
 
@@ -318,12 +319,13 @@ class DCNCoAttention(nn.Module):
         outputs back to their positions; padded rows come out zero. The LSTM
         thus reads exactly the sequence of real words, as if run on them alone.
         """
+        assert self.lstm is not None  # called only when fusion=True built the BiLSTM
         m = fused.shape[1]
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # real positions first, in order: (B, m)
         compact = fused.gather(1, order[..., None].expand_as(fused))  # (B, m, 3ℓ): real words, then padding
         lengths = mask.sum(-1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(compact, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)  # type: ignore[misc]
+        out, _ = self.lstm(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=m)  # zeros after each length
         back = order.argsort(1)  # where each original position went in the compact order
         return out.gather(1, back[..., None].expand(-1, -1, out.shape[-1]))  # padded positions read a zero row
@@ -414,7 +416,8 @@ class CoAttentionPointer(nn.Module):
         if isinstance(out, DCNOutput):
             n, t = pm.shape[1], qm.shape[1]
             d = self.passage_embed(batch["passage"])
-            q = torch.tanh(self.layer.q_proj(self.question_embed(batch["question"])))  # type: ignore[operator]
+            assert isinstance(self.layer, DCNCoAttention)  # only the DCN layer returns a DCNOutput
+            q = torch.tanh(self.layer.q_proj(self.question_embed(batch["question"])))
             p_scores = self.passage_score(torch.cat([d, out.context[:, :n]], -1))[..., 0]
             q_scores = self.question_score(torch.cat([q, out.question_context[:, :t]], -1))[..., 0]
             neg = torch.finfo(p_scores.dtype).min
@@ -458,14 +461,19 @@ def make_co_attention_task(kind: str = "parallel", preset: str = "book") -> OwnT
     def inputs(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return torch.randn(1, 16, dq, generator=generator), torch.randn(1, n, dv, generator=generator)
 
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, CoAttentionPointer)  # OwnTask hands its loss the task's own model
+        return pointer_loss(m, b)
+
     def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        out = m.attend(b)  # type: ignore[operator]
+        assert isinstance(m, CoAttentionPointer)  # the task's own model, above
+        out = m.attend(b)
         if isinstance(out, DCNOutput):
             return out.document_weights[:, : b["passage"].shape[1]][b["passage_mask"]]  # real document rows
         return out.passage_weights
 
     return OwnTask(
         description=f"pointer to the key shared by a passage and a question ({kind} co-attention)",
-        model=model, sample=data.sample, loss=pointer_loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=data.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="passage length N", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
     )

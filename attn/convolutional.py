@@ -200,6 +200,7 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     padded = F.pad(x, (0, 0, left, k - 1 - left))  # (B, n + k - 1, C)
     # tap t of output i reads input i - left + t; k shifted views, summed (stays (B, n, C), contiguous)
     out = sum(weight[:, t] * padded[:, t : t + n] for t in range(k))
+    assert isinstance(out, Tensor)  # k >= 1 taps, so the sum is a tensor, not sum()'s start 0
     return out if bias is None else out + bias
 
 
@@ -427,11 +428,16 @@ def make_cbam_task(preset: str = "book") -> OwnTask:
         return (torch.randn(1, channels, side, side, generator=generator),)
 
     def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        spatial = m.attention(b["x"]).spatial.flatten(1)  # type: ignore[operator]
+        assert isinstance(m, ShapeNet)  # the task's own model, below
+        spatial = m.attention(b["x"]).spatial.flatten(1)
         return spatial / spatial.sum(-1, keepdim=True)
+
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, ShapeNet)  # OwnTask hands its loss the task's own model
+        return shape_loss(m, b)
 
     return OwnTask(
         description=f"shape on a noisy, cluttered {size}x{size} image (4 classes)",
-        model=model, sample=data.sample, loss=shape_loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=data.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="pixels (H*W)", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
     )

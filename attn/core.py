@@ -108,7 +108,7 @@ def masked_softmax(scores: Tensor, mask: Tensor | None, dim: int = -1) -> Tensor
 
 def build_mask(q: Tensor, k: Tensor, attn_mask: Tensor | None, key_mask: Tensor | None, is_causal: bool) -> Tensor | None:
     """Combine boolean masks into one that broadcasts to the scores ``(batch, [heads,] n_q, n_k)``."""
-    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+    score_shape = (*q.shape[:-1], k.shape[-2])
     batch, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
     mask: Tensor | None = None
     if attn_mask is not None:
@@ -171,7 +171,7 @@ def scaled_dot_product_attention(
 
     additive: Tensor | None = None
     if attn_mask is not None and isinstance(attn_mask, Tensor) and attn_mask.dtype.is_floating_point:
-        check_mask(attn_mask, tuple(q.shape[:-1]) + (k.shape[-2],), "attn_mask")
+        check_mask(attn_mask, (*q.shape[:-1], k.shape[-2]), "attn_mask")
         if not autocast_active(q):
             check_same_dtype(("query", q), ("attn_mask", attn_mask))
         additive = attn_mask

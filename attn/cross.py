@@ -120,16 +120,16 @@ class CrossAttention(nn.Module):
         v = self.mha.split_heads(self.mha.v_proj(memory_values))  # (B, h, S, d_k)
         return MemoryCache(k, v, memory_mask)
 
-    def _check_memory(self, memory: object, memory_values: object, memory_mask: object) -> tuple[Tensor, Tensor]:
+    def _check_memory(self, memory: object, memory_values: Tensor | None, memory_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Validate the memory (errors name ``memory``, ``memory_values``, ``memory_mask``); returns ``(memory, values)``."""
         memory = _check_states(memory, "memory", self.kdim, "kdim", "source_len")
-        values = self._values(memory, memory_values)  # type: ignore[arg-type]
+        values = self._values(memory, memory_values)
         if values is not memory:
             values = _check_states(values, "memory_values", self.vdim, "vdim", "source_len")
             if values.shape[:2] != memory.shape[:2]:
                 raise ValueError(f"memory_values must share (batch, source_len) with memory: {tuple(values.shape[:2])} vs {tuple(memory.shape[:2])}")
             check_same_dtype(("memory", memory), ("memory_values", values))
-        check_key_mask(memory_mask, memory.shape[0], memory.shape[1], name="memory_mask", length_name="source_len", meaning="real source token")  # type: ignore[arg-type]
+        check_key_mask(memory_mask, memory.shape[0], memory.shape[1], name="memory_mask", length_name="source_len", meaning="real source token")
         return memory, values
 
     def _values(self, memory: Tensor, memory_values: Tensor | None) -> Tensor:

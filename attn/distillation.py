@@ -360,6 +360,7 @@ def distillation_loss(model: Distiller, batch: dict[str, Tensor]) -> tuple[Tenso
         if model.kind == "minilm":
             distill = minilm_attention_loss(s.attn, t.attn) + minilm_value_loss(s.values, t.values)
         else:
+            assert model.projection is not None  # kind "tinybert" builds W_h
             distill = tinybert_attention_loss(s.scores, t.scores) + tinybert_hidden_loss(s.hidden, t.hidden, model.projection)
     acc = float((logits.argmax(-1) == target).float().mean()) if target.numel() else float("nan")
     return ce + model.weight * distill, {"acc": acc, "ce": float(ce.detach()), "distill": float(distill.detach())}
@@ -395,7 +396,12 @@ def make_task(preset: str = "book", kind: Kind = "minilm") -> OwnTask:
     task = AssociativeRecall(n_pairs=8, n_keys=16, n_values=16)
     set_seed(0)
     teacher = RecallTransformer(task, embed_dim=64, num_heads=4)
-    train(teacher, task.sample, teacher_loss, steps=t_steps, batch_size=batch, seed=0, progress=False)
+
+    def fit_teacher(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, RecallTransformer)  # train hands its loss the model it trains
+        return teacher_loss(m, b)
+
+    train(teacher, task.sample, fit_teacher, steps=t_steps, batch_size=batch, seed=0, progress=False)
     student = RecallTransformer(task, embed_dim=16, num_heads=4)
     model = Distiller(student, teacher, kind)
 
@@ -403,11 +409,19 @@ def make_task(preset: str = "book", kind: Kind = "minilm") -> OwnTask:
         return (torch.randn(8, size, 16, generator=generator),)
 
     def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        assert isinstance(m, Distiller)  # the task's own model, above
         return m.student(b["x"])[1][-1].attn[:, :, -1, :]  # the query token's attention, (B, h, n)
+
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, Distiller)  # OwnTask hands its loss the task's own model
+        return distillation_loss(m, b)
+
+    last = student.blocks[-1]
+    assert isinstance(last, _Block)  # blocks holds only _Block layers
 
     return OwnTask(
         description=f"associative recall, width-16 student of a width-64 teacher, {kind} distillation",
-        model=model, sample=task.sample, loss=distillation_loss, layer=student.blocks[-1].attn, inputs=inputs,
+        model=model, sample=task.sample, loss=loss, layer=last.attn, inputs=inputs,
         sizes=(64, 128, 256, 512), size_unit="tokens", steps=s_steps, batch_size=batch, lr=3e-3, log_every=10,
         target_acc=0.9, eval_batch=512, weights=weights,
     )

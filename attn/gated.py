@@ -170,6 +170,7 @@ class GatedAttention(MultiHeadAttention):
             out = out * g  # O_i (.) sigma(X W^G_i): the head's output, scaled per token and channel
         y = self.out_proj(self.merge_heads(out))  # (B, n, E)
         if return_gate:
+            # the weights slot carries a (weights, gate) pair here, not a tensor: the interface redesign (issue 23) replaces it
             return AttentionOutput(y, (weights, g))  # type: ignore[arg-type]
         return AttentionOutput(y, weights if need_weights else None)
 
@@ -359,13 +360,17 @@ def make_mil_task(preset: str = "default") -> OwnTask:
     def inputs(size: int, generator: torch.Generator) -> tuple[Tensor]:
         return (torch.randn(8, size, 64, generator=generator),)
 
-    def weights(model: MILModel, batch: dict[str, Tensor]) -> Tensor:
-        return model(batch["x"], batch["mask"])[1]
+    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return m(b["x"], b["mask"])[1]
+
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, MILModel)  # OwnTask hands its loss the task's own model
+        return mil_loss(m, b)
 
     sizes = (16, 64, 256) if preset == "quick" else (64, 256, 1024, 4096)
     return OwnTask(
         description="MIL bags: is a class-0 instance in the bag? (5-15 noisy prototype instances)",
-        model=model, sample=task.sample, loss=mil_loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=task.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="instances", steps=steps[preset], batch_size=32, lr=3e-3, target_acc=0.9, weights=weights,
     )
 
@@ -439,6 +444,7 @@ class SinkLM(nn.Module):
     def set_gate_offset(self, offset: float) -> None:
         """Add ``offset`` to every layer's gate logits (``inf``: gates forced to 1)."""
         for layer in self.attn:
+            assert isinstance(layer, GatedAttention)  # self.attn holds only GatedAttention layers
             layer.gate_offset = offset
 
     def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
@@ -448,7 +454,7 @@ class SinkLM(nn.Module):
             raise ValueError(f"x must have shape (batch, seq) with 1 <= seq <= {self.max_len}, got {tuple(x.shape)}")
         h = self.embed(x) + self.pos[: x.shape[1]]
         weights = []
-        for attn, n1, n2, mlp in zip(self.attn, self.norm1, self.norm2, self.mlp):
+        for attn, n1, n2, mlp in zip(self.attn, self.norm1, self.norm2, self.mlp, strict=True):
             out = attn(n1(h), need_weights=need_weights)
             h = h + out.output
             h = h + mlp(n2(h))

@@ -95,7 +95,7 @@ class ConcatAttention(_ScoreAttention):
 def make_luong_score(kind: LuongScore, query_dim: int, key_dim: int, hidden: int = 64) -> _ScoreAttention:
     """Luong's scores: ``dot`` and ``general`` from :mod:`attn.soft`, ``concat`` from :class:`ConcatAttention`."""
     if kind in ("dot", "general"):
-        return MultiplicativeAttention(query_dim, key_dim, kind)  # type: ignore[arg-type]
+        return MultiplicativeAttention(query_dim, key_dim, kind)
     if kind == "concat":
         return ConcatAttention(query_dim, key_dim, hidden)
     raise ValueError(f"score must be 'dot', 'general' or 'concat', got {kind!r}")
@@ -435,6 +435,7 @@ class GlobalTokenAttention(nn.Module):
         dense = dense[:, :, :n, b : b + n]
         dense = dense.index_add(-1, g_idx, p_gcol.reshape(B, self.num_heads, nb * b, -1)[:, :, :n])
         if g:
+            assert p_grow is not None  # the global rows were attended with need_weights=True above
             dense = dense.index_copy(2, g_idx, p_grow)
         return AttentionOutput(y, dense)
 

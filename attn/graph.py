@@ -181,8 +181,8 @@ def aggregate(alpha: Tensor, values: Tensor, edge_index: Tensor, num_nodes: int)
 class _EdgeAttention(nn.Module):
     """Shared forward of the graph attention layers: checks, edges, scores, segment softmax, dropout, sum, heads, bias."""
 
-    def __init__(self, in_channels: int, out_channels: int, heads: int, concat: bool, negative_slope: float,
-                 dropout: float, add_self_loops: bool, bias: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, heads: int = 1, concat: bool = True,
+                 negative_slope: float = 0.2, dropout: float = 0.0, add_self_loops: bool = True, bias: bool = True) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -535,7 +535,9 @@ def make_task(preset: str, kind: str = "gat") -> OwnTask:
         return x, torch.stack([src, dst])
 
     def weights(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        assert isinstance(model, NodeClassifier)  # the task's own model, below
         att = model.attention(batch["x"], batch["edge_index"])
+        assert att.weights is not None  # attention() asks for them
         rows = attention_rows(att.weights, att.edge_index, batch["x"].shape[0])
         return rows.reshape(-1, rows.shape[-1])
 

@@ -343,6 +343,7 @@ class HierarchicalAttentionNetwork(nn.Module):
         logits = self.classifier(v)  # (B, C)
         if not need_weights:
             return HANOutput(logits, None, None)
+        assert alpha_w is not None  # both pools return their weights (attention and mean alike)
         word_weights = alpha_w.new_zeros(batch * n_sent, n_word).index_copy(0, real, alpha_w).view(batch, n_sent, n_word)
         return HANOutput(logits, alpha_s, word_weights)
 
@@ -395,9 +396,13 @@ def make_task(preset: str = "default") -> OwnTask:
     def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
         return m(b["ids"], b["mask"], need_weights=True).sentence_weights  # (B, S), rows sum to 1
 
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        assert isinstance(m, HierarchicalAttentionNetwork)  # OwnTask hands its loss the task's own model
+        return han_loss(m, b)
+
     return OwnTask(
         description=f"document classification, one planted word in {docs.sentences[0]}-{docs.sentences[1]} sentences",
-        model=model, sample=docs.sample, loss=han_loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=docs.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="sentences", steps=steps, batch_size=batch, lr=1e-2, log_every=10, target_acc=0.9,
         weights=weights,
     )

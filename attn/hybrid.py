@@ -311,6 +311,7 @@ def bigbird_attention(
 
     weights = None
     if need_weights:  # scatter the block weights into a dense (B, h, n, n) matrix, for drawing
+        assert p is not None  # asked for with need_weights
         cols = idx[..., None] * b + torch.arange(b, device=q.device)  # (h, nb, K, b): key position of each slot
         cols = rearrange(cols, "h nb K b -> h nb (K b)")[None, :, :, None, :].expand(batch, heads, nb, b, kslots * b)
         pw = rearrange(p, "B (h nb) r c -> B h nb r c", h=heads)

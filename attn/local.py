@@ -41,6 +41,7 @@ Translation", EMNLP 2015.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -167,7 +168,7 @@ def local_attention(
     squeeze = q.ndim == 3
     if squeeze:  # (B, n, d) -> (B, 1, n, d)
         q, k, v = q[:, None], k[:, None], v[:, None]
-    batch, heads, n, d = q.shape
+    batch, _heads, n, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
     w = min(max(window, 1), n)  # block size; a window of n or more already covers the whole sequence
@@ -205,11 +206,11 @@ def local_attention(
         band = (dist >= 0) & (dist <= window) if causal else dist.abs() <= window
     else:
         band = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
-    kwargs = dict(scale=scale, dropout_p=dropout_p, need_weights=need_weights)
     if bool(whole.all()):
-        out, wb = scaled_dot_product_attention(qb, kb, vb, attn_mask=band, **kwargs)
+        out, wb = scaled_dot_product_attention(qb, kb, vb, attn_mask=band, scale=scale, dropout_p=dropout_p,
+                                               need_weights=need_weights)
     else:  # the edge (and padded) blocks also mask their missing keys: (blocks, 1, w, span)
-        out, wb = _attend_split(qb, kb, vb, band, real, whole, kwargs)
+        out, wb = _attend_split(qb, kb, vb, band, real, whole, scale, dropout_p, need_weights)
     out = rearrange(out, "(b nb) h w d -> b h (nb w) d", b=batch)[:, :, :n]  # (B, H, n, d_v)
 
     weights = None
@@ -221,7 +222,8 @@ def local_attention(
     return AttentionOutput(out, weights)
 
 
-def _attend_split(qb: Tensor, kb: Tensor, vb: Tensor, band: Tensor, real: Tensor, whole: Tensor, kwargs: dict) -> AttentionOutput:
+def _attend_split(qb: Tensor, kb: Tensor, vb: Tensor, band: Tensor, real: Tensor, whole: Tensor, scale: float,
+                  dropout_p: float, need_weights: bool) -> AttentionOutput:
     """Attend every block under the shared ``(w, span)`` band, then redo the blocks with missing keys.
 
     Only edge blocks (and blocks holding padding) have keys that do not exist;
@@ -230,14 +232,16 @@ def _attend_split(qb: Tensor, kb: Tensor, vb: Tensor, band: Tensor, real: Tensor
     cheaper. Shapes: ``qb (blocks, H, w, d)``, ``kb, vb (blocks, H, span, d)``,
     ``band (w, span)``, ``real (blocks, span)``, ``whole (blocks,)``.
     """
+    attend = functools.partial(scaled_dot_product_attention, scale=scale, dropout_p=dropout_p, need_weights=need_weights)
     if whole.float().mean() < 0.5:
-        return scaled_dot_product_attention(qb, kb, vb, attn_mask=band & real[:, None, None, :], **kwargs)
-    out, weights = scaled_dot_product_attention(qb, kb, vb, attn_mask=band, **kwargs)
+        return attend(qb, kb, vb, attn_mask=band & real[:, None, None, :])
+    out, weights = attend(qb, kb, vb, attn_mask=band)
     rows = (~whole).nonzero()[:, 0]
     mask = band & real[rows][:, None, None, :]  # (edge blocks, 1, w, span)
-    fix = scaled_dot_product_attention(qb[rows], kb[rows], vb[rows], attn_mask=mask, **kwargs)
+    fix = attend(qb[rows], kb[rows], vb[rows], attn_mask=mask)
     out = out.index_copy(0, rows, fix.output)
     if weights is not None:
+        assert fix.weights is not None  # both calls share need_weights
         weights = weights.index_copy(0, rows, fix.weights)
     return AttentionOutput(out, weights)
 

@@ -17,6 +17,7 @@ a key mask is ``(batch, n_keys)`` and marks the real (non-padding) keys.
 from __future__ import annotations
 
 import operator
+from typing import SupportsIndex
 
 import torch
 from torch import Tensor
@@ -39,6 +40,8 @@ def _size(name: str, value: object, low: int = 0) -> int:
     """``value`` is an integer (a Python, NumPy or 0-d integer tensor; not a bool) ``>= low``; returns it as an int."""
     if isinstance(value, bool) or (isinstance(value, Tensor) and (value.dtype == torch.bool or value.is_floating_point())):
         raise TypeError(f"{name} must be an int, got {type(value).__name__ if not isinstance(value, Tensor) else value.dtype}")
+    if not isinstance(value, SupportsIndex):  # no __index__: not an integer of any kind
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     try:
         value = operator.index(value)
     except TypeError:

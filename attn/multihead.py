@@ -18,6 +18,7 @@ Vaswani et al., "Attention Is All You Need", NeurIPS 2017, section 3.2.2.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
 from einops import rearrange
@@ -29,6 +30,8 @@ from .masks import mha_convention
 from .registry import register
 
 __all__ = ["MultiHeadAttention"]
+
+_MHA = TypeVar("_MHA", bound="MultiHeadAttention")  # load_torch_weights returns the subclass it was called on
 
 
 @register(
@@ -74,7 +77,8 @@ class MultiHeadAttention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W^Q for all heads, stacked
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W^O
+        # W^O; a subclass may drop it (BERT's output_projection=False puts nn.Identity here)
+        self.out_proj: nn.Linear | nn.Identity = nn.Linear(embed_dim, embed_dim, bias=bias)
 
     def split_heads(self, x: Tensor) -> Tensor:
         """``(B, n, h * d_h) -> (B, h, n, d_h)``."""
@@ -175,7 +179,7 @@ class MultiHeadAttention(nn.Module):
         return AttentionOutput(out, weights)
 
     @torch.no_grad()
-    def load_torch_weights(self, mha: nn.MultiheadAttention) -> MultiHeadAttention:
+    def load_torch_weights(self: _MHA, mha: nn.MultiheadAttention) -> _MHA:
         """Copy the parameters of a ``torch.nn.MultiheadAttention`` with the same sizes.
 
         Its packed ``in_proj_weight`` is ``(3E, E)`` with rows ``[W_q; W_k; W_v]``;
@@ -183,6 +187,7 @@ class MultiHeadAttention(nn.Module):
         """
         if (mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim) != (self.embed_dim, self.num_heads, self.kdim, self.vdim):
             raise ValueError("nn.MultiheadAttention sizes (embed_dim, num_heads, kdim, vdim) differ from this module's")
+        assert isinstance(self.out_proj, nn.Linear)  # a subclass without W^O refuses before calling this (BERT's)
         e = self.embed_dim
         if mha._qkv_same_embed_dim:
             wq, wk, wv = mha.in_proj_weight.split(e, dim=0)

@@ -297,7 +297,7 @@ class Seq2SeqAttention(nn.Module):
         return torch.stack(logits, 1), torch.stack(alignments, 1)
 
 
-def _check_seq2seq_inputs(src: object, tgt_in: object, key_mask: object, vocab: int, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+def _check_seq2seq_inputs(src: object, tgt_in: object, key_mask: Tensor | None, vocab: int, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
     """Token ids ``src (B, S)`` and ``tgt_in (B, T)`` in ``[0, vocab)``, one batch, ``key_mask (B, S)``.
 
     Shared by the encoder-decoders of chapters 1 and 5. Returns the empty
@@ -306,7 +306,7 @@ def _check_seq2seq_inputs(src: object, tgt_in: object, key_mask: object, vocab: 
     src = check_token_ids(src, vocab, "src")
     tgt_in = check_token_ids(tgt_in, vocab, "tgt_in")
     check_same_batch(("src", src), ("tgt_in", tgt_in))
-    check_key_mask(key_mask, src.shape[0], src.shape[1], length_name="source_len")  # type: ignore[arg-type]
+    check_key_mask(key_mask, src.shape[0], src.shape[1], length_name="source_len")
     if src.shape[0] == 0:
         B, S, T = 0, src.shape[1], tgt_in.shape[1]
         return torch.zeros(B, T, vocab, dtype=dtype, device=src.device), torch.zeros(B, T, S, dtype=dtype, device=src.device)

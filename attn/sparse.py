@@ -93,10 +93,10 @@ def strided_mask(n: int, stride: int, causal: bool = True, device: torch.device 
     labelled *reference*: the efficient code never builds it.
     """
     check_int("n", n, 0)
-    l = check_int("stride", stride)
+    ell = check_int("stride", stride)
 
     def keep(i: Tensor, j: Tensor) -> Tensor:
-        a = ((j >= i - l) & (j <= i + l)) | (i % l == j % l)  # A1 | A2: (i - j) mod l = 0 iff same residue
+        a = ((j >= i - ell) & (j <= i + ell)) | (i % ell == j % ell)  # A1 | A2: (i - j) mod ell = 0 iff same residue
         return a & (j <= i) if causal else a
 
     return _rows(n, keep, device)
@@ -111,13 +111,13 @@ def fixed_mask(n: int, block: int, c: int, causal: bool = True, device: torch.de
     :func:`fixed_attention`.
     """
     check_int("n", n, 0)
-    l = check_int("block", block)
+    ell = check_int("block", block)
     check_int("c", c)
-    if c > l:
-        raise ValueError(f"c (summary positions per block) must be <= block, got c={c}, block={l}")
+    if c > ell:
+        raise ValueError(f"c (summary positions per block) must be <= block, got c={c}, block={ell}")
 
     def keep(i: Tensor, j: Tensor) -> Tensor:
-        a = (i // l == j // l) | (j % l >= l - c)  # A1 | A2 (i and j are a column and a row of indices)
+        a = (i // ell == j // ell) | (j % ell >= ell - c)  # A1 | A2 (i and j are a column and a row of indices)
         return a & (j <= i) if causal else a
 
     return _rows(n, keep, device)
@@ -201,8 +201,9 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[Tensor]]:
     denom = w.sum(0)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # fully masked query: all w are 0
     coefs = [w[i] / denom for i in range(len(parts))]
-    out = sum(c * o for c, (o, _) in zip(coefs, parts))
-    return out, coefs  # type: ignore[return-value]
+    out = sum(c * o for c, (o, _) in zip(coefs, parts, strict=True))
+    assert isinstance(out, Tensor)  # parts is never empty, so the sum is a tensor, not sum()'s start 0
+    return out, coefs
 
 
 def _scatter_weights(dense: Tensor, weights: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
@@ -288,45 +289,45 @@ def strided_attention(
     q, k, v, squeeze = _with_heads(q, k, v, dropout_p)
     _check_blockwise(blockwise)
     B, H, n, d = q.shape
-    l = default_stride(n) if stride is None else min(check_int("stride", stride), n)  # l >= n: every key in the band
+    ell = default_stride(n) if stride is None else min(check_int("stride", stride), n)  # ell >= n: every key in the band
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    m = -(-n // l)  # number of blocks
-    N = m * l
+    m = -(-n // ell)  # number of blocks
+    N = m * ell
     if blockwise is None:  # scores per (batch, head): band + column parts, against dense attention's n^2
-        blockwise = m * l * (2 if causal else 3) * l + l * m * m < n * n
+        blockwise = m * ell * (2 if causal else 3) * ell + ell * m * m < n * n
     if not blockwise:
         check_key_mask(key_mask, B, n)
-        return _dense(q, k, v, strided_mask(n, l, causal, q.device), key_mask, scale, dropout_p, need_weights, squeeze)
+        return _dense(q, k, v, strided_mask(n, ell, causal, q.device), key_mask, scale, dropout_p, need_weights, squeeze)
     dev = q.device
     valid = _key_valid(key_mask, B, n, N, dev)  # (B, N)
-    qb, kb, vb = (_pad_seq(t, N).unflatten(2, (m, l)) for t in (q, k, v))  # (B, H, m, l, d)
+    qb, kb, vb = (_pad_seq(t, N).unflatten(2, (m, ell)) for t in (q, k, v))  # (B, H, m, ell, d)
 
     # --- band part: block b against blocks b-1, b (, b+1)
     after = 0 if causal else 1
     nb = 2 + after
-    kp = F.pad(kb, (0, 0, 0, 0, 1, after))  # (B, H, m + 1 + after, l, d): a zero block before (and after)
+    kp = F.pad(kb, (0, 0, 0, 0, 1, after))  # (B, H, m + 1 + after, ell, d): a zero block before (and after)
     vp = F.pad(vb, (0, 0, 0, 0, 1, after))
-    vap = F.pad(valid.view(B, m, l), (0, 0, 1, after), value=False)  # (B, m + 1 + after, l)
-    kw = torch.cat([kp[:, :, o : o + m] for o in range(nb)], dim=3)  # (B, H, m, nb*l, d)
-    vw = torch.cat([vp[:, :, o : o + m] for o in range(nb)], dim=3)  # (B, H, m, nb*l, d_v)
-    valw = torch.cat([vap[:, o : o + m] for o in range(nb)], dim=2)  # (B, m, nb*l)
-    r = torch.arange(l, device=dev).view(l, 1)  # query offset in its block
-    off = torch.arange(nb * l, device=dev).view(1, nb * l)  # key offset from the start of block b-1
-    diff = l + r - off  # (l, nb*l): i - j, the same for every block
-    band = (diff >= 0) & (diff < l) if causal else diff.abs() < l
-    band_mask = band & valw[:, None, :, None, :]  # (B, 1, m, l, nb*l); keys before 0 or padded are not valid
+    vap = F.pad(valid.view(B, m, ell), (0, 0, 1, after), value=False)  # (B, m + 1 + after, ell)
+    kw = torch.cat([kp[:, :, o : o + m] for o in range(nb)], dim=3)  # (B, H, m, nb*ell, d)
+    vw = torch.cat([vp[:, :, o : o + m] for o in range(nb)], dim=3)  # (B, H, m, nb*ell, d_v)
+    valw = torch.cat([vap[:, o : o + m] for o in range(nb)], dim=2)  # (B, m, nb*ell)
+    r = torch.arange(ell, device=dev).view(ell, 1)  # query offset in its block
+    off = torch.arange(nb * ell, device=dev).view(1, nb * ell)  # key offset from the start of block b-1
+    diff = ell + r - off  # (ell, nb*ell): i - j, the same for every block
+    band = (diff >= 0) & (diff < ell) if causal else diff.abs() < ell
+    band_mask = band & valw[:, None, :, None, :]  # (B, 1, m, ell, nb*ell); keys before 0 or padded are not valid
     o_band, lse_band, p_band = _partial(
         torch.matmul(qb * scale, kw.transpose(-1, -2)), band_mask, vw, dropout_p, need_weights
-    )  # scores (B, H, m, l, nb*l)
+    )  # scores (B, H, m, ell, nb*ell)
 
-    # --- column part: same offset r = i mod l, other blocks (earlier ones if causal)
-    qc, kc, vc = (x.transpose(2, 3) for x in (qb, kb, vb))  # (B, H, l, m, d)
+    # --- column part: same offset r = i mod ell, other blocks (earlier ones if causal)
+    qc, kc, vc = (x.transpose(2, 3) for x in (qb, kb, vb))  # (B, H, ell, m, d)
     blk = torch.arange(m, device=dev)
     other = blk[:, None] > blk[None, :] if causal else blk[:, None] != blk[None, :]  # (m, m): query, key block
-    col_mask = other & valid.view(B, m, l).transpose(1, 2)[:, None, :, None, :]  # (B, 1, l, m, m)
+    col_mask = other & valid.view(B, m, ell).transpose(1, 2)[:, None, :, None, :]  # (B, 1, ell, m, m)
     o_col, lse_col, p_col = _partial(
         torch.matmul(qc * scale, kc.transpose(-1, -2)), col_mask, vc, dropout_p, need_weights
-    )  # scores (B, H, l, m, m)
+    )  # scores (B, H, ell, m, m)
 
     out, (c_band, c_col) = _merge([(o_band, lse_band), (o_col.transpose(2, 3), lse_col.transpose(2, 3))])
     out = out.flatten(2, 3)  # (B, H, N, d_v)
@@ -335,12 +336,12 @@ def strided_attention(
     if need_weights:
         assert p_band is not None and p_col is not None
         dense = q.new_zeros(B, H, N, N)
-        qi = torch.arange(N, device=dev).view(m, l, 1)  # absolute query index
-        kj = (torch.arange(m, device=dev).view(m, 1, 1) - 1) * l + off.view(1, 1, nb * l)  # absolute key index
+        qi = torch.arange(N, device=dev).view(m, ell, 1)  # absolute query index
+        kj = (torch.arange(m, device=dev).view(m, 1, 1) - 1) * ell + off.view(1, 1, nb * ell)  # absolute key index
         dense = _scatter_weights(dense, p_band * c_band, qi, kj)
-        r = r.view(l, 1, 1)
-        col_q = blk.view(1, m, 1) * l + r  # (l, m, 1)
-        col_k = blk.view(1, 1, m) * l + r  # (l, 1, m)
+        r = r.view(ell, 1, 1)
+        col_q = blk.view(1, m, 1) * ell + r  # (ell, m, 1)
+        col_k = blk.view(1, 1, m) * ell + r  # (ell, 1, m)
         dense = _scatter_weights(dense, p_col * c_col.transpose(2, 3), col_q, col_k)
         weights = dense
     return _finish(out, weights, n, squeeze)
@@ -388,38 +389,38 @@ def fixed_attention(
     B, H, n, d = q.shape
     c = check_int("c", c)
     if block is None:
-        l = default_stride(n)
+        ell = default_stride(n)
     else:
-        l = check_int("block", block)
-        if c > l:
-            raise ValueError(f"c (summary positions per block) must be <= block, got c={c}, block={l}")
-        l = min(l, n)  # one block of n already holds every key
-    c = min(c, l)
+        ell = check_int("block", block)
+        if c > ell:
+            raise ValueError(f"c (summary positions per block) must be <= block, got c={c}, block={ell}")
+        ell = min(ell, n)  # one block of n already holds every key
+    c = min(c, ell)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    m = -(-n // l)
-    N = m * l
+    m = -(-n // ell)
+    N = m * ell
     if blockwise is None:  # scores per (batch, head): within-block + summary parts, against n^2
-        blockwise = m * l * l + N * m * c < n * n
+        blockwise = m * ell * ell + N * m * c < n * n
     if not blockwise:
         check_key_mask(key_mask, B, n)
-        return _dense(q, k, v, fixed_mask(n, l, c, causal, q.device), key_mask, scale, dropout_p, need_weights, squeeze)
+        return _dense(q, k, v, fixed_mask(n, ell, c, causal, q.device), key_mask, scale, dropout_p, need_weights, squeeze)
     dev = q.device
     valid = _key_valid(key_mask, B, n, N, dev)
-    qb, kb, vb = (_pad_seq(t, N).unflatten(2, (m, l)) for t in (q, k, v))  # (B, H, m, l, d)
-    validb = valid.view(B, m, l)
+    qb, kb, vb = (_pad_seq(t, N).unflatten(2, (m, ell)) for t in (q, k, v))  # (B, H, m, ell, d)
+    validb = valid.view(B, m, ell)
 
     # --- block part
-    inside = causal_mask(l, device=dev) if causal else torch.ones(l, l, dtype=torch.bool, device=dev)
-    blk_mask = inside & validb[:, None, :, None, :]  # (B, 1, m, l, l)
+    inside = causal_mask(ell, device=dev) if causal else torch.ones(ell, ell, dtype=torch.bool, device=dev)
+    blk_mask = inside & validb[:, None, :, None, :]  # (B, 1, m, ell, ell)
     o_blk, lse_blk, p_blk = _partial(
         torch.matmul(qb * scale, kb.transpose(-1, -2)), blk_mask, vb, dropout_p, need_weights
-    )  # scores (B, H, m, l, l)
+    )  # scores (B, H, m, ell, ell)
 
     # --- summary part: the last c keys of every block, gathered once
-    ks = kb[:, :, :, l - c :].flatten(2, 3)  # (B, H, m*c, d)
-    vs = vb[:, :, :, l - c :].flatten(2, 3)  # (B, H, m*c, d_v)
-    vals = validb[:, :, l - c :].flatten(1, 2)  # (B, m*c)
-    q_blk = torch.arange(N, device=dev) // l  # (N,)
+    ks = kb[:, :, :, ell - c :].flatten(2, 3)  # (B, H, m*c, d)
+    vs = vb[:, :, :, ell - c :].flatten(2, 3)  # (B, H, m*c, d_v)
+    vals = validb[:, :, ell - c :].flatten(1, 2)  # (B, m*c)
+    q_blk = torch.arange(N, device=dev) // ell  # (N,)
     k_blk = torch.arange(m, device=dev).repeat_interleave(c)  # (m*c,)
     other = q_blk[:, None] > k_blk[None, :] if causal else q_blk[:, None] != k_blk[None, :]  # (N, m*c)
     sum_mask = other & vals[:, None, None, :]  # (B, 1, N, m*c)
@@ -433,9 +434,9 @@ def fixed_attention(
     if need_weights:
         assert p_blk is not None and p_sum is not None
         dense = q.new_zeros(B, H, N, N)
-        pos = torch.arange(N, device=dev).view(m, l)
-        dense = _scatter_weights(dense, p_blk * c_blk.unflatten(2, (m, l)), pos[:, :, None], pos[:, None, :])
-        k_pos = pos[:, l - c :].flatten()  # (m*c,)
+        pos = torch.arange(N, device=dev).view(m, ell)
+        dense = _scatter_weights(dense, p_blk * c_blk.unflatten(2, (m, ell)), pos[:, :, None], pos[:, None, :])
+        k_pos = pos[:, ell - c :].flatten()  # (m*c,)
         dense = _scatter_weights(dense, p_sum * c_sum, torch.arange(N, device=dev)[:, None], k_pos[None, :])
         weights = dense
     return _finish(out, weights, n, squeeze)
@@ -573,10 +574,10 @@ class SparseAttention(MultiHeadAttention):
 
     def mask(self, n: int, device: torch.device | str | None = None) -> Tensor:
         """The dense ``(n, n)`` mask this layer's pattern equals at length ``n`` (the reference)."""
-        l = self.stride or default_stride(n)
+        ell = self.stride or default_stride(n)
         if self.pattern == "strided":
-            return strided_mask(n, l, self.causal, device)
-        return fixed_mask(n, l, min(self.summary, l), self.causal, device)
+            return strided_mask(n, ell, self.causal, device)
+        return fixed_mask(n, ell, min(self.summary, ell), self.causal, device)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:  # type: ignore[override]
         """Self-attention of ``x`` ``(B, n, E)``; ``key_mask`` ``(B, n)`` bool, ``True`` = real token.
@@ -588,12 +589,13 @@ class SparseAttention(MultiHeadAttention):
         if empty_batch(x):
             return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
         q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, n, d_h)
-        kw = dict(causal=self.causal, key_mask=key_mask, dropout_p=self.dropout if self.training else 0.0,
-                  need_weights=need_weights)
+        dropout_p = self.dropout if self.training else 0.0
         if self.pattern == "strided":
-            out, w = strided_attention(q, k, v, stride=self.stride, **kw)  # type: ignore[arg-type]
+            out, w = strided_attention(q, k, v, stride=self.stride, causal=self.causal, key_mask=key_mask,
+                                       dropout_p=dropout_p, need_weights=need_weights)
         else:
-            out, w = fixed_attention(q, k, v, block=self.stride, c=self.summary, **kw)  # type: ignore[arg-type]
+            out, w = fixed_attention(q, k, v, block=self.stride, c=self.summary, causal=self.causal, key_mask=key_mask,
+                                     dropout_p=dropout_p, need_weights=need_weights)
         return AttentionOutput(self.out_proj(self.merge_heads(out)), w)
 
 

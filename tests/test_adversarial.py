@@ -54,7 +54,7 @@ def test_pooling_matches_sdpa_forward_and_gradients(with_delta):
     torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=1e-5)
     up = torch.randn_like(out)
     inputs = [x, *pool.parameters()] + ([delta] if with_delta else [])
-    for a, b in zip(torch.autograd.grad(out, inputs, up), torch.autograd.grad(ref, inputs, up)):
+    for a, b in zip(torch.autograd.grad(out, inputs, up), torch.autograd.grad(ref, inputs, up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_loss_none_is_cross_entropy_and_embedding_loss_matches_formula():
     r = (0.5 * g / g.flatten(1).norm(dim=1)[:, None, None]).detach()
     ref = clean + 0.3 * F.cross_entropy(model.classify(s + r, b["mask"])[0], b["y"])
     torch.testing.assert_close(total, ref)
-    for a, c in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params)):
+    for a, c in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params), strict=True):
         torch.testing.assert_close(a, c)
 
 
@@ -172,7 +172,7 @@ def test_attention_loss_matches_formula():
     r = (0.5 * g / g.norm(dim=1, keepdim=True)).detach()
     ref = clean + loss_at(r)
     torch.testing.assert_close(total, ref)
-    for a, c in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params)):
+    for a, c in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params), strict=True):
         torch.testing.assert_close(a, c)
 
 

@@ -52,7 +52,7 @@ def test_nadaraya_watson_is_the_explicit_estimator(d, k):
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(w, gaussian_kernel_weights(q, x, h), atol=1e-12, rtol=1e-10)
     up = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, x, y, h), up), torch.autograd.grad(ref, (q, x, y, h), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, x, y, h), up), torch.autograd.grad(ref, (q, x, y, h), up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
@@ -132,7 +132,7 @@ def test_pma_matches_paper_formula_with_torch_modules(masked):
         assert (w[1, ..., 4:] == 0).all()
     up = torch.randn_like(out)
     params = [z, pma.seeds, *pma.ff.parameters(), *pma.mab.ff.parameters(), *pma.mab.norm1.parameters(), *pma.mab.norm2.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up, retain_graph=True)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up, retain_graph=True), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
     # the attention weights' gradients: ours are on q/k/v_proj, the reference's on in_proj_weight (stacked)
     g_ours = torch.autograd.grad(pma(z, key_mask=km).output, [pma.mab.attention.q_proj.weight, pma.mab.attention.k_proj.weight,
@@ -193,7 +193,7 @@ def test_clip_attention_pool_matches_torch_multi_head_attention_forward(masked, 
     assert out.shape == (3, 5) and w.shape == (3, 2, 7)
     up = torch.randn_like(out)
     params = [z, *pool.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 

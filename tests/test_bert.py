@@ -66,7 +66,7 @@ def test_matches_transformers_bert_self_attention(pattern, need_weights):
     ref_params = [ref.query.weight, ref.query.bias, ref.key.weight, ref.key.bias, ref.value.weight, ref.value.bias]
     g1 = torch.autograd.grad(out, [x, *ours_params], up)
     g2 = torch.autograd.grad(r_out, [x, *ref_params], up)
-    assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(g1, g2, strict=True)) <= 1e-5
 
 
 def test_output_projection_is_bert_self_output_dense():
@@ -203,11 +203,11 @@ def test_bad_input():
         layer(torch.randn(2, 5, 7))
     with pytest.raises(ValueError, match="empty"):
         layer(torch.randn(2, 0, 8))
-    with pytest.raises(TypeError, match="torch.bool"):
+    with pytest.raises(TypeError, match=r"torch\.bool"):
         layer(x, key_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"key_mask must have shape"):
         layer(x, key_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="attn_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"attn_mask must be a torch\.bool"):
         layer(x, attn_mask=torch.ones(5, 5))
     with pytest.raises(ValueError, match=r"prefix_len must lie"):
         prefix_lm_mask(4, 5)
@@ -219,6 +219,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="no output projection"):
         cfg8 = BertConfig(hidden_size=8, num_attention_heads=2, attn_implementation="eager")
         BidirectionalSelfAttention(8, 2, output_projection=False).load_bert_weights(BertSelfAttention(cfg8), BertSelfOutput(cfg8))
+    with pytest.raises(TypeError, match=r"self_output must have nn\.Linear 'dense'"):
+        BidirectionalSelfAttention(8, 2).load_bert_weights(BertSelfAttention(cfg8), torch.nn.Identity())
 
 
 def test_registered_and_build_works():

@@ -97,8 +97,8 @@ LENS = ([6, 4, 2], [9, 5, 7])  # question lengths T, passage lengths N per examp
 def _grads(out_terms, ref_terms, params):
     g = torch.Generator().manual_seed(1)
     ups = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in out_terms]
-    total = sum((u * t).sum() for u, t in zip(ups, out_terms))
-    total_ref = sum((u * t).sum() for u, t in zip(ups, ref_terms))
+    total = sum((u * t).sum() for u, t in zip(ups, out_terms, strict=True))
+    total_ref = sum((u * t).sum() for u, t in zip(ups, ref_terms, strict=True))
     return torch.autograd.grad(total, params, allow_unused=True), torch.autograd.grad(total_ref, params, allow_unused=True)
 
 
@@ -117,10 +117,10 @@ def test_parallel_matches_lu_equations(masked):
         mine += [out.question_summary[i], out.passage_summary[i], out.question_weights[i, :t], out.passage_weights[i, :n], out.affinity[i, :t, :n]]
         theirs += [q_hat, v_hat, aq, av, C]
         assert (out.question_weights[i, t:] == 0).all() and (out.passage_weights[i, n:] == 0).all()
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         assert (a - b).abs().max() <= 1e-12
     params = [q, v, *mod.parameters()]
-    for a, b in zip(*_grads(mine, theirs, params)):
+    for a, b in zip(*_grads(mine, theirs, params), strict=True):
         assert (a - b).abs().max() <= 1e-10
 
 
@@ -136,10 +136,10 @@ def test_alternating_matches_lu_equations(third_step):
     for i, (q_hat, v_hat, aq, av) in enumerate(alternating_reference(mod, q, v, t_len, n_len)):
         mine += [out.question_summary[i], out.passage_summary[i], out.question_weights[i, : t_len[i]], out.passage_weights[i, : n_len[i]]]
         theirs += [q_hat, v_hat, aq, av]
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         assert (a - b).abs().max() <= 1e-12
     params = [q, v, *mod.parameters()]
-    for a, b in zip(*_grads(mine, theirs, params)):
+    for a, b in zip(*_grads(mine, theirs, params), strict=True):
         assert (a - b).abs().max() <= 1e-10
 
 
@@ -168,17 +168,17 @@ def test_dcn_matches_xiong_equations(masked):
     mine, theirs = [], []
     for i, (CD, CQ, L, AD, AQ) in enumerate(dcn_reference(mod, q, d, n_len, m_len)):
         n, m = n_len[i], m_len[i]
-        rows_d = list(range(m)) + [9]  # real document positions and the sentinel (last index)
-        rows_q = list(range(n)) + [6]
+        rows_d = [*range(m), 9]  # real document positions and the sentinel (last index)
+        rows_q = [*range(n), 6]
         mine += [out.context[i, rows_d], out.question_context[i, rows_q], out.affinity[i][rows_d][:, rows_q],
                  out.document_weights[i][rows_d][:, rows_q], out.question_weights[i][rows_q][:, rows_d]]
         theirs += [CD.T, CQ.T, L, AD.T, AQ.T]
         assert (out.document_weights[i, :, n:6] == 0).all() and (out.question_weights[i, :, m:9] == 0).all()
         assert (out.context[i, m:9] == 0).all()  # padded document rows
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         assert (a - b).abs().max() <= 1e-12
     params = [q, d, *mod.parameters()]
-    for a, b in zip(*_grads(mine, theirs, params)):
+    for a, b in zip(*_grads(mine, theirs, params), strict=True):
         if a is not None or b is not None:
             assert (a - b).abs().max() <= 1e-10
 
@@ -249,9 +249,9 @@ def test_dcn_any_mask_equals_the_real_words_alone(kind, seed):
         assert (grads[0][i][qm[i]] - g_alone[0]).abs().max() <= 1e-12
         assert (grads[1][i][dm[i]] - g_alone[1]).abs().max() <= 1e-12
         assert (grads[0][i][~qm[i]] == 0).all() and (grads[1][i][~dm[i]] == 0).all()  # padded inputs get no gradient
-        for acc, ga in zip(param_grads_alone, g_alone[2:]):
+        for acc, ga in zip(param_grads_alone, g_alone[2:], strict=True):
             acc += ga
-    for a, b_ in zip(grads[2:], param_grads_alone):
+    for a, b_ in zip(grads[2:], param_grads_alone, strict=True):
         assert (a - b_).abs().max() <= 1e-10
 
 

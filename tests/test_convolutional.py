@@ -73,7 +73,7 @@ def test_cbam_matches_its_equations_forward_and_gradients(kernel_size, mlp_bias,
         assert (a - b).abs().max() <= 1e-12
     up = torch.randn_like(out)
     params = [x, *mod.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         assert (a - b).abs().max() <= 1e-10
 
 
@@ -191,7 +191,7 @@ def test_mdha_matches_explicit_formula(causal, kernel_size, padded):
         assert (w.triu(1) == 0).all()
     up = torch.randn_like(out) * real
     params = [x, *mod.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         assert (a - b).abs().max() <= 1e-10
     # the fused path (no weights) gives the same output
     torch.testing.assert_close(mod(x, key_mask=km).output * real, out * real)
@@ -330,7 +330,7 @@ def test_mdha_fused_path_equals_dense_path_float64(causal, mask):
         assert (fast.output - mdha_reference(mod, x, None)).abs().max() <= 1e-12
     params = [x, *mod.parameters()]
     for a, b in zip(torch.autograd.grad(fast.output.square().sum(), params),
-                    torch.autograd.grad(dense.output.square().sum(), params)):
+                    torch.autograd.grad(dense.output.square().sum(), params), strict=True):
         assert (a - b).abs().max() <= 1e-11
 
 

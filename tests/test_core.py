@@ -94,7 +94,7 @@ def test_matches_torch_sdpa_forward_and_backward(need_weights, mask_kind):
     up = torch.randn_like(ref)
     g1 = torch.autograd.grad(ours.output, (q, k, v), up)
     g2 = torch.autograd.grad(ref, (q, k, v), up)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     if need_weights:
         assert ours.weights.shape == (2, 3, 5, 8)
@@ -247,7 +247,7 @@ def test_bad_masks():
     q, k, v = qkv(2, 4, 8)
     with pytest.raises(ValueError, match="does not broadcast"):
         scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(4, 5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="torch.bool"):
+    with pytest.raises(TypeError, match=r"torch\.bool"):
         scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(4, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="key_mask must have shape"):
         scaled_dot_product_attention(q, k, v, key_mask=torch.ones(2, 6, dtype=torch.bool))

@@ -109,7 +109,7 @@ def test_bad_input():
         ca(q, k[:, :0], v[:, :0])
     with pytest.raises(ValueError, match="batch sizes differ"):
         ca(q[:1], k, v)
-    with pytest.raises(TypeError, match="memory_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"memory_mask must be a torch\.bool"):
         ca(q, k, v, memory_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"memory_mask must have shape \(batch=2, source_len=4\)"):
         ca(q, k, v, memory_mask=torch.ones(2, 3, dtype=torch.bool))
@@ -145,7 +145,7 @@ def test_sort_unique_task_and_alignment_is_learned():
     for i in range(32):
         L = int(b["src_mask"][i].sum()) - 1
         content = b["src"][i, :L]
-        want = torch.unique(content).tolist() + [task.EOS]
+        want = [*torch.unique(content).tolist(), task.EOS]
         assert b["tgt"][i, : len(want)].tolist() == want and int(b["tgt_mask"][i].sum()) == len(want)
         assert b["src"][i, L] == task.EOS and (b["src"][i, L + 1 :] == task.PAD).all()
         # every real target step has at least one true source position
@@ -205,7 +205,7 @@ def test_temperature_and_sizes():
     ca = CrossAttention(8, 2, kdim=6)
     q, k = torch.randn(2, 3, 8), torch.randn(2, 4, 6)
     cache = ca.encode_memory(k)
-    for kw in (dict(memory=k), dict(cache=cache)):
+    for kw in ({"memory": k}, {"cache": cache}):
         with pytest.raises(ValueError, match=r"^temperature must be >= 1e-30 \(smaller values overflow"):
             ca(q, temperature=1e-40, **kw)  # once NaN, silently
         with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0\.0$"):

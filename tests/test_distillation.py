@@ -108,7 +108,7 @@ def test_tinybert_hidden_mse_with_projection():
     loss = tinybert_hidden_loss(hs, ht, proj)
     explicit = ((hs @ proj.weight.T - ht) ** 2).sum() / (3 * 5 * 20)
     torch.testing.assert_close(loss, explicit)
-    for a, b in zip(torch.autograd.grad(loss, (hs, proj.weight)), torch.autograd.grad(explicit, (hs, proj.weight))):
+    for a, b in zip(torch.autograd.grad(loss, (hs, proj.weight)), torch.autograd.grad(explicit, (hs, proj.weight)), strict=True):
         torch.testing.assert_close(a, b)
     same = torch.nn.Linear(20, 20, bias=False).double()
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_recording_attention_matches_sdpa():
     att = RecordingAttention(16, 4)
     x = torch.randn(2, 7, 16, requires_grad=True)
     km = padding_mask([7, 5], 7)
-    out, scores, w, v = att.record(x, km)
+    out, scores, w, _v = att.record(x, km)
     q, k, vv = att.qkv(x).split(16, -1)
     split = lambda t: t.view(2, 7, 4, 4).transpose(1, 2)  # noqa: E731
     ref = F.scaled_dot_product_attention(split(q), split(k), split(vv), attn_mask=km[:, None, None, :])
@@ -206,7 +206,7 @@ def test_distiller_losses_and_frozen_teacher():
         torch.testing.assert_close(loss, expected)
         train(d, TASK.sample, distillation_loss, steps=3, batch_size=8, seed=0, progress=False)
         assert not teacher.training
-    for p, q in zip(before, teacher.parameters()):
+    for p, q in zip(before, teacher.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

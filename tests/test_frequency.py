@@ -181,7 +181,7 @@ def test_feb_matches_explicit_dft(mode_select, n):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     up = torch.randn_like(out)
     params = [x, *mod.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
@@ -236,7 +236,7 @@ def test_fea_matches_explicit_dft(mode_select):
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 4, dtype=torch.float64))
     up = torch.randn_like(out)
     params = [x, *mod.parameters()]
-    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
@@ -294,7 +294,7 @@ def test_bad_input(layer, bad, error, match):
 
 def test_bad_arguments():
     x = torch.randn(2, 5, 8)
-    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool"):
         FourierMixing(8)(x, key_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, n=5\)"):
         FrequencyEnhancedBlock(8, 2)(x, key_mask=torch.ones(2, 4, dtype=torch.bool))
@@ -350,7 +350,7 @@ def _jacobian_block_norms(fn, n, width):
 def test_fnet_influence_is_the_jacobian_block_norm():
     n, e = 10, 6
     ref = _jacobian_block_norms(lambda x: fourier_mix(x[None])[0], n, e)
-    out, w = FourierMixing(e)(torch.randn(2, n, e, dtype=torch.float64), need_weights=True)
+    _out, w = FourierMixing(e)(torch.randn(2, n, e, dtype=torch.float64), need_weights=True)
     assert w.shape == (2, 1, n, n)
     torch.testing.assert_close(w[0, 0], ref)
     assert (w - 1 / n).abs().max() < 0.5 / n  # nearly uniform: every token reads every token

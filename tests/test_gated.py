@@ -82,7 +82,7 @@ def test_gated_attention_matches_explicit_formula(gate, causal, padded):
     params = [x, *mod.parameters()]
     g1 = torch.autograd.grad(y, params, up)
     g2 = torch.autograd.grad(y_ref, params, up)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert (a - b).abs().max() < 1e-11
 
 
@@ -117,7 +117,7 @@ def test_closed_gate_outputs_only_the_bias_and_gate_shapes():
     torch.manual_seed(0)
     mod = GatedAttention(8, 2, gate="headwise")
     x = rand(2, 5, 8, grad=False)
-    y, (w, g) = mod(x, return_gate=True)
+    _y, (w, g) = mod(x, return_gate=True)
     assert g.shape == (2, 2, 5, 1) and w.shape == (2, 2, 5, 5)
     assert ((g > 0) & (g < 1)).all()
     mod.gate_offset = -math.inf
@@ -194,7 +194,7 @@ def test_gau_matches_explicit_formula(causal, padded):
     assert (a == 0).any() and (a > 0).any()
     up = torch.randn_like(y)
     params = [x, *mod.parameters()]
-    for g1, g2 in zip(torch.autograd.grad(y, params, up), torch.autograd.grad(y_ref, params, up)):
+    for g1, g2 in zip(torch.autograd.grad(y, params, up), torch.autograd.grad(y_ref, params, up), strict=True):
         assert (g1 - g2).abs().max() < 1e-11
 
 

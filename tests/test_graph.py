@@ -95,7 +95,7 @@ def test_matches_torch_geometric_forward_weights_and_gradients(cls, concat, self
     p_ours, p_ref = pyg_params(ref, ours)
     g_ours = torch.autograd.grad(o.output, [x, *p_ours], up)
     g_ref = torch.autograd.grad(r, [x, *p_ref], up)
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=True):
         assert (a - b).abs().max() <= tol * 10
 
 
@@ -114,7 +114,7 @@ def test_chunked_edges_give_the_same_result(cls, monkeypatch):
     parts = layer(x, ei, need_weights=True)
     torch.testing.assert_close(parts.output, whole.output, rtol=0, atol=1e-12)
     torch.testing.assert_close(parts.weights, whole.weights, rtol=0, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(parts.output, [x, *layer.parameters()], up), g_whole):
+    for a, b in zip(torch.autograd.grad(parts.output, [x, *layer.parameters()], up), g_whole, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
@@ -152,7 +152,7 @@ def test_matches_dense_masked_attention(kind, concat, self_loops):
     assert d_w.sum().item() == pytest.approx(o.weights.sum().item())  # and there are no others
     up = torch.randn_like(d_out)
     params = [x, *layer.parameters()]
-    for a, b in zip(torch.autograd.grad(o.output, params, up), torch.autograd.grad(d_out, params, up)):
+    for a, b in zip(torch.autograd.grad(o.output, params, up), torch.autograd.grad(d_out, params, up), strict=True):
         assert (a - b).abs().max() <= 1e-12
 
 

@@ -99,7 +99,7 @@ def test_matches_explicit_equations_forward_and_gradients():
             assert (out.word_weights[b, i, len(a):] == 0).all()
         ref_loss = ref_loss + (logits * up[b]).sum()
     ref = torch.autograd.grad(ref_loss, params, allow_unused=True)
-    for (name, _), a, r in zip(model.named_parameters(), ours, ref):
+    for (name, _), a, r in zip(model.named_parameters(), ours, ref, strict=True):
         r = torch.zeros_like(a) if r is None else r
         torch.testing.assert_close(a, r, atol=1e-12, rtol=1e-9, msg=name)
     assert ours[0][0].abs().max() == 0  # padding embedding row gets no gradient

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_matches_dense_sdpa_with_band_mask(causal, exact_band, n, window, padded
     up = torch.randn_like(out)
     g1 = torch.autograd.grad(out, (q, k, v), up)
     g2 = torch.autograd.grad(ref, (q, k, v), up)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert (a - b).abs().max() <= 1e-5
     if need_weights:
         full = pattern if km is None else pattern & km[:, None, None, :]
@@ -81,7 +82,7 @@ def test_gradcheck_float64():
     for causal in (False, True):
         for exact in (True, False):
             assert torch.autograd.gradcheck(
-                lambda q, k, v: local_attention(q, k, v, 2, causal=causal, key_mask=km, exact_band=exact).output,
+                lambda q, k, v, causal=causal, exact=exact: local_attention(q, k, v, 2, causal=causal, key_mask=km, exact_band=exact).output,
                 (q, k, v), fast_mode=True,
             )
     small = [t[:, :1, :5, :2].detach().requires_grad_() for t in (q, k, v)]
@@ -114,7 +115,7 @@ def test_matches_local_attention_package(causal, exact_band, n):
     real = km[:, None, :, None]
     assert ((out - ref) * real).abs().max() <= 1e-5
     up = torch.randn_like(out) * real
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         assert (a - b).abs().max() <= 1e-5
 
 
@@ -254,7 +255,7 @@ def test_bad_input():
         local_attention(q, q, q, 0, exact_band=False)
     with pytest.raises(TypeError, match="window must be an int"):
         local_attention(q, q, q, 2.5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool"):
         local_attention(q, q, q, 2, key_mask=torch.ones(1, 8))
     with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=1, n=8\)"):
         local_attention(q, q, q, 2, key_mask=torch.ones(1, 7, dtype=torch.bool))
@@ -274,7 +275,7 @@ def test_bad_input():
 
 def local_p_dense(mod: LocalPAttention, h, hs, key_mask=None):
     """Explicit formula over all S source positions (no gathering), for the test."""
-    B, T, _ = h.shape
+    B, _T, _ = h.shape
     S = hs.shape[1]
     lengths = key_mask.sum(-1) if key_mask is not None else torch.full((B,), S)
     p = lengths[:, None].to(h.dtype) * torch.sigmoid(torch.tanh(h @ mod.w_p.weight.T) @ mod.v_p.weight.T).squeeze(-1)
@@ -306,7 +307,7 @@ def test_local_p_matches_dense_formula(score):
     assert ((w > 0).sum(-1) <= 2 * 3 + 1).all()  # at most 2D+1 keys per query
     up = torch.randn_like(out)
     params = [h, hs, *mod.parameters()]
-    for g1, g2 in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up)):
+    for g1, g2 in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(ref, params, up), strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-10, rtol=1e-10)
 
 
@@ -348,11 +349,11 @@ def test_window_larger_than_n_costs_no_more_than_dense_and_gives_the_same_output
             for exact_band in (True, False):
                 at_n = local_attention(q, k, v, 8, causal=causal, exact_band=exact_band, blockwise=True).output
                 for window in (512, 4096):
-                    flops = count_flops(lambda: local_attention(q, k, v, window, causal=causal, exact_band=exact_band))
+                    flops = count_flops(partial(local_attention, q, k, v, window, causal=causal, exact_band=exact_band))
                     assert flops <= dense, (window, causal, exact_band, flops, dense)
                     torch.testing.assert_close(local_attention(q, k, v, window, causal=causal, exact_band=exact_band).output, at_n)
                     # the blocks themselves are clamped too: n = 8 needs blocks of 8, not 4,096
-                    forced = count_flops(lambda: local_attention(q, k, v, window, causal=causal, exact_band=exact_band, blockwise=True))
+                    forced = count_flops(partial(local_attention, q, k, v, window, causal=causal, exact_band=exact_band, blockwise=True))
                     assert forced <= 3 * dense
                     torch.testing.assert_close(
                         local_attention(q, k, v, window, causal=causal, exact_band=exact_band, blockwise=True).output, at_n)
@@ -366,7 +367,7 @@ def test_the_cheaper_path_is_taken_and_both_agree(n, window):
     km = padding_mask([n, max(1, n - 3)], n)
     with torch.no_grad():
         for causal in (False, True):
-            flops = {bw: count_flops(lambda: local_attention(q, k, v, window, causal=causal, key_mask=km, blockwise=bw))
+            flops = {bw: count_flops(partial(local_attention, q, k, v, window, causal=causal, key_mask=km, blockwise=bw))
                      for bw in (None, True, False)}
             assert flops[None] == min(flops[True], flops[False]), flops
             outs = [local_attention(q, k, v, window, causal=causal, key_mask=km, blockwise=bw).output for bw in (True, False)]

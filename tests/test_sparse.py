@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import entmax as entmax_pkg
 import pytest
 import torch
@@ -40,15 +42,15 @@ def qkv(*shape, dtype=torch.float32, grad=False, seed=0):
     return [torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad) for _ in range(3)]
 
 
-def run_pattern(pattern, q, k, v, l, c=2, **kw):
+def run_pattern(pattern, q, k, v, ell, c=2, **kw):
     kw.setdefault("blockwise", True)  # the blockwise parts, even where dense attention would be cheaper
     if pattern == "strided":
-        return strided_attention(q, k, v, stride=l, **kw)
-    return fixed_attention(q, k, v, block=l, c=c, **kw)
+        return strided_attention(q, k, v, stride=ell, **kw)
+    return fixed_attention(q, k, v, block=ell, c=c, **kw)
 
 
-def pattern_mask(pattern, n, l, c=2, causal=True):
-    return strided_mask(n, l, causal) if pattern == "strided" else fixed_mask(n, l, c, causal)
+def pattern_mask(pattern, n, ell, c=2, causal=True):
+    return strided_mask(n, ell, causal) if pattern == "strided" else fixed_mask(n, ell, c, causal)
 
 
 # ----------------------------------------------------------------------------- the dense reference masks
@@ -56,17 +58,17 @@ def pattern_mask(pattern, n, l, c=2, causal=True):
 
 def test_masks_are_the_papers_sets():
     """Child et al. 2019, section 4.2: A1 and A2 written out as Python sets."""
-    for n, l in [(13, 3), (16, 4), (9, 1)]:
-        sm = strided_mask(n, l)
+    for n, ell in [(13, 3), (16, 4), (9, 1)]:
+        sm = strided_mask(n, ell)
         for i in range(n):
-            a1 = set(range(max(0, i - l), i + 1))
-            a2 = {j for j in range(i + 1) if (i - j) % l == 0}
+            a1 = set(range(max(0, i - ell), i + 1))
+            a2 = {j for j in range(i + 1) if (i - j) % ell == 0}
             assert set(sm[i].nonzero().flatten().tolist()) == a1 | a2
-    for n, l, c in [(13, 4, 1), (16, 4, 2), (10, 5, 5)]:
-        fm = fixed_mask(n, l, c)
+    for n, ell, c in [(13, 4, 1), (16, 4, 2), (10, 5, 5)]:
+        fm = fixed_mask(n, ell, c)
         for i in range(n):
-            a1 = {j for j in range(i + 1) if j // l == i // l}
-            a2 = {j for j in range(i + 1) if j % l >= l - c}
+            a1 = {j for j in range(i + 1) if j // ell == i // ell}
+            a2 = {j for j in range(i + 1) if j % ell >= ell - c}
             assert set(fm[i].nonzero().flatten().tolist()) == a1 | a2
     two = strided_mask(10, 3, causal=False)
     assert torch.equal(two, two.T) and two[9, 0] and not two[8, 0]
@@ -82,17 +84,17 @@ def test_default_stride_is_ceil_sqrt():
 
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("n,l", [(1, 1), (7, 2), (16, 4), (30, 4), (33, 6)])
-def test_pattern_equals_dense_attention_with_its_mask(pattern, causal, n, l):
+@pytest.mark.parametrize("n,ell", [(1, 1), (7, 2), (16, 4), (30, 4), (33, 6)])
+def test_pattern_equals_dense_attention_with_its_mask(pattern, causal, n, ell):
     q, k, v = qkv(2, 3, n, 8, grad=True)
     km = padding_mask([n, max(1, n - 5)], n)
-    c = min(2, l)
-    out = run_pattern(pattern, q, k, v, l, c, causal=causal, key_mask=km).output
-    mask = pattern_mask(pattern, n, l, c, causal) & km[:, None, None, :]
+    c = min(2, ell)
+    out = run_pattern(pattern, q, k, v, ell, c, causal=causal, key_mask=km).output
+    mask = pattern_mask(pattern, n, ell, c, causal) & km[:, None, None, :]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     up = torch.randn_like(ref)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -165,7 +167,7 @@ def test_sparse_module_equals_multihead_with_the_pattern_mask(pattern):
     up = torch.randn_like(out)
     ga = torch.autograd.grad(out, [x, *layer.parameters()], up)
     gb = torch.autograd.grad(ref_out, [x, *ref.parameters()], up)
-    for a, b in zip(ga, gb):
+    for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -175,18 +177,18 @@ def test_pattern_memory_and_flops_grow_subquadratically():
     q, k, v = qkv(1, 1, n, 16)
     for pattern in ("strided", "fixed"):
         with torch.no_grad():
-            peak = benchmark.peak_memory(lambda: run_pattern(pattern, q, k, v, 64, 2), "cpu")
+            peak = benchmark.peak_memory(partial(run_pattern, pattern, q, k, v, 64, 2), "cpu")
         assert peak < n * n * 4 / 6, f"{pattern}: peak {peak} bytes vs n*n*4 = {n * n * 4}"
     flops = {}
     for n in (1024, 4096):
         q, k, v = qkv(1, 1, n, 16)
         with torch.no_grad():
-            flops[n] = benchmark.count_flops(lambda: strided_attention(q, k, v))  # stride sqrt(n)
+            flops[n] = benchmark.count_flops(partial(strided_attention, q, k, v))  # stride sqrt(n)
     p = benchmark.fit_exponent(list(flops), list(flops.values()))
     assert 1.45 < p < 1.55, p
-    # the same FLOP count as the formula: band 2 * (n * 2l * d) * 2 and columns 2 * (l * m^2 * d) * 2
-    n, l, d = 4096, 64, 16
-    assert flops[n] == 2 * 2 * n * 2 * l * d + 2 * 2 * l * (n // l) ** 2 * d
+    # the same FLOP count as the formula: band 2 * (n * 2l * d) * 2 and columns 2 * (ell * m^2 * d) * 2
+    n, ell, d = 4096, 64, 16
+    assert flops[n] == 2 * 2 * n * 2 * ell * d + 2 * 2 * ell * (n // ell) ** 2 * d
 
 
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
@@ -218,7 +220,7 @@ def test_pattern_bad_input():
         strided_attention(q, k, v, stride=0)
     with pytest.raises(ValueError, match="must be <= block"):
         fixed_attention(q, k, v, block=2, c=3)
-    with pytest.raises(TypeError, match="key_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"key_mask must be a torch\.bool"):
         strided_attention(q, k, v, key_mask=torch.ones(2, 8))
     with pytest.raises(ValueError, match=r"key_mask must have shape \(batch=2, n_keys=8\)"):
         strided_attention(q, k, v, key_mask=torch.ones(2, 7, dtype=torch.bool))
@@ -272,7 +274,7 @@ def test_topk_ties_are_deterministic_and_gradients_match():
     keep = topk_mask((q @ k.transpose(-1, -2)).detach() / 2, 3)
     ref = scaled_dot_product_attention(q, k, v, attn_mask=keep).output
     up = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
         torch.testing.assert_close(a, b)
     q, k, v = (t.detach()[:1, :1, :6].requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(lambda q, k, v: topk_attention(q, k, v, 3, is_causal=True).output, (q, k, v))
@@ -295,7 +297,7 @@ def test_topk_module_and_bad_input():
     q, k, v = qkv(2, 5, 4)
     with pytest.raises(ValueError, match="topk must be >= 1"):
         topk_attention(q, k, v, 0)
-    with pytest.raises(TypeError, match="attn_mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"attn_mask must be a torch\.bool"):
         topk_attention(q, k, v, 2, attn_mask=torch.zeros(5, 5))
     with pytest.raises(ValueError, match="does not broadcast"):
         topk_attention(q, k, v, 2, attn_mask=torch.ones(4, 5, dtype=torch.bool))
@@ -383,7 +385,7 @@ def test_entmax_modules_and_bad_input():
         EntmaxAttention(16, 4, alpha=0.5)
     with pytest.raises(ValueError, match="alpha > 1"):
         entmax_bisect(torch.randn(3), 1.0)
-    with pytest.raises(TypeError, match="mask must be a torch.bool"):
+    with pytest.raises(TypeError, match=r"mask must be a torch\.bool"):
         sparsemax(torch.randn(3), mask=torch.ones(3))
     with pytest.raises(TypeError, match="floating-point"):
         entmax15(torch.arange(3))
@@ -418,28 +420,28 @@ def test_stride_larger_than_n_costs_no_more_than_dense_and_gives_the_same_output
     with torch.no_grad():
         dense = benchmark.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
         for causal in (True, False):
-            at_n = run_pattern(pattern, q, k, v, 8, key_mask=km, causal=causal).output  # blockwise at l = n
-            for l in (512, 4096):
-                flops = benchmark.count_flops(lambda: run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal, blockwise=None))
-                assert flops <= dense, (l, flops, dense)
-                torch.testing.assert_close(run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal, blockwise=None).output, at_n)
-                forced = benchmark.count_flops(lambda: run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal))
+            at_n = run_pattern(pattern, q, k, v, 8, key_mask=km, causal=causal).output  # blockwise at ell = n
+            for ell in (512, 4096):
+                flops = benchmark.count_flops(partial(run_pattern, pattern, q, k, v, ell, key_mask=km, causal=causal, blockwise=None))
+                assert flops <= dense, (ell, flops, dense)
+                torch.testing.assert_close(run_pattern(pattern, q, k, v, ell, key_mask=km, causal=causal, blockwise=None).output, at_n)
+                forced = benchmark.count_flops(partial(run_pattern, pattern, q, k, v, ell, key_mask=km, causal=causal))
                 assert forced <= 4 * dense  # the blocks are clamped to n too
-                torch.testing.assert_close(run_pattern(pattern, q, k, v, l, key_mask=km, causal=causal).output, at_n)
+                torch.testing.assert_close(run_pattern(pattern, q, k, v, ell, key_mask=km, causal=causal).output, at_n)
 
 
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
-@pytest.mark.parametrize("n,l", [(1, 1), (7, 2), (16, 4), (64, 8), (33, 6)])
-def test_the_cheaper_path_is_taken_and_both_agree(pattern, n, l):
+@pytest.mark.parametrize("n,ell", [(1, 1), (7, 2), (16, 4), (64, 8), (33, 6)])
+def test_the_cheaper_path_is_taken_and_both_agree(pattern, n, ell):
     q, k, v = qkv(2, 2, n, 8)
     km = padding_mask([n, max(1, n - 3)], n)
     with torch.no_grad():
-        c = min(2, l)
-        flops = {bw: benchmark.count_flops(lambda: run_pattern(pattern, q, k, v, l, c, key_mask=km, blockwise=bw))
+        c = min(2, ell)
+        flops = {bw: benchmark.count_flops(partial(run_pattern, pattern, q, k, v, ell, c, key_mask=km, blockwise=bw))
                  for bw in (None, True, False)}
         assert flops[None] == min(flops[True], flops[False]), flops
-        torch.testing.assert_close(run_pattern(pattern, q, k, v, l, c, key_mask=km, blockwise=True).output,
-                                   run_pattern(pattern, q, k, v, l, c, key_mask=km, blockwise=False).output, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(run_pattern(pattern, q, k, v, ell, c, key_mask=km, blockwise=True).output,
+                                   run_pattern(pattern, q, k, v, ell, c, key_mask=km, blockwise=False).output, atol=1e-6, rtol=1e-5)
 
 
 def test_sparse_module_stride_larger_than_n():
@@ -449,7 +451,7 @@ def test_sparse_module_stride_larger_than_n():
     with torch.no_grad():
         for pattern in ("strided", "fixed"):
             layer = SparseAttention(32, 2, pattern=pattern, stride=512, summary=4).eval()
-            assert benchmark.count_flops(lambda: layer(x)) <= benchmark.count_flops(lambda: mha(x))
+            assert benchmark.count_flops(partial(layer, x)) <= benchmark.count_flops(partial(mha, x))
             wide = layer(x).output
             layer.stride = 8
             torch.testing.assert_close(wide, layer(x).output)
