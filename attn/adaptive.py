@@ -445,7 +445,7 @@ def sentinel_loss(model: SentinelPointer, batch: dict[str, Tensor]) -> tuple[Ten
 _SENTINEL_PRESETS = {"quick": (8, 16, 60), "book": (12, 32, 300), "default": (16, 32, 600), "gpu": (32, 64, 1500)}
 
 
-def make_sentinel_task(preset: str = "book") -> OwnTask:
+def make_sentinel_task(preset: str = "book") -> OwnTask[SentinelPointer]:
     """The sentinel's own task: point at the item equal to the query, or at the sentinel when there is none (half the time).
 
     ``preset`` sets ``(k items, width, steps)``: quick ``(8, 16, 60)``, book ``(12, 32, 300)``,
@@ -462,13 +462,9 @@ def make_sentinel_task(preset: str = "book") -> OwnTask:
         return (torch.randn(1, size, dim, generator=generator), torch.randn(1, dim, generator=generator),
                 torch.randn(1, dim, generator=generator))
 
-    def loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(model, SentinelPointer), "the task trains the SentinelPointer it was built with"
-        return sentinel_loss(model, batch)
-
     return OwnTask(
         description=f"point at the item matching the query among {k}, or at the sentinel when it is absent",
-        model=SentinelPointer(n_symbols, dim), sample=_sentinel_sample(n_symbols, k), loss=loss,
+        model=SentinelPointer(n_symbols, dim), sample=_sentinel_sample(n_symbols, k), loss=sentinel_loss,
         layer=layer, inputs=inputs, sizes=(64, 256, 1024, 4096), size_unit="items", steps=steps, batch_size=64,
         lr=1e-2, log_every=10, target_acc=0.9,
         weights=lambda model, batch: model(batch["items"], batch["query"]),

@@ -402,7 +402,7 @@ def attack(
 _PRESETS = {"quick": (20, 32), "book": (200, 64), "default": (400, 64), "gpu": (800, 128)}
 
 
-def make_task(preset: str = "book", target: Target = "embedding", epsilon: float = 1.0) -> OwnTask:
+def make_task(preset: str = "book", target: Target = "embedding", epsilon: float = 1.0) -> OwnTask[AttentionClassifier]:
     """The comparison's :class:`~attn.registry.OwnTask`: :class:`CueSentiment` trained with ``target`` adversarial training.
 
     The layer timed alone is the :class:`AttentionPooling`, over ``size`` tokens of width 32.
@@ -417,7 +417,7 @@ def make_task(preset: str = "book", target: Target = "embedding", epsilon: float
     def inputs(size: int, generator: torch.Generator) -> tuple[Tensor]:
         return (torch.randn(8, size, 32, generator=generator),)
 
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+    def weights(m: AttentionClassifier, b: dict[str, Tensor]) -> Tensor:
         return m(b["x"], b["mask"], need_weights=True)[1]
 
     return OwnTask(

@@ -479,7 +479,7 @@ _SET_PRESETS = {  # steps, batch, cost sweep (set sizes)
 }
 
 
-def make_set_task(preset: str = "default", pool: Pool = "pma") -> OwnTask:
+def make_set_task(preset: str = "default", pool: Pool = "pma") -> OwnTask[SetClassifier]:
     """:class:`ContentMeanSets` classified by a :class:`SetClassifier` with the given pool (the comparison's own task).
 
     Cost: the pool alone on 8 sets of ``size`` elements of width 32.
@@ -496,17 +496,13 @@ def make_set_task(preset: str = "default", pool: Pool = "pma") -> OwnTask:
         z = torch.randn(8, size, 32, generator=generator).to(dev)
         return z, torch.ones(8, size, dtype=torch.bool, device=dev)
 
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+    def weights(m: SetClassifier, b: dict[str, Tensor]) -> Tensor:
         w = m(b["x"], b["mask"], need_weights=True).weights  # PMA (B, h, 1, n); CLIP (B, h, n + 1)
         return w.flatten(0, -2)
 
-    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, SetClassifier)  # OwnTask hands its loss the task's own model
-        return set_loss(m, b)
-
     return OwnTask(
         description=f"sets of {sets.size[0]}-{sets.size[1]} elements: is the mean of the A elements above the set's mean?",
-        model=model, sample=sets.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=sets.sample, loss=set_loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="set elements", steps=steps, batch_size=batch, lr=3e-3, log_every=10, target_acc=0.9, weights=weights,
     )
 
@@ -541,7 +537,7 @@ def _regression_loss(model: NadarayaWatson, batch: dict[str, Tensor]) -> tuple[T
     return F.mse_loss(pred, batch["targets"]), {"acc": float((err < 0.25).float().mean()), "bandwidth": float(torch.as_tensor(model.bandwidth).detach())}
 
 
-def make_regression_task(preset: str = "default") -> OwnTask:
+def make_regression_task(preset: str = "default") -> OwnTask[NadarayaWatson]:
     """Kernel regression with a learned bandwidth; "acc" is the fraction of predictions within 0.25 of the noiseless ``f``.
 
     Cost: the estimator on 8 problems with ``size`` observations and ``size`` queries (``O(m n)``).
@@ -558,16 +554,12 @@ def make_regression_task(preset: str = "default") -> OwnTask:
         queries = torch.rand(8, size, 1, generator=generator) * 5  # as many queries as observations
         return queries.to(dev), b["keys"].to(dev), b["values"].to(dev)
 
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+    def weights(m: NadarayaWatson, b: dict[str, Tensor]) -> Tensor:
         return m(b["queries"], b["keys"], b["values"], need_weights=True).weights.flatten(0, 1)
-
-    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, NadarayaWatson)  # OwnTask hands its loss the task's own model
-        return _regression_loss(m, b)
 
     return OwnTask(
         description="1-D kernel regression from 64 noisy samples, bandwidth learned (acc: |error| < 0.25)",
-        model=NadarayaWatson(2.0), sample=task.sample, loss=loss, layer=layer, inputs=inputs,
+        model=NadarayaWatson(2.0), sample=task.sample, loss=_regression_loss, layer=layer, inputs=inputs,
         sizes=tuple(s for s in sizes if s <= 4096), size_unit="observations", steps=max(steps // 2, 10),
         batch_size=batch, lr=5e-2, log_every=10, target_acc=0.6, weights=weights,
     )

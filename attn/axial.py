@@ -232,18 +232,11 @@ def grid_loss(model: GridRecallModel, batch: dict[str, Tensor]) -> tuple[Tensor,
     return F.cross_entropy(logits, batch["y"]), {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
 
 
-def _grid_weights(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def _grid_weights(model: GridRecallModel, batch: dict[str, Tensor]) -> Tensor:
     """Row-pass attention rows ``(B, h, H, W, W)``, each summing to 1 (for the entropy column)."""
-    assert isinstance(model, GridRecallModel), "the task's model is the GridRecallModel built by make_task"
     _, w = model(batch["values"], batch["flag"], need_weights=True)
     assert w is not None, "need_weights=True returns the weights"
     return w.row
-
-
-def _grid_task_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """:func:`grid_loss` for :class:`~attn.registry.OwnTask`, which passes the model as an ``nn.Module``."""
-    assert isinstance(model, GridRecallModel), "the task's model is the GridRecallModel built by make_task"
-    return grid_loss(model, batch)
 
 
 _PRESETS = {  # preset -> (H, W, n_values, embed_dim, heads, steps, batch, sizes: pixel counts of (s, 2s) grids)
@@ -254,7 +247,7 @@ _PRESETS = {  # preset -> (H, W, n_values, embed_dim, heads, steps, batch, sizes
 }
 
 
-def make_task(preset: str = "book") -> OwnTask:
+def make_task(preset: str = "book") -> OwnTask[GridRecallModel]:
     """The comparison's own-task hook: grid recall for the model, ``(s, 2s)`` grids for the cost sweep.
 
     ``inputs(size, generator)`` makes one grid of ``size`` pixels, ``H = sqrt(size/2)``, ``W = 2H``.
@@ -274,7 +267,7 @@ def make_task(preset: str = "book") -> OwnTask:
 
     return OwnTask(
         description=f"grid recall: read the flagged cell's value at the corner of a {H}x{W} grid",
-        model=model, sample=task.sample, loss=_grid_task_loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=task.sample, loss=grid_loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="pixels", steps=steps, batch_size=batch, lr=3e-3, log_every=10, target_acc=0.9,
         weights=_grid_weights,
     )

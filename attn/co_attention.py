@@ -123,7 +123,7 @@ def _check_pair(layer: ParallelCoAttention | AlternatingCoAttention | DCNCoAtten
 
 
 def _pair_task(kind: str):
-    def make(preset: str) -> OwnTask:
+    def make(preset: str) -> OwnTask[CoAttentionPointer]:
         return make_co_attention_task(kind, preset)
 
     return make
@@ -443,7 +443,7 @@ _PRESETS = {  # steps, batch, cost sizes (passage lengths N, question length 16)
 }
 
 
-def make_co_attention_task(kind: str = "parallel", preset: str = "book") -> OwnTask:
+def make_co_attention_task(kind: str = "parallel", preset: str = "book") -> OwnTask[CoAttentionPointer]:
     """A co-attention layer on :class:`MatchingPairs` (the comparison's own-task hook).
 
     The layer alone is swept over passage lengths ``N`` with a 16-position
@@ -461,12 +461,7 @@ def make_co_attention_task(kind: str = "parallel", preset: str = "book") -> OwnT
     def inputs(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return torch.randn(1, 16, dq, generator=generator), torch.randn(1, n, dv, generator=generator)
 
-    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, CoAttentionPointer)  # OwnTask hands its loss the task's own model
-        return pointer_loss(m, b)
-
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        assert isinstance(m, CoAttentionPointer)  # the task's own model, above
+    def weights(m: CoAttentionPointer, b: dict[str, Tensor]) -> Tensor:
         out = m.attend(b)
         if isinstance(out, DCNOutput):
             return out.document_weights[:, : b["passage"].shape[1]][b["passage_mask"]]  # real document rows
@@ -474,6 +469,6 @@ def make_co_attention_task(kind: str = "parallel", preset: str = "book") -> OwnT
 
     return OwnTask(
         description=f"pointer to the key shared by a passage and a question ({kind} co-attention)",
-        model=model, sample=data.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=data.sample, loss=pointer_loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="passage length N", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
     )

@@ -138,7 +138,7 @@ class CBAMOutput(NamedTuple):
     spatial: Tensor
 
 
-def _cbam_task(preset: str) -> OwnTask:
+def _cbam_task(preset: str) -> OwnTask[ShapeNet]:
     return make_cbam_task(preset)
 
 
@@ -408,7 +408,7 @@ _PRESETS = {  # size, channels, steps, batch, cost sizes (pixels); "book" is the
 }
 
 
-def make_cbam_task(preset: str = "book") -> OwnTask:
+def make_cbam_task(preset: str = "book") -> OwnTask[ShapeNet]:
     """CBAM on :class:`ShapeImages` (the comparison's own-task hook).
 
     The model is :class:`ShapeNet` with CBAM; the layer alone is a
@@ -427,17 +427,12 @@ def make_cbam_task(preset: str = "book") -> OwnTask:
         side = max(1, math.isqrt(n_pixels))
         return (torch.randn(1, channels, side, side, generator=generator),)
 
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        assert isinstance(m, ShapeNet)  # the task's own model, below
+    def weights(m: ShapeNet, b: dict[str, Tensor]) -> Tensor:
         spatial = m.attention(b["x"]).spatial.flatten(1)
         return spatial / spatial.sum(-1, keepdim=True)
 
-    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, ShapeNet)  # OwnTask hands its loss the task's own model
-        return shape_loss(m, b)
-
     return OwnTask(
         description=f"shape on a noisy, cluttered {size}x{size} image (4 classes)",
-        model=model, sample=data.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=data.sample, loss=shape_loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="pixels (H*W)", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
     )

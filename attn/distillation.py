@@ -379,7 +379,7 @@ def teacher_loss(model: RecallTransformer, batch: dict[str, Tensor]) -> tuple[Te
 _PRESETS = {"quick": (20, 20, 32), "book": (400, 200, 64), "default": (800, 400, 64), "gpu": (1600, 800, 128)}
 
 
-def make_task(preset: str = "book", kind: Kind = "minilm") -> OwnTask:
+def make_task(preset: str = "book", kind: Kind = "minilm") -> OwnTask[Distiller]:
     """The comparison's :class:`~attn.registry.OwnTask`: a width-16 student of a width-64 teacher on associative recall.
 
     The teacher is trained here first (seed 0, ``teacher steps`` of the preset);
@@ -397,31 +397,22 @@ def make_task(preset: str = "book", kind: Kind = "minilm") -> OwnTask:
     set_seed(0)
     teacher = RecallTransformer(task, embed_dim=64, num_heads=4)
 
-    def fit_teacher(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, RecallTransformer)  # train hands its loss the model it trains
-        return teacher_loss(m, b)
-
-    train(teacher, task.sample, fit_teacher, steps=t_steps, batch_size=batch, seed=0, progress=False)
+    train(teacher, task.sample, teacher_loss, steps=t_steps, batch_size=batch, seed=0, progress=False)
     student = RecallTransformer(task, embed_dim=16, num_heads=4)
     model = Distiller(student, teacher, kind)
 
     def inputs(size: int, generator: torch.Generator) -> tuple[Tensor]:
         return (torch.randn(8, size, 16, generator=generator),)
 
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        assert isinstance(m, Distiller)  # the task's own model, above
+    def weights(m: Distiller, b: dict[str, Tensor]) -> Tensor:
         return m.student(b["x"])[1][-1].attn[:, :, -1, :]  # the query token's attention, (B, h, n)
-
-    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, Distiller)  # OwnTask hands its loss the task's own model
-        return distillation_loss(m, b)
 
     last = student.blocks[-1]
     assert isinstance(last, _Block)  # blocks holds only _Block layers
 
     return OwnTask(
         description=f"associative recall, width-16 student of a width-64 teacher, {kind} distillation",
-        model=model, sample=task.sample, loss=loss, layer=last.attn, inputs=inputs,
+        model=model, sample=task.sample, loss=distillation_loss, layer=last.attn, inputs=inputs,
         sizes=(64, 128, 256, 512), size_unit="tokens", steps=s_steps, batch_size=batch, lr=3e-3, log_every=10,
         target_acc=0.9, eval_batch=512, weights=weights,
     )

@@ -348,7 +348,7 @@ def mil_loss(model: MILModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[st
     return loss, {"acc": float(((logit > 0).float() == batch["y"]).float().mean())}
 
 
-def make_mil_task(preset: str = "default") -> OwnTask:
+def make_mil_task(preset: str = "default") -> OwnTask[MILModel]:
     """The comparison's own task for gated MIL pooling: :class:`BagTask` bags, the pooling layer alone for the cost."""
     steps = {"quick": 30, "book": 150, "default": 300, "gpu": 600}
     if preset not in steps:
@@ -360,17 +360,13 @@ def make_mil_task(preset: str = "default") -> OwnTask:
     def inputs(size: int, generator: torch.Generator) -> tuple[Tensor]:
         return (torch.randn(8, size, 64, generator=generator),)
 
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+    def weights(m: MILModel, b: dict[str, Tensor]) -> Tensor:
         return m(b["x"], b["mask"])[1]
-
-    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, MILModel)  # OwnTask hands its loss the task's own model
-        return mil_loss(m, b)
 
     sizes = (16, 64, 256) if preset == "quick" else (64, 256, 1024, 4096)
     return OwnTask(
         description="MIL bags: is a class-0 instance in the bag? (5-15 noisy prototype instances)",
-        model=model, sample=task.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=task.sample, loss=mil_loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="instances", steps=steps[preset], batch_size=32, lr=3e-3, target_acc=0.9, weights=weights,
     )
 

@@ -218,11 +218,11 @@ class _EdgeAttention(nn.Module):
                 f"negative_slope={self.negative_slope}, dropout={self.dropout}, add_self_loops={self.add_self_loops}")
 
 
-def _make_task_gat(preset: str) -> OwnTask:
+def _make_task_gat(preset: str) -> OwnTask[NodeClassifier]:
     return make_task(preset, "gat")
 
 
-def _make_task_gatv2(preset: str) -> OwnTask:
+def _make_task_gatv2(preset: str) -> OwnTask[NodeClassifier]:
     return make_task(preset, "gatv2")
 
 
@@ -508,7 +508,7 @@ TASK_CLASSES, TASK_DEGREE = 4, 8
 TASK_FEATURES = TASK_CLASSES + 1
 
 
-def make_task(preset: str, kind: str = "gat") -> OwnTask:
+def make_task(preset: str, kind: str = "gat") -> OwnTask[NodeClassifier]:
     """The comparison's graph task: node classification on fresh SBM graphs (:func:`sbm_graphs`).
 
     A batch of ``batch_size`` graphs (4 classes, in-degree 8, homophily 0.5,
@@ -534,8 +534,7 @@ def make_task(preset: str, kind: str = "gat") -> OwnTask:
         dst = torch.arange(size).repeat_interleave(16)
         return x, torch.stack([src, dst])
 
-    def weights(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        assert isinstance(model, NodeClassifier)  # the task's own model, below
+    def weights(model: NodeClassifier, batch: dict[str, Tensor]) -> Tensor:
         att = model.attention(batch["x"], batch["edge_index"])
         assert att.weights is not None  # attention() asks for them
         rows = attention_rows(att.weights, att.edge_index, batch["x"].shape[0])

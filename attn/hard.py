@@ -433,7 +433,7 @@ def _one_gradient(model: LookupModel, batch: dict[str, Tensor], g: torch.Generat
     return torch.cat([t.flatten() for t in torch.autograd.grad(loss, params)])
 
 
-def make_lookup_task(preset: str = "default", estimator: Estimator = "reinforce") -> OwnTask:
+def make_lookup_task(preset: str = "default", estimator: Estimator = "reinforce") -> OwnTask[LookupModel]:
     """The comparison's own task for REINFORCE hard attention: :class:`LookupTask`, the :class:`HardAttention` layer alone for the cost."""
     steps = {"quick": 30, "book": 300, "default": 600, "gpu": 1000}
     if preset not in steps:
@@ -446,18 +446,13 @@ def make_lookup_task(preset: str = "default", estimator: Estimator = "reinforce"
         g = generator
         return (torch.randn(8, 1, 16, generator=g), torch.randn(8, size, 16, generator=g), torch.randn(8, size, 16, generator=g))
 
-    def loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(model, LookupModel), "the task trains the LookupModel it was built with"
-        return lookup_loss(model, batch)
-
-    def weights(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        assert isinstance(model, LookupModel), "the task trains the LookupModel it was built with"
+    def weights(model: LookupModel, batch: dict[str, Tensor]) -> Tensor:
         return model(batch)[1].probs[:, 0]
 
     sizes = (16, 64, 256) if preset == "quick" else (64, 256, 1024, 4096)
     return OwnTask(
         description="lookup: read the label of the item whose key matches the (rotated) query, 16 items",
-        model=model, sample=task.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes, size_unit="keys",
+        model=model, sample=task.sample, loss=lookup_loss, layer=layer, inputs=inputs, sizes=sizes, size_unit="keys",
         steps=steps[preset], batch_size=32, lr=1e-2, target_acc=0.9, weights=weights,
     )
 

@@ -374,7 +374,7 @@ _PRESETS = {  # steps, batch, cost sweep (sentences per document)
 }
 
 
-def make_task(preset: str = "default") -> OwnTask:
+def make_task(preset: str = "default") -> OwnTask[HierarchicalAttentionNetwork]:
     """The planted-word document task for the comparison (``python -m attn compare``).
 
     Learning: a HAN (embed 32, GRU 32 per direction) classifies
@@ -393,16 +393,12 @@ def make_task(preset: str = "default") -> OwnTask:
         dev = layer.classifier.weight.device
         return b["ids"].to(dev), b["mask"].to(dev)
 
-    def weights(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+    def weights(m: HierarchicalAttentionNetwork, b: dict[str, Tensor]) -> Tensor:
         return m(b["ids"], b["mask"], need_weights=True).sentence_weights  # (B, S), rows sum to 1
-
-    def loss(m: nn.Module, b: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(m, HierarchicalAttentionNetwork)  # OwnTask hands its loss the task's own model
-        return han_loss(m, b)
 
     return OwnTask(
         description=f"document classification, one planted word in {docs.sentences[0]}-{docs.sentences[1]} sentences",
-        model=model, sample=docs.sample, loss=loss, layer=layer, inputs=inputs, sizes=sizes,
+        model=model, sample=docs.sample, loss=han_loss, layer=layer, inputs=inputs, sizes=sizes,
         size_unit="sentences", steps=steps, batch_size=batch, lr=1e-2, log_every=10, target_acc=0.9,
         weights=weights,
     )

@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -68,11 +68,15 @@ class Mechanism:
     data: str = "sequence"
     summary: str = ""
     build: Callable[[int, int], nn.Module] | None = field(default=None, compare=False, hash=False)
-    task: Callable[[str], OwnTask] | None = field(default=None, compare=False, hash=False)
+    task: Callable[[str], OwnTask[Any]] | None = field(default=None, compare=False, hash=False)
+
+
+#: The model type of an :class:`OwnTask`: its ``loss`` and ``weights`` take that model class, not any ``nn.Module``.
+M = TypeVar("M", bound=nn.Module)
 
 
 @dataclass
-class OwnTask:
+class OwnTask(Generic[M]):
     """A mechanism's own task, for the comparison's second table (graphs, images, sets, documents, pairs).
 
     A mechanism whose input is not a token sequence registers
@@ -101,9 +105,9 @@ class OwnTask:
     """
 
     description: str
-    model: nn.Module
+    model: M
     sample: Callable[[int, torch.Generator], dict[str, Tensor]]
-    loss: Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+    loss: Callable[[M, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
     layer: nn.Module
     inputs: Callable[[int, torch.Generator], tuple[Any, ...]]
     sizes: tuple[int, ...]
@@ -114,7 +118,7 @@ class OwnTask:
     log_every: int = 10
     target_acc: float = 0.9
     eval_batch: int = 256
-    weights: Callable[[nn.Module, dict[str, Tensor]], Tensor] | None = None
+    weights: Callable[[M, dict[str, Tensor]], Tensor] | None = None
 
 
 #: The book's parts, in reading order: (caption, chapter numbers).
@@ -167,7 +171,7 @@ MECHANISM_CHAPTERS: tuple[int, ...] = tuple(range(1, 24))
 
 MECHANISMS: dict[str, Mechanism] = {}
 
-M = TypeVar("M", bound=type[nn.Module])
+ClsT = TypeVar("ClsT", bound=type[nn.Module])
 
 
 def register(
@@ -179,8 +183,8 @@ def register(
     data: str = "sequence",
     summary: str = "",
     build: Callable[[int, int], nn.Module] | None = None,
-    task: Callable[[str], OwnTask] | None = None,
-) -> Callable[[M], M]:
+    task: Callable[[str], OwnTask[Any]] | None = None,
+) -> Callable[[ClsT], ClsT]:
     """Class decorator: add a mechanism to :data:`MECHANISMS` under ``name``.
 
     Sequence mechanisms give ``build(embed_dim, num_heads)`` (a token mixer the
@@ -188,7 +192,7 @@ def register(
     data give ``task(preset) -> OwnTask`` (see :class:`OwnTask`).
     """
 
-    def deco(cls: M) -> M:
+    def deco(cls: ClsT) -> ClsT:
         if name in MECHANISMS and MECHANISMS[name].cls is not cls:
             raise ValueError(f"mechanism {name!r} is already registered by {MECHANISMS[name].cls.__qualname__}")
         if not any(c.number == chapter for c in CHAPTERS):

@@ -195,7 +195,7 @@ def make_score(kind: ScoreKind, query_dim: int, key_dim: int, hidden: int = 64) 
     raise ValueError(f"score must be 'additive', 'general' or 'dot', got {kind!r}")
 
 
-def _seq2seq_task(preset: str) -> OwnTask:
+def _seq2seq_task(preset: str) -> OwnTask[Seq2SeqAttention]:
     """Chapter 1's own task for the comparison: reverse a sequence with the attentive encoder-decoder.
 
     The cost sweep times the additive attention alone for a whole target of
@@ -210,7 +210,7 @@ def _seq2seq_task(preset: str) -> OwnTask:
     width = 2 * model.hidden
     sizes = {"quick": (16, 32, 64), "book": (32, 64, 128, 256)}.get(preset, (64, 128, 256, 512, 1024))
 
-    def weights(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def weights(m: Seq2SeqAttention, batch: dict[str, Tensor]) -> Tensor:
         return m(batch["src"], batch["tgt_in"])[1]  # (B, T, S) alignments
 
     return OwnTask(

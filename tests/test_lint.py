@@ -40,3 +40,19 @@ def test_mypy_config_covers_the_package():
     assert isinstance(files, list) and "attn" in files and "book/build.py" in files, files
     assert all((ROOT / f).exists() for f in files), files
     assert mypy.get("warn_unused_ignores") is True  # stale ignore comments are findings too
+
+
+def test_own_task_is_generic_in_its_model(tmp_path: Path):
+    """``OwnTask[M]``: a loss written for another model class is a type error, so tasks pass their real loss functions."""
+    snippet = (
+        "from attn.attention_pooling import SetClassifier, _regression_loss, set_loss\n"
+        "from attn.registry import OwnTask\n"
+        "def good(task: OwnTask[SetClassifier]) -> None:\n"
+        "    task.loss = set_loss\n"
+        "def bad(task: OwnTask[SetClassifier]) -> None:\n"
+        "    task.loss = _regression_loss\n"
+    )
+    (tmp_path / "own_task_snippet.py").write_text(snippet)
+    proc = _run([sys.executable, "-m", "mypy", "--no-error-summary", str(tmp_path / "own_task_snippet.py")], timeout=600)
+    errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "own_task_snippet.py:6:" in errors[0] and "NadarayaWatson" in errors[0], proc.stdout + proc.stderr
