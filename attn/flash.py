@@ -313,8 +313,8 @@ def merge_partial_attention(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -
         L = \log \sum_c e^{L_c}, \qquad O = \sum_c e^{L_c - L}\, O_c ,
 
     which equals one pass over all the keys -- the combine step of split-KV
-    ("flash-decoding") inference and of ring attention (Liu et al. 2023,
-    "Ring Attention with Blockwise Transformers"), the same rescaling as the
+    ("flash-decoding") inference and of ring attention (Liu, Zaharia & Abbeel, "Ring Attention
+    with Blockwise Transformers for Near-Infinite Context", ICLR 2024), the same rescaling as the
     online softmax of Milakov & Gimelshein 2018 applied to whole chunks.
     Gradients flow to every ``O_c`` *and* ``L_c`` (the weights depend on the
     ``L_c``), so with :func:`flash_attention`'s differentiable log-sum-exp the
