@@ -32,6 +32,8 @@ __all__ = [
     "count_flops",
     "peak_memory",
     "largest_tensor",
+    "memory_sweep",
+    "sweep_table",
     "compare",
     "sweep",
     "fit_exponent",
@@ -218,6 +220,43 @@ def sweep(
 def exponents(df: pd.DataFrame, column: str = "median_ms") -> pd.Series:
     """Fitted growth exponent of ``column`` in ``n``, per implementation of a :func:`sweep`."""
     return df.groupby("name", sort=False).apply(lambda g: fit_exponent(g["n"], g[column]), include_groups=False)
+
+
+def memory_sweep(
+    make_fns: Callable[[int], Mapping[str, Callable[[], object]]],
+    lengths: Iterable[int],
+    device: torch.device | str | None = None,
+) -> pd.DataFrame:
+    """Peak memory of every implementation at every length, without timing them (cheaper than :func:`sweep`).
+
+    Args:
+        make_fns: ``n -> {name: fn}``: zero-argument callables at length ``n``. A name may be missing at some
+            lengths (e.g. a dense baseline measured only up to a size): :func:`sweep_table` shows it as not run.
+        lengths: the sequence lengths.
+        device: where :func:`peak_memory` measures (default: the fastest available).
+
+    Returns:
+        Long DataFrame with columns ``name, n, peak_mib``; every call runs under ``torch.no_grad()``.
+    """
+    rows = []
+    with torch.no_grad():
+        for n in lengths:
+            for name, fn in make_fns(n).items():
+                rows.append({"name": name, "n": n, "peak_mib": peak_memory(fn, device) / 2**20})
+    return pd.DataFrame(rows)
+
+
+def sweep_table(df: pd.DataFrame, column: str = "peak_mib", decimals: int = 1) -> pd.DataFrame:
+    """A :func:`sweep` or :func:`memory_sweep` result as the table a chapter shows.
+
+    One row per length and a last row ``exponent p`` with the fitted growth exponent of each column
+    (:func:`exponents`); implementations in the order they were measured; a length at which one was
+    not measured reads ``not run`` (never NaN).
+    """
+    exps = exponents(df, column)
+    table = df.pivot(index="n", columns="name", values=column)[list(exps.index)].round(decimals)
+    table.loc["exponent p"] = exps.round(2)
+    return table.astype(object).where(table.notna(), "not run")
 
 
 def human_bytes(n: float) -> str:

@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from masking import padding_masks
 from torch import nn
 
 from attn import registry
@@ -500,17 +501,6 @@ def test_empty_inputs():
 # ----------------------------------------------------------------------------- key_mask (the sequence-mixer protocol)
 
 
-def _padding_masks(n: int) -> dict[str, torch.Tensor]:
-    """``(3, n)`` boolean masks, True = real token: right- and left-padded rows, and holes (one row nearly empty)."""
-    pos = torch.arange(n)
-    lengths = torch.tensor([n, n - 5, 3])
-    holed = torch.ones(3, n, dtype=torch.bool)
-    holed[0, [1, 2, n // 2, n // 2 + 1, n - 2]] = False
-    holed[1, ::2] = False
-    holed[2] = False
-    holed[2, [0, n // 2, n - 1]] = True
-    return {"right": pos < lengths[:, None], "left": pos >= (n - lengths)[:, None], "holed": holed}
-
 
 def explicit_memorizing_masked(layer: MemorizingAttention, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """Reference with padding: dense per segment; padded keys hidden locally and padded bank entries never retrieved.
@@ -552,7 +542,7 @@ def test_key_mask_equals_explicit_reference_forward_and_gradients(kind, n, L, to
     layer = MemorizingAttention(8, 2, segment=L, top_k=top_k, capacity=capacity).double()
     with torch.no_grad():
         layer.gate_bias.copy_(torch.tensor([0.7, -1.2]))
-    km = _padding_masks(n)[kind]
+    km = padding_masks(n)[kind]
     x = torch.randn(3, n, 8, dtype=torch.float64, requires_grad=True)
     out, w = layer(x, need_weights=True, key_mask=km)
     ref = explicit_memorizing_masked(layer, x, km)
@@ -577,7 +567,7 @@ def test_padded_content_never_reaches_real_outputs_nor_the_bank(kind):
     torch.manual_seed(0)
     n = 16
     layer = MemorizingAttention(16, 4, segment=4, top_k=3, capacity=6).double()
-    km = _padding_masks(n)[kind]
+    km = padding_masks(n)[kind]
     x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
     x2 = torch.where(km[..., None], x, 1e3 * torch.randn(3, n, 16, dtype=torch.float64))
     out = layer(x, key_mask=km).output
@@ -594,7 +584,7 @@ def test_padded_content_never_reaches_real_outputs_nor_the_bank(kind):
         outs.append(layer(nxt, memory=bank).output)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-12)
     # rows with no visible key at all (left padding, segment 0: no bank yet) are zero rows, not NaN
-    left = _padding_masks(n)["left"]
+    left = padding_masks(n)["left"]
     o, w = layer(x, need_weights=True, key_mask=left)
     assert torch.isfinite(o).all() and torch.isfinite(w).all()
     empty = ~(left.cumsum(1) > 0)

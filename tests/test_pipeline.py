@@ -14,9 +14,20 @@ sys.path.insert(0, str(ROOT / "book"))
 import build  # noqa: E402
 
 
-def test_failing_cell_stops_execution_and_is_named(tmp_path, monkeypatch, capsys):
+def _point_build_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the pipeline at a scratch book in ``tmp_path`` (sources, staging, reports, config); returns its notebooks/."""
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
+    monkeypatch.setattr(build, "NOTEBOOKS", nbdir)
+    monkeypatch.setattr(build, "SRC", tmp_path / "src")
+    monkeypatch.setattr(build, "REPORTS", tmp_path / "reports")
+    monkeypatch.setattr(build, "ROOT", tmp_path)
+    (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
+    return nbdir
+
+
+def test_failing_cell_stops_execution_and_is_named(tmp_path, monkeypatch, capsys):
+    nbdir = _point_build_at(tmp_path, monkeypatch)
     (nbdir / "98_broken.md").write_text(
         "---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n"
         "kernelspec:\n  display_name: Python 3\n  language: python\n  name: python3\n---\n\n# Broken\n\n"
@@ -25,11 +36,6 @@ def test_failing_cell_stops_execution_and_is_named(tmp_path, monkeypatch, capsys
         "```{code-cell} ipython3\nraise RuntimeError(\"boom\")\n```\n\n"
         "```{code-cell} ipython3\nnever_reached = True\n```\n"
     )
-    monkeypatch.setattr(build, "NOTEBOOKS", nbdir)
-    monkeypatch.setattr(build, "SRC", tmp_path / "src")
-    monkeypatch.setattr(build, "REPORTS", tmp_path / "reports")
-    monkeypatch.setattr(build, "ROOT", tmp_path)
-    (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
     assert build.sync() == 0
     assert build.execute() == 1
     out = capsys.readouterr().out
@@ -41,13 +47,8 @@ def test_failing_cell_stops_execution_and_is_named(tmp_path, monkeypatch, capsys
 
 def _scratch_book(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
     """A book of one tiny text notebook (a parameters cell) in ``tmp_path``; returns its source."""
-    nbdir = tmp_path / "notebooks"
-    nbdir.mkdir()
-    src = nbdir / name
+    src = _point_build_at(tmp_path, monkeypatch) / name
     src.write_text("---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n---\n\n# Scratch\n\n```{code-cell} ipython3\n:tags: [parameters]\nseed = 0\n```\n")
-    monkeypatch.setattr(build, "NOTEBOOKS", nbdir)
-    monkeypatch.setattr(build, "ROOT", tmp_path)
-    (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
     return src
 
 
@@ -103,19 +104,13 @@ class FakeRunner:
 @pytest.fixture
 def tiny_book(tmp_path, monkeypatch):
     """Two tiny chapters and a tiny `attn` package in a scratch folder, the pipeline pointed at them."""
-    nbdir = tmp_path / "notebooks"
-    nbdir.mkdir()
+    nbdir = _point_build_at(tmp_path, monkeypatch)
     for name, code in (("01_one", "x = 1"), ("02_two", "y = 2")):
         (nbdir / f"{name}.md").write_text(TINY.format(title=name, code=code))
     pkg = tmp_path / "attn"
     pkg.mkdir()
     (pkg / "core.py").write_text("A = 1\n")
-    monkeypatch.setattr(build, "NOTEBOOKS", nbdir)
-    monkeypatch.setattr(build, "SRC", tmp_path / "src")
-    monkeypatch.setattr(build, "REPORTS", tmp_path / "reports")
-    monkeypatch.setattr(build, "ROOT", tmp_path)
     monkeypatch.setattr(build, "PACKAGE", pkg)
-    (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
     assert build.sync() == 0
     return tmp_path
 
@@ -237,17 +232,11 @@ def test_html_key_follows_the_executed_notebooks_and_the_book(tiny_book, monkeyp
 @pytest.mark.slow  # two real kernels (~20 s)
 def test_papermill_runs_in_parallel_workers_and_measures_the_kernels_cpu_time(tmp_path, monkeypatch, capfd):
     """Two real notebooks, two at a time: each kernel burns ~1 s of CPU on one thread, and reports it."""
-    nbdir = tmp_path / "notebooks"
-    nbdir.mkdir()
+    nbdir = _point_build_at(tmp_path, monkeypatch)
     burn = ("import os, time, torch\\nt = time.process_time()\\nwhile time.process_time() - t < 1.0:\\n    pass\\n"
             "print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
     for name in ("01_burn", "02_burn"):
         (nbdir / f"{name}.md").write_text(TINY.format(title=name, code=burn.replace("\\n", "\n")))
-    monkeypatch.setattr(build, "NOTEBOOKS", nbdir)
-    monkeypatch.setattr(build, "SRC", tmp_path / "src")
-    monkeypatch.setattr(build, "REPORTS", tmp_path / "reports")
-    monkeypatch.setattr(build, "ROOT", tmp_path)
-    (tmp_path / "_config.yml").write_text((ROOT / "_config.yml").read_text())
     assert build.sync() == 0
     assert build.execute(jobs=2) == 0
     logs = capfd.readouterr()

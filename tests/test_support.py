@@ -211,3 +211,24 @@ def test_cpu_threads_restores_the_setting():
     assert torch.get_num_threads() == before
     with cpu_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_memory_sweep_and_sweep_table():
+    """Peak memory per implementation and length; the table shows a missing measurement as 'not run' and fits p."""
+    from attn import benchmark
+
+    def fns(n):
+        out = {"linear": lambda: torch.zeros(n * 4096).sum()}
+        if n < 4:
+            out["quadratic"] = lambda: torch.zeros(n * n * 4096).sum()
+        return out
+
+    df = benchmark.memory_sweep(fns, [1, 2, 4], "cpu")
+    assert list(df.columns) == ["name", "n", "peak_mib"] and len(df) == 5
+    table = benchmark.sweep_table(df, "peak_mib", decimals=3)
+    assert list(table.columns) == ["linear", "quadratic"]
+    assert list(table.index) == [1, 2, 4, "exponent p"]
+    assert table.loc[4, "quadratic"] == "not run"
+    assert abs(table.loc["exponent p", "linear"] - 1.0) < 0.1
+    assert abs(table.loc["exponent p", "quadratic"] - 2.0) < 0.1
+    assert not table.isna().any().any()

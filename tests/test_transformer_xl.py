@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from masking import padding_masks
 
 from attn import registry
 from attn.benchmark import count_flops
@@ -505,17 +506,6 @@ def test_bad_input_elsewhere(call, error, match):
 # ----------------------------------------------------------------------------- key_mask (the sequence-mixer protocol)
 
 
-def _padding_masks(n: int) -> dict[str, torch.Tensor]:
-    """``(3, n)`` boolean masks, True = real token: right- and left-padded rows, and holes (one row nearly empty)."""
-    pos = torch.arange(n)
-    lengths = torch.tensor([n, n - 5, 3])
-    holed = torch.ones(3, n, dtype=torch.bool)
-    holed[0, [1, 2, n // 2, n // 2 + 1, n - 2]] = False
-    holed[1, ::2] = False
-    holed[2] = False
-    holed[2, [0, n // 2, n - 1]] = True
-    return {"right": pos < lengths[:, None], "left": pos >= (n - lengths)[:, None], "holed": holed}
-
 
 def _segment_by_segment(layer: TransformerXLAttention, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """The recurrent form run by hand: segment s reads the previous M states of x as memory, the mask sliced alongside."""
@@ -537,7 +527,7 @@ def test_key_mask_equals_dense_reference_forward_and_gradients(kind, n, L, M):
     """
     torch.manual_seed(2)
     layer = TransformerXLAttention(16, 4, segment=L, mem_len=M).double()
-    km = _padding_masks(n)[kind]
+    km = padding_masks(n)[kind]
     x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
     out, w = layer(x, need_weights=True, key_mask=km)
     ref, w_ref = transformer_xl_dense(layer, x, need_weights=True, key_mask=km)
@@ -560,7 +550,7 @@ def test_padded_content_never_reaches_real_outputs_nor_later_memory(kind):
     torch.manual_seed(0)
     n = 16
     layer = TransformerXLAttention(16, 4, segment=4, mem_len=6).double()
-    km = _padding_masks(n)[kind]
+    km = padding_masks(n)[kind]
     x = torch.randn(3, n, 16, dtype=torch.float64, requires_grad=True)
     other = 1e3 * torch.randn(3, n, 16, dtype=torch.float64)
     out = layer(x, key_mask=km).output
@@ -569,7 +559,7 @@ def test_padded_content_never_reaches_real_outputs_nor_later_memory(kind):
     (g,) = torch.autograd.grad(out[km].sum(), x)
     assert (g[~km] == 0).all() and g[km].abs().max() > 0  # nothing flows to or from padded states
     # a query with no visible key (a left-padded first token: causal, every earlier key padded) -> zero row, no NaN
-    left = _padding_masks(n)["left"]
+    left = padding_masks(n)["left"]
     o, w = layer(x, need_weights=True, key_mask=left)
     assert torch.isfinite(o).all() and torch.isfinite(w).all()
     empty = ~(left.cumsum(1) > 0)  # (B, n): no real token at or before this position
