@@ -5,17 +5,21 @@ pieces live once:
 
 * :mod:`attn.masks` -- mask constructors; boolean ``True`` = *may attend* everywhere;
 * :mod:`attn.core` -- the scaled-dot-product core (fused SDPA path when no weights are needed);
+* :mod:`attn.attention` -- the one attention module (:class:`Attention`), the kernel registry and the
+  sequence-mixer protocol every token mixer follows;
 * :mod:`attn.registry` -- the book's parts and chapters (one numbering) and the registered mechanisms;
 * :mod:`attn.checks` -- the input checks every layer calls first;
 * :mod:`attn.benchmark` -- timing, FLOPs, peak memory, sweeps with fitted exponents;
 * :mod:`attn.plotting`, :mod:`attn.widgets` -- heatmaps, curves, the attention explorer;
 * :mod:`attn.tasks`, :mod:`attn.train` -- synthetic tasks and a small seeded trainer;
+* :mod:`attn.experiments` -- each chapter's tasks, task models and losses, apart from its layers;
 * :mod:`attn.compare` -- every mechanism measured on the same axes.
 """
 
 from . import masks
 from .adaptive import AdaptiveSpanAttention, SentinelAttention
 from .adversarial import AttentionClassifier
+from .attention import KERNELS, Attention, SequenceMixer, get_kernel, register_kernel
 from .attention_pooling import PMA, AttentionPool, NadarayaWatson
 from .axial import AxialAttention
 from .bert import BidirectionalSelfAttention
@@ -53,6 +57,11 @@ __all__ = [
     "masks",
     "AttentionOutput",
     "masked_softmax",
+    "Attention",
+    "SequenceMixer",
+    "KERNELS",
+    "get_kernel",
+    "register_kernel",
     "scaled_dot_product_attention",
     "MultiHeadAttention",
     "CrossAttention",

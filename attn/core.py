@@ -19,7 +19,7 @@ and its gradient is zero.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import Tensor
 from .checks import autocast_active, check_same_dtype
 from .masks import causal_mask, check_key_mask, check_mask
 
-__all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv", "build_mask", "MIN_TEMPERATURE"]
+__all__ = ["AttentionOutput", "scaled_dot_product_attention", "masked_softmax", "check_qkv", "build_mask", "MIN_TEMPERATURE", "entropy"]
 
 #: The smallest temperature the layers accept: the score scale ``1 / (tau sqrt(d))`` must stay far below
 #: float32's largest number (3.4e38) even after multiplying a dot product; at ``tau = 1e-40`` the
@@ -206,3 +206,12 @@ def scaled_dot_product_attention(
     attn = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = torch.matmul(attn, v)  # (..., Lq, d_v)
     return AttentionOutput(out, weights)
+
+
+def entropy(p: Tensor | Any, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats of distributions along ``dim`` (``0 log 0 = 0``), in float64.
+
+    ``p`` is a tensor or array of attention rows (each summing to 1, or all zero for a padded row).
+    """
+    p = torch.as_tensor(p, dtype=torch.float64)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim)

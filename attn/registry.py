@@ -58,6 +58,11 @@ class Mechanism:
             returns an :class:`~attn.core.AttentionOutput` with output ``(B, n, E)``.
             The comparison (``python -m attn compare``) plugs it into its task
             models; ``None`` for mechanisms with their own data kind.
+        kernel: the registered attention kernel (:func:`attn.attention.get_kernel`) the mechanism's
+            :class:`~attn.attention.Attention` runs, or ``None`` for a mechanism that is not one kernel
+            around projections.
+        causal: whether ``build``'s layer is causal as built (query ``i`` sees keys ``<= i`` unless
+            ``is_causal=False`` is passed); ``None`` for mechanisms without ``build``.
     """
 
     name: str
@@ -69,6 +74,8 @@ class Mechanism:
     summary: str = ""
     build: Callable[[int, int], nn.Module] | None = field(default=None, compare=False, hash=False)
     task: Callable[[str], OwnTask[Any]] | None = field(default=None, compare=False, hash=False)
+    kernel: str | None = None
+    causal: bool | None = None
 
 
 #: The model type of an :class:`OwnTask`: its ``loss`` and ``weights`` take that model class, not any ``nn.Module``.
@@ -184,6 +191,8 @@ def register(
     summary: str = "",
     build: Callable[[int, int], nn.Module] | None = None,
     task: Callable[[str], OwnTask[Any]] | None = None,
+    kernel: str | None = None,
+    causal: bool | None = None,
 ) -> Callable[[ClsT], ClsT]:
     """Class decorator: add a mechanism to :data:`MECHANISMS` under ``name``.
 
@@ -204,6 +213,8 @@ def register(
             summary or next(iter((cls.__doc__ or "").strip().splitlines()), ""),
             build,
             task,
+            kernel,
+            causal,
         )
         return cls
 
@@ -241,7 +252,8 @@ _LOADED = False
 #: trainer, the comparison, the CLI). :func:`load_all` leaves them alone, so that ``attn.get(...)`` loads
 #: neither matplotlib, anywidget nor pandas.
 SUPPORT_MODULES = frozenset(
-    {"benchmark", "checks", "compare", "core", "masks", "models", "notebook", "plotting", "registry", "tasks", "train", "widgets"}
+    {"benchmark", "checks", "compare", "core", "experiments", "masks", "models", "notebook", "plotting", "registry", "tasks",
+     "train", "widgets"}
 )
 
 

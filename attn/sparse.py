@@ -585,7 +585,7 @@ class SparseAttention(MultiHeadAttention):
         Returns ``(output (B, n, E), weights (B, h, n, n) or None)``; the weights
         are materialised from the blockwise parts, so ask for them at small ``n`` only.
         """
-        self._check(x, x, x)
+        self.check_inputs(x, x, x)
         if empty_batch(x):
             return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
         q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, n, d_h)

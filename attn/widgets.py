@@ -32,16 +32,12 @@ import numpy as np
 import torch
 import traitlets
 
+from .core import entropy
+
 __all__ = ["Panel", "Curves", "Graph", "View", "AttentionExplorer", "entropy"]
 
 _STATIC = pathlib.Path(__file__).parent / "static"
 MAX_STATES = 600
-
-
-def entropy(p: torch.Tensor | np.ndarray, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy in nats of distributions along ``dim`` (``0 log 0 = 0``)."""
-    p = torch.as_tensor(p, dtype=torch.float64)
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim)
 
 
 @dataclass

@@ -244,6 +244,41 @@ table(
 )
 
 table(
+    "Attention", lambda: attn.Attention(E, H, num_kv_heads=1, position="rope", causal=True).eval(),
+    *mixer_rows(),
+    good("cached decoding", lambda m: m(x(), cache=m.new_cache(2, N)), shaped(2, N, E)),
+    good("is_causal=False over the layer's causal=True", lambda m: m(x(), is_causal=False), shaped(2, N, E)),
+    bad("is_causal 1", lambda m: m(x(), is_causal=1), TypeError, r"is_causal must be a bool"),
+    bad("cache full", lambda m: m(x(), cache=m.new_cache(2, N - 1)), ValueError, r"KV cache is full"),
+    bad("unknown kernel", lambda m: attn.Attention(E, H, kernel="nope"), KeyError, r"unknown attention kernel 'nope'"),
+    bad("num_kv_heads 3 of 2", lambda m: attn.Attention(E, 2, num_kv_heads=3), ValueError, r"must divide num_heads"),
+    bad("position 'learned'", lambda m: attn.Attention(E, H, position="learned"), ValueError, r"position must be"),
+    bad("dropout 1", lambda m: attn.Attention(E, H, dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+)
+table(
+    "SequenceMixer", lambda: attn.SequenceMixer,
+    good("Attention is one", lambda p: isinstance(attn.Attention(E, H), p), lambda o: o is True),
+    edge("isinstance sees only __call__: any callable passes", lambda p: isinstance(len, p), lambda o: o is True),
+)
+table(
+    "KERNELS", lambda: attn.KERNELS,
+    good("sdpa", lambda k: k["sdpa"], lambda o: o.name == "sdpa"),
+    bad("unknown name", lambda k: k["nope"], KeyError, r"nope"),
+)
+table(
+    "get_kernel", lambda: attn.get_kernel,
+    good("sdpa", lambda f: f("sdpa"), lambda o: o.name == "sdpa" and not o.grouped),
+    bad("unknown", lambda f: f("nope"), KeyError, r"unknown attention kernel 'nope'; registered: .*sdpa"),
+)
+table(
+    "register_kernel", lambda: attn.register_kernel,
+    good("a new name (removed again)",
+         lambda f: (f("test-only-kernel", summary="x")(attn.attention.sdpa_kernel), attn.KERNELS.pop("test-only-kernel")),
+         lambda o: o[0] is attn.attention.sdpa_kernel and o[1].name == "test-only-kernel"),
+    bad("a taken name", lambda f: f("sdpa")(lambda *a, **k: None), ValueError, r"kernel 'sdpa' is already registered"),
+)
+
+table(
     "SelfAttention", lambda: attn.SelfAttention(E).eval(),
     *mixer_rows(),
     good("causal with weights", lambda m: m(x(), is_causal=True, need_weights=True), lambda o: o.weights.shape == (2, N, N)),
@@ -891,7 +926,7 @@ def test_every_table_has_a_good_call_and_a_bad_or_edge_one():
     for name, (_, rows) in TABLES.items():
         kinds = {r.kind for r in rows}
         assert "good" in kinds, f"{name}: no call that must succeed"
-        if name not in ("CHAPTERS",):  # data, not a callable
+        if name not in ("CHAPTERS", "KERNELS", "SequenceMixer"):  # data or a protocol, not a callable
             assert kinds & {"bad", "edge"}, f"{name}: no bad or edge call"
 
 

@@ -73,7 +73,7 @@ def _attention_stats(
             res.notes.append(f"layer {i}'s weights are not distributions (rows do not sum to 1): entropy skipped")
             return
         per_layer.append(w)
-    from ..widgets import entropy
+    from ..core import entropy
 
     rows = torch.stack([entropy(w) for w in per_layer]).float()  # (layers, B, H, n)
     res.query_entropy = rows[..., -1].numpy()  # (layers, B, H)
@@ -117,7 +117,7 @@ def own_task_learning(task: OwnTask, preset: Preset, seed: int, device: torch.de
         res.metrics["accuracy"] = ev["acc"]
         res.metrics["eval_loss"] = ev["loss"]
         if task.weights is not None:
-            from ..widgets import entropy
+            from ..core import entropy
 
             batch = task.sample(task.eval_batch, torch.Generator().manual_seed(_eval_seed(seed)))
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -52,6 +52,8 @@ class Preset:
     sweep_cap_s: float
     train_threads: int = 1
     probe_examples: int = 6
+    #: the size of the mechanisms' own tasks (graphs, images, sets, ...): one of ``attn.experiments.SIZES``
+    task_size: str = "full"
     #: typical seconds per sequence mechanism on a 2-core CPU (measured; own tasks vary by chapter)
     cpu_seconds: str = ""
 
@@ -80,21 +82,21 @@ PRESETS: dict[str, Preset] = {
         "quick", n_pairs=15, n_keys=16, n_values=8, embed_dim=32, num_heads=4, layers=1,
         steps=60, batch_size=32, lr=1e-2, log_every=10, target_acc=0.5, eval_batch=256,
         bench_embed=32, bench_batch=1, bench_n=128, sweep_lengths=(64, 128, 256),
-        min_run_time=0.01, sweep_cap_s=0.05, probe_examples=2, cpu_seconds="about 1 s",
+        min_run_time=0.01, sweep_cap_s=0.05, probe_examples=2, task_size="quick", cpu_seconds="about 1 s",
     ),
     # the book's comparison chapter: 1-3 s per mechanism on a 2-core CPU
     "book": Preset(
         "book", n_pairs=15, n_keys=16, n_values=16, embed_dim=32, num_heads=4, layers=1,
         steps=200, batch_size=64, lr=1e-2, log_every=10, target_acc=0.9, eval_batch=512,
         bench_embed=64, bench_batch=1, bench_n=512, sweep_lengths=(128, 256, 512, 1024),
-        min_run_time=0.03, sweep_cap_s=0.25, cpu_seconds="2-4 s",
+        min_run_time=0.03, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-4 s",
     ),
     # the CLI default on a CPU: about 15-40 s per mechanism on 2 cores
     "default": Preset(
         "default", n_pairs=31, n_keys=32, n_values=16, embed_dim=64, num_heads=4, layers=2,
         steps=600, batch_size=64, lr=3e-3, log_every=10, target_acc=0.9, eval_batch=1024,
         bench_embed=128, bench_batch=2, bench_n=1024, sweep_lengths=(256, 512, 1024, 2048, 4096),
-        min_run_time=0.2, sweep_cap_s=1.0, cpu_seconds="10-40 s",
+        min_run_time=0.2, sweep_cap_s=1.0, task_size="full", cpu_seconds="10-40 s",
     ),
     # the CLI default on a GPU: longer sequences, wider model, longer training and sweep
     "gpu": Preset(
@@ -102,7 +104,7 @@ PRESETS: dict[str, Preset] = {
         steps=2000, batch_size=256, lr=3e-3, log_every=20, target_acc=0.9, eval_batch=4096,
         bench_embed=256, bench_batch=8, bench_n=4096,
         sweep_lengths=(512, 1024, 2048, 4096, 8192, 16384),
-        min_run_time=0.2, sweep_cap_s=1.0, cpu_seconds="minutes (meant for CUDA)",
+        min_run_time=0.2, sweep_cap_s=1.0, task_size="large", cpu_seconds="minutes (meant for CUDA)",
     ),
 }
 

@@ -313,7 +313,8 @@ class Comparison:
         are several). Left: the attention matrix averaged over heads, the query
         row highlighted; right: the query row of every head.
         """
-        from ..widgets import AttentionExplorer, Panel, View, entropy
+        from ..core import entropy
+        from ..widgets import AttentionExplorer, Panel, View
 
         # name -> (result, its probe weights (layers, k, H, n, n)), for the mechanisms that returned weights
         have = {r.name: (r, r.probe_weights) for r in self.results if r.probe_weights is not None}
