@@ -1,16 +1,138 @@
-"""Small models that wrap an attention layer for the shared synthetic tasks."""
+"""The book's small models: one Transformer block and one token language model around any sequence mixer,
+and the recall models of the shared synthetic task.
+
+:class:`TransformerBlock` is the block chapter 3 teaches (Vaswani et al. 2017, with the pre-norm placement of
+Xiong et al., "On Layer Normalization in the Transformer Architecture", ICML 2020, by default):
+``h = x + Mix(LN(x))``, ``y = h + FFN(LN(h))``; ``norm_first=False`` gives the paper's post-norm
+``h = LN(x + Mix(x))``, ``y = LN(h + FFN(h))``. :class:`TokenLM` stacks blocks over token and (optional) learned
+position embeddings; every chapter's language model or encoder is one of these with its mechanism as the mixer.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_int, check_token_ids
 from .core import AttentionOutput
 from .multihead import MultiHeadAttention
 from .tasks import AssociativeRecall
 
-__all__ = ["RecallTokens", "RecallModel", "recall_loss"]
+__all__ = ["TransformerBlock", "TokenLM", "LMOutput", "RecallTokens", "RecallModel", "recall_loss"]
+
+
+class TransformerBlock(nn.Module):
+    """One Transformer block around a sequence mixer: ``(B, n, E) -> (B, n, E)``.
+
+    Args:
+        mixer: a :class:`~attn.attention.SequenceMixer` of width ``embed_dim`` (any registered ``build``).
+        embed_dim: width ``E``.
+        ffn_mult: the feed-forward width is ``ffn_mult * E`` (GELU); ``0`` drops the feed-forward sublayer.
+        norm_first: pre-norm (default) or the original post-norm placement.
+        dropout: on both residual branches while training.
+
+    ``forward(x, *, key_mask=None, is_causal=None, need_weights=False, **mixer_kwargs)`` returns an
+    :class:`~attn.core.AttentionOutput`: the block's output and the mixer's weights; extra keywords
+    (a ``cache``) go to the mixer.
+    """
+
+    def __init__(self, mixer: nn.Module, embed_dim: int, ffn_mult: int = 4, norm_first: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        check_int("embed_dim", embed_dim)
+        check_int("ffn_mult", ffn_mult, 0)
+        self.mixer, self.norm_first = mixer, norm_first
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.ffn: nn.Module | None = None
+        self.norm2: nn.Module | None = None
+        if ffn_mult:
+            self.ffn = nn.Sequential(
+                nn.Linear(embed_dim, ffn_mult * embed_dim), nn.GELU(), nn.Linear(ffn_mult * embed_dim, embed_dim)
+            )
+            self.norm2 = nn.LayerNorm(embed_dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None,
+                need_weights: bool = False, **mixer_kwargs: Any) -> AttentionOutput:
+        mix = self.norm1(x) if self.norm_first else x
+        out, weights = self.mixer(mix, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights,
+                                  **mixer_kwargs)
+        h = x + self.drop(out)
+        if not self.norm_first:
+            h = self.norm1(h)
+        if self.ffn is not None and self.norm2 is not None:
+            h = h + self.drop(self.ffn(self.norm2(h))) if self.norm_first else self.norm2(h + self.drop(self.ffn(h)))
+        return AttentionOutput(h, weights)
+
+
+class LMOutput(NamedTuple):
+    """``logits`` ``(B, n, vocab)`` and, when asked, each layer's weights ``[(B, h, n, n)]`` (else ``[]``)."""
+
+    logits: Tensor
+    weights: list[Tensor | None]
+
+
+class TokenLM(nn.Module):
+    """Token embedding (+ learned positions) -> ``num_layers`` :class:`TransformerBlock` -> LayerNorm -> logits.
+
+    Args:
+        vocab: vocabulary size.
+        embed_dim: width ``E``.
+        num_layers: blocks.
+        mixer: ``mixer(layer_index) -> nn.Module``, the sequence mixer of each block (a causal one makes a
+            language model, a bidirectional one an encoder).
+        max_len: learned absolute positions for up to ``max_len`` tokens, initialised ``N(0, position_std^2)``;
+            ``None`` for none (a mixer with RoPE or ALiBi places positions itself).
+        ffn_mult, norm_first: as :class:`TransformerBlock`.
+        tie: share the output matrix with the token embedding.
+
+    ``forward(tokens (B, n) long, *, key_mask=None, is_causal=None, need_weights=False, caches=None)``
+    returns :class:`LMOutput`; with ``caches`` (one per block, a :class:`~attn.attention.KVStore` each) the
+    tokens continue the cached sequence and the positions start after it.
+    """
+
+    def __init__(self, vocab: int, embed_dim: int, num_layers: int, mixer: Callable[[int], nn.Module],
+                 max_len: int | None = None, position_std: float = 0.02, ffn_mult: int = 4,
+                 norm_first: bool = True, tie: bool = False) -> None:
+        super().__init__()
+        check_int("vocab", vocab)
+        check_int("num_layers", num_layers)
+        self.embed = nn.Embedding(vocab, embed_dim)
+        self.pos: nn.Embedding | None = None
+        if max_len is not None:
+            self.pos = nn.Embedding(check_int("max_len", max_len), embed_dim)
+            nn.init.normal_(self.pos.weight, std=position_std)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(mixer(i), embed_dim, ffn_mult, norm_first) for i in range(num_layers)
+        )
+        self.norm: nn.Module = nn.LayerNorm(embed_dim) if norm_first else nn.Identity()
+        self.head = nn.Linear(embed_dim, vocab, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None,
+                need_weights: bool = False, caches: list[Any] | None = None) -> LMOutput:
+        check_token_ids(tokens, self.embed.num_embeddings)
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches must hold one cache per block: {len(self.blocks)} blocks, got {len(caches)}")
+        past = caches[0].length if caches else 0
+        h = self.embed(tokens)
+        if self.pos is not None:
+            if past + tokens.shape[1] > self.pos.num_embeddings:
+                raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len "
+                                 f"{self.pos.num_embeddings}")
+            h = h + self.pos(torch.arange(past, past + tokens.shape[1], device=tokens.device))
+        weights: list[Tensor | None] = []
+        for i, block in enumerate(self.blocks):
+            extra = {} if caches is None else {"cache": caches[i]}
+            h, w = block(h, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights, **extra)
+            if need_weights:
+                weights.append(w)
+        return LMOutput(self.head(self.norm(h)), weights)
 
 
 class RecallTokens(nn.Module):
