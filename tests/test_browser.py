@@ -171,3 +171,42 @@ def test_chapter_page_works_offline(browser, name):
                         "math_elements": page.locator("mjx-container").count()}
     finally:
         v.close(name)
+
+
+def _sidebar_left(page) -> float:
+    return page.evaluate("document.querySelector('.bd-sidebar-primary').getBoundingClientRect().left")
+
+
+@pytest.mark.parametrize("width,height", [(1366, 900), (390, 844)], ids=["desktop", "phone"])
+def test_chapter_list_opens_and_closes(browser, width, height):
+    """The sidebar button works: on a phone it brings the chapter list on screen (and a chapter link there
+    navigates); on a desktop it folds the list away. Fails with a theme pair whose toggle is bound to a
+    checkbox or dialog the other theme does not render."""
+    b, base = browser
+    page = b.new_page(viewport={"width": width, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"{base}/notebooks/08_local_attention.html", wait_until="networkidle")
+        toggles = [t for t in page.query_selector_all(".primary-toggle") if t.is_visible()]
+        assert len(toggles) == 1, f"{len(toggles)} visible sidebar buttons"
+        before = _sidebar_left(page)
+        toggles[0].click()
+        page.wait_for_timeout(600)  # the slide-in transition
+        after = _sidebar_left(page)
+        if width < 960:
+            assert before < 0 <= after, f"phone: the chapter list stays off-screen (left {before} -> {after})"
+            link = page.locator(".bd-sidebar-primary a[href*='02_self_attention']").first
+            assert link.is_visible()
+            link.click()
+            page.wait_for_load_state("networkidle")
+            assert page.url.endswith("02_self_attention.html")
+        else:
+            assert before >= 0 > after, f"desktop: the button does not fold the chapter list (left {before} -> {after})"
+        headers = page.evaluate("document.querySelectorAll('header.bd-header, .bd-header').length")
+        assert headers <= 1, f"{headers} page headers"
+        assert not [e for e in errors if "THEBE_JS_URL" not in e], errors
+    finally:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"navigation_{width}.png"))
+        page.close()
