@@ -53,26 +53,18 @@ Visual Models From Natural Language Supervision", ICML 2021.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .attention import Attention
 from .checks import check_tensor, check_tokens
 from .core import AttentionOutput, scaled_dot_product_attention
 from .masks import check_key_mask
-from .multihead import MultiHeadAttention
-from .registry import OwnTask, register
+from .registry import register
 
-__all__ = [
-    "nadaraya_watson", "gaussian_kernel_weights", "NadarayaWatson", "MAB", "PMA", "AttentionPool", "SetClassifier",
-    "ContentMeanSets", "set_loss", "make_set_task", "make_regression_task", "KernelRegressionTask",
-]
-
-Pool = Literal["pma", "clip", "mean", "max"]
+__all__ = ["nadaraya_watson", "gaussian_kernel_weights", "NadarayaWatson", "RowFF", "MAB", "PMA", "AttentionPool"]
 
 
 def _check_set(z: object, dim: int | None, key_mask: Tensor | None, name: str = "z") -> Tensor:
@@ -146,7 +138,7 @@ def _check_regression(queries: object, keys: object, values: object) -> tuple[Te
 
 
 def nadaraya_watson(
-    queries: Tensor, keys: Tensor, values: Tensor, bandwidth: float | Tensor,
+    queries: Tensor, keys: Tensor, values: Tensor, bandwidth: float | Tensor, *,
     key_mask: Tensor | None = None, need_weights: bool = False,
 ) -> AttentionOutput:
     r"""Nadaraya-Watson regression with a Gaussian kernel, computed as scaled dot-product attention.
@@ -204,7 +196,6 @@ def gaussian_kernel_weights(queries: Tensor, keys: Tensor, bandwidth: float | Te
     chapter=19,
     data="set",
     summary="kernel regression as attention: softmax of -|x - x_i|^2 / 2h^2 over the observations",
-    task=lambda preset: make_regression_task(preset),
 )
 class NadarayaWatson(nn.Module):
     """Nadaraya-Watson regression with a learnable bandwidth ``h = exp(log_h)``.
@@ -234,7 +225,7 @@ class NadarayaWatson(nn.Module):
     def bandwidth(self) -> Tensor:
         return self.log_bandwidth.exp()
 
-    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor | None = None,
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, *, key_mask: Tensor | None = None,
                 need_weights: bool = False) -> AttentionOutput:
         return nadaraya_watson(queries, keys, values, self.bandwidth, key_mask=key_mask, need_weights=need_weights)
 
@@ -264,15 +255,15 @@ class MAB(nn.Module):
         layer_norm: the paper's two layer norms (``False`` drops them, as the paper's ablation).
     """
 
-    def __init__(self, dim: int, num_heads: int, ff_hidden: int | None = None, layer_norm: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, *, ff_hidden: int | None = None, layer_norm: bool = True) -> None:
         super().__init__()
         self.dim = dim
-        self.attention = MultiHeadAttention(dim, num_heads)
+        self.attention = Attention(dim, num_heads)  # the book's one multi-head attention (scaled dot-product kernel)
         self.ff = RowFF(dim, ff_hidden)
         self.norm1 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
         self.norm2 = nn.LayerNorm(dim) if layer_norm else nn.Identity()
 
-    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+    def forward(self, x: Tensor, y: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         att, weights = self.attention(x, y, y, key_mask=key_mask, need_weights=need_weights)  # (B, m, d)
         h = self.norm1(x + att)  # H = LN(X + Multihead(X, Y, Y))
         return AttentionOutput(self.norm2(h + self.ff(h)), weights)  # LN(H + rFF(H))
@@ -285,7 +276,6 @@ class MAB(nn.Module):
     chapter=19,
     data="set",
     summary="Set Transformer pooling: k learned seeds attend to the set through a MAB block",
-    task=lambda preset: make_set_task(preset, "pma"),
 )
 class PMA(nn.Module):
     r"""Pooling by multi-head attention: ``PMA_k(Z) = MAB(S, rFF(Z))`` with ``k`` learned seeds ``S``.
@@ -300,7 +290,7 @@ class PMA(nn.Module):
         ff_hidden, layer_norm: passed to the :class:`MAB`.
     """
 
-    def __init__(self, dim: int, num_heads: int = 4, num_seeds: int = 1, ff_hidden: int | None = None,
+    def __init__(self, dim: int, num_heads: int = 4, *, num_seeds: int = 1, ff_hidden: int | None = None,
                  layer_norm: bool = True) -> None:
         super().__init__()
         if num_seeds <= 0:
@@ -308,9 +298,9 @@ class PMA(nn.Module):
         self.dim, self.num_seeds = dim, num_seeds
         self.seeds = nn.Parameter(torch.randn(num_seeds, dim) / math.sqrt(dim))  # S (k, d); small: near-uniform weights at first
         self.ff = RowFF(dim, ff_hidden)
-        self.mab = MAB(dim, num_heads, ff_hidden, layer_norm)
+        self.mab = MAB(dim, num_heads, ff_hidden=ff_hidden, layer_norm=layer_norm)
 
-    def forward(self, z: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+    def forward(self, z: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         z = _check_set(z, self.dim, key_mask)
         seeds = self.seeds.expand(z.shape[0], -1, -1)  # (B, k, d)
         return self.mab(seeds, self.ff(z), key_mask=key_mask, need_weights=need_weights)  # (B, k, d), (B, h, k, n)
@@ -326,7 +316,6 @@ class PMA(nn.Module):
     chapter=19,
     data="set",
     summary="CLIP's attention pool: the mean token queries the tokens (and itself)",
-    task=lambda preset: make_set_task(preset, "clip"),
 )
 class AttentionPool(nn.Module):
     r"""CLIP's attention pool: the mean of the tokens is the one query.
@@ -342,7 +331,7 @@ class AttentionPool(nn.Module):
             tokens (CLIP's image grid; breaks permutation invariance); ``None`` for sets.
     """
 
-    def __init__(self, dim: int, num_heads: int = 4, out_dim: int | None = None, num_positions: int | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int = 4, *, out_dim: int | None = None, num_positions: int | None = None) -> None:
         super().__init__()
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
             raise ValueError(f"dim ({dim}) must be positive and divisible by num_heads ({num_heads})")
@@ -351,7 +340,7 @@ class AttentionPool(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.c_proj = nn.Linear(dim, self.out_dim)
 
-    def forward(self, z: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+    def forward(self, z: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         z = _check_set(z, self.dim, key_mask)
         if self.position is not None and z.shape[1] + 1 != self.position.shape[0]:
             raise ValueError(f"z must have shape (batch, n={self.position.shape[0] - 1}, dim={self.dim}) to match the "
@@ -372,194 +361,3 @@ class AttentionPool(nn.Module):
         out, weights = scaled_dot_product_attention(q, k, v, key_mask=full_mask, need_weights=need_weights)
         out = self.c_proj(rearrange(out, "b h l d -> b l (h d)"))[:, 0]  # (B, out_dim)
         return AttentionOutput(out, None if weights is None else weights[:, :, 0])  # weights (B, h, n + 1)
-
-
-# ----------------------------------------------------------------------------- a set model and its task
-
-
-class SetClassifier(nn.Module):
-    """``rho(pool(phi(x_i)))``: row-wise encoder, a permutation-invariant pool, a classifier (Deep Sets form).
-
-    Shapes: ``x (B, n, in_dim)``, ``key_mask (B, n)`` -> logits ``(B, num_classes)``.
-
-    Args:
-        pool: ``"pma"`` (:class:`PMA`, one seed), ``"clip"`` (:class:`AttentionPool`), ``"mean"`` or ``"max"``
-            (over the real elements).
-    """
-
-    def __init__(self, in_dim: int, num_classes: int, dim: int = 32, pool: Pool = "pma", num_heads: int = 4) -> None:
-        super().__init__()
-        if pool not in ("pma", "clip", "mean", "max"):
-            raise ValueError(f"pool must be 'pma', 'clip', 'mean' or 'max', got {pool!r}")
-        self.in_dim, self.pool_kind = in_dim, pool
-        self.encoder = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))  # phi
-        self.pool: nn.Module | None = PMA(dim, num_heads) if pool == "pma" else AttentionPool(dim, num_heads) if pool == "clip" else None
-        self.decoder = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_classes))  # rho
-
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
-        """``(logits (B, C), pooling weights or None)``."""
-        x = _check_set(x, self.in_dim, key_mask, "x")
-        h = self.encoder(x)  # (B, n, d)
-        weights = None
-        if self.pool is not None:  # "pma" or "clip"
-            pooled, weights = self.pool(h, key_mask, need_weights)
-            if self.pool_kind == "pma":
-                pooled = pooled[:, 0]  # the one seed's output
-        else:
-            real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if key_mask is None else key_mask
-            if self.pool_kind == "mean":
-                pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
-            else:
-                pooled = h.masked_fill(~real[..., None], float("-inf")).amax(1) if h.shape[0] else h.new_zeros(0, h.shape[-1])
-        return AttentionOutput(self.decoder(pooled), weights)
-
-
-@dataclass(frozen=True)
-class ContentMeanSets:
-    """Sets whose label needs a mean weighted by content: is the mean of the A elements above the mean of the whole set?
-
-    Each element is ``[value, one-hot type]`` with ``n_types`` types (type 0 is
-    A, drawn with probability ``a_share``, at least once per set; the others
-    uniformly). Per set, each type's values are drawn around its own random
-    centre, and the number of A elements varies from set to set. The
-    label is ``mean(values of A) > mean(all values)``. A mean over the set gives
-    ``sum_A / n`` and ``n_A / n`` but not their ratio, the A mean (the pooled
-    features mix in the count); a max gives extremes, not means. An attention
-    head that puts its weight on the A elements alone reads the A mean
-    directly, and a uniform head reads the overall mean.
-
-    ``sample`` returns ``x (B, n_max, 1 + n_types)``, ``mask (B, n_max)`` (real
-    elements first), ``y (B,)``; ``offset`` adds a random shift shared by a set.
-    """
-
-    n_types: int = 4
-    size: tuple[int, int] = (8, 48)
-    spread: float = 1.5
-    offset: float = 0.0
-    a_share: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.size[0] <= self.size[1] or self.n_types < 2:
-            raise ValueError(f"need 1 <= size[0] <= size[1] and n_types >= 2, got size={self.size}, n_types={self.n_types}")
-
-    @property
-    def in_dim(self) -> int:
-        return 1 + self.n_types
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, set_size: int | None = None) -> dict[str, Tensor]:
-        """A batch of padded sets (``set_size`` fixes ``n`` for every set)."""
-        g = generator
-        lo, hi = (set_size, set_size) if set_size is not None else self.size
-        n = torch.randint(lo, hi + 1, (batch_size,), generator=g)
-        mask = torch.arange(hi) < n[:, None]  # (B, n_max), real elements first
-        is_a = torch.rand(batch_size, hi, generator=g) < self.a_share
-        types = torch.where(is_a, 0, torch.randint(1, self.n_types, (batch_size, hi), generator=g))
-        types[:, 0] = 0  # at least one A (sets are unordered: where it sits does not matter)
-        centre = torch.randn(batch_size, self.n_types, generator=g) * 0.5  # per-set centre of every type
-        offset = torch.randn(batch_size, 1, generator=g) * self.offset  # shared by all elements of a set
-        values = (offset + centre.gather(1, types) + self.spread * torch.randn(batch_size, hi, generator=g)) * mask
-        a = (types == 0) & mask
-        mean_a = (values * a).sum(1) / a.sum(1)
-        mean_all = values.sum(1) / n
-        x = torch.cat([values[..., None], F.one_hot(types, self.n_types).float()], -1) * mask[..., None]
-        return {"x": x, "mask": mask, "y": (mean_a > mean_all).long()}
-
-
-def set_loss(model: SetClassifier, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy and accuracy of a :class:`SetClassifier`, for :func:`attn.train.train`."""
-    logits = model(batch["x"], batch["mask"]).output
-    return F.cross_entropy(logits, batch["y"]), {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
-
-
-_SET_PRESETS = {  # steps, batch, cost sweep (set sizes)
-    "quick": (20, 32, (16, 64, 256)),
-    "book": (200, 64, (64, 256, 1024, 4096)),
-    "default": (600, 64, (64, 256, 1024, 4096, 16384)),
-    "gpu": (2000, 256, (256, 1024, 4096, 16384, 65536)),
-}
-
-
-def make_set_task(preset: str = "default", pool: Pool = "pma") -> OwnTask[SetClassifier]:
-    """:class:`ContentMeanSets` classified by a :class:`SetClassifier` with the given pool (the comparison's own task).
-
-    Cost: the pool alone on 8 sets of ``size`` elements of width 32.
-    """
-    if preset not in _SET_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_SET_PRESETS)}, got {preset!r}")
-    steps, batch, sizes = _SET_PRESETS[preset]
-    sets = ContentMeanSets()
-    model = SetClassifier(sets.in_dim, 2, pool=pool)
-    layer = PMA(32, 4) if pool == "pma" else AttentionPool(32, 4)
-
-    def inputs(size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        dev = next(layer.parameters()).device
-        z = torch.randn(8, size, 32, generator=generator).to(dev)
-        return z, torch.ones(8, size, dtype=torch.bool, device=dev)
-
-    def weights(m: SetClassifier, b: dict[str, Tensor]) -> Tensor:
-        w = m(b["x"], b["mask"], need_weights=True).weights  # PMA (B, h, 1, n); CLIP (B, h, n + 1)
-        return w.flatten(0, -2)
-
-    return OwnTask(
-        description=f"sets of {sets.size[0]}-{sets.size[1]} elements: is the mean of the A elements above the set's mean?",
-        model=model, sample=sets.sample, loss=set_loss, layer=layer, inputs=inputs, sizes=sizes,
-        size_unit="set elements", steps=steps, batch_size=batch, lr=3e-3, log_every=10, target_acc=0.9, weights=weights,
-    )
-
-
-@dataclass(frozen=True)
-class KernelRegressionTask:
-    """Noisy samples of ``f(x) = sin(2x) + x / 2`` on ``[0, 5]``; predict ``f`` at query points from the samples.
-
-    ``sample`` returns ``keys (B, n, 1)``, ``values (B, n, 1)`` (noisy ``y_i``), ``queries (B, m, 1)`` and
-    ``targets (B, m, 1)`` (noiseless ``f``).
-    """
-
-    n_points: int = 64
-    n_queries: int = 32
-    noise: float = 0.5
-
-    @staticmethod
-    def f(x: Tensor) -> Tensor:
-        return torch.sin(2 * x) + 0.5 * x
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, n_points: int | None = None) -> dict[str, Tensor]:
-        n = n_points or self.n_points
-        keys = torch.rand(batch_size, n, 1, generator=generator) * 5
-        values = self.f(keys) + self.noise * torch.randn(batch_size, n, 1, generator=generator)
-        queries = torch.rand(batch_size, self.n_queries, 1, generator=generator) * 5
-        return {"keys": keys, "values": values, "queries": queries, "targets": self.f(queries)}
-
-
-def _regression_loss(model: NadarayaWatson, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    pred = model(batch["queries"], batch["keys"], batch["values"]).output
-    err = (pred - batch["targets"]).abs()
-    return F.mse_loss(pred, batch["targets"]), {"acc": float((err < 0.25).float().mean()), "bandwidth": float(torch.as_tensor(model.bandwidth).detach())}
-
-
-def make_regression_task(preset: str = "default") -> OwnTask[NadarayaWatson]:
-    """Kernel regression with a learned bandwidth; "acc" is the fraction of predictions within 0.25 of the noiseless ``f``.
-
-    Cost: the estimator on 8 problems with ``size`` observations and ``size`` queries (``O(m n)``).
-    """
-    if preset not in _SET_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_SET_PRESETS)}, got {preset!r}")
-    steps, batch, sizes = _SET_PRESETS[preset]
-    task = KernelRegressionTask()
-    layer = NadarayaWatson(0.3, learnable=False)
-
-    def inputs(size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        dev = layer.log_bandwidth.device
-        b = task.sample(8, generator, n_points=size)
-        queries = torch.rand(8, size, 1, generator=generator) * 5  # as many queries as observations
-        return queries.to(dev), b["keys"].to(dev), b["values"].to(dev)
-
-    def weights(m: NadarayaWatson, b: dict[str, Tensor]) -> Tensor:
-        return m(b["queries"], b["keys"], b["values"], need_weights=True).weights.flatten(0, 1)
-
-    return OwnTask(
-        description="1-D kernel regression from 64 noisy samples, bandwidth learned (acc: |error| < 0.25)",
-        model=NadarayaWatson(2.0), sample=task.sample, loss=_regression_loss, layer=layer, inputs=inputs,
-        sizes=tuple(s for s in sizes if s <= 4096), size_unit="observations", steps=max(steps // 2, 10),
-        batch_size=batch, lr=5e-2, log_every=10, target_acc=0.6, weights=weights,
-    )

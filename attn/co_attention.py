@@ -49,18 +49,14 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import autocast_active, check_int, check_same_batch, check_same_dtype, check_tensor
 from .core import masked_softmax
 from .masks import check_key_mask
-from .registry import OwnTask, register
+from .registry import register
 
-__all__ = [
-    "CoAttentionOutput", "DCNOutput", "ParallelCoAttention", "AlternatingCoAttention", "DCNCoAttention",
-    "MatchingPairs", "CoAttentionPointer", "pointer_loss", "make_co_attention_task",
-]
+__all__ = ["CoAttentionOutput", "DCNOutput", "ParallelCoAttention", "AlternatingCoAttention", "DCNCoAttention"]
 
 
 class CoAttentionOutput(NamedTuple):
@@ -78,7 +74,7 @@ class DCNOutput(NamedTuple):
     """DCN's co-attention, batch-first, sentinel last on both axes.
 
     ``context`` C^D ``(B, m+1, 2ℓ)``; ``question_context`` C^Q ``(B, n+1, ℓ)``;
-    ``affinity`` L ``(B, m+1, n+1)``; ``document_weights`` A^D ``(B, m+1, n+1)``
+    ``affinity`` L ``(B, m+1, n+1)``; ``passage_weights`` A^D ``(B, m+1, n+1)``
     (each document word over the question); ``question_weights`` (A^Q)^T
     ``(B, n+1, m+1)`` (each question word over the document); ``encoding`` U
     ``(B, m, 2ℓ)`` or ``None`` without the BiLSTM.
@@ -87,17 +83,18 @@ class DCNOutput(NamedTuple):
     context: Tensor
     question_context: Tensor
     affinity: Tensor
-    document_weights: Tensor
+    passage_weights: Tensor
     question_weights: Tensor
     encoding: Tensor | None
 
 
 def _check_pair(layer: ParallelCoAttention | AlternatingCoAttention | DCNCoAttention, question: object, passage: object,
                 question_mask: Tensor | None, passage_mask: Tensor | None,
-                q_name: str = "question", p_name: str = "passage") -> tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor]:
     """Both inputs are real floating-point ``(batch, len >= 1, width)`` tensors of the layer's widths, one dtype (the
     layer's, outside autocast) and one batch; masks are ``None`` or bool ``(batch, len)`` with a real position per row."""
     dq, dv = layer.question_dim, layer.passage_dim
+    q_name, p_name = "question", "passage"
     question = check_tensor(question, q_name, f"(batch, T, question_dim={dq})", 3)
     passage = check_tensor(passage, p_name, f"(batch, N, passage_dim={dv})", 3)
     for name, t, d, ln in ((q_name, question, dq, "T"), (p_name, passage, dv, "N")):
@@ -122,13 +119,6 @@ def _check_pair(layer: ParallelCoAttention | AlternatingCoAttention | DCNCoAtten
     return question, passage
 
 
-def _pair_task(kind: str):
-    def make(preset: str) -> OwnTask[CoAttentionPointer]:
-        return make_co_attention_task(kind, preset)
-
-    return make
-
-
 @register(
     "parallel_coattention",
     paper="Lu et al. 2016",
@@ -136,7 +126,6 @@ def _pair_task(kind: str):
     chapter=7,
     data="pair",
     summary="affinity C = tanh(Q^T W_b V) guides attention over both inputs at once",
-    task=_pair_task("parallel"),
 )
 class ParallelCoAttention(nn.Module):
     """Lu et al.'s parallel co-attention between a question ``(B, T, d_q)`` and a passage ``(B, N, d_v)``.
@@ -145,13 +134,13 @@ class ParallelCoAttention(nn.Module):
         question_dim, passage_dim: widths ``d_q``, ``d_v``.
         hidden: ``k``, the width of ``H^q`` and ``H^v``.
 
-    ``forward(question, passage, question_mask=None, passage_mask=None)`` ->
+    ``forward(question, passage, *, question_mask=None, passage_mask=None)`` ->
     :class:`CoAttentionOutput`. Padded positions take no part: their
     affinities are set to 0 (they add nothing to the other side's ``H``) and
     their weights are 0.
     """
 
-    def __init__(self, question_dim: int, passage_dim: int, hidden: int = 32) -> None:
+    def __init__(self, question_dim: int, passage_dim: int, *, hidden: int = 32) -> None:
         super().__init__()
         for name, value in (("question_dim", question_dim), ("passage_dim", passage_dim), ("hidden", hidden)):
             check_int(name, value)
@@ -162,7 +151,9 @@ class ParallelCoAttention(nn.Module):
         self.w_hv = nn.Linear(hidden, 1, bias=False)  # w_hv
         self.w_hq = nn.Linear(hidden, 1, bias=False)  # w_hq
 
-    def forward(self, question: Tensor, passage: Tensor, question_mask: Tensor | None = None, passage_mask: Tensor | None = None) -> CoAttentionOutput:
+    def forward(
+        self, question: Tensor, passage: Tensor, *, question_mask: Tensor | None = None, passage_mask: Tensor | None = None
+    ) -> CoAttentionOutput:
         question, passage = _check_pair(self, question, passage, question_mask, passage_mask)
         b, t, n = question.shape[0], question.shape[1], passage.shape[1]
         if b == 0:
@@ -206,7 +197,6 @@ class _GuidedAttention(nn.Module):
     chapter=7,
     data="pair",
     summary="summarise the question, attend the passage with it, re-attend the question with the passage summary",
-    task=_pair_task("alternating"),
 )
 class AlternatingCoAttention(nn.Module):
     """Lu et al.'s alternating co-attention: ``s^ = A(Q; 0)``, ``v^ = A(V; s^)``, ``q^ = A(Q; v^)``.
@@ -220,11 +210,11 @@ class AlternatingCoAttention(nn.Module):
             **one-way** baseline of the chapter (``question_weights`` are the
             first step's).
 
-    ``forward(question, passage, question_mask=None, passage_mask=None)`` ->
+    ``forward(question, passage, *, question_mask=None, passage_mask=None)`` ->
     :class:`CoAttentionOutput` with ``affinity=None``.
     """
 
-    def __init__(self, question_dim: int, passage_dim: int, hidden: int = 32, third_step: bool = True) -> None:
+    def __init__(self, question_dim: int, passage_dim: int, *, hidden: int = 32, third_step: bool = True) -> None:
         super().__init__()
         for name, value in (("question_dim", question_dim), ("passage_dim", passage_dim), ("hidden", hidden)):
             check_int(name, value)
@@ -233,7 +223,9 @@ class AlternatingCoAttention(nn.Module):
         self.step2 = _GuidedAttention(passage_dim, question_dim, hidden)  # v^ = A(V; s^)
         self.step3 = _GuidedAttention(question_dim, passage_dim, hidden) if third_step else None  # q^ = A(Q; v^)
 
-    def forward(self, question: Tensor, passage: Tensor, question_mask: Tensor | None = None, passage_mask: Tensor | None = None) -> CoAttentionOutput:
+    def forward(
+        self, question: Tensor, passage: Tensor, *, question_mask: Tensor | None = None, passage_mask: Tensor | None = None
+    ) -> CoAttentionOutput:
         question, passage = _check_pair(self, question, passage, question_mask, passage_mask)
         b, t, n = question.shape[0], question.shape[1], passage.shape[1]
         if b == 0:
@@ -256,7 +248,6 @@ class AlternatingCoAttention(nn.Module):
     chapter=7,
     data="pair",
     summary="DCN encoder: affinity L = D^T Q, attention both ways, co-attention context C^D = [Q; C^Q] A^D",
-    task=_pair_task("dcn"),
 )
 class DCNCoAttention(nn.Module):
     """The co-attention encoder of the Dynamic Coattention Network (Xiong et al. 2017).
@@ -267,7 +258,8 @@ class DCNCoAttention(nn.Module):
         passage_dim: ``ℓ``, the document's width.
         fusion: run the BiLSTM ``U = BiLSTM([D; C^D])`` (hidden ``ℓ`` per direction).
 
-    ``forward(question (B, n, d_q), document (B, m, ℓ), question_mask, document_mask)`` -> :class:`DCNOutput`.
+    ``forward(question (B, n, d_q), passage (B, m, ℓ), *, question_mask=None, passage_mask=None)`` -> :class:`DCNOutput`;
+    the passage is the paper's document ``D`` (the same names as Lu et al.'s layers).
     The learned sentinels ``d_∅``, ``q_∅`` sit at index ``m`` and ``n`` (after
     the padded length) and are always visible. Any masks are accepted (right or
     left padding, holes): the BiLSTM reads each document's real words, in order,
@@ -275,7 +267,7 @@ class DCNCoAttention(nn.Module):
     ``C^D`` and ``U`` are zero.
     """
 
-    def __init__(self, question_dim: int, passage_dim: int, fusion: bool = True) -> None:
+    def __init__(self, question_dim: int, passage_dim: int, *, fusion: bool = True) -> None:
         super().__init__()
         check_int("question_dim", question_dim)
         check_int("passage_dim", passage_dim)
@@ -285,15 +277,18 @@ class DCNCoAttention(nn.Module):
         self.q_sentinel = nn.Parameter(torch.randn(passage_dim) * 0.1)  # q_∅
         self.lstm = nn.LSTM(3 * passage_dim, passage_dim, batch_first=True, bidirectional=True) if fusion else None
 
-    def forward(self, question: Tensor, document: Tensor, question_mask: Tensor | None = None, document_mask: Tensor | None = None) -> DCNOutput:
-        question, document = _check_pair(self, question, document, question_mask, document_mask, "question", "document")
+    def forward(
+        self, question: Tensor, passage: Tensor, *, question_mask: Tensor | None = None, passage_mask: Tensor | None = None
+    ) -> DCNOutput:
+        """``question (B, n, d_q)``, ``passage`` (the document ``D``) ``(B, m, ℓ)`` -> :class:`DCNOutput`."""
+        question, document = _check_pair(self, question, passage, question_mask, passage_mask)
         b, n, m, ell = question.shape[0], question.shape[1], document.shape[1], self.passage_dim
         if b == 0:
             z = document.new_zeros
             return DCNOutput(z(0, m + 1, 2 * ell), z(0, n + 1, ell), z(0, m + 1, n + 1), z(0, m + 1, n + 1), z(0, n + 1, m + 1),
                              z(0, m, 2 * ell) if self.lstm is not None else None)
         qm = question_mask if question_mask is not None else question.new_ones(b, n, dtype=torch.bool)
-        dm = document_mask if document_mask is not None else document.new_ones(b, m, dtype=torch.bool)
+        dm = passage_mask if passage_mask is not None else document.new_ones(b, m, dtype=torch.bool)
         ones = qm.new_ones(b, 1)
         qm_s, dm_s = torch.cat([qm, ones], 1), torch.cat([dm, ones], 1)  # sentinels are real: (B, n+1), (B, m+1)
         q = torch.tanh(self.q_proj(question))  # Q = tanh(W^(Q) Q' + b^(Q)): (B, n, ℓ)
@@ -329,146 +324,3 @@ class DCNCoAttention(nn.Module):
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=m)  # zeros after each length
         back = order.argsort(1)  # where each original position went in the compact order
         return out.gather(1, back[..., None].expand(-1, -1, out.shape[-1]))  # padded positions read a zero row
-
-
-# ----------------------------------------------------------------------------- the paired task
-
-
-class MatchingPairs:
-    """A passage of distinct key tokens and a question of distinct key tokens that share exactly one key.
-
-    The answer is a pair of pointers: *where* the shared key sits in the
-    passage and *where* it sits in the question. Lengths vary per example
-    (padded, with masks). Finding the passage position needs the question;
-    finding the question position needs the passage: a model that attends
-    the question without looking at the passage can only guess it.
-
-    ``sample`` returns ``passage (B, N)``, ``question (B, T)`` token ids (0 at
-    padding), masks ``passage_mask (B, N)``, ``question_mask (B, T)`` and the
-    targets ``passage_target (B,)``, ``question_target (B,)``.
-
-    Args:
-        n_keys: key alphabet (``>= max_passage + max_question - 1``).
-        passage_len, question_len: ``(min, max)`` lengths.
-    """
-
-    def __init__(self, n_keys: int = 24, passage_len: tuple[int, int] = (6, 10), question_len: tuple[int, int] = (3, 6)) -> None:
-        if n_keys < passage_len[1] + question_len[1] - 1:
-            raise ValueError(f"n_keys ({n_keys}) must be >= max passage + max question - 1 = {passage_len[1] + question_len[1] - 1}")
-        if min(passage_len[0], question_len[0]) < 1 or passage_len[0] > passage_len[1] or question_len[0] > question_len[1]:
-            raise ValueError(f"lengths must be (min >= 1, max >= min), got {passage_len} and {question_len}")
-        self.n_keys, self.passage_len, self.question_len = n_keys, passage_len, question_len
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        n_max, t_max = self.passage_len[1], self.question_len[1]
-        perm = torch.rand(batch_size, self.n_keys, generator=generator).argsort(-1)  # distinct keys per example
-        n_len = torch.randint(self.passage_len[0], n_max + 1, (batch_size,), generator=generator)
-        t_len = torch.randint(self.question_len[0], t_max + 1, (batch_size,), generator=generator)
-        passage = perm[:, :n_max].clone()
-        question = perm[:, n_max : n_max + t_max].clone()  # keys not in the passage ...
-        p_pos = (torch.rand(batch_size, generator=generator) * n_len).long()
-        q_pos = (torch.rand(batch_size, generator=generator) * t_len).long()
-        rows = torch.arange(batch_size)
-        question[rows, q_pos] = passage[rows, p_pos]  # ... but one, shared
-        passage_mask = torch.arange(n_max)[None] < n_len[:, None]
-        question_mask = torch.arange(t_max)[None] < t_len[:, None]
-        return {"passage": (passage + 1) * passage_mask, "question": (question + 1) * question_mask,  # ids 1..n_keys, 0 = pad
-                "passage_mask": passage_mask, "question_mask": question_mask,
-                "passage_target": p_pos, "question_target": q_pos}
-
-
-class CoAttentionPointer(nn.Module):
-    """Embeds both token sequences (different widths) and points into both with a co-attention layer.
-
-    ``kind``: ``"parallel"``, ``"alternating"``, ``"one-way"`` (alternating
-    without its third step) or ``"dcn"``. For Lu et al.'s layers the pointers
-    *are* the attention weights ``a^v`` and ``a^q``; DCN has no pooling
-    attention, so two linear scores over ``[D; C^D]`` and ``[Q; C^Q]`` make
-    its pointers. ``forward(batch)`` -> log-probabilities ``(B, N)``, ``(B, T)``.
-    """
-
-    kinds = ("parallel", "alternating", "one-way", "dcn")
-
-    def __init__(self, kind: str, n_keys: int, question_dim: int = 16, passage_dim: int = 24, hidden: int = 32) -> None:
-        super().__init__()
-        if kind not in self.kinds:
-            raise ValueError(f"kind must be one of {self.kinds}, got {kind!r}")
-        self.kind = kind
-        self.question_embed = nn.Embedding(n_keys + 1, question_dim, padding_idx=0)
-        self.passage_embed = nn.Embedding(n_keys + 1, passage_dim, padding_idx=0)
-        if kind == "parallel":
-            self.layer: nn.Module = ParallelCoAttention(question_dim, passage_dim, hidden)
-        elif kind in ("alternating", "one-way"):
-            self.layer = AlternatingCoAttention(question_dim, passage_dim, hidden, third_step=kind == "alternating")
-        else:
-            self.layer = DCNCoAttention(question_dim, passage_dim, fusion=False)
-            self.passage_score = nn.Linear(3 * passage_dim, 1)
-            self.question_score = nn.Linear(2 * passage_dim, 1)
-
-    def attend(self, batch: dict[str, Tensor]) -> CoAttentionOutput | DCNOutput:
-        """The co-attention layer's output for a batch from :class:`MatchingPairs`."""
-        q, v = self.question_embed(batch["question"]), self.passage_embed(batch["passage"])
-        return self.layer(q, v, batch["question_mask"], batch["passage_mask"])
-
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        out = self.attend(batch)
-        pm, qm = batch["passage_mask"], batch["question_mask"]
-        if isinstance(out, DCNOutput):
-            n, t = pm.shape[1], qm.shape[1]
-            d = self.passage_embed(batch["passage"])
-            assert isinstance(self.layer, DCNCoAttention)  # only the DCN layer returns a DCNOutput
-            q = torch.tanh(self.layer.q_proj(self.question_embed(batch["question"])))
-            p_scores = self.passage_score(torch.cat([d, out.context[:, :n]], -1))[..., 0]
-            q_scores = self.question_score(torch.cat([q, out.question_context[:, :t]], -1))[..., 0]
-            neg = torch.finfo(p_scores.dtype).min
-            return (p_scores.masked_fill(~pm, neg).log_softmax(-1), q_scores.masked_fill(~qm, neg).log_softmax(-1))
-        return out.passage_weights.clamp_min(1e-9).log(), out.question_weights.clamp_min(1e-9).log()
-
-
-def pointer_loss(model: CoAttentionPointer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Negative log-likelihood of both pointers; ``acc`` = both right, and each pointer's accuracy."""
-    lp, lq = model(batch)
-    loss = F.nll_loss(lp, batch["passage_target"]) + F.nll_loss(lq, batch["question_target"])
-    p_ok = lp.argmax(-1) == batch["passage_target"]
-    q_ok = lq.argmax(-1) == batch["question_target"]
-    return loss, {"acc": float((p_ok & q_ok).float().mean()), "passage_acc": float(p_ok.float().mean()),
-                  "question_acc": float(q_ok.float().mean())}
-
-
-_PRESETS = {  # steps, batch, cost sizes (passage lengths N, question length 16)
-    "quick": (20, 16, (16, 32)),
-    "book": (400, 32, (64, 128, 256)),
-    "default": (800, 64, (64, 128, 256, 512, 1024)),
-    "gpu": (3000, 128, (256, 512, 1024, 2048, 4096)),
-}
-
-
-def make_co_attention_task(kind: str = "parallel", preset: str = "book") -> OwnTask[CoAttentionPointer]:
-    """A co-attention layer on :class:`MatchingPairs` (the comparison's own-task hook).
-
-    The layer alone is swept over passage lengths ``N`` with a 16-position
-    question; ``weights`` returns the passage attention ``(B, N)`` (Lu) or
-    ``A^D`` over the question (DCN), rows summing to 1.
-    """
-    if preset not in _PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
-    steps, batch, sizes = _PRESETS[preset]
-    data = MatchingPairs()
-    model = CoAttentionPointer(kind, data.n_keys)
-    layer = model.layer
-    dq, dv = model.question_embed.embedding_dim, model.passage_embed.embedding_dim
-
-    def inputs(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        return torch.randn(1, 16, dq, generator=generator), torch.randn(1, n, dv, generator=generator)
-
-    def weights(m: CoAttentionPointer, b: dict[str, Tensor]) -> Tensor:
-        out = m.attend(b)
-        if isinstance(out, DCNOutput):
-            return out.document_weights[:, : b["passage"].shape[1]][b["passage_mask"]]  # real document rows
-        return out.passage_weights
-
-    return OwnTask(
-        description=f"pointer to the key shared by a passage and a question ({kind} co-attention)",
-        model=model, sample=data.sample, loss=pointer_loss, layer=layer, inputs=inputs, sizes=sizes,
-        size_unit="passage length N", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
-    )

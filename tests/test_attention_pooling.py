@@ -7,19 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attn
 from attn import registry
-from attn.attention_pooling import (
-    MAB,
-    PMA,
-    AttentionPool,
+from attn.attention import Attention
+from attn.attention_pooling import MAB, PMA, AttentionPool, NadarayaWatson, gaussian_kernel_weights, nadaraya_watson
+from attn.experiments import own_tasks
+from attn.experiments.attention_pooling import (
     ContentMeanSets,
     KernelRegressionTask,
-    NadarayaWatson,
     SetClassifier,
-    gaussian_kernel_weights,
     make_regression_task,
     make_set_task,
-    nadaraya_watson,
 )
 from attn.masks import padding_mask
 from attn.train import cpu_threads, train
@@ -274,7 +272,7 @@ def test_bad_input():
         ]
         for args, err, match in cases:
             with pytest.raises(err, match=match):
-                mod(*args)
+                mod(args[0], key_mask=args[1] if len(args) > 1 else None)
     with pytest.raises(ValueError, match=r"n=3, dim=8\) to match the position embedding"):
         AttentionPool(8, 2, num_positions=3)(z)
     q, x, y = torch.randn(1, 3, 2), torch.randn(1, 5, 2), torch.randn(1, 5, 1)
@@ -329,7 +327,8 @@ def test_registry_and_own_tasks(name, cls):
     m = registry.get(name)
     assert m.chapter == 19 and m.data == "set" and m.cls is cls and m.build is None
     assert registry.chapter(19).slug == "attention_pooling"
-    task = m.task("quick")
+    assert m.task is None  # the own task lives in attn.experiments.attention_pooling, by size
+    task = own_tasks()[name]("quick")
     hist = train(task.model, task.sample, task.loss, steps=3, batch_size=8, log_every=1, progress=False)
     assert len(hist.loss) == 3 and "acc" in hist.metrics
     g = torch.Generator().manual_seed(0)
@@ -337,7 +336,7 @@ def test_registry_and_own_tasks(name, cls):
         assert task.layer(*task.inputs(size, g)).output.shape[0] == 8
     w = task.weights(task.model, task.sample(4, g))
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[0]))
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match="unknown task size 'huge'"):
         (make_regression_task if name == "nadaraya_watson" else make_set_task)("huge")
 
 
@@ -396,3 +395,33 @@ def test_degenerate_bandwidths_are_rejected_never_nan():
     torch.testing.assert_close(nadaraya_watson(q.double(), x.double(), y.double(), 1e-100).output,
                                torch.tensor([[[2.0], [6.0]]], dtype=torch.float64))
     assert torch.isfinite(gaussian_kernel_weights(q, x, 1e-18)).all()
+
+
+def test_pools_take_key_mask_by_keyword_and_mab_is_the_one_attention():
+    """``pool(z, *, key_mask=None, need_weights=False)`` for every pool and the estimator (a positional mask is a
+    ``TypeError``), and the MAB's attention is :class:`attn.attention.Attention` (state dicts as MultiHeadAttention's)."""
+    import inspect
+
+    for fn in (PMA.forward, AttentionPool.forward, NadarayaWatson.forward, MAB.forward, nadaraya_watson, SetClassifier.forward):
+        params = inspect.signature(fn).parameters
+        for name in ("key_mask", "need_weights"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (fn.__qualname__, name)
+    z, km = torch.randn(2, 5, 8), padding_mask([5, 3], 5)
+    for pool in (PMA(8, 2), AttentionPool(8, 2)):
+        with pytest.raises(TypeError):
+            pool(z, km)
+    q, x, y = torch.randn(2, 3, 1), torch.randn(2, 5, 1), torch.randn(2, 5, 1)
+    with pytest.raises(TypeError):
+        nadaraya_watson(q, x, y, 1.0, km)
+    mab = PMA(8, 2).mab
+    assert type(mab.attention) is Attention and mab.attention.kernel == "sdpa"
+    assert set(mab.attention.state_dict()) == set(attn.MultiHeadAttention(8, 2).state_dict())
+
+
+def test_the_comparison_finds_the_own_task_in_experiments():
+    """``attn.compare`` measures ``nadaraya_watson`` on the factory of ``attn.experiments.attention_pooling`` (by size)."""
+    from attn import compare
+
+    r = compare.run_one("nadaraya_watson", preset="quick", seed=0, device="cpu", cost=False)
+    assert r.status == "ok", r.notes
+    assert r.task == make_regression_task("quick").description and 0.0 <= r.metrics["accuracy"] <= 1.0

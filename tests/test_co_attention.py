@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
 
 from attn import registry
-from attn.co_attention import (
-    AlternatingCoAttention,
-    CoAttentionPointer,
-    DCNCoAttention,
-    MatchingPairs,
-    ParallelCoAttention,
-    make_co_attention_task,
-    pointer_loss,
-)
+from attn.co_attention import AlternatingCoAttention, DCNCoAttention, ParallelCoAttention
+from attn.experiments import own_tasks
+from attn.experiments.co_attention import CoAttentionPointer, MatchingPairs, make_co_attention_task, pointer_loss
 from attn.masks import padding_mask
 from attn.train import train
 
@@ -109,7 +102,7 @@ def test_parallel_matches_lu_equations(masked):
     q, v = pair()
     t_len, n_len = LENS if masked else ([6] * 3, [9] * 3)
     qm, vm = (padding_mask(t_len, 6), padding_mask(n_len, 9)) if masked else (None, None)
-    out = mod(q, v, qm, vm)
+    out = mod(q, v, question_mask=qm, passage_mask=vm)
     refs = parallel_reference(mod, q, v, t_len, n_len)
     mine, theirs = [], []
     for i, (q_hat, v_hat, aq, av, C) in enumerate(refs):
@@ -130,7 +123,7 @@ def test_alternating_matches_lu_equations(third_step):
     mod = AlternatingCoAttention(DQ, DV, hidden=8, third_step=third_step).double()
     q, v = pair()
     t_len, n_len = LENS
-    out = mod(q, v, padding_mask(t_len, 6), padding_mask(n_len, 9))
+    out = mod(q, v, question_mask=padding_mask(t_len, 6), passage_mask=padding_mask(n_len, 9))
     assert out.affinity is None
     mine, theirs = [], []
     for i, (q_hat, v_hat, aq, av) in enumerate(alternating_reference(mod, q, v, t_len, n_len)):
@@ -163,7 +156,7 @@ def test_dcn_matches_xiong_equations(masked):
     q, d = pair()
     n_len, m_len = LENS if masked else ([6] * 3, [9] * 3)
     qm, dm = (padding_mask(n_len, 6), padding_mask(m_len, 9)) if masked else (None, None)
-    out = mod(q, d, qm, dm)
+    out = mod(q, d, question_mask=qm, passage_mask=dm)
     assert out.context.shape == (3, 10, 2 * DV) and out.affinity.shape == (3, 10, 7) and out.encoding is None
     mine, theirs = [], []
     for i, (CD, CQ, L, AD, AQ) in enumerate(dcn_reference(mod, q, d, n_len, m_len)):
@@ -171,9 +164,9 @@ def test_dcn_matches_xiong_equations(masked):
         rows_d = [*range(m), 9]  # real document positions and the sentinel (last index)
         rows_q = [*range(n), 6]
         mine += [out.context[i, rows_d], out.question_context[i, rows_q], out.affinity[i][rows_d][:, rows_q],
-                 out.document_weights[i][rows_d][:, rows_q], out.question_weights[i][rows_q][:, rows_d]]
+                 out.passage_weights[i][rows_d][:, rows_q], out.question_weights[i][rows_q][:, rows_d]]
         theirs += [CD.T, CQ.T, L, AD.T, AQ.T]
-        assert (out.document_weights[i, :, n:6] == 0).all() and (out.question_weights[i, :, m:9] == 0).all()
+        assert (out.passage_weights[i, :, n:6] == 0).all() and (out.question_weights[i, :, m:9] == 0).all()
         assert (out.context[i, m:9] == 0).all()  # padded document rows
     for a, b in zip(mine, theirs, strict=True):
         assert (a - b).abs().max() <= 1e-12
@@ -188,7 +181,7 @@ def test_dcn_fusion_is_a_bilstm_over_document_and_context():
     mod = DCNCoAttention(DQ, DV, fusion=True).double()
     q, d = pair()
     n_len, m_len = LENS
-    out = mod(q, d, padding_mask(n_len, 6), padding_mask(m_len, 9))
+    out = mod(q, d, question_mask=padding_mask(n_len, 6), passage_mask=padding_mask(m_len, 9))
     assert out.encoding.shape == (3, 9, 2 * DV)
     for i in range(3):  # each example alone through the same LSTM, real positions only
         m = m_len[i]
@@ -228,7 +221,7 @@ def test_dcn_any_mask_equals_the_real_words_alone(kind, seed):
     qm, dm = random_mask(kind, b, n, g), random_mask(kind, b, m, g)
     if kind != "right":
         assert not all(bool(r[: int(r.sum())].all()) for r in dm)  # at least one document is not right-padded
-    out = mod(q, d, qm, dm)
+    out = mod(q, d, question_mask=qm, passage_mask=dm)
     up = torch.randn(out.encoding.shape, generator=g, dtype=torch.float64)
     up_c = torch.randn(out.context.shape, generator=g, dtype=torch.float64)
     params = list(mod.parameters())
@@ -243,7 +236,7 @@ def test_dcn_any_mask_equals_the_real_words_alone(kind, seed):
         rows = torch.cat([dm[i], torch.tensor([True])])  # real document rows and the sentinel
         cols = torch.cat([qm[i], torch.tensor([True])])
         assert (out.context[i][rows] - alone.context[0]).abs().max() <= 1e-12
-        assert (out.document_weights[i][rows][:, cols] - alone.document_weights[0]).abs().max() <= 1e-12
+        assert (out.passage_weights[i][rows][:, cols] - alone.passage_weights[0]).abs().max() <= 1e-12
         loss_i = (up[i][dm[i]] * alone.encoding[0]).sum() + (up_c[i][rows] * alone.context[0]).sum()
         g_alone = torch.autograd.grad(loss_i, [qi, di, *params])
         assert (grads[0][i][qm[i]] - g_alone[0]).abs().max() <= 1e-12
@@ -262,11 +255,11 @@ def test_batched_equals_per_example_and_padding_has_no_effect(cls):
     q, v = (t.detach().float() for t in pair())
     t_len, n_len = LENS
     qm, vm = padding_mask(t_len, 6), padding_mask(n_len, 9)
-    out = mod(q, v, qm, vm)
+    out = mod(q, v, question_mask=qm, passage_mask=vm)
     q2, v2 = q.clone(), v.clone()
     q2[~qm] = 50.0
     v2[~vm] = -50.0
-    out2 = mod(q2, v2, qm, vm)
+    out2 = mod(q2, v2, question_mask=qm, passage_mask=vm)
     for i in range(3):
         t, n = t_len[i], n_len[i]
         alone = mod(q[i : i + 1, :t], v[i : i + 1, :n])
@@ -288,11 +281,11 @@ def test_gradcheck_float64():
     q, v = pair(b=2, t=3, n=4)
     qm, vm = padding_mask([3, 2], 3), padding_mask([4, 3], 4)
     par = ParallelCoAttention(DQ, DV, hidden=4).double()
-    assert torch.autograd.gradcheck(lambda q, v: par(q, v, qm, vm)[:4], (q, v), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda q, v: par(q, v, question_mask=qm, passage_mask=vm)[:4], (q, v), fast_mode=True)
     alt = AlternatingCoAttention(DQ, DV, hidden=4).double()
-    assert torch.autograd.gradcheck(lambda q, v: alt(q, v, qm, vm)[:4], (q, v), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda q, v: alt(q, v, question_mask=qm, passage_mask=vm)[:4], (q, v), fast_mode=True)
     dcn = DCNCoAttention(DQ, DV, fusion=False).double()
-    assert torch.autograd.gradcheck(lambda q, v: dcn(q, v, qm, vm)[:2], (q, v), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda q, v: dcn(q, v, question_mask=qm, passage_mask=vm)[:2], (q, v), fast_mode=True)
 
 
 @pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
@@ -330,10 +323,25 @@ def test_gradcheck_float64():
     ],
 )
 def test_bad_input(cls, args, error, match):
-    if cls is DCNCoAttention:
-        match = re.sub("passage(?!_dim)", "document", match)  # DCN names its passage "document" (width still passage_dim)
+    masks = dict(zip(("question_mask", "passage_mask"), args[2:], strict=False))  # keyword-only
     with pytest.raises(error, match=match):
-        cls(DQ, DV)(*args)
+        cls(DQ, DV)(*args[:2], **masks)
+
+
+@pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
+def test_one_interface_for_the_three_layers(cls):
+    """The three layers take ``(question, passage, *, question_mask, passage_mask)``: the masks keyword-only (a
+    positional mask cannot be mistaken for the other one), and DCN's document is a ``passage`` like Lu et al.'s."""
+    import inspect
+
+    params = inspect.signature(cls.forward).parameters
+    assert list(params)[:3] == ["self", "question", "passage"]
+    for name in ("question_mask", "passage_mask"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError):
+        cls(DQ, DV)(torch.ones(1, 2, DQ), torch.ones(1, 3, DV), torch.ones(1, 2, dtype=torch.bool))
+    out = cls(DQ, DV)(torch.ones(1, 2, DQ), torch.ones(1, 3, DV), passage_mask=torch.tensor([[True, True, False]]))
+    assert out.passage_weights.shape[:2] == ((1, 3) if cls is not DCNCoAttention else (1, 4))
 
 
 @pytest.mark.parametrize("cls", [ParallelCoAttention, AlternatingCoAttention, DCNCoAttention])
@@ -372,7 +380,8 @@ def test_registry_entries():
     assert registry.chapter(7).slug == "co_attention"
     for name, cls in names.items():
         m = registry.get(name)
-        assert m.chapter == 7 and m.data == "pair" and m.cls is cls and m.build is None and m.task is not None
+        assert m.chapter == 7 and m.data == "pair" and m.cls is cls and m.build is None and m.task is None
+        assert name in own_tasks()  # the own task lives in attn.experiments.co_attention
 
 
 def test_matching_pairs_task():
@@ -402,7 +411,7 @@ def test_own_task_hook(kind):
         assert v.shape[1] == n and out[0].shape[0] == 1
     w = task.weights(task.model, task.sample(5, gen))
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[0]))
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match="unknown task size 'nope'"):
         make_co_attention_task(kind, "nope")
 
 

@@ -7,19 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
+from attn.experiments import own_tasks
+from attn.experiments.graph import NodeClassifier, lookup_graphs, make_task, node_loss, sbm_graphs
 from attn.graph import (
     LAYERS,
     GraphAttention,
     GraphAttentionV2,
     MeanAggregation,
-    NodeClassifier,
     attention_rows,
     dense_graph_attention,
-    lookup_graphs,
-    make_task,
-    node_loss,
     prepare_edges,
-    sbm_graphs,
     segment_softmax,
 )
 from attn.train import evaluate, train
@@ -381,8 +378,9 @@ def test_registry_and_own_task(name, cls):
     mech = registry.get(name)
     assert mech.cls is cls and mech.chapter == 17 and mech.data == "graph" and mech.build is None
     assert registry.chapter(17).slug == "graph_attention"
-    task = mech.task("quick")
-    assert isinstance(task, registry.OwnTask) and task.size_unit == "nodes"
+    assert mech.task is None  # the own task lives in attn.experiments.graph, by size
+    task = own_tasks()[name]("quick")
+    assert isinstance(task, registry.OwnTask) and task.size_unit == "nodes" and isinstance(task.layer, cls)
     hist = train(task.model, task.sample, task.loss, steps=5, batch_size=task.batch_size, lr=task.lr, log_every=1, progress=False)
     assert len(hist.loss) == 5 and all(0 <= a <= 1 for a in hist.metrics["acc"])
     gen = torch.Generator().manual_seed(0)
@@ -391,5 +389,23 @@ def test_registry_and_own_task(name, cls):
     batch = task.sample(2, gen)
     rows = task.weights(task.model, batch)
     assert rows.ndim == 2 and torch.allclose(rows.sum(-1), torch.ones(rows.shape[0]))
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown task size 'huge'; one of quick, book, full, large"):
         make_task("huge")
+
+
+def test_options_are_keyword_only():
+    """``layer(x, edge_index, *, need_weights=False)`` and ``(in_channels, out_channels, *, heads=..., ...)``:
+    ``layer(x, ei, True)`` no longer reads a bare flag, nor ``GraphAttention(4, 4, 2)`` a bare head count."""
+    import inspect
+
+    for cls in (GraphAttention, GraphAttentionV2, MeanAggregation):
+        fwd = inspect.signature(cls.forward).parameters
+        assert fwd["need_weights"].kind is inspect.Parameter.KEYWORD_ONLY
+        init = inspect.signature(cls.__init__).parameters
+        assert [n for n, p in init.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD] == [
+            "self", "in_channels", "out_channels"]
+        layer = cls(4, 3, heads=2)
+        with pytest.raises(TypeError):
+            layer(torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]]), True)
+        with pytest.raises(TypeError):
+            cls(4, 3, 2)

@@ -7,15 +7,9 @@ import torch
 from torch.func import functional_call
 
 from attn import registry
-from attn.hierarchical import (
-    ContextAttention,
-    HierarchicalAttentionNetwork,
-    PlantedWordDocuments,
-    han_loss,
-    make_task,
-    pad_documents,
-    planted_mass,
-)
+from attn.experiments import own_tasks
+from attn.experiments.hierarchical import PlantedWordDocuments, han_loss, make_task, planted_mass
+from attn.hierarchical import ContextAttention, HierarchicalAttentionNetwork, pad_documents
 from attn.train import cpu_threads, set_seed, train
 
 DOCS = [  # three ragged documents: sentences of different lengths, different sentence counts
@@ -84,7 +78,7 @@ def make_model(dtype=torch.float64, **kw):
 def test_matches_explicit_equations_forward_and_gradients():
     model = make_model()
     ids, mask = pad_documents(DOCS)
-    out = model(ids, mask, need_weights=True)
+    out = model(ids, word_mask=mask, need_weights=True)
     params = list(model.parameters())
     up = torch.randn_like(out.logits)
     ours = torch.autograd.grad((out.logits * up).sum(), params)
@@ -110,19 +104,19 @@ def test_gradcheck_float64():
     ids, mask = pad_documents([[[3, 5], [2]], [[1, 2, 3]]])
     emb = model.embed.weight.detach().clone().requires_grad_()
     ctx = model.word_attention.context.detach().clone().requires_grad_()
-    fn = lambda e, c: functional_call(model, {"embed.weight": e, "word_attention.context": c}, (ids, mask)).logits  # noqa: E731
+    fn = lambda e, c: functional_call(model, {"embed.weight": e, "word_attention.context": c}, (ids,), {"word_mask": mask}).logits  # noqa: E731
     assert torch.autograd.gradcheck(fn, (emb, ctx), fast_mode=True)
     level = ContextAttention(3).double()
     h = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     m = torch.tensor([[True, True, True, False], [True, False, False, False]])
-    assert torch.autograd.gradcheck(lambda h: level(h, m).output, (h,))
+    assert torch.autograd.gradcheck(lambda h: level(h, key_mask=m).output, (h,))
 
 
 def test_context_attention_formula_and_fully_masked_row():
     level = ContextAttention(6, attn_dim=4)
     h = torch.randn(3, 5, 6)
     m = torch.tensor([[True] * 5, [True, True, False, False, False], [False] * 5])
-    out, w = level(h, m)
+    out, w = level(h, key_mask=m)
     u = torch.tanh(h @ level.proj.weight.T + level.proj.bias)
     s = (u @ level.context).masked_fill(~m, float("-inf"))
     expected = s[:2].softmax(-1)
@@ -137,13 +131,13 @@ def test_context_attention_formula_and_fully_masked_row():
 def test_padding_changes_nothing():
     model = make_model(torch.float32)
     ids, mask = pad_documents(DOCS)
-    ref = model(ids, mask, need_weights=True)
+    ref = model(ids, word_mask=mask, need_weights=True)
     # garbage in every padded slot, and two more padded sentences and words
     big_ids = torch.randint(0, 10, (3, ids.shape[1] + 2, ids.shape[2] + 2))
     big_mask = torch.zeros(big_ids.shape, dtype=torch.bool)
     big_ids[:, : ids.shape[1], : ids.shape[2]] = torch.where(mask, ids, big_ids[:, : ids.shape[1], : ids.shape[2]])
     big_mask[:, : ids.shape[1], : ids.shape[2]] = mask
-    out = model(big_ids, big_mask, need_weights=True)
+    out = model(big_ids, word_mask=big_mask, need_weights=True)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.sentence_weights[:, : ids.shape[1]], ref.sentence_weights, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.word_weights[:, : ids.shape[1], : ids.shape[2]], ref.word_weights, atol=1e-6, rtol=1e-5)
@@ -154,10 +148,10 @@ def test_padding_changes_nothing():
 def test_batched_equals_one_document_at_a_time(pooling):
     model = make_model(torch.float32, pooling=pooling)
     ids, mask = pad_documents(DOCS)
-    batched = model(ids, mask, need_weights=True)
+    batched = model(ids, word_mask=mask, need_weights=True)
     for b, doc in enumerate(DOCS):
         one_ids, one_mask = pad_documents([doc])
-        single = model(one_ids, one_mask if not one_mask.all() else None, need_weights=True)
+        single = model(one_ids, word_mask=one_mask if not one_mask.all() else None, need_weights=True)
         s, t = one_ids.shape[1:]
         torch.testing.assert_close(batched.logits[b], single.logits[0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(batched.sentence_weights[b, :s], single.sentence_weights[0])
@@ -170,12 +164,12 @@ def test_batched_equals_one_document_at_a_time(pooling):
 def test_weights_are_distributions_and_word_order_matters():
     model = make_model(torch.float32)
     ids, mask = pad_documents(DOCS)
-    out = model(ids, mask, need_weights=True)
+    out = model(ids, word_mask=mask, need_weights=True)
     torch.testing.assert_close(out.sentence_weights.sum(-1), torch.ones(3))
     torch.testing.assert_close(out.word_weights.sum(-1), mask.any(-1).float())
     swapped = ids.clone()
     swapped[0, 2, [2, 3]] = swapped[0, 2, [3, 2]]  # the GRU reads order: logits change
-    assert (model(swapped, mask).logits[0] - out.logits[0]).abs().max() > 1e-6
+    assert (model(swapped, word_mask=mask).logits[0] - out.logits[0]).abs().max() > 1e-6
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -188,7 +182,7 @@ def test_bad_input():
         ((DOCS, None), TypeError, r"torch.Tensor of token ids .*pad_documents"),
         ((ids.float(), mask), TypeError, r"integer tensor of token ids with shape \(batch, sentences, words\)"),
         ((ids[0], mask[0]), ValueError, r"shape \(batch, sentences, words\), got 2-D"),
-        ((ids, None), ValueError, r"padding id 0 but no mask.*mask \(batch, sentences, words\)"),
+        ((ids, None), ValueError, r"padding id 0 but no word_mask.*word_mask \(batch, sentences, words\)"),
         ((ids + 20, mask), ValueError, r"ids must be token ids in \[0, 10\), got values in \[2\d, 2\d\]"),
         ((ids - 5, mask), ValueError, r"ids must be token ids in \[0, 10\), got values in \[-5, "),
         ((ids.double(), mask), TypeError, r"integer tensor of token ids"),
@@ -202,7 +196,7 @@ def test_bad_input():
     ]
     for (i, m), err, match in cases:
         with pytest.raises(err, match=match):
-            model(i, m)
+            model(i, word_mask=m)
     with pytest.raises(ValueError, match="sentence 1 of document 0 is empty"):
         pad_documents([[[1], []]])
     with pytest.raises(ValueError, match="document 0 is empty"):
@@ -215,7 +209,7 @@ def test_bad_input():
 
 def test_empty_batch():
     model = make_model(torch.float32)
-    out = model(torch.zeros(0, 3, 4, dtype=torch.long), torch.zeros(0, 3, 4, dtype=torch.bool), need_weights=True)
+    out = model(torch.zeros(0, 3, 4, dtype=torch.long), word_mask=torch.zeros(0, 3, 4, dtype=torch.bool), need_weights=True)
     assert out.logits.shape == (0, 3) and out.sentence_weights.shape == (0, 3) and out.word_weights.shape == (0, 3, 4)
     assert model(torch.zeros(0, 3, 4, dtype=torch.long)).logits.shape == (0, 3)
 
@@ -238,7 +232,7 @@ def test_planted_word_documents():
     n_sent = mask.any(-1).sum(-1)
     assert n_sent.min() >= 3 and n_sent.max() <= 6
     check = HierarchicalAttentionNetwork(docs.vocab_size, docs.n_classes)
-    assert check(ids, mask).logits.shape == (64, 4)
+    assert check(ids, word_mask=mask).logits.shape == (64, 4)
     with pytest.raises(ValueError, match="range"):
         PlantedWordDocuments(words=(5, 2))
 
@@ -257,7 +251,8 @@ def test_registry_and_own_task():
     m = registry.get("hierarchical")
     assert m.chapter == 16 and m.data == "document" and m.build is None and m.cls is HierarchicalAttentionNetwork
     assert registry.chapter(16).slug == "hierarchical_attention"
-    task = m.task("quick")
+    assert m.task is None and own_tasks()["hierarchical"] is make_task  # the own task lives in attn.experiments
+    task = make_task("quick")
     hist = train(task.model, task.sample, task.loss, steps=3, batch_size=8, progress=False, log_every=1)
     assert len(hist.loss) == 3
     g = torch.Generator().manual_seed(0)
@@ -267,7 +262,7 @@ def test_registry_and_own_task():
     batch = task.sample(5, g)
     w = task.weights(task.model, batch)
     torch.testing.assert_close(w.sum(-1), torch.ones(5))
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match="unknown task size 'huge'"):
         make_task("huge")
 
 
@@ -277,15 +272,34 @@ def test_a_real_word_with_the_padding_id_is_an_error():
     ids, mask = pad_documents(DOCS)
     ids[0, 0, 2] = 0  # the last word of the first sentence (mask True) gets the padding id
     with pytest.raises(ValueError, match=r"padding id 0 at 1 real word.*document 0, sentence 0, word 2.*padding_idx=None"):
-        model(ids, mask)
+        model(ids, word_mask=mask)
     mask2 = mask.clone()
     mask2[0, 0, 2] = False  # the same id where the mask says padding is fine
-    assert torch.isfinite(model(ids, mask2).logits).all()
+    assert torch.isfinite(model(ids, word_mask=mask2).logits).all()
     # no reserved id: id 0 is a word like any other, with a trained embedding
     torch.manual_seed(0)
     free = HierarchicalAttentionNetwork(10, 3, embed_dim=6, hidden=5, padding_idx=None)
-    out = free(ids, mask).logits
+    out = free(ids, word_mask=mask).logits
     out.sum().backward()
     assert float(free.embed.weight.grad[0].abs().max()) > 0
     with pytest.raises(ValueError, match=r"padding_idx must be None or an int in \[0, vocab_size=10\)"):
         HierarchicalAttentionNetwork(10, 3, padding_idx=10)
+
+
+def test_word_mask_is_named_and_keyword_only():
+    """``forward(ids, *, word_mask=None, need_weights=False)``: the mask says what it masks, and a positional mask
+    (``model(ids, mask)``, which read as the word mask before while pools read it as a key mask) is refused."""
+    import inspect
+
+    params = inspect.signature(HierarchicalAttentionNetwork.forward).parameters
+    assert params["word_mask"].kind is inspect.Parameter.KEYWORD_ONLY and "mask" not in params
+    assert params["need_weights"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert inspect.signature(ContextAttention.forward).parameters["key_mask"].kind is inspect.Parameter.KEYWORD_ONLY
+    model = make_model(torch.float32)
+    ids, mask = pad_documents(DOCS)
+    with pytest.raises(TypeError):
+        model(ids, mask)
+    with pytest.raises(ValueError, match=r"word_mask must put the real words of each sentence first"):
+        model(ids, word_mask=mask.flip(-1))
+    with pytest.raises(TypeError, match=r"key_mask must be a torch.bool tensor"):
+        ContextAttention(4)(torch.randn(2, 3, 4), key_mask=torch.ones(2, 3))

@@ -45,7 +45,7 @@ def test_mypy_config_covers_the_package():
 def test_own_task_is_generic_in_its_model(tmp_path: Path):
     """``OwnTask[M]``: a loss written for another model class is a type error, so tasks pass their real loss functions."""
     snippet = (
-        "from attn.attention_pooling import SetClassifier, _regression_loss, set_loss\n"
+        "from attn.experiments.attention_pooling import SetClassifier, _regression_loss, set_loss\n"
         "from attn.registry import OwnTask\n"
         "def good(task: OwnTask[SetClassifier]) -> None:\n"
         "    task.loss = set_loss\n"

@@ -464,7 +464,7 @@ table(
 table(
     "DCNCoAttention", lambda: attn.DCNCoAttention(E, E).eval(),
     good("good", lambda m: m(x(), x(n=6)), lambda o: all(torch.isfinite(t).all() for t in o if isinstance(t, torch.Tensor))),
-    *_pair_rows((E, E), "document", "document_mask"),
+    *_pair_rows((E, E), "passage", "passage_mask"),
 )
 
 table(
@@ -593,11 +593,11 @@ table(
 table(
     "ContextAttention", lambda: attn.ContextAttention(E).eval(),
     good("good", lambda m: m(x()), lambda o: o.output.shape == (2, E) and o.weights.shape == (2, N)),
-    good("mask", lambda m: m(x(), km(5, 3)), lambda o: float(o.weights[1, 3:].detach().abs().sum()) == 0.0),
+    good("key_mask", lambda m: m(x(), key_mask=km(5, 3)), lambda o: float(o.weights[1, 3:].detach().abs().sum()) == 0.0),
     bad("list", lambda m: m(x().tolist()), TypeError, r"h"),
     bad("int", lambda m: m(ints(2, N, E)), TypeError, r"h"),
     bad("wrong width", lambda m: m(x(e=E + 1)), ValueError, r"h"),
-    bad("mask ints", lambda m: m(x(), km(5, 3).long()), TypeError, r"mask"),
+    bad("key_mask ints", lambda m: m(x(), key_mask=km(5, 3).long()), TypeError, r"key_mask"),
 )
 
 table(
@@ -607,7 +607,7 @@ table(
     bad("ids out of range", lambda m: m(torch.randint(1, 12, (2, 3, 4)) + 12), ValueError, r"ids"),
     bad("ids negative", lambda m: m(-torch.randint(1, 12, (2, 3, 4))), ValueError, r"ids"),
     bad("ids 2-D", lambda m: m(torch.randint(1, 12, (2, 3))), ValueError, r"ids"),
-    bad("mask ints", lambda m: m(torch.randint(1, 12, (2, 3, 4)), torch.ones(2, 3, 4, dtype=LONG)), TypeError, r"mask"),
+    bad("word_mask ints", lambda m: m(torch.randint(1, 12, (2, 3, 4)), word_mask=torch.ones(2, 3, 4, dtype=LONG)), TypeError, r"word_mask"),
 )
 
 table(
