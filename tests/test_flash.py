@@ -384,13 +384,7 @@ def test_module_equals_multihead_with_copied_weights():
     E, h, n = 16, 4, 21
     flash = FlashAttention(E, h, causal=True, block_q=8, block_k=4)
     mha = MultiHeadAttention(E, h)
-    with torch.no_grad():
-        wq, wk, wv = flash.qkv.weight.split(E)
-        bq, bk, bv = flash.qkv.bias.split(E)
-        for lin, wt, b in ((mha.q_proj, wq, bq), (mha.k_proj, wk, bk), (mha.v_proj, wv, bv)):
-            lin.weight.copy_(wt)
-            lin.bias.copy_(b)
-        mha.out_proj.load_state_dict(flash.out_proj.state_dict())
+    mha.load_state_dict(flash.state_dict())  # the same parameter names: Attention's q/k/v/out projections
     x = torch.randn(2, n, E)
     km = padding_mask([n, 15], n)
     out, w = flash(x, key_mask=km, need_weights=True)

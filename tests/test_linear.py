@@ -223,7 +223,7 @@ def test_modules_equal_the_quadratic_form_with_their_weights():
     km = padding_mask([13, 8], 13)
     for mod in (LinearAttention(16, 4, causal=True, chunk=4), PerformerAttention(16, 2, num_features=12, causal=False)):
         out, w = mod(x, key_mask=km, need_weights=True)
-        q, k, v = mod.qkv(x).chunk(3, -1)
+        q, k, v = mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)  # Attention's projections
 
         def split(t: torch.Tensor, heads: int = mod.num_heads) -> torch.Tensor:
             return t.reshape(2, 13, heads, -1).transpose(1, 2)
