@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from attn import registry
 from attn.experiments import own_task, own_tasks
-from attn.experiments.hard import LookupModel, LookupTask, expected_loss, gradient_samples, lookup_loss, make_lookup_task
+from attn.experiments.hard import (
+    LookupModel,
+    LookupTask,
+    expected_loss,
+    gradient_samples,
+    lookup_loss,
+    make_lookup_task,
+)
 from attn.hard import (
     HardAttention,
     HardSelfAttention,
@@ -20,8 +27,8 @@ from attn.hard import (
     reinforce_loss,
     select,
 )
-from attn.multihead import MultiHeadAttention
 from attn.masks import padding_mask
+from attn.multihead import MultiHeadAttention
 from attn.train import train
 
 
