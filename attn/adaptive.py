@@ -43,6 +43,11 @@ with :math:`s_t = g_t \odot \tanh(m_t)`, :math:`g_t = \sigma(W_x x_t + W_h h_{t-
 (:class:`SentinelGate`, from the LSTM's input, previous state and memory cell).
 :math:`\beta \to 1` means attend to nothing in the image.
 
+**As a kernel** of :mod:`attn.attention`: :func:`adaptive_span_kernel` (``"adaptive-span"``), to which
+:class:`AdaptiveSpanAttention` passes its learned spans. With ``is_causal=False`` the same mask is applied
+to ``|i - j|`` on both sides (a two-sided span for an encoder: our extension, not in the paper).
+The chapter's tasks (the lag task, the sentinel's pointer task) are in :mod:`attn.experiments.adaptive`.
+
 Shapes: ``x`` ``(batch, n, E)`` -> ``(batch, n, E)``; weights ``(batch, heads, n, n)``.
 """
 

@@ -49,6 +49,11 @@ exact in value and, because the backward above carries ``\bar L``, in gradient.
 Shapes: ``q (B, [H,] n_q, d)``, ``k (B, [H,] n_k, d)``, ``v (B, [H,] n_k, d_v)``
 -> output ``(B, [H,] n_q, d_v)``, log-sum-exp ``(B, [H,] n_q)``.
 
+**As a kernel.** :func:`flash_kernel` is :func:`flash_attention` under the one kernel signature of
+:mod:`attn.attention` (registered ``"flash"``, ``dense=False``: the padding mask and ``is_causal`` are
+applied per tile, a general ``attn_mask`` is refused); :class:`FlashAttention` is
+``Attention(kernel="flash")``.
+
 This is the same algorithm as PyTorch's fused ``F.scaled_dot_product_attention``
 kernels, written in plain torch over Python loops so that every step can be
 read: it is for teaching and checking, not for speed.

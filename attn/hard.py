@@ -42,6 +42,10 @@ estimators; ``p`` for soft), ``index`` ``(B, L)``, ``log_prob`` and
 ``entropy`` ``(B, L)``. Cost: ``O(L n d)`` for the scores, as soft attention;
 reading the values is ``O(L d_v)`` for a hard pick (a gather).
 
+As a kernel of :mod:`attn.attention`: :func:`hard_kernel` (``"hard"``, over :func:`hard_attention`);
+:class:`HardSelfAttention` passes it its estimator. The chapter's lookup task, model and losses are in
+:mod:`attn.experiments.hard`.
+
 Xu et al., "Show, Attend and Tell: Neural Image Caption Generation with Visual
 Attention", ICML 2015. Jang, Gu, Poole, "Categorical Reparameterization with
 Gumbel-Softmax", ICLR 2017. Williams, "Simple Statistical Gradient-Following

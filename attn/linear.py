@@ -34,6 +34,10 @@ Gaussian norms) keep it unbiased and lower its variance.
 
 Shapes: ``q, k (B, [H,] n, d)``, ``v (B, [H,] n, d_v)`` -> ``(B, [H,] n, d_v)``.
 
+**As kernels** of :mod:`attn.attention`: :func:`linear_kernel` (``"linear"``) and
+:func:`performer_kernel` (``"performer"``, its random projection passed in by
+:class:`PerformerAttention`, whose state it is); both take the padding mask and ``is_causal`` only.
+
 Katharopoulos, Vyas, Pappas, Fleuret, "Transformers are RNNs: Fast
 Autoregressive Transformers with Linear Attention", ICML 2020.
 Choromanski et al., "Rethinking Attention with Performers", ICLR 2021.
