@@ -17,9 +17,9 @@ from attn.adaptive import (
     span_mask,
     span_window,
 )
+from attn.benchmark import count_flops
 from attn.experiments import own_task, own_tasks
 from attn.experiments.adaptive import SentinelPointer, make_sentinel_task
-from attn.benchmark import count_flops
 from attn.masks import padding_mask
 from attn.multihead import MultiHeadAttention
 from attn.train import train
