@@ -43,38 +43,38 @@ with :math:`s_t = g_t \odot \tanh(m_t)`, :math:`g_t = \sigma(W_x x_t + W_h h_{t-
 (:class:`SentinelGate`, from the LSTM's input, previous state and memory cell).
 :math:`\beta \to 1` means attend to nothing in the image.
 
+**As a kernel** of :mod:`attn.attention`: :func:`adaptive_span_kernel` (``"adaptive-span"``), to which
+:class:`AdaptiveSpanAttention` passes its learned spans. With ``is_causal=False`` the same mask is applied
+to ``|i - j|`` on both sides (a two-sided span for an encoder: our extension, not in the paper).
+The chapter's tasks (the lag task, the sentinel's pointer task) are in :mod:`attn.experiments.adaptive`.
+
 Shapes: ``x`` ``(batch, n, E)`` -> ``(batch, n, E)``; weights ``(batch, heads, n, n)``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_same_dtype, check_tensor, check_tokens, empty_batch
+from .attention import AttentionBase, register_kernel
+from .checks import check_heads, check_same_dtype, check_tensor, check_tokens
 from .core import AttentionOutput, check_qkv, masked_softmax
 from .masks import check_key_mask
-from .registry import OwnTask, register
+from .registry import register
 
 __all__ = [
     "span_mask",
     "span_window",
     "adaptive_span_attention",
     "adaptive_span_reference",
+    "adaptive_span_kernel",
     "AdaptiveSpanAttention",
     "SentinelGate",
     "SentinelAttention",
-    "SentinelPointer",
-    "sentinel_loss",
-    "make_sentinel_task",
-    "LagTask",
-    "SpanModel",
-    "lag_loss",
 ]
 
 
@@ -97,14 +97,16 @@ def _check_span_args(span: Tensor, heads: int, ramp: int, max_span: int) -> None
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _blocks(x: Tensor, w: int, n_pad: int, value: float | bool = 0.0) -> Tensor:
-    """``(..., n, d)`` (or bool ``(..., n)``) -> ``(..., n_pad / w, 2w, ...)``: each block with the block before it."""
+def _blocks(x: Tensor, w: int, n_pad: int, value: float | bool = 0.0, ahead: bool = False) -> Tensor:
+    """``(..., n, d)`` (or bool ``(..., n)``) -> ``(..., n_pad / w, 2w, ...)``: each block with the block before it
+    (``ahead=True``: and the block after it, ``3w``)."""
     feature = x.dtype != torch.bool
     n = x.shape[-2] if feature else x.shape[-1]
-    pad = (w, n_pad - n)  # one block of padding in front, the rest at the end
+    size = 3 * w if ahead else 2 * w
+    pad = (w, n_pad - n + (w if ahead else 0))  # one block of padding in front, the rest at the end
     if feature:
-        return F.pad(x, (0, 0, *pad), value=value).unfold(-2, 2 * w, w).transpose(-1, -2)  # (..., nb, 2w, d)
-    return F.pad(x, pad, value=bool(value)).unfold(-1, 2 * w, w)  # (..., nb, 2w)
+        return F.pad(x, (0, 0, *pad), value=value).unfold(-2, size, w).transpose(-1, -2)  # (..., nb, size, d)
+    return F.pad(x, pad, value=bool(value)).unfold(-1, size, w)  # (..., nb, size)
 
 
 def adaptive_span_attention(
@@ -119,20 +121,26 @@ def adaptive_span_attention(
     scale: float | None = None,
     truncate: bool = True,
     need_weights: bool = False,
+    causal: bool = True,
+    dropout_p: float = 0.0,
 ) -> AttentionOutput:
-    r"""Causal attention under the soft span mask, computed blockwise over the last ``K`` keys only.
+    r"""Attention under the soft span mask, computed blockwise over the nearest ``K`` keys only.
 
     Args:
         q, k, v: ``(batch, heads, n, d)``.
         span: ``z`` ``(heads,)``, in tokens, differentiable; values outside ``[0, max_span]`` are clamped.
         ramp: ``R`` (tokens).
-        max_span: ``S``: no query reads further back than ``S - 1`` positions.
+        max_span: ``S``: no query reads further than ``S - 1`` positions away.
         rel_bias: optional ``(heads, max_span)`` bias added to the score at each distance.
         key_mask: ``(batch, n)``, ``True`` = real token.
         scale: default ``1 / sqrt(d)``.
         truncate: ``True``: read only keys at distance ``< K`` (:func:`span_window`).
             ``False``: read all ``S`` (same result, full cost: the fixed-span baseline's cost).
         need_weights: also return the dense ``(batch, heads, n, n)`` weights (small ``n`` only).
+        causal: ``True`` (the paper's language model): keys ``j <= i`` at distance ``i - j``, each block of
+            ``K`` queries reads its own and the previous block. ``False``: the same mask on ``|i - j|`` on both
+            sides (an encoder's two-sided span, our extension), each block reading the blocks before and after.
+        dropout_p: dropout on the attention weights (pass 0 in evaluation).
 
     Returns:
         ``(output (batch, heads, n, d_v), weights or None)``; queries that see no key get zeros.
@@ -151,74 +159,119 @@ def adaptive_span_attention(
     w = min(span_window(z, ramp, max_span) if truncate else max_span, n)  # K: block size = keys read per query
     nb = -(-n // w)
     n_pad = nb * w
+    ahead = not causal
     qb = rearrange(F.pad(q, (0, 0, 0, n_pad - n)), "b h (nb w) d -> (b nb) h w d", w=w)  # (B*nb, H, w, d)
-    kb = rearrange(_blocks(k, w, n_pad), "b h nb s d -> (b nb) h s d")  # (B*nb, H, 2w, d)
-    vb = rearrange(_blocks(v, w, n_pad), "b h nb s d -> (b nb) h s d")
+    kb = rearrange(_blocks(k, w, n_pad, ahead=ahead), "b h nb s d -> (b nb) h s d")  # (B*nb, H, 2w or 3w, d)
+    vb = rearrange(_blocks(v, w, n_pad, ahead=ahead), "b h nb s d -> (b nb) h s d")
 
-    # the same (w, 2w) geometry in every block: query row r, key column c, distance x = w + r - c
-    dist = w + torch.arange(w, device=q.device)[:, None] - torch.arange(2 * w, device=q.device)[None, :]
-    m = span_mask(dist.clamp(min=0), z, ramp)  # (H, w, 2w)
-    allowed = (dist >= 0) & (dist < w) & (m > 0)  # causal, within K, inside the span
+    # the same geometry in every block: query row r, key column c, signed distance x = w + r - c
+    cols = kb.shape[-2]
+    dist = w + torch.arange(w, device=q.device)[:, None] - torch.arange(cols, device=q.device)[None, :]
+    far = dist.abs()
+    m = span_mask(far, z, ramp)  # (H, w, cols)
+    allowed = (far < w) & (m > 0)  # within K, inside the span
+    if causal:
+        allowed = allowed & (dist >= 0)
     neg = torch.full((), torch.finfo(q.dtype).min / 4, dtype=q.dtype, device=q.device)  # "minus infinity", finite when added twice
     bias = m.clamp_min(torch.finfo(m.dtype).tiny).log()  # log m
     if rel_bias is not None:
-        bias = bias + rel_bias[:, dist.clamp(0, max_span - 1)]
-    bias = torch.where(allowed, bias.to(q.dtype), neg)  # (H, w, 2w): one additive mask for every block
-    # keys that exist: inside [0, n) and not padding -> (B*nb, 1, 1, 2w)
+        bias = bias + rel_bias[:, far.clamp(0, max_span - 1)]
+    bias = torch.where(allowed, bias.to(q.dtype), neg)  # (H, w, cols): one additive mask for every block
+    # keys that exist: inside [0, n) and not padding -> (B*nb, 1, 1, cols)
     real = torch.ones(batch, n, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-    real = rearrange(_blocks(real, w, n_pad, value=False), "b nb s -> (b nb) 1 1 s")
+    real = rearrange(_blocks(real, w, n_pad, value=False, ahead=ahead), "b nb s -> (b nb) 1 1 s")
 
     if need_weights:  # the weights themselves: explicit scores and softmax
-        scores = torch.matmul(qb * scale, kb.transpose(-1, -2)) + bias  # (B*nb, H, w, 2w)
+        scores = torch.matmul(qb * scale, kb.transpose(-1, -2)) + bias  # (B*nb, H, w, cols)
         weights_b = masked_softmax(scores, allowed & real)
-        out = torch.matmul(weights_b, vb)
-    elif key_mask is None:  # fused kernel; only block 0 of each example has missing keys (its "previous block")
+        out = torch.matmul(F.dropout(weights_b, dropout_p) if dropout_p else weights_b, vb)
+    elif key_mask is None and causal:  # fused kernel; only block 0 of each example has missing keys (its "previous block")
         first = bias.clone()
         first[..., :w] = neg  # block 0 reads no previous block
         qn, kn, vn = (t.view(batch, nb, *t.shape[1:]) for t in (qb, kb, vb))  # (B, nb, H, ., d)
-        out = F.scaled_dot_product_attention(qn[:, 0], kn[:, 0], vn[:, 0], attn_mask=first, scale=scale)[:, None]
+        out = F.scaled_dot_product_attention(qn[:, 0], kn[:, 0], vn[:, 0], attn_mask=first, scale=scale,
+                                             dropout_p=dropout_p)[:, None]
         if nb > 1:
             rest = F.scaled_dot_product_attention(qn[:, 1:].flatten(0, 1), kn[:, 1:].flatten(0, 1),
-                                                  vn[:, 1:].flatten(0, 1), attn_mask=bias, scale=scale)
+                                                  vn[:, 1:].flatten(0, 1), attn_mask=bias, scale=scale, dropout_p=dropout_p)
             out = torch.cat([out, rest.view(batch, nb - 1, *rest.shape[1:])], dim=1)  # (B, nb, H, w, d)
         out = out.flatten(0, 1)
-    else:  # padding: a per-block mask, and queries that see no real key give zeros
-        mask = bias + torch.where(real, torch.zeros_like(neg), neg)  # (B*nb, H, w, 2w)
-        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+    else:  # padding (or keys beyond either end): a per-block mask, and queries that see no real key give zeros
+        mask = bias + torch.where(real, torch.zeros_like(neg), neg)  # (B*nb, H, w, cols)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, dropout_p=dropout_p)
         out = out * (allowed & real).any(-1, keepdim=True).to(out.dtype)
     out = rearrange(out, "(b nb) h w d -> b h (nb w) d", b=batch)[:, :, :n]
 
     weights = None
-    if need_weights:  # scatter the (w, 2w) blocks into the dense (n, n) matrix
+    if need_weights:  # scatter the (w, cols) blocks into the dense (n, n) matrix
         weights_b = rearrange(weights_b, "(b nb) h w s -> b nb h w s", b=batch)
-        cols = torch.arange(nb, device=q.device)[:, None] * w + torch.arange(2 * w, device=q.device)[None, :]  # padded key index
-        dense = weights_b.new_zeros(batch, nb, heads, w, n_pad + w)
-        dense = dense.scatter(-1, cols[None, :, None, None, :].expand_as(weights_b), weights_b)
+        idx = torch.arange(nb, device=q.device)[:, None] * w + torch.arange(cols, device=q.device)[None, :]  # padded key index
+        dense = weights_b.new_zeros(batch, nb, heads, w, n_pad + cols - w)
+        dense = dense.scatter(-1, idx[None, :, None, None, :].expand_as(weights_b), weights_b)
         weights = rearrange(dense, "b nb h w j -> b h (nb w) j")[:, :, :n, w : w + n]
     return AttentionOutput(out, weights)
 
 
 def adaptive_span_reference(
     q: Tensor, k: Tensor, v: Tensor, span: Tensor, ramp: int, max_span: int,
-    rel_bias: Tensor | None = None, key_mask: Tensor | None = None,
+    rel_bias: Tensor | None = None, key_mask: Tensor | None = None, causal: bool = True,
 ) -> AttentionOutput:
     r"""Baseline: the paper's formula on the dense ``n x n`` scores, ``softmax(s) * m_z`` renormalised (:math:`O(n^2 d)`).
 
-    Softmax over the causal keys within ``max_span``, multiplied by the mask,
-    divided by the row sum (rows with no weight left give zeros). For checks only.
+    Softmax over the causal keys within ``max_span`` (``causal=False``: the keys within ``max_span`` on
+    both sides, the mask on ``|i - j|``), multiplied by the mask, divided by the row sum (rows with no
+    weight left give zeros). For checks only.
     """
     n, d = q.shape[-2], q.shape[-1]
     i = torch.arange(n, device=q.device)
     dist = i[:, None] - i[None, :]  # (n, n)
-    inside = (dist >= 0) & (dist < max_span)
+    far = dist.abs()
+    inside = (far < max_span) & (dist >= 0) if causal else far < max_span
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)
     if rel_bias is not None:
-        scores = scores + rel_bias[:, dist.clamp(0, max_span - 1)] * inside
+        scores = scores + rel_bias[:, far.clamp(0, max_span - 1)] * inside
     mask = inside if key_mask is None else inside & key_mask[:, None, None, :]
-    a = masked_softmax(scores, mask) * span_mask(dist.clamp(min=0), span.clamp(0, max_span), ramp) * mask
+    a = masked_softmax(scores, mask) * span_mask(far, span.clamp(0, max_span), ramp) * mask
     total = a.sum(-1, keepdim=True)
     a = torch.where(total > 0, a / total.clamp_min(1e-30), torch.zeros_like(a))
     return AttentionOutput(a @ v, a)
+
+
+@register_kernel("adaptive-span", summary="softmax under a soft span mask m_z(|i - j|) per head, read blockwise over K keys",
+                 attn_mask=False, dense=False)
+def adaptive_span_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    span: Tensor | None = None,
+    ramp: int = 32,
+    max_span: int = 256,
+    rel_bias: Tensor | None = None,
+    truncate: bool = True,
+) -> AttentionOutput:
+    """:func:`adaptive_span_attention` as a kernel: ``q, k, v (B, h, n, d)`` (self-attention: as many queries as keys).
+
+    ``span`` ``(h,)`` is the learned state (:class:`AdaptiveSpanAttention` passes its spans); ``None``
+    gives every head the full span ``max_span``. Only ``key_mask`` and ``is_causal`` are taken (no
+    ``L x S`` mask exists); a general ``attn_mask`` raises a ``ValueError``.
+    """
+    if attn_mask is not None:
+        raise ValueError("the adaptive-span kernel takes only key_mask and is_causal (its span is the pattern), "
+                         "not an attn_mask")
+    if span is None:
+        span = q.new_full((q.shape[1],), float(max_span))
+    if q.shape[0] == 0:  # an empty batch
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+        return AttentionOutput(out, q.new_zeros(*q.shape[:-1], k.shape[-2]) if need_weights else None)
+    return adaptive_span_attention(q, k, v, span, ramp, max_span, rel_bias=rel_bias, key_mask=key_mask, scale=scale,
+                                   truncate=truncate, need_weights=need_weights, causal=is_causal, dropout_p=dropout_p)
 
 
 def _build_adaptive(embed_dim: int, num_heads: int) -> AdaptiveSpanAttention:
@@ -232,9 +285,14 @@ def _build_adaptive(embed_dim: int, num_heads: int) -> AdaptiveSpanAttention:
     chapter=13,
     summary="causal attention with a learned soft span per head, truncated to the largest span",
     build=_build_adaptive,
+    kernel="adaptive-span",
+    causal=True,
 )
-class AdaptiveSpanAttention(nn.Module):
-    r"""Multi-head causal self-attention with a learned span per head (Sukhbaatar et al. 2019).
+class AdaptiveSpanAttention(AttentionBase):
+    r"""Multi-head self-attention with a learned span per head (Sukhbaatar et al. 2019), causal by default.
+
+    An :class:`~attn.attention.AttentionBase` around :func:`adaptive_span_kernel`, whose learned spans
+    (and distance biases) are state: :meth:`attend` passes them to the kernel.
 
     Args:
         embed_dim, num_heads: ``E`` and ``H``.
@@ -245,34 +303,40 @@ class AdaptiveSpanAttention(nn.Module):
         rel_bias: learn a bias per head and distance ``b_h(x)`` (zeros at init).
         adaptive: ``False`` freezes the spans at ``init_span`` (the fixed-span baseline).
         truncate: read only the keys inside the largest current span (``False``: all ``S``).
+        causal: the default of ``is_causal`` (``True``, the paper's language model; ``False``: the span on both sides).
+        dropout: dropout on the attention weights while training.
         bias: biases of the projections.
 
     The spans are ``z = S * p`` with ``p`` a parameter kept in ``[0, 1]`` (clamped
-    before each training forward, as the paper clamps after each step).
+    before each training forward, as the paper clamps after each step). Projections are
+    :class:`~attn.attention.AttentionBase`'s (state dicts interchangeable with
+    :class:`attn.multihead.MultiHeadAttention`'s, plus ``span_param`` and ``rel_bias``).
     Shapes: ``x (B, n, E)`` -> ``(B, n, E)``; weights ``(B, H, n, n)``.
     """
+
+    rel_bias: nn.Parameter | None
 
     def __init__(
         self,
         embed_dim: int,
         num_heads: int,
+        *,
         max_span: int = 256,
         ramp: int = 32,
         init_span: float = 1.0,
         rel_bias: bool = True,
         adaptive: bool = True,
         truncate: bool = True,
+        causal: bool = True,
+        dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
-        super().__init__()
         check_heads(embed_dim, num_heads)
         _check_span_args(torch.zeros(num_heads), num_heads, ramp, max_span)
         if not 0.0 <= init_span <= 1.0:
             raise ValueError(f"init_span is z / max_span and must be in [0, 1], got {init_span}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        super().__init__(embed_dim, num_heads, kernel="adaptive-span", causal=causal, dropout=dropout, bias=bias)
         self.max_span, self.ramp, self.truncate = max_span, ramp, truncate
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.span_param = nn.Parameter(torch.full((num_heads,), float(init_span)), requires_grad=adaptive)  # p = z / S
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, max_span)) if rel_bias else None
 
@@ -289,22 +353,38 @@ class AdaptiveSpanAttention(nn.Module):
         r"""The L1 span cost :math:`\frac1H\sum_h z_h` in tokens (multiply by :math:`\lambda` and add to the loss)."""
         return self.spans.mean()
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
-        """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), weights (B, H, n, n) | None)``."""
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
+        """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), weights (B, H, n, n) | None)``.
+
+        ``is_causal`` ``None`` keeps the layer's ``causal``; ``False`` reads the span on both sides.
+        """
         x = check_tokens(x, self.embed_dim, "x")
-        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
         if self.training and self.span_param.requires_grad:
             with torch.no_grad():
                 self.span_param.clamp_(0.0, 1.0)
-        if empty_batch(x):
-            b, n, _ = x.shape
-            return AttentionOutput(self.out_proj(x), x.new_zeros(b, self.num_heads, n, n) if need_weights else None)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out, weights = adaptive_span_attention(
-            q, k, v, self.spans, self.ramp, self.max_span, rel_bias=self.rel_bias, key_mask=key_mask,
-            truncate=self.truncate, need_weights=need_weights,
+        return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """:func:`adaptive_span_kernel` with this layer's spans and distance biases."""
+        return adaptive_span_kernel(
+            q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+            need_weights=need_weights, span=self.spans, ramp=self.ramp, max_span=self.max_span,
+            rel_bias=self.rel_bias, truncate=self.truncate,
         )
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
 
 
 # ----------------------------------------------------------------------------- the visual sentinel
@@ -340,7 +420,6 @@ class SentinelGate(nn.Module):
     chapter=13,
     data="set",
     summary="additive attention over k features plus a visual sentinel: a gate to attend to nothing",
-    task=lambda preset: make_sentinel_task(preset),
 )
 class SentinelAttention(nn.Module):
     r"""Adaptive attention with a visual sentinel (Lu et al. 2017, eq. 6 and 11-12): attend to ``k`` features or to nothing.
@@ -388,141 +467,3 @@ class SentinelAttention(nn.Module):
         # beta s + (1 - beta) c with c = sum_i alpha_i / (1 - beta) v_i  ==  beta s + sum_i alpha_i v_i
         context = beta * sentinel + torch.einsum("bk,bkd->bd", alpha[:, :-1], features)
         return AttentionOutput(context, alpha)
-
-
-# ----------------------------------------------------------------------------- the sentinel's own task
-
-
-class SentinelPointer(nn.Module):
-    """A pointer over ``k`` items plus "none": :class:`SentinelAttention` with a learned sentinel vector.
-
-    Items and the query are symbols from a codebook of ``n_symbols``; the query
-    state is ``h = W_q e(query)``; the sentinel is a learned vector (its score
-    still depends on ``h`` through :math:`W_g h`). The prediction is the
-    attention itself: ``log alpha`` over the ``k`` items and the sentinel ("none").
-    With ``sentinel=False`` the same pointer has no way to say "none" (the baseline).
-    """
-
-    def __init__(self, n_symbols: int, dim: int = 32, sentinel: bool = True) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(n_symbols, dim)
-        self.query = nn.Linear(dim, dim)
-        self.attention = SentinelAttention(dim)
-        self.sentinel = nn.Parameter(torch.randn(dim) / math.sqrt(dim)) if sentinel else None
-
-    def forward(self, items: Tensor, query: Tensor) -> Tensor:
-        """``items (B, k)``, ``query (B,)`` ids -> attention ``(B, k + 1)`` (last column: the sentinel, 0 without one)."""
-        v = self.embed(items)  # (B, k, d)
-        h = self.query(self.embed(query))  # (B, d)
-        if self.sentinel is None:
-            blocked = torch.cat([torch.ones_like(items, dtype=torch.bool), items.new_zeros(items.shape[0], 1, dtype=torch.bool)], 1)
-            z = self.attention.w_h(torch.tanh(self.attention.w_v(v) + self.attention.w_g(h)[:, None])).squeeze(-1)
-            return masked_softmax(torch.cat([z, z[:, :1]], 1), blocked)
-        s = self.sentinel.expand(items.shape[0], -1)
-        return self.attention(v, h, s).weights
-
-
-def _sentinel_sample(n_symbols: int, k: int) -> Callable[[int, torch.Generator], dict[str, Tensor]]:
-    def sample(batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
-        perm = torch.rand(batch_size, n_symbols, generator=generator).argsort(-1)  # distinct symbols per row
-        items = perm[:, :k]
-        present = torch.rand(batch_size, generator=generator) < 0.5
-        slot = torch.randint(k, (batch_size,), generator=generator)
-        query = torch.where(present, items[torch.arange(batch_size), slot], perm[:, k])  # perm[:, k] is not among the items
-        label = torch.where(present, slot, torch.full_like(slot, k))  # k = "none": the sentinel
-        return {"items": items, "query": query, "y": label}
-
-    return sample
-
-
-def sentinel_loss(model: SentinelPointer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """NLL of the attention at the right item (or the sentinel when the query is absent); accuracy of its argmax."""
-    alpha = model(batch["items"], batch["query"])
-    loss = F.nll_loss(alpha.clamp_min(1e-9).log(), batch["y"])
-    return loss, {"acc": float((alpha.argmax(-1) == batch["y"]).float().mean())}
-
-
-_SENTINEL_PRESETS = {"quick": (8, 16, 60), "book": (12, 32, 300), "default": (16, 32, 600), "gpu": (32, 64, 1500)}
-
-
-def make_sentinel_task(preset: str = "book") -> OwnTask[SentinelPointer]:
-    """The sentinel's own task: point at the item equal to the query, or at the sentinel when there is none (half the time).
-
-    ``preset`` sets ``(k items, width, steps)``: quick ``(8, 16, 60)``, book ``(12, 32, 300)``,
-    default ``(16, 32, 600)``, gpu ``(32, 64, 1500)``. Chance is 1/(k+1); a pointer without a
-    sentinel is capped at 50 %.
-    """
-    if preset not in _SENTINEL_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(_SENTINEL_PRESETS)}")
-    k, dim, steps = _SENTINEL_PRESETS[preset]
-    n_symbols = 4 * k
-    layer = SentinelAttention(dim)
-
-    def inputs(size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        return (torch.randn(1, size, dim, generator=generator), torch.randn(1, dim, generator=generator),
-                torch.randn(1, dim, generator=generator))
-
-    return OwnTask(
-        description=f"point at the item matching the query among {k}, or at the sentinel when it is absent",
-        model=SentinelPointer(n_symbols, dim), sample=_sentinel_sample(n_symbols, k), loss=sentinel_loss,
-        layer=layer, inputs=inputs, sizes=(64, 256, 1024, 4096), size_unit="items", steps=steps, batch_size=64,
-        lr=1e-2, log_every=10, target_acc=0.9,
-        weights=lambda model, batch: model(batch["items"], batch["query"]),
-    )
-
-
-# ----------------------------------------------------------------------------- a task where heads need different spans
-
-
-class LagTask:
-    """Random tokens; at every position ``i >= lag`` predict two earlier tokens: ``x[i - 1]`` and ``x[i - lag]``.
-
-    One needs a span of 1, the other a span of ``lag``: a model with several
-    heads can give one head a short span and one a long span, and needs no
-    other head. ``sample`` returns ``x (B, n)`` and targets ``y (B, n, 2)`` (``-1`` where undefined).
-    """
-
-    def __init__(self, n: int = 64, vocab: int = 16, lag: int = 24) -> None:
-        if not 1 < lag < n:
-            raise ValueError(f"lag must satisfy 1 < lag < n, got lag={lag}, n={n}")
-        self.n, self.vocab, self.lag = n, vocab, lag
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        x = torch.randint(self.vocab, (batch_size, self.n), generator=generator)
-        y = torch.full((batch_size, self.n, 2), -1, dtype=torch.long)
-        y[:, self.lag :, 0] = x[:, self.lag - 1 : -1]  # x[i - 1]
-        y[:, self.lag :, 1] = x[:, : self.n - self.lag]  # x[i - lag]
-        return {"x": x, "y": y}
-
-
-class SpanModel(nn.Module):
-    """Embedding -> one :class:`AdaptiveSpanAttention` layer (residual, LayerNorm) -> two readouts of ``vocab`` classes.
-
-    ``span_cost`` is :math:`\\lambda` of the L1 span penalty added by :func:`lag_loss`.
-    Other arguments go to :class:`AdaptiveSpanAttention`.
-    """
-
-    def __init__(self, vocab: int, embed_dim: int = 32, num_heads: int = 4, span_cost: float = 0.0, **span_kwargs) -> None:
-        super().__init__()
-        self.vocab, self.span_cost = vocab, span_cost
-        self.embed = nn.Embedding(vocab, embed_dim)
-        self.attention = AdaptiveSpanAttention(embed_dim, num_heads, **span_kwargs)
-        self.norm = nn.LayerNorm(embed_dim)
-        self.readout = nn.Linear(embed_dim, 2 * vocab)
-
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        h = self.embed(x)  # (B, n, E)
-        out, weights = self.attention(h, need_weights=need_weights)
-        logits = self.readout(self.norm(h + out))  # (B, n, 2 vocab)
-        return logits.view(*x.shape, 2, self.vocab), weights
-
-
-def lag_loss(model: SpanModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy on both targets + ``span_cost`` * mean span; accuracy = both targets right."""
-    logits, _ = model(batch["x"])
-    y = batch["y"]
-    valid = y[..., 0] >= 0
-    ce = F.cross_entropy(logits[valid].reshape(-1, model.vocab), y[valid].reshape(-1))
-    right = (logits[valid].argmax(-1) == y[valid]).all(-1).float().mean()
-    loss = ce + model.span_cost * model.attention.span_loss()
-    return loss, {"acc": float(right), "span": float(model.attention.spans.detach().mean())}

@@ -49,6 +49,11 @@ exact in value and, because the backward above carries ``\bar L``, in gradient.
 Shapes: ``q (B, [H,] n_q, d)``, ``k (B, [H,] n_k, d)``, ``v (B, [H,] n_k, d_v)``
 -> output ``(B, [H,] n_q, d_v)``, log-sum-exp ``(B, [H,] n_q)``.
 
+**As a kernel.** :func:`flash_kernel` is :func:`flash_attention` under the one kernel signature of
+:mod:`attn.attention` (registered ``"flash"``, ``dense=False``: the padding mask and ``is_causal`` are
+applied per tile, a general ``attn_mask`` is refused); :class:`FlashAttention` is
+``Attention(kernel="flash")``.
+
 This is the same algorithm as PyTorch's fused ``F.scaled_dot_product_attention``
 kernels, written in plain torch over Python loops so that every step can be
 read: it is for teaching and checking, not for speed.
@@ -67,17 +72,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from .checks import check_int, check_same_dtype, check_tokens, empty_batch
+from .attention import Attention, register_kernel
+from .checks import check_int, check_same_dtype
 from .core import AttentionOutput, check_qkv
 from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
     "flash_attention", "flash_forward", "flash_backward", "FlashAttentionFunction", "naive_attention",
-    "merge_partial_attention", "tile_plan", "online_softmax_trace", "FlashAttention",
+    "merge_partial_attention", "tile_plan", "online_softmax_trace", "flash_kernel", "FlashAttention",
 ]
 
 
@@ -387,6 +392,61 @@ def online_softmax_trace(scores: Tensor, block_k: int, causal_row: int | None = 
     return SoftmaxTrace(run_m, run_l, blk_m, m + math.log(ell))
 
 
+def _flash_weights(q: Tensor, k: Tensor, lse: Tensor, scale: float | None, is_causal: bool,
+                   key_mask: Tensor | None) -> Tensor:
+    """The weights ``P = exp(S - lse)`` ``(B, h, n_q, n_k)``, rebuilt from the saved log-sum-exp (inspection only).
+
+    This forms the ``n_q x n_k`` matrix the kernel never stores: small ``n`` only, and without a gradient.
+    """
+    with torch.no_grad():
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        s = (q @ k.transpose(-1, -2)) * scale
+        lse_safe = lse.masked_fill(lse == float("-inf"), float("inf"))  # rows with no visible key: P = 0
+        weights = torch.exp(s - lse_safe[..., None])
+        if is_causal:
+            n_q, n_k = q.shape[-2], k.shape[-2]
+            weights = weights.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1), 0.0)
+        if key_mask is not None:
+            weights = weights.masked_fill(~key_mask[:, None, None, :], 0.0)
+    return weights
+
+
+@register_kernel("flash", summary="exact softmax attention in tiles with online softmax and a recomputing backward",
+                 attn_mask=False, dense=False)
+def flash_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> AttentionOutput:
+    """:func:`flash_attention` as a kernel of :class:`attn.attention.Attention` (``q (B, h, L, d)``, ``k, v (B, h, S, d)``).
+
+    Only the padding mask and the causal flag are taken (both applied per tile; no ``L x S`` mask is
+    built); a general ``attn_mask`` or attention dropout raises a ``ValueError``. With
+    ``need_weights=True`` the weights ``exp(S - lse)`` are rebuilt from the log-sum-exp for inspection.
+    """
+    if attn_mask is not None:
+        raise ValueError("the flash kernel takes only key_mask and is_causal (applied per tile), not an attn_mask")
+    if dropout_p:
+        raise ValueError(f"the flash kernel has no attention dropout: dropout_p must be 0, got {dropout_p}")
+    if q.shape[0] == 0:  # an empty batch: nothing to tile
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+        return AttentionOutput(out, q.new_zeros(*q.shape[:-1], k.shape[-2]) if need_weights else None)
+    res = flash_attention(q, k, v, is_causal, scale, block_q, block_k, key_mask, return_lse=True)
+    assert isinstance(res, tuple)  # return_lse=True
+    out, lse = res
+    weights = _flash_weights(q, k, lse, scale, is_causal, key_mask) if need_weights else None
+    return AttentionOutput(out, weights)
+
+
 @register(
     "flash",
     paper="Dao et al. 2022; Milakov & Gimelshein 2018",
@@ -394,53 +454,30 @@ def online_softmax_trace(scores: Tensor, block_k: int, causal_row: int | None = 
     chapter=25,
     summary="exact multi-head attention in tiles with online softmax and a recomputing backward",
     build=lambda embed_dim, num_heads: FlashAttention(embed_dim, num_heads, block_q=32, block_k=32),
+    kernel="flash",
+    causal=False,
 )
-class FlashAttention(nn.Module):
-    """Multi-head self-attention whose core is :func:`flash_attention` (exact, tiled).
+class FlashAttention(Attention):
+    """Multi-head attention whose kernel is :func:`flash_attention` (exact, tiled): :class:`~attn.attention.Attention`
+    with ``kernel="flash"``.
 
-    Projections as in :class:`attn.multihead.MultiHeadAttention`. Shapes:
-    ``x (B, n, E)`` -> output ``(B, n, E)``; weights, when asked for,
-    ``(B, h, n, n)`` computed separately from ``exp(S - lse)`` (this stores
-    ``n^2`` numbers: inspection at small ``n`` only).
+    The projections, heads and checks are :class:`~attn.attention.Attention`'s (its state dict is
+    interchangeable with :class:`attn.multihead.MultiHeadAttention`'s). Shapes: ``query (B, L, E)``,
+    ``key, value (B, S, E)`` (self-attention when omitted) -> output ``(B, L, E)``; weights, when asked for,
+    ``(B, h, L, S)``, rebuilt separately from ``exp(S - lse)`` (this stores ``L S`` numbers: inspection at
+    small ``n`` only). The kernel takes a padding ``key_mask`` and ``is_causal``, not a general ``attn_mask``.
 
     Args:
         embed_dim: model width ``E``.
         num_heads: heads ``h`` (must divide ``E``).
-        causal: decoder-style mask.
+        causal: the default of ``is_causal`` (decoder-style mask, top-left aligned as SDPA's).
         block_q, block_k: tile sizes.
         bias: biases on the projections.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, causal: bool = False, block_q: int = 64, block_k: int = 64, bias: bool = True) -> None:
-        super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, block_q: int = 64, block_k: int = 64,
+                 bias: bool = True) -> None:
         check_int("block_q", block_q)
         check_int("block_k", block_k)
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.causal, self.block_q, self.block_k = causal, block_q, block_k
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V]
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
-        """``x (B, n, E)``, ``key_mask (B, n)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
-        check_tokens(x, self.embed_dim)
-        if empty_batch(x):
-            n = x.shape[1]
-            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out, lse = flash_attention(q, k, v, self.causal, None, self.block_q, self.block_k, key_mask, return_lse=True)
-        weights = None
-        if need_weights:  # inspection only: P = exp(S - lse), the matrix the kernel never stores
-            with torch.no_grad():
-                s = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-                lse_safe = lse.masked_fill(lse == float("-inf"), float("inf"))
-                weights = torch.exp(s - lse_safe[..., None])
-                n = x.shape[1]
-                if self.causal:
-                    weights = weights.masked_fill(torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1), 0.0)
-                if key_mask is not None:
-                    weights = weights.masked_fill(~key_mask[:, None, None, :], 0.0)
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
+        super().__init__(embed_dim, num_heads, kernel="flash", causal=causal, bias=bias, block_q=block_q, block_k=block_k)
+        self.block_q, self.block_k = block_q, block_k

@@ -42,6 +42,10 @@ estimators; ``p`` for soft), ``index`` ``(B, L)``, ``log_prob`` and
 ``entropy`` ``(B, L)``. Cost: ``O(L n d)`` for the scores, as soft attention;
 reading the values is ``O(L d_v)`` for a hard pick (a gather).
 
+As a kernel of :mod:`attn.attention`: :func:`hard_kernel` (``"hard"``, over :func:`hard_attention`);
+:class:`HardSelfAttention` passes it its estimator. The chapter's lookup task, model and losses are in
+:mod:`attn.experiments.hard`.
+
 Xu et al., "Show, Attend and Tell: Neural Image Caption Generation with Visual
 Attention", ICML 2015. Jang, Gu, Poole, "Categorical Reparameterization with
 Gumbel-Softmax", ICLR 2017. Williams, "Simple Statistical Gradient-Following
@@ -52,29 +56,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
+from .attention import AttentionBase, register_kernel
 from .checks import check_tensor, check_tokens
-from .core import AttentionOutput
+from .core import AttentionOutput, check_qkv
 from .masks import check_key_mask
-from .registry import OwnTask, register
+from .registry import register
 
 __all__ = [
-    "Estimator", "HardAttentionOutput", "gumbel_noise", "select", "HardAttention", "HardSelfAttention",
-    "MovingAverageBaseline", "reinforce_loss", "LookupTask", "LookupModel", "lookup_loss", "make_lookup_task", "expected_loss", "gradient_samples",
+    "Estimator", "HardAttentionOutput", "gumbel_noise", "select", "HardAttention", "hard_attention", "hard_kernel",
+    "HardSelfAttention", "MovingAverageBaseline", "reinforce_loss",
 ]
 
 Estimator = Literal["soft", "reinforce", "gumbel"]
 ESTIMATORS = ("soft", "reinforce", "gumbel")
 
 
-class HardAttentionOutput(NamedTuple):
-    """What :class:`HardAttention` returns.
+@dataclass(frozen=True)
+class HardAttentionOutput:
+    """What :class:`HardAttention` and :func:`hard_attention` return (fields read by name: ``out.index``).
 
     ``output`` ``(B, L, d_v)``; ``weights`` ``(B, L, n)`` (the selection used
     in the forward pass); ``probs`` ``(B, L, n)`` (``p = softmax(s)``);
@@ -86,8 +91,7 @@ class HardAttentionOutput(NamedTuple):
     output: Tensor
     weights: Tensor
     probs: Tensor
-    # a field named like tuple.index: the public name of the picked key (out.index), kept on purpose
-    index: Tensor  # type: ignore[assignment]
+    index: Tensor
     log_prob: Tensor
     entropy: Tensor
 
@@ -216,6 +220,80 @@ class HardAttention(nn.Module):
         return HardAttentionOutput(output, weights, probs, index, log_prob, entropy)
 
 
+def hard_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    estimator: Estimator = "gumbel",
+    tau: float = 1.0,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+) -> HardAttentionOutput:
+    r"""Multi-head hard attention on split heads: each query of each head reads one key (:func:`select`).
+
+    ``s = q k^T * scale`` (``scale`` default ``1/sqrt(d)``), masked by ``attn_mask`` (boolean ``True`` = may
+    attend, or additive), ``key_mask`` ``(B, S)`` (``True`` = real key) and ``is_causal`` (query ``i`` sees
+    keys ``j <= i``); the selection follows ``estimator``; ``sample=False`` picks ``argmax p`` (evaluation).
+    Shapes: ``q (B, h, L, d)``, ``k (B, h, S, d)``, ``v (B, h, S, d_v)`` -> :class:`HardAttentionOutput` with
+    output ``(B, h, L, d_v)``, weights and probs ``(B, h, L, S)``, index, log_prob, entropy ``(B, h, L)``.
+    The scores are ``L x S``, as in soft attention: ``O(L S d)``.
+    """
+    check_qkv(q, k, v)
+    check_key_mask(key_mask, q.shape[0], k.shape[-2])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, h, L, S)
+    mask: Tensor | None = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask
+        else:
+            s = s + attn_mask
+    if is_causal:
+        tri = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = tri if mask is None else mask & tri
+    if key_mask is not None:
+        km = key_mask[:, None, None, :] if q.ndim == 4 else key_mask[:, None, :]
+        mask = km if mask is None else mask & km
+    if mask is not None:
+        mask = mask.expand(s.shape)
+    weights, probs, index, log_prob, entropy = select(s, estimator, tau, mask, sample=sample, generator=generator)
+    return HardAttentionOutput(weights @ v, weights, probs, index, log_prob, entropy)
+
+
+@register_kernel("hard", summary="each query reads one key: argmax (a Gumbel-max sample when sampling) of softmax(q k^T * scale)")
+def hard_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    estimator: Estimator = "gumbel",
+    tau: float = 1.0,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+) -> AttentionOutput:
+    """:func:`hard_attention` as a kernel: the output and, when asked for, the selection used ``(B, h, L, S)``.
+
+    With the defaults (``sample=False``) each query reads the value of its most probable key. Attention
+    dropout has no meaning for a one-key read: ``dropout_p`` must be 0.
+    """
+    if dropout_p:
+        raise ValueError(f"the hard kernel reads one key per query and has no attention dropout: dropout_p must be 0, got {dropout_p}")
+    res = hard_attention(q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale,
+                         estimator=estimator, tau=tau, sample=sample, generator=generator)
+    return AttentionOutput(res.output, res.weights if need_weights else None)
+
+
 @register(
     "hard_gumbel",
     paper="Jang et al. 2017; Xu et al. 2015",
@@ -223,48 +301,64 @@ class HardAttention(nn.Module):
     chapter=21,
     summary="multi-head self-attention where each query reads one key, trained with straight-through Gumbel-softmax",
     build=lambda embed_dim, num_heads: HardSelfAttention(embed_dim, num_heads, tau=1.0),
+    kernel="hard",
+    causal=False,
 )
-class HardSelfAttention(nn.Module):
+class HardSelfAttention(AttentionBase):
     """Multi-head self-attention in which each head of each token reads **one** token.
 
+    An :class:`~attn.attention.AttentionBase` around :func:`hard_kernel` whose estimator is state:
+    :meth:`attend` samples while training and keeps the last selection in :attr:`last`.
     Training: straight-through Gumbel-softmax (``estimator="gumbel"``) or
     REINFORCE (``"reinforce"``: the caller must add :func:`reinforce_loss`
     with :attr:`last` ``.log_prob``); ``"soft"`` is ordinary attention.
     Evaluation: the argmax key. Shapes ``x (B, n, E)`` -> ``(B, n, E)``;
-    weights ``(B, h, n, n)``, the one-hot selections used.
+    weights ``(B, h, n, n)``, the one-hot selections used. Projections are
+    :class:`~attn.attention.AttentionBase`'s (state dicts interchangeable with
+    :class:`attn.multihead.MultiHeadAttention`'s).
+
+    Args:
+        embed_dim, num_heads: width ``E`` and heads ``h``.
+        estimator: ``"gumbel"``, ``"reinforce"`` or ``"soft"`` (:func:`select`).
+        tau: the Gumbel-softmax temperature.
+        causal: the default of ``is_causal``.
+        bias: biases on the projections.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, estimator: Estimator = "gumbel", tau: float = 1.0,
-                 causal: bool = False) -> None:
-        super().__init__()
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        select(torch.zeros(1), estimator, tau)
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.estimator, self.tau, self.causal = estimator, tau, causal
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+    def __init__(self, embed_dim: int, num_heads: int, *, estimator: Estimator = "gumbel", tau: float = 1.0,
+                 causal: bool = False, bias: bool = True) -> None:
+        select(torch.zeros(1), estimator, tau)  # validates estimator and tau
+        super().__init__(embed_dim, num_heads, kernel="hard", causal=causal, bias=bias)
+        self.estimator, self.tau = estimator, tau
         self.last: HardAttentionOutput | None = None
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
-        x = check_tokens(x, self.embed_dim)
-        check_key_mask(key_mask, x.shape[0], x.shape[1])
-        b, n, _ = x.shape
-        if b == 0:
-            return AttentionOutput(x.new_zeros(x.shape), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        s = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, h, n, n)
-        mask = None
-        if self.causal:
-            mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril().expand(b, self.num_heads, n, n)
-        if key_mask is not None:
-            km = key_mask[:, None, None, :].expand(b, self.num_heads, n, n)
-            mask = km if mask is None else mask & km
-        weights, probs, index, log_prob, entropy = select(s, self.estimator, self.tau, mask, sample=self.training)
-        out = weights @ v  # (B, h, n, d_h)
-        self.last = HardAttentionOutput(out, weights, probs, index, log_prob, entropy)
-        y = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
-        return AttentionOutput(y, weights if need_weights else None)
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
+        """``x (B, n, E)``, ``key_mask (B, n)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
+        x = check_tokens(x, self.embed_dim, "x")
+        return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """:func:`hard_attention` with this layer's estimator, sampling while training; keeps it in :attr:`last`."""
+        if dropout_p:
+            raise ValueError(f"hard attention has no attention dropout: dropout_p must be 0, got {dropout_p}")
+        res = hard_attention(q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale,
+                             estimator=self.estimator, tau=self.tau, sample=self.training)
+        self.last = res
+        return AttentionOutput(res.output, res.weights if need_weights else None)
 
 
 class MovingAverageBaseline(nn.Module):
@@ -313,150 +407,6 @@ def reinforce_loss(loss: Tensor, log_prob: Tensor, baseline: Tensor | float = 0.
     return surrogate.mean()
 
 
-# ----------------------------------------------------------------------------- the chapter's task
-
-
-@dataclass
-class LookupTask:
-    """Find the item whose key matches the query, answer its label (generated in code).
-
-    Each example has ``n_items`` items with random keys ``k_j`` (uniform on the
-    sphere of radius ``sqrt(d)``, so that the largest dot product is the nearest key) and
-    labels ``y_j`` in ``0..n_classes-1``. The query is ``R k_t + noise`` for
-    one target item ``t`` and a fixed random rotation ``R`` (so the model must
-    learn ``W_q``, ``W_k`` that undo it); the answer is ``y_t``. Reading any
-    other item gives the right label only by chance ``1 / n_classes``.
-    """
-
-    n_items: int = 16
-    key_dim: int = 8
-    n_classes: int = 8
-    noise: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_items < 2 or self.key_dim < 1 or self.n_classes < 2:
-            raise ValueError(f"need n_items >= 2, key_dim >= 1, n_classes >= 2, got {self.n_items}, {self.key_dim}, {self.n_classes}")
-        g = torch.Generator().manual_seed(self.seed)
-        self.rotation = torch.linalg.qr(torch.randn(self.key_dim, self.key_dim, generator=g))[0]
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """``query (B, 1, d)``, ``keys (B, n, d)``, ``labels (B, n)``, ``target (B,)`` item, ``y (B,)`` answer."""
-        keys = F.normalize(torch.randn(batch_size, self.n_items, self.key_dim, generator=generator), dim=-1) * math.sqrt(self.key_dim)
-        labels = torch.randint(0, self.n_classes, (batch_size, self.n_items), generator=generator)
-        target = torch.randint(0, self.n_items, (batch_size,), generator=generator)
-        rows = torch.arange(batch_size)
-        query = keys[rows, target] @ self.rotation.T + self.noise * torch.randn(batch_size, self.key_dim, generator=generator)
-        return {"query": query[:, None], "keys": keys, "labels": labels, "target": target, "y": labels[rows, target]}
-
-
-class LookupModel(nn.Module):
-    """Hard (or soft) attention from the query to the items; the read value is the item's label embedding.
-
-    ``values = E[labels]`` ``(B, n, d_v)``; logits ``= W_o · read`` over the classes.
-    REINFORCE runs carry their baseline (``self.baseline``) and entropy weight.
-    """
-
-    def __init__(self, task: LookupTask, estimator: Estimator = "gumbel", tau: float = 1.0, attn_dim: int = 16,
-                 value_dim: int = 16, entropy_weight: float = 0.01, momentum: float = 0.9) -> None:
-        super().__init__()
-        self.task, self.entropy_weight = task, entropy_weight
-        self.attention = HardAttention(task.key_dim, task.key_dim, attn_dim, estimator, tau)
-        self.label_embed = nn.Embedding(task.n_classes, value_dim)
-        self.head = nn.Linear(value_dim, task.n_classes)
-        self.baseline = MovingAverageBaseline(momentum)
-
-    def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, HardAttentionOutput]:
-        """Logits ``(B, n_classes)`` and the attention's output."""
-        out = self.attention(batch["query"], batch["keys"], self.label_embed(batch["labels"]), generator=generator)
-        return self.head(out.output[:, 0]), out
-
-
-def lookup_loss(model: LookupModel, batch: dict[str, Tensor], generator: torch.Generator | None = None,
-                update_baseline: bool = True) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy; for REINFORCE the surrogate with baseline and entropy bonus. Metrics: ``acc``, ``pick_acc`` (picked the target)."""
-    logits, att = model(batch, generator)
-    per_example = F.cross_entropy(logits, batch["y"], reduction="none")
-    if model.attention.estimator == "reinforce" and model.training:
-        b = model.baseline.update(per_example) if update_baseline else model.baseline.value
-        loss = reinforce_loss(per_example, att.log_prob[:, 0], b, att.entropy[:, 0], model.entropy_weight)
-    else:
-        loss = per_example.mean()
-    return loss, {"acc": float((logits.argmax(-1) == batch["y"]).float().mean()),
-                  "pick_acc": float((att.index[:, 0] == batch["target"]).float().mean())}
-
-
-def expected_loss(model: LookupModel, batch: dict[str, Tensor]) -> Tensor:
-    """The exact expected loss ``mean_b sum_j p_j l_j`` of the hard model: every item's loss, weighted by ``p``.
-
-    Its gradient is what an unbiased estimator of the hard model's gradient
-    averages to (REINFORCE does; straight-through Gumbel does not).
-    """
-    att = model.attention
-    p = torch.softmax(att.scores(batch["query"], batch["keys"])[:, 0], -1)  # (B, n)
-    logits = model.head(model.label_embed(batch["labels"]))  # (B, n, C): the answer if item j is read
-    per_item = F.cross_entropy(logits.transpose(1, 2), batch["y"][:, None].expand_as(batch["labels"]), reduction="none")
-    return (p * per_item).sum(-1).mean()
-
-
-def gradient_samples(model: LookupModel, batch: dict[str, Tensor], n_samples: int, baseline: float | None = None,
-                     seed: int = 0) -> Tensor:
-    """``n_samples`` independent gradient estimates for one batch, flattened over ``W_q, b_q, W_k, b_k``: ``(n_samples, P)``.
-
-    Each sample draws fresh selection noise; REINFORCE uses the fixed
-    ``baseline`` (``None``: 0) and no entropy bonus, so that its estimate is of
-    exactly ``grad E[l]``. The soft estimator is deterministic (every row equal).
-    """
-    att = model.attention
-    params = [att.q_proj.weight, att.q_proj.bias, att.k_proj.weight, att.k_proj.bias]
-    was_training, weight = model.training, model.entropy_weight
-    model.train()
-    model.entropy_weight = 0.0
-    saved = model.baseline.value.clone()
-    model.baseline.value.fill_(0.0 if baseline is None else baseline)
-    g = torch.Generator(device=batch["keys"].device).manual_seed(seed)
-    rows = []
-    try:
-        from .train import cpu_threads  # the trainer's helper, loaded on use: layers do not import training
-
-        with cpu_threads(1 if batch["keys"].device.type == "cpu" else None):  # tiny products: one thread is fastest
-            rows = [_one_gradient(model, batch, g, params) for _ in range(n_samples)]
-    finally:
-        model.baseline.value.copy_(saved)
-        model.entropy_weight = weight
-        model.train(was_training)
-    return torch.stack(rows)
-
-
-def _one_gradient(model: LookupModel, batch: dict[str, Tensor], g: torch.Generator, params: list[Tensor]) -> Tensor:
-    loss, _ = lookup_loss(model, batch, generator=g, update_baseline=False)
-    return torch.cat([t.flatten() for t in torch.autograd.grad(loss, params)])
-
-
-def make_lookup_task(preset: str = "default", estimator: Estimator = "reinforce") -> OwnTask[LookupModel]:
-    """The comparison's own task for REINFORCE hard attention: :class:`LookupTask`, the :class:`HardAttention` layer alone for the cost."""
-    steps = {"quick": 30, "book": 300, "default": 600, "gpu": 1000}
-    if preset not in steps:
-        raise ValueError(f"unknown preset {preset!r}; one of {sorted(steps)}")
-    task = LookupTask()
-    model = LookupModel(task, estimator)
-    layer = HardAttention(16, 16, 16, estimator)
-
-    def inputs(size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        g = generator
-        return (torch.randn(8, 1, 16, generator=g), torch.randn(8, size, 16, generator=g), torch.randn(8, size, 16, generator=g))
-
-    def weights(model: LookupModel, batch: dict[str, Tensor]) -> Tensor:
-        return model(batch)[1].probs[:, 0]
-
-    sizes = (16, 64, 256) if preset == "quick" else (64, 256, 1024, 4096)
-    return OwnTask(
-        description="lookup: read the label of the item whose key matches the (rotated) query, 16 items",
-        model=model, sample=task.sample, loss=lookup_loss, layer=layer, inputs=inputs, sizes=sizes, size_unit="keys",
-        steps=steps[preset], batch_size=32, lr=1e-2, target_acc=0.9, weights=weights,
-    )
-
-
 register(
     "hard_reinforce",
     paper="Xu et al. 2015; Williams 1992",
@@ -464,5 +414,4 @@ register(
     chapter=21,
     data="lookup",
     summary="stochastic hard attention trained with REINFORCE, a moving-average baseline and an entropy bonus",
-    task=make_lookup_task,
 )(HardAttention)

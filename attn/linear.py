@@ -34,6 +34,10 @@ Gaussian norms) keep it unbiased and lower its variance.
 
 Shapes: ``q, k (B, [H,] n, d)``, ``v (B, [H,] n, d_v)`` -> ``(B, [H,] n, d_v)``.
 
+**As kernels** of :mod:`attn.attention`: :func:`linear_kernel` (``"linear"``) and
+:func:`performer_kernel` (``"performer"``, its random projection passed in by
+:class:`PerformerAttention`, whose state it is); both take the padding mask and ``is_causal`` only.
+
 Katharopoulos, Vyas, Pappas, Fleuret, "Transformers are RNNs: Fast
 Autoregressive Transformers with Linear Attention", ICML 2020.
 Choromanski et al., "Rethinking Attention with Performers", ICLR 2021.
@@ -46,17 +50,18 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from .checks import check_positive_float, check_tokens, empty_batch
+from .attention import Attention, register_kernel
+from .checks import check_int, check_positive_float
 from .core import AttentionOutput, check_qkv
 from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
     "elu_feature", "linear_attention", "linear_attention_recurrent", "linear_attention_quadratic",
-    "orthogonal_gaussian", "favor_features", "favor_feature_pair", "softmax_kernel_estimate", "LinearAttention", "PerformerAttention",
+    "orthogonal_gaussian", "favor_features", "favor_feature_pair", "softmax_kernel_estimate", "linear_kernel", "performer_kernel",
+    "LinearAttention", "PerformerAttention",
 ]
 
 
@@ -239,9 +244,10 @@ def _key_mask_like(x: Tensor, key_mask: Tensor | None) -> Tensor | None:
     return key_mask.reshape(key_mask.shape[0], *([1] * (x.ndim - 3)), key_mask.shape[1], 1)
 
 
-def _favor_exponent(x: Tensor, projection: Tensor) -> Tensor:
-    """``W x' - |x'|^2 / 2`` with ``x' = x d^{-1/4}``: the exponent of the unnormalised FAVOR+ feature, ``(..., n, m)``."""
-    x = x * x.shape[-1] ** -0.25
+def _favor_exponent(x: Tensor, projection: Tensor, scale: float | None = None) -> Tensor:
+    """``W x' - |x'|^2 / 2`` with ``x' = x d^{-1/4}`` (``x sqrt(scale)`` for a given softmax ``scale``): the exponent
+    of the unnormalised FAVOR+ feature, ``(..., n, m)``."""
+    x = x * (x.shape[-1] ** -0.25 if scale is None else math.sqrt(scale))
     return x @ projection.to(x.dtype).T - (x * x).sum(-1, keepdim=True) / 2
 
 
@@ -272,7 +278,8 @@ def favor_features(x: Tensor, projection: Tensor, is_query: bool, stabilise: boo
     return torch.exp(arg) / math.sqrt(m)
 
 
-def favor_feature_pair(q: Tensor, k: Tensor, projection: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def favor_feature_pair(q: Tensor, k: Tensor, projection: Tensor, key_mask: Tensor | None = None,
+                       scale: float | None = None) -> tuple[Tensor, Tensor]:
     r"""FAVOR+ features of queries and keys, stabilised together so that no query row can underflow to zero.
 
     With :math:`a_{jl} = w_l^\top k'_j - \lVert k'_j\rVert^2/2` and
@@ -297,18 +304,19 @@ def favor_feature_pair(q: Tensor, k: Tensor, projection: Tensor, key_mask: Tenso
     ``False``) get features exactly 0 and take no part in any maximum.
 
     Shapes: ``q (..., n_q, d)``, ``k (..., n_k, d)``, ``projection (m, d)``,
-    ``key_mask (B, n_k)`` -> ``(phi(q) (..., n_q, m), phi(k) (..., n_k, m))``.
+    ``key_mask (B, n_k)`` -> ``(phi(q) (..., n_q, m), phi(k) (..., n_k, m))``. ``scale``: the softmax scale
+    the estimate stands for (``exp(q^T k * scale)``), default ``1 / sqrt(d)``.
     The guarantee is for non-causal attention: with causal prefix sums a query
     sees only the keys before it, and ``M_l`` may come from a later key.
     """
     m = projection.shape[0]
-    a = _favor_exponent(k, projection)  # (..., n_k, m)
+    a = _favor_exponent(k, projection, scale)  # (..., n_k, m)
     mask = _key_mask_like(a, key_mask)
     if mask is not None:
         a = a.masked_fill(~mask, -math.inf)
     top = a.amax(-2, keepdim=True)  # (..., 1, m): M_l over the real keys
     top = top.masked_fill(~torch.isfinite(top), 0.0).detach()  # no real key: features all 0 anyway
-    b = _favor_exponent(q, projection) + top  # (..., n_q, m)
+    b = _favor_exponent(q, projection, scale) + top  # (..., n_q, m)
     b = b - b.amax(-1, keepdim=True).detach()  # c_i: cancels in the normalisation
     return torch.exp(b) / math.sqrt(m), torch.exp(a - top) / math.sqrt(m)
 
@@ -318,40 +326,90 @@ def softmax_kernel_estimate(q: Tensor, k: Tensor, projection: Tensor) -> Tensor:
     return favor_features(q, projection, True, stabilise=False) @ favor_features(k, projection, False, stabilise=False).transpose(-1, -2)
 
 
-class _Heads(nn.Module):
-    """Shared projections for the two multi-head modules below."""
+def _no_mask_no_dropout(kernel: str, attn_mask: Tensor | None, dropout_p: float) -> None:
+    """The linear kernels take a padding mask and causality only: no general ``attn_mask``, no attention dropout."""
+    if attn_mask is not None:
+        raise ValueError(f"the {kernel} kernel takes only key_mask and is_causal (no L x S matrix exists), not an attn_mask")
+    if dropout_p:
+        raise ValueError(f"the {kernel} kernel has no attention dropout: dropout_p must be 0, got {dropout_p}")
 
-    def __init__(self, embed_dim: int, num_heads: int, causal: bool, chunk: int, bias: bool) -> None:
-        super().__init__()
-        if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        _check_chunk(chunk)
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.causal, self.chunk = causal, chunk
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V]
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
 
-    def features(self, q: Tensor, k: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``phi(q), phi(k)`` per head, ``(B, h, n, r)``; keys where ``key_mask`` is ``False`` may be ignored (they are zeroed after)."""
-        raise NotImplementedError
+def _feature_attention(fq: Tensor, fk: Tensor, v: Tensor, key_mask: Tensor | None, is_causal: bool, chunk: int,
+                       need_weights: bool) -> AttentionOutput:
+    """Linear attention on ready features ``phi(q) (B, h, L, r)``, ``phi(k) (B, h, S, r)``; the weights on demand."""
+    if fq.shape[0] == 0:  # an empty batch
+        out = fq.new_zeros(*fq.shape[:-1], v.shape[-1])
+        return AttentionOutput(out, fq.new_zeros(*fq.shape[:-1], fk.shape[-2]) if need_weights else None)
+    out = linear_attention(fq, fk, v, None, causal=is_causal, chunk=chunk, key_mask=key_mask)
+    weights = None
+    if need_weights:  # inspection only: the L x S matrix the linear form never builds
+        with torch.no_grad():
+            weights = linear_attention_quadratic(fq, fk, v, None, causal=is_causal, key_mask=key_mask)[1]
+    return AttentionOutput(out, weights)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
-        """``x (B, n, E)``, ``key_mask (B, n)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
-        check_tokens(x, self.embed_dim)
-        n = x.shape[1]
-        if empty_batch(x):
-            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
-        check_key_mask(key_mask, x.shape[0], n, length_name="n")
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        fq, fk = self.features(q, k, key_mask)
-        out = linear_attention(fq, fk, v, None, causal=self.causal, chunk=self.chunk, key_mask=key_mask)
-        weights = None
-        if need_weights:  # inspection only: the n x n matrix the linear form never builds
-            with torch.no_grad():
-                weights = linear_attention_quadratic(fq, fk, v, None, causal=self.causal, key_mask=key_mask)[1]
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
+
+@register_kernel("linear", summary="phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1) with phi = elu + 1: linear in the length",
+                 attn_mask=False, dense=False)
+def linear_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    chunk: int = 64,
+    feature_map: Callable[[Tensor], Tensor] = elu_feature,
+) -> AttentionOutput:
+    """:func:`linear_attention` as a kernel (``q (B, h, L, d)``, ``k, v (B, h, S, d)``), ``phi = elu + 1`` by default.
+
+    ``scale`` is accepted for the one kernel signature and unused: the feature map replaces
+    ``exp(q.k * scale)`` (Katharopoulos et al. apply ``elu + 1`` to the unscaled projections). Causal
+    attention (prefix sums, in chunks of ``chunk`` tokens) needs as many queries as keys. With
+    ``need_weights=True`` the normalised ``(B, h, L, S)`` matrix is built separately (small ``n`` only).
+    """
+    _no_mask_no_dropout("linear", attn_mask, dropout_p)
+    _prepare(q, k, v, key_mask, is_causal)
+    _check_chunk(chunk)
+    return _feature_attention(feature_map(q), feature_map(k), v, key_mask, is_causal, chunk, need_weights)
+
+
+@register_kernel("performer", summary="FAVOR+: positive orthogonal random features estimating softmax attention, linear in n",
+                 attn_mask=False, dense=False)
+def performer_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    projection: Tensor | None = None,
+    num_features: int = 64,
+    chunk: int = 64,
+) -> AttentionOutput:
+    r"""Performer attention (FAVOR+) as a kernel: :func:`favor_feature_pair`, then :func:`linear_attention`.
+
+    ``projection`` ``(m, d)`` holds the random features (:class:`PerformerAttention` passes its buffer);
+    ``None`` draws ``num_features`` orthogonal ones from a generator seeded 0 (a deterministic default).
+    ``scale`` is the softmax's: queries and keys are multiplied by ``sqrt(scale)`` (``d^{-1/4}`` by default),
+    so that ``phi(q)^T phi(k)`` estimates ``exp(q^T k * scale)``.
+    """
+    _no_mask_no_dropout("performer", attn_mask, dropout_p)
+    _prepare(q, k, v, key_mask, is_causal)
+    _check_chunk(chunk)
+    if projection is None:
+        check_int("num_features", num_features)
+        projection = orthogonal_gaussian(num_features, q.shape[-1], torch.Generator().manual_seed(0),
+                                         dtype=q.dtype, device=q.device)
+    fq, fk = favor_feature_pair(q, k, projection, key_mask, scale=scale)
+    return _feature_attention(fq, fk, v, key_mask, is_causal, chunk, need_weights)
 
 
 @register(
@@ -361,23 +419,29 @@ class _Heads(nn.Module):
     chapter=26,
     summary="kernelised attention with phi = elu + 1, associative: O(n) in the length; causal by chunked prefix sums",
     build=lambda embed_dim, num_heads: LinearAttention(embed_dim, num_heads),
+    kernel="linear",
+    causal=False,
 )
-class LinearAttention(_Heads):
-    """Multi-head linear attention with ``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020).
+class LinearAttention(Attention):
+    """Multi-head linear attention with ``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020): ``Attention(kernel="linear")``.
 
     Args:
         embed_dim, num_heads: width ``E`` and heads ``h``.
-        causal: prefix sums (decoder); computed in chunks of ``chunk`` tokens.
+        causal: the default of ``is_causal``: prefix sums (decoder), computed in chunks of ``chunk`` tokens.
         bias: biases on the projections.
 
-    ``need_weights=True`` also returns the normalised ``(B, h, n, n)`` matrix
-    ``phi(q_i)^T phi(k_j) / sum_j ...`` (built separately, small ``n`` only).
+    Projections and heads are :class:`~attn.attention.Attention`'s (state dicts interchangeable with
+    :class:`attn.multihead.MultiHeadAttention`'s). ``need_weights=True`` also returns the normalised
+    ``(B, h, L, S)`` matrix ``phi(q_i)^T phi(k_j) / sum_j ...`` (built separately, small ``n`` only).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, causal: bool = False, chunk: int = 64, bias: bool = True) -> None:
-        super().__init__(embed_dim, num_heads, causal, chunk, bias)
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, chunk: int = 64, bias: bool = True) -> None:
+        _check_chunk(chunk)
+        super().__init__(embed_dim, num_heads, kernel="linear", causal=causal, bias=bias, chunk=chunk)
+        self.chunk = chunk
 
     def features(self, q: Tensor, k: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``phi(q), phi(k)`` per head, ``(B, h, n, r)``: ``elu + 1`` (``key_mask`` is not needed: padded keys are zeroed after)."""
         return elu_feature(q), elu_feature(k)
 
 
@@ -388,26 +452,33 @@ class LinearAttention(_Heads):
     chapter=26,
     summary="FAVOR+: positive orthogonal random features estimating the softmax kernel, linear in n",
     build=lambda embed_dim, num_heads: PerformerAttention(embed_dim, num_heads, num_features=64),
+    kernel="performer",
+    causal=False,
 )
-class PerformerAttention(_Heads):
+class PerformerAttention(Attention):
     """Multi-head Performer attention (FAVOR+): softmax attention approximated with ``m`` positive random features.
+
+    ``Attention(kernel="performer")`` whose random projection is state (a buffer): :meth:`attend` passes it
+    to :func:`performer_kernel`.
 
     Args:
         embed_dim, num_heads: width ``E`` and heads ``h``.
         num_features: ``m`` random features per head (shared by the heads).
         orthogonal: orthogonal random features (FAVOR+) or i.i.d. Gaussian.
-        causal: prefix sums, in chunks of ``chunk`` tokens.
+        causal: the default of ``is_causal``: prefix sums, in chunks of ``chunk`` tokens.
+        bias: biases on the projections.
         seed: seeds the projection (a buffer; :meth:`redraw` draws a new one).
     """
 
     projection: Tensor  # buffer: (m, d_head) random features
 
-    def __init__(self, embed_dim: int, num_heads: int, num_features: int = 64, orthogonal: bool = True,
+    def __init__(self, embed_dim: int, num_heads: int, *, num_features: int = 64, orthogonal: bool = True,
                  causal: bool = False, chunk: int = 64, bias: bool = True, seed: int = 0) -> None:
-        super().__init__(embed_dim, num_heads, causal, chunk, bias)
+        _check_chunk(chunk)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be an int >= 1, got {num_features!r}")
-        self.num_features, self.orthogonal = num_features, orthogonal
+        super().__init__(embed_dim, num_heads, kernel="performer", causal=causal, bias=bias, chunk=chunk)
+        self.chunk, self.num_features, self.orthogonal = chunk, num_features, orthogonal
         self.register_buffer("projection", orthogonal_gaussian(num_features, self.head_dim, torch.Generator().manual_seed(seed), orthogonal))
 
     @torch.no_grad()
@@ -420,4 +491,21 @@ class PerformerAttention(_Heads):
         """:func:`favor_feature_pair`: stabilised over the real keys only, so padded content cannot change the output."""
         return favor_feature_pair(q, k, self.projection, key_mask)
 
-
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """:func:`performer_kernel` with this layer's random projection."""
+        return performer_kernel(
+            q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale,
+            dropout_p=dropout_p, need_weights=need_weights, projection=self.projection, chunk=self.chunk,
+        )

@@ -12,14 +12,14 @@ from attn.adaptive import (
     AdaptiveSpanAttention,
     SentinelAttention,
     SentinelGate,
-    SentinelPointer,
     adaptive_span_attention,
     adaptive_span_reference,
-    make_sentinel_task,
     span_mask,
     span_window,
 )
 from attn.benchmark import count_flops
+from attn.experiments import own_task, own_tasks
+from attn.experiments.adaptive import SentinelPointer, make_sentinel_task
 from attn.masks import padding_mask
 from attn.multihead import MultiHeadAttention
 from attn.train import train
@@ -126,6 +126,43 @@ def test_span_gets_gradient_only_through_the_ramp():
     assert span2.grad.abs().item() > 0
 
 
+@pytest.mark.parametrize("n, spans, ramp, max_span, truncate", [(23, (2.5, 9.3), 4, 16, True), (17, (0.4, 30.0), 3, 40, True),
+                                                           (30, (5.7, 1.2), 8, 12, False)])
+def test_two_sided_span_matches_the_dense_reference(n, spans, ramp, max_span, truncate):
+    """``causal=False`` (issue 23: the kernel honours ``is_causal``): the mask on ``|i - j|``, each block reading the
+    blocks before and after it, equals the dense formula in value and gradient; the weights are symmetric in reach."""
+    q, k, v = qkv(2, 2, n, 4, dtype=torch.float64)
+    span = torch.tensor(spans, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, max_span, dtype=torch.float64, requires_grad=True)
+    km = padding_mask([n, n - 6], n)
+    for mask in (None, km):
+        out, w = adaptive_span_attention(q, k, v, span, ramp, max_span, rel_bias=bias, key_mask=mask, need_weights=True,
+                                         causal=False, truncate=truncate)
+        ref, w_ref = adaptive_span_reference(q, k, v, span, ramp, max_span, rel_bias=bias, key_mask=mask, causal=False)
+        fast = adaptive_span_attention(q, k, v, span, ramp, max_span, rel_bias=bias, key_mask=mask, causal=False,
+                                       truncate=truncate).output
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(w, w_ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-10)
+        up = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(fast, (q, k, v, span, bias), up), torch.autograd.grad(ref, (q, k, v, span, bias), up),
+                        strict=True):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    reach = (w[0, 0] > 0).sum(-1)  # keys each query reads: the same count on both sides away from the ends
+    assert bool((w[0, 0].triu(1) > 0).any()) and int(reach.max()) <= 2 * min(max_span, math.ceil(max(spans)) + ramp) - 1
+
+
+def test_layer_is_causal_by_default_and_two_sided_when_asked():
+    torch.manual_seed(0)
+    layer = AdaptiveSpanAttention(8, 2, max_span=6, ramp=2, init_span=0.5).double().eval()
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    _, w = layer(x, need_weights=True)
+    assert (w.triu(1) == 0).all()
+    out, w2 = layer(x, is_causal=False, need_weights=True)
+    assert (w2.triu(1) > 0).any() and ((w2 > 0) == (w2 > 0).transpose(-1, -2)).all()
+    torch.testing.assert_close(layer(x, is_causal=False).output, out, atol=1e-12, rtol=1e-12)  # the fused path
+
+
 # ----------------------------------------------------------------------------- properties
 
 
@@ -167,11 +204,8 @@ def test_module_with_full_span_is_causal_multihead_attention():
     E, H, n = 16, 4, 19
     ada = AdaptiveSpanAttention(E, H, max_span=32, ramp=4, init_span=1.0, rel_bias=False)
     mha = MultiHeadAttention(E, H)
-    with torch.no_grad():
-        for lin, wt, b in zip((mha.q_proj, mha.k_proj, mha.v_proj), ada.qkv.weight.split(E), ada.qkv.bias.split(E), strict=True):
-            lin.weight.copy_(wt)
-            lin.bias.copy_(b)
-        mha.out_proj.load_state_dict(ada.out_proj.state_dict())
+    # the same projection names as MultiHeadAttention's: only the learned span is extra
+    assert mha.load_state_dict(ada.state_dict(), strict=False).unexpected_keys == ["span_param"]
     x = torch.randn(2, n, E)
     km = padding_mask([n, 11], n)
     out, w = ada(x, key_mask=km, need_weights=True)
@@ -300,7 +334,8 @@ def test_sentinel_gate():
 def test_sentinel_task_and_registry():
     mech = registry.get("sentinel")
     assert mech.chapter == 13 and mech.data == "set" and mech.build is None and mech.cls is SentinelAttention
-    task = mech.task("quick")
+    assert own_tasks()["sentinel"] is make_sentinel_task
+    task = own_task("sentinel", "quick")
     batch = task.sample(64, torch.Generator().manual_seed(0))
     none = batch["y"] == 8
     assert 0 < none.sum() < 64
@@ -316,7 +351,7 @@ def test_sentinel_task_and_registry():
     assert out.output.shape == (1, 16) and out.weights.shape == (1, task.sizes[0] + 1)
     no_sentinel = SentinelPointer(32, 16, sentinel=False)
     assert (no_sentinel(batch["items"], batch["query"])[:, -1] == 0).all()  # the baseline cannot say "none"
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown task size 'huge'"):
         make_sentinel_task("huge")
 
 

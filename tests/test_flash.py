@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import attn
 from attn import registry
+from attn.attention import Attention
 from attn.benchmark import fit_exponent, peak_memory
 from attn.flash import (
     FlashAttention,
@@ -384,13 +385,7 @@ def test_module_equals_multihead_with_copied_weights():
     E, h, n = 16, 4, 21
     flash = FlashAttention(E, h, causal=True, block_q=8, block_k=4)
     mha = MultiHeadAttention(E, h)
-    with torch.no_grad():
-        wq, wk, wv = flash.qkv.weight.split(E)
-        bq, bk, bv = flash.qkv.bias.split(E)
-        for lin, wt, b in ((mha.q_proj, wq, bq), (mha.k_proj, wk, bk), (mha.v_proj, wv, bv)):
-            lin.weight.copy_(wt)
-            lin.bias.copy_(b)
-        mha.out_proj.load_state_dict(flash.out_proj.state_dict())
+    mha.load_state_dict(flash.state_dict())  # the same parameter names: Attention's q/k/v/out projections
     x = torch.randn(2, n, E)
     km = padding_mask([n, 15], n)
     out, w = flash(x, key_mask=km, need_weights=True)
@@ -448,3 +443,20 @@ def test_module_bad_input():
     with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(1, 3, 8, dtype=torch.long))
     assert np.isfinite(layer(torch.randn(1, 1, 8)).output.detach().numpy()).all()
+
+
+def test_module_is_attention_and_attends_across_sequences():
+    """Issue 23: FlashAttention is ``Attention(kernel="flash")``: cross-attention (L != S) equals MultiHeadAttention's
+    with the same state dict; a general attn_mask (an n x n tensor) is refused by the tiled kernel."""
+    torch.manual_seed(2)
+    flash, mha = FlashAttention(16, 4, block_q=4, block_k=3).double(), MultiHeadAttention(16, 4).double()
+    mha.load_state_dict(flash.state_dict())
+    assert flash.kernel == "flash" and isinstance(flash, Attention)
+    q, kv = torch.randn(2, 7, 16, dtype=torch.float64), torch.randn(2, 11, 16, dtype=torch.float64)
+    km = padding_mask([11, 6], 11)
+    out, w = flash(q, kv, key_mask=km, need_weights=True)
+    ref, w_ref = mha(q, kv, key_mask=km, need_weights=True)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w, w_ref, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="not an attn_mask"):
+        flash(q, kv, attn_mask=torch.ones(7, 11, dtype=torch.bool))

@@ -9,21 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
+from attn.experiments import own_task, own_tasks
+from attn.experiments.hard import (
+    LookupModel,
+    LookupTask,
+    expected_loss,
+    gradient_samples,
+    lookup_loss,
+    make_lookup_task,
+)
 from attn.hard import (
     HardAttention,
     HardSelfAttention,
-    LookupModel,
-    LookupTask,
     MovingAverageBaseline,
-    expected_loss,
-    gradient_samples,
     gumbel_noise,
-    lookup_loss,
-    make_lookup_task,
+    hard_attention,
     reinforce_loss,
     select,
 )
 from attn.masks import padding_mask
+from attn.multihead import MultiHeadAttention
 from attn.train import train
 
 
@@ -288,12 +293,43 @@ def test_registry_entries():
     assert out.output.shape == (2, 5, 16) and out.weights.shape == (2, 4, 5, 5)
     m = registry.get("hard_reinforce")
     assert m.chapter == 21 and m.build is None and m.cls is HardAttention
-    own = m.task("quick")
+    assert own_tasks()["hard_reinforce"] is make_lookup_task
+    own = own_task("hard_reinforce", "quick")
     hist = train(own.model, own.sample, own.loss, steps=own.steps, batch_size=own.batch_size, lr=own.lr, progress=False)
     assert len(hist.loss) > 0
     g = torch.Generator().manual_seed(0)
     for size in own.sizes:
         assert own.layer(*own.inputs(size, g)).output.shape == (8, 1, 16)
     torch.testing.assert_close(own.weights(own.model, own.sample(4, g)).sum(-1), torch.ones(4))
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(ValueError, match="unknown task size 'huge'"):
         make_lookup_task("huge")
+
+
+def test_soft_estimator_layer_is_multihead_attention_with_the_same_weights():
+    """Issue 23: HardSelfAttention is an AttentionBase (no fused qkv): MultiHeadAttention's state dict loads as is, and
+    with the soft estimator the two agree; in evaluation the hard layer reads the argmax key of those weights."""
+    torch.manual_seed(0)
+    hard, mha = HardSelfAttention(16, 4, estimator="soft", causal=True).double().eval(), MultiHeadAttention(16, 4).double()
+    hard.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    km = padding_mask([9, 6], 9)
+    out, w = hard(x, key_mask=km, need_weights=True)
+    ref, w_ref = mha(x, key_mask=km, is_causal=True, need_weights=True)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w, w_ref, atol=1e-12, rtol=1e-12)
+    gumbel = HardSelfAttention(16, 4, causal=True).double().eval()
+    gumbel.load_state_dict(mha.state_dict())
+    _, picks = gumbel(x, key_mask=km, need_weights=True)
+    assert torch.equal(picks.argmax(-1), w_ref.argmax(-1)) and gumbel.last is not None
+    assert torch.equal(gumbel.last.index, w_ref.argmax(-1))
+
+
+def test_hard_attention_function_on_split_heads():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    km = padding_mask([5, 3], 5)
+    res = hard_attention(q, k, v, key_mask=km, is_causal=True)
+    assert res.output.shape == (2, 3, 5, 4) and res.index.shape == (2, 3, 5)
+    assert (res.index <= torch.arange(5)).all() and (res.index[1] < 3).all()
+    torch.testing.assert_close(res.output, res.weights @ v)
+    assert res.index.dtype == torch.long and not isinstance(res, tuple)  # a dataclass: out.index is the field

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
+from attn.attention import Attention
 from attn.benchmark import count_flops
 from attn.linear import (
     LinearAttention,
@@ -223,7 +224,7 @@ def test_modules_equal_the_quadratic_form_with_their_weights():
     km = padding_mask([13, 8], 13)
     for mod in (LinearAttention(16, 4, causal=True, chunk=4), PerformerAttention(16, 2, num_features=12, causal=False)):
         out, w = mod(x, key_mask=km, need_weights=True)
-        q, k, v = mod.qkv(x).chunk(3, -1)
+        q, k, v = mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)  # Attention's projections
 
         def split(t: torch.Tensor, heads: int = mod.num_heads) -> torch.Tensor:
             return t.reshape(2, 13, heads, -1).transpose(1, 2)
@@ -393,3 +394,26 @@ def test_favor_features_masked_keys_are_zero_and_set_no_maximum():
     torch.testing.assert_close(favor_features(k2, proj, False, key_mask=km), base, rtol=0, atol=0)
     assert float(base[1, 4:].abs().max()) == 0
     assert torch.isfinite(favor_features(k, proj, False, key_mask=torch.zeros(2, 7, dtype=torch.bool))).all()
+
+
+def test_modules_are_attention_and_attend_across_sequences():
+    """Issue 23: LinearAttention and PerformerAttention are ``Attention`` with the "linear" / "performer" kernels:
+    cross-attention (L != S) equals the quadratic form on the layer's own projections, and a general attn_mask
+    (an L x S tensor the linear form never needs) is refused."""
+    torch.manual_seed(3)
+    q_in, kv = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 9, 16, dtype=torch.float64)
+    km = padding_mask([9, 4], 9)
+    for mod in (LinearAttention(16, 4).double(), PerformerAttention(16, 2, num_features=12).double()):
+        assert isinstance(mod, Attention) and mod.kernel in ("linear", "performer")
+        out, w = mod(q_in, kv, key_mask=km, need_weights=True)
+        h = mod.num_heads
+
+        def split(t: torch.Tensor, heads: int = h) -> torch.Tensor:
+            return t.reshape(2, t.shape[1], heads, -1).transpose(1, 2)
+
+        fq, fk = mod.features(split(mod.q_proj(q_in)), split(mod.k_proj(kv)), km)
+        ref, w_ref = linear_attention_quadratic(fq, fk, split(mod.v_proj(kv)), None, key_mask=km)
+        torch.testing.assert_close(out, mod.out_proj(ref.transpose(1, 2).reshape(2, 5, 16)), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(w, w_ref, atol=1e-12, rtol=1e-12)
+        with pytest.raises(ValueError, match="not an attn_mask"):
+            mod(q_in, kv, attn_mask=torch.ones(5, 9, dtype=torch.bool))

@@ -671,7 +671,7 @@ table(
 
 table(
     "HardAttention", lambda: attn.HardAttention(E, 6, attn_dim=4).eval(),
-    good("good", lambda m: m(rand(2, 3, E), x(e=6), x(e=3)), lambda o: first(o).shape[0] == 2),
+    good("good", lambda m: m(rand(2, 3, E), x(e=6), x(e=3)), lambda o: o.output.shape[0] == 2),  # a HardAttentionOutput dataclass (issue 23)
     bad("query list", lambda m: m(rand(2, 3, E).tolist(), x(e=6), x(e=3)), TypeError, r"query"),
     bad("keys wrong width", lambda m: m(rand(2, 3, E), x(e=7), x(e=3)), ValueError, r"keys"),
     bad("values of another length", lambda m: m(rand(2, 3, E), x(e=6), x(n=N + 1, e=3)), ValueError, r"values"),
