@@ -25,8 +25,8 @@ from attn.distillation import (
 )
 from attn.experiments import own_task, own_tasks
 from attn.experiments.distillation import Distiller, RecallTransformer, distillation_loss, make_task, teacher_loss
-from attn.models import TransformerBlock
 from attn.masks import padding_mask
+from attn.models import TransformerBlock
 from attn.tasks import AssociativeRecall
 from attn.train import set_seed, train
 

@@ -175,7 +175,9 @@ def _check_target(target: str) -> None:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
 
 
-def _worst_case(model: AttentionClassifier, batch: dict[str, Tensor], target: Target, epsilon: float):
+def _worst_case(
+    model: AttentionClassifier, batch: dict[str, Tensor], target: Target, epsilon: float
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """Clean pass, then the FGM perturbation of ``target``; returns the pieces both the loss and the attack need."""
     x, mask, y = batch["x"], batch.get("mask"), batch["y"]
     with torch.enable_grad():  # the perturbation needs a gradient even under torch.no_grad (evaluation)
@@ -224,7 +226,7 @@ def adversarial_loss(
     y, mask = batch["y"], batch.get("mask")
     s, logits, _, loss, r = _worst_case(model, batch, target, epsilon)
     acc = float((logits.argmax(-1) == y).float().mean()) if y.numel() else float("nan")
-    if target == "none":
+    if target == "none" or r is None:
         return loss, {"acc": acc, "robust_acc": acc}
     if target == "embedding":
         adv_logits, _ = model.classify(s + r.detach(), key_mask=mask)
@@ -262,13 +264,13 @@ def attack(
         s = s.detach()
 
         def perturbed(delta: Tensor | None) -> tuple[Tensor, Tensor | None]:
-            if target == "embedding":
+            if target == "embedding" and delta is not None:
                 return model.classify(s + delta, key_mask=mask, need_weights=True)
             if target == "attention":
                 return model.classify(s, key_mask=mask, score_delta=delta, need_weights=True)
             return model.classify(s, key_mask=mask, need_weights=True)
 
-        if target != "none" and steps > 1:
+        if r is not None and steps > 1:  # r is None for target "none"
             step = 2.5 * epsilon / steps
             r = torch.zeros_like(r)
             for _ in range(steps):
@@ -282,7 +284,7 @@ def attack(
             adv_loss = F.cross_entropy(adv_logits, y)
     finally:
         model.train(was_training)
-    assert adv_a is not None  # perturbed() asks for the weights
+    assert a is not None and adv_a is not None  # both passes ask for the weights
     a, adv_a = a.detach(), adv_a.detach()
     return {"clean_pred": logits.argmax(-1).detach(), "adv_pred": adv_logits.argmax(-1), "clean_weights": a,
             "adv_weights": adv_a, "js": js_distance(a, adv_a), "tv": tv_distance(a, adv_a),
