@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from .attention import AttentionBase
 from .checks import check_tensor, check_tokens
-from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
+from .core import AttentionOutput, build_mask, masked_softmax
 from .registry import register
 
 __all__ = [
@@ -210,10 +210,11 @@ class RecordingAttention(AttentionBase):
 
     ``softmax(q k^T / sqrt(d_h)) v`` per head, on the projections of
     :class:`~attn.attention.AttentionBase` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``: its state dict is
-    :class:`~attn.multihead.MultiHeadAttention`'s); only :meth:`attend` differs: it runs the sdpa kernel with
-    the weights and stores the scores ``q k^T / sqrt(d_h)`` ``(B, h, n, n)``, the weights ``(B, h, n, n)`` and
-    the values ``(B, h, n, d_h)`` of the call in :attr:`last` (an :class:`AttentionRecord`; tensors in the
-    autograd graph, so that a student's distillation loss reaches its parameters).
+    :class:`~attn.multihead.MultiHeadAttention`'s); only :meth:`attend` differs: it writes out the sdpa
+    kernel's weights path and keeps the scores ``q k^T / sqrt(d_h)`` ``(B, h, n, n)``, the weights
+    ``(B, h, n, n)`` and the values ``(B, h, n, d_h)`` of the call in :attr:`last` (an
+    :class:`AttentionRecord`; tensors in the autograd graph, so that a student's distillation loss reaches its
+    parameters).
 
     ``forward(x (B, n, E), *, key_mask (B, n), is_causal, need_weights)`` -> ``AttentionOutput((B, n, E),
     (B, h, n, n) | None)``; ``record(x, *, key_mask)`` -> ``(output, AttentionRecord)``.
@@ -237,13 +238,15 @@ class RecordingAttention(AttentionBase):
         scale: float,
         need_weights: bool,
     ) -> AttentionOutput:
-        """The sdpa kernel with its weights; keeps ``(scores, weights, values)`` in :attr:`last`."""
-        out, weights = scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, dropout_p=dropout_p,
-            scale=scale, need_weights=True,
-        )
-        assert weights is not None  # asked for
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, h, L, S), as the kernel forms them, unmasked
+        """The sdpa kernel's weights path, written out to keep ``(scores, weights, values)`` in :attr:`last`.
+
+        ``scores = q k^T * scale`` ``(B, h, L, S)`` (unmasked: what TinyBERT fits), ``weights`` their softmax
+        over the keys each query may see (``key_mask``, ``is_causal``; :meth:`forward` passes no ``attn_mask``,
+        a boolean one is honoured), ``out = weights v``; the scores are formed once.
+        """
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, h, L, S)
+        weights = masked_softmax(scores, build_mask(q, k, attn_mask, key_mask, is_causal))
+        out = torch.matmul(F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights, v)  # (B, h, L, d_h)
         self.last = AttentionRecord(scores, weights, v)
         return AttentionOutput(out, weights if need_weights else None)
 
