@@ -18,7 +18,7 @@ pieces live once:
 
 from . import masks
 from .adaptive import AdaptiveSpanAttention, SentinelAttention
-from .adversarial import AttentionClassifier
+from .adversarial import AttentionPooling
 from .attention import KERNELS, Attention, SequenceMixer, get_kernel, register_kernel
 from .attention_pooling import PMA, AttentionPool, NadarayaWatson
 from .axial import AxialAttention
@@ -28,7 +28,9 @@ from .convolutional import CBAM, MultiDConvHeadAttention
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .cross import CrossAttention, LatentCrossAttention
 from .differential import DifferentialAttention, SinkCache
-from .distillation import Distiller
+from .distillation import RecordingAttention
+from .experiments.adversarial import AttentionClassifier  # chapter 22's task model (the layer: AttentionPooling)
+from .experiments.distillation import Distiller  # chapter 23's teacher-student pair (the layer: RecordingAttention)
 from .flash import FlashAttention, flash_attention, merge_partial_attention
 from .frequency import FourierMixing, FrequencyEnhancedAttention, FrequencyEnhancedBlock
 from .gated import GatedAttention, GatedAttentionUnit, GatedMILPooling
@@ -110,7 +112,9 @@ __all__ = [
     "HardAttention",
     "HardSelfAttention",
     "AttentionClassifier",
+    "AttentionPooling",
     "Distiller",
+    "RecordingAttention",
     "FlashAttention",
     "flash_attention",
     "merge_partial_attention",

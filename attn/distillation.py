@@ -32,13 +32,14 @@ the loss between a student and a teacher layer of the same spatial size is
     L_{\text{AT-CNN}} = \Big\lVert \frac{Q_S}{\lVert Q_S \rVert_2} - \frac{Q_T}{\lVert Q_T \rVert_2} \Big\rVert_2
     \quad\text{(mean over the batch; the paper weights it by } \beta / 2\text{)}.
 
-The models of this chapter, :class:`RecallTransformer`, are small post-LN
-Transformer encoders on :class:`~attn.tasks.AssociativeRecall` (one token per
-key-value pair plus the query, as :class:`~attn.models.RecallTokens` embeds
-them) that record, per layer, the scores ``(B, h, n, n)``, the attention
-``(B, h, n, n)``, the values ``(B, h, n, d_h)`` and the hidden states ``(B, n, E)``.
-:class:`Distiller` pairs a frozen teacher with a student and trains the
-student on ``cross-entropy + weight * distillation``.
+What is distilled comes from :class:`RecordingAttention`, multi-head
+self-attention (:class:`~attn.attention.AttentionBase`, the sdpa kernel) that
+keeps, on every call, its scores ``(B, h, n, n)``, its attention ``(B, h, n, n)``
+and its values ``(B, h, n, d_h)``. This module holds the mechanism: those
+losses and the recorder. The chapter's experiment -- small post-LN Transformer
+encoders on associative recall built from :class:`~attn.models.TransformerBlock`
+around the recorder, the teacher-student pair ``Distiller`` and its loss, the
+comparison's own task -- is in :mod:`attn.experiments.distillation`.
 
 Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic
 Compression of Pre-Trained Transformers", NeurIPS 2020. Jiao et al.,
@@ -49,29 +50,22 @@ EMNLP 2020. Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 20
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import partial
-from typing import Literal
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_positive_float, check_tensor, check_token_ids, check_tokens
-from .core import AttentionOutput, masked_softmax
-from .models import RecallTokens
-from .registry import OwnTask, register
-from .tasks import AssociativeRecall
+from .attention import AttentionBase
+from .checks import check_tensor, check_tokens
+from .core import AttentionOutput, build_mask, masked_softmax
+from .registry import register
 
 __all__ = [
-    "LayerRecord", "RecordingAttention", "RecallTransformer", "Distiller", "Kind",
+    "AttentionRecord", "RecordingAttention",
     "minilm_attention_loss", "value_relation", "minilm_value_loss", "tinybert_attention_loss",
-    "tinybert_hidden_loss", "activation_attention", "attention_transfer_loss", "distillation_loss", "make_task",
+    "tinybert_hidden_loss", "activation_attention", "attention_transfer_loss",
 ]
-
-Kind = Literal["none", "minilm", "tinybert"]
-_KINDS = ("none", "minilm", "tinybert")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -199,232 +193,85 @@ def attention_transfer_loss(student_activations: Tensor, teacher_activations: Te
     return (activation_attention(s, p) - activation_attention(t, p)).norm(dim=1).mean()
 
 
-# ----------------------------------------------------------------------------- models that expose what is distilled
+# ----------------------------------------------------------------------------- the attention that exposes what is distilled
 
 
-@dataclass
-class LayerRecord:
-    """What one attention layer computed: ``scores``, ``attn`` ``(B, h, n, n)``, ``values`` ``(B, h, n, d_h)``, ``hidden`` ``(B, n, E)`` (the block's output)."""
+class AttentionRecord(NamedTuple):
+    """What one attention call computed: ``scores`` ``q k^T / sqrt(d_h)`` (unmasked) and ``attn`` ``(B, h, L, S)``,
+    ``values`` ``(B, h, S, d_h)``."""
 
     scores: Tensor
     attn: Tensor
     values: Tensor
-    hidden: Tensor
 
 
-class RecordingAttention(nn.Module):
-    """Multi-head self-attention that can also return its scores, weights and values.
+class RecordingAttention(AttentionBase):
+    r"""Multi-head self-attention that keeps its scores, weights and values: what MiniLM and TinyBERT distil.
 
-    ``forward(x (B, n, E), key_mask (B, n), need_weights)`` -> ``AttentionOutput(
-    (B, n, E), (B, h, n, n) | None)``; ``record(x, key_mask)`` -> ``(output, scores,
-    weights, values)``, the quantities MiniLM and TinyBERT distil.
+    ``softmax(q k^T / sqrt(d_h)) v`` per head, on the projections of
+    :class:`~attn.attention.AttentionBase` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``: its state dict is
+    :class:`~attn.multihead.MultiHeadAttention`'s); only :meth:`attend` differs: it writes out the sdpa
+    kernel's weights path and keeps the scores ``q k^T / sqrt(d_h)`` ``(B, h, n, n)``, the weights
+    ``(B, h, n, n)`` and the values ``(B, h, n, d_h)`` of the call in :attr:`last` (an
+    :class:`AttentionRecord`; tensors in the autograd graph, so that a student's distillation loss reaches its
+    parameters).
+
+    ``forward(x (B, n, E), *, key_mask (B, n), is_causal, need_weights)`` -> ``AttentionOutput((B, n, E),
+    (B, h, n, n) | None)``; ``record(x, *, key_mask)`` -> ``(output, AttentionRecord)``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int) -> None:
-        super().__init__()
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
+                 causal: bool = False) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, causal=causal)
+        self.last: AttentionRecord | None = None
 
-    def record(self, x: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        x = check_tokens(x, self.embed_dim)
-        _check_mask(key_mask, x.shape[0], x.shape[1])
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, h, n, n)
-        attn = masked_softmax(scores, None if key_mask is None else key_mask[:, None, None, :])
-        out = self.out_proj(rearrange(attn @ v, "b h n d -> b n (h d)"))  # (B, n, E)
-        return out, scores, attn, v
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """The sdpa kernel's weights path, written out to keep ``(scores, weights, values)`` in :attr:`last`.
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
-        out, _, attn, _ = self.record(x, key_mask)
-        return AttentionOutput(out, attn if need_weights else None)
+        ``scores = q k^T * scale`` ``(B, h, L, S)`` (unmasked: what TinyBERT fits), ``weights`` their softmax
+        over the keys each query may see (``key_mask``, ``is_causal``; :meth:`forward` passes no ``attn_mask``,
+        a boolean one is honoured), ``out = weights v``; the scores are formed once.
+        """
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, h, L, S)
+        weights = masked_softmax(scores, build_mask(q, k, attn_mask, key_mask, is_causal))
+        out = torch.matmul(F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights, v)  # (B, h, L, d_h)
+        self.last = AttentionRecord(scores, weights, v)
+        return AttentionOutput(out, weights if need_weights else None)
 
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
+        x = check_tokens(x, self.embed_dim, "x")  # the input is named x here (mix's checks say "query")
+        return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
 
-class _Block(nn.Module):
-    """Post-LN Transformer block: ``h = LN(x + Attn(x))``, ``y = LN(h + FFN(h))``."""
-
-    def __init__(self, embed_dim: int, num_heads: int, ffn_mult: int) -> None:
-        super().__init__()
-        self.attn = RecordingAttention(embed_dim, num_heads)
-        self.norm1, self.norm2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
-        self.ffn = nn.Sequential(nn.Linear(embed_dim, ffn_mult * embed_dim), nn.GELU(), nn.Linear(ffn_mult * embed_dim, embed_dim))
-
-    def forward(self, x: Tensor) -> LayerRecord:
-        out, scores, attn, v = self.attn.record(x)
-        h = self.norm1(x + out)
-        return LayerRecord(scores, attn, v, self.norm2(h + self.ffn(h)))
-
-
-class RecallTransformer(nn.Module):
-    """A small Transformer encoder on :class:`~attn.tasks.AssociativeRecall` that records every layer.
-
-    Tokens: one per key-value pair plus the query (:class:`~attn.models.RecallTokens`),
-    ``n = n_pairs + 1``. The value is read off the query token's final hidden state.
-
-    Args:
-        task: the recall task.
-        embed_dim: width ``E`` (teacher and student may differ).
-        num_heads: heads ``h`` (MiniLM and TinyBERT pair the heads of teacher and student: keep ``h`` equal).
-        num_layers: blocks.
-        ffn_mult: feed-forward width is ``ffn_mult * E``.
-
-    ``forward(x (B, 2 n_pairs + 1) long)`` -> ``(logits (B, n_values), [LayerRecord per layer])``.
-    """
-
-    def __init__(self, task: AssociativeRecall, embed_dim: int = 64, num_heads: int = 4, num_layers: int = 1, ffn_mult: int = 2) -> None:
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.task = task
-        self.embed_dim, self.num_heads = embed_dim, num_heads
-        self.tokens = RecallTokens(task, embed_dim)
-        self.blocks = nn.ModuleList(_Block(embed_dim, num_heads, ffn_mult) for _ in range(num_layers))
-        self.head = nn.Linear(embed_dim, task.n_values)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, list[LayerRecord]]:
-        x = _check_recall_tokens(x, self.task)
-        h = self.tokens(x)  # (B, n, E); checks the shape
-        records = []
-        for block in self.blocks:
-            rec = block(h)
-            records.append(rec)
-            h = rec.hidden
-        return self.head(h[:, -1]), records
+    def record(self, x: Tensor, *, key_mask: Tensor | None = None) -> tuple[Tensor, AttentionRecord]:
+        """``(output (B, n, E), AttentionRecord)`` of one call."""
+        out = self(x, key_mask=key_mask).output
+        assert self.last is not None  # set by attend
+        return out, self.last
 
 
-class Distiller(nn.Module):
-    """A frozen teacher and a student trained on ``CE + weight * distillation`` of ``kind``.
-
-    ``kind``: ``"none"`` (the student alone, the baseline), ``"minilm"``
-    (``L_AT + L_VR`` on the last layers) or ``"tinybert"`` (``L_attn`` on the
-    last layers + ``L_hidn`` on the last hidden states through the learned
-    projection ``W_h``, which is part of this module's trainable parameters).
-    ``forward(x)`` gives the student's logits; the teacher's parameters are frozen.
-    """
-
-    def __init__(self, student: RecallTransformer, teacher: RecallTransformer, kind: Kind = "minilm", weight: float = 1.0) -> None:
-        super().__init__()
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if kind != "none" and student.num_heads != teacher.num_heads:
-            raise ValueError(f"{kind} pairs heads one to one: student has {student.num_heads} heads, teacher {teacher.num_heads}")
-        weight = check_positive_float("weight", weight, allow_zero=True)
-        self.student, self.kind, self.weight = student, kind, weight
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.projection = nn.Linear(student.embed_dim, teacher.embed_dim, bias=False) if kind == "tinybert" else None  # W_h
-
-    def train(self, mode: bool = True) -> Distiller:
-        super().train(mode)
-        self.teacher.eval()  # the teacher stays in eval mode
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.student(x)[0]
-
-
-def _check_recall_tokens(x: object, task: AssociativeRecall) -> Tensor:
-    """``x`` ``(B, 2 n_pairs + 1)``: keys (ids ``[0, n_keys)``) at even positions, values (``[n_keys, vocab)``) at odd ones."""
-    x = check_token_ids(x, task.vocab, "x", ndim=None)
-    if x.ndim != 2 or x.shape[1] != task.length:
-        raise ValueError(f"x must have shape (batch, {task.length}) (token ids), got {tuple(x.shape)}")
-    if x.numel():
-        keys, values = x[:, 0::2], x[:, 1::2]  # k1 k2 ... q and v1 v2 ...
-        if int(keys.max()) >= task.n_keys:
-            raise ValueError(f"x must hold key ids in [0, {task.n_keys}) at even positions, got {int(keys.max())}")
-        if int(values.min()) < task.n_keys:
-            raise ValueError(f"x must hold value ids in [{task.n_keys}, {task.vocab}) at odd positions, got {int(values.min())}")
-    return x
-
-
-def _targets(batch: dict[str, Tensor], task: AssociativeRecall) -> Tensor:
-    """``batch["y"]`` ``(B,)``: value tokens in ``[n_keys, n_keys + n_values)``; returns the class index ``y - n_keys``."""
-    y = check_token_ids(batch.get("y"), task.vocab, 'batch["y"]', ndim=1)
-    if y.numel() and int(y.min()) < task.n_keys:
-        raise ValueError(f'batch["y"] must be value tokens in [{task.n_keys}, {task.vocab}), got a minimum of {int(y.min())}')
-    return y - task.n_keys
-
-
-def distillation_loss(model: Distiller, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """``CE(student) + weight * distillation``; metrics ``acc`` (student), ``ce`` and ``distill``."""
-    x = batch["x"]
-    target = _targets(batch, model.student.task)
-    logits, recs = model.student(x)
-    ce = F.cross_entropy(logits, target)
-    distill = ce.new_zeros(())
-    if model.kind != "none":
-        with torch.no_grad():
-            _, trecs = model.teacher(x)
-        s, t = recs[-1], trecs[-1]
-        if model.kind == "minilm":
-            distill = minilm_attention_loss(s.attn, t.attn) + minilm_value_loss(s.values, t.values)
-        else:
-            assert model.projection is not None  # kind "tinybert" builds W_h
-            distill = tinybert_attention_loss(s.scores, t.scores) + tinybert_hidden_loss(s.hidden, t.hidden, model.projection)
-    acc = float((logits.argmax(-1) == target).float().mean()) if target.numel() else float("nan")
-    return ce + model.weight * distill, {"acc": acc, "ce": float(ce.detach()), "distill": float(distill.detach())}
-
-
-def teacher_loss(model: RecallTransformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy and accuracy of a :class:`RecallTransformer` trained on its own."""
-    logits, _ = model(batch["x"])
-    target = _targets(batch, model.task)
-    return F.cross_entropy(logits, target), {"acc": float((logits.argmax(-1) == target).float().mean())}
-
-
-# ----------------------------------------------------------------------------- registry: the comparison's own-task hook
-
-#: preset -> (teacher steps, student steps, batch)
-_PRESETS = {"quick": (20, 20, 32), "book": (400, 200, 64), "default": (800, 400, 64), "gpu": (1600, 800, 128)}
-
-
-def make_task(preset: str = "book", kind: Kind = "minilm") -> OwnTask[Distiller]:
-    """The comparison's :class:`~attn.registry.OwnTask`: a width-16 student of a width-64 teacher on associative recall.
-
-    The teacher is trained here first (seed 0, ``teacher steps`` of the preset);
-    the task's model is the :class:`Distiller`, its loss :func:`distillation_loss`.
-    The layer timed alone is the student's attention, over ``size`` tokens.
-    """
-    from .train import set_seed, train
-
-    if preset not in _PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-    t_steps, s_steps, batch = _PRESETS[preset]
-    task = AssociativeRecall(n_pairs=8, n_keys=16, n_values=16)
-    set_seed(0)
-    teacher = RecallTransformer(task, embed_dim=64, num_heads=4)
-
-    train(teacher, task.sample, teacher_loss, steps=t_steps, batch_size=batch, seed=0, progress=False)
-    student = RecallTransformer(task, embed_dim=16, num_heads=4)
-    model = Distiller(student, teacher, kind)
-
-    def inputs(size: int, generator: torch.Generator) -> tuple[Tensor]:
-        return (torch.randn(8, size, 16, generator=generator),)
-
-    def weights(m: Distiller, b: dict[str, Tensor]) -> Tensor:
-        return m.student(b["x"])[1][-1].attn[:, :, -1, :]  # the query token's attention, (B, h, n)
-
-    last = student.blocks[-1]
-    assert isinstance(last, _Block)  # blocks holds only _Block layers
-
-    return OwnTask(
-        description=f"associative recall, width-16 student of a width-64 teacher, {kind} distillation",
-        model=model, sample=task.sample, loss=distillation_loss, layer=last.attn, inputs=inputs,
-        sizes=(64, 128, 256, 512), size_unit="tokens", steps=s_steps, batch_size=batch, lr=3e-3, log_every=10,
-        target_acc=0.9, eval_batch=512, weights=weights,
-    )
-
+# ----------------------------------------------------------------------------- registry
+# The comparison measures both on their own task (attn.experiments.distillation.OWN_TASKS): a small student
+# of a larger teacher on associative recall. The registered class is the layer whose maps are distilled.
 
 register(
     "minilm_distillation", paper="Wang et al. 2020", complexity="O(n^2 h) extra per step (teacher forward + KL)",
     chapter=23, data="recall", summary="student trained on KL to the teacher's last-layer attention and value relations",
-    task=partial(make_task, kind="minilm"),
-)(Distiller)
+)(RecordingAttention)
 register(
     "tinybert_distillation", paper="Jiao et al. 2020", complexity="O(n^2 h + n d_S d_T) extra per step",
     chapter=23, data="recall", summary="student trained on MSE to the teacher's attention scores and projected hidden states",
-    task=partial(make_task, kind="tinybert"),
-)(Distiller)
+)(RecordingAttention)

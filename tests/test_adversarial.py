@@ -8,18 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attn
 from attn import registry
-from attn.adversarial import (
-    AttentionClassifier,
-    AttentionPooling,
-    CueSentiment,
-    adversarial_loss,
-    attack,
-    fgm_perturbation,
-    js_distance,
-    make_task,
-    tv_distance,
-)
+from attn.adversarial import AttentionPooling, fgm_perturbation, js_distance, tv_distance
+from attn.experiments import own_task, own_tasks
+from attn.experiments.adversarial import AttentionClassifier, CueSentiment, adversarial_loss, attack, make_task
 from attn.masks import padding_mask
 from attn.train import set_seed, train
 
@@ -63,10 +56,10 @@ def test_gradcheck_float64():
     b = batch(3)
     s = model.embed(b["x"], b["mask"]).detach().requires_grad_()
     delta = torch.randn(3, s.shape[1], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda s, d: model.classify(s, b["mask"], score_delta=d)[0], (s, delta), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda s, d: model.classify(s, key_mask=b["mask"], score_delta=d)[0], (s, delta), fast_mode=True)
     pool = AttentionPooling(4).double()
     x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: pool(x, padding_mask([5, 3], 5), need_weights=True).weights, (x,))
+    assert torch.autograd.gradcheck(lambda x: pool(x, key_mask=padding_mask([5, 3], 5), need_weights=True).weights, (x,))
 
 
 def test_normalised_embeddings_have_unit_variance():
@@ -114,14 +107,14 @@ def test_first_order_loss_increase(target):
     b = batch(1, seed=3)
     s = model.embed(b["x"], b["mask"]).detach().requires_grad_()
     zero = torch.zeros(s.shape[:2], dtype=torch.float64, requires_grad=True)
-    loss = F.cross_entropy(model.classify(s, b["mask"], score_delta=zero)[0], b["y"])
+    loss = F.cross_entropy(model.classify(s, key_mask=b["mask"], score_delta=zero)[0], b["y"])
     wrt = s if target == "embedding" else zero
     (g,) = torch.autograd.grad(loss, wrt)
     errors = []
     with torch.no_grad():
         for eps in (1e-2, 1e-3, 1e-4):
             r = fgm_perturbation(g, eps)
-            logits = model.classify(s + r, b["mask"])[0] if target == "embedding" else model.classify(s, b["mask"], score_delta=r)[0]
+            logits = model.classify(s + r, key_mask=b["mask"])[0] if target == "embedding" else model.classify(s, key_mask=b["mask"], score_delta=r)[0]
             measured = float(F.cross_entropy(logits, b["y"]) - loss)
             predicted = eps * float(g.norm())
             errors.append(abs(measured / predicted - 1))
@@ -136,17 +129,17 @@ def test_loss_none_is_cross_entropy_and_embedding_loss_matches_formula():
     model = small_model(torch.float64)
     b = batch(8)
     loss, m = adversarial_loss(model, b, target="none")
-    logits = model(b["x"], b["mask"])[0]
+    logits = model(b["x"], key_mask=b["mask"])[0]
     torch.testing.assert_close(loss, F.cross_entropy(logits, b["y"]))
     assert m["acc"] == m["robust_acc"]
     # embedding AT by hand: r from the clean gradient, held constant
     params = list(model.parameters())
     total, _ = adversarial_loss(model, b, target="embedding", epsilon=0.5, alpha=0.3)
     s = model.embed(b["x"], b["mask"])
-    clean = F.cross_entropy(model.classify(s, b["mask"])[0], b["y"])
+    clean = F.cross_entropy(model.classify(s, key_mask=b["mask"])[0], b["y"])
     (g,) = torch.autograd.grad(clean, s, retain_graph=True)
     r = (0.5 * g / g.flatten(1).norm(dim=1)[:, None, None]).detach()
-    ref = clean + 0.3 * F.cross_entropy(model.classify(s + r, b["mask"])[0], b["y"])
+    ref = clean + 0.3 * F.cross_entropy(model.classify(s + r, key_mask=b["mask"])[0], b["y"])
     torch.testing.assert_close(total, ref)
     for a, c in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params), strict=True):
         torch.testing.assert_close(a, c)
@@ -224,12 +217,12 @@ def test_distances_against_scipy():
 def test_padding_has_no_effect_and_batched_equals_per_example():
     model = small_model()
     b = batch(5)
-    logits, w = model(b["x"], b["mask"], need_weights=True)
+    logits, w = model(b["x"], key_mask=b["mask"], need_weights=True)
     x2 = b["x"].clone()
     x2[~b["mask"]] = 7  # other ids under the padding
-    torch.testing.assert_close(model(x2, b["mask"])[0], logits)
+    torch.testing.assert_close(model(x2, key_mask=b["mask"])[0], logits)
     assert (w[~b["mask"]] == 0).all()
-    per = torch.cat([model(b["x"][i : i + 1], b["mask"][i : i + 1])[0] for i in range(5)])
+    per = torch.cat([model(b["x"][i : i + 1], key_mask=b["mask"][i : i + 1])[0] for i in range(5)])
     torch.testing.assert_close(per, logits)
 
 
@@ -237,7 +230,7 @@ def test_fully_masked_row_gives_zeros_not_nan():
     pool = AttentionPooling(4)
     x = torch.randn(2, 3, 4, requires_grad=True)
     km = torch.tensor([[True, True, False], [False, False, False]])
-    out, w = pool(x, km, need_weights=True)
+    out, w = pool(x, key_mask=km, need_weights=True)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0 and w[1].abs().max() == 0
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -270,7 +263,7 @@ def test_training_is_seeded_and_deterministic():
 
 def test_empty_batch():
     model = small_model()
-    logits, w = model(torch.zeros(0, 6, dtype=torch.long), torch.zeros(0, 6, dtype=torch.bool), need_weights=True)
+    logits, w = model(torch.zeros(0, 6, dtype=torch.long), key_mask=torch.zeros(0, 6, dtype=torch.bool), need_weights=True)
     assert logits.shape == (0, 2) and w.shape == (0, 6)
     out = AttentionPooling(8)(torch.zeros(0, 5, 8))
     assert out.output.shape == (0, 8) and out.weights is None
@@ -288,8 +281,8 @@ def test_empty_batch():
         (lambda m: m(torch.ones(2, 3, 4, dtype=torch.long)), ValueError, r"tokens must have shape \(batch, n\)"),
         (lambda m: m(torch.full((2, 3), 99)), ValueError, r"\[0, vocab=24\)"),
         (lambda m: m(torch.ones(2, 0, dtype=torch.long)), ValueError, "empty sequence"),
-        (lambda m: m(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3)), TypeError, "key_mask must be a torch.bool"),
-        (lambda m: m(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_mask must have shape \(batch=2, n=3\)"),
+        (lambda m: m(torch.ones(2, 3, dtype=torch.long), key_mask=torch.ones(2, 3)), TypeError, "key_mask must be a torch.bool"),
+        (lambda m: m(torch.ones(2, 3, dtype=torch.long), key_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_mask must have shape \(batch=2, n=3\)"),
         (lambda m: m(torch.ones(2, 3, dtype=torch.long), embed_delta=torch.zeros(2, 3, 5)), ValueError, r"embed_delta must be a tensor of shape \(batch, n, embed_dim\)"),
         (lambda m: m(torch.ones(2, 3, dtype=torch.long), score_delta=torch.zeros(2, 4)), ValueError, r"score_delta must have shape \(batch, n\)"),
         (lambda m: m(torch.ones(2, 3, dtype=torch.long), score_delta=torch.zeros(2, 3, dtype=torch.long)), TypeError, "score_delta must be a floating-point"),
@@ -303,7 +296,10 @@ def test_empty_batch():
         (lambda m: AttentionClassifier(0), ValueError, "vocab must be a positive int"),
         (lambda m: AttentionPooling(-2), ValueError, "embed_dim must be a positive int"),
         (lambda m: CueSentiment(length=4), ValueError, "length must be >= 6"),
-        (lambda m: make_task("huge"), ValueError, "preset must be one of"),
+        (lambda m: make_task("huge"), ValueError, "unknown task size 'huge'; one of quick, book, full, large"),
+        (lambda m: make_task("default"), ValueError, "unknown task size 'default'"),
+        (lambda m: make_task("quick", target="input"), ValueError, "target must be one of"),
+        (lambda m: m.pool(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)), TypeError, "positional argument"),
     ],
 )
 def test_bad_input(call, error, match):
@@ -317,8 +313,9 @@ def test_bad_input(call, error, match):
 @pytest.mark.parametrize("name, target", [("adversarial_embedding", "embedding"), ("adversarial_attention", "attention")])
 def test_registry_own_task(name, target):
     mech = registry.get(name)
-    assert mech.chapter == 22 and mech.cls is AttentionClassifier and mech.build is None and mech.data == "text"
-    own = mech.task("quick")
+    assert mech.chapter == 22 and mech.cls is AttentionPooling and mech.build is None and mech.data == "text"
+    own = own_task(name, "quick")
+    assert own.layer is own.model.pool
     assert target in own.description
     hist = train(own.model, own.sample, own.loss, steps=3, batch_size=own.batch_size, seed=0, progress=False)
     assert len(hist.loss) == 1 and "robust_acc" in hist.metrics
@@ -329,3 +326,26 @@ def test_registry_own_task(name, target):
     w = own.weights(own.model, b)
     torch.testing.assert_close(w.sum(-1), torch.ones(6))
     assert registry.chapter(22).slug == "adversarial_attention"
+
+
+# ----------------------------------------------------------------------------- the layer apart from the experiment
+
+
+def test_mechanism_module_holds_the_layer_and_the_experiment_its_classifier():
+    """attn.adversarial: the pooling layer, FGM and the distances; the classifier, task and losses are experiments."""
+    import attn.adversarial as mech
+
+    assert not {"AttentionClassifier", "CueSentiment", "adversarial_loss", "attack", "make_task"} & set(vars(mech))
+    assert AttentionClassifier.__module__ == "attn.experiments.adversarial" and attn.AttentionClassifier is AttentionClassifier
+    assert attn.AttentionPooling is AttentionPooling
+    assert {"adversarial_embedding", "adversarial_attention"} <= set(own_tasks())
+    assert registry.get("adversarial_attention").task is None  # found in attn.experiments, by size
+
+
+def test_options_are_keyword_only():
+    import inspect
+
+    for fn in (AttentionPooling.forward, AttentionClassifier.forward, AttentionClassifier.classify):
+        params = inspect.signature(fn).parameters
+        for name in ("key_mask", "score_delta", "need_weights"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, f"{fn.__qualname__}: {name}"

@@ -9,23 +9,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attn
 from attn import registry
+from attn.attention import AttentionBase
 from attn.distillation import (
-    Distiller,
-    RecallTransformer,
+    AttentionRecord,
     RecordingAttention,
     activation_attention,
     attention_transfer_loss,
-    distillation_loss,
-    make_task,
     minilm_attention_loss,
     minilm_value_loss,
-    teacher_loss,
     tinybert_attention_loss,
     tinybert_hidden_loss,
     value_relation,
 )
+from attn.experiments import own_task, own_tasks
+from attn.experiments.distillation import Distiller, RecallTransformer, distillation_loss, make_task, teacher_loss
 from attn.masks import padding_mask
+from attn.models import TransformerBlock
 from attn.tasks import AssociativeRecall
 from attn.train import set_seed, train
 
@@ -156,8 +157,8 @@ def test_recording_attention_matches_sdpa():
     att = RecordingAttention(16, 4)
     x = torch.randn(2, 7, 16, requires_grad=True)
     km = padding_mask([7, 5], 7)
-    out, scores, w, _v = att.record(x, km)
-    q, k, vv = att.qkv(x).split(16, -1)
+    out, (scores, w, _v) = att.record(x, key_mask=km)
+    q, k, vv = att.q_proj(x), att.k_proj(x), att.v_proj(x)
     split = lambda t: t.view(2, 7, 4, 4).transpose(1, 2)  # noqa: E731
     ref = F.scaled_dot_product_attention(split(q), split(k), split(vv), attn_mask=km[:, None, None, :])
     ref = att.out_proj(ref.transpose(1, 2).reshape(2, 7, 16))
@@ -271,7 +272,7 @@ A = torch.rand(2, 3, 4, 4)
         (lambda: attention_transfer_loss(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 5, 4)), ValueError, r"share batch and \(height, width\)"),
         (lambda: activation_attention(torch.rand(3, 4, 4)), ValueError, r"activations must have shape \(batch, channels, height, width\)"),
         (lambda: activation_attention(torch.rand(1, 3, 4, 4), p=0), ValueError, "p must be > 0"),
-        (lambda: RecordingAttention(10, 3), ValueError, "multiple of num_heads"),
+        (lambda: RecordingAttention(10, 3), ValueError, r"embed_dim \(10\) must be divisible by num_heads \(3\)"),
         (lambda: RecordingAttention(8, 2)(torch.rand(2, 5, 6)), ValueError, r"x must have shape \(batch, seq, embed_dim=8\)"),
         (lambda: RecallTransformer(TASK, 8, 2)(torch.rand(2, 9)), TypeError, "integer token ids"),
         (lambda: RecallTransformer(TASK, 8, 2)(torch.zeros(2, 9, dtype=torch.long).tolist()), TypeError, "must be a torch.Tensor"),
@@ -295,7 +296,10 @@ A = torch.rand(2, 3, 4, 4)
          TypeError, r'batch\["y"\] must hold integer token ids'),
         (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 4), "minilm"), ValueError, "pairs heads one to one"),
         (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2), "hint"), ValueError, "kind must be one of"),
-        (lambda: make_task("huge"), ValueError, "preset must be one of"),
+        (lambda: make_task("huge"), ValueError, "unknown task size 'huge'; one of quick, book, full, large"),
+        (lambda: make_task("default"), ValueError, "unknown task size 'default'"),
+        (lambda: RecordingAttention(8, 2)(torch.rand(2, 5, 8), key_mask=torch.ones(2, 5)), TypeError, "key_mask must be a torch.bool"),
+        (lambda: RecordingAttention(8, 2)(torch.rand(2, 5, 8), key_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, r"key_mask must have shape \(batch=2, n_keys=5\)"),
     ],
 )
 def test_bad_input(call, error, match):
@@ -309,8 +313,8 @@ def test_bad_input(call, error, match):
 @pytest.mark.parametrize("name, kind", [("minilm_distillation", "minilm"), ("tinybert_distillation", "tinybert")])
 def test_registry_own_task(name, kind):
     mech = registry.get(name)
-    assert mech.chapter == 23 and mech.cls is Distiller and mech.build is None
-    own = mech.task("quick")
+    assert mech.chapter == 23 and mech.cls is RecordingAttention and mech.build is None
+    own = own_task(name, "quick")
     assert kind in own.description and own.model.kind == kind
     hist = train(own.model, own.sample, own.loss, steps=3, batch_size=own.batch_size, seed=0, progress=False)
     assert len(hist.loss) == 1 and "distill" in hist.metrics
@@ -321,3 +325,49 @@ def test_registry_own_task(name, kind):
     torch.testing.assert_close(w.sum(-1), torch.ones(4, 4))
     assert registry.chapter(23).slug == "attention_distillation"
     assert math.isfinite(teacher_loss(own.model.teacher, own.sample(4, gen))[0].item())
+
+
+# ----------------------------------------------------------------------------- one attention interface, experiments apart
+
+
+def test_recording_attention_is_multihead_attention_that_records():
+    """The recorder is :class:`AttentionBase` around the sdpa kernel: MultiHeadAttention's state dict, its output."""
+    torch.manual_seed(0)
+    rec = RecordingAttention(16, 4).double()
+    mha = attn.MultiHeadAttention(16, 4).double()
+    assert isinstance(rec, AttentionBase) and rec.kernel == "sdpa"
+    mha.load_state_dict(rec.state_dict())  # the same parameter names: q_proj, k_proj, v_proj, out_proj
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    km = padding_mask([6, 4], 6)
+    out, w = rec(x, key_mask=km, need_weights=True)
+    ref, ref_w = mha(x, key_mask=km, need_weights=True)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w, ref_w, atol=1e-12, rtol=1e-12)
+    assert isinstance(rec.last, AttentionRecord)
+    torch.testing.assert_close(rec.last.attn, w)
+    torch.testing.assert_close(rec.last.scores.masked_fill(~km[:, None, None, :], float("-inf")).softmax(-1), w)
+    assert rec.last.values.shape == (2, 4, 6, 4)
+    causal, _ = rec(x, is_causal=True, need_weights=True)
+    torch.testing.assert_close(causal[:, 0], rec(x[:, :1]).output[:, 0], atol=1e-12, rtol=1e-12)
+
+
+def test_recall_transformer_is_post_norm_transformer_blocks_around_the_recorder():
+    torch.manual_seed(0)
+    model = RecallTransformer(TASK, embed_dim=16, num_heads=4, num_layers=2)
+    assert all(isinstance(b, TransformerBlock) and not b.norm_first for b in model.blocks)
+    assert all(isinstance(model.attention(i), RecordingAttention) for i in range(2))
+    b = TASK.sample(3, torch.Generator().manual_seed(0))
+    _, recs = model(b["x"])
+    h = model.tokens(b["x"])
+    for i, block in enumerate(model.blocks):  # h = LN(x + Attn(x)), y = LN(h + FFN(h))
+        a = model.attention(i)(h).output
+        h = block.norm1(h + a)
+        h = block.norm2(h + block.ffn(h))
+        torch.testing.assert_close(recs[i].hidden, h)
+
+
+def test_own_tasks_live_in_the_experiments_module_by_size():
+    tasks = own_tasks()
+    assert {"minilm_distillation", "tinybert_distillation"} <= set(tasks)
+    assert registry.get("minilm_distillation").task is None  # the comparison finds it in attn.experiments
+    assert attn.Distiller is Distiller

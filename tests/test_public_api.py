@@ -31,7 +31,7 @@ import torch
 
 import attn
 from attn import masks
-from attn.distillation import RecallTransformer
+from attn.experiments.distillation import RecallTransformer
 from attn.tasks import AssociativeRecall
 
 E, H, N = 8, 2, 5  # width, heads, tokens
@@ -689,7 +689,23 @@ table(
     bad("tokens negative", lambda m: m(-torch.randint(1, 12, (2, N))), ValueError, r"tokens|token ids"),
     bad("tokens list", lambda m: m(torch.randint(1, 12, (2, N)).tolist()), TypeError, r"tokens"),
     bad("key_mask ints", lambda m: m(torch.randint(1, 12, (2, N)), key_mask=km(5, 3).long()), TypeError, r"key_mask"),
+    bad("key_mask positional", lambda m: m(torch.randint(1, 12, (2, N)), km(5, 3)), TypeError, r"positional argument"),
 )
+
+table(
+    "AttentionPooling", lambda: attn.AttentionPooling(E).eval(),
+    good("good", lambda m: m(x()), lambda o: first(o).shape == (2, E)),
+    good("weights", lambda m: m(x(), key_mask=km(5, 3), need_weights=True), lambda o: o.weights.shape == (2, N)),
+    bad("python list", lambda m: m(x().tolist()), TypeError, r"x must be a torch\.Tensor"),
+    bad("wrong width", lambda m: m(x(e=E + 1)), ValueError, rf"embed_dim={E}"),
+    bad("empty sequence", lambda m: m(x(2, 0)), ValueError, r"empty sequence"),
+    bad("key_mask ints", lambda m: m(x(), key_mask=km(5, 3).long()), TypeError, r"key_mask.*torch\.bool"),
+    bad("key_mask positional", lambda m: m(x(), km(5, 3)), TypeError, r"positional argument"),
+    bad("score_delta shape", lambda m: m(x(), score_delta=rand(2, N + 1)), ValueError, r"score_delta must have shape"),
+    bad("embed_dim 0", lambda m: attn.AttentionPooling(0), ValueError, r"embed_dim must be a positive int"),
+)
+table("RecordingAttention", lambda: attn.RecordingAttention(E, H).eval(), *mixer_rows(),
+      bad("heads do not divide", lambda m: attn.RecordingAttention(E, 3), ValueError, r"divisible by num_heads"))
 
 _RECALL = AssociativeRecall(n_pairs=2, n_keys=4, n_values=4)
 _RECALL_X = torch.tensor([[0, 4, 1, 5, 1], [2, 6, 3, 7, 2]])
