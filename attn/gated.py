@@ -145,7 +145,9 @@ class GatedAttention(AttentionBase):
         self.gate_proj: nn.Linear | None = None
         if gate is not None:
             self.gate_proj = nn.Linear(embed_dim, embed_dim if gate == "elementwise" else num_heads)
-        self._pending_gate: Tensor | None = None  # set by forward for the one attend() call it makes
+        # forward's input and the gate attend() computed from it, for the one attend() call forward makes
+        self._gate_input: Tensor | None = None
+        self._gate: Tensor | None = None
 
     def gate(self, x: Tensor) -> Tensor:
         """The gate scores ``sigma(X W^G + b^G + offset)``, ``(B, h, n, d_h)`` (``d_h = 1`` when headwise)."""
@@ -158,8 +160,11 @@ class GatedAttention(AttentionBase):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> AttentionOutput:
         """The kernel's per-head output ``O_i`` ``(B, h, n, d_h)``, times the gate ``sigma(X W^G_i)`` of ``forward``'s ``x``."""
         out, weights = super().attend(q, k, v, **kwargs)
-        if self._pending_gate is not None:
-            out = out * self._pending_gate  # O_i (.) sigma(X W^G_i): the head's output, scaled per token and channel
+        x = self._gate_input
+        if x is not None:
+            g = self._gate = self.gate(x)  # (B, h, n, d_h | 1); all ones without a gate
+            if self.gate_proj is not None:
+                out = out * g  # O_i (.) sigma(X W^G_i): the head's output, scaled per token and channel
         return AttentionOutput(out, weights)
 
     @overload
@@ -196,14 +201,14 @@ class GatedAttention(AttentionBase):
             if return_gate:
                 return GatedOutput(y, w, self.gate(x))
             return AttentionOutput(y, w if need_weights else None)
-        g = self.gate(x)  # (B, h, n, d_h | 1); all ones without a gate
-        self._pending_gate = g if self.gate_proj is not None else None
+        self._gate_input = x
         try:
             y, weights = self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights or return_gate)
+            g = self._gate
         finally:
-            self._pending_gate = None
+            self._gate_input = self._gate = None
         if return_gate:
-            assert weights is not None  # asked for above
+            assert weights is not None and g is not None  # asked for above; attend() computed the gate
             return GatedOutput(y, weights, g)
         return AttentionOutput(y, weights)
 
