@@ -661,8 +661,12 @@ class SparseAttention(AttentionBase):
         check_int("summary", summary)
         if stride is not None and pattern == "fixed" and summary > stride:
             raise ValueError(f"summary ({summary}) must be <= the block size stride ({stride})")
-        options: dict[str, int | None] = {"stride": stride} if pattern == "strided" else {"block": stride, "c": summary}
-        super().__init__(embed_dim, num_heads, kernel=pattern, dropout=dropout, bias=bias, causal=causal, **options)
+        if pattern == "strided":  # the kernel's options: stride l
+            super().__init__(embed_dim, num_heads, kernel="strided", dropout=dropout, bias=bias, causal=causal,
+                             stride=stride)
+        else:  # block l and c summary positions
+            super().__init__(embed_dim, num_heads, kernel="fixed", dropout=dropout, bias=bias, causal=causal,
+                             block=stride, c=summary)
         self.pattern, self.stride, self.summary = pattern, stride, summary
 
     def mask(self, n: int, device: torch.device | str | None = None, causal: bool | None = None) -> Tensor:

@@ -329,9 +329,12 @@ class EntmaxAttention(Attention):
     def __init__(self, embed_dim: int, num_heads: int, *, alpha: float = 1.5, dropout: float = 0.0, bias: bool = True,
                  kdim: int | None = None, vdim: int | None = None, causal: bool = False) -> None:
         alpha = _check_alpha(alpha)
-        options = {} if alpha == 2 else {"alpha": alpha}
-        super().__init__(embed_dim, num_heads, kernel="sparsemax" if alpha == 2 else "entmax", dropout=dropout,
-                         bias=bias, kdim=kdim, vdim=vdim, causal=causal, **options)
+        if alpha == 2:  # sparsemax: its own kernel, no option
+            super().__init__(embed_dim, num_heads, kernel="sparsemax", dropout=dropout, bias=bias, kdim=kdim,
+                             vdim=vdim, causal=causal)
+        else:
+            super().__init__(embed_dim, num_heads, kernel="entmax", dropout=dropout, bias=bias, kdim=kdim, vdim=vdim,
+                             causal=causal, alpha=alpha)
         self.alpha = alpha
 
 

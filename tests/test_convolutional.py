@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
-from attn.benchmark import largest_tensor
 from attn.attention import AttentionBase
+from attn.benchmark import largest_tensor
 from attn.convolutional import CBAM, ChannelAttention, MultiDConvHeadAttention, SpatialAttention, causal_depthwise_conv
+from attn.core import AttentionOutput
 from attn.experiments import own_tasks
 from attn.experiments.convolutional import ShapeImages, ShapeNet, cbam_task, shape_loss, spatial_mass_on_object
-from attn.core import AttentionOutput
 from attn.masks import padding_mask
 from attn.train import evaluate, train
 
