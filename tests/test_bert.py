@@ -8,9 +8,9 @@ import torch
 from attn.attention import AttentionBase
 from attn.bert import PATTERNS, BidirectionalSelfAttention, pattern_mask, prefix_lm_mask, to_bert_mask
 from attn.experiments.bert import MaskedTokenEncoder, RightContextTask, masked_token_loss, right_context_visible
+from attn.masks import causal_mask, padding_mask
 from attn.models import TransformerBlock
 from attn.multihead import MultiHeadAttention
-from attn.masks import causal_mask, padding_mask
 from attn.registry import get
 from attn.train import evaluate, train
 
