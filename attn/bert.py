@@ -325,6 +325,8 @@ class BidirectionalSelfAttention(AttentionBase):
         """Copy a ``torch.nn.MultiheadAttention`` of the same size (through :class:`MultiHeadAttention`'s loader)."""
         if not self.output_projection:
             raise ValueError("this module has no output projection (output_projection=False); nn.MultiheadAttention has one")
-        ref = MultiHeadAttention(self.embed_dim, self.num_heads).to(self.q_proj.weight).load_torch_weights(mha)
+        with torch.random.fork_rng(devices=[]):  # the throw-away layer's init leaves the caller's random stream alone
+            ref = MultiHeadAttention(self.embed_dim, self.num_heads).to(self.q_proj.weight)
+        ref.load_torch_weights(mha)
         self.load_state_dict(ref.state_dict())
         return self

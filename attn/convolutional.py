@@ -275,7 +275,9 @@ class MultiDConvHeadAttention(AttentionBase):
     @torch.no_grad()
     def load_torch_weights(self, mha: nn.MultiheadAttention) -> MultiDConvHeadAttention:
         """Copy the projections of a ``torch.nn.MultiheadAttention`` of the same size (the convolutions stay)."""
-        ref = MultiHeadAttention(self.embed_dim, self.num_heads).to(self.q_proj.weight).load_torch_weights(mha)
+        with torch.random.fork_rng(devices=[]):  # the throw-away layer's init leaves the caller's random stream alone
+            ref = MultiHeadAttention(self.embed_dim, self.num_heads).to(self.q_proj.weight)
+        ref.load_torch_weights(mha)
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             getattr(self, name).load_state_dict(getattr(ref, name).state_dict())
         return self
