@@ -33,8 +33,9 @@ does; with the default ``output_projection=True`` it also applies ``W^O``
 ``(B, 1, n, n)``, ``0`` where allowed and ``torch.finfo(dtype).min`` where
 blocked; :func:`to_bert_mask` converts ours to that format.
 
-The chapter's toy task, :class:`RightContextTask`, is a masked-token task
-whose answer sits to the *right* of the blank, so a causal model can only guess.
+The chapter's toy task (a masked-token task whose answer sits to the *right*
+of the blank, so a causal model can only guess) and its small encoder live in
+:mod:`attn.experiments.bert`.
 
 Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for
 Language Understanding", NAACL 2019, section 3.1.
@@ -42,13 +43,12 @@ Language Understanding", NAACL 2019, section 3.1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import AttentionBase
 from .checks import check_tokens
 from .core import AttentionOutput
 from .masks import causal_mask, check_key_mask
@@ -62,10 +62,6 @@ __all__ = [
     "pattern_mask",
     "to_bert_mask",
     "BidirectionalSelfAttention",
-    "RightContextTask",
-    "MaskedTokenEncoder",
-    "masked_token_loss",
-    "right_context_visible",
 ]
 
 Pattern = Literal["bidirectional", "causal", "prefix_lm"]
@@ -174,8 +170,10 @@ def to_bert_mask(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     chapter=6,
     summary="bidirectional multi-head self-attention (padding mask only); causal and prefix-LM patterns for comparison",
     build=lambda embed_dim, num_heads: BidirectionalSelfAttention(embed_dim, num_heads),
+    kernel="sdpa",
+    causal=False,
 )
-class BidirectionalSelfAttention(MultiHeadAttention):
+class BidirectionalSelfAttention(AttentionBase):
     r"""BERT's multi-head self-attention, with a choice of visibility pattern.
 
     .. math::
@@ -184,15 +182,16 @@ class BidirectionalSelfAttention(MultiHeadAttention):
         \qquad Y = \operatorname{Concat}(\text{head}_1..\text{head}_h)\,[W^O]
 
     with ``M`` from the pattern (``bidirectional``, ``causal`` or ``prefix_lm``)
-    and the padding mask. Same projections as
-    :class:`~attn.multihead.MultiHeadAttention`, whose forward it reuses.
+    and the padding mask. :class:`~attn.attention.AttentionBase` with the ``"sdpa"``
+    kernel: the projections ``q_proj, k_proj, v_proj, out_proj`` are those of
+    :class:`~attn.multihead.MultiHeadAttention` (state dicts load into each other).
 
     Args:
         embed_dim: model width ``E`` (BERT's ``hidden_size``).
         num_heads: heads ``h`` (``num_attention_heads``); must divide ``E``.
         dropout: dropout on the attention probabilities (``attention_probs_dropout_prob``).
         bias: biases on the projections (BERT has them).
-        pattern: default visibility pattern; ``forward(pattern=...)`` overrides it.
+        pattern: default visibility pattern; ``forward(pattern=...)`` or ``forward(is_causal=...)`` overrides it.
         output_projection: apply ``W^O``. ``False`` gives exactly what
             ``transformers``' ``BertSelfAttention`` returns (the heads
             concatenated; ``W^O`` is ``BertSelfOutput.dense`` there).
@@ -202,26 +201,43 @@ class BidirectionalSelfAttention(MultiHeadAttention):
         self,
         embed_dim: int,
         num_heads: int,
+        *,
         dropout: float = 0.0,
         bias: bool = True,
         pattern: Pattern = "bidirectional",
         output_projection: bool = True,
     ) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias)
         _check_pattern(pattern)
-        self.pattern = pattern
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, causal=pattern == "causal")
+        self.pattern: Pattern = pattern
         self.output_projection = output_projection
         if not output_projection:
             self.out_proj = nn.Identity()
 
-    def forward(  # type: ignore[override]
+    def _resolve(self, pattern: Pattern | None, is_causal: bool | None) -> Pattern:
+        """The pattern of one call: ``pattern`` if given, else the layer's; ``is_causal`` switches causal on or off."""
+        if pattern is not None:
+            _check_pattern(pattern)
+        if is_causal is None:
+            return self.pattern if pattern is None else pattern
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+        if pattern is not None and (pattern == "causal") != is_causal:
+            raise ValueError(f"is_causal={is_causal} contradicts pattern={pattern!r}; give one of them")
+        if is_causal:
+            return "causal"
+        return "bidirectional" if self.pattern == "causal" else self.pattern
+
+    def forward(
         self,
         x: Tensor,
+        *,
         key_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
         prefix_len: int | Tensor | None = None,
         pattern: Pattern | None = None,
         attn_mask: Tensor | None = None,
-        need_weights: bool = False,
         average_weights: bool = False,
         temperature: float = 1.0,
     ) -> AttentionOutput:
@@ -230,29 +246,27 @@ class BidirectionalSelfAttention(MultiHeadAttention):
         Args:
             x: ``(B, n, E)``.
             key_mask: ``(B, n)`` boolean, ``True`` = real token (BERT's ``attention_mask == 1``).
+            is_causal: ``True``: the causal pattern; ``False``: not causal (a causal layer becomes
+                bidirectional); ``None``: the layer's pattern (or ``pattern``).
+            need_weights: return the weights ``(B, h, n, n)``; otherwise the fused kernel runs.
             prefix_len: for ``prefix_lm``: int or ``(B,)`` integers in ``[0, n]``.
             pattern: ``"bidirectional"`` | ``"causal"`` | ``"prefix_lm"``; default: the module's.
             attn_mask: optional extra boolean mask ``(n, n)``, ``(B, n, n)`` or
                 ``(B, h, n, n)``, ``True`` = may attend, ANDed with the pattern.
-            need_weights: return the weights ``(B, h, n, n)``; otherwise the fused kernel runs.
             average_weights: average the returned weights over heads.
             temperature: divides the scores.
 
         Returns:
             ``AttentionOutput(output (B, n, E), weights or None)``.
         """
-        pattern = self.pattern if pattern is None else pattern
-        _check_pattern(pattern)
+        pattern = self._resolve(pattern, is_causal)
         check_tokens(x, self.embed_dim)
         batch, n = x.shape[0], x.shape[1]
         if attn_mask is not None and (not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool):
             raise TypeError(f"attn_mask must be a torch.bool tensor (True = may attend), got {getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
         if prefix_len is not None and pattern != "prefix_lm":
             raise ValueError(f"prefix_len is only used by the 'prefix_lm' pattern, not {pattern!r}")
-        is_causal = False
-        if pattern == "causal":
-            is_causal = True  # the core applies j <= i; no mask tensor needed
-        elif pattern == "prefix_lm":
+        if pattern == "prefix_lm":
             if prefix_len is None:
                 raise ValueError("pattern 'prefix_lm' needs prefix_len (an int or a (batch,) tensor)")
             p = _prefix_tensor(prefix_len, n, x.device)
@@ -264,11 +278,11 @@ class BidirectionalSelfAttention(MultiHeadAttention):
             if attn_mask is not None and attn_mask.ndim == 3:
                 attn_mask = attn_mask[:, None]
             attn_mask = pm if attn_mask is None else attn_mask & pm
-        return super().forward(
-            x,
+        return self.mix(
+            x, x, x,
             key_mask=key_mask,
             attn_mask=attn_mask,
-            is_causal=is_causal,
+            is_causal=pattern == "causal",  # the kernel applies j <= i; no mask tensor needed
             need_weights=need_weights,
             average_weights=average_weights,
             temperature=temperature,
@@ -289,8 +303,9 @@ class BidirectionalSelfAttention(MultiHeadAttention):
             if tuple(lin.weight.shape) != (self.embed_dim, self.embed_dim):
                 raise ValueError(f"BertSelfAttention.{name} is {tuple(lin.weight.shape)}, this module needs ({self.embed_dim}, {self.embed_dim})")
             pairs.append((ours, lin))
-        if getattr(self_attention, "num_attention_heads", self.num_heads) != self.num_heads:
-            raise ValueError(f"BertSelfAttention has {self_attention.num_attention_heads} heads, this module {self.num_heads}")
+        heads = getattr(self_attention, "num_attention_heads", self.num_heads)
+        if heads != self.num_heads:
+            raise ValueError(f"BertSelfAttention has {heads} heads, this module {self.num_heads}")
         if self_output is not None:
             if not self.output_projection:
                 raise ValueError("this module has no output projection (output_projection=False) to load BertSelfOutput.dense into")
@@ -305,157 +320,13 @@ class BidirectionalSelfAttention(MultiHeadAttention):
                 ours.bias.copy_(theirs.bias)
         return self
 
+    @torch.no_grad()
     def load_torch_weights(self, mha: nn.MultiheadAttention) -> BidirectionalSelfAttention:
+        """Copy a ``torch.nn.MultiheadAttention`` of the same size (through :class:`MultiHeadAttention`'s loader)."""
         if not self.output_projection:
             raise ValueError("this module has no output projection (output_projection=False); nn.MultiheadAttention has one")
-        return super().load_torch_weights(mha)
-
-
-# ----------------------------------------------------------------------------- the toy task
-
-
-@dataclass
-class RightContextTask:
-    """Fill in masked tokens whose answer is the token to their *right*.
-
-    Each sequence holds ``L`` random content tokens (``L`` uniform in
-    ``[min_length, length]``, then padding). At ``n_masks`` non-adjacent
-    positions ``p < L - 1`` the token is a copy of its right neighbour (a
-    "stutter", ``x_p = x_{p+1}``) and is replaced by ``[MASK]``; the model must
-    restore it. Left context carries no information about it, so a model that
-    sees only the past is at chance, ``1 / vocab``; a bidirectional model can
-    read it off position ``p + 1``.
-
-    Each example also draws a prefix length ``P`` uniform in ``[0, L]`` for
-    the prefix-LM pattern: a blank is solvable there when ``p + 1 < P``.
-
-    Token ids: ``0`` = ``[PAD]``, ``1`` = ``[MASK]``, content ``2 .. vocab + 1``.
-
-    Args:
-        vocab: number of content tokens.
-        length: padded sequence length ``n``.
-        min_length: shortest real length.
-        n_masks: blanks per sequence.
-    """
-
-    vocab: int = 16
-    length: int = 16
-    min_length: int = 8
-    n_masks: int = 2
-
-    PAD = 0
-    MASK = 1
-
-    def __post_init__(self) -> None:
-        if self.vocab < 2:
-            raise ValueError(f"vocab must be >= 2, got {self.vocab}")
-        if not 2 <= self.min_length <= self.length:
-            raise ValueError(f"need 2 <= min_length <= length, got min_length={self.min_length}, length={self.length}")
-        if not self.n_masks >= 1 or 2 * self.n_masks > self.min_length:
-            raise ValueError(f"n_masks must be in [1, min_length / 2 = {self.min_length // 2}], got {self.n_masks}")
-
-    @property
-    def n_tokens(self) -> int:
-        """Size of the embedding table: content + ``[PAD]`` + ``[MASK]``."""
-        return self.vocab + 2
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """``x (B, n)`` tokens with blanks, ``target (B, n)`` (``-100`` where no blank),
-        ``key_mask (B, n)`` (True = real), ``prefix_len (B,)``, ``lengths (B,)``."""
-        n, k = self.length, self.n_masks
-        lengths = torch.randint(self.min_length, n + 1, (batch_size,), generator=generator)  # (B,)
-        tokens = torch.randint(2, self.vocab + 2, (batch_size, n), generator=generator)
-        pos = torch.arange(n)
-        key_mask = pos[None, :] < lengths[:, None]  # (B, n)
-        # k non-adjacent blanks in [0, L - 2]: pick k sorted slots among the first L - k, spread by +i
-        room = lengths - k  # slots per row
-        scores = torch.rand(batch_size, n, generator=generator).masked_fill(pos[None, :] >= room[:, None], 2.0)
-        slots = scores.argsort(-1)[:, :k].sort(-1).values  # (B, k), each < room
-        blanks = slots + torch.arange(k)[None, :]  # (B, k): gaps >= 2, last <= L - 2
-        rows = torch.arange(batch_size)[:, None]
-        target = torch.full((batch_size, n), -100, dtype=torch.long)
-        target[rows, blanks] = tokens[rows, blanks + 1]  # the stutter: x_p = x_{p+1}
-        x = tokens.clone()
-        x[rows, blanks] = self.MASK
-        x = x.masked_fill(~key_mask, self.PAD)
-        prefix_len = (torch.rand(batch_size, generator=generator) * (lengths + 1)).long().clamp(max=lengths)
-        return {"x": x, "target": target, "key_mask": key_mask, "prefix_len": prefix_len, "lengths": lengths}
-
-
-def right_context_visible(pattern: Pattern, batch: dict[str, Tensor]) -> Tensor:
-    """Per blank (``(B, n)``, False elsewhere): can its query see the right neighbour under ``pattern``?
-
-    With the answer a copy of token ``p + 1``, this is the fraction of blanks
-    a perfect model solves; the rest it can only guess (``1 / vocab``).
-    """
-    _check_pattern(pattern)
-    blank = batch["target"] != -100
-    if pattern == "bidirectional":
-        return blank
-    if pattern == "causal":
-        return torch.zeros_like(blank)
-    pos = torch.arange(blank.shape[1], device=blank.device)
-    return blank & (pos[None, :] + 1 < batch["prefix_len"][:, None])
-
-
-class _EncoderLayer(nn.Module):
-    """Pre-LayerNorm Transformer encoder layer around :class:`BidirectionalSelfAttention`."""
-
-    def __init__(self, embed_dim: int, num_heads: int, pattern: Pattern, ffn_mult: int = 4) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(embed_dim)
-        self.attention = BidirectionalSelfAttention(embed_dim, num_heads, pattern=pattern)
-        self.norm2 = nn.LayerNorm(embed_dim)
-        self.ffn = nn.Sequential(nn.Linear(embed_dim, ffn_mult * embed_dim), nn.GELU(), nn.Linear(ffn_mult * embed_dim, embed_dim))
-
-    def forward(self, h: Tensor, key_mask: Tensor, prefix_len: Tensor | None, need_weights: bool) -> AttentionOutput:
-        a = self.attention(self.norm1(h), key_mask=key_mask, prefix_len=prefix_len, need_weights=need_weights)
-        h = h + a.output
-        return AttentionOutput(h + self.ffn(self.norm2(h)), a.weights)
-
-
-class MaskedTokenEncoder(nn.Module):
-    """A tiny BERT-like encoder for :class:`RightContextTask`: embeddings, ``num_layers``
-    pre-LN layers of :class:`BidirectionalSelfAttention`, a token classifier.
-
-    The same architecture serves all three patterns; only ``pattern`` (the
-    mask) changes, so accuracy differences come from what each token may see.
-
-    Args:
-        task: gives the vocabulary and the length.
-        pattern: ``"bidirectional"``, ``"causal"`` or ``"prefix_lm"``.
-        embed_dim, num_heads, num_layers: model size.
-    """
-
-    def __init__(self, task: RightContextTask, pattern: Pattern = "bidirectional", embed_dim: int = 64, num_heads: int = 4, num_layers: int = 2) -> None:
-        super().__init__()
-        _check_pattern(pattern)
-        self.task, self.pattern = task, pattern
-        self.tok = nn.Embedding(task.n_tokens, embed_dim)
-        self.pos = nn.Embedding(task.length, embed_dim)  # learned absolute positions, as in BERT
-        self.layers = nn.ModuleList(_EncoderLayer(embed_dim, num_heads, pattern) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, task.n_tokens)
-
-    def forward(self, x: Tensor, key_mask: Tensor, prefix_len: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """Logits ``(B, n, n_tokens)`` and, if asked, each layer's weights ``(B, h, n, n)``."""
-        if x.ndim != 2 or x.shape[1] != self.task.length:
-            raise ValueError(f"x must have shape (batch, {self.task.length}), got {tuple(x.shape)}")
-        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))  # (B, n, E)
-        p = prefix_len if self.pattern == "prefix_lm" else None
-        weights = []
-        for layer in self.layers:
-            h, w = layer(h, key_mask, p, need_weights)
-            if w is not None:
-                weights.append(w)
-        return self.head(self.norm(h)), weights
-
-
-def masked_token_loss(model: MaskedTokenEncoder, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy on the blanks only (BERT's masked-LM loss), and accuracy on them."""
-    logits, _ = model(batch["x"], batch["key_mask"], batch["prefix_len"])
-    target = batch["target"]
-    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
-    blank = target != -100
-    acc = (logits.argmax(-1)[blank] == target[blank]).float().mean()
-    return loss, {"acc": float(acc)}
+        with torch.random.fork_rng(devices=[]):  # the throw-away layer's init leaves the caller's random stream alone
+            ref = MultiHeadAttention(self.embed_dim, self.num_heads).to(self.q_proj.weight)
+        ref.load_torch_weights(mha)
+        self.load_state_dict(ref.state_dict())
+        return self

@@ -35,6 +35,10 @@ likewise :math:`\tilde k, \tilde v`, then causal multi-head attention on
 ``(Q~, K~, V~)``. Output ``i`` depends on inputs ``<= i`` only. Shapes
 ``(B, n, E) -> (B, n, E)``, weights ``(B, h, n, n)``. The convolutions add
 ``O(n E k)`` to the ``O(n^2 E)`` of attention.
+
+The chapter's experiment (shapes on cluttered images, a small CNN with and
+without CBAM, CBAM's own task for the comparison) lives in
+:mod:`attn.experiments.convolutional`.
 """
 
 from __future__ import annotations
@@ -46,16 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import AttentionBase
 from .checks import check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput
 from .masks import check_key_mask
 from .multihead import MultiHeadAttention
 from .positions import fused_attention
-from .registry import OwnTask, register
+from .registry import register
 
 __all__ = [
     "ChannelAttention", "SpatialAttention", "CBAM", "CBAMOutput", "MultiDConvHeadAttention", "causal_depthwise_conv",
-    "ShapeImages", "ShapeNet", "shape_loss", "make_cbam_task", "spatial_mass_on_object",
 ]
 
 
@@ -138,10 +142,6 @@ class CBAMOutput(NamedTuple):
     spatial: Tensor
 
 
-def _cbam_task(preset: str) -> OwnTask[ShapeNet]:
-    return make_cbam_task(preset)
-
-
 @register(
     "cbam",
     paper="Woo et al. 2018",
@@ -149,7 +149,6 @@ def _cbam_task(preset: str) -> OwnTask[ShapeNet]:
     chapter=18,
     data="image",
     summary="channel attention (shared MLP on pooled features) then spatial attention (k x k conv on pooled maps)",
-    task=_cbam_task,
 )
 class CBAM(nn.Module):
     """Convolutional Block Attention Module: channel attention, then spatial attention, each a sigmoid gate.
@@ -160,11 +159,14 @@ class CBAM(nn.Module):
         kernel_size: ``k`` of the spatial convolution (paper: 7).
         mlp_bias, conv_bias, batch_norm: see :class:`ChannelAttention`, :class:`SpatialAttention`.
 
-    ``x (B, C, H, W)`` -> :class:`CBAMOutput` ``(F'' (B, C, H, W), M_c (B, C), M_s (B, H, W))``.
+    ``x (B, C, H, W)`` -> :class:`CBAMOutput` ``(F'' (B, C, H, W), M_c (B, C), M_s (B, H, W))``: an image
+    module with its own typed interface (not a sequence mixer). Its own task is in
+    :mod:`attn.experiments.convolutional`.
     """
 
     def __init__(
-        self, channels: int, reduction: int = 16, kernel_size: int = 7, mlp_bias: bool = False, conv_bias: bool = True, batch_norm: bool = False,
+        self, channels: int, reduction: int = 16, kernel_size: int = 7, *, mlp_bias: bool = False, conv_bias: bool = True,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -215,22 +217,27 @@ def _primer_build(embed_dim: int, num_heads: int) -> MultiDConvHeadAttention:
     chapter=18,
     summary="Primer's multi-DConv-head attention: causal width-3 depthwise convolutions on Q, K, V",
     build=_primer_build,
+    kernel="sdpa",
+    causal=True,
 )
-class MultiDConvHeadAttention(MultiHeadAttention):
+class MultiDConvHeadAttention(AttentionBase):
     """Primer's Multi-DConv-Head Attention (MDHA): causal depthwise convolutions on Q, K and V, then attention.
 
-    Projections, head split and the attention kernel are those of
-    :class:`attn.multihead.MultiHeadAttention`; between the projections and the
-    heads, each of the ``E`` channels of ``Q``, ``K`` and ``V`` is convolved
-    along the sequence with its own width-``k`` kernel.
+    :class:`~attn.attention.AttentionBase` with the ``"sdpa"`` kernel: its ``q_proj, k_proj, v_proj,
+    out_proj`` are those of :class:`attn.multihead.MultiHeadAttention` (state dicts load into each other,
+    plus ``dconv_weight``, ``dconv_bias``); between the projections and the heads, each of the ``E``
+    channels of ``Q``, ``K`` and ``V`` is convolved along the sequence with its own width-``k`` kernel.
+    Self-attention only (the convolutions run along one sequence), hence ``forward(x, *, ...)``.
 
     Args:
         embed_dim: ``E``. num_heads: ``h``.
         kernel_size: ``k`` (3 in Primer).
         causal: convolutions and attention see only the past (Primer is a
             decoder); ``False`` gives centred convolutions (odd ``k``) and
-            bidirectional attention.
-        dropout, bias: as in :class:`~attn.multihead.MultiHeadAttention`.
+            bidirectional attention. ``forward(is_causal=False)`` makes the attention of a causal layer
+            bidirectional (its convolutions stay causal); ``is_causal=True`` on a layer built with
+            ``causal=False`` is refused (its centred convolutions read later tokens).
+        dropout, bias: as in :class:`~attn.attention.AttentionBase`.
 
     ``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) ->
     ``(output (B, n, E), weights (B, h, n, n) | None)``. Padded positions are
@@ -240,13 +247,14 @@ class MultiDConvHeadAttention(MultiHeadAttention):
     Memory: the convolutions are ``O(n E k)``; without weights, attention is the
     fused ``F.scaled_dot_product_attention`` (``is_causal``, no ``n x n`` mask;
     a key mask with causal runs in query blocks, :func:`attn.positions.fused_attention`),
-    linear in ``n``. ``need_weights=True`` takes the exact dense path.
+    linear in ``n``. ``need_weights=True`` takes the exact dense path (the ``"sdpa"`` kernel).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, kernel_size: int = 3, causal: bool = True, dropout: float = 0.0, bias: bool = True) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias)
+    def __init__(self, embed_dim: int, num_heads: int, *, kernel_size: int = 3, causal: bool = True,
+                 dropout: float = 0.0, bias: bool = True) -> None:
         _check_positive_int(kernel_size, "kernel_size", odd=not causal)
-        self.kernel_size, self.causal = kernel_size, causal
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, causal=causal)
+        self.kernel_size = kernel_size
         # one (E, k) depthwise kernel and (E,) bias for each of Q, K, V
         self.dconv_weight = nn.Parameter(torch.empty(3, embed_dim, kernel_size))
         self.dconv_bias = nn.Parameter(torch.zeros(3, embed_dim))
@@ -264,10 +272,39 @@ class MultiDConvHeadAttention(MultiHeadAttention):
         self.dconv_weight[..., self.kernel_size - 1 if self.causal else self.kernel_size // 2] = 1.0
         return self
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:  # type: ignore[override]
-        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
+    @torch.no_grad()
+    def load_torch_weights(self, mha: nn.MultiheadAttention) -> MultiDConvHeadAttention:
+        """Copy the projections of a ``torch.nn.MultiheadAttention`` of the same size (the convolutions stay)."""
+        with torch.random.fork_rng(devices=[]):  # the throw-away layer's init leaves the caller's random stream alone
+            ref = MultiHeadAttention(self.embed_dim, self.num_heads).to(self.q_proj.weight)
+        ref.load_torch_weights(mha)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            getattr(self, name).load_state_dict(getattr(ref, name).state_dict())
+        return self
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, key_mask: Tensor | None, is_causal: bool,
+        dropout_p: float, scale: float, need_weights: bool,
+    ) -> AttentionOutput:
+        """The ``"sdpa"`` kernel; without weights and a general mask, :func:`~attn.positions.fused_attention` (linear memory)."""
+        if need_weights or attn_mask is not None:
+            return super().attend(q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
+                                  dropout_p=dropout_p, scale=scale, need_weights=need_weights)
+        out = fused_attention(q, k, v, key_mask=key_mask, causal=is_causal, scale=scale, dropout_p=dropout_p)
+        return AttentionOutput(out, None)
+
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, h, n, n) | None)``; ``is_causal`` ``None``: the layer's."""
         x = check_tokens(x, self.embed_dim)
         check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
+        causal = self.causal if is_causal is None else is_causal
+        if not isinstance(causal, bool):
+            raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+        if causal and not self.causal:
+            raise ValueError("is_causal=True on a MultiDConvHeadAttention built with causal=False: its centred "
+                             "convolutions read later tokens; build it with causal=True for a causal layer")
         if empty_batch(x):
             n = x.shape[1]
             return AttentionOutput(x.new_zeros(x.shape), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
@@ -278,161 +315,9 @@ class MultiDConvHeadAttention(MultiHeadAttention):
             self.split_heads(causal_depthwise_conv(p, self.dconv_weight[i], self.dconv_bias[i], self.causal))  # (B, h, n, d_h)
             for i, p in enumerate(projected)
         )
-        dropout_p, scale = self.dropout if self.training else 0.0, 1.0 / math.sqrt(self.head_dim)
-        if not need_weights:  # fused kernel, linear memory
-            out = fused_attention(q, k, v, key_mask=key_mask, causal=self.causal, scale=scale, dropout_p=dropout_p)
-            return AttentionOutput(self.out_proj(self.merge_heads(out)), None)
-        out, weights = self.attend(  # the exact dense path, (B, h, n, n) weights
-            q, k, v, attn_mask=None, key_mask=key_mask, is_causal=self.causal,
-            dropout_p=dropout_p, scale=scale, need_weights=True,
+        out, weights = self.attend(
+            q, k, v, attn_mask=None, key_mask=key_mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=1.0 / math.sqrt(self.head_dim),
+            need_weights=need_weights,
         )
         return AttentionOutput(self.out_proj(self.merge_heads(out)), weights)
-
-
-# ----------------------------------------------------------------------------- the image task
-
-
-def _shape_patterns() -> Tensor:
-    """Four 5 x 5 binary shapes: plus, cross, ring (square outline), diamond. ``(4, 5, 5)``."""
-    i, j = torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")
-    plus = (i == 2) | (j == 2)
-    cross = (i == j) | (i + j == 4)
-    ring = (i == 0) | (i == 4) | (j == 0) | (j == 4)
-    diamond = (i - 2).abs() + (j - 2).abs() == 2
-    return torch.stack([plus, cross, ring, diamond]).float()
-
-
-class ShapeImages:
-    """One of four 5 x 5 shapes at a random place on a noisy, cluttered image; the label is the shape.
-
-    The background holds Gaussian noise and ``clutter`` short strokes (1 x 3
-    or 3 x 1 bars, pieces the shapes are also made of), so that a small
-    filter firing on a stroke does not tell the shapes apart: a classifier
-    must find the one place where the strokes form a shape. ``sample``
-    returns ``x (B, 1, size, size)``, ``y (B,)`` and ``box (B, size, size)``,
-    the object's 5 x 5 square (to measure where the spatial attention goes).
-
-    Args:
-        size: image side (``>= 5``).
-        noise: standard deviation of the background noise.
-        clutter: strokes drawn per image.
-    """
-
-    classes = ("plus", "cross", "ring", "diamond")
-
-    def __init__(self, size: int = 16, noise: float = 0.3, clutter: int = 3) -> None:
-        if size < 5:
-            raise ValueError(f"size must be >= 5 (the shapes are 5 x 5), got {size}")
-        self.size, self.noise, self.clutter = size, noise, clutter
-        self.patterns = _shape_patterns()
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        s = self.size
-        x = torch.randn(batch_size, s, s, generator=generator) * self.noise
-        y = torch.randint(0, 4, (batch_size,), generator=generator)
-        top = torch.randint(0, s - 4, (batch_size,), generator=generator)
-        left = torch.randint(0, s - 4, (batch_size,), generator=generator)
-        rows = torch.arange(s)
-        box = ((rows[None, :, None] >= top[:, None, None]) & (rows[None, :, None] < top[:, None, None] + 5)
-               & (rows[None, None, :] >= left[:, None, None]) & (rows[None, None, :] < left[:, None, None] + 5))  # (B, s, s)
-        # clutter: bars of 3 pixels, horizontal or vertical, anywhere
-        rows_b = torch.arange(batch_size)
-        for _ in range(self.clutter):
-            vert = torch.rand(batch_size, generator=generator) < 0.5
-            a = torch.randint(0, s - 2, (batch_size,), generator=generator)  # start along the bar
-            b = torch.randint(0, s, (batch_size,), generator=generator)  # position across it
-            for t in range(3):
-                x[rows_b, torch.where(vert, a + t, b), torch.where(vert, b, a + t)] += 1.0
-        # the shape, added inside its box: pixel (r, c) takes pattern[y][r - top, c - left]
-        dr = (rows[None, :] - top[:, None]).clamp(0, 4)  # (B, s)
-        dc = (rows[None, :] - left[:, None]).clamp(0, 4)  # (B, s)
-        pattern = self.patterns[y]  # (B, 5, 5)
-        shape = pattern[rows_b[:, None, None], dr[:, :, None], dc[:, None, :]]  # (B, s, s)
-        x = x + shape * box
-        return {"x": x[:, None], "y": y, "box": box}
-
-
-class ShapeNet(nn.Module):
-    """Two 3 x 3 conv layers, optional CBAM, global average pooling, a linear classifier.
-
-    Args:
-        channels: feature channels ``C``.
-        cbam: insert :class:`CBAM` after the convolutions (else the plain baseline).
-        kernel_size, reduction: CBAM's spatial kernel and channel reduction.
-        n_classes: outputs.
-
-    ``x (B, 1, H, W)`` -> logits ``(B, n_classes)``; :meth:`attention` gives CBAM's maps.
-    """
-
-    def __init__(
-        self, channels: int = 16, cbam: bool = True, kernel_size: int = 7, reduction: int = 4, n_classes: int = 4, batch_norm: bool = True,
-    ) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
-        )
-        self.cbam = CBAM(channels, reduction=reduction, kernel_size=kernel_size, batch_norm=batch_norm) if cbam else None
-        self.head = nn.Linear(channels, n_classes)
-
-    def attention(self, x: Tensor) -> CBAMOutput:
-        """CBAM's output and maps for ``x (B, 1, H, W)`` (only when built with ``cbam=True``)."""
-        if self.cbam is None:
-            raise ValueError("this ShapeNet has no CBAM (built with cbam=False)")
-        return self.cbam(self.features(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = check_tensor(x, "x", "(batch, 1, height, width)", 4)
-        h = self.features(x)  # (B, C, H, W)
-        if self.cbam is not None:
-            h = self.cbam(h).output
-        return self.head(h.mean(dim=(2, 3)))  # global average pooling -> (B, n_classes)
-
-
-def shape_loss(model: ShapeNet, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy on the shape label, and accuracy."""
-    logits = model(batch["x"])
-    loss = F.cross_entropy(logits, batch["y"])
-    return loss, {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
-
-
-def spatial_mass_on_object(spatial: Tensor, box: Tensor) -> Tensor:
-    """Fraction of the spatial map's total mass inside the object's box: ``(B, H, W), (B, H, W) bool -> (B,)``."""
-    return (spatial * box).sum(dim=(1, 2)) / spatial.sum(dim=(1, 2))
-
-
-_PRESETS = {  # size, channels, steps, batch, cost sizes (pixels); "book" is the chapter's setting
-    "quick": (12, 8, 20, 16, (64, 256)),
-    "book": (16, 8, 300, 32, (256, 1024, 4096)),
-    "default": (16, 16, 600, 64, (256, 1024, 4096, 16384)),
-    "gpu": (24, 32, 2000, 128, (1024, 4096, 16384, 65536)),
-}
-
-
-def make_cbam_task(preset: str = "book") -> OwnTask[ShapeNet]:
-    """CBAM on :class:`ShapeImages` (the comparison's own-task hook).
-
-    The model is :class:`ShapeNet` with CBAM; the layer alone is a
-    :class:`CBAM` over ``C`` channels, its cost swept over square maps of
-    ``sizes`` pixels; ``weights`` returns the spatial map normalised to sum to
-    1 over the pixels ``(B, H*W)``.
-    """
-    if preset not in _PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
-    size, channels, steps, batch, sizes = _PRESETS[preset]
-    data = ShapeImages(size=size)
-    model = ShapeNet(channels=channels, cbam=True)
-    layer = CBAM(channels, reduction=4, kernel_size=7)
-
-    def inputs(n_pixels: int, generator: torch.Generator) -> tuple[Tensor]:
-        side = max(1, math.isqrt(n_pixels))
-        return (torch.randn(1, channels, side, side, generator=generator),)
-
-    def weights(m: ShapeNet, b: dict[str, Tensor]) -> Tensor:
-        spatial = m.attention(b["x"]).spatial.flatten(1)
-        return spatial / spatial.sum(-1, keepdim=True)
-
-    return OwnTask(
-        description=f"shape on a noisy, cluttered {size}x{size} image (4 classes)",
-        model=model, sample=data.sample, loss=shape_loss, layer=layer, inputs=inputs, sizes=sizes,
-        size_unit="pixels (H*W)", steps=steps, batch_size=batch, lr=1e-2, target_acc=0.9, weights=weights,
-    )

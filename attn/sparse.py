@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import Attention, AttentionBase, register_kernel
 from .checks import check_int, check_same_dtype, empty_batch
 from .core import AttentionOutput, build_mask, check_qkv, masked_softmax, scaled_dot_product_attention
 from .masks import causal_mask, check_key_mask
-from .multihead import MultiHeadAttention
 from .registry import register
 
 __all__ = [
@@ -65,6 +65,9 @@ __all__ = [
     "fixed_attention",
     "topk_mask",
     "topk_attention",
+    "strided_kernel",
+    "fixed_kernel",
+    "topk_kernel",
     "SparseAttention",
     "TopKAttention",
 ]
@@ -512,10 +515,91 @@ def topk_attention(
     return AttentionOutput(torch.matmul(attn, v), weights if need_weights else None)
 
 
+# ----------------------------------------------------------------------------- kernels (attn.attention's one signature)
+
+
+def _no_attn_mask(name: str, attn_mask: Tensor | None) -> None:
+    if attn_mask is not None:
+        raise ValueError(
+            f"the {name} kernel takes its pattern, key_mask and is_causal only, not a general attn_mask "
+            f"(it never builds an n x n mask); got attn_mask of shape {tuple(getattr(attn_mask, 'shape', ()))}"
+        )
+
+
+@register_kernel("strided", summary="Sparse Transformer strided pattern (band + every l-th key), blockwise, one softmax",
+                 attn_mask=False, dense=False)
+def strided_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    stride: int | None = None,
+    blockwise: bool | None = None,
+) -> AttentionOutput:
+    """:func:`strided_attention` as a kernel: ``q, k, v`` ``(B, h, n, d)``; ``is_causal`` picks the one-sided pattern.
+
+    Options: ``stride`` (default ``ceil(sqrt(n))``), ``blockwise``. A general ``attn_mask`` is refused (ValueError).
+    """
+    _no_attn_mask("strided", attn_mask)
+    return strided_attention(q, k, v, stride=stride, causal=is_causal, key_mask=key_mask, scale=scale,
+                             dropout_p=dropout_p, need_weights=need_weights, blockwise=blockwise)
+
+
+@register_kernel("fixed", summary="Sparse Transformer fixed pattern (own block + summary columns), blockwise, one softmax",
+                 attn_mask=False, dense=False)
+def fixed_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    block: int | None = None,
+    c: int = 8,
+    blockwise: bool | None = None,
+) -> AttentionOutput:
+    """:func:`fixed_attention` as a kernel: ``q, k, v`` ``(B, h, n, d)``; ``is_causal`` picks the one-sided pattern.
+
+    Options: ``block`` (default ``ceil(sqrt(n))``), ``c`` summary positions per block, ``blockwise``.
+    """
+    _no_attn_mask("fixed", attn_mask)
+    return fixed_attention(q, k, v, block=block, c=c, causal=is_causal, key_mask=key_mask, scale=scale,
+                           dropout_p=dropout_p, need_weights=need_weights, blockwise=blockwise)
+
+
+@register_kernel("topk", summary="softmax over the k largest scores of each query (dense scores); boolean attn_mask")
+def topk_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    topk: int = 8,
+) -> AttentionOutput:
+    """:func:`topk_attention` as a kernel (option ``topk``, default 8)."""
+    return topk_attention(q, k, v, topk, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale,
+                          dropout_p=dropout_p, need_weights=need_weights)
+
+
 # ----------------------------------------------------------------------------- modules
 
 
-def _build_sparse(pattern: Pattern):
+def _build_sparse(pattern: Pattern) -> Callable[[int, int], SparseAttention]:
     return lambda embed_dim, num_heads: SparseAttention(embed_dim, num_heads, pattern=pattern)
 
 
@@ -526,6 +610,8 @@ def _build_sparse(pattern: Pattern):
     chapter=9,
     summary="Sparse Transformer strided pattern (band + every l-th key), blockwise, causal",
     build=_build_sparse("strided"),
+    kernel="strided",
+    causal=True,
 )
 @register(
     "sparse-fixed",
@@ -534,27 +620,33 @@ def _build_sparse(pattern: Pattern):
     chapter=9,
     summary="Sparse Transformer fixed pattern (own block + summary columns), blockwise, causal",
     build=_build_sparse("fixed"),
+    kernel="fixed",
+    causal=True,
 )
-class SparseAttention(MultiHeadAttention):
+class SparseAttention(AttentionBase):
     """Multi-head self-attention with a Sparse Transformer factorised pattern (Child et al. 2019).
 
-    The projections are those of :class:`~attn.multihead.MultiHeadAttention`
-    (so weights can be copied between the two); each head attends over the
-    union of the pattern's two key sets in one softmax (the paper's merged
-    head), computed blockwise by :func:`strided_attention` or :func:`fixed_attention`.
+    :class:`~attn.attention.AttentionBase` around the ``"strided"`` or ``"fixed"`` kernel
+    (:func:`strided_kernel`, :func:`fixed_kernel`): the projections ``q_proj, k_proj, v_proj,
+    out_proj`` are those of :class:`~attn.multihead.MultiHeadAttention` (state dicts are
+    interchangeable); each head attends over the union of the pattern's two key sets in one
+    softmax (the paper's merged head), computed blockwise. Self-attention only (the pattern
+    is defined on one sequence), hence ``forward(x, *, ...)``.
 
     Args:
-        embed_dim, num_heads, dropout, bias: as in :class:`~attn.multihead.MultiHeadAttention`.
-        pattern: ``"strided"`` or ``"fixed"``.
+        embed_dim, num_heads: as in :class:`~attn.multihead.MultiHeadAttention`.
+        pattern: ``"strided"`` or ``"fixed"`` (the kernel's name).
         stride: ``l`` (stride, or block size for ``"fixed"``); default ``ceil(sqrt(n))`` per call.
         summary: ``c``, the summary positions per block of the fixed pattern.
-        causal: autoregressive (default, as in the paper) or two-sided.
+        causal: autoregressive (default, as in the paper) or two-sided; ``forward(is_causal=)`` overrides it.
+        dropout, bias: as in :class:`~attn.attention.AttentionBase`.
     """
 
     def __init__(
         self,
         embed_dim: int,
         num_heads: int,
+        *,
         pattern: Pattern = "strided",
         stride: int | None = None,
         summary: int = 8,
@@ -562,7 +654,6 @@ class SparseAttention(MultiHeadAttention):
         dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias)
         if pattern not in ("strided", "fixed"):
             raise ValueError(f"pattern must be 'strided' or 'fixed', got {pattern!r}")
         if stride is not None:
@@ -570,33 +661,35 @@ class SparseAttention(MultiHeadAttention):
         check_int("summary", summary)
         if stride is not None and pattern == "fixed" and summary > stride:
             raise ValueError(f"summary ({summary}) must be <= the block size stride ({stride})")
-        self.pattern, self.stride, self.summary, self.causal = pattern, stride, summary, causal
+        if pattern == "strided":  # the kernel's options: stride l
+            super().__init__(embed_dim, num_heads, kernel="strided", dropout=dropout, bias=bias, causal=causal,
+                             stride=stride)
+        else:  # block l and c summary positions
+            super().__init__(embed_dim, num_heads, kernel="fixed", dropout=dropout, bias=bias, causal=causal,
+                             block=stride, c=summary)
+        self.pattern, self.stride, self.summary = pattern, stride, summary
 
-    def mask(self, n: int, device: torch.device | str | None = None) -> Tensor:
+    def mask(self, n: int, device: torch.device | str | None = None, causal: bool | None = None) -> Tensor:
         """The dense ``(n, n)`` mask this layer's pattern equals at length ``n`` (the reference)."""
+        causal = self.causal if causal is None else causal
         ell = self.stride or default_stride(n)
         if self.pattern == "strided":
-            return strided_mask(n, ell, self.causal, device)
-        return fixed_mask(n, ell, min(self.summary, ell), self.causal, device)
+            return strided_mask(n, ell, causal, device)
+        return fixed_mask(n, ell, min(self.summary, ell), causal, device)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:  # type: ignore[override]
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
         """Self-attention of ``x`` ``(B, n, E)``; ``key_mask`` ``(B, n)`` bool, ``True`` = real token.
 
-        Returns ``(output (B, n, E), weights (B, h, n, n) or None)``; the weights
-        are materialised from the blockwise parts, so ask for them at small ``n`` only.
+        ``is_causal``: ``None`` keeps the layer's ``causal``. Returns ``(output (B, n, E), weights
+        (B, h, n, n) or None)``; the weights are materialised from the blockwise parts (small ``n`` only).
         """
         self.check_inputs(x, x, x)
         if empty_batch(x):
-            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
-        q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, n, d_h)
-        dropout_p = self.dropout if self.training else 0.0
-        if self.pattern == "strided":
-            out, w = strided_attention(q, k, v, stride=self.stride, causal=self.causal, key_mask=key_mask,
-                                       dropout_p=dropout_p, need_weights=need_weights)
-        else:
-            out, w = fixed_attention(q, k, v, block=self.stride, c=self.summary, causal=self.causal, key_mask=key_mask,
-                                     dropout_p=dropout_p, need_weights=need_weights)
-        return AttentionOutput(self.out_proj(self.merge_heads(out)), w)
+            w = x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None
+            return AttentionOutput(self.out_proj(x), w)
+        return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
 
 
 @register(
@@ -606,22 +699,23 @@ class SparseAttention(MultiHeadAttention):
     chapter=9,
     summary="Explicit Sparse Transformer: softmax over the k largest scores of each query",
     build=lambda embed_dim, num_heads: TopKAttention(embed_dim, num_heads, topk=8),
+    kernel="topk",
+    causal=False,
 )
-class TopKAttention(MultiHeadAttention):
+class TopKAttention(Attention):
     """Multi-head attention keeping only the ``topk`` largest scores per query (Zhao et al. 2019).
+
+    :class:`~attn.attention.Attention` with the ``"topk"`` kernel (:func:`topk_kernel`).
 
     Args:
         embed_dim, num_heads, dropout, bias, kdim, vdim: as in :class:`~attn.multihead.MultiHeadAttention`.
         topk: keys kept per query and head (the paper uses ``k`` around 8).
+        causal: the layer's default ``is_causal``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, topk: int = 8, dropout: float = 0.0, bias: bool = True,
-                 kdim: int | None = None, vdim: int | None = None) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
-        self.topk = check_int("topk", topk)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, key_mask: Tensor | None,
-               is_causal: bool, dropout_p: float, scale: float, need_weights: bool) -> AttentionOutput:
-        """Top-k attention on split heads; the weights ``(B, h, L, S)`` have ``<= topk`` non-zeros per row."""
-        return topk_attention(q, k, v, self.topk, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
-                              scale=scale, dropout_p=dropout_p, need_weights=need_weights)
+    def __init__(self, embed_dim: int, num_heads: int, *, topk: int = 8, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None, causal: bool = False) -> None:
+        topk = check_int("topk", topk)
+        super().__init__(embed_dim, num_heads, kernel="topk", dropout=dropout, bias=bias, kdim=kdim, vdim=vdim,
+                         causal=causal, topk=topk)
+        self.topk = topk

@@ -41,11 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import Attention, register_kernel
 from .core import AttentionOutput, build_mask, check_qkv, masked_softmax
-from .multihead import MultiHeadAttention
 from .registry import register
 
-__all__ = ["sparsemax", "entmax15", "entmax_bisect", "entmax", "entmax_attention", "EntmaxAttention", "SparsemaxAttention"]
+__all__ = [
+    "sparsemax", "entmax15", "entmax_bisect", "entmax", "entmax_attention", "entmax_kernel", "sparsemax_kernel",
+    "EntmaxAttention", "SparsemaxAttention",
+]
 
 
 def _prepare(z: Tensor, mask: Tensor | None, dim: int) -> tuple[Tensor, int]:
@@ -258,6 +261,49 @@ def entmax_attention(
     return AttentionOutput(torch.matmul(attn, v), weights if need_weights else None)
 
 
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 1:
+        raise ValueError(f"alpha must be a number >= 1, got {alpha!r}")
+    return float(alpha)
+
+
+@register_kernel("entmax", summary="alpha-entmax(q k^T * scale) v: sparse weights with exact zeros (alpha=1.5 default)")
+def entmax_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    alpha: float = 1.5,
+) -> AttentionOutput:
+    """:func:`entmax_attention` as a kernel (option ``alpha``: 1 softmax, 1.5 default, 2 sparsemax); boolean masks."""
+    return entmax_attention(q, k, v, alpha, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale,
+                            dropout_p=dropout_p, need_weights=need_weights)
+
+
+@register_kernel("sparsemax", summary="sparsemax(q k^T * scale) v: Euclidean projection of the scores onto the simplex")
+def sparsemax_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> AttentionOutput:
+    """:func:`entmax_attention` at ``alpha = 2`` as a kernel."""
+    return entmax_attention(q, k, v, 2.0, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale,
+                            dropout_p=dropout_p, need_weights=need_weights)
+
+
 @register(
     "entmax",
     paper="Peters et al. 2019",
@@ -265,27 +311,31 @@ def entmax_attention(
     chapter=9,
     summary="multi-head attention normalised by 1.5-entmax: sparse weights, exact zeros",
     build=lambda embed_dim, num_heads: EntmaxAttention(embed_dim, num_heads, alpha=1.5),
+    kernel="entmax",
+    causal=False,
 )
-class EntmaxAttention(MultiHeadAttention):
+class EntmaxAttention(Attention):
     """Multi-head attention with alpha-entmax instead of softmax (Peters et al. 2019).
+
+    :class:`~attn.attention.Attention` with the ``"entmax"`` kernel (:func:`entmax_kernel`;
+    ``alpha = 2`` runs the ``"sparsemax"`` kernel, the same weights).
 
     Args:
         embed_dim, num_heads, dropout, bias, kdim, vdim: as in :class:`~attn.multihead.MultiHeadAttention`.
         alpha: ``1`` softmax, ``1.5`` (default) entmax, ``2`` sparsemax; any ``>= 1``.
+        causal: the layer's default ``is_causal``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, alpha: float = 1.5, dropout: float = 0.0, bias: bool = True,
-                 kdim: int | None = None, vdim: int | None = None) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 1:
-            raise ValueError(f"alpha must be a number >= 1, got {alpha!r}")
-        self.alpha = float(alpha)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None, key_mask: Tensor | None,
-               is_causal: bool, dropout_p: float, scale: float, need_weights: bool) -> AttentionOutput:
-        """alpha-entmax attention on split heads; weights ``(B, h, L, S)`` with exact zeros."""
-        return entmax_attention(q, k, v, self.alpha, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal,
-                                scale=scale, dropout_p=dropout_p, need_weights=need_weights)
+    def __init__(self, embed_dim: int, num_heads: int, *, alpha: float = 1.5, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None, causal: bool = False) -> None:
+        alpha = _check_alpha(alpha)
+        if alpha == 2:  # sparsemax: its own kernel, no option
+            super().__init__(embed_dim, num_heads, kernel="sparsemax", dropout=dropout, bias=bias, kdim=kdim,
+                             vdim=vdim, causal=causal)
+        else:
+            super().__init__(embed_dim, num_heads, kernel="entmax", dropout=dropout, bias=bias, kdim=kdim, vdim=vdim,
+                             causal=causal, alpha=alpha)
+        self.alpha = alpha
 
 
 @register(
@@ -295,10 +345,12 @@ class EntmaxAttention(MultiHeadAttention):
     chapter=9,
     summary="multi-head attention normalised by sparsemax (projection onto the simplex)",
     build=lambda embed_dim, num_heads: SparsemaxAttention(embed_dim, num_heads),
+    kernel="sparsemax",
+    causal=False,
 )
 class SparsemaxAttention(EntmaxAttention):
     """Multi-head attention with sparsemax instead of softmax (Martins & Astudillo 2016): alpha-entmax at ``alpha = 2``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 kdim: int | None = None, vdim: int | None = None) -> None:
-        super().__init__(embed_dim, num_heads, alpha=2.0, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim)
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None, causal: bool = False) -> None:
+        super().__init__(embed_dim, num_heads, alpha=2.0, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim, causal=causal)

@@ -5,18 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn.bert import (
-    PATTERNS,
-    BidirectionalSelfAttention,
-    MaskedTokenEncoder,
-    RightContextTask,
-    masked_token_loss,
-    pattern_mask,
-    prefix_lm_mask,
-    right_context_visible,
-    to_bert_mask,
-)
+from attn.attention import AttentionBase
+from attn.bert import PATTERNS, BidirectionalSelfAttention, pattern_mask, prefix_lm_mask, to_bert_mask
+from attn.experiments.bert import MaskedTokenEncoder, RightContextTask, masked_token_loss, right_context_visible
 from attn.masks import causal_mask, padding_mask
+from attn.models import TransformerBlock
+from attn.multihead import MultiHeadAttention
 from attn.registry import get
 from attn.train import evaluate, train
 
@@ -278,3 +272,36 @@ def test_bidirectional_beats_causal_on_right_context():
         torch.set_num_threads(threads)
     assert acc["bidirectional"] > 0.9, acc
     assert acc["causal"] < 0.3, acc  # chance is 1/8
+
+
+# ----------------------------------------------------------------------------- one attention interface (issue 23)
+
+
+def test_is_causal_keyword_selects_the_causal_pattern_and_state_dicts_match_mha():
+    torch.manual_seed(0)
+    layer = BidirectionalSelfAttention(8, 2).double()
+    assert isinstance(layer, AttentionBase) and layer.kernel == "sdpa" and not layer.causal
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    km = padding_mask([6, 4], 6)
+    torch.testing.assert_close(layer(x, key_mask=km, is_causal=True).output,
+                               layer(x, key_mask=km, pattern="causal").output, atol=0, rtol=0)
+    causal = BidirectionalSelfAttention(8, 2, pattern="causal").double()
+    causal.load_state_dict(layer.state_dict())
+    assert causal.causal
+    torch.testing.assert_close(causal(x, is_causal=False).output, layer(x).output, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="contradicts"):
+        layer(x, is_causal=True, pattern="bidirectional")
+    with pytest.raises(TypeError):
+        layer(x, km)  # key_mask is keyword-only
+    mha = MultiHeadAttention(8, 2).double()
+    mha.load_state_dict(layer.state_dict())  # the same parameter names
+    torch.testing.assert_close(mha(x, key_mask=km).output, layer(x, key_mask=km).output, atol=1e-12, rtol=1e-12)
+
+
+def test_encoder_is_transformer_blocks():
+    task = RightContextTask(vocab=6, length=8, min_length=4, n_masks=1)
+    model = MaskedTokenEncoder(task, "prefix_lm", embed_dim=16, num_heads=2, num_layers=2)
+    assert all(isinstance(b, TransformerBlock) and isinstance(b.mixer, BidirectionalSelfAttention) for b in model.layers)
+    batch = task.sample(3, torch.Generator().manual_seed(0))
+    logits, ws = model(batch["x"], batch["key_mask"], batch["prefix_len"], need_weights=True)
+    assert logits.shape == (3, 8, task.n_tokens) and len(ws) == 2 and ws[0].shape == (3, 2, 8, 8)

@@ -9,20 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
+from attn.attention import AttentionBase
 from attn.benchmark import largest_tensor
-from attn.convolutional import (
-    CBAM,
-    ChannelAttention,
-    MultiDConvHeadAttention,
-    ShapeImages,
-    ShapeNet,
-    SpatialAttention,
-    causal_depthwise_conv,
-    make_cbam_task,
-    shape_loss,
-    spatial_mass_on_object,
-)
+from attn.convolutional import CBAM, ChannelAttention, MultiDConvHeadAttention, SpatialAttention, causal_depthwise_conv
 from attn.core import AttentionOutput
+from attn.experiments import own_tasks
+from attn.experiments.convolutional import ShapeImages, ShapeNet, cbam_task, shape_loss, spatial_mass_on_object
 from attn.masks import padding_mask
 from attn.train import evaluate, train
 
@@ -341,10 +333,12 @@ def test_registry_entries():
     cbam, primer = registry.get("cbam"), registry.get("primer")
     assert cbam.chapter == primer.chapter == 18
     assert registry.chapter(18).slug == "convolutional_attention"
-    assert cbam.data == "image" and cbam.build is None and cbam.task is not None
-    assert primer.data == "sequence" and primer.task is None
+    assert cbam.data == "image" and cbam.build is None and own_tasks()["cbam"] is cbam_task
+    assert primer.data == "sequence" and "primer" not in own_tasks()
+    assert primer.kernel == "sdpa" and primer.causal
     layer = primer.build(32, 4)
-    assert isinstance(layer, MultiDConvHeadAttention) and layer.causal and layer.kernel_size == 3
+    assert isinstance(layer, MultiDConvHeadAttention) and isinstance(layer, AttentionBase)
+    assert layer.causal and layer.kernel_size == 3
     res = layer(torch.randn(2, 9, 32), need_weights=True)
     assert isinstance(res, AttentionOutput) and res.output.shape == (2, 9, 32) and res.weights.shape == (2, 4, 9, 9)
     torch.testing.assert_close(res.weights.sum(-1), torch.ones(2, 4, 9))
@@ -371,7 +365,7 @@ def test_shape_images_task():
 
 
 def test_own_task_hook_trains_and_measures():
-    task = make_cbam_task("quick")
+    task = cbam_task("quick")
     before = evaluate(task.model, task.sample, task.loss, batch_size=64)
     hist = train(task.model, task.sample, task.loss, steps=task.steps, batch_size=task.batch_size, lr=task.lr, progress=False)
     assert len(hist.loss) >= 1 and math.isfinite(hist.loss[-1])
@@ -383,8 +377,8 @@ def test_own_task_hook_trains_and_measures():
     batch = task.sample(4, gen)
     w = task.weights(task.model, batch)
     torch.testing.assert_close(w.sum(-1), torch.ones(4))
-    with pytest.raises(ValueError, match="preset must be one of"):
-        make_cbam_task("huge")
+    with pytest.raises(ValueError, match="unknown task size 'huge'"):
+        cbam_task("huge")
     with pytest.raises(ValueError, match="has no CBAM"):
         ShapeNet(4, cbam=False).attention(batch["x"])
     loss, metrics = shape_loss(ShapeNet(4, cbam=False), batch)

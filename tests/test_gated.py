@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from attn import registry
-from attn.gated import (
-    BagTask,
-    CopyLMTask,
-    GatedAttention,
-    GatedAttentionUnit,
-    GatedMILPooling,
-    MILModel,
-    SinkLM,
-    first_token_mass,
-    lm_loss,
-    make_mil_task,
-    mil_loss,
-)
+from attn.attention import AttentionBase
+from attn.experiments import own_task
+from attn.experiments.gated import BagTask, CopyLMTask, MILModel, SinkLM, first_token_mass, lm_loss, mil_loss, mil_task
+from attn.gated import GatedAttention, GatedAttentionUnit, GatedMILPooling, GatedOutput
 from attn.masks import padding_mask
 from attn.multihead import MultiHeadAttention
 from attn.train import train
@@ -117,7 +108,9 @@ def test_closed_gate_outputs_only_the_bias_and_gate_shapes():
     torch.manual_seed(0)
     mod = GatedAttention(8, 2, gate="headwise")
     x = rand(2, 5, 8, grad=False)
-    _y, (w, g) = mod(x, return_gate=True)
+    res = mod(x, return_gate=True)
+    assert isinstance(res, GatedOutput) and isinstance(res.weights, torch.Tensor)
+    _y, w, g = res
     assert g.shape == (2, 2, 5, 1) and w.shape == (2, 2, 5, 5)
     assert ((g > 0) & (g < 1)).all()
     mod.gate_offset = -math.inf
@@ -173,7 +166,7 @@ def gau_reference(mod: GatedAttentionUnit, x, key_mask=None, causal=False):
             a = torch.tril(a)
         if key_mask is not None:
             a = a * key_mask[b][None, :].to(a.dtype)
-        outs.append((u * (a @ v)) @ mod.out.weight.T + mod.out.bias)
+        outs.append((u * (a @ v)) @ mod.out_proj.weight.T + mod.out_proj.bias)
         kernels.append(a)
     return torch.stack(outs), torch.stack(kernels)[:, None]
 
@@ -229,7 +222,7 @@ def test_mil_pooling_matches_explicit_formula(gated):
     pool = GatedMILPooling(5, 7, gated=gated).double()
     h = rand(3, 6, 5, dtype=torch.float64)
     mask = padding_mask([6, 2, 4], 6)
-    z, a = pool(h, mask)
+    z, a = pool(h, key_mask=mask)
     for b in range(3):
         k = int(mask[b].sum())
         scores = []
@@ -252,15 +245,15 @@ def test_mil_pooling_is_permutation_invariant_and_ignores_padding():
     pool = GatedMILPooling(4, 8)
     h = rand(2, 7, 4, grad=False)
     mask = padding_mask([7, 5], 7)
-    z, a = pool(h, mask)
+    z, a = pool(h, key_mask=mask)
     perm = torch.randperm(7)
-    z2, a2 = pool(h[:, perm], mask[:, perm])
+    z2, a2 = pool(h[:, perm], key_mask=mask[:, perm])
     torch.testing.assert_close(z2, z)
     torch.testing.assert_close(a2, a[:, perm])
     h2 = h.clone()
     h2[1, 5:] = 100.0
-    torch.testing.assert_close(pool(h2, mask)[0], z)
-    empty = pool(h, torch.zeros(2, 7, dtype=torch.bool))
+    torch.testing.assert_close(pool(h2, key_mask=mask)[0], z)
+    empty = pool(h, key_mask=torch.zeros(2, 7, dtype=torch.bool))
     assert torch.equal(empty.output, torch.zeros(2, 4)) and not empty.weights.isnan().any()
 
 
@@ -268,23 +261,23 @@ def test_bag_task_and_mil_model_learn():
     task = BagTask()
     g = torch.Generator().manual_seed(0)
     batch = task.sample(200, g)
-    assert batch["x"].shape == (200, 15, 16) and batch["mask"].shape == (200, 15)
+    assert batch["x"].shape == (200, 15, 16) and batch["key_mask"].shape == (200, 15)
     assert torch.equal(batch["y"].bool(), batch["key"].any(-1))  # label = "a key instance is in the bag"
-    assert not (batch["key"] & ~batch["mask"]).any()
+    assert not (batch["key"] & ~batch["key_mask"]).any()
     assert 0.35 < batch["y"].mean() < 0.65
-    sizes = batch["mask"].sum(-1)
+    sizes = batch["key_mask"].sum(-1)
     assert sizes.min() >= 5 and sizes.max() <= 15
-    assert (batch["x"][~batch["mask"]] == 0).all()
+    assert (batch["x"][~batch["key_mask"]] == 0).all()
     torch.manual_seed(0)
     model = MILModel(task.dim)
     hist = train(model, task.sample, mil_loss, steps=80, batch_size=32, lr=3e-3, progress=False)
     assert hist.metrics["acc"][-1] > 0.8
     test = task.sample(256, torch.Generator().manual_seed(9))
     with torch.no_grad():
-        _, a = model(test["x"], test["mask"])
+        _, a = model(test["x"], test["key_mask"])
     pos = test["y"].bool()
     key_weight = (a * test["key"]).sum(-1)[pos]
-    chance = (test["key"].sum(-1) / test["mask"].sum(-1))[pos]
+    chance = (test["key"].sum(-1) / test["key_mask"].sum(-1))[pos]
     assert key_weight.mean() > chance.mean()  # the pooling looks at the key instances
 
 
@@ -361,8 +354,10 @@ def test_bad_masks_and_arguments():
         pool(torch.ones(2, 3, 5))
     with pytest.raises(ValueError, match=r"got 2-D"):
         pool(torch.ones(3, 4))
-    with pytest.raises(ValueError, match="mask"):
-        pool(torch.ones(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_mask"):
+        pool(torch.ones(2, 3, 4), key_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError):  # the mask is keyword-only, and called key_mask
+        pool(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="min_size"):
         BagTask(min_size=6, max_size=5)
 
@@ -386,7 +381,7 @@ def test_registry_entries_build_and_own_task():
         assert out.output.shape == (2, 6, 16) and out.weights.shape[-2:] == (6, 6)
     m = registry.get("gated_mil")
     assert m.chapter == 20 and m.data == "set" and m.build is None and m.cls is GatedMILPooling
-    own = m.task("quick")
+    own = own_task("gated_mil", "quick")
     hist = train(own.model, own.sample, own.loss, steps=own.steps, batch_size=own.batch_size, lr=own.lr, progress=False)
     assert len(hist.loss) > 0
     g = torch.Generator().manual_seed(0)
@@ -395,5 +390,39 @@ def test_registry_entries_build_and_own_task():
         assert z.shape == (8, 64) and a.shape == (8, size)
     w = own.weights(own.model, own.sample(4, g))
     torch.testing.assert_close(w.sum(-1), torch.ones(4))
-    with pytest.raises(ValueError, match="preset"):
-        make_mil_task("huge")
+    with pytest.raises(ValueError, match="task size"):
+        mil_task("huge")
+
+
+# ----------------------------------------------------------------------------- one attention interface (issue 23)
+
+
+def test_gated_attention_is_attention_base_with_tensor_weights_and_is_causal():
+    """The weights slot is always a (B, h, n, n) tensor (the gate comes in GatedOutput); is_causal overrides causal."""
+    torch.manual_seed(0)
+    mod = GatedAttention(8, 2).double()
+    assert isinstance(mod, AttentionBase) and mod.kernel == "sdpa"
+    x = rand(2, 6, 8, dtype=torch.float64, grad=False)
+    y, w = mod(x, need_weights=True)
+    assert isinstance(w, torch.Tensor) and w.shape == (2, 2, 6, 6)
+    res = mod(x, return_gate=True)
+    assert torch.equal(res.output, y) and torch.equal(res.weights, w) and res.gate.shape == (2, 2, 6, 4)
+    y_c, w_c = mod(x, is_causal=True, need_weights=True)
+    y_ref, w_ref = gated_reference(mod, x, causal=True)
+    torch.testing.assert_close(y_c, y_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w_c, w_ref, atol=1e-12, rtol=1e-12)
+    # the projections are MultiHeadAttention's: its state dict loads (the gate aside)
+    plain = MultiHeadAttention(8, 2).double()
+    plain.load_state_dict({k: v for k, v in mod.state_dict().items() if not k.startswith("gate_proj")})
+
+
+def test_gau_is_causal_keyword_and_mil_key_mask():
+    torch.manual_seed(0)
+    gau = GatedAttentionUnit(6, qk_dim=4).double()
+    x = rand(2, 7, 6, dtype=torch.float64, grad=False)
+    causal = GatedAttentionUnit(6, qk_dim=4, causal=True).double()
+    causal.load_state_dict(gau.state_dict())
+    torch.testing.assert_close(gau(x, is_causal=True).output, causal(x).output, atol=0, rtol=0)
+    torch.testing.assert_close(causal(x, is_causal=False).output, gau(x).output, atol=0, rtol=0)
+    with pytest.raises(TypeError):
+        gau(x, torch.ones(2, 7, dtype=torch.bool))  # key_mask is keyword-only

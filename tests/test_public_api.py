@@ -598,6 +598,7 @@ table(
     bad("int", lambda m: m(ints(2, N, E)), TypeError, r"h"),
     bad("wrong width", lambda m: m(x(e=E + 1)), ValueError, r"h"),
     bad("key_mask ints", lambda m: m(x(), key_mask=km(5, 3).long()), TypeError, r"key_mask"),
+    bad("mask positional", lambda m: m(x(), km(5, 3)), TypeError, r"positional"),
 )
 
 table(
@@ -663,10 +664,11 @@ table("GatedAttentionUnit", lambda: attn.GatedAttentionUnit(E).eval(), *mixer_ro
 table(
     "GatedMILPooling", lambda: attn.GatedMILPooling(E, hidden_dim=4).eval(),
     good("good", lambda m: m(x()), lambda o: o.output.shape == (2, E) and o.weights.shape == (2, N)),
-    good("empty bag pools to zeros", lambda m: m(x(), torch.zeros(2, N, dtype=torch.bool)), lambda o: float(o.output.detach().abs().sum()) == 0.0),
+    good("empty bag pools to zeros", lambda m: m(x(), key_mask=torch.zeros(2, N, dtype=torch.bool)), lambda o: float(o.output.detach().abs().sum()) == 0.0),
     bad("list", lambda m: m(x().tolist()), TypeError, r"h"),
     bad("wrong width", lambda m: m(x(e=E + 1)), ValueError, r"h"),
-    bad("mask ints", lambda m: m(x(), km(5, 3).long()), TypeError, r"mask"),
+    bad("mask ints", lambda m: m(x(), key_mask=km(5, 3).long()), TypeError, r"key_mask"),
+    bad("mask positional", lambda m: m(x(), km(5, 3)), TypeError, r"positional"),
 )
 
 table(

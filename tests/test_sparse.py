@@ -465,3 +465,41 @@ def test_mixed_dtypes_and_bad_blockwise():
             fn(q, k.double(), v)
     with pytest.raises(TypeError, match="blockwise must be None, True or False"):
         strided_attention(q, k, v, 2, blockwise=1)
+
+
+# ----------------------------------------------------------------------------- one attention interface (issue 23)
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_sparse_layer_is_its_kernel_around_attention_base(pattern):
+    """The patterns are kernels of attn.attention; the layer's is_causal keyword switches the two-sided pattern."""
+    from attn.attention import KERNELS, AttentionBase
+
+    assert {"strided", "fixed", "topk", "entmax", "sparsemax"} <= set(KERNELS)
+    torch.manual_seed(0)
+    layer = SparseAttention(16, 2, pattern=pattern, stride=3, summary=1).double()
+    assert isinstance(layer, AttentionBase) and layer.kernel == pattern and layer.causal
+    ref = MultiHeadAttention(16, 2).double()
+    ref.load_state_dict(layer.state_dict())  # the same parameter names: q_proj, k_proj, v_proj, out_proj
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    km = torch.ones(2, 10, dtype=torch.bool)
+    km[1, -3:] = False
+    for causal in (True, False):
+        out, w = layer(x, key_mask=km, is_causal=causal, need_weights=True)
+        want, want_w = ref(x, key_mask=km, attn_mask=layer.mask(10, causal=causal), need_weights=True)
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(w, want_w, atol=1e-12, rtol=1e-12)
+    with pytest.raises(TypeError):
+        SparseAttention(16, 2, "fixed")  # options are keyword-only
+    with pytest.raises(ValueError, match="attn_mask"):
+        KERNELS[pattern].fn(*(torch.randn(1, 1, 4, 2) for _ in range(3)), attn_mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_topk_and_entmax_layers_run_their_kernels():
+    from attn.attention import Attention
+
+    for layer, kernel in ((TopKAttention(16, 2, topk=3), "topk"), (EntmaxAttention(16, 2), "entmax"),
+                          (EntmaxAttention(16, 2, alpha=2), "sparsemax"), (SparsemaxAttention(16, 2), "sparsemax")):
+        assert isinstance(layer, Attention) and layer.kernel == kernel
+    with pytest.raises(TypeError):
+        TopKAttention(16, 2, 3)  # topk is keyword-only
