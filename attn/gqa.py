@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import Attention, KVStore, Position, register_kernel
+from .attention import Attention, KVStore, Position, causal_offset_mask, register_kernel
 from .checks import (
     autocast_active,
     check_int,
@@ -336,6 +336,12 @@ def grouped_kernel(
     t, m = q.shape[-2], k.shape[-2]
     if attn_mask is None and (not is_causal or t == m):
         return grouped_attention(q, k, v, past=0, causal=is_causal, need_weights=need_weights, key_mask=key_mask,
+                                 scale=scale, dropout_p=dropout_p)
+    if (attn_mask is not None and not is_causal and attn_mask.dtype == torch.bool and attn_mask.shape == (t, m)
+            and t <= m and torch.equal(attn_mask, causal_offset_mask(t, m, attn_mask.device))):
+        # the causal mask of t new tokens after m - t cached ones (what Attention passes when decoding):
+        # grouped_attention's bottom-right causal path (no mask at all for one new token; blocks otherwise)
+        return grouped_attention(q, k, v, past=m - t, causal=True, need_weights=need_weights, key_mask=key_mask,
                                  scale=scale, dropout_p=dropout_p)
     _check_grouped(q, k, v, 0, False, key_mask)
     B, h, _, d = q.shape

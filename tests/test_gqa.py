@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
-from attn.benchmark import largest_tensor
 from attn.attention import Attention, get_kernel
+from attn.benchmark import largest_tensor
 from attn.experiments.gqa import DecoderLM, generate
 from attn.gqa import (
     GroupedQueryAttention,

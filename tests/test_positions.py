@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attn import registry
-from attn.benchmark import largest_tensor
 from attn.attention import Attention, get_kernel
+from attn.benchmark import largest_tensor
 from attn.experiments.positions import LastValueTask, PositionModel, position_loss
 from attn.multihead import MultiHeadAttention
 from attn.positions import (
@@ -329,7 +329,7 @@ def test_rope_tables_are_float64_for_float64_input():
     x = torch.randn(2, 40, 16, dtype=torch.float64)
     ref = explicit_rotation(x, pos, 10000.0)
     assert (rope(x, pos) - ref).abs().max() <= 1e-12
-    cos, sin = rope.cos_sin(pos)
+    cos, _ = rope.cos_sin(pos)
     assert cos.dtype == torch.float64 and rope.cos_sin(pos, torch.float32)[0].dtype == torch.float32
     x32 = x.float()
     assert rope(x32, pos).dtype == torch.float32
