@@ -180,7 +180,7 @@ class MultiHeadLatentAttention(nn.Module):
     memory linear in ``t``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, kv_rank: int | None = None, q_rank: int | None = None,
+    def __init__(self, embed_dim: int, num_heads: int, *, kv_rank: int | None = None, q_rank: int | None = None,
                  head_dim: int | None = None, rope_dim: int | None = None, v_head_dim: int | None = None,
                  rope_base: float = 10000.0, eps: float = 1e-6) -> None:
         super().__init__()
