@@ -34,9 +34,9 @@ with a sliding KV cache of ``w`` tokens breaks as soon as the first tokens
 are evicted: softmax heads that had nothing to attend to parked their weight
 there (the *sink*). Keeping the first ``s`` tokens' keys and values beside the
 ``w - s`` most recent ones (:class:`SinkCache`), with positions assigned
-inside the cache, restores it. :class:`RotaryLM` is a small rotary causal LM
-whose :meth:`RotaryLM.stream` decodes a long sequence token by token with
-such a cache.
+inside the cache, restores it. The chapter's small rotary LM that streams
+through such a cache (``RotaryLM``, an :class:`attn.models.TokenLM`) and its
+data live in :mod:`attn.experiments.differential`.
 
 Shapes: ``x`` ``(B, n, E)``; output ``(B, n, E)``; weights (the difference
 map ``A_1 - \lambda A_2``, not a distribution: rows sum to ``1 - \lambda``)
@@ -46,24 +46,17 @@ map ``A_1 - \lambda A_2``, not a distribution: rows sum to ``1 - \lambda``)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_int, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, scaled_dot_product_attention
-from .latent import apply_rotary, rotary_cos_sin
 from .masks import check_key_mask
 from .positions import fused_attention
 from .registry import register
 
-__all__ = [
-    "lambda_init", "attend_wide_values", "DifferentialAttention", "SinkCache", "RotaryLM", "MotifStream",
-    "window_recompute_logits",
-]
+__all__ = ["lambda_init", "attend_wide_values", "DifferentialAttention", "SinkCache"]
 
 
 def _check_lambda_init(value: object) -> float:
@@ -111,6 +104,8 @@ def attend_wide_values(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None 
     chapter=30,
     summary="differential attention: difference of two softmax maps with a learned lambda, per-head RMSNorm",
     build=lambda embed_dim, num_heads: DifferentialAttention(embed_dim, max(1, num_heads // 2)),
+    kernel=None,
+    causal=False,
 )
 class DifferentialAttention(nn.Module):
     """Multi-head differential attention (Ye et al. 2024).
@@ -122,22 +117,26 @@ class DifferentialAttention(nn.Module):
         layer_index: the layer's 1-based depth ``l``, which sets ``lambda_init`` (default 1: 0.2).
         lambda_init_value: override ``lambda_init``: a finite number in ``[0, 1)`` (the heads are
             scaled by ``1 - lambda_init``: 1 would zero the output, above 1 flip its sign).
-        causal: hide future keys (a decoder).
+        causal: hide future keys (a decoder): the layer's default for ``is_causal``.
         bias: biases on the projections (the paper has none).
         eps: epsilon of the per-head RMSNorm.
 
-    ``forward(x (B, n, E), need_weights=False, key_mask=None)``; ``key_mask``
-    ``(B, n)`` is True for real tokens.
+    ``forward(x (B, n, E), *, key_mask=None, is_causal=None, need_weights=False)`` (the
+    :class:`~attn.attention.SequenceMixer` protocol); ``key_mask`` ``(B, n)`` is True for real tokens;
+    ``is_causal=None`` keeps ``causal``. The weights are the difference map ``A_1 - lambda A_2`` ``(B, h, n, n)``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, layer_index: int = 1, lambda_init_value: float | None = None,
-                 causal: bool = False, bias: bool = False, eps: float = 1e-5) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, *, layer_index: int = 1,
+                 lambda_init_value: float | None = None, causal: bool = False, bias: bool = False,
+                 eps: float = 1e-5) -> None:
         super().__init__()
         check_int("embed_dim", embed_dim)
         check_int("num_heads", num_heads)
         if embed_dim % (2 * num_heads):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by 2 * num_heads ({2 * num_heads})")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // (2 * num_heads)
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
         self.causal = causal
         self.lambda_init = lambda_init(layer_index) if lambda_init_value is None else _check_lambda_init(lambda_init_value)
         d = self.head_dim
@@ -162,16 +161,28 @@ class DifferentialAttention(nn.Module):
         v = self.v_proj(x).view(B, n, h, 2 * d).transpose(1, 2)  # (B, h, n, 2d)
         return q[0], q[1], k[0], k[1], v
 
-    def maps(self, x: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _causal(self, is_causal: bool | None) -> bool:
+        if is_causal is None:
+            return self.causal
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+        return is_causal
+
+    def maps(self, x: Tensor, key_mask: Tensor | None = None, *, is_causal: bool | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
         """The two softmax maps ``A_1, A_2`` ``(B, h, n, n)`` and ``lambda`` (for drawing them)."""
         x = check_tokens(x, self.embed_dim)
+        causal = self._causal(is_causal)
         q1, q2, k1, k2, v = self._qkv(x)
-        a1 = scaled_dot_product_attention(q1, k1, v, key_mask=key_mask, is_causal=self.causal, need_weights=True).weights
-        a2 = scaled_dot_product_attention(q2, k2, v, key_mask=key_mask, is_causal=self.causal, need_weights=True).weights
+        a1 = scaled_dot_product_attention(q1, k1, v, key_mask=key_mask, is_causal=causal, need_weights=True).weights
+        a2 = scaled_dot_product_attention(q2, k2, v, key_mask=key_mask, is_causal=causal, need_weights=True).weights
         assert a1 is not None and a2 is not None, "need_weights=True returns the weights"
         return a1, a2, self.lam()
 
-    def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
+    def forward(self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None,
+                need_weights: bool = False) -> AttentionOutput:
+        """``(B, n, E) -> (B, n, E)``; the difference map ``(B, h, n, n)`` when ``need_weights``."""
+        causal = self._causal(is_causal)
         x = check_tokens(x, self.embed_dim)
         B, n, _ = x.shape
         if key_mask is not None:
@@ -183,52 +194,21 @@ class DifferentialAttention(nn.Module):
         lam = self.lam()
         weights: Tensor | None = None
         if need_weights:  # the exact dense path: both maps are formed
-            o1, a1 = scaled_dot_product_attention(q1, k1, v, key_mask=key_mask, is_causal=self.causal,
+            o1, a1 = scaled_dot_product_attention(q1, k1, v, key_mask=key_mask, is_causal=causal,
                                                   need_weights=True)  # A_1 V, (B, h, n, 2d)
-            o2, a2 = scaled_dot_product_attention(q2, k2, v, key_mask=key_mask, is_causal=self.causal,
+            o2, a2 = scaled_dot_product_attention(q2, k2, v, key_mask=key_mask, is_causal=causal,
                                                   need_weights=True)  # A_2 V
             assert a1 is not None and a2 is not None, "need_weights=True returns the weights"
             weights = a1 - lam * a2
         else:  # two fused calls, V in halves: memory linear in n
-            o1 = attend_wide_values(q1, k1, v, key_mask, self.causal)
-            o2 = attend_wide_values(q2, k2, v, key_mask, self.causal)
+            o1 = attend_wide_values(q1, k1, v, key_mask, causal)
+            o2 = attend_wide_values(q2, k2, v, key_mask, causal)
         heads = self.head_norm(o1 - lam * o2) * (1.0 - self.lambda_init)  # (B, h, n, 2d)
         y = self.out_proj(heads.transpose(1, 2).reshape(B, n, self.embed_dim))
         return AttentionOutput(y, weights)
 
 
 # ============================================================================ attention sinks
-
-
-@dataclass
-class MotifStream:
-    """Token streams for a small LM: ``BOS`` then a random motif of ``min_period..max_period`` tokens, repeated, with noise.
-
-    Token 0 is ``BOS``. Each position copies the token one period back, except
-    that with probability ``noise`` it is a fresh random token. Predicting it
-    needs the last period of context (a few tokens), never the distant past:
-    a sliding window should lose nothing, which is what makes an attention
-    sink's eviction visible.
-    """
-
-    vocab: int = 24
-    min_period: int = 3
-    max_period: int = 8
-    noise: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.vocab < 3 or not 1 <= self.min_period <= self.max_period or not 0 <= self.noise < 1:
-            raise ValueError(f"need vocab >= 3, 1 <= min_period <= max_period, 0 <= noise < 1; got {self}")
-
-    def stream(self, batch: int, length: int, generator: torch.Generator | None = None) -> Tensor:
-        """``(batch, length)`` tokens, ``BOS`` first."""
-        period = torch.randint(self.min_period, self.max_period + 1, (batch, 1), generator=generator)
-        motif = torch.randint(1, self.vocab, (batch, self.max_period), generator=generator)
-        pos = torch.arange(length - 1)[None, :] % period  # (B, length - 1)
-        body = motif.gather(1, pos)
-        fresh = torch.randint(1, self.vocab, body.shape, generator=generator)
-        body = torch.where(torch.rand(body.shape, generator=generator) < self.noise, fresh, body)
-        return torch.cat([torch.zeros(batch, 1, dtype=torch.long), body], 1)
 
 
 class SinkCache:
@@ -315,105 +295,3 @@ class SinkCache:
             vs = vs.gather(2, idx.expand(-1, vs.shape[1], -1, vs.shape[3]))
         self.k[layer], self.v[layer] = ks, vs
         return ks, vs
-
-
-class RotaryLM(nn.Module):
-    """A small pre-norm causal LM with rotary positions (Su et al. 2021), for streaming past its training length.
-
-    ``forward(tokens (B, n)) -> logits (B, n, vocab)`` with positions ``0..n-1``;
-    :meth:`stream` decodes token by token with a :class:`SinkCache`.
-    """
-
-    def __init__(self, vocab: int, embed_dim: int = 32, num_heads: int = 4, num_layers: int = 2,
-                 rope_base: float = 10000.0) -> None:
-        super().__init__()
-        check_int("vocab", vocab)
-        if embed_dim % num_heads or (embed_dim // num_heads) % 2:
-            raise ValueError(f"embed_dim ({embed_dim}) / num_heads ({num_heads}) must be an even integer")
-        self.embed_dim, self.num_heads, self.head_dim, self.rope_base = embed_dim, num_heads, embed_dim // num_heads, rope_base
-        self.embed = nn.Embedding(vocab, embed_dim)
-        self.layers = nn.ModuleList(nn.ModuleDict({
-            "norm1": nn.LayerNorm(embed_dim), "qkv": nn.Linear(embed_dim, 3 * embed_dim, bias=False),
-            "out": nn.Linear(embed_dim, embed_dim, bias=False), "norm2": nn.LayerNorm(embed_dim),
-            "mlp": nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)),
-        }) for _ in range(num_layers))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, vocab, bias=False)
-
-    def _blocks(self) -> Iterator[nn.ModuleDict]:
-        """The transformer blocks, typed: each is the ``ModuleDict`` built in ``__init__``."""
-        for layer in self.layers:
-            assert isinstance(layer, nn.ModuleDict)
-            yield layer
-
-    def _split(self, layer: nn.ModuleDict, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, n, _ = h.shape
-        qkv = layer["qkv"](layer["norm1"](h)).view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # (B, heads, n, d) each
-
-    def _check(self, tokens: Tensor) -> None:
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"tokens must be a (batch, n) long tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
-
-    def forward(self, tokens: Tensor, need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        self._check(tokens)
-        h = self.embed(tokens)
-        n = tokens.shape[1]
-        cos, sin = rotary_cos_sin(torch.arange(n, device=tokens.device), self.head_dim, self.rope_base, h.dtype)
-        weights: list[Tensor] = []
-        for layer in self._blocks():
-            q, k, v = self._split(layer, h)
-            out, w = scaled_dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v,
-                                                  is_causal=True, need_weights=need_weights)
-            if need_weights:
-                assert w is not None, "need_weights=True returns the weights"
-                weights.append(w)
-            h = h + layer["out"](out.transpose(1, 2).reshape(h.shape))
-            h = h + layer["mlp"](layer["norm2"](h))
-        logits = self.head(self.norm(h))
-        return (logits, weights) if need_weights else logits
-
-    @torch.no_grad()
-    def stream(self, tokens: Tensor, window: int | None, sinks: int | Tensor = 0) -> Tensor:
-        """Logits ``(B, n, vocab)`` of decoding ``tokens`` one at a time through a :class:`SinkCache`.
-
-        Each token's keys and values are computed once, when it arrives, and
-        stored un-rotated; at each step the cached keys get positions
-        ``0..size-1`` and the new query position ``size - 1``. ``sinks`` may be
-        a ``(B,)`` tensor: one cache policy per row.
-        """
-        self._check(tokens)
-        n = tokens.shape[1]
-        cache = SinkCache(len(self.layers), window, sinks)
-        longest = n if window is None else min(n, window)
-        cos, sin = rotary_cos_sin(torch.arange(longest, device=tokens.device), self.head_dim, self.rope_base,
-                                  self.embed.weight.dtype)  # positions inside the cache
-        out = []
-        for t in range(n):
-            h = self.embed(tokens[:, t : t + 1])  # (B, 1, E)
-            for i, layer in enumerate(self._blocks()):
-                q, k, v = self._split(layer, h)
-                ks, vs = cache.append(i, k, v)
-                size = ks.shape[2]
-                att = F.scaled_dot_product_attention(apply_rotary(q, cos[size - 1 : size], sin[size - 1 : size]),
-                                                     apply_rotary(ks, cos[:size], sin[:size]), vs)
-                h = h + layer["out"](att.transpose(1, 2).reshape(h.shape))
-                h = h + layer["mlp"](layer["norm2"](h))
-            cache.seen += 1
-            out.append(h)
-        return self.head(self.norm(torch.cat(out, 1)))
-
-
-@torch.no_grad()
-def window_recompute_logits(model: RotaryLM, tokens: Tensor, window: int, start: int) -> Tensor:
-    """The baseline a streaming cache replaces: for each position ``t >= start``, re-encode ``BOS`` + the last ``window - 1`` tokens.
-
-    Returns the logits at positions ``start..n-1``, ``(B, n - start, vocab)``.
-    """
-    B, n = tokens.shape
-    if not window - 1 <= start < n:
-        raise ValueError(f"need window - 1 <= start < n, got window={window}, start={start}, n={n}")
-    ctx = tokens[:, 1:].unfold(1, window - 1, 1)[:, start - window + 1 :]  # (B, n - start, window - 1): ends at t
-    bos = tokens[:, :1, None].expand(B, ctx.shape[1], 1)
-    seqs = torch.cat([bos, ctx], -1).reshape(-1, window)  # (B (n - start), window)
-    return model(seqs)[:, -1].view(B, n - start, -1)

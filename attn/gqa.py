@@ -54,20 +54,18 @@ Multi-Head Checkpoints", EMNLP 2023.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import Attention, KVStore, Position, causal_offset_mask, register_kernel
 from .checks import (
     autocast_active,
     check_int,
     check_layer_dtype,
     check_same_dtype,
     check_tensor,
-    check_token_ids,
-    check_tokens,
     empty_batch,
 )
 from .core import AttentionOutput, scaled_dot_product_attention
@@ -75,8 +73,8 @@ from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
-    "KVCache", "GroupedQueryAttention", "grouped_attention", "fused_attention", "kv_cache_bytes_per_token",
-    "mha_to_gqa", "DecoderLM", "generate",
+    "KVCache", "GroupedQueryAttention", "grouped_attention", "grouped_kernel", "fused_attention",
+    "kv_cache_bytes_per_token", "mha_to_gqa",
 ]
 
 
@@ -201,7 +199,7 @@ _BLOCK_ELEMENTS = 2**20  # queries per block x keys: bounds each block's mask (1
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool = True,
-                    key_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+                    key_mask: Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     r"""``softmax(s\, q k^\top + M)\, v`` through the fused SDPA kernel, without an ``n x n`` score or mask tensor.
 
     .. math::
@@ -219,6 +217,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
         causal: hide keys after each query's position.
         key_mask: ``(B, m)`` boolean, True = real token.
         scale: ``s``; default ``1 / sqrt(D)``.
+        dropout_p: dropout on the weights (training only; pass 0 in eval).
 
     Returns:
         ``(B, h, t, D_v)``; a query that sees no real key gets zeros (not NaN).
@@ -241,7 +240,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
         q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
     gqa = g != h
     if key_mask is None and not (causal and past > 0 and t > 1):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and t > 1, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and t > 1, scale=scale, dropout_p=dropout_p,
+                                             enable_gqa=gqa)
         return out[..., :dv]
     km = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, m)
     # a causal mask differs per query: blocks of queries; a key mask alone is (B, 1, 1, m): one call
@@ -260,13 +260,14 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
         row_ok = mask.any(-1, keepdim=True) if km is not None else None  # a causal row always sees key 0
         safe = mask if row_ok is None else mask | ~row_ok  # fully masked rows read every key, then are zeroed
         o = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :hi], v[:, :, :hi], attn_mask=safe, scale=scale,
-                                           enable_gqa=gqa)
+                                           dropout_p=dropout_p, enable_gqa=gqa)
         outs.append(o if row_ok is None else o * row_ok.to(o.dtype))
     return torch.cat(outs, 2)[..., :dv]
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool = True,
-                      need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
+                      need_weights: bool = False, key_mask: Tensor | None = None, scale: float | None = None,
+                      dropout_p: float = 0.0) -> AttentionOutput:
     r"""Attention of ``h`` query heads over ``g`` key/value heads, without repeating the keys.
 
     Args:
@@ -277,6 +278,8 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bo
         causal: query at position ``p`` sees keys ``j <= p`` (bottom-right aligned when ``past > 0``).
         need_weights: also return the weights ``(B, h, t, m)``.
         key_mask: ``(B, m)`` boolean, True = real token; a query with no real key visible gets zeros.
+        scale: the score scale; default ``1 / sqrt(d)``.
+        dropout_p: dropout on the weights (training only).
 
     Returns:
         ``(output (B, h, t, d_v), weights or None)``. Without weights: :func:`fused_attention`
@@ -286,7 +289,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bo
     B, h, t, d = q.shape
     g, m, dv = k.shape[1], k.shape[2], v.shape[-1]
     if not need_weights:
-        return AttentionOutput(fused_attention(q, k, v, past, causal, key_mask), None)
+        return AttentionOutput(fused_attention(q, k, v, past, causal, key_mask, scale, dropout_p), None)
     r = h // g
     qg = q.reshape(B, g, r * t, d)  # query heads of a group stacked along the length: row = r_idx * t + i
     mask = None
@@ -294,9 +297,70 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bo
         pos = torch.arange(past, past + t, device=q.device)
         mask = torch.arange(m, device=q.device)[None, :] <= pos[:, None]  # (t, m), True = may attend
         mask = mask.repeat(r, 1)  # (r t, m): the same pattern for each query head of the group
-    out, w = scaled_dot_product_attention(qg, k, v, attn_mask=mask, key_mask=key_mask, need_weights=True)  # (B, g, r t, d_v)
+    out, w = scaled_dot_product_attention(qg, k, v, attn_mask=mask, key_mask=key_mask, scale=scale,
+                                          dropout_p=dropout_p, need_weights=True)  # (B, g, r t, d_v)
     assert w is not None, "need_weights=True returns the weights"
     return AttentionOutput(out.reshape(B, h, t, dv), w.reshape(B, h, t, m))
+
+
+@register_kernel(
+    "grouped",
+    summary="softmax(q k^T * scale + mask) v with h query heads over h_kv <= h key/value heads, never repeated",
+    grouped=True,
+)
+def grouped_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> AttentionOutput:
+    r"""Grouped-query attention as a kernel: ``q`` ``(B, h, L, d)``, ``k, v`` ``(B, h_kv, S, d)``, ``h_kv`` divides ``h``.
+
+    .. math::
+
+        o_i = \operatorname{softmax}\big(s\, q_i k_{\lfloor i / r \rfloor}^\top + M\big)\, v_{\lfloor i / r \rfloor},
+        \qquad r = h / h_{kv}.
+
+    Without an ``attn_mask`` this is :func:`grouped_attention` (one fused ``enable_gqa`` SDPA call, or blocks of
+    queries with a key mask: memory linear in ``L``; ``is_causal`` top-left aligned, as the ``"sdpa"`` kernel).
+    A general ``attn_mask`` (broadcastable to ``(B, h, L, S)``, e.g. the ``(L, S)`` causal mask of new tokens
+    after a cache) is applied with the ``r`` query heads of a group folded into rows,
+    ``(B, h, L, d) -> (B, h_kv, r L, d)``: the keys are still read once per group.
+    """
+    t, m = q.shape[-2], k.shape[-2]
+    if attn_mask is None and (not is_causal or t == m):
+        return grouped_attention(q, k, v, past=0, causal=is_causal, need_weights=need_weights, key_mask=key_mask,
+                                 scale=scale, dropout_p=dropout_p)
+    if (attn_mask is not None and not is_causal and attn_mask.dtype == torch.bool and attn_mask.shape == (t, m)
+            and t <= m and torch.equal(attn_mask, causal_offset_mask(t, m, attn_mask.device))):
+        # the causal mask of t new tokens after m - t cached ones (what Attention passes when decoding):
+        # grouped_attention's bottom-right causal path (no mask at all for one new token; blocks otherwise)
+        return grouped_attention(q, k, v, past=m - t, causal=True, need_weights=need_weights, key_mask=key_mask,
+                                 scale=scale, dropout_p=dropout_p)
+    _check_grouped(q, k, v, 0, False, key_mask)
+    B, h, _, d = q.shape
+    g, dv = k.shape[1], v.shape[-1]
+    r = h // g
+    mask = attn_mask
+    if is_causal:  # top-left aligned, like F.scaled_dot_product_attention(is_causal=True)
+        tril = torch.ones(t, m, dtype=torch.bool, device=q.device).tril()
+        if mask is None or mask.dtype == torch.bool:
+            mask = tril if mask is None else mask & tril
+        else:
+            mask = mask.masked_fill(~tril, float("-inf"))
+    assert mask is not None
+    while mask.ndim < 4:
+        mask = mask[None]
+    rows = mask.expand(mask.shape[0], h, t, m).reshape(mask.shape[0], g, r * t, m)  # query heads of a group as rows
+    out, w = scaled_dot_product_attention(q.reshape(B, g, r * t, d), k, v, attn_mask=rows, key_mask=key_mask,
+                                          scale=scale, dropout_p=dropout_p, need_weights=need_weights)
+    return AttentionOutput(out.reshape(B, h, t, dv), None if w is None else w.reshape(B, h, t, m))
 
 
 def _check_heads(num_heads: int, num_kv_heads: int) -> None:
@@ -320,9 +384,14 @@ def _default_kv_heads(num_heads: int) -> int:
     chapter=27,
     summary="h query heads share h/2 key/value heads (grouped-query attention); KV cache for decoding",
     build=lambda embed_dim, num_heads: GroupedQueryAttention(embed_dim, num_heads, _default_kv_heads(num_heads)),
+    kernel="grouped",
+    causal=True,
 )
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(Attention):
     """MHA (``num_kv_heads = num_heads``), GQA (``1 < num_kv_heads < num_heads``) and MQA (``num_kv_heads = 1``).
+
+    :class:`~attn.attention.Attention` with the ``"grouped"`` kernel (:func:`grouped_kernel`: the ``h_kv`` key/value
+    heads are read without copies), causal and without biases by default (a decoder layer, as Llama).
 
     Args:
         embed_dim: model width ``E``.
@@ -331,34 +400,24 @@ class GroupedQueryAttention(nn.Module):
         head_dim: width ``d`` of each head (default ``E / h``).
         causal: hide future tokens (a decoder); ``False`` for bidirectional attention.
         bias: biases on the projections (Llama has none).
+        dropout: on the attention weights while training.
+        position: ``None`` or ``"rope"``/``"alibi"`` (see :class:`~attn.attention.AttentionBase`).
+        rope_base: the rotary frequency base.
 
-    ``forward(x (B, t, E), need_weights=False, cache=None, key_mask=None)``: with a
-    :class:`KVCache` (see :meth:`new_cache`), ``x`` holds only the new tokens;
-    their keys and values are appended and the queries read the whole cache.
-    ``key_mask`` ``(B, m)``, True = real token, covers every key the queries
-    read: ``m = t`` without a cache, ``m`` = cached + new tokens with one (pass
-    the mask of the whole sequence so far at each step, e.g. for left-padded
-    prompts). Without weights the attention is :func:`fused_attention`
-    (memory linear in ``t``); ``need_weights=True`` forms the weights explicitly.
+    ``forward(x (B, t, E), *, key_mask=None, is_causal=None, need_weights=False, cache=None)`` (the
+    :class:`~attn.attention.Attention` forward): with a :class:`KVCache` (see :meth:`new_cache`), ``x`` holds only
+    the new tokens; their keys and values are appended and the queries read the whole cache. ``key_mask``
+    ``(B, m)``, True = real token, covers every key the queries read: ``m = t`` without a cache, ``m`` = cached +
+    new tokens with one (pass the mask of the whole sequence so far at each step, e.g. for left-padded prompts).
+    The parameters are ``q_proj, k_proj, v_proj, out_proj``, as every :class:`~attn.attention.Attention`.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
-                 causal: bool = True, bias: bool = False) -> None:
-        super().__init__()
-        check_int("embed_dim", embed_dim)
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_heads(num_heads, num_kv_heads)
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
-            head_dim = embed_dim // num_heads
-        check_int("head_dim", head_dim)
-        self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
-        self.causal = causal
-        self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias)  # W^Q: h heads
-        self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)  # W^K: g heads
-        self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)  # W^V: g heads
-        self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)  # W^O
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, *,
+                 head_dim: int | None = None, causal: bool = True, bias: bool = False, dropout: float = 0.0,
+                 position: Position | None = None, rope_base: float = 10000.0) -> None:
+        _check_heads(num_heads, num_heads if num_kv_heads is None else num_kv_heads)
+        super().__init__(embed_dim, num_heads, kernel="grouped", num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         dropout=dropout, bias=bias, causal=causal, position=position, rope_base=rope_base)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
@@ -366,57 +425,73 @@ class GroupedQueryAttention(nn.Module):
         w = self.k_proj.weight
         return KVCache(batch, self.num_kv_heads, self.head_dim, max_len, device or w.device, dtype or w.dtype)
 
-    def forward(self, x: Tensor, need_weights: bool = False, cache: KVCache | None = None,
-                key_mask: Tensor | None = None) -> AttentionOutput:
-        x = check_tokens(x, self.embed_dim)
-        B, t, _ = x.shape
-        h, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+    def mix(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        key_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
+        cache: KVStore | None = None,
+        average_weights: bool = False,
+        temperature: float = 1.0,
+    ) -> AttentionOutput:
+        """:meth:`AttentionBase.mix <attn.attention.AttentionBase.mix>` after the cache's own checks (type, shape,
+        dtype), the layer's dtype and the key mask over cached + new tokens; an empty batch gives zeros."""
+        self.check_inputs(query, key, value)
+        B, t = query.shape[0], query.shape[1]
         w = self.q_proj.weight
-        autocast = autocast_active(x)
-        check_layer_dtype(x, w)
+        check_layer_dtype(query, w, "query")
         past = 0
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be an attn.gqa.KVCache, got {type(cache).__name__}")
+            g, d = self.num_kv_heads, self.head_dim
             if cache.k.shape[0] != B or cache.k.shape[1] != g or cache.k.shape[3] != d:
                 raise ValueError(f"cache holds (batch, num_kv_heads, max_len, head_dim) = {tuple(cache.k.shape)}, "
                                  f"this call needs batch {B}, {g} key/value heads of width {d}")
-            if not autocast and cache.dtype != w.dtype:
+            if not autocast_active(query) and cache.dtype != w.dtype:
                 raise TypeError(f"cache dtype {cache.dtype} != layer dtype {w.dtype}: create the cache with "
                                 f"layer.new_cache(batch, max_len), which takes the layer's dtype, or cast the layer")
             past = cache.length
-        m = past + t
+        m = past + key.shape[1]
         check_key_mask(key_mask, B, m, length_name="cached + new tokens" if cache is not None else "seq")
-        if empty_batch(x):
-            return AttentionOutput(x.new_zeros(B, t, self.embed_dim), x.new_zeros(B, h, t, m) if need_weights else None)
-        q = self.q_proj(x).view(B, t, h, d).transpose(1, 2)  # (B, h, t, d)
-        k = self.k_proj(x).view(B, t, g, d).transpose(1, 2)  # (B, g, t, d)
-        v = self.v_proj(x).view(B, t, g, d).transpose(1, 2)  # (B, g, t, d)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (B, g, past + t, d)
-        out, weights = grouped_attention(q, k, v, past=past, causal=self.causal, need_weights=need_weights,
-                                         key_mask=key_mask)
-        y = self.o_proj(out.transpose(1, 2).reshape(B, t, h * d))  # (B, t, E)
-        return AttentionOutput(y, weights)
+        if empty_batch(query):
+            weights = query.new_zeros(B, self.num_heads, t, m) if need_weights else None
+            if weights is not None and average_weights:
+                weights = weights.mean(1)
+            return AttentionOutput(query.new_zeros(B, t, self.embed_dim), weights)
+        return super().mix(query, key, value, key_mask=key_mask, attn_mask=attn_mask, is_causal=is_causal,
+                           need_weights=need_weights, cache=cache, average_weights=average_weights,
+                           temperature=temperature)
 
 
 @torch.no_grad()
-def mha_to_gqa(mha: GroupedQueryAttention, num_kv_heads: int, method: str = "mean") -> GroupedQueryAttention:
+def mha_to_gqa(mha: Attention, num_kv_heads: int, method: str = "mean") -> GroupedQueryAttention:
     """Convert a trained attention layer to ``num_kv_heads`` key/value heads (Ainslie et al. 2023, section 2.1).
 
-    The key and value projections of the ``r = g_old / g_new`` heads of each new
-    group are combined: ``"mean"`` averages them (the paper's choice), ``"first"``
-    keeps the first head of the group. Query and output projections are copied.
+    ``mha`` is any :class:`~attn.attention.Attention` of self-attention widths (a
+    :class:`GroupedQueryAttention`, a :class:`~attn.multihead.MultiHeadAttention`, ...): the key and value
+    projections of the ``r = g_old / g_new`` heads of each new group are combined: ``"mean"`` averages them
+    (the paper's choice), ``"first"`` keeps the first head of the group. ``q_proj`` and ``out_proj`` are copied;
+    causality, biases, dropout and positions are kept.
     """
-    if not isinstance(mha, GroupedQueryAttention):
-        raise TypeError(f"mha must be a GroupedQueryAttention, got {type(mha).__name__}")
+    if not isinstance(mha, Attention):
+        raise TypeError(f"mha must be an attn.Attention (e.g. a GroupedQueryAttention), got {type(mha).__name__}")
     if method not in ("mean", "first"):
         raise ValueError(f"method must be 'mean' or 'first', got {method!r}")
+    if mha.kdim != mha.embed_dim or mha.vdim != mha.embed_dim or not isinstance(mha.out_proj, nn.Linear):
+        raise ValueError(f"mha must be a self-attention layer with an output projection (kdim = vdim = embed_dim = "
+                         f"{mha.embed_dim}), got kdim {mha.kdim}, vdim {mha.vdim}, out_proj {type(mha.out_proj).__name__}")
     _check_heads(mha.num_kv_heads, num_kv_heads)
-    new = GroupedQueryAttention(mha.embed_dim, mha.num_heads, num_kv_heads, mha.head_dim, mha.causal,
-                                bias=mha.q_proj.bias is not None).to(mha.q_proj.weight)
+    new = GroupedQueryAttention(mha.embed_dim, mha.num_heads, num_kv_heads, head_dim=mha.head_dim, causal=mha.causal,
+                                bias=mha.q_proj.bias is not None, dropout=mha.dropout, position=mha.position)
+    new = new.to(mha.q_proj.weight)
     new.q_proj.load_state_dict(mha.q_proj.state_dict())
-    new.o_proj.load_state_dict(mha.o_proj.state_dict())
+    new.out_proj.load_state_dict(mha.out_proj.state_dict())
     r = mha.num_kv_heads // num_kv_heads
     for old, dst in ((mha.k_proj, new.k_proj), (mha.v_proj, new.v_proj)):
         for name in ("weight", "bias"):
@@ -426,91 +501,3 @@ def mha_to_gqa(mha: GroupedQueryAttention, num_kv_heads: int, method: str = "mea
             grouped = p.reshape(num_kv_heads, r, mha.head_dim, *p.shape[1:])  # (g_new, r, d, [E])
             getattr(dst, name).copy_((grouped.mean(1) if method == "mean" else grouped[:, 0]).reshape(getattr(dst, name).shape))
     return new
-
-
-class DecoderLM(nn.Module):
-    """A small pre-norm decoder language model built on :class:`GroupedQueryAttention`, for cached generation.
-
-    ``forward(tokens (B, t), caches=None) -> logits (B, t, vocab)``; with a list
-    of caches (one per layer, :meth:`new_caches`) the tokens continue the cached
-    sequence (learned absolute positions start at the cached length).
-    """
-
-    def __init__(self, vocab: int, embed_dim: int = 64, num_heads: int = 4, num_kv_heads: int | None = None,
-                 num_layers: int = 2, max_len: int = 512) -> None:
-        super().__init__()
-        self.max_len = max_len
-        self.embed = nn.Embedding(vocab, embed_dim)
-        self.pos = nn.Embedding(max_len, embed_dim)
-        self.layers = nn.ModuleList()
-        for _ in range(num_layers):
-            self.layers.append(nn.ModuleDict({
-                "norm1": nn.LayerNorm(embed_dim),
-                "attn": GroupedQueryAttention(embed_dim, num_heads, num_kv_heads),
-                "norm2": nn.LayerNorm(embed_dim),
-                "mlp": nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)),
-            }))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, vocab, bias=False)
-
-    def _blocks(self) -> Iterator[nn.ModuleDict]:
-        """The transformer blocks, typed: each is the ``ModuleDict`` built in ``__init__``."""
-        for layer in self.layers:
-            assert isinstance(layer, nn.ModuleDict)
-            yield layer
-
-    def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
-        caches = []
-        for layer in self._blocks():
-            attention = layer["attn"]
-            assert isinstance(attention, GroupedQueryAttention)
-            caches.append(attention.new_cache(batch, max_len or self.max_len))
-        return caches
-
-    def forward(self, tokens: Tensor, caches: list[KVCache] | None = None) -> Tensor:
-        check_token_ids(tokens, self.embed.num_embeddings)
-        if caches is not None:
-            if not isinstance(caches, (list, tuple)) or not all(isinstance(c, KVCache) for c in caches):
-                raise TypeError(f"caches must be a list of KVCache (one per layer, model.new_caches(batch)), "
-                                f"got {type(caches).__name__}")
-            if len(caches) != len(self.layers):
-                raise ValueError(f"caches must hold one KVCache per layer: {len(self.layers)} layers, got {len(caches)}")
-            if len({c.length for c in caches}) > 1:
-                raise ValueError(f"the caches hold different lengths {[c.length for c in caches]}: they must "
-                                 "advance together")
-        past = caches[0].length if caches else 0
-        if past + tokens.shape[1] > self.max_len:
-            raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len {self.max_len}")
-        h = self.embed(tokens) + self.pos(torch.arange(past, past + tokens.shape[1], device=tokens.device))
-        for i, layer in enumerate(self._blocks()):
-            h = h + layer["attn"](layer["norm1"](h), cache=None if caches is None else caches[i]).output
-            h = h + layer["mlp"](layer["norm2"](h))
-        return self.head(self.norm(h))
-
-
-@torch.no_grad()
-def generate(model: DecoderLM, prompt: Tensor, steps: int, use_cache: bool = True) -> Tensor:
-    """Greedy decoding of ``steps`` tokens after ``prompt`` ``(B, p)``; returns ``(B, p + steps)``.
-
-    ``use_cache=True``: the prompt is run once (prefill), then each step feeds
-    only the newest token through the cached layers. ``False``: every step
-    recomputes the whole sequence (the baseline the cache replaces).
-    """
-    check_token_ids(prompt, model.embed.num_embeddings, "prompt")
-    check_int("steps", steps, 0)
-    seq = prompt
-    if steps == 0:
-        return seq
-    if use_cache:
-        caches = model.new_caches(prompt.shape[0], prompt.shape[1] + steps)
-        logits = model(prompt, caches)  # prefill
-        for step in range(steps):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            if step + 1 < steps:
-                logits = model(nxt, caches)  # one new token against the cache
-        return seq
-    for _ in range(steps):
-        nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], 1)
-    return seq

@@ -68,41 +68,10 @@ from .checks import autocast_active, check_int, check_layer_dtype, check_tensor,
 from .core import AttentionOutput, scaled_dot_product_attention
 from .gqa import _cache_write, _check_dtype, fused_attention
 from .masks import check_key_mask
+from .positions import RotaryEmbedding, apply_rotary
 from .registry import register
 
-__all__ = [
-    "rotary_cos_sin", "apply_rotary", "LatentCache", "MultiHeadLatentAttention", "latent_cache_bytes_per_token",
-]
-
-
-def rotary_cos_sin(positions: Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    r"""RoPE tables (Su et al. 2021): ``cos, sin`` ``(n, dim)`` for angles ``p \theta_k``, ``\theta_k = base^{-2k/dim}``.
-
-    Half-split layout: column ``k`` and ``k + dim/2`` share the frequency ``\theta_k``.
-    """
-    if not isinstance(positions, Tensor) or positions.ndim != 1 or positions.dtype == torch.bool or positions.is_complex():
-        got = f"shape {tuple(positions.shape)}, dtype {positions.dtype}" if isinstance(positions, Tensor) else type(positions).__name__
-        raise TypeError(f"positions must be a 1-D real torch.Tensor (n,), got {got}")
-    check_int("dim", dim)
-    if dim % 2:
-        raise ValueError(f"the rotary width must be even, got {dim}")
-    inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim)  # (dim/2,)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (n, dim/2)
-    angles = torch.cat([angles, angles], -1)  # (n, dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs ``(x_k, x_{k + dim/2})`` of ``x`` ``(..., n, dim)`` by the angles in ``cos, sin`` ``(n, dim)``."""
-    check_tensor(x, "x", "(..., n, dim)")
-    check_tensor(cos, "cos", "(n, dim)")
-    check_tensor(sin, "sin", "(n, dim)")
-    if x.ndim < 1 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[-1] != x.shape[-1]:
-        raise ValueError(f"apply_rotary needs x (..., n, dim) with dim even and cos, sin (n, dim) of the same dim, "
-                         f"got x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)  # rotate_half
-    return x * cos + rotated * sin
+__all__ = ["LatentCache", "MultiHeadLatentAttention", "latent_cache_bytes_per_token"]
 
 
 def latent_cache_bytes_per_token(num_layers: int, kv_rank: int, rope_dim: int, bytes_per_number: int = 2) -> int:
@@ -184,6 +153,8 @@ def _causal(past: int, t: int, m: int, device: torch.device) -> Tensor | None:
     chapter=29,
     summary="multi-head latent attention: keys and values from one cached rank-d_c latent, decoupled rotary key",
     build=lambda embed_dim, num_heads: MultiHeadLatentAttention(embed_dim, num_heads),
+    kernel=None,
+    causal=True,
 )
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2), causal, with a :class:`LatentCache` for decoding.
@@ -199,7 +170,8 @@ class MultiHeadLatentAttention(nn.Module):
         rope_base: RoPE base.
         eps: epsilon of the RMSNorms on the latents.
 
-    ``forward(x (B, t, E), need_weights=False, cache=None, absorb=False, key_mask=None)``:
+    ``forward(x (B, t, E), *, key_mask=None, is_causal=None, need_weights=False, cache=None, absorb=False)``
+    (the :class:`~attn.attention.SequenceMixer` protocol, always causal: ``is_causal=False`` is refused):
     with a cache (:meth:`new_cache`), ``x`` holds only the new tokens, whose
     positions continue the cached ones. ``absorb=True`` attends in latent space.
     ``key_mask`` ``(B, m)``, True = real token, covers every key read (``m = t``
@@ -208,7 +180,7 @@ class MultiHeadLatentAttention(nn.Module):
     memory linear in ``t``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, kv_rank: int | None = None, q_rank: int | None = None,
+    def __init__(self, embed_dim: int, num_heads: int, *, kv_rank: int | None = None, q_rank: int | None = None,
                  head_dim: int | None = None, rope_dim: int | None = None, v_head_dim: int | None = None,
                  rope_base: float = 10000.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -239,7 +211,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_down = nn.Linear(embed_dim, r + d_r, bias=False)  # [W^DKV; W^KR]
         self.kv_norm = nn.RMSNorm(r, eps=eps)
         self.kv_up = nn.Linear(r, h * (d + d_v), bias=False)  # [W^UK_i; W^UV_i] per head
-        self.o_proj = nn.Linear(h * d_v, embed_dim, bias=False)  # W^O
+        self.out_proj = nn.Linear(h * d_v, embed_dim, bias=False)  # W^O (DeepSeek's o_proj)
+        self.rotary = RotaryEmbedding(d_r, rope_base)  # the package's one RoPE (attn.positions), half-split pairs
 
     # ------------------------------------------------------------------ pieces
 
@@ -274,12 +247,28 @@ class MultiHeadLatentAttention(nn.Module):
         return q[..., : self.head_dim], apply_rotary(q[..., self.head_dim :], cos, sin)
 
     def _rotary(self, past: int, t: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        return rotary_cos_sin(torch.arange(past, past + t, device=x.device), self.rope_dim, self.rope_base, x.dtype)
+        """``cos, sin`` ``(t, d_R)`` of positions ``past .. past + t - 1`` (float64 angles, in ``x``'s dtype)."""
+        return self.rotary.cos_sin(torch.arange(past, past + t, device=x.device), x.dtype)
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: Tensor, need_weights: bool = False, cache: LatentCache | None = None,
-                absorb: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
+    def forward(self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None,
+                need_weights: bool = False, cache: LatentCache | None = None, absorb: bool = False) -> AttentionOutput:
+        """Causal MLA over ``x`` ``(B, t, E)`` (the new tokens after ``cache``, if any).
+
+        Args:
+            key_mask: ``(B, m)`` boolean, ``True`` = real token, ``m`` = cached + new tokens.
+            is_causal: ``None`` or ``True``; MLA is a decoder layer (its rotary key and its cache assume that
+                every query sees only earlier tokens): ``False`` is a ``ValueError``.
+            need_weights: return the weights ``(B, h, t, m)``.
+            cache: a :class:`LatentCache` (:meth:`new_cache`).
+            absorb: attend in latent space (equal outputs; see the module docstring).
+        """
+        if is_causal is not None and is_causal is not True:
+            if not isinstance(is_causal, bool):
+                raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+            raise ValueError("MultiHeadLatentAttention is always causal (a decoder layer with a latent KV cache): "
+                             "is_causal=False is not supported; pass None or True")
         x = check_tokens(x, self.embed_dim)
         B, t, _ = x.shape
         h = self.num_heads
@@ -331,12 +320,12 @@ class MultiHeadLatentAttention(nn.Module):
                                                             key_mask=key_mask, scale=self.scale, need_weights=True)
             else:
                 out = fused_attention(q, k, v, past, True, key_mask, self.scale)
-        y = self.o_proj(out.transpose(1, 2).reshape(B, t, h * self.v_head_dim))  # (B, t, E)
+        y = self.out_proj(out.transpose(1, 2).reshape(B, t, h * self.v_head_dim))  # (B, t, E)
         return AttentionOutput(y, weights)
 
     @torch.no_grad()
     def absorbed_output_weight(self) -> Tensor:
         """``W^O`` with ``W^UV`` folded in: ``(E, h d_c)``, so that ``y = W^{O'} [\\sum_j a_{tj} c_j]_{i=1..h}``."""
         _, w_uv = self.up_weights()  # (h, d_v, d_c)
-        w_o = self.o_proj.weight.view(self.embed_dim, self.num_heads, self.v_head_dim)  # (E, h, d_v)
+        w_o = self.out_proj.weight.view(self.embed_dim, self.num_heads, self.v_head_dim)  # (E, h, d_v)
         return torch.einsum("ehv,hvr->ehr", w_o, w_uv).reshape(self.embed_dim, self.num_heads * self.kv_rank)

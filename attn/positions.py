@@ -60,22 +60,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import Attention, KVStore, register_kernel
 from .checks import (
-    check_heads,
     check_int,
     check_positive_float,
     check_same_dtype,
     check_tensor,
-    check_tokens,
-    empty_batch,
 )
 from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
 
 __all__ = [
-    "sinusoidal_embedding", "RotaryEmbedding", "rotate_half", "alibi_slopes", "alibi_bias",
-    "PositionalAttention", "SCHEMES", "LastValueTask", "PositionModel", "position_loss", "fused_attention",
+    "sinusoidal_embedding", "RotaryEmbedding", "rotate_half", "apply_rotary", "alibi_slopes", "alibi_bias",
+    "alibi_kernel", "PositionalAttention", "SCHEMES", "fused_attention",
 ]
 
 SCHEMES = ("none", "sinusoidal", "rope", "alibi")
@@ -97,6 +95,18 @@ def rotate_half(x: Tensor) -> Tensor:
     """``(x_1, x_2) -> (-x_2, x_1)`` on the two halves of the last dimension: a 90-degree turn of every pair."""
     x1, x2 = x.chunk(2, -1)
     return torch.cat([-x2, x1], -1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    r"""Rotate pairs ``(x_k, x_{k + d/2})`` of ``x`` ``(..., n, d)`` by the angles whose ``cos, sin`` ``(n, d)`` are given:
+    ``x \cos + \operatorname{rotate\_half}(x) \sin`` (the tables of :meth:`RotaryEmbedding.cos_sin`)."""
+    check_tensor(x, "x", "(..., n, dim)")
+    check_tensor(cos, "cos", "(n, dim)")
+    check_tensor(sin, "sin", "(n, dim)")
+    if x.ndim < 1 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"apply_rotary needs x (..., n, dim) with dim even and cos, sin (n, dim) of the same dim, "
+                         f"got x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    return x * cos + rotate_half(x) * sin
 
 
 def _check_positions(positions: object, n: int | None = None) -> Tensor:
@@ -156,7 +166,16 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"x must have shape (..., n, head_dim={self.head_dim}), got {tuple(x.shape)}")
         positions = _check_positions(positions, x.shape[-2])
         cos, sin = self.cos_sin(positions.to(x.device), x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return apply_rotary(x, cos, sin)
+
+
+class _ShiftedRotary(RotaryEmbedding):
+    """:class:`RotaryEmbedding` whose positions are moved by ``offset`` (:class:`PositionalAttention`'s ``offset=``)."""
+
+    offset: int = 0
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        return super().forward(x, positions + self.offset)
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -266,6 +285,58 @@ def fused_attention(
     return torch.cat(blocks, -2)
 
 
+@register_kernel(
+    "alibi",
+    summary="softmax(q k^T * scale - m_h |i - j| + mask) v: ALiBi's linear distance biases, built per block of queries",
+    dense=False,
+)
+def alibi_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    block_q: int = 128,
+) -> AttentionOutput:
+    r"""ALiBi (Press et al. 2022) as a kernel: head ``h`` of ``H`` adds ``-m_h |i - j|`` to the scores, slopes :func:`alibi_slopes`.
+
+    .. math::
+
+        o_i = \sum_j \operatorname{softmax}_j\big(s\, q_i^\top k_j - m_h |p_i - j| + M_{ij}\big)\, v_j,
+        \qquad p_i = S - L + i
+
+    (query ``i`` is the token ``S - L + i``: after a cache the new queries are the last ones). Causal
+    (top-left, as the ``"sdpa"`` kernel) keeps only ``j <= i``, where ``|p_i - j| = p_i - j``. Without weights
+    and without an ``attn_mask``, :func:`fused_attention` builds the bias one block of ``block_q`` queries at a
+    time, ``(H, block_q, S)``: memory ``O(H\, block_q\, S)``, never ``(L, S)``. With weights, or with a
+    general ``attn_mask`` (already ``(L, S)``), the dense bias ``(H, L, S)`` is formed.
+    """
+    check_qkv(q, k, v)
+    check_int("block_q", block_q)
+    if q.ndim != 4:
+        raise ValueError(f"alibi_kernel needs heads: q (B, H, L, d), got {tuple(q.shape)}")
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    slopes = alibi_slopes(q.shape[1]).to(device=q.device, dtype=q.dtype)
+    shift = max(n_k - n_q, 0)
+    if attn_mask is None and not need_weights:
+        def bias(lo: int, hi: int, kh: int) -> Tensor:
+            return alibi_bias(hi - lo, kh, slopes, causal=False, offset=shift + lo)
+
+        out = fused_attention(q, k, v, key_mask=key_mask, causal=is_causal, scale=scale, bias=bias,
+                              dropout_p=dropout_p, block_q=block_q)
+        return AttentionOutput(out, None)
+    mask = alibi_bias(n_q, n_k, slopes, causal=False, offset=shift)  # (H, L, S)
+    if attn_mask is not None:
+        mask = mask.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else mask + attn_mask
+    return scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, is_causal=is_causal,
+                                        dropout_p=dropout_p, scale=scale, need_weights=need_weights)
+
+
 @register(
     "rope",
     paper="Su et al. 2021",
@@ -273,6 +344,8 @@ def fused_attention(
     chapter=28,
     summary="multi-head attention with rotary position embeddings on queries and keys",
     build=lambda embed_dim, num_heads: PositionalAttention(embed_dim, num_heads, "rope", causal=False),
+    kernel="sdpa",
+    causal=False,
 )
 @register(
     "alibi",
@@ -281,127 +354,69 @@ def fused_attention(
     chapter=28,
     summary="multi-head attention with a linear distance penalty per head (ALiBi)",
     build=lambda embed_dim, num_heads: PositionalAttention(embed_dim, num_heads, "alibi", causal=False),
+    kernel="alibi",
+    causal=False,
 )
-class PositionalAttention(nn.Module):
-    """Multi-head self-attention with a position scheme inside it.
+class PositionalAttention(Attention):
+    """Multi-head attention with a position scheme inside it: :class:`~attn.attention.Attention` with rotary
+    positions (``position="rope"``) or the ``"alibi"`` kernel (:func:`alibi_kernel`).
 
     Args:
         embed_dim, num_heads: width ``E`` and heads ``H`` (head width ``E / H``).
         position: ``"rope"`` (rotate queries and keys), ``"alibi"`` (linear biases),
             ``"none"`` or ``"sinusoidal"`` (nothing inside attention: sinusoidal
             embeddings are added to the input by the model, see :func:`sinusoidal_embedding`).
-        causal: hide future keys.
+        causal: hide future keys (the layer's default for ``is_causal``).
         base: RoPE frequency base.
+        bias: biases on the four projections.
         block_q: queries per block of the blocked ALiBi path (see :func:`fused_attention`).
+        dropout: on the attention weights while training.
 
-    ``forward(x (B, n, E), need_weights=False, offset=0, key_mask=None)``: token ``t``
-    sits at position ``offset + t``; ``key_mask`` ``(B, n)`` is True for real tokens.
-    Without weights the attention runs in linear memory (:func:`fused_attention`):
-    one fused call for RoPE/none, blocks of ``block_q`` queries with their own ALiBi
-    bias for ALiBi; ``need_weights=True`` takes the dense path and returns ``(B, H, n, n)``.
+    ``forward(x (B, n, E), *, key_mask=None, is_causal=None, need_weights=False, cache=None, offset=0)``: token
+    ``t`` sits at position ``offset + t`` (RoPE; ALiBi and none depend on distances only); ``key_mask``
+    ``(B, n)`` is True for real tokens. Without weights the attention runs in linear memory: one fused call for
+    RoPE/none, blocks of ``block_q`` queries with their own ALiBi bias for ALiBi; ``need_weights=True`` takes the
+    dense path and returns ``(B, H, n, n)``. ``scheme`` holds the ``position`` argument; the parameters are
+    ``q_proj, k_proj, v_proj, out_proj`` (a :class:`~attn.multihead.MultiHeadAttention`'s state dict loads).
     """
 
-    slopes: Tensor  # buffer: (H,) ALiBi slopes
-
-    def __init__(self, embed_dim: int, num_heads: int, position: str = "rope", causal: bool = True,
-                 base: float = 10000.0, bias: bool = True, block_q: int = 128) -> None:
-        super().__init__()
+    def __init__(self, embed_dim: int, num_heads: int, position: str = "rope", *, causal: bool = True,
+                 base: float = 10000.0, bias: bool = True, block_q: int = 128, dropout: float = 0.0) -> None:
         if position not in SCHEMES:
             raise ValueError(f"position must be one of {SCHEMES}, got {position!r}")
-        check_int("embed_dim", embed_dim)
-        check_int("num_heads", num_heads)
-        check_heads(embed_dim, num_heads)
-        self.block_q = check_int("block_q", block_q)
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.position, self.causal = position, causal
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.rotary = RotaryEmbedding(self.head_dim, base) if position == "rope" else None
-        self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+        check_int("block_q", block_q)
+        options = {"block_q": block_q} if position == "alibi" else {}
+        super().__init__(embed_dim, num_heads, kernel="alibi" if position == "alibi" else "sdpa",
+                         position="rope" if position == "rope" else None, rope_base=base, bias=bias, causal=causal,
+                         dropout=dropout, **options)
+        self.scheme, self.block_q = position, block_q
+        if position == "rope":
+            self.rotary = _ShiftedRotary(self.head_dim, base)
 
-    def forward(self, x: Tensor, need_weights: bool = False, offset: int = 0,
-                key_mask: Tensor | None = None) -> AttentionOutput:
-        x = check_tokens(x, self.embed_dim)
-        B, n, E = x.shape
-        H, d = self.num_heads, self.head_dim
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        key_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
+        cache: KVStore | None = None,
+        average_weights: bool = False,
+        temperature: float = 1.0,
+        offset: int = 0,
+    ) -> AttentionOutput:
+        """:meth:`Attention.forward <attn.attention.Attention.forward>`, the tokens at positions ``offset ..``."""
         check_int("offset", offset, low=0)
-        check_key_mask(key_mask, B, n, length_name="n")
-        if empty_batch(x):
-            return AttentionOutput(x.new_zeros(B, n, E), x.new_zeros(B, H, n, n) if need_weights else None)
-        q, k, v = self.qkv(x).view(B, n, 3, H, d).permute(2, 0, 3, 1, 4)  # each (B, H, n, d)
-        if self.rotary is not None:  # position == "rope"
-            pos = torch.arange(offset, offset + n, device=x.device)
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
-        slopes = self.slopes.to(x.dtype)
-        if not need_weights:  # linear memory: no (n, n) tensor
-            bias = None
-            if self.position == "alibi":  # finite -m_h |i - j| of one query block; the causal mask is added by fused_attention
-                bias = lambda lo, hi, kh: alibi_bias(hi - lo, kh, slopes, causal=False, offset=lo)  # noqa: E731
-            out = fused_attention(q.contiguous(), k.contiguous(), v.contiguous(), key_mask=key_mask,
-                                  causal=self.causal, bias=bias, block_q=self.block_q)
-            return AttentionOutput(self.out_proj(out.transpose(1, 2).reshape(B, n, E)), None)
-        mask: Tensor | None = None  # the dense reference path, (H, n, n)
-        if self.position == "alibi":
-            mask = alibi_bias(n, n, slopes, self.causal)  # (H, n, n), -inf above the diagonal if causal
-        out, w = scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, is_causal=self.causal,
-                                              need_weights=True)  # (B, H, n, d)
-        return AttentionOutput(self.out_proj(out.transpose(1, 2).reshape(B, n, E)), w)
-
-
-class LastValueTask:
-    """Length-extrapolation task: tokens are values ``0..V-1`` or a READ token ``V``; at every READ, output the most recent value.
-
-    The answer is the nearest earlier value token: content (skip READ tokens)
-    plus recency (the nearest one), the kind of local dependency text is full of.
-    The first token is always a value, so every READ has an answer.
-
-    ``sample(batch, length, generator)`` -> ``x (B, n)`` tokens, ``y (B, n)`` targets
-    (``-100`` where not a READ, ignored by the loss).
-    """
-
-    def __init__(self, n_values: int = 8, read_prob: float = 0.4) -> None:
-        self.n_values, self.read_prob = n_values, read_prob
-        self.read = n_values
-        self.vocab = n_values + 1
-
-    def sample(self, batch: int, length: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        values = torch.randint(0, self.n_values, (batch, length), generator=generator)
-        is_read = torch.rand(batch, length, generator=generator) < self.read_prob
-        is_read[:, 0] = False
-        x = torch.where(is_read, torch.full_like(values, self.read), values)
-        idx = torch.where(is_read, 0, torch.arange(length).expand(batch, length))  # position of each value, 0 at READs
-        last = torch.cummax(idx, 1).values  # position of the most recent value at or before t
-        y = torch.where(is_read, values.gather(1, last), torch.full_like(values, -100))
-        return {"x": x, "y": y}
-
-
-class PositionModel(nn.Module):
-    """Embedding (+ sinusoidal positions if chosen) -> causal :class:`PositionalAttention` -> LayerNorm -> linear head.
-
-    ``forward(x (B, n) tokens, need_weights=False) -> (logits (B, n, V), weights)``.
-    """
-
-    def __init__(self, vocab: int, position: str, embed_dim: int = 32, num_heads: int = 4, base: float = 10000.0) -> None:
-        super().__init__()
-        self.position = position
-        self.embed = nn.Embedding(vocab, embed_dim)
-        self.attention = PositionalAttention(embed_dim, num_heads, position, causal=True, base=base)
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, vocab)
-
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        h = self.embed(x)  # (B, n, E)
-        if self.position == "sinusoidal":
-            h = h + sinusoidal_embedding(torch.arange(x.shape[1], device=x.device), h.shape[-1]).to(h)
-        out, w = self.attention(h, need_weights=need_weights)
-        return self.head(self.norm(h + out)), w
-
-
-def position_loss(model: PositionModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy and accuracy over the READ positions."""
-    logits, _ = model(batch["x"])
-    y = batch["y"]
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-    keep = y >= 0
-    acc = (logits.argmax(-1)[keep] == y[keep]).float().mean()
-    return loss, {"acc": float(acc)}
+        rotary = self.rotary if isinstance(self.rotary, _ShiftedRotary) else None
+        if rotary is not None:
+            rotary.offset = offset
+        try:
+            return super().forward(query, key, value, key_mask=key_mask, attn_mask=attn_mask, is_causal=is_causal,
+                                   need_weights=need_weights, cache=cache, average_weights=average_weights,
+                                   temperature=temperature)
+        finally:
+            if rotary is not None:
+                rotary.offset = 0

@@ -10,14 +10,8 @@ import torch.nn.functional as F
 
 from attn import registry
 from attn.benchmark import largest_tensor
-from attn.differential import (
-    DifferentialAttention,
-    MotifStream,
-    RotaryLM,
-    SinkCache,
-    lambda_init,
-    window_recompute_logits,
-)
+from attn.differential import DifferentialAttention, SinkCache, lambda_init
+from attn.experiments.differential import MotifStream, RotaryLM, window_recompute_logits
 from attn.masks import padding_mask
 
 E = 16
@@ -198,7 +192,7 @@ def test_stream_without_eviction_equals_full_forward():
     model = lm()
     x = MotifStream(vocab=12).stream(3, 20, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = model(x)
+        full = model(x).logits
         assert (model.stream(x, window=None) - full).abs().max() <= 1e-5
         assert (model.stream(x, window=20, sinks=4) - full).abs().max() <= 1e-5  # nothing evicted yet
         evicted = model.stream(x, window=8, sinks=0)
@@ -237,7 +231,7 @@ def test_stream_with_sinks_equals_dense_attention_over_the_kept_tokens():
     with torch.no_grad():
         streamed = model.stream(x, window=6, sinks=2)[:, -1]
         kept = torch.cat([x[:, :2], x[:, -4:]], 1)  # one layer: a token's k, v depend only on the token itself
-        assert (streamed - model(kept)[:, -1]).abs().max() <= 1e-5
+        assert (streamed - model(kept).logits[:, -1]).abs().max() <= 1e-5
 
 
 def test_window_recompute_matches_explicit_windows():
@@ -247,7 +241,7 @@ def test_window_recompute_matches_explicit_windows():
         got = window_recompute_logits(model, x, window=5, start=6)
         for j, t in enumerate(range(6, 14)):
             seq = torch.cat([x[:, :1], x[:, t - 3 : t + 1]], 1)
-            assert (got[:, j] - model(seq)[:, -1]).abs().max() <= 1e-5
+            assert (got[:, j] - model(seq).logits[:, -1]).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="start"):
         window_recompute_logits(model, x, window=5, start=2)
 
@@ -256,8 +250,10 @@ def test_motif_stream_and_bad_tokens():
     x = MotifStream(vocab=10, min_period=3, max_period=3, noise=0.0).stream(4, 13, torch.Generator().manual_seed(0))
     assert (x[:, 0] == 0).all() and (x[:, 1:] > 0).all()
     assert torch.equal(x[:, 4:], x[:, 1:-3])  # period 3, no noise
-    with pytest.raises(ValueError, match="long tensor"):
+    with pytest.raises(TypeError, match="tokens must hold integer token ids"):
         lm()(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="long tensor"):
+        lm().stream(torch.zeros(2, 5), window=4)
     with pytest.raises(ValueError):
         MotifStream(vocab=2)
 
@@ -372,3 +368,31 @@ def started(B=2, h=2, d=4, layers=2, sinks=1):
 def test_sink_cache_bad_input_names_what_was_expected(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- issue 23: one interface
+
+
+def test_differential_follows_the_sequence_mixer_protocol():
+    """Keyword-only options after x; is_causal per call overrides the layer's causal (both ways)."""
+    causal, bidir = make(causal=True), make(causal=False)
+    bidir.load_state_dict(causal.state_dict())
+    x = tokens(n=7)
+    with pytest.raises(TypeError):
+        causal(x, True)  # need_weights is keyword-only
+    torch.testing.assert_close(bidir(x, is_causal=True).output, causal(x).output)
+    torch.testing.assert_close(causal(x, is_causal=False, need_weights=True).output, bidir(x).output,
+                               atol=1e-6, rtol=1e-5)
+    assert registry.get("differential").causal is False and registry.get("differential").kernel is None
+
+
+def test_rotary_lm_is_a_token_lm_with_rope_attention():
+    """The streaming LM is attn.models.TokenLM with Attention(position="rope") mixers: the package's one RoPE."""
+    from attn.attention import Attention
+    from attn.models import TokenLM
+    from attn.positions import RotaryEmbedding
+
+    model = lm()
+    assert isinstance(model, TokenLM)
+    for block in model.blocks:
+        assert isinstance(block.mixer, Attention) and block.mixer.causal and type(block.mixer.rotary) is RotaryEmbedding

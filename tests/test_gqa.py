@@ -9,17 +9,24 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
+from attn.attention import Attention, get_kernel
 from attn.benchmark import largest_tensor
+from attn.experiments.gqa import DecoderLM, generate
 from attn.gqa import (
-    DecoderLM,
     GroupedQueryAttention,
     KVCache,
-    generate,
     grouped_attention,
+    grouped_kernel,
     kv_cache_bytes_per_token,
     mha_to_gqa,
 )
+from attn.multihead import MultiHeadAttention
 from attn.train import cpu_threads
+
+
+def llama_state(llama: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Llama's attention state dict under our names (its ``o_proj`` is every Attention's ``out_proj``)."""
+    return {k.replace("o_proj", "out_proj"): v for k, v in llama.state_dict().items()}
 
 
 def sdpa_reference(m: GroupedQueryAttention, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -29,7 +36,7 @@ def sdpa_reference(m: GroupedQueryAttention, x: torch.Tensor, causal: bool = Tru
     k = m.k_proj(x).view(B, n, m.num_kv_heads, m.head_dim).transpose(1, 2)
     v = m.v_proj(x).view(B, n, m.num_kv_heads, m.head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    return m.o_proj(out.transpose(1, 2).reshape(B, n, -1))
+    return m.out_proj(out.transpose(1, 2).reshape(B, n, -1))
 
 
 def explicit_weights(m: GroupedQueryAttention, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ def test_matches_transformers_llama_attention(h, g):
     cfg._attn_implementation = "eager"
     llama = LlamaAttention(cfg, layer_idx=0).eval()  # random weights, no download
     ours = GroupedQueryAttention(E, h, g)
-    ours.load_state_dict(llama.state_dict())  # same names: q_proj, k_proj, v_proj, o_proj
+    ours.load_state_dict(llama_state(llama))  # q_proj, k_proj, v_proj; Llama's o_proj is our out_proj
     x = torch.randn(2, n, E, requires_grad=True)
     d = E // h
     identity = (torch.ones(2, n, d), torch.zeros(2, n, d))  # cos = 1, sin = 0: no rotation (positions: chapter 28)
@@ -168,8 +175,9 @@ def test_generation_with_cache_equals_recomputation():
         assert a.shape == (2, 17) and torch.equal(a, b)
         caches = lm.new_caches(2, 17)
         with torch.no_grad():
-            step_logits = [lm(a[:, :5], caches)] + [lm(a[:, t : t + 1], caches) for t in range(5, 17)]
-            torch.testing.assert_close(torch.cat(step_logits, 1), lm(a), atol=1e-5, rtol=1e-5)
+            step_logits = [lm(a[:, :5], caches=caches).logits]
+            step_logits += [lm(a[:, t : t + 1], caches=caches).logits for t in range(5, 17)]
+            torch.testing.assert_close(torch.cat(step_logits, 1), lm(a).logits, atol=1e-5, rtol=1e-5)
     assert caches[0].nbytes == kv_cache_bytes_per_token(1, 2, 8, 4) * 17 * 2
 
 
@@ -330,7 +338,7 @@ def test_key_mask_content_at_masked_positions_changes_nothing_real(need_weights)
     km = torch.tensor([[False, False, True, True, True, True, True, True, True],
                        [True, True, False, True, True, True, False, False, True]])
     x2 = torch.where(km[..., None], x, 100 * torch.randn_like(x))
-    a, b = m(x, need_weights, key_mask=km).output, m(x2, need_weights, key_mask=km).output
+    a, b = m(x, need_weights=need_weights, key_mask=km).output, m(x2, need_weights=need_weights, key_mask=km).output
     assert (a - b)[km].abs().max() <= 1e-5
     assert (a - b)[~km].abs().max() > 1e-3  # the padded positions' own outputs do change (their queries did)
 
@@ -363,7 +371,7 @@ def test_key_mask_matches_transformers_llama_with_padding():
     cfg._attn_implementation = "eager"
     llama = LlamaAttention(cfg, layer_idx=0).eval()
     ours = GroupedQueryAttention(E, h, g)
-    ours.load_state_dict(llama.state_dict())
+    ours.load_state_dict(llama_state(llama))
     x = torch.randn(2, n, E)
     km = torch.ones(2, n, dtype=torch.bool)
     km[0, :2] = False
@@ -374,7 +382,7 @@ def test_key_mask_matches_transformers_llama_with_padding():
         ref = llama(x, position_embeddings=(torch.ones(2, n, d), torch.zeros(2, n, d)),
                     attention_mask=torch.zeros(2, 1, n, n).masked_fill(~allowed, float("-inf")))[0]
         for need_weights in (False, True):
-            out = ours(x, need_weights, key_mask=km).output
+            out = ours(x, need_weights=need_weights, key_mask=km).output
             assert (out - ref)[km].abs().max() <= 1e-5  # real rows (Llama gives NaN on rows with no visible key)
 
 
@@ -419,7 +427,7 @@ def test_cache_of_another_dtype_is_a_clear_type_error(layer_dtype):
     with pytest.raises(TypeError, match=rf"cache dtype torch.float32 != layer dtype {layer_dtype}"):
         m(x, cache=KVCache(1, 2, 4, 8))
     assert m(x, cache=m.new_cache(1, 8)).output.dtype == layer_dtype  # new_cache takes the layer's dtype
-    with pytest.raises(TypeError, match=r"dtypes must match \(the layer.s parameters: torch\.(bfloat16|float64), x: torch\.float32"):
+    with pytest.raises(TypeError, match=r"dtypes must match \(the layer.s parameters: torch\.(bfloat16|float64), query: torch\.float32"):
         m(x.float())
     with pytest.raises(TypeError, match=r"KVCache dtype torch\.float32"):
         KVCache(1, 2, 4, 8).append(torch.zeros(1, 2, 1, 4, dtype=layer_dtype), torch.zeros(1, 2, 1, 4, dtype=layer_dtype))
@@ -460,9 +468,9 @@ def test_bad_input_of_cache_attention_and_lm():
         m(torch.randn(1, 3, 16), key_mask=torch.ones(1, 4, dtype=torch.bool))
     lm = DecoderLM(vocab=10, embed_dim=16, num_heads=4, num_kv_heads=2, num_layers=2, max_len=8)
     with pytest.raises(ValueError, match="one KVCache per layer: 2 layers, got 1"):
-        lm(torch.zeros(1, 2, dtype=torch.long), lm.new_caches(1)[:1])
+        lm(torch.zeros(1, 2, dtype=torch.long), caches=lm.new_caches(1)[:1])
     with pytest.raises(TypeError, match="caches must be a list of KVCache"):
-        lm(torch.zeros(1, 2, dtype=torch.long), [object(), object()])
+        lm(torch.zeros(1, 2, dtype=torch.long), caches=[object(), object()])
     with pytest.raises(ValueError, match=r"tokens must be token ids in \[0, 10\)"):
         lm(torch.full((1, 2), 10))
     with pytest.raises(TypeError, match="tokens must hold integer token ids"):
@@ -476,3 +484,60 @@ def test_bytes_per_token_rejects_non_integers():
         kv_cache_bytes_per_token(2, 1.5, 64)
     with pytest.raises(ValueError, match="head_dim must be >= 1"):
         kv_cache_bytes_per_token(2, 2, 0)
+
+
+# ----------------------------------------------------------------------------- issue 23: one attention interface
+
+
+def test_gqa_is_attention_with_the_grouped_kernel_and_mha_state_dicts():
+    """GroupedQueryAttention is Attention(kernel="grouped"): its parameters are MultiHeadAttention's
+    (q_proj, k_proj, v_proj, out_proj), so a MultiHeadAttention's state dict loads into it (num_kv_heads = h)
+    and both give the same output."""
+    spec = get_kernel("grouped")
+    assert spec.fn is grouped_kernel and spec.grouped
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4, bias=False).double().eval()
+    gqa = GroupedQueryAttention(16, 4, 4, causal=False).double().eval()
+    assert isinstance(gqa, Attention) and gqa.kernel == "grouped"
+    gqa.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    km = torch.ones(2, 7, dtype=torch.bool)
+    km[1, -2:] = False
+    for need_weights in (False, True):
+        a, wa = gqa(x, key_mask=km, need_weights=need_weights)
+        b, wb = mha(x, key_mask=km, need_weights=need_weights)
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        if need_weights:
+            torch.testing.assert_close(wa, wb, atol=1e-12, rtol=1e-12)
+    # mha_to_gqa converts any Attention (here a MultiHeadAttention) on the new names
+    half = mha_to_gqa(mha, 2)
+    assert isinstance(half, GroupedQueryAttention) and half.num_kv_heads == 2 and not half.causal
+    torch.testing.assert_close(half.out_proj.weight, mha.out_proj.weight)
+
+
+@pytest.mark.parametrize("g", [4, 2, 1])
+def test_grouped_kernel_with_a_general_mask_equals_repeated_keys(g):
+    """An attn_mask (here the causal mask of 3 new tokens after 5 cached ones, and top-left causal with L != S)
+    folds the query heads of a group into rows; the result equals the sdpa kernel on repeated keys."""
+    torch.manual_seed(g)
+    q, k, v = torch.randn(2, 4, 3, 6, dtype=torch.float64), torch.randn(2, g, 8, 6, dtype=torch.float64), \
+        torch.randn(2, g, 8, 5, dtype=torch.float64)
+    km = torch.ones(2, 8, dtype=torch.bool)
+    km[0, 1] = False
+    mask = torch.arange(8)[None, :] <= torch.arange(5, 8)[:, None]  # (3, 8) bottom-right causal
+    kr, vr = k.repeat_interleave(4 // g, 1), v.repeat_interleave(4 // g, 1)
+    sdpa = get_kernel("sdpa").fn
+    for kw in ({"attn_mask": mask, "is_causal": False}, {"attn_mask": None, "is_causal": True}):
+        for need_weights in (False, True):
+            got = grouped_kernel(q, k, v, key_mask=km, scale=0.3, need_weights=need_weights, **kw)
+            want = sdpa(q, kr, vr, key_mask=km, scale=0.3, need_weights=need_weights, **kw)
+            torch.testing.assert_close(got.output, want.output, atol=1e-12, rtol=1e-12)
+            if need_weights:
+                torch.testing.assert_close(got.weights, want.weights, atol=1e-12, rtol=1e-12)
+
+
+def test_forward_options_are_keyword_only():
+    m = GroupedQueryAttention(16, 4, 2)
+    with pytest.raises(TypeError):
+        m(torch.randn(1, 3, 16), torch.randn(1, 3, 16), torch.randn(1, 3, 16), True)  # need_weights is keyword-only
+    assert m(torch.randn(1, 3, 16), is_causal=False, need_weights=True).weights.shape == (1, 4, 3, 3)

@@ -7,13 +7,13 @@ import torch
 
 from attn import registry
 from attn.benchmark import largest_tensor
-from attn.latent import (
-    LatentCache,
-    MultiHeadLatentAttention,
-    apply_rotary,
-    latent_cache_bytes_per_token,
-    rotary_cos_sin,
-)
+from attn.latent import LatentCache, MultiHeadLatentAttention, latent_cache_bytes_per_token
+from attn.positions import RotaryEmbedding, apply_rotary
+
+
+def rotary_cos_sin(positions, dim, base=10000.0, dtype=torch.float32):
+    """The package's one RoPE (attn.positions.RotaryEmbedding): cos, sin (n, dim) in ``dtype``."""
+    return RotaryEmbedding(dim, base).cos_sin(positions, dtype)
 
 E, H = 32, 4
 
@@ -51,7 +51,7 @@ def hf_copy(m: MultiHeadLatentAttention):
     )
     cfg._attn_implementation = "eager"
     ref = DeepseekV3Attention(cfg, 0).to(m.kv_down.weight.dtype)
-    pairs = [("kv_a_proj_with_mqa", m.kv_down), ("kv_a_layernorm", m.kv_norm), ("kv_b_proj", m.kv_up), ("o_proj", m.o_proj)]
+    pairs = [("kv_a_proj_with_mqa", m.kv_down), ("kv_a_layernorm", m.kv_norm), ("kv_b_proj", m.kv_up), ("o_proj", m.out_proj)]
     if m.q_rank is None:
         pairs.append(("q_proj", m.q_proj))
     else:
@@ -136,7 +136,7 @@ def explicit(m: MultiHeadLatentAttention, x: torch.Tensor, key_mask: torch.Tenso
                 s = s.masked_fill(~key_mask[:, None, : t + 1], float("-inf"))
             rows.append(s.softmax(-1).nan_to_num(0.0) @ v_c[:, : t + 1])
         heads.append(torch.cat(rows, 1))
-    return torch.cat(heads, -1) @ m.o_proj.weight.T
+    return torch.cat(heads, -1) @ m.out_proj.weight.T
 
 
 @pytest.mark.parametrize("q_rank", [None, 10])
@@ -438,10 +438,10 @@ def test_bad_input_of_latent_cache_and_key_mask():
 
 def test_bad_input_of_the_public_helpers():
     m = make()
-    with pytest.raises(TypeError, match=r"positions must be a 1-D real torch.Tensor"):
-        rotary_cos_sin([0, 1, 2], 4)
-    with pytest.raises(TypeError, match="dim must be an int"):
-        rotary_cos_sin(torch.arange(3), 4.0)
+    with pytest.raises(TypeError, match=r"positions must be a torch.Tensor of shape \(n,\)"):
+        RotaryEmbedding(4).cos_sin([0, 1, 2])
+    with pytest.raises(TypeError, match="head_dim must be an int"):
+        RotaryEmbedding(4.0)
     cos, sin = rotary_cos_sin(torch.arange(3), 4)
     with pytest.raises(TypeError, match=r"x must be a torch.Tensor of shape \(\.\.\., n, dim\)"):
         apply_rotary([[0.0] * 4] * 3, cos, sin)
@@ -453,3 +453,22 @@ def test_bad_input_of_the_public_helpers():
         m.queries(tokens(), past=-1)
     with pytest.raises(TypeError, match="kv_rank must be an int"):
         latent_cache_bytes_per_token(1, 2.0, 4)
+
+
+# ----------------------------------------------------------------------------- issue 23: the sequence-mixer protocol
+
+
+def test_mla_follows_the_sequence_mixer_protocol_and_is_always_causal():
+    """Keyword-only options after x; is_causal None/True run, False is refused with a message saying so; the
+    rotary key uses the package's one RoPE; the output projection is out_proj, as every attention layer's."""
+    from attn.attention import SequenceMixer
+
+    m = make()
+    x = tokens()
+    assert isinstance(m, SequenceMixer) and type(m.rotary) is RotaryEmbedding and not hasattr(m, "o_proj")
+    with pytest.raises(TypeError):
+        m(x, True)  # need_weights is keyword-only
+    torch.testing.assert_close(m(x, is_causal=True).output, m(x).output)
+    with pytest.raises(ValueError, match="always causal"):
+        m(x, is_causal=False)
+    assert registry.get("mla").causal is True and registry.get("mla").kernel is None

@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from attn import registry
+from attn.attention import Attention, get_kernel
 from attn.benchmark import largest_tensor
+from attn.experiments.positions import LastValueTask, PositionModel, position_loss
+from attn.multihead import MultiHeadAttention
 from attn.positions import (
-    LastValueTask,
     PositionalAttention,
-    PositionModel,
     RotaryEmbedding,
     alibi_bias,
+    alibi_kernel,
     alibi_slopes,
-    position_loss,
     rotate_half,
     sinusoidal_embedding,
 )
@@ -119,7 +120,7 @@ def test_module_matches_explicit_attention(position, causal):
     m = PositionalAttention(16, 4, position, causal=causal, base=100.0)
     x = torch.randn(2, 9, 16, requires_grad=True)
     out, w = m(x, need_weights=True)
-    q, k, v = m.qkv(x).view(2, 9, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    q, k, v = (m.split_heads(p(x)) for p in (m.q_proj, m.k_proj, m.v_proj))  # (2, 4, 9, 4) each
     pos = torch.arange(9)
     if position == "rope":
         q, k = explicit_rotation(q, pos, 100.0).float(), explicit_rotation(k, pos, 100.0).float()
@@ -328,16 +329,17 @@ def test_rope_tables_are_float64_for_float64_input():
     x = torch.randn(2, 40, 16, dtype=torch.float64)
     ref = explicit_rotation(x, pos, 10000.0)
     assert (rope(x, pos) - ref).abs().max() <= 1e-12
-    cos, sin = rope.cos_sin(pos)
+    cos, _ = rope.cos_sin(pos)
     assert cos.dtype == torch.float64 and rope.cos_sin(pos, torch.float32)[0].dtype == torch.float32
     x32 = x.float()
     assert rope(x32, pos).dtype == torch.float32
     assert (rope(x32, pos).double() - explicit_rotation(x32, pos, 10000.0)).abs().max() <= 1e-5
-    # the same tables as attn.latent's (the rule differential attention's RotaryLM uses)
-    from attn.latent import rotary_cos_sin
+    # the package's one RoPE: Attention(position="rope"), MLA's decoupled key and the differential chapter's LM
+    # all rotate with this module
+    from attn.latent import MultiHeadLatentAttention
 
-    lc, ls = rotary_cos_sin(pos, 16, 10000.0, torch.float64)
-    assert torch.equal(lc, cos) and torch.equal(ls, sin)
+    assert type(Attention(16, 2, position="rope").rotary) is RotaryEmbedding
+    assert type(MultiHeadLatentAttention(16, 2).rotary) is RotaryEmbedding
 
 
 def test_fused_attention_one_head_and_bad_input():
@@ -353,3 +355,40 @@ def test_fused_attention_one_head_and_bad_input():
         fused_attention(q, q, q, key_mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="block_q must be >= 1"):
         fused_attention(q, q, q, block_q=0)
+
+
+# ----------------------------------------------------------------------------- issue 23: one attention interface
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_positional_attention_is_attention_with_position(position, causal):
+    """PositionalAttention(E, H, p) = Attention(E, H, position=p) on the same weights (MultiHeadAttention's names);
+    ALiBi runs as the registered blockwise "alibi" kernel, equal to the base's dense ALiBi bias."""
+    torch.manual_seed(0)
+    ours = PositionalAttention(16, 4, position, causal=causal, block_q=3).double().eval()
+    ref = Attention(16, 4, position=position, causal=causal).double().eval()
+    ref.load_state_dict(MultiHeadAttention(16, 4).double().state_dict())
+    ours.load_state_dict(ref.state_dict())
+    assert isinstance(ours, Attention) and ours.kernel == ("alibi" if position == "alibi" else "sdpa")
+    assert registry.get(position).kernel == ours.kernel and registry.get(position).causal is False
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    km = torch.ones(2, 11, dtype=torch.bool)
+    km[1, -4:] = False
+    for need_weights in (False, True):
+        a, wa = ours(x, key_mask=km, need_weights=need_weights)
+        b, wb = ref(x, key_mask=km, need_weights=need_weights)
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        if need_weights:
+            torch.testing.assert_close(wa, wb, atol=1e-12, rtol=1e-12)
+
+
+def test_alibi_kernel_with_a_cache_equals_one_pass():
+    """After a cache the new queries are the last ones: the kernel's distances are bottom-right aligned."""
+    torch.manual_seed(0)
+    m = PositionalAttention(16, 4, "alibi", causal=True).double().eval()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    cache = m.new_cache(2, 9)
+    steps = [m(x[:, :4], cache=cache).output] + [m(x[:, t : t + 1], cache=cache).output for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), m(x).output, atol=1e-12, rtol=1e-12)
+    assert get_kernel("alibi").fn is alibi_kernel and not get_kernel("alibi").dense
