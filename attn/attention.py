@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NoReturn, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
@@ -219,7 +219,8 @@ class AttentionBase(nn.Module):
         dropout: dropout on the attention weights while training, in ``[0, 1)``.
         bias: biases on the four projections.
         causal: the layer's default for ``is_causal`` (query ``i`` sees keys ``<= i``).
-        position: ``None``, ``"rope"`` (rotary, applied to queries and keys) or ``"alibi"`` (linear biases).
+        position: ``None``, ``"rope"`` (rotary, applied to queries and keys) or ``"alibi"`` (linear biases:
+            the ``"alibi"`` kernel of :mod:`attn.positions`, chosen for you).
         rope_base: the rotary frequency base.
         **kernel_options: passed to the kernel on every call (a window, ``k`` of top-k, entmax's ``alpha``).
     """
@@ -260,7 +261,15 @@ class AttentionBase(nn.Module):
             raise ValueError(f"position must be None, 'rope' or 'alibi', got {position!r}")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-        self.kernel_spec = get_kernel(kernel) if isinstance(kernel, str) else _bad_kernel(kernel)
+        if not isinstance(kernel, str):
+            _bad_kernel(kernel)
+        if position == "alibi":
+            # ALiBi is a bias on the scores: the "alibi" kernel (attn.positions) builds it a block of queries at a
+            # time, never (L, S); another kernel would have to take it as a dense attn_mask
+            if kernel not in ("sdpa", "alibi"):
+                raise ValueError(f"position='alibi' runs the 'alibi' kernel; it cannot be combined with kernel={kernel!r}")
+            kernel = "alibi"
+        self.kernel_spec = get_kernel(kernel)
         self.kernel_options = dict(kernel_options)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
@@ -276,10 +285,6 @@ class AttentionBase(nn.Module):
             from .positions import RotaryEmbedding  # positions' one RoPE (loaded here: positions imports this module)
 
             self.rotary = RotaryEmbedding(head_dim, rope_base)
-        elif position == "alibi":
-            from .positions import alibi_slopes
-
-            self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
 
     @property
     def kernel(self) -> str:
@@ -379,13 +384,6 @@ class AttentionBase(nn.Module):
             offset = causal_offset_mask(q.shape[-2], k.shape[-2], q.device)
             attn_mask = offset if attn_mask is None else attn_mask & offset
             causal = False
-        if self.position == "alibi":
-            bias = self._alibi(q.shape[-2], k.shape[-2], q.dtype, q.device)
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                bias = bias.masked_fill(~attn_mask, float("-inf"))
-            elif attn_mask is not None:
-                bias = bias + attn_mask
-            attn_mask = bias
         if not self.kernel_spec.grouped and self.num_kv_heads != self.num_heads:
             group = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -403,15 +401,6 @@ class AttentionBase(nn.Module):
             weights = weights.mean(1)
         return AttentionOutput(out, weights)
 
-    def _alibi(self, n_queries: int, n_keys: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """ALiBi's ``-m_h (i - j)`` for keys ``j <= i`` (query ``i`` is token ``S - L + i``): ``(1, h, L, S)``."""
-        from .positions import alibi_bias
-
-        slopes = self.alibi_slopes
-        assert isinstance(slopes, Tensor)  # a buffer, registered in __init__ when position == "alibi"
-        bias = alibi_bias(n_queries, n_keys, slopes, causal=False, offset=n_keys - n_queries)
-        return bias.to(device=device, dtype=dtype)[None]
-
     def new_cache(self, batch: int, max_len: int) -> KVStore:
         """An empty :class:`attn.gqa.KVCache` for this layer (its dtype, device and key/value heads)."""
         from .gqa import KVCache
@@ -420,7 +409,7 @@ class AttentionBase(nn.Module):
         return KVCache(batch, self.num_kv_heads, self.head_dim, max_len, device=w.device, dtype=w.dtype)
 
 
-def _bad_kernel(kernel: object) -> KernelSpec:
+def _bad_kernel(kernel: object) -> NoReturn:
     raise TypeError(f"kernel must be the name of a registered kernel (a str), got {type(kernel).__name__}")
 
 

@@ -117,8 +117,14 @@ class TokenLM(nn.Module):
     def forward(self, tokens: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None,
                 need_weights: bool = False, caches: list[Any] | None = None) -> LMOutput:
         check_token_ids(tokens, self.embed.num_embeddings)
-        if caches is not None and len(caches) != len(self.blocks):
-            raise ValueError(f"caches must hold one cache per block: {len(self.blocks)} blocks, got {len(caches)}")
+        if caches is not None:
+            if not isinstance(caches, (list, tuple)) or not all(
+                hasattr(c, "length") and hasattr(c, "append") for c in caches
+            ):
+                raise TypeError("caches must be a list with one KV cache per block (block.mixer.new_cache(batch, "
+                                f"max_len) each), got {type(caches).__name__}")
+            if len(caches) != len(self.blocks):
+                raise ValueError(f"caches must hold one cache per block: {len(self.blocks)} blocks, got {len(caches)}")
         past = caches[0].length if caches else 0
         h = self.embed(tokens)
         if self.pos is not None:
