@@ -197,7 +197,7 @@ def test_builds():
         assert out.output.shape == (2, 6, 16) and out.weights.shape[-2:] == (6, 6)
         torch.testing.assert_close(out.weights.sum(-1), torch.ones_like(out.weights.sum(-1)))
         assert layer(x).weights is None
-    assert registry.get("global").cls is LuongGlobalAttention
+    assert registry.get("global").cls is LuongSelfAttention  # the class build returns
 
 
 # ----------------------------------------------------------------------------- sizes clamped to n (issue 15, section 3)

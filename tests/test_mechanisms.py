@@ -16,9 +16,9 @@ from attn.soft import (
     MultiplicativeAttention,
     Seq2SeqAttention,
     make_score,
-    permutation_loss,
     softmax_vjp,
 )
+from attn.experiments.soft import permutation_loss
 from attn.tasks import AssociativeRecall, PermutationTask
 from attn.train import evaluate, train
 
