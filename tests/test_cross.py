@@ -225,3 +225,24 @@ def test_latent_cross_attention_names_key_mask():
         layer(x, key_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"^key_mask must be a torch\.bool tensor"):
         layer(x, key_mask=torch.ones(2, 3))
+
+
+# ----------------------------------------------------------------------------- one interface (issue 23)
+
+
+def test_cross_attention_is_multihead_attention_with_memory_widths():
+    """CrossAttention is MultiHeadAttention (kdim, vdim = kdim by default): one state dict, one forward signature."""
+    from attn.attention import Attention
+    from attn.multihead import MultiHeadAttention
+
+    torch.manual_seed(0)
+    ca = CrossAttention(8, 2, kdim=6).double()
+    assert isinstance(ca, Attention) and ca.vdim == 6 and ca.kernel == "sdpa"
+    mha = MultiHeadAttention(8, 2, kdim=6, vdim=6).double()
+    mha.load_state_dict(ca.state_dict())
+    q, k = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    km = padding_mask([5, 2], 5)
+    torch.testing.assert_close(ca(q, k, key_mask=km).output, mha(q, k, k, key_mask=km).output)
+    assert registry.get("cross").kernel is None and registry.get("cross").causal is False
+    with pytest.raises(ValueError, match="cannot be causal"):
+        registry.get("cross").build(8, 2)(torch.randn(1, 4, 8), is_causal=True)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attn.experiments.soft import permutation_loss
 from attn.masks import causal_mask, mha_convention, padding_mask
 from attn.models import RecallModel, recall_loss
 from attn.multihead import MultiHeadAttention
@@ -18,7 +19,6 @@ from attn.soft import (
     make_score,
     softmax_vjp,
 )
-from attn.experiments.soft import permutation_loss
 from attn.tasks import AssociativeRecall, PermutationTask
 from attn.train import evaluate, train
 
