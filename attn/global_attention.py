@@ -40,12 +40,12 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_int, check_tokens, empty_batch
+from .attention import AttentionBase, register_kernel
+from .checks import check_heads, check_int, check_tokens
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
-from .masks import band_mask, check_key_mask
+from .masks import band_mask, causal_mask, check_key_mask
 from .registry import register
 from .soft import MultiplicativeAttention, _check_query_keys, _check_seq2seq_inputs, _ScoreAttention
 
@@ -56,6 +56,8 @@ __all__ = [
     "LuongSelfAttention",
     "LuongSeq2Seq",
     "global_mask",
+    "global_token_attention",
+    "global_token_kernel",
     "GlobalTokenAttention",
 ]
 
@@ -101,14 +103,6 @@ def make_luong_score(kind: LuongScore, query_dim: int, key_dim: int, hidden: int
     raise ValueError(f"score must be 'dot', 'general' or 'concat', got {kind!r}")
 
 
-@register(
-    "global",
-    paper="Luong et al. 2015",
-    complexity="O(n m d)",
-    chapter=5,
-    summary="Luong global attention: dot/general/concat scores over the whole source, then tanh(W_c[c_t; h_t])",
-    build=lambda embed_dim, num_heads: LuongSelfAttention(embed_dim, score="general"),
-)
 class LuongGlobalAttention(nn.Module):
     r"""Luong global attention: alignment over all source states, context, attentional state.
 
@@ -132,13 +126,16 @@ class LuongGlobalAttention(nn.Module):
         self.query_dim, self.key_dim = query_dim, key_dim
         self.w_c = nn.Linear(key_dim + query_dim, out_dim or query_dim, bias=False)  # W_c
 
-    def forward(self, query: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> AttentionOutput:
+    def forward(
+        self, query: Tensor, memory: Tensor, key_mask: Tensor | None = None, *, attn_mask: Tensor | None = None
+    ) -> AttentionOutput:
         """Attend ``h_t`` to the source.
 
         Args:
             query: ``(B, d_q)`` one step, or ``(B, T, d_q)`` all target steps at once.
             memory: ``(B, S, d_k)`` source states (keys and values).
             key_mask: ``(B, S)`` boolean, ``True`` = real source token.
+            attn_mask: ``(T, S)`` or ``(B, T, S)`` boolean, ``True`` = step ``t`` may read state ``s``.
 
         Returns:
             ``(\tilde h (B, [T,] d_out), a (B, [T,] S))``.
@@ -148,31 +145,55 @@ class LuongGlobalAttention(nn.Module):
             the shape above, or mixed dtypes) or ``key_mask``.
         """
         _check_query_keys(query, memory, memory, self.query_dim, self.key_dim, keys_name="memory", values_name="memory")
-        context, align = self.score(query, memory, key_mask=key_mask)  # c_t (B, [T,] d_k), a_t (B, [T,] S)
+        context, align = self.score(query, memory, key_mask=key_mask, attn_mask=attn_mask)  # c_t (B, [T,] d_k), a_t (B, [T,] S)
         h_tilde = torch.tanh(self.w_c(torch.cat([context, query], -1)))  # eq. 5
         return AttentionOutput(h_tilde, align)
 
 
+@register(
+    "global",
+    paper="Luong et al. 2015",
+    complexity="O(n m d)",
+    chapter=5,
+    summary="Luong global attention: dot/general/concat scores over the whole source, then tanh(W_c[c_t; h_t])",
+    build=lambda embed_dim, num_heads: LuongSelfAttention(embed_dim, score="general"),
+    kernel=None,
+    causal=False,
+)
 class LuongSelfAttention(nn.Module):
     r"""Luong global attention used as a token mixer: every position is an ``h_t`` and the sequence is the source.
 
     ``y_i = tanh(W_c [c_i; x_i])``, ``c_i = sum_j a_i(j) x_j``,
     ``a_i = softmax_j score(x_i, x_j)``. No value projection and one head (the
     RNN-era design); ``num_heads`` does not apply. Shapes: ``(B, n, E) -> (B, n, E)``,
-    weights ``(B, n, n)``. With ``dot`` each position tends to attend to itself
+    weights ``(B, 1, n, n)`` (one head). With ``dot`` each position tends to attend to itself
     (``x_i^T x_i`` is the largest product), so ``general`` is the default.
+
+    Args:
+        embed_dim: width ``E`` of the tokens.
+        score: ``dot``, ``general`` or ``concat``.
+        hidden: rows of ``W_a`` for ``concat`` (default ``E``).
+        causal: the default of ``forward``'s ``is_causal`` (position ``i`` reads ``j <= i``).
     """
 
-    def __init__(self, embed_dim: int, score: LuongScore = "general", hidden: int | None = None) -> None:
+    def __init__(self, embed_dim: int, score: LuongScore = "general", hidden: int | None = None, *, causal: bool = False) -> None:
         super().__init__()
-        self.embed_dim = embed_dim
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        self.embed_dim, self.causal = embed_dim, causal
         self.attn = LuongGlobalAttention(embed_dim, embed_dim, score, hidden or embed_dim, embed_dim)
 
-    def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
-        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, n, n) or None)``."""
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, 1, n, n) or None)``; ``is_causal``: ``j <= i`` only."""
         check_tokens(x, self.embed_dim)
-        out, weights = self.attn(x, x, key_mask=key_mask)
-        return AttentionOutput(out, weights if need_weights else None)
+        causal = self.causal if is_causal is None else is_causal
+        if not isinstance(causal, bool):
+            raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+        mask = causal_mask(x.shape[1], device=x.device) if causal else None
+        out, weights = self.attn(x, x, key_mask=key_mask, attn_mask=mask)
+        return AttentionOutput(out, weights[:, None] if need_weights and weights is not None else None)
 
 
 class LuongSeq2Seq(nn.Module):
@@ -302,6 +323,132 @@ def global_mask(n: int, global_idx: Sequence[int] | Tensor, window: int, device:
     return keep
 
 
+def global_token_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    global_idx: Sequence[int] | Sequence[bool] | Tensor = (0,),
+    key_mask: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    *,
+    blockwise: bool | None = None,
+) -> AttentionOutput:
+    """Window ``|i - j| <= window`` plus global tokens, per head, without an ``n x n`` tensor.
+
+    Equal to :func:`attn.core.scaled_dot_product_attention` with ``attn_mask=global_mask(n, global_idx, window)``.
+    The ``g`` global rows attend densely (``g x n``); the other rows in blocks of ``b = min(window, n)``
+    queries against three blocks of keys plus the ``g`` global columns: ``O(n (3b + g) d)``. When the
+    blocks would score at least the ``n^2`` pairs of dense attention (``n`` up to about ``3w + g``), the
+    dense masked scores are used instead (same output): the cost never exceeds dense attention's.
+
+    Args:
+        q, k, v: ``(B, h, n, d)``; self-attention (queries and keys are the same sequence).
+        window: one-sided window ``w >= 0``.
+        global_idx: global positions (ints, negative = from the end) or a boolean mask ``(n,)``.
+        key_mask: ``(B, n)`` boolean, ``True`` = real token.
+        scale: default ``1 / sqrt(d)``; dropout_p: dropout on the weights (0 in eval).
+        need_weights: also return the dense ``(B, h, n, n)`` weights (small ``n`` only).
+        blockwise: ``None`` takes the cheaper path; ``True``/``False`` forces the blocks / the dense mask.
+    """
+    check_int("window", window, 0)
+    if blockwise is not None and not isinstance(blockwise, bool):
+        raise TypeError(f"blockwise must be None, True or False, got {blockwise!r}")
+    if q.ndim != 4 or k.shape[-2] != q.shape[-2]:
+        raise ValueError(f"global-token attention needs q, k, v (B, h, n, d) of one sequence, got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, heads, n, d = q.shape
+    check_key_mask(key_mask, B, n, length_name="n")
+    g_idx = _global_index(n, global_idx, q.device)  # (g,)
+    if B == 0:
+        return AttentionOutput(v.new_zeros(*q.shape[:-1], v.shape[-1]), q.new_zeros(0, heads, n, n) if need_weights else None)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    b = min(max(window, 1), n)  # block size: a block of b queries needs keys from its own and the two neighbouring blocks
+    nb = -(-n // b)
+    g = g_idx.numel()
+    if blockwise is None:  # scores per (batch, head): blocks (band + global columns) and global rows, vs n^2
+        blockwise = nb * b * (3 * b + g) + g * n < n * n
+    if not blockwise:
+        mask = global_mask(n, g_idx, window, q.device)
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, scale=scale,
+                                            dropout_p=dropout_p, need_weights=need_weights)
+    w = window
+    pad = nb * b - n
+    is_global = torch.zeros(n, dtype=torch.bool, device=q.device)
+    is_global[g_idx] = True
+    real = key_mask if key_mask is not None else torch.ones(B, n, dtype=torch.bool, device=q.device)
+
+    # banded part: queries in blocks (B, h, nb, b, d) against key windows (B, h, nb, 3b, d)
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, heads, nb, b, -1)
+    kw = F.pad(k, (0, 0, b, pad + b)).unfold(2, 3 * b, b)  # (B, h, nb, d, 3b), a view
+    vw = F.pad(v, (0, 0, b, pad + b)).unfold(2, 3 * b, b)  # (B, h, nb, d_v, 3b)
+    s_band = (qb @ kw) * scale  # (B, h, nb, b, 3b)
+    qpos = torch.arange(nb * b, device=q.device).view(nb, b)  # query position of each block row
+    kpos = (torch.arange(nb, device=q.device) * b - b)[:, None] + torch.arange(3 * b, device=q.device)  # (nb, 3b)
+    inside = (kpos >= 0) & (kpos < n)
+    kc = kpos.clamp(0, n - 1)
+    # a key in the band that is also global is left to the global columns (no double counting)
+    band_ok = ((qpos[:, :, None] - kpos[:, None, :]).abs() <= w) & (inside & ~is_global[kc])[:, None, :]  # (nb, b, 3b)
+    band_ok = band_ok & (real[:, kc] & inside)[:, None, :, None, :]  # (B, 1, nb, b, 3b)
+
+    # global columns: every query scores the g global keys
+    k_g, v_g = k[:, :, g_idx], v[:, :, g_idx]  # (B, h, g, d)
+    s_gcol = (qb @ k_g[:, :, None].transpose(-1, -2)) * scale  # (B, h, nb, b, g)
+    gcol_ok = real[:, g_idx][:, None, None, None, :].expand(B, 1, nb, b, -1)  # (B, 1, nb, b, g)
+
+    p = masked_softmax(torch.cat([s_band, s_gcol], -1), torch.cat([band_ok, gcol_ok], -1))  # (B, h, nb, b, 3b + g)
+    p_drop = F.dropout(p, dropout_p) if dropout_p > 0 else p
+    p_band, p_gcol = p_drop.split([3 * b, g], -1)
+    out = p_band @ vw.transpose(-1, -2) + p_gcol @ v_g[:, :, None]  # (B, h, nb, b, d_v)
+    out = out.reshape(B, heads, nb * b, -1)[:, :, :n]  # (B, h, n, d_v)
+
+    # global rows: the g global queries attend densely to all n keys (g x n)
+    p_grow = None
+    if g:
+        out_g, p_grow = scaled_dot_product_attention(q[:, :, g_idx], k, v, key_mask=key_mask, scale=scale,
+                                                     dropout_p=dropout_p, need_weights=need_weights)
+        out = out.index_copy(2, g_idx, out_g)
+    if not need_weights:
+        return AttentionOutput(out, None)
+
+    # dense (B, h, n, n) weights, for drawing (small n only)
+    p_band, p_gcol = p.split([3 * b, g], -1)
+    col = (kpos + b)[:, None, :].expand(nb, b, 3 * b).reshape(1, 1, nb * b, 3 * b)  # key column of each row, padded coords
+    dense = torch.zeros(B, heads, nb * b, (nb + 2) * b, dtype=p.dtype, device=q.device)
+    dense = dense.scatter_add(-1, col.expand(B, heads, -1, -1), p_band.reshape(B, heads, nb * b, 3 * b))
+    dense = dense[:, :, :n, b : b + n]
+    dense = dense.index_add(-1, g_idx, p_gcol.reshape(B, heads, nb * b, -1)[:, :, :n])
+    if p_grow is not None:
+        dense = dense.index_copy(2, g_idx, p_grow)
+    return AttentionOutput(out, dense)
+
+
+@register_kernel("global-tokens", attn_mask=False, dense=False,
+                 summary="window |i - j| <= w plus global tokens that see and are seen by all, in O(n (w + g) d)")
+def global_token_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    window: int = 8,
+    global_idx: Sequence[int] | Sequence[bool] | Tensor = (0,),
+    blockwise: bool | None = None,
+) -> AttentionOutput:
+    """:func:`global_token_attention` as a kernel; global tokens see every key, so it cannot be causal."""
+    if attn_mask is not None:
+        raise ValueError("the global-tokens kernel takes no attn_mask (window and global tokens are the pattern); pass key_mask")
+    if is_causal:
+        raise ValueError("global-token attention cannot be causal: a global token attends to every position, later ones too")
+    return global_token_attention(q, k, v, window, global_idx, key_mask, scale, dropout_p, need_weights, blockwise=blockwise)
+
+
 @register(
     "global-tokens",
     paper="Beltagy et al. 2020",
@@ -309,14 +456,19 @@ def global_mask(n: int, global_idx: Sequence[int] | Tensor, window: int, device:
     chapter=5,
     summary="sliding window plus a few global tokens that see and are seen by all (Longformer/ETC/BigBird)",
     build=lambda embed_dim, num_heads: GlobalTokenAttention(embed_dim, num_heads, window=8, global_idx=(0,)),
+    kernel="global-tokens",
+    causal=False,
 )
-class GlobalTokenAttention(nn.Module):
+class GlobalTokenAttention(AttentionBase):
     """Multi-head attention with a local window plus global tokens, computed blockwise.
 
     Query ``i`` attends to keys ``|i - j| <= window`` and to the global
     positions; a global position attends to every key. Projections are shared
     by local and global attention (as in ETC/BigBird; Longformer trains a
-    second set for the global part).
+    second set for the global part): :class:`~attn.attention.AttentionBase`'s
+    ``q_proj, k_proj, v_proj, out_proj``, so the state dict is
+    :class:`~attn.multihead.MultiHeadAttention`'s. The kernel is
+    :func:`global_token_attention` (registered as ``"global-tokens"``).
 
     Cost: ``O(n (3w + g) d)`` for the banded rows and ``O(g n d)`` for the
     global rows, time and memory, per head. No ``n x n`` tensor is built unless
@@ -333,43 +485,45 @@ class GlobalTokenAttention(nn.Module):
         global_idx: default global positions (ints, negative = from the end; ``()`` for
             none), or a boolean mask of length ``n`` (``True`` = global) for inputs of
             that length only.
+        dropout: dropout on the attention weights during training.
         bias: biases on the projections.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, window: int = 8, global_idx: Sequence[int] | Sequence[bool] | Tensor = (0,), bias: bool = True) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        window: int = 8,
+        global_idx: Sequence[int] | Sequence[bool] | Tensor = (0,),
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
         check_int("embed_dim", embed_dim)
         check_int("num_heads", num_heads)
         check_heads(embed_dim, num_heads)
         check_int("window", window, 0)
-        self.embed_dim, self.num_heads, self.head_dim, self.window = embed_dim, num_heads, embed_dim // num_heads, window
+        super().__init__(embed_dim, num_heads, kernel="global-tokens", dropout=dropout, bias=bias)
+        self.window = window
         self.global_idx = tuple(_index_tensor(global_idx).tolist())  # ints, or bools (a mask)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-
-    def _check(self, x: Tensor, key_mask: Tensor | None) -> None:
-        check_tokens(x, self.embed_dim)
-        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
-
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)  # noqa: E731
-        return split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))  # (B, h, n, d) each
+        self._call_global: Tensor | None = None  # this call's global positions and path, read by attend
+        self._call_blockwise: bool | None = None
 
     def forward(
         self,
         x: Tensor,
-        need_weights: bool = False,
-        key_mask: Tensor | None = None,
-        global_idx: Sequence[int] | Sequence[bool] | Tensor | None = None,
         *,
+        key_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
+        global_idx: Sequence[int] | Sequence[bool] | Tensor | None = None,
         blockwise: bool | None = None,
     ) -> AttentionOutput:
         """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, h, n, n) or None)``.
 
         Args:
             key_mask: ``(B, n)`` boolean, ``True`` = real token.
+            is_causal: ``True`` is refused (a ``ValueError``): global tokens see later positions.
             global_idx: global positions for this call (default: the constructor's):
                 ints (negative = from the end) or a boolean mask ``(n,)``, ``True`` = global.
             blockwise: ``None`` takes the cheaper of the blockwise and the dense
@@ -378,76 +532,38 @@ class GlobalTokenAttention(nn.Module):
         self._check(x, key_mask)
         if blockwise is not None and not isinstance(blockwise, bool):
             raise TypeError(f"blockwise must be None, True or False, got {blockwise!r}")
-        B, n, _ = x.shape
-        g_idx = _global_index(n, self.global_idx if global_idx is None else global_idx, x.device)  # (g,)
-        if empty_batch(x):
-            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, n, n) if need_weights else None)
-        b = min(max(self.window, 1), n)  # block size: a block of b queries needs keys from its own and the two neighbouring blocks
-        nb = -(-n // b)
-        g = g_idx.numel()
-        if blockwise is None:  # scores per (batch, head): blocks (band + global columns) and global rows, vs n^2
-            blockwise = nb * b * (3 * b + g) + g * n < n * n
-        q, k, v = self._qkv(x)
-        if not blockwise:
-            return self._dense(q, k, v, g_idx, key_mask, need_weights)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        w = self.window
-        pad = nb * b - n
-        is_global = torch.zeros(n, dtype=torch.bool, device=x.device)
-        is_global[g_idx] = True
-        real = key_mask if key_mask is not None else torch.ones(B, n, dtype=torch.bool, device=x.device)
+        g_idx = _global_index(x.shape[1], self.global_idx if global_idx is None else global_idx, x.device)
+        self._call_global, self._call_blockwise = g_idx, blockwise
+        try:
+            return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
+        finally:
+            self._call_global, self._call_blockwise = None, None
 
-        # banded part: queries in blocks (B, h, nb, b, d) against key windows (B, h, nb, 3b, d)
-        qb = F.pad(q, (0, 0, 0, pad)).view(B, self.num_heads, nb, b, -1)
-        kw = F.pad(k, (0, 0, b, pad + b)).unfold(2, 3 * b, b)  # (B, h, nb, d, 3b), a view
-        vw = F.pad(v, (0, 0, b, pad + b)).unfold(2, 3 * b, b)  # (B, h, nb, d, 3b)
-        s_band = (qb @ kw) * scale  # (B, h, nb, b, 3b)
-        qpos = torch.arange(nb * b, device=x.device).view(nb, b)  # query position of each block row
-        kpos = (torch.arange(nb, device=x.device) * b - b)[:, None] + torch.arange(3 * b, device=x.device)  # (nb, 3b)
-        inside = (kpos >= 0) & (kpos < n)
-        kc = kpos.clamp(0, n - 1)
-        # a key in the band that is also global is left to the global columns (no double counting)
-        band_ok = ((qpos[:, :, None] - kpos[:, None, :]).abs() <= w) & (inside & ~is_global[kc])[:, None, :]  # (nb, b, 3b)
-        band_ok = band_ok & (real[:, kc] & inside)[:, None, :, None, :]  # (B, 1, nb, b, 3b)
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """The ``"global-tokens"`` kernel with this layer's window and this call's global positions."""
+        g_idx = self.global_idx if self._call_global is None else self._call_global
+        return global_token_kernel(
+            q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+            need_weights=need_weights, window=self.window, global_idx=g_idx, blockwise=self._call_blockwise,
+        )
 
-        # global columns: every query scores the g global keys
-        k_g, v_g = k[:, :, g_idx], v[:, :, g_idx]  # (B, h, g, d)
-        s_gcol = (qb @ k_g[:, :, None].transpose(-1, -2)) * scale  # (B, h, nb, b, g)
-        gcol_ok = real[:, g_idx][:, None, None, None, :].expand(B, 1, nb, b, -1)  # (B, 1, nb, b, g)
+    def _check(self, x: Tensor, key_mask: Tensor | None) -> None:
+        check_tokens(x, self.embed_dim)
+        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
 
-        p = masked_softmax(torch.cat([s_band, s_gcol], -1), torch.cat([band_ok, gcol_ok], -1))  # (B, h, nb, b, 3b + g)
-        p_band, p_gcol = p.split([3 * b, g], -1)
-        out = p_band @ vw.transpose(-1, -2) + p_gcol @ v_g[:, :, None]  # (B, h, nb, b, d)
-        out = out.reshape(B, self.num_heads, nb * b, -1)[:, :, :n]  # (B, h, n, d)
-
-        # global rows: the g global queries attend densely to all n keys (g x n)
-        if g:
-            out_g, p_grow = scaled_dot_product_attention(q[:, :, g_idx], k, v, key_mask=key_mask, need_weights=need_weights)
-            out = out.index_copy(2, g_idx, out_g)
-        y = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
-        if not need_weights:
-            return AttentionOutput(y, None)
-
-        # dense (B, h, n, n) weights, for drawing (small n only)
-        col = (kpos + b)[:, None, :].expand(nb, b, 3 * b).reshape(1, 1, nb * b, 3 * b)  # key column of each row, padded coords
-        dense = torch.zeros(B, self.num_heads, nb * b, (nb + 2) * b, dtype=p.dtype, device=x.device)
-        dense = dense.scatter_add(-1, col.expand(B, self.num_heads, -1, -1), p_band.reshape(B, self.num_heads, nb * b, 3 * b))
-        dense = dense[:, :, :n, b : b + n]
-        dense = dense.index_add(-1, g_idx, p_gcol.reshape(B, self.num_heads, nb * b, -1)[:, :, :n])
-        if g:
-            assert p_grow is not None  # the global rows were attended with need_weights=True above
-            dense = dense.index_copy(2, g_idx, p_grow)
-        return AttentionOutput(y, dense)
-
-    def _dense(self, q: Tensor, k: Tensor, v: Tensor, g_idx: Tensor, key_mask: Tensor | None, need_weights: bool) -> AttentionOutput:
-        """Dense attention of the projected ``q, k, v`` ``(B, h, n, d)`` under the ``(n, n)`` :func:`global_mask`."""
-        mask = global_mask(q.shape[2], g_idx, self.window, q.device)
-        out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, need_weights=need_weights)
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
-
-    def reference(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None,
+    def reference(self, x: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False,
                   global_idx: Sequence[int] | Sequence[bool] | Tensor | None = None) -> AttentionOutput:
         """The labelled baseline: the same layer as dense attention over an ``n x n`` :func:`global_mask`."""
-        self._check(x, key_mask)
-        g_idx = _global_index(x.shape[1], self.global_idx if global_idx is None else global_idx, x.device)
-        return self._dense(*self._qkv(x), g_idx, key_mask, need_weights)
+        return self(x, key_mask=key_mask, need_weights=need_weights, global_idx=global_idx, blockwise=False)

@@ -55,14 +55,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from .checks import check_heads, check_int, check_positive_float, check_same_dtype, check_tokens, empty_batch
+from .attention import AttentionBase, register_kernel
+from .checks import check_heads, check_int, check_positive_float, check_same_dtype, check_tokens
 from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
 
-__all__ = ["BlockLayout", "bigbird_layout", "bigbird_mask", "bigbird_attention", "BigBirdAttention"]
+__all__ = ["BlockLayout", "bigbird_layout", "bigbird_mask", "bigbird_attention", "bigbird_kernel", "BigBirdAttention"]
 
 
 def _global_blocks(n_blocks: int, global_blocks: Sequence[int]) -> Tensor:
@@ -325,6 +326,45 @@ def bigbird_attention(
     return AttentionOutput(out, weights)
 
 
+@register_kernel("bigbird", attn_mask=False, dense=False,
+                 summary="BigBird blocks: window + global + random key blocks, gathered, O(n K b d)")
+def bigbird_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    block_size: int = 16,
+    window: int = 1,
+    global_blocks: Sequence[int] = (0,),
+    num_random: int = 1,
+    seed: int = 0,
+    layout: BlockLayout | None = None,
+    blockwise: bool | None = None,
+) -> AttentionOutput:
+    """:func:`bigbird_attention` as a kernel: the ``layout`` given, or :func:`bigbird_layout` of the options.
+
+    BigBird's global blocks read every key, so the kernel cannot be causal; a general ``attn_mask`` is
+    refused (the layout is the pattern).
+    """
+    if attn_mask is not None:
+        raise ValueError("the bigbird kernel takes no attn_mask (its block layout is the pattern); pass key_mask")
+    if is_causal:
+        raise ValueError("BigBird attention cannot be causal: its global and random blocks read later positions")
+    if layout is None:
+        check_int("block_size", block_size, 1)
+        nb = -(-q.shape[-2] // block_size)
+        globals_ = tuple(g for g in global_blocks if -nb <= g < nb)
+        layout = bigbird_layout(nb, window, globals_, num_random, q.shape[1] if q.ndim == 4 else 1, seed)
+    return bigbird_attention(q, k, v, block_size, layout, key_mask=key_mask, scale=scale, dropout_p=dropout_p,
+                             need_weights=need_weights, blockwise=blockwise)
+
+
 @register(
     "bigbird",
     paper="Zaheer et al. 2020",
@@ -332,14 +372,17 @@ def bigbird_attention(
     chapter=10,
     summary="BigBird block-sparse attention: window + global + random key blocks, gathered blockwise",
     build=lambda embed_dim, num_heads: BigBirdAttention(embed_dim, num_heads, block_size=2, window=1, global_blocks=(0,), num_random=1),
+    kernel="bigbird",
+    causal=False,
 )
-class BigBirdAttention(nn.Module):
+class BigBirdAttention(AttentionBase):
     """Multi-head BigBird self-attention (ITC: the global blocks are blocks of the sequence).
 
-    Projections and heads as in :class:`attn.multihead.MultiHeadAttention`;
-    each head runs :func:`bigbird_attention` with its own random blocks. The
-    layout depends only on the number of blocks and ``seed``; it is built once
-    per length and cached.
+    :class:`~attn.attention.AttentionBase` (projections ``q_proj, k_proj, v_proj, out_proj`` and heads
+    as in :class:`~attn.multihead.MultiHeadAttention`: the state dicts are interchangeable) with the
+    ``"bigbird"`` kernel; each head runs :func:`bigbird_attention` with its own random blocks. The
+    layout is the layer's state: it depends only on the number of blocks and ``seed``, is built once
+    per length and cached, and :meth:`attend` passes it to the kernel.
 
     Shapes: ``x`` ``(B, n, E)`` -> output ``(B, n, E)``; weights, when asked
     for, ``(B, h, n, n)``.
@@ -362,6 +405,7 @@ class BigBirdAttention(nn.Module):
         self,
         embed_dim: int,
         num_heads: int,
+        *,
         block_size: int = 16,
         window: int = 1,
         global_blocks: Sequence[int] = (0,),
@@ -370,7 +414,6 @@ class BigBirdAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
-        super().__init__()
         check_int("embed_dim", embed_dim, 1)
         check_int("num_heads", num_heads, 1)
         check_heads(embed_dim, num_heads)
@@ -383,13 +426,11 @@ class BigBirdAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if isinstance(global_blocks, (int, str)) or not all(isinstance(g, int) and not isinstance(g, bool) for g in global_blocks):
             raise TypeError(f"global_blocks must be a sequence of ints (block indices), got {global_blocks!r}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        super().__init__(embed_dim, num_heads, kernel="bigbird", dropout=dropout, bias=bias)
         self.block_size, self.window, self.num_random, self.seed = block_size, window, num_random, seed
         self.global_blocks = tuple(global_blocks)
-        self.dropout = dropout
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V], all heads
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self._layouts: dict[int, BlockLayout] = {}
+        self._blockwise: bool | None = None  # this call's path (None: the cheaper), read by attend
 
     def layout(self, n: int) -> BlockLayout:
         """The block layout used for sequences of length ``n`` (cached per number of blocks)."""
@@ -399,26 +440,50 @@ class BigBirdAttention(nn.Module):
             self._layouts[nb] = bigbird_layout(nb, self.window, globals_, self.num_random, self.num_heads, self.seed)
         return self._layouts[nb]
 
-    def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
-        """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        key_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
+        blockwise: bool | None = None,
+    ) -> AttentionOutput:
+        """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), weights (B, h, n, n) | None)``.
+
+        ``is_causal=True`` is refused (a ``ValueError``); ``blockwise`` forces the gathered blocks
+        (``True``) or the dense masked scores (``False``, :meth:`reference`); ``None`` takes the cheaper.
+        """
         x = check_tokens(x, self.embed_dim)
         check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
-        if empty_batch(x):
-            n = x.shape[1]
-            w = x.new_zeros(0, self.num_heads, n, n) if need_weights else None
-            return AttentionOutput(x.new_zeros(x.shape), w)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # (B, h, n, d_h)
-        out, weights = bigbird_attention(
-            q, k, v, self.block_size, self.layout(x.shape[1]), key_mask=key_mask,
-            dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
-        )
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
+        if blockwise is not None and not isinstance(blockwise, bool):
+            raise TypeError(f"blockwise must be None, True or False, got {blockwise!r}")
+        self._blockwise = blockwise
+        try:
+            return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
+        finally:
+            self._blockwise = None
 
-    def reference(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """The ``"bigbird"`` kernel with this layer's block layout for ``n`` tokens (its state)."""
+        return bigbird_kernel(
+            q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+            need_weights=need_weights, block_size=self.block_size, layout=self.layout(q.shape[-2]),
+            blockwise=self._blockwise,
+        )
+
+    def reference(self, x: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         """The labelled baseline: the same layer as dense attention under the ``(h, n, n)`` :func:`bigbird_mask`."""
-        x = check_tokens(x, self.embed_dim)
-        n = x.shape[1]
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        mask = bigbird_mask(n, self.block_size, self.layout(n)).to(x.device)
-        out, weights = scaled_dot_product_attention(q, k, v, attn_mask=mask, key_mask=key_mask, need_weights=need_weights)
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
+        return self(x, key_mask=key_mask, need_weights=need_weights, blockwise=False)

@@ -50,12 +50,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .checks import check_heads, check_int, check_same_dtype, check_tokens, empty_batch
+from .attention import AttentionBase, register_kernel
+from .checks import check_int, check_same_dtype, check_tokens
 from .core import AttentionOutput, check_qkv, masked_softmax, scaled_dot_product_attention
 from .masks import band_mask, check_key_mask
 from .registry import register
 
-__all__ = ["local_attention", "local_pattern", "LocalAttention", "LocalPAttention"]
+__all__ = ["local_attention", "local_kernel", "local_pattern", "LocalAttention", "LocalPAttention"]
 
 
 def _check_window(window: int, exact_band: bool) -> None:
@@ -258,6 +259,34 @@ def _scatter_weights(wb: Tensor, batch: int, nb: int, w: int, back: int, fwd: in
     return dense[..., back * w : back * w + nb * w]
 
 
+@register_kernel("local", attn_mask=False, dense=False,
+                 summary="sliding window |i - j| <= w (i - w <= j <= i causal), blockwise in O(n w d)")
+def local_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    window: int = 8,
+    exact_band: bool = True,
+    blockwise: bool | None = None,
+) -> AttentionOutput:
+    """:func:`local_attention` as a kernel of :class:`~attn.attention.Attention` (the window is the pattern).
+
+    ``q, k, v`` ``(B, h, n, d)``; the window is an option (``window=8`` by default); a general
+    ``attn_mask`` is refused (the band *is* the mask; pass ``key_mask`` and ``is_causal``).
+    """
+    if attn_mask is not None:
+        raise ValueError("the local kernel takes no attn_mask (its window is the pattern); pass key_mask and is_causal")
+    return local_attention(q, k, v, window, causal=is_causal, key_mask=key_mask, exact_band=exact_band,
+                           scale=scale, dropout_p=dropout_p, need_weights=need_weights, blockwise=blockwise)
+
+
 @register(
     "local",
     paper="Beltagy et al. 2020; Luong et al. 2015",
@@ -265,20 +294,23 @@ def _scatter_weights(wb: Tensor, batch: int, nb: int, w: int, back: int, fwd: in
     chapter=8,
     summary="sliding-window multi-head attention, computed blockwise",
     build=lambda embed_dim, num_heads: LocalAttention(embed_dim, num_heads, window=8, causal=False),
+    kernel="local",
+    causal=False,
 )
-class LocalAttention(nn.Module):
+class LocalAttention(AttentionBase):
     """Multi-head sliding-window self-attention (Longformer's local attention).
 
-    Projections and heads as in :class:`attn.multihead.MultiHeadAttention`;
-    each head runs :func:`local_attention`. Shapes: ``x`` ``(B, n, E)`` ->
-    output ``(B, n, E)``; weights, when asked for, ``(B, h, n, n)``.
+    :class:`~attn.attention.AttentionBase` (the projections ``q_proj, k_proj, v_proj, out_proj`` and
+    heads of :class:`~attn.multihead.MultiHeadAttention`: their state dicts are interchangeable) with
+    the ``"local"`` kernel, :func:`local_attention` per head. Shapes: ``x`` ``(B, n, E)`` -> output
+    ``(B, n, E)``; weights, when asked for, ``(B, h, n, n)``.
 
     Args:
         embed_dim: model width ``E``.
         num_heads: heads ``h`` (must divide ``E``).
         window: ``w``; token ``i`` sees tokens ``|i - j| <= w`` (``i - w .. i``
             when causal). The registry's ``build`` uses ``w = 8``, two-sided.
-        causal: one-sided window.
+        causal: one-sided window (the default of ``forward``'s ``is_causal``).
         exact_band: per-token band (``True``) or whole neighbouring blocks (``False``).
         dropout: dropout on the attention weights during training.
         bias: biases on the projections.
@@ -288,35 +320,27 @@ class LocalAttention(nn.Module):
         self,
         embed_dim: int,
         num_heads: int,
+        *,
         window: int = 8,
         causal: bool = False,
         exact_band: bool = True,
         dropout: float = 0.0,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        check_int("embed_dim", embed_dim)
-        check_int("num_heads", num_heads)
-        check_heads(embed_dim, num_heads)
         _check_window(window, exact_band)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.window, self.causal, self.exact_band, self.dropout = window, causal, exact_band, dropout
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)  # [W^Q; W^K; W^V], all heads
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        super().__init__(embed_dim, num_heads, kernel="local", dropout=dropout, bias=bias, causal=causal,
+                         window=window, exact_band=exact_band)
+        self.window, self.exact_band = window, exact_band
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
-        """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), weights (B, h, n, n) | None)``."""
-        check_tokens(x, self.embed_dim)
-        if empty_batch(x):
-            return AttentionOutput(self.out_proj(x), x.new_zeros(0, self.num_heads, x.shape[1], x.shape[1]) if need_weights else None)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)  # (B, h, n, d_h)
-        out, weights = local_attention(
-            q, k, v, self.window, causal=self.causal, key_mask=key_mask, exact_band=self.exact_band,
-            dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
-        )
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), weights)
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
+        """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), weights (B, h, n, n) | None)``.
+
+        ``is_causal`` (``None``: the layer's ``causal``) picks the one-sided window.
+        """
+        check_tokens(x, self.embed_dim)  # errors name x, the argument the caller passed
+        return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
 
 
 class LocalPAttention(nn.Module):

@@ -6,7 +6,9 @@ r"""Chapter 2 -- self-attention: one sequence attends to itself.
     Y = \operatorname{softmax}\!\Big(\frac{QK^\top}{\tau\sqrt{d_k}} + M\Big) V
 
 ``X`` is ``(batch, n, d_model)``; ``Q, K`` are ``(batch, n, d_k)``, ``V`` is
-``(batch, n, d_v)``; ``Y`` is ``(batch, n, d_v)``; ``tau`` is a temperature
+``(batch, n, d_v)``; ``Y`` is ``(batch, n, d_v)``; the weights
+``softmax(...)`` are ``(batch, 1, n, n)`` (one head, the book's one weight
+layout ``(batch, heads, n, n)``); ``tau`` is a temperature
 (``1`` in the paper). Without positional information the map is
 permutation-equivariant: permuting the rows of ``X`` permutes the rows of ``Y``.
 
@@ -33,6 +35,8 @@ __all__ = ["SelfAttention"]
     chapter=2,
     summary="single-head scaled dot-product self-attention",
     build=lambda embed_dim, num_heads: SelfAttention(embed_dim),
+    kernel=None,
+    causal=False,
 )
 class SelfAttention(nn.Module):
     """Single-head scaled dot-product self-attention.
@@ -43,9 +47,19 @@ class SelfAttention(nn.Module):
         d_v: width of values and of the output (default ``d_k``).
         bias: add biases to the three projections.
         dropout: dropout on the attention weights during training.
+        causal: the default of ``forward``'s ``is_causal`` (token ``i`` sees tokens ``<= i``).
     """
 
-    def __init__(self, d_model: int, d_k: int | None = None, d_v: int | None = None, bias: bool = False, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_k: int | None = None,
+        d_v: int | None = None,
+        *,
+        bias: bool = False,
+        dropout: float = 0.0,
+        causal: bool = False,
+    ) -> None:
         super().__init__()
         check_int("d_model", d_model)
         for name, width in (("d_k", d_k), ("d_v", d_v)):
@@ -59,14 +73,15 @@ class SelfAttention(nn.Module):
         self.w_q = nn.Linear(d_model, self.d_k, bias=bias)
         self.w_k = nn.Linear(d_model, self.d_k, bias=bias)
         self.w_v = nn.Linear(d_model, self.d_v, bias=bias)
-        self.dropout = dropout
+        self.dropout, self.causal = dropout, causal
 
     def forward(
         self,
         x: Tensor,
-        attn_mask: Tensor | None = None,
+        *,
         key_mask: Tensor | None = None,
-        is_causal: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool | None = None,
         need_weights: bool = False,
         temperature: float = 1.0,
     ) -> AttentionOutput:
@@ -75,23 +90,24 @@ class SelfAttention(nn.Module):
         Args:
             attn_mask: ``(n, n)`` or ``(batch, n, n)``, boolean ``True`` = may attend.
             key_mask: ``(batch, n)``, ``True`` = real token.
-            is_causal: token ``i`` sees only tokens ``<= i``.
-            need_weights: also return the ``(batch, n, n)`` weights.
+            is_causal: token ``i`` sees only tokens ``<= i`` (``None``: the layer's ``causal``).
+            need_weights: also return the ``(batch, 1, n, n)`` weights (one head).
             temperature: divides the scores; ``> 1`` flattens, ``< 1`` sharpens; at least
                 :data:`~attn.core.MIN_TEMPERATURE` (1e-30), below which the scores overflow.
 
         Returns:
-            ``(output (batch, n, d_v), weights (batch, n, n) or None)``.
+            ``(output (batch, n, d_v), weights (batch, 1, n, n) or None)``.
         """
         x = check_tokens(x, self.d_model)
         temperature = check_positive_float("temperature", temperature, minimum=MIN_TEMPERATURE)
         q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)  # (B, n, d_k), (B, n, d_k), (B, n, d_v)
-        return scaled_dot_product_attention(
+        out, weights = scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             key_mask=key_mask,
-            is_causal=is_causal,
+            is_causal=self.causal if is_causal is None else is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             scale=1.0 / (temperature * math.sqrt(self.d_k)),
             need_weights=need_weights,
-        )
+        )  # weights (B, n, n)
+        return AttentionOutput(out, weights[:, None] if weights is not None else None)  # one head: (B, 1, n, n)

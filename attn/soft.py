@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from .checks import check_int, check_same_batch, check_same_dtype, check_tensor, check_token_ids, check_tokens
 from .core import AttentionOutput, masked_softmax
 from .masks import check_key_mask
-from .registry import OwnTask, register
+from .registry import register
 
-__all__ = ["permutation_loss", "AdditiveAttention", "AdditiveSelfAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
+__all__ = ["AdditiveAttention", "AdditiveSelfAttention", "MultiplicativeAttention", "Seq2SeqAttention", "softmax_vjp", "make_score"]
 
 ScoreKind = Literal["additive", "general", "dot"]
 
@@ -86,7 +86,15 @@ class _ScoreAttention(nn.Module):
     def scores(self, query: Tensor, keys: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, query: Tensor, keys: Tensor, values: Tensor | None = None, key_mask: Tensor | None = None) -> AttentionOutput:
+    def forward(
+        self,
+        query: Tensor,
+        keys: Tensor,
+        values: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+    ) -> AttentionOutput:
         """Attend a query to keys.
 
         Args:
@@ -94,6 +102,8 @@ class _ScoreAttention(nn.Module):
             keys: ``(B, S, d_k)``.
             values: ``(B, S, d_v)``; defaults to ``keys`` (the annotations themselves).
             key_mask: ``(B, S)`` boolean, ``True`` = real token.
+            attn_mask: ``(L, S)`` or ``(B, L, S)`` boolean, ``True`` = query ``i`` may read key ``j``
+                (a causal mask, for the self-attention uses).
 
         Returns:
             ``(context (B, d_v) | (B, L, d_v), weights (B, S) | (B, L, S))``.
@@ -107,6 +117,11 @@ class _ScoreAttention(nn.Module):
         if key_mask is not None:
             check_key_mask(key_mask, keys.shape[0], keys.shape[1])
             mask = key_mask[:, None, :]
+        if attn_mask is not None:
+            if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool or attn_mask.shape[-2:] != e.shape[-2:]:
+                raise ValueError(f"attn_mask must be a boolean tensor (L, S) or (B, L, S) = (..., {e.shape[1]}, {e.shape[2]}), "
+                                 f"got {getattr(attn_mask, 'shape', type(attn_mask).__name__)}")
+            mask = attn_mask if mask is None else mask & attn_mask
         alpha = masked_softmax(e, mask)  # (B, L, S)
         context = alpha @ values  # (B, L, d_v)
         if single:
@@ -121,7 +136,42 @@ class _ScoreAttention(nn.Module):
     chapter=1,
     summary="Bahdanau additive scoring v^T tanh(W s + U h) in an RNN encoder-decoder",
     build=lambda embed_dim, num_heads: AdditiveSelfAttention(embed_dim),
+    kernel=None,
+    causal=False,
 )
+class AdditiveSelfAttention(nn.Module):
+    """Additive scores used as self-attention: every position queries every position.
+
+    ``y_i = sum_j alpha_ij W_v x_j`` with ``alpha_i = softmax_j(v^T tanh(W_q x_i + W_k x_j))``.
+    Shapes: ``x`` ``(B, n, E)`` -> ``(B, n, E)``; weights ``(B, 1, n, n)`` (one head). Memory grows
+    as ``n^2 * hidden`` (one hidden vector per pair), which is what the comparison measures.
+
+    Args:
+        embed_dim: width ``E``; hidden: width of the scoring MLP (default ``E``).
+        causal: the default of ``forward``'s ``is_causal`` (position ``i`` reads ``j <= i``).
+    """
+
+    def __init__(self, embed_dim: int, hidden: int | None = None, *, causal: bool = False) -> None:
+        super().__init__()
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        self.causal = causal
+        self.score = AdditiveAttention(embed_dim, embed_dim, hidden or embed_dim)
+        self.value = nn.Linear(embed_dim, embed_dim)
+
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
+        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, 1, n, n) or None)``; ``is_causal``: ``j <= i`` only."""
+        check_tokens(x, self.value.in_features)
+        causal = self.causal if is_causal is None else is_causal
+        if not isinstance(causal, bool):
+            raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril() if causal else None
+        out, weights = self.score(x, x, self.value(x), key_mask=key_mask, attn_mask=mask)
+        return AttentionOutput(out, weights[:, None] if need_weights and weights is not None else None)
+
+
 class AdditiveAttention(_ScoreAttention):
     """Additive (Bahdanau) attention: ``e_j = v^T tanh(W_q s + W_k h_j)``.
 
@@ -144,26 +194,6 @@ class AdditiveAttention(_ScoreAttention):
         """``(B, L, d_q), (B, S, d_k) -> (B, L, S)``."""
         hidden = torch.tanh(self.w_q(query)[:, :, None, :] + self.w_k(keys)[:, None, :, :])  # (B, L, S, hidden)
         return self.v(hidden).squeeze(-1)
-
-
-class AdditiveSelfAttention(nn.Module):
-    """Additive scores used as self-attention: every position queries every position.
-
-    ``y_i = sum_j alpha_ij W_v x_j`` with ``alpha_i = softmax_j(v^T tanh(W_q x_i + W_k x_j))``.
-    Shapes: ``x`` ``(B, n, E)`` -> ``(B, n, E)``. Memory grows as ``n^2 * hidden``
-    (one hidden vector per pair), which is what the comparison measures.
-    """
-
-    def __init__(self, embed_dim: int, hidden: int | None = None) -> None:
-        super().__init__()
-        self.score = AdditiveAttention(embed_dim, embed_dim, hidden or embed_dim)
-        self.value = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, x: Tensor, need_weights: bool = False, key_mask: Tensor | None = None) -> AttentionOutput:
-        """``x (B, n, E)`` -> ``(output (B, n, E), weights (B, n, n) or None)``."""
-        check_tokens(x, self.value.in_features)
-        out, weights = self.score(x, x, self.value(x), key_mask=key_mask)
-        return AttentionOutput(out, weights if need_weights else None)
 
 
 class MultiplicativeAttention(_ScoreAttention):
@@ -195,42 +225,6 @@ def make_score(kind: ScoreKind, query_dim: int, key_dim: int, hidden: int = 64) 
     raise ValueError(f"score must be 'additive', 'general' or 'dot', got {kind!r}")
 
 
-def _seq2seq_task(preset: str) -> OwnTask[Seq2SeqAttention]:
-    """Chapter 1's own task for the comparison: reverse a sequence with the attentive encoder-decoder.
-
-    The cost sweep times the additive attention alone for a whole target of
-    ``n`` steps over a source of ``n`` states (``O(n^2 h)``), the work one
-    teacher-forced pass does in its attention.
-    """
-    from .tasks import PermutationTask
-
-    length, steps = {"quick": (6, 20), "book": (8, 150)}.get(preset, (12, 400))
-    task = PermutationTask(vocab=12, length=length, permutation="reverse")
-    model = Seq2SeqAttention(task.vocab, embed=16, hidden=32)
-    width = 2 * model.hidden
-    sizes = {"quick": (16, 32, 64), "book": (32, 64, 128, 256)}.get(preset, (64, 128, 256, 512, 1024))
-
-    def weights(m: Seq2SeqAttention, batch: dict[str, Tensor]) -> Tensor:
-        return m(batch["src"], batch["tgt_in"])[1]  # (B, T, S) alignments
-
-    return OwnTask(
-        description=f"reverse {length} tokens (seq2seq)",
-        model=model,
-        sample=task.sample,
-        loss=permutation_loss(task.perm),
-        layer=AdditiveAttention(width, width, hidden=32),
-        inputs=lambda n, g: (torch.randn(1, n, width, generator=g), torch.randn(1, n, width, generator=g)),
-        sizes=sizes,
-        size_unit="source = target tokens",
-        steps=steps,
-        batch_size=64,
-        lr=1e-2,
-        target_acc=0.9,
-        eval_batch=256,
-        weights=weights,
-    )
-
-
 @register(
     "seq2seq",
     paper="Bahdanau et al. 2015",
@@ -238,7 +232,6 @@ def _seq2seq_task(preset: str) -> OwnTask[Seq2SeqAttention]:
     chapter=1,
     data="seq2seq",
     summary="GRU encoder-decoder reading its source through additive attention at every output step",
-    task=_seq2seq_task,
 )
 class Seq2SeqAttention(nn.Module):
     """RNN encoder-decoder with soft attention (Bahdanau et al. 2015, section 3).
@@ -311,21 +304,3 @@ def _check_seq2seq_inputs(src: object, tgt_in: object, key_mask: Tensor | None, 
         B, S, T = 0, src.shape[1], tgt_in.shape[1]
         return torch.zeros(B, T, vocab, dtype=dtype, device=src.device), torch.zeros(B, T, S, dtype=dtype, device=src.device)
     return None
-
-
-def permutation_loss(perm: Tensor):
-    """Loss for :class:`Seq2SeqAttention` on a :class:`~attn.tasks.PermutationTask` with permutation ``perm``.
-
-    Returns ``loss_fn(model, batch) -> (cross-entropy, metrics)``; the metrics are
-    token accuracy ``acc`` and ``align_acc``, the fraction of output steps whose
-    largest attention weight falls on the true source position ``perm[t]``.
-    """
-
-    def loss_fn(model: Seq2SeqAttention, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        logits, align = model(batch["src"], batch["tgt_in"])  # (B, T, V), (B, T, S)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["tgt"].flatten())
-        acc = (logits.argmax(-1) == batch["tgt"]).float().mean()
-        align_acc = (align.argmax(-1) == perm.to(align.device)).float().mean()
-        return loss, {"acc": float(acc), "align_acc": float(align_acc)}
-
-    return loss_fn

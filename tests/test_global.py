@@ -197,7 +197,7 @@ def test_builds():
         assert out.output.shape == (2, 6, 16) and out.weights.shape[-2:] == (6, 6)
         torch.testing.assert_close(out.weights.sum(-1), torch.ones_like(out.weights.sum(-1)))
         assert layer(x).weights is None
-    assert registry.get("global").cls is LuongGlobalAttention
+    assert registry.get("global").cls is LuongSelfAttention  # the class build returns
 
 
 # ----------------------------------------------------------------------------- sizes clamped to n (issue 15, section 3)
@@ -330,3 +330,39 @@ def test_luong_seq2seq_empty_batch_and_sizes(input_feeding):
     assert logits.shape == (0, 4, 10) and align.shape == (0, 4, 5)
     with pytest.raises(ValueError, match=r"^hidden must be >= 1, got 0$"):
         LuongSeq2Seq(10, 8, 0)
+
+
+# ----------------------------------------------------------------------------- one interface (issue 23)
+
+
+def test_global_tokens_kernel_and_layer_share_multihead_parameters():
+    """The layer is AttentionBase with the "global-tokens" kernel: MultiHeadAttention's state dict loads into it,
+    and it equals MultiHeadAttention under the dense global_mask; the kernel refuses is_causal."""
+    from attn.attention import AttentionBase, get_kernel
+    from attn.global_attention import global_token_kernel
+
+    torch.manual_seed(0)
+    layer = GlobalTokenAttention(16, 2, window=2, global_idx=(0, 7)).double()
+    mha = MultiHeadAttention(16, 2).double()
+    layer.load_state_dict(mha.state_dict())
+    assert isinstance(layer, AttentionBase) and get_kernel("global-tokens").fn is global_token_kernel
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    km = padding_mask([11, 8], 11)
+    out, w = layer(x, key_mask=km, need_weights=True, blockwise=True)
+    ref, wr = mha(x, key_mask=km, attn_mask=global_mask(11, [0, 7], 2), need_weights=True)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(w, wr, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="cannot be causal"):
+        layer(x, is_causal=True)
+
+
+def test_luong_self_attention_is_a_causal_capable_single_head_mixer():
+    torch.manual_seed(0)
+    layer = registry.get("global").build(8, 2).double()
+    assert isinstance(layer, LuongSelfAttention)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    out, w = layer(x, is_causal=True, need_weights=True)
+    assert w.shape == (2, 1, 6, 6) and (w[:, 0].triu(1) == 0).all()
+    y = x.clone()
+    y[:, 3:] += 1.0
+    torch.testing.assert_close(layer(y, is_causal=True).output[:, :3], out[:, :3])

@@ -378,3 +378,27 @@ def test_empty_batch_mixed_dtypes_and_bad_arguments():
         bigbird_layout(4, seed=0.5)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 2\.0"):
         BigBirdAttention(8, 2, dropout=2.0)
+
+
+# ----------------------------------------------------------------------------- one interface (issue 23)
+
+
+def test_module_is_multihead_attention_under_the_bigbird_mask():
+    """BigBirdAttention is AttentionBase with the "bigbird" kernel and its layout as state: MultiHeadAttention's
+    state dict loads into it (same parameter names), and the two agree under the dense bigbird_mask."""
+    from attn.attention import AttentionBase, get_kernel
+    from attn.hybrid import bigbird_kernel
+
+    torch.manual_seed(2)
+    mod = BigBirdAttention(16, 4, block_size=3, window=1, global_blocks=(0, -1), num_random=2).double()
+    mha = MultiHeadAttention(16, 4).double()
+    mod.load_state_dict(mha.state_dict())
+    assert isinstance(mod, AttentionBase) and get_kernel("bigbird").fn is bigbird_kernel
+    x = torch.randn(2, 29, 16, dtype=torch.float64)
+    km = padding_mask([29, 20], 29)
+    out, w = mod(x, key_mask=km, need_weights=True, blockwise=True)
+    ref, wr = mha(x, key_mask=km, attn_mask=bigbird_mask(29, 3, mod.layout(29))[None], need_weights=True)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(w, wr, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="cannot be causal"):
+        mod(x, is_causal=True)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attn.experiments.soft import permutation_loss
 from attn.masks import causal_mask, mha_convention, padding_mask
 from attn.models import RecallModel, recall_loss
 from attn.multihead import MultiHeadAttention
@@ -16,7 +17,6 @@ from attn.soft import (
     MultiplicativeAttention,
     Seq2SeqAttention,
     make_score,
-    permutation_loss,
     softmax_vjp,
 )
 from attn.tasks import AssociativeRecall, PermutationTask

@@ -281,7 +281,7 @@ table(
 table(
     "SelfAttention", lambda: attn.SelfAttention(E).eval(),
     *mixer_rows(),
-    good("causal with weights", lambda m: m(x(), is_causal=True, need_weights=True), lambda o: o.weights.shape == (2, N, N)),
+    good("causal with weights", lambda m: m(x(), is_causal=True, need_weights=True), lambda o: o.weights.shape == (2, 1, N, N)),
     bad("int queries", lambda m: m(ints(2, N, E)), TypeError, r"x must be a floating-point"),
     bad("temperature 1e-40", lambda m: m(x(), temperature=1e-40), ValueError, r"temperature must be >= 1e-30"),
     bad("temperature -1", lambda m: m(x(), temperature=-1.0), ValueError, r"temperature must be > 0"),
@@ -293,11 +293,11 @@ table(
     good("query and memory", lambda m: m(x(), x(n=7)), shaped(2, N, E)),
     good("encode_memory then attend", lambda m: m(x(), cache=m.encode_memory(x(n=7))), shaped(2, N, E)),
     bad("python list query", lambda m: m(x().tolist(), x(n=7)), TypeError, r"query|torch\.Tensor"),
-    bad("encode_memory list", lambda m: m.encode_memory(x(n=7).tolist()), CLEAR, r"memory"),
-    bad("memory wrong width names memory", lambda m: m(x(), x(n=7, e=E + 1)), CLEAR, r"memory"),
-    bad("memory 2-D names memory", lambda m: m(x(), rand(7, E)), CLEAR, r"memory"),
-    bad("memory float64", lambda m: m(x(), x(n=7, dtype=F64)), CLEAR, r"memory|dtype"),
-    bad("memory_mask ints", lambda m: m(x(), x(n=7), memory_mask=km(7, 3, n=7).long()), TypeError, r"memory_mask"),
+    bad("encode_memory list names key", lambda m: m.encode_memory(x(n=7).tolist()), CLEAR, r"^key must be a torch\.Tensor"),
+    bad("memory wrong width names key", lambda m: m(x(), x(n=7, e=E + 1)), CLEAR, r"^key must have shape"),
+    bad("memory 2-D names key", lambda m: m(x(), rand(7, E)), CLEAR, r"^key must have shape"),
+    bad("memory float64", lambda m: m(x(), x(n=7, dtype=F64)), CLEAR, r"key|dtype"),
+    bad("key_mask ints", lambda m: m(x(), x(n=7), key_mask=km(7, 3, n=7).long()), TypeError, r"^key_mask must be a torch\.bool"),
     bad("temperature 1e-40", lambda m: m(x(), x(n=7), temperature=1e-40), ValueError, r"temperature"),
 )
 

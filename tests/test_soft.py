@@ -94,3 +94,43 @@ def test_seq2seq_masks_sizes_and_empty_batch():
         Seq2SeqAttention(10, hidden=8.0)
     logits, align = model(SRC[:0], TGT[:0])
     assert logits.shape == (0, 4, 10) and align.shape == (0, 4, 5)
+
+
+# ----------------------------------------------------------------------------- one interface (issue 23)
+
+
+def test_additive_self_attention_is_a_sequence_mixer():
+    """Registered under its own class, weights (B, 1, n, n), is_causal honoured with the explicit formula."""
+    import inspect
+
+    from attn import registry
+    from attn.soft import AdditiveSelfAttention
+
+    assert registry.get("additive").cls is AdditiveSelfAttention
+    params = inspect.signature(AdditiveSelfAttention.forward).parameters
+    assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in ("key_mask", "is_causal", "need_weights"))
+    torch.manual_seed(0)
+    layer = AdditiveSelfAttention(6, hidden=5).double()
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    out, w = layer(x, is_causal=True, need_weights=True)
+    att = layer.score
+    e = att.v(torch.tanh(att.w_q(x)[:, :, None] + att.w_k(x)[:, None])).squeeze(-1)  # (B, n, n)
+    e = e.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(w, e.softmax(-1)[:, None])
+    torch.testing.assert_close(out, e.softmax(-1) @ layer.value(x))
+
+
+def test_seq2seq_own_task_lives_in_experiments():
+    import attn.soft
+    from attn.experiments import own_task
+    from attn.experiments.soft import permutation_loss
+
+    assert not hasattr(attn.soft, "permutation_loss") and not hasattr(attn.soft, "_seq2seq_task")
+    task = own_task("seq2seq", "quick")
+    assert isinstance(task.model, Seq2SeqAttention) and task.steps == 20 and task.sizes == (16, 32, 64)
+    batch = task.sample(4, torch.Generator().manual_seed(0))
+    loss, metrics = task.loss(task.model, batch)
+    assert torch.isfinite(loss) and set(metrics) == {"acc", "align_acc"}
+    assert callable(permutation_loss)
+    with pytest.raises(ValueError, match="unknown task size 'default'"):
+        own_task("seq2seq", "default")
