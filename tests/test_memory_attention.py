@@ -14,15 +14,13 @@ from torch import nn
 from attn import registry
 from attn.benchmark import count_flops
 from attn.core import masked_softmax
+from attn.experiments.memory_attention import FarRecallTask, MemoryRecallModel, far_recall_loss
 from attn.masks import padding_mask
 from attn.memory_attention import (
-    FarRecallTask,
     KNNMemory,
     MemorizingAttention,
-    MemoryRecallModel,
     PersistentMemoryAttention,
     faiss_available,
-    far_recall_loss,
     knn_attention,
     knn_attention_dense,
 )
@@ -635,3 +633,38 @@ def test_key_mask_bad_input_and_registered_build():
     out, w = layer(x, key_mask=km, need_weights=True)
     assert out.shape == (2, 10, 16) and w.shape == (2, 4, 10, 10)
     assert layer(x[:0], key_mask=km[:0], need_weights=True).weights.shape == (0, 4, 10, 10)
+
+
+def test_one_interface_persistent_memory_is_attention_base_with_mha_state_dict():
+    """Issue 23: PersistentMemoryAttention is an AttentionBase (the same q/k/v/out projections, so a
+    MultiHeadAttention state dict loads into it; the slots are its own state, appended in ``attend``);
+    options keyword-only; registered with the sdpa kernel, bidirectional as built."""
+    from attn.attention import AttentionBase
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2).double()
+    pm = PersistentMemoryAttention(8, 2, slots=0).double()
+    assert isinstance(pm, AttentionBase) and pm.kernel == "sdpa"
+    missing, unexpected = pm.load_state_dict(mha.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"memory_k", "memory_v"}
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    km = padding_mask([6, 4], 6)
+    torch.testing.assert_close(pm(x, key_mask=km, is_causal=True).output,
+                               mha(x, key_mask=km, is_causal=True).output, atol=1e-12, rtol=1e-12)
+    with pytest.raises(TypeError):
+        pm(x, km)  # key_mask is keyword-only
+    assert registry.get("persistent_memory").kernel == "sdpa" and registry.get("persistent_memory").causal is False
+
+
+def test_one_interface_memorizing_is_always_causal():
+    """Issue 23: MemorizingAttention follows the SequenceMixer protocol; its KNNMemory is keyword-only,
+    ``is_causal=False`` is refused with a ValueError saying why, and the registry records it causal."""
+    torch.manual_seed(0)
+    layer = MemorizingAttention(8, 2, segment=4, top_k=2, capacity=8)
+    x = torch.randn(2, 10, 8)
+    torch.testing.assert_close(layer(x, is_causal=True).output, layer(x).output)
+    with pytest.raises(ValueError, match="always causal"):
+        layer(x, is_causal=False)
+    with pytest.raises(TypeError):
+        layer(x, False, KNNMemory(8))  # need_weights and memory are keyword-only
+    assert registry.get("memorizing").causal is True
