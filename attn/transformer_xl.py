@@ -41,10 +41,10 @@ each distance: the reference.
 sequence into blocks of ``L`` and attends every block to ``[memory | block]``
 at once: ``O(n (M + L) d)`` time and memory, never an ``n x n`` matrix.
 :meth:`TransformerXLAttention.attend_segment` is the *recurrent* form: one
-segment and a given memory. :class:`TransformerXLLM` evaluates a stream with
-the cache (:meth:`~TransformerXLLM.evaluate_cached`, each segment computed
-once) or by recomputing each segment's whole context from scratch
-(:meth:`~TransformerXLLM.evaluate_recompute`); the outputs are equal.
+segment and a given memory. The chapter's language model
+(:class:`attn.experiments.transformer_xl.TransformerXLLM`) evaluates a stream
+with the cache (each segment computed once) or by recomputing each segment's
+whole context from scratch; the outputs are equal.
 
 Dai, Yang, Yang, Carbonell, Le, Salakhutdinov, "Transformer-XL: Attentive
 Language Models Beyond a Fixed-Length Context", ACL 2019.
@@ -162,7 +162,7 @@ class TransformerXLAttention(nn.Module):
     ``v`` ``(h, d_h)`` (the biases of terms (c) and (d)), ``out_proj``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, segment: int = 8, mem_len: int = 8, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, segment: int = 8, mem_len: int = 8, *, dropout: float = 0.0) -> None:
         super().__init__()
         check_heads(embed_dim, num_heads)
         if embed_dim % 2:
