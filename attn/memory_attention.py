@@ -463,8 +463,13 @@ class SegmentOutput(NamedTuple):
     build=lambda embed_dim, num_heads: MemorizingAttention(embed_dim, num_heads, segment=8, top_k=4, capacity=64),
     causal=True,
 )
-class MemorizingAttention(nn.Module):
+class MemorizingAttention(AttentionBase):
     """Memorizing Transformer attention: local causal attention + gated top-k retrieval from a kNN memory.
+
+    A sequence mixer (``forward(x, *, key_mask, is_causal, need_weights, memory)``) with the book's
+    one attention module's projections and heads (:class:`~attn.attention.AttentionBase`:
+    ``q_proj, k_proj, v_proj, out_proj``, a :class:`~attn.multihead.MultiHeadAttention` state dict
+    plus ``gate_bias``); its segments, bank and gate are its own, so it writes ``forward`` itself.
 
     Args:
         embed_dim: model width ``E``.
@@ -481,18 +486,19 @@ class MemorizingAttention(nn.Module):
         self, embed_dim: int, num_heads: int, segment: int = 8, top_k: int = 4, capacity: int = 64,
         backend: Literal["torch", "faiss"] = "torch",
     ) -> None:
-        super().__init__()
         check_heads(embed_dim, num_heads)
         check_int("segment", segment, 1)
         check_int("top_k", top_k, 0)
         check_int("capacity", capacity, 1)
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        super().__init__(embed_dim, num_heads, causal=True)
         self.segment, self.top_k, self.capacity, self.backend = segment, top_k, capacity, backend
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.gate_bias = nn.Parameter(torch.zeros(num_heads))  # b_g: g = sigmoid(b_g) per head, 0.5 at the start
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of ``x (B, n, E)``, split into heads: ``(B, h, n, d)`` each."""
+        return self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
     @property
     def gate(self) -> Tensor:
@@ -513,12 +519,12 @@ class MemorizingAttention(nn.Module):
         retrieved; a query that finds no real entry uses local attention alone (share 0).
         """
         x = check_tokens(x, self.embed_dim)
-        check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.q_proj.weight)
         _check_memory(memory)
         batch, _, _ = x.shape
         check_key_mask(key_mask, batch, x.shape[1], length_name="L")
         h, d = self.num_heads, self.head_dim
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=h)  # (B, h, L, d)
+        q, k, v = self.project(x)  # (B, h, L, d)
         local, local_w = scaled_dot_product_attention(q, k, v, key_mask=key_mask, is_causal=True, need_weights=need_weights)
         mem_w = idx = share = None
         if memory is not None and memory.keys is not None and memory.values is not None and self.top_k > 0:
@@ -575,7 +581,7 @@ class MemorizingAttention(nn.Module):
         """
         _always_causal(is_causal)
         x = check_tokens(x, self.embed_dim)
-        check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.q_proj.weight)
         _check_memory(memory)
         batch, n, _ = x.shape
         check_key_mask(key_mask, batch, n, length_name="n")
@@ -637,7 +643,7 @@ class MemorizingAttention(nn.Module):
         hidden locally and are invalid slots of every later window).
         """
         x = check_tokens(x, self.embed_dim)
-        check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.q_proj.weight)
         _, n, _ = x.shape
         check_key_mask(key_mask, x.shape[0], n, length_name="n")
         h = self.num_heads
@@ -646,7 +652,7 @@ class MemorizingAttention(nn.Module):
         L, C = self.effective_sizes(n)
         C = C if self.top_k > 0 else 0
         nb, tail = divmod(n, L)  # nb >= 1 full segments, then a last one of `tail` tokens (if any)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)  # (B, h, n, d)
+        q, k, v = self.project(x)  # (B, h, n, d)
         first = 1 if C > 0 else 0  # segment 0 retrieves nothing: alone, without a window, when the others search one
         parts = []
         if first:
