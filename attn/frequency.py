@@ -108,6 +108,17 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def _refuse_causal(is_causal: object, layer: str) -> None:
+    """The Fourier mixers read the whole sequence at once: ``is_causal=True`` is a ``ValueError`` saying so."""
+    if is_causal is not None and not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+    if is_causal:
+        raise ValueError(
+            f"{layer} cannot be causal (is_causal=True): every output is a Fourier transform over all n positions, "
+            "so each token reads every later one; use is_causal=None or False"
+        )
+
+
 def _zero_padding(x: Tensor, key_mask: Tensor | None) -> Tensor:
     check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
     return x if key_mask is None else x * key_mask[..., None].to(x.dtype)
@@ -214,6 +225,7 @@ def fourier_influence(n: int, e: int, dtype: torch.dtype = torch.float32, device
     chapter=12,
     summary="FNet: parameter-free token mixing Re(FFT_seq(FFT_hidden(x))), scaled 1/sqrt(nE)",
     build=lambda embed_dim, num_heads: FourierMixing(embed_dim, norm="ortho"),
+    causal=False,
 )
 class FourierMixing(nn.Module):
     r"""FNet's Fourier sublayer as a token mixer: ``x (B, n, E) -> Re(FFT2(x)) (B, n, E)``. No parameters.
@@ -237,8 +249,11 @@ class FourierMixing(nn.Module):
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         self.embed_dim, self.norm = embed_dim, norm
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
         """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real; padding zeroed) -> ``(output (B, n, E), None)``."""
+        _refuse_causal(is_causal, "FNet")
         x = check_tokens(x, self.embed_dim, "x")
         out = fourier_mix(x, self.norm, key_mask)
         weights = None
@@ -267,7 +282,8 @@ class _ModeSelection(nn.Module):
             self._index[n] = select_modes(n, self.modes, self.mode_select, gen)
         return self._index[n]
 
-    def _check(self, x: object, key_mask: Tensor | None) -> Tensor:
+    def _check(self, x: object, key_mask: Tensor | None, is_causal: bool | None = None) -> Tensor:
+        _refuse_causal(is_causal, type(self).__name__)
         x = check_tokens(x, self.embed_dim, "x")
         check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
         return x
@@ -280,6 +296,7 @@ class _ModeSelection(nn.Module):
     chapter=12,
     summary="FEDformer FEB-f: learned linear map on M random Fourier modes per head, then inverse FFT",
     build=lambda embed_dim, num_heads: FrequencyEnhancedBlock(embed_dim, num_heads, modes=8),
+    causal=False,
 )
 class FrequencyEnhancedBlock(_ModeSelection):
     r"""FEDformer's frequency enhanced block (FEB-f) as a token mixer.
@@ -355,9 +372,11 @@ class FrequencyEnhancedBlock(_ModeSelection):
         a = norms[:, (t[:, None] - t[None, :]) % n]  # (h, n, n)
         return a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
         """``x (B, n, E)``, ``key_mask (B, n)`` (``True`` = real) -> ``(output (B, n, E), influence weights (B, h, n, n) | None)``."""
-        x = self._check(x, key_mask)
+        x = self._check(x, key_mask, is_causal)
         b, n, _ = x.shape
         weights = None
         if need_weights:
@@ -377,6 +396,7 @@ class FrequencyEnhancedBlock(_ModeSelection):
     chapter=12,
     summary="FEDformer FEA-f: softmax attention among M random Fourier modes, then inverse FFT",
     build=lambda embed_dim, num_heads: FrequencyEnhancedAttention(embed_dim, num_heads, modes=8),
+    causal=False,
 )
 class FrequencyEnhancedAttention(_ModeSelection):
     r"""FEDformer's frequency enhanced attention (FEA-f), in self-attention form.
@@ -420,13 +440,15 @@ class FrequencyEnhancedAttention(_ModeSelection):
         x = self._check(x, key_mask)
         return self._modes(x, key_mask)[0].to(x.dtype)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
+    def forward(
+        self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None, need_weights: bool = False
+    ) -> AttentionOutput:
         """``x (B, n, E)``, ``key_mask (B, n)`` -> ``(output (B, n, E), influence weights (B, h, n, n) | None)``.
 
         The influence weights are :math:`|T_{ts}|` of :meth:`token_mixing`, rows normalised; the
         attention among modes itself is :meth:`mode_weights`.
         """
-        x = self._check(x, key_mask)
+        x = self._check(x, key_mask, is_causal)
         if empty_batch(x):
             b, n, _ = x.shape
             weights = x.new_zeros(b, self.num_heads, n, n) if need_weights else None

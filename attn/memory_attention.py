@@ -48,7 +48,6 @@ Transformers", ICLR 2022.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .attention import AttentionBase
 from .checks import (
     check_heads,
     check_int,
@@ -63,7 +63,6 @@ from .checks import (
     check_positive_float,
     check_same_dtype,
     check_tensor,
-    check_token_ids,
     check_tokens,
     empty_batch,
 )
@@ -80,9 +79,6 @@ __all__ = [
     "faiss_available",
     "MemorizingAttention",
     "SegmentOutput",
-    "FarRecallTask",
-    "MemoryRecallModel",
-    "far_recall_loss",
 ]
 
 
@@ -105,39 +101,83 @@ def faiss_available() -> bool:
     chapter=15,
     summary="N learned key/value slots per head concatenated to every query's keys and values",
     build=lambda embed_dim, num_heads: PersistentMemoryAttention(embed_dim, num_heads, slots=8),
+    kernel="sdpa",
+    causal=False,
 )
-class PersistentMemoryAttention(nn.Module):
+class PersistentMemoryAttention(AttentionBase):
     """Multi-head self-attention whose keys and values are extended by ``N`` learned persistent slots.
 
     Args:
         embed_dim: model width ``E``.
         num_heads: heads ``h`` (must divide ``E``).
         slots: ``N``, persistent key/value vectors per head (0: plain multi-head attention).
-        bias: biases on the projections.
+        dropout, bias, causal: as :class:`~attn.attention.AttentionBase` (``causal``: the layer's default
+            for ``is_causal``; the slots stay visible to every query either way).
 
-    Parameters: ``q_proj, k_proj, v_proj, out_proj`` and ``memory_k, memory_v`` ``(h, N, d_h)``.
+    Parameters: ``q_proj, k_proj, v_proj, out_proj`` (those of
+    :class:`~attn.attention.AttentionBase`: a state dict of
+    :class:`~attn.multihead.MultiHeadAttention` plus the slots) and ``memory_k, memory_v`` ``(h, N, d_h)``.
+    The slots are the layer's state: :meth:`attend` appends them to the keys and values the kernel reads.
     With ``N = 1`` this is ``torch.nn.MultiheadAttention(add_bias_kv=True)``, whose
     ``bias_k, bias_v`` are one slot appended to every head's keys and values.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, slots: int = 8, bias: bool = True) -> None:
-        super().__init__()
+    def __init__(
+        self, embed_dim: int, num_heads: int, slots: int = 8, *, dropout: float = 0.0, bias: bool = True,
+        causal: bool = False,
+    ) -> None:
         check_heads(embed_dim, num_heads)
         check_int("slots", slots, 0)
-        self.embed_dim, self.num_heads, self.head_dim, self.slots = embed_dim, num_heads, embed_dim // num_heads, slots
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, causal=causal)
+        self.slots = slots
         # the paper scales the persistent vectors like the keys and values they join
         self.memory_k = nn.Parameter(torch.randn(num_heads, slots, self.head_dim) / math.sqrt(self.head_dim))
         self.memory_v = nn.Parameter(torch.randn(num_heads, slots, self.head_dim) / math.sqrt(self.head_dim))
 
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        attn_mask: Tensor | None,
+        key_mask: Tensor | None,
+        is_causal: bool,
+        dropout_p: float,
+        scale: float,
+        need_weights: bool,
+    ) -> AttentionOutput:
+        """The kernel over ``K' = [K; M_k]``, ``V' = [V; M_v]``: ``q (B, h, L, d)``, ``k, v (B, h, S, d)``.
+
+        The masks cover the ``S`` tokens; the ``N`` slots are appended visible to every query (a causal
+        mask is built here over the tokens only, so that it does not hide the slots). Weights ``(B, h, L, S + N)``.
+        """
+        batch, n_q, n_k, N = q.shape[0], q.shape[-2], k.shape[-2], self.slots
+        k = torch.cat([k, self.memory_k.to(k.dtype).expand(batch, -1, -1, -1)], 2)  # (B, h, S + N, d): [X W_k; M_k]
+        v = torch.cat([v, self.memory_v.to(v.dtype).expand(batch, -1, -1, -1)], 2)
+        if is_causal:  # query i sees tokens j <= i (bottom-right aligned when S > L), and every slot
+            causal = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            if attn_mask is None:
+                attn_mask = causal
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & causal
+            else:
+                attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:  # the slots: visible (True, or 0 added to the score)
+            attn_mask = F.pad(attn_mask, (0, N), value=True if attn_mask.dtype == torch.bool else 0.0)
+        if key_mask is not None:
+            key_mask = F.pad(key_mask, (0, N), value=True)
+        return super().attend(
+            q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=False,
+            dropout_p=dropout_p, scale=scale, need_weights=need_weights,
+        )
+
     def forward(
         self,
         x: Tensor,
+        *,
         key_mask: Tensor | None = None,
-        is_causal: bool = False,
+        is_causal: bool | None = None,
         need_weights: bool = False,
         include_memory: bool = False,
     ) -> AttentionOutput:
@@ -145,7 +185,7 @@ class PersistentMemoryAttention(nn.Module):
 
         Args:
             key_mask: ``(B, n)`` boolean, ``True`` = real token (the slots are always visible).
-            is_causal: token ``i`` sees tokens ``j <= i`` (and every slot).
+            is_causal: token ``i`` sees tokens ``j <= i`` (and every slot); ``None``: the layer's ``causal``.
             need_weights: return the weights.
             include_memory: weights over ``[tokens | slots]`` ``(B, h, n, n + N)``; by default
                 only the token part ``(B, h, n, n)``, whose rows then sum to less than 1
@@ -153,27 +193,15 @@ class PersistentMemoryAttention(nn.Module):
         """
         x = check_tokens(x, self.embed_dim)
         check_layer_dtype(x, self.q_proj.weight)
-        batch, n, _ = x.shape
-        check_key_mask(key_mask, batch, n, length_name="n")
-        N, h = self.slots, self.num_heads
+        check_key_mask(key_mask, x.shape[0], x.shape[1], length_name="n")
+        n, N, h = x.shape[1], self.slots, self.num_heads
         if empty_batch(x):
             w = x.new_zeros(0, h, n, n + N if include_memory else n) if need_weights else None
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), w)
-        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=h)  # noqa: E731
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))  # (B, h, n, d)
-        k = torch.cat([k, self.memory_k.expand(batch, -1, -1, -1)], 2)  # (B, h, n + N, d): [X W_k; M_k]
-        v = torch.cat([v, self.memory_v.expand(batch, -1, -1, -1)], 2)
-        mask = None
-        if is_causal or key_mask is not None:
-            tokens = torch.ones(n, n, dtype=torch.bool, device=x.device)
-            tokens = tokens.tril() if is_causal else tokens
-            mask = torch.cat([tokens, tokens.new_ones(n, N)], 1)  # slots: always visible
-            if key_mask is not None:
-                mask = mask & torch.cat([key_mask, key_mask.new_ones(batch, N)], 1)[:, None, None, :]
-        out, w = scaled_dot_product_attention(q, k, v, attn_mask=mask, need_weights=need_weights)
+        out, w = self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
         if w is not None and not include_memory:
             w = w[..., :n]
-        return AttentionOutput(self.out_proj(rearrange(out, "b h n d -> b n (h d)")), w)
+        return AttentionOutput(out, w)
 
     @torch.no_grad()
     def load_torch_weights(self, mha: nn.MultiheadAttention) -> PersistentMemoryAttention:
@@ -395,6 +423,17 @@ def knn_attention_dense(
 # --------------------------------------------------------------------------- Memorizing Transformer attention
 
 
+def _always_causal(is_causal: object) -> None:
+    """Memorizing attention is causal by construction: ``is_causal=False`` is a ``ValueError`` saying so."""
+    if is_causal is not None and not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+    if is_causal is False:
+        raise ValueError(
+            "MemorizingAttention is always causal (local attention is causal inside each segment and the memory "
+            "holds only earlier segments): is_causal=False is not supported; pass None or True"
+        )
+
+
 class SegmentOutput(NamedTuple):
     """One segment through :meth:`MemorizingAttention.attend_segment`.
 
@@ -422,9 +461,15 @@ class SegmentOutput(NamedTuple):
     chapter=15,
     summary="causal attention inside segments of L, gated with top-k attention over a bounded kNN memory of past keys/values",
     build=lambda embed_dim, num_heads: MemorizingAttention(embed_dim, num_heads, segment=8, top_k=4, capacity=64),
+    causal=True,
 )
-class MemorizingAttention(nn.Module):
+class MemorizingAttention(AttentionBase):
     """Memorizing Transformer attention: local causal attention + gated top-k retrieval from a kNN memory.
+
+    A sequence mixer (``forward(x, *, key_mask, is_causal, need_weights, memory)``) with the book's
+    one attention module's projections and heads (:class:`~attn.attention.AttentionBase`:
+    ``q_proj, k_proj, v_proj, out_proj``, a :class:`~attn.multihead.MultiHeadAttention` state dict
+    plus ``gate_bias``); its segments, bank and gate are its own, so it writes ``forward`` itself.
 
     Args:
         embed_dim: model width ``E``.
@@ -441,18 +486,19 @@ class MemorizingAttention(nn.Module):
         self, embed_dim: int, num_heads: int, segment: int = 8, top_k: int = 4, capacity: int = 64,
         backend: Literal["torch", "faiss"] = "torch",
     ) -> None:
-        super().__init__()
         check_heads(embed_dim, num_heads)
         check_int("segment", segment, 1)
         check_int("top_k", top_k, 0)
         check_int("capacity", capacity, 1)
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        super().__init__(embed_dim, num_heads, causal=True)
         self.segment, self.top_k, self.capacity, self.backend = segment, top_k, capacity, backend
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.gate_bias = nn.Parameter(torch.zeros(num_heads))  # b_g: g = sigmoid(b_g) per head, 0.5 at the start
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of ``x (B, n, E)``, split into heads: ``(B, h, n, d)`` each."""
+        return self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
     @property
     def gate(self) -> Tensor:
@@ -473,12 +519,12 @@ class MemorizingAttention(nn.Module):
         retrieved; a query that finds no real entry uses local attention alone (share 0).
         """
         x = check_tokens(x, self.embed_dim)
-        check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.q_proj.weight)
         _check_memory(memory)
         batch, _, _ = x.shape
         check_key_mask(key_mask, batch, x.shape[1], length_name="L")
         h, d = self.num_heads, self.head_dim
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=h)  # (B, h, L, d)
+        q, k, v = self.project(x)  # (B, h, L, d)
         local, local_w = scaled_dot_product_attention(q, k, v, key_mask=key_mask, is_causal=True, need_weights=need_weights)
         mem_w = idx = share = None
         if memory is not None and memory.keys is not None and memory.values is not None and self.top_k > 0:
@@ -502,12 +548,20 @@ class MemorizingAttention(nn.Module):
         return SegmentOutput(self.out_proj(rearrange(out, "b h l d -> b l (h d)")), local_w, mem_w, idx, k, v, share)
 
     def forward(
-        self, x: Tensor, need_weights: bool = False, memory: KNNMemory | None = None, *, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        key_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
+        memory: KNNMemory | None = None,
     ) -> AttentionOutput:
         """Read ``x (B, n, E)`` in segments of ``L``, each one retrieving from the memory of the earlier ones.
 
         Args:
             x: the sequence.
+            is_causal: ``None`` or ``True``: the layer is always causal (local attention is causal inside a
+                segment, and the memory holds only earlier segments); ``False`` is a ``ValueError``.
             need_weights: also return the *effective* weights ``(B, h, n, n)``:
                 ``(1 - g)`` times the local weights plus ``g`` times the memory
                 weights at the stream positions they retrieved (rows sum to 1).
@@ -525,8 +579,9 @@ class MemorizingAttention(nn.Module):
             ``(output (B, n, E), weights (B, h, n, S=n) | None)``: the key axis is the
             sequence ``x`` itself (bank entries from earlier calls have no column).
         """
+        _always_causal(is_causal)
         x = check_tokens(x, self.embed_dim)
-        check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.q_proj.weight)
         _check_memory(memory)
         batch, n, _ = x.shape
         check_key_mask(key_mask, batch, n, length_name="n")
@@ -534,7 +589,7 @@ class MemorizingAttention(nn.Module):
         if empty_batch(x):
             return AttentionOutput(x.new_zeros(0, n, self.embed_dim), x.new_zeros(0, h, n, n) if need_weights else None)
         if memory is None and self.backend == "torch":
-            return self.forward_parallel(x, need_weights, key_mask=key_mask)
+            return self.forward_parallel(x, key_mask=key_mask, need_weights=need_weights)
         memory = KNNMemory(self.capacity) if memory is None else memory
         offset = 0 if memory.positions is None else int(memory.positions[-1]) + 1  # stream position of x[:, 0]
         outs, dense = [], x.new_zeros(batch, h, n, n) if need_weights else None
@@ -569,7 +624,7 @@ class MemorizingAttention(nn.Module):
         L = max(1, min(self.segment, n))
         return L, min(self.capacity, (-(-n // L) - 1) * L)
 
-    def forward_parallel(self, x: Tensor, need_weights: bool = False, *, key_mask: Tensor | None = None) -> AttentionOutput:
+    def forward_parallel(self, x: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         """All segments at once: segment ``b`` searches the ``C`` keys just before it (the bank it would hold).
 
         A bank filled segment by segment and bounded at ``C`` entries holds, when
@@ -588,7 +643,7 @@ class MemorizingAttention(nn.Module):
         hidden locally and are invalid slots of every later window).
         """
         x = check_tokens(x, self.embed_dim)
-        check_layer_dtype(x, self.qkv.weight)
+        check_layer_dtype(x, self.q_proj.weight)
         _, n, _ = x.shape
         check_key_mask(key_mask, x.shape[0], n, length_name="n")
         h = self.num_heads
@@ -597,7 +652,7 @@ class MemorizingAttention(nn.Module):
         L, C = self.effective_sizes(n)
         C = C if self.top_k > 0 else 0
         nb, tail = divmod(n, L)  # nb >= 1 full segments, then a last one of `tail` tokens (if any)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=h)  # (B, h, n, d)
+        q, k, v = self.project(x)  # (B, h, n, d)
         first = 1 if C > 0 else 0  # segment 0 retrieves nothing: alone, without a window, when the others search one
         parts = []
         if first:
@@ -674,100 +729,3 @@ class MemorizingAttention(nn.Module):
         if mem_w is not None and cols is not None:
             dense = dense.scatter_add(-1, cols.clamp(min=0), share * mem_w * (cols >= 0))
         return out, rearrange(dense, "b h m l p -> b h (m l) p")
-
-
-# --------------------------------------------------------------------------- the chapter's task
-
-
-@dataclass
-class FarRecallTask:
-    """Key-value recall over a stream of ``segments`` windows of ``segment`` tokens; the query is the last token.
-
-    Each token but the last is a pair ``(key, value)`` (keys distinct); the last
-    token asks for one key's value. With probability ``p_near`` the asked pair
-    lies in the query's own window (the last segment), else in an earlier
-    segment: **beyond the context window**, reachable only through a memory.
-
-    ``sample`` returns ``keys (B, n)`` (the last is the query), ``values (B, n)``
-    (the last is 0, unused), ``y (B,)`` the answer, ``where (B,)`` the asked
-    pair's position, ``far (B,)`` whether it lies outside the last window.
-    """
-
-    n_keys: int = 48
-    n_values: int = 8
-    segment: int = 8
-    segments: int = 4
-    p_near: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.segments < 2 or self.segment < 2:
-            raise ValueError(f"need segments >= 2 and segment >= 2, got {self.segments} and {self.segment}")
-        if self.n_keys < self.length - 1:
-            raise ValueError(f"n_keys ({self.n_keys}) must be >= the number of pairs ({self.length - 1}) for distinct keys")
-        if not 0.0 <= self.p_near <= 1.0:
-            raise ValueError(f"p_near must be in [0, 1], got {self.p_near}")
-
-    @property
-    def length(self) -> int:
-        return self.segment * self.segments
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        n, last = self.length, self.length - self.segment  # the last window starts at `last`
-        keys = torch.rand(batch_size, self.n_keys, generator=generator).argsort(-1)[:, : n - 1]  # (B, n-1) distinct
-        values = torch.randint(0, self.n_values, (batch_size, n - 1), generator=generator)
-        near = torch.rand(batch_size, generator=generator) < self.p_near
-        where_near = last + torch.randint(0, self.segment - 1, (batch_size,), generator=generator)
-        where_far = torch.randint(0, last, (batch_size,), generator=generator)
-        where = torch.where(near, where_near, where_far)
-        rows = torch.arange(batch_size)
-        keys = torch.cat([keys, keys[rows, where][:, None]], 1)
-        values = torch.cat([values, values.new_zeros(batch_size, 1)], 1)
-        return {"keys": keys, "values": values, "y": values[rows, where], "where": where, "far": ~near}
-
-
-class MemoryRecallModel(nn.Module):
-    """Embeddings + one :class:`MemorizingAttention` layer (residual, LayerNorm) + a readout at the query.
-
-    Pair ``i`` becomes ``E_k[k_i] + E_v[v_i]``, the query ``E_k[q] + e_query``;
-    the layer reads the stream in windows of ``task.segment``. ``top_k = 0``
-    gives the same model without memory.
-    """
-
-    def __init__(self, task: FarRecallTask, embed_dim: int = 32, num_heads: int = 2, top_k: int = 4, capacity: int | None = None) -> None:
-        super().__init__()
-        self.task = task
-        self.key_embed = nn.Embedding(task.n_keys, embed_dim)
-        self.value_embed = nn.Embedding(task.n_values, embed_dim)
-        self.query_flag = nn.Parameter(torch.randn(embed_dim) * 0.02)
-        capacity = task.length if capacity is None else capacity
-        self.attention = MemorizingAttention(embed_dim, num_heads, segment=task.segment, top_k=top_k, capacity=capacity)
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, task.n_values)
-
-    def embed(self, keys: Tensor, values: Tensor) -> Tensor:
-        """``keys, values (B, n)`` -> tokens ``(B, n, E)``: pairs, then the query (which carries no value)."""
-        check_token_ids(keys, self.task.n_keys, "keys")
-        check_token_ids(values, self.task.n_values, "values")
-        if values.shape != keys.shape:
-            raise ValueError(f"values must have the shape of keys (batch, n) = {tuple(keys.shape)}, got {tuple(values.shape)}")
-        flag = self.query_flag.expand(keys.shape[0], 1, -1)
-        return self.key_embed(keys) + torch.cat([self.value_embed(values[:, :-1]), flag], 1)
-
-    def forward(self, keys: Tensor, values: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Logits ``(B, n_values)`` and, with ``need_weights``, the layer's effective weights ``(B, h, n, n)``."""
-        h = self.embed(keys, values)
-        out, w = self.attention(h, need_weights=need_weights)
-        return self.head(self.norm(h + out)[:, -1]), w
-
-
-def far_recall_loss(model: MemoryRecallModel, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy on the answer; accuracy overall and on the far and near examples."""
-    logits, _ = model(batch["keys"], batch["values"])
-    correct = (logits.argmax(-1) == batch["y"]).float()
-    far = batch["far"]
-    metrics = {"acc": float(correct.mean())}
-    if far.any():
-        metrics["acc_far"] = float(correct[far].mean())
-    if (~far).any():
-        metrics["acc_near"] = float(correct[~far].mean())
-    return F.cross_entropy(logits, batch["y"]), metrics

@@ -41,10 +41,10 @@ each distance: the reference.
 sequence into blocks of ``L`` and attends every block to ``[memory | block]``
 at once: ``O(n (M + L) d)`` time and memory, never an ``n x n`` matrix.
 :meth:`TransformerXLAttention.attend_segment` is the *recurrent* form: one
-segment and a given memory. :class:`TransformerXLLM` evaluates a stream with
-the cache (:meth:`~TransformerXLLM.evaluate_cached`, each segment computed
-once) or by recomputing each segment's whole context from scratch
-(:meth:`~TransformerXLLM.evaluate_recompute`); the outputs are equal.
+segment and a given memory. The chapter's language model
+(:class:`attn.experiments.transformer_xl.TransformerXLLM`) evaluates a stream
+with the cache (each segment computed once) or by recomputing each segment's
+whole context from scratch; the outputs are equal.
 
 Dai, Yang, Yang, Carbonell, Le, Salakhutdinov, "Transformer-XL: Attentive
 Language Models Beyond a Fixed-Length Context", ACL 2019.
@@ -53,7 +53,6 @@ Language Models Beyond a Fixed-Length Context", ACL 2019.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +62,15 @@ from torch import Tensor, nn
 from .checks import check_heads, check_int, check_layer_dtype, check_same_dtype, check_tensor, check_tokens, empty_batch
 from .core import AttentionOutput, masked_softmax, scaled_dot_product_attention
 from .masks import check_key_mask
+from .positions import sinusoidal_embedding
 from .registry import register
 
 __all__ = [
     "rel_shift",
-    "sinusoid_table",
+    "relative_sinusoids",
     "relative_scores_explicit",
     "TransformerXLAttention",
     "transformer_xl_dense",
-    "TransformerXLLM",
-    "LagCopyTask",
-    "lag_copy_loss",
 ]
 
 
@@ -98,11 +95,14 @@ def rel_shift(x: Tensor) -> Tensor:
     return padded[..., 1:, :].reshape(*lead, length, keys)  # drop the first row, read back as (L, K)
 
 
-def sinusoid_table(distances: Tensor, dim: int) -> Tensor:
-    """Sinusoid embeddings ``R_d = [sin(d w_0), ..., sin(d w_{dim/2-1}), cos(d w_0), ...]``, ``w_k = 10000^{-2k/dim}``.
+def relative_sinusoids(distances: Tensor, dim: int) -> Tensor:
+    """Dai et al.'s ``R_d = [sin(d w_0), ..., sin(d w_{dim/2-1}), cos(d w_0), ...]``, ``w_k = 10000^{-2k/dim}``.
 
-    ``distances (K,)`` -> ``(K, dim)`` (the same table as Vaswani et al. 2017,
-    indexed by a distance instead of a position).
+    ``distances (K,)`` -> ``(K, dim)``: the book's one sinusoid table
+    (:func:`attn.positions.sinusoidal_embedding`, Vaswani et al. 2017, indexed by a distance
+    instead of a position), its interleaved ``sin, cos`` pairs regrouped into the two halves of
+    Transformer-XL's code, so that ``W_R`` has the layout of the paper's weights. Computed in
+    float64 and returned in the default dtype (``torch.get_default_dtype()``), as the positions module does.
     """
     if not isinstance(distances, Tensor) or distances.ndim != 1 or distances.dtype == torch.bool or distances.is_complex():
         got = f"shape {tuple(distances.shape)}, dtype {distances.dtype}" if isinstance(distances, Tensor) else type(distances).__name__
@@ -110,9 +110,8 @@ def sinusoid_table(distances: Tensor, dim: int) -> Tensor:
     check_int("dim", dim, 2)
     if dim % 2:
         raise ValueError(f"the sinusoid table needs an even width, got {dim}")
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=distances.device, dtype=torch.float64) / dim))
-    angles = distances.to(torch.float64)[:, None] * inv_freq[None, :]  # (K, dim/2)
-    return torch.cat([angles.sin(), angles.cos()], -1)
+    table = sinusoidal_embedding(distances, dim)  # (K, dim): sin, cos interleaved, in the default dtype
+    return rearrange(table, "k (half two) -> k (two half)", two=2)
 
 
 def relative_scores_explicit(q: Tensor, k: Tensor, r_proj: Tensor, u: Tensor, v: Tensor, mem_len: int) -> Tensor:
@@ -146,6 +145,7 @@ def relative_scores_explicit(q: Tensor, k: Tensor, r_proj: Tensor, u: Tensor, v:
     chapter=14,
     summary="segments of L tokens attend to [stop-gradient memory of M states | segment] with relative positions (u, v, rel-shift)",
     build=lambda embed_dim, num_heads: TransformerXLAttention(embed_dim, num_heads, segment=8, mem_len=8),
+    causal=True,
 )
 class TransformerXLAttention(nn.Module):
     """Transformer-XL attention: relative positions, memory of the previous states with stop-gradient.
@@ -162,7 +162,7 @@ class TransformerXLAttention(nn.Module):
     ``v`` ``(h, d_h)`` (the biases of terms (c) and (d)), ``out_proj``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, segment: int = 8, mem_len: int = 8, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, segment: int = 8, mem_len: int = 8, *, dropout: float = 0.0) -> None:
         super().__init__()
         check_heads(embed_dim, num_heads)
         if embed_dim % 2:
@@ -185,7 +185,7 @@ class TransformerXLAttention(nn.Module):
         """``W_R R_d`` for the given distances: ``(K,) -> (K, h, d_h)``."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
-        table = sinusoid_table(distances, self.embed_dim).to(dtype)
+        table = relative_sinusoids(distances, self.embed_dim).to(dtype)
         return rearrange(self.r_net(table), "k (h d) -> k h d", h=self.num_heads)
 
     def _position_table(self, keys: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -204,12 +204,12 @@ class TransformerXLAttention(nn.Module):
     def attend_segment(
         self,
         x: Tensor,
+        *,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
         need_weights: bool = False,
         norm: nn.Module | None = None,
-        *,
-        key_mask: Tensor | None = None,
     ) -> AttentionOutput:
         r"""The recurrent form: one segment ``x (B, L, E)`` attends to ``[SG(memory) (B, M, E) | x]``, causally.
 
@@ -315,7 +315,13 @@ class TransformerXLAttention(nn.Module):
         return L, min(self.mem_len, (-(-n // L) - 1) * L)
 
     def forward(
-        self, x: Tensor, need_weights: bool = False, norm: nn.Module | None = None, *, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        key_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        need_weights: bool = False,
+        norm: nn.Module | None = None,
     ) -> AttentionOutput:
         """The parallel form over a whole sequence ``x (B, n, E)``: every segment at once.
 
@@ -330,6 +336,8 @@ class TransformerXLAttention(nn.Module):
         projected once per position, not once per segment that reads them.
 
         Args:
+            is_causal: ``None`` or ``True``: Transformer-XL is always causal (a query sees its own segment up
+                to itself and the memory before it); ``False`` is a ``ValueError``.
             need_weights: also return the weights over the ``S = n`` positions of ``x``.
             norm: a block's pre-norm, applied after the stop-gradient (see :meth:`attend_segment`):
                 queries from ``norm(x)``, memory from ``norm(SG(x))``.
@@ -345,6 +353,13 @@ class TransformerXLAttention(nn.Module):
             sequence itself (memory slots are earlier positions of ``x``); the weights are
             scattered from the segments into a dense matrix (small ``n`` only).
         """
+        if is_causal is not None and not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
+        if is_causal is False:
+            raise ValueError(
+                "TransformerXLAttention is always causal (each query sees the memory and its segment up to itself; "
+                "the memory holds earlier positions only): is_causal=False is not supported; pass None or True"
+            )
         x = check_tokens(x, self.embed_dim)
         check_layer_dtype(x, self.qkv.weight)
         batch, n, _ = x.shape
@@ -470,185 +485,3 @@ def transformer_xl_dense(
     w = masked_softmax(scores, visible)
     out = torch.where(in_memory, w, 0) @ v_sg + torch.where(in_memory, 0, w) @ v
     return AttentionOutput(layer.out_proj(rearrange(out, "b h n d -> b n (h d)")), w if need_weights else None)
-
-
-# --------------------------------------------------------------------------- a small Transformer-XL language model
-
-
-class _Block(nn.Module):
-    """Pre-norm block: ``h + Attn(LN([SG(m) | h]))`` then ``h + FF(LN(h))``.
-
-    The memory ``m`` holds the block's raw inputs; the stop-gradient comes first and the
-    norm second, ``LN(SG(m))``, so ``LN``'s parameters learn through the memory path as
-    ``W_k, W_v`` do (Dai et al. 2019's code, ``pre_lnorm``).
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, segment: int, mem_len: int, ff_mult: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
-        self.attn = TransformerXLAttention(embed_dim, num_heads, segment, mem_len)
-        self.ff = nn.Sequential(nn.Linear(embed_dim, ff_mult * embed_dim), nn.GELU(), nn.Linear(ff_mult * embed_dim, embed_dim))
-
-    def forward(self, h: Tensor, memory: Tensor | None = None, need_weights: bool = False, parallel: bool = True) -> tuple[Tensor, Tensor | None]:
-        # the memory is stored raw and normalised here, after its stop-gradient: LN1(SG(m)) (Dai et al.'s code)
-        if parallel:
-            a, w = self.attn(h, need_weights=need_weights, norm=self.norm1)
-        else:
-            a, w = self.attn.attend_segment(h, memory, need_weights=need_weights, norm=self.norm1)
-        h = h + a
-        return h + self.ff(self.norm2(h)), w
-
-
-def _describe(obj: object) -> str:
-    """``len`` and type of a would-be list, for messages."""
-    return f"{type(obj).__name__} of length {len(obj)}" if isinstance(obj, (list, tuple)) else type(obj).__name__
-
-
-class TransformerXLLM(nn.Module):
-    """A small causal Transformer-XL language model: embeddings, ``layers`` blocks, a linear head.
-
-    Memory of layer ``n`` = the last ``M`` *inputs* of block ``n`` (``h^{n-1}``),
-    detached. :meth:`forward` runs a whole sequence in the parallel form;
-    :meth:`step` runs one segment given the memories (the cache);
-    :meth:`evaluate_cached` and :meth:`evaluate_recompute` evaluate a long
-    stream the two ways.
-
-    Shapes: ``tokens`` ``(B, n)`` integer ids -> logits ``(B, n, vocab)``.
-    """
-
-    def __init__(
-        self, vocab: int, embed_dim: int = 32, num_heads: int = 2, layers: int = 1, segment: int = 8, mem_len: int = 8, ff_mult: int = 2
-    ) -> None:
-        super().__init__()
-        check_int("layers", layers, 1)
-        self.vocab, self.segment, self.mem_len = vocab, segment, mem_len
-        self.embed = nn.Embedding(vocab, embed_dim)
-        self.blocks = nn.ModuleList(_Block(embed_dim, num_heads, segment, mem_len, ff_mult) for _ in range(layers))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, vocab)
-
-    def _check_tokens(self, tokens: object) -> Tensor:
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor of shape (batch, n), got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be integer ids (torch.long) of shape (batch, n), got {tokens.dtype}")
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must have shape (batch, n) with n >= 1, got {tuple(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab):
-            raise ValueError(f"token ids must lie in [0, {self.vocab}), got min {int(tokens.min())}, max {int(tokens.max())}")
-        return tokens
-
-    def forward(self, tokens: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor | None]]:
-        """Parallel form: logits ``(B, n, V)`` and per-layer weights ``(B, h, n, n)`` (when asked)."""
-        h = self.embed(self._check_tokens(tokens))
-        weights = []
-        for block in self.blocks:
-            h, w = block(h, need_weights=need_weights)
-            weights.append(w)
-        return self.head(self.norm(h)), weights
-
-    def step(self, tokens: Tensor, mems: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Recurrent form: one segment ``(B, L)`` with the cached memories -> logits ``(B, L, V)``, new memories.
-
-        ``mems[n]`` is ``(B, M', E)`` (``M' <= M``), the last inputs of block ``n``; the
-        new memory keeps the last ``M`` of ``[mems[n] | this segment's inputs]``, detached.
-        """
-        h = self.embed(self._check_tokens(tokens))
-        if mems is not None:
-            if not isinstance(mems, (list, tuple)) or len(mems) != len(self.blocks):
-                raise ValueError(f"mems must be a list of one tensor per layer ({len(self.blocks)}), got {_describe(mems)}")
-            E = h.shape[-1]
-            for n, mem in enumerate(mems):
-                check_tensor(mem, f"mems[{n}]", f"(batch={h.shape[0]}, mem_len, embed_dim={E})", 3)
-                if mem.shape[0] != h.shape[0] or mem.shape[-1] != E:
-                    raise ValueError(f"mems[{n}] must have shape (batch={h.shape[0]}, mem_len, embed_dim={E}), got {tuple(mem.shape)}")
-                check_same_dtype(("the model's states", h), (f"mems[{n}]", mem))
-        new_mems = []
-        for n, block in enumerate(self.blocks):
-            block_mem = None if mems is None or mems[n].shape[1] == 0 else mems[n]
-            context = h if block_mem is None else torch.cat([block_mem, h], 1)
-            new_mems.append(context[:, max(0, context.shape[1] - self.mem_len) :].detach())
-            h, _ = block(h, block_mem, parallel=False)
-        return self.head(self.norm(h)), new_mems
-
-    @torch.no_grad()
-    def evaluate_cached(self, tokens: Tensor) -> Tensor:
-        """Logits of a stream ``(B, n)``, segment by segment, each computed once with the cache."""
-        self._check_tokens(tokens)
-        mems, out = None, []
-        for start in range(0, tokens.shape[1], self.segment):
-            logits, mems = self.step(tokens[:, start : start + self.segment], mems)
-            out.append(logits)
-        return torch.cat(out, 1)
-
-    @property
-    def context_segments(self) -> int:
-        """How many earlier segments one segment's output depends on: ``layers * ceil(M / L)``."""
-        return len(self.blocks) * -(-self.mem_len // self.segment)
-
-    @torch.no_grad()
-    def evaluate_recompute(self, tokens: Tensor) -> Tensor:
-        """Logits of a stream ``(B, n)`` with no cache: each segment recomputes its whole context.
-
-        Segment ``tau`` depends on segments ``tau - c .. tau`` with ``c`` =
-        :attr:`context_segments` (each layer reaches ``M`` states further
-        back). Running the parallel form on them from an empty memory gives
-        exactly the cached result for segment ``tau``, at about ``c + 1`` times the work.
-        """
-        self._check_tokens(tokens)
-        c, L = self.context_segments, self.segment
-        out = []
-        for start in range(0, tokens.shape[1], L):
-            first = max(0, start - c * L)
-            end = min(start + L, tokens.shape[1])
-            h = self.embed(self._check_tokens(tokens[:, first:end]))
-            for block in self.blocks:
-                h, _ = block(h)
-            out.append(self.head(self.norm(h[:, start - first :])))
-        return torch.cat(out, 1)
-
-
-# --------------------------------------------------------------------------- the chapter's task
-
-
-@dataclass
-class LagCopyTask:
-    """Predict the token seen ``lag`` positions earlier: with ``lag = L``, always in the *previous* segment.
-
-    ``sample`` gives ``x (B, n)`` random tokens, ``n = segments * segment``, and
-    ``y (B, n)`` with ``y[t] = x[t - lag]`` for ``t >= lag`` and ``-100``
-    (ignored) before. A model that sees only its own segment can only guess
-    (accuracy ``1 / vocab``); one with a memory of ``M >= lag`` states can copy.
-    """
-
-    vocab: int = 16
-    segment: int = 8
-    segments: int = 4
-    lag: int | None = None
-
-    def __post_init__(self) -> None:
-        self.lag = self.segment if self.lag is None else self.lag
-        if self.vocab < 2 or self.segment < 1 or self.segments < 2 or not 1 <= self.lag < self.length:
-            raise ValueError(f"need vocab >= 2, segment >= 1, segments >= 2 and 1 <= lag < n, got {self}")
-
-    @property
-    def length(self) -> int:
-        return self.segment * self.segments
-
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        x = torch.randint(0, self.vocab, (batch_size, self.length), generator=generator)
-        lag = self.lag
-        assert lag is not None  # set in __post_init__
-        y = torch.full_like(x, -100)
-        y[:, lag:] = x[:, :-lag]
-        return {"x": x, "y": y}
-
-
-def lag_copy_loss(model: TransformerXLLM, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy over the positions that have an answer, and their accuracy."""
-    logits, _ = model(batch["x"])
-    y = batch["y"]
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-    real = y != -100
-    acc = (logits.argmax(-1) == y)[real].float().mean()
-    return loss, {"acc": float(acc)}

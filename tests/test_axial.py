@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from attn import registry
-from attn.axial import AxialAttention, AxialWeights, GridRecall, GridRecallModel, axis_attention, make_task
+from attn.axial import AxialAttention, AxialOutput, AxialWeights, axis_attention
 from attn.benchmark import count_flops, peak_memory
+from attn.experiments import own_tasks
+from attn.experiments.axial import GridRecall, GridRecallModel, make_task
 from attn.train import evaluate, train
 
 
@@ -27,21 +29,21 @@ def explicit_axis(q, k, v, axis):
     return torch.stack([F.scaled_dot_product_attention(q[:, :, :, j], k[:, :, :, j], v[:, :, :, j]) for j in range(W)], 3)
 
 
-def torch_mha(qkv: torch.nn.Linear, out: torch.nn.Linear, heads: int) -> torch.nn.MultiheadAttention:
-    """nn.MultiheadAttention with one pass's weights copied (in_proj rows are [W_q; W_k; W_v], like ours)."""
-    E = out.in_features
-    mha = torch.nn.MultiheadAttention(E, heads, batch_first=True, dtype=qkv.weight.dtype)
+def torch_mha(proj, heads: int) -> torch.nn.MultiheadAttention:
+    """nn.MultiheadAttention with one pass's weights copied (its in_proj rows are [W_q; W_k; W_v])."""
+    E = proj.out_proj.in_features
+    mha = torch.nn.MultiheadAttention(E, heads, batch_first=True, dtype=proj.q_proj.weight.dtype)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(qkv.weight)
-        mha.in_proj_bias.copy_(qkv.bias)
-        mha.out_proj.weight.copy_(out.weight)
-        mha.out_proj.bias.copy_(out.bias)
+        mha.in_proj_weight.copy_(torch.cat([proj.q_proj.weight, proj.k_proj.weight, proj.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([proj.q_proj.bias, proj.k_proj.bias, proj.v_proj.bias]))
+        mha.out_proj.weight.copy_(proj.out_proj.weight)
+        mha.out_proj.bias.copy_(proj.out_proj.bias)
     return mha
 
 
 def explicit_module(mod: AxialAttention, x):
     """Row by row with a torch MultiheadAttention, then column by column with another."""
-    row, col = torch_mha(mod.row_qkv, mod.row_out, mod.num_heads), torch_mha(mod.col_qkv, mod.col_out, mod.num_heads)
+    row, col = torch_mha(mod.row, mod.num_heads), torch_mha(mod.col, mod.num_heads)
     H, W = x.shape[1], x.shape[2]
     y = torch.stack([row(x[:, i], x[:, i], x[:, i], need_weights=False)[0] for i in range(H)], 1)  # (B, H, W, C)
     return torch.stack([col(y[:, :, j], y[:, :, j], y[:, :, j], need_weights=False)[0] for j in range(W)], 2)
@@ -99,15 +101,15 @@ def explicit_module_params(mod: AxialAttention, x):
     """The explicit per-row / per-column formula written with the module's own parameters (differentiable)."""
     h = mod.num_heads
 
-    def mha(seq, qkv, out):  # seq (N, L, C)
-        q, k, v = qkv(seq).chunk(3, -1)
+    def mha(seq, proj):  # seq (N, L, C)
+        q, k, v, out = proj.q_proj(seq), proj.k_proj(seq), proj.v_proj(seq), proj.out_proj
         split = lambda t: t.view(t.shape[0], t.shape[1], h, -1).transpose(1, 2)  # noqa: E731
         a = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(mod.head_dim), -1) @ split(v)
         return out(a.transpose(1, 2).reshape(seq.shape))
 
     H, W = x.shape[1], x.shape[2]
-    y = torch.stack([mha(x[:, i], mod.row_qkv, mod.row_out) for i in range(H)], 1)
-    return torch.stack([mha(y[:, :, j], mod.col_qkv, mod.col_out) for j in range(W)], 2)
+    y = torch.stack([mha(x[:, i], mod.row) for i in range(H)], 1)
+    return torch.stack([mha(y[:, :, j], mod.col) for j in range(W)], 2)
 
 
 def test_gradcheck_float64():
@@ -132,7 +134,7 @@ def test_receptive_field_is_the_row_then_the_whole_grid():
     torch.manual_seed(0)
     mod = AxialAttention(8, 2)
     x = torch.randn(1, 4, 6, 8)
-    after_row = _influence(lambda t: mod._pass(t, mod.row_qkv, mod.row_out, "row", False)[0], x, 2, 3)
+    after_row = _influence(lambda t: mod._pass(t, mod.row, "row", False)[0], x, 2, 3)
     expected = torch.zeros(4, 6, dtype=torch.bool)
     expected[2] = True
     assert torch.equal(after_row, expected)
@@ -243,7 +245,8 @@ def test_registry_entry_and_own_task():
     mech = registry.get("axial")
     assert mech.chapter == 11 and mech.cls is AxialAttention and mech.data == "grid" and mech.build is None
     assert registry.chapter(11).slug == "axial_attention"
-    task = mech.task("quick")
+    assert own_tasks()["axial"] is make_task
+    task = make_task("quick")
     gen = torch.Generator().manual_seed(0)
     for size in task.sizes:
         (x,) = task.inputs(size, gen)
@@ -255,7 +258,7 @@ def test_registry_entry_and_own_task():
     assert 0.0 <= ev["acc"] <= 1.0
     rows = task.weights(task.model, task.sample(4, gen))
     torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:-1]))
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown task size 'huge'"):
         make_task("huge")
     with pytest.raises(ValueError, match="s x 2s grid"):
         task.inputs(100, gen)
@@ -270,3 +273,27 @@ def test_grid_recall_sample_and_model():
     assert logits.shape == (64, 4) and w.row.shape == (64, 2, 3, 5, 5)
     with pytest.raises(ValueError, match="n_values >= 2"):
         GridRecall(3, 5, 1)
+
+
+def test_one_interface_axial_projections_and_typed_output():
+    """Issue 23: each pass's projections are an attn.Attention (q/k/v/out_proj: a MultiHeadAttention state
+    dict loads into either pass); forward's options are keyword-only; the output is an AxialOutput whose
+    weights are AxialWeights (never an AttentionOutput carrying a tuple); the task lives in attn.experiments."""
+    from attn.attention import Attention
+    from attn.multihead import MultiHeadAttention
+
+    torch.manual_seed(0)
+    mod = AxialAttention(8, 2).double()
+    assert isinstance(mod.row, Attention) and isinstance(mod.col, Attention)
+    mha = MultiHeadAttention(8, 2).double()
+    mod.row.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    after_row = torch.stack([mha(x[:, i]).output for i in range(3)], 1)  # the row pass alone is MHA along each row
+    torch.testing.assert_close(mod._pass(x, mod.row, "row", False)[0], after_row, atol=1e-12, rtol=1e-12)
+    out = mod(x, need_weights=True)
+    assert type(out) is AxialOutput and isinstance(out.weights, AxialWeights)
+    with pytest.raises(TypeError):
+        mod(x, True)  # need_weights is keyword-only
+    with pytest.raises(TypeError):
+        AxialAttention(8, 2, 0.1)  # dropout is keyword-only
+    assert registry.get("axial").task is None

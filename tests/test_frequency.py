@@ -443,3 +443,20 @@ def test_bfloat16_in_bfloat16_out_close_to_float32(layer):
     assert float(err) < 2e-2, float(err)
     if isinstance(low, FrequencyEnhancedAttention):
         assert low.mode_weights(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=["fnet", "feb", "fea"])
+def test_sequence_mixer_keywords_and_causality_refused(layer):
+    """The one sequence-mixer interface (issue 23): ``key_mask``/``is_causal``/``need_weights`` keyword-only;
+    the Fourier mixers read every position, so ``is_causal=True`` is refused with a ValueError that says why."""
+    x = rand(2, 12, 8)
+    km = padding_mask([12, 9], 12)
+    with pytest.raises(TypeError):
+        layer(x, km)  # key_mask is keyword-only
+    with pytest.raises(ValueError, match="cannot be causal"):
+        layer(x, is_causal=True)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        layer(x, is_causal=1)
+    torch.testing.assert_close(layer(x, key_mask=km, is_causal=False).output, layer(x, key_mask=km).output)
+    assert registry.get({FourierMixing: "fnet", FrequencyEnhancedBlock: "fedformer",
+                         FrequencyEnhancedAttention: "fedformer-attention"}[type(layer)]).causal is False

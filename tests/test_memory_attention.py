@@ -14,15 +14,13 @@ from torch import nn
 from attn import registry
 from attn.benchmark import count_flops
 from attn.core import masked_softmax
+from attn.experiments.memory_attention import FarRecallTask, MemoryRecallModel, far_recall_loss
 from attn.masks import padding_mask
 from attn.memory_attention import (
-    FarRecallTask,
     KNNMemory,
     MemorizingAttention,
-    MemoryRecallModel,
     PersistentMemoryAttention,
     faiss_available,
-    far_recall_loss,
     knn_attention,
     knn_attention_dense,
 )
@@ -186,7 +184,7 @@ def explicit_memorizing(layer: MemorizingAttention, x: torch.Tensor) -> torch.Te
     """Reference: each segment by explicit dense formulas, the bank kept as a plain list of past keys/values."""
     B, n, E = x.shape
     h, d, L = layer.num_heads, layer.head_dim, layer.segment
-    q, k, v = layer.qkv(x).split(E, -1)
+    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
     q, k, v = (t.view(B, n, h, d).transpose(1, 2) for t in (q, k, v))
     outs = []
     for start in range(0, n, L):
@@ -222,7 +220,7 @@ def test_memorizing_attention_equals_explicit_reference(n, L, top_k, capacity):
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, n, dtype=torch.float64))  # effective weights: rows sum to 1
     assert (w.triu(1) == 0).all()  # nothing from the future
     up = torch.randn_like(out)
-    params = [x, layer.gate_bias, layer.qkv.weight, layer.out_proj.weight]
+    params = [x, layer.gate_bias, layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, layer.out_proj.weight]
     kw = {"allow_unused": True, "materialize_grads": True}  # top_k = 0 leaves the gate unused
     for a, b in zip(torch.autograd.grad(out, params, up, **kw), torch.autograd.grad(ref, params, up, **kw), strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
@@ -234,7 +232,7 @@ def test_effective_weights_reproduce_the_output():
     layer = MemorizingAttention(8, 2, segment=4, top_k=3, capacity=6).double()
     x = torch.randn(1, 14, 8, dtype=torch.float64)
     out, w = layer(x, need_weights=True)
-    v = layer.qkv(x)[..., 16:].view(1, 14, 2, 4).transpose(1, 2)
+    v = layer.v_proj(x).view(1, 14, 2, 4).transpose(1, 2)
     mixed = (w @ v).transpose(1, 2).reshape(1, 14, 8)
     torch.testing.assert_close(layer.out_proj(mixed), out)
 
@@ -258,7 +256,7 @@ def test_memorizing_gradcheck_and_gate_limits():
     with torch.no_grad():
         layer.gate_bias.fill_(1e4)
         out = layer(x.detach()).output
-        q, k, v = layer.qkv(x.detach()).split(4, -1)
+        q, k, v = layer.q_proj(x.detach()), layer.k_proj(x.detach()), layer.v_proj(x.detach())
         q, k, v = (t.view(1, 8, 2, 2).transpose(1, 2) for t in (q, k, v))
         ref = F.scaled_dot_product_attention(q[:, :, 6:], k[:, :, :6], v[:, :, :6]).transpose(1, 2).reshape(1, 2, 4)
     torch.testing.assert_close(out[:, 6:], layer.out_proj(ref))
@@ -509,7 +507,7 @@ def explicit_memorizing_masked(layer: MemorizingAttention, x: torch.Tensor, key_
     """
     B, n, E = x.shape
     h, d, L = layer.num_heads, layer.head_dim, layer.segment
-    q, k, v = (t.view(B, n, h, d).transpose(1, 2) for t in layer.qkv(x).split(E, -1))
+    q, k, v = (t.view(B, n, h, d).transpose(1, 2) for t in (layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)))
     outs = []
     for start in range(0, n, L):
         stop = min(start + L, n)
@@ -552,10 +550,10 @@ def test_key_mask_equals_explicit_reference_forward_and_gradients(kind, n, L, to
     assert w.shape == (3, 2, n, n)
     torch.testing.assert_close(w_seq, w, atol=1e-12, rtol=1e-12)
     assert (w.transpose(1, 3)[~km] == 0).all()  # (B, S, L, h) at padded keys: no weight on a padded key
-    v = layer.qkv(x)[..., 16:].view(3, n, 2, 4).transpose(1, 2)  # the weights reproduce the output
+    v = layer.v_proj(x).view(3, n, 2, 4).transpose(1, 2)  # the weights reproduce the output
     torch.testing.assert_close(layer.out_proj((w @ v).transpose(1, 2).reshape(3, n, 8)), out, atol=1e-12, rtol=1e-12)
     up = torch.randn_like(out)
-    params = [x, layer.gate_bias, layer.qkv.weight, layer.out_proj.weight]
+    params = [x, layer.gate_bias, layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, layer.out_proj.weight]
     kw = {"allow_unused": True, "materialize_grads": True}  # top_k = 0 leaves the gate unused
     for a, b in zip(torch.autograd.grad(out, params, up, **kw), torch.autograd.grad(ref, params, up, **kw), strict=True):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10)
@@ -635,3 +633,44 @@ def test_key_mask_bad_input_and_registered_build():
     out, w = layer(x, key_mask=km, need_weights=True)
     assert out.shape == (2, 10, 16) and w.shape == (2, 4, 10, 10)
     assert layer(x[:0], key_mask=km[:0], need_weights=True).weights.shape == (0, 4, 10, 10)
+
+
+def test_one_interface_persistent_memory_is_attention_base_with_mha_state_dict():
+    """Issue 23: PersistentMemoryAttention is an AttentionBase (the same q/k/v/out projections, so a
+    MultiHeadAttention state dict loads into it; the slots are its own state, appended in ``attend``);
+    options keyword-only; registered with the sdpa kernel, bidirectional as built."""
+    from attn.attention import AttentionBase
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2).double()
+    pm = PersistentMemoryAttention(8, 2, slots=0).double()
+    assert isinstance(pm, AttentionBase) and pm.kernel == "sdpa"
+    missing, unexpected = pm.load_state_dict(mha.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"memory_k", "memory_v"}
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    km = padding_mask([6, 4], 6)
+    torch.testing.assert_close(pm(x, key_mask=km, is_causal=True).output,
+                               mha(x, key_mask=km, is_causal=True).output, atol=1e-12, rtol=1e-12)
+    with pytest.raises(TypeError):
+        pm(x, km)  # key_mask is keyword-only
+    assert registry.get("persistent_memory").kernel == "sdpa" and registry.get("persistent_memory").causal is False
+
+
+def test_one_interface_memorizing_is_always_causal():
+    """Issue 23: MemorizingAttention follows the SequenceMixer protocol; its KNNMemory is keyword-only,
+    ``is_causal=False`` is refused with a ValueError saying why, and the registry records it causal."""
+    torch.manual_seed(0)
+    layer = MemorizingAttention(8, 2, segment=4, top_k=2, capacity=8)
+    x = torch.randn(2, 10, 8)
+    torch.testing.assert_close(layer(x, is_causal=True).output, layer(x).output)
+    with pytest.raises(ValueError, match="always causal"):
+        layer(x, is_causal=False)
+    with pytest.raises(TypeError):
+        layer(x, False, KNNMemory(8))  # need_weights and memory are keyword-only
+    assert registry.get("memorizing").causal is True
+    # its projections are AttentionBase's: a MultiHeadAttention state dict loads (all but the gate)
+    from attn.attention import AttentionBase
+
+    assert isinstance(layer, AttentionBase)
+    missing, unexpected = layer.load_state_dict(MultiHeadAttention(8, 2).state_dict(), strict=False)
+    assert not unexpected and missing == ["gate_bias"]

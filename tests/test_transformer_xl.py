@@ -12,15 +12,13 @@ from masking import padding_masks
 
 from attn import registry
 from attn.benchmark import count_flops
+from attn.experiments.transformer_xl import LagCopyTask, TransformerXLLM, lag_copy_loss
 from attn.train import cpu_threads, evaluate, set_seed, train
 from attn.transformer_xl import (
-    LagCopyTask,
     TransformerXLAttention,
-    TransformerXLLM,
-    lag_copy_loss,
     rel_shift,
     relative_scores_explicit,
-    sinusoid_table,
+    relative_sinusoids,
     transformer_xl_dense,
 )
 
@@ -85,7 +83,7 @@ def test_scores_match_the_explicit_four_terms():
     # a one-by-one loop over (i, j) and the four terms of the paper, for one entry of each row
     for i in range(L):
         for j in (0, M + i):
-            R = layer.r_net(sinusoid_table(torch.tensor([M + i - j]), 12).double()).view(h, d)
+            R = layer.r_net(relative_sinusoids(torch.tensor([M + i - j]), 12).double()).view(h, d)
             a = (q[0, :, i] * k[0, :, j]).sum(-1)
             b = (q[0, :, i] * R).sum(-1)
             c = (layer.u * k[0, :, j]).sum(-1)
@@ -94,12 +92,14 @@ def test_scores_match_the_explicit_four_terms():
 
 
 def test_sinusoid_table():
-    t = sinusoid_table(torch.arange(5), 8)
+    """Dai et al.'s [sin | cos] halves, from the book's one table (attn.positions.sinusoidal_embedding)."""
+    t = relative_sinusoids(torch.arange(5), 8)
     assert t.shape == (5, 8)
-    torch.testing.assert_close(t[0], torch.tensor([0.0] * 4 + [1.0] * 4, dtype=torch.float64))
-    torch.testing.assert_close(t[3, 0], torch.tensor(math.sin(3.0), dtype=torch.float64))
+    torch.testing.assert_close(t[0], torch.tensor([0.0] * 4 + [1.0] * 4, dtype=t.dtype))
+    torch.testing.assert_close(t[3, 0], torch.tensor(math.sin(3.0), dtype=t.dtype))
+    torch.testing.assert_close(t.double(), _sinusoid_ref(torch.arange(5), 8), atol=1e-7, rtol=0)
     with pytest.raises(ValueError, match="even"):
-        sinusoid_table(torch.arange(3), 5)
+        relative_sinusoids(torch.arange(3), 5)
 
 
 # ----------------------------------------------------------------------------- segment form and parallel form
@@ -133,7 +133,7 @@ def test_memory_is_stop_gradient():
     assert g[:, :4].abs().max() == 0 and g[:, 4:].abs().max() > 0
     mem = torch.randn(1, 3, 8, requires_grad=True)
     cur = torch.randn(1, 2, 8)
-    layer.attend_segment(cur, mem).output.sum().backward()
+    layer.attend_segment(cur, memory=mem).output.sum().backward()
     assert mem.grad is None  # detached: no gradient reaches the memory
     assert layer.r_net.weight.grad is not None and layer.u.grad is not None and layer.v.grad is not None
 
@@ -148,8 +148,8 @@ def test_gradcheck_float64():
     layer = TransformerXLAttention(4, 2, segment=3, mem_len=2).double()
     mem = torch.randn(2, 3, 4, dtype=torch.float64)
     cur = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda c: layer.attend_segment(c, mem).output, (cur,))
-    assert torch.autograd.gradcheck(lambda c: layer.attend_segment(c, mem, need_weights=True).weights, (cur,))
+    assert torch.autograd.gradcheck(lambda c: layer.attend_segment(c, memory=mem).output, (cur,))
+    assert torch.autograd.gradcheck(lambda c: layer.attend_segment(c, memory=mem, need_weights=True).weights, (cur,))
     x = torch.randn(1, 7, 4, dtype=torch.float64)
     u, v, w_r = (t.detach().clone().requires_grad_() for t in (layer.u, layer.v, layer.r_net.weight))
     assert torch.autograd.gradcheck(lambda u, v, w_r: _with(layer, u, v, w_r)(x).output, (u, v, w_r))
@@ -185,12 +185,12 @@ def test_batched_equals_per_example_and_memory_mask():
     torch.testing.assert_close(layer(x).output, torch.cat([layer(x[i : i + 1]).output for i in range(3)]))
     cur, mem = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
     mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
-    out = layer.attend_segment(cur, mem, mask).output
+    out = layer.attend_segment(cur, memory=mem, memory_mask=mask).output
     mem2 = mem.clone()
     mem2[1, :2] += 100.0  # masked slots have no influence
-    torch.testing.assert_close(layer.attend_segment(cur, mem2, mask).output, out)
+    torch.testing.assert_close(layer.attend_segment(cur, memory=mem2, memory_mask=mask).output, out)
     # ... and dropping them equals masking them (relative positions count from the end)
-    torch.testing.assert_close(layer.attend_segment(cur[1:], mem[1:, 2:]).output, out[1:])
+    torch.testing.assert_close(layer.attend_segment(cur[1:], memory=mem[1:, 2:]).output, out[1:])
 
 
 def test_no_memory_is_segment_local_causal_attention():
@@ -205,7 +205,7 @@ def test_empty_batch():
     layer = TransformerXLAttention(8, 2, segment=4, mem_len=4)
     out, w = layer(torch.randn(0, 10, 8), need_weights=True)
     assert out.shape == (0, 10, 8) and w.shape == (0, 2, 10, 10)
-    out, w = layer.attend_segment(torch.randn(0, 3, 8), torch.randn(0, 5, 8), need_weights=True)
+    out, w = layer.attend_segment(torch.randn(0, 3, 8), memory=torch.randn(0, 5, 8), need_weights=True)
     assert out.shape == (0, 3, 8) and w.shape == (0, 2, 3, 8)
 
 
@@ -217,11 +217,11 @@ def test_empty_batch():
         (lambda m: m(torch.randn(4, 8)), ValueError, r"\(batch, seq, embed_dim=8\)"),
         (lambda m: m(torch.randn(1, 4, 6)), ValueError, r"\(batch, seq, embed_dim=8\), got \(1, 4, 6\)"),
         (lambda m: m(torch.randn(1, 0, 8)), ValueError, r"empty sequence|at least one token"),
-        (lambda m: m.attend_segment(torch.randn(1, 3, 8), torch.randn(2, 3, 8)), ValueError, r"memory must have shape \(batch=1"),
-        (lambda m: m.attend_segment(torch.randn(1, 3, 8), torch.randn(1, 3, 4)), ValueError, "memory must have shape"),
-        (lambda m: m.attend_segment(torch.randn(1, 3, 8), [1.0]), TypeError, "memory must be a torch.Tensor"),
-        (lambda m: m.attend_segment(torch.randn(1, 3, 8), torch.randn(1, 2, 8), torch.ones(1, 2)), TypeError, "memory_mask must be a torch.bool"),
-        (lambda m: m.attend_segment(torch.randn(1, 3, 8), torch.randn(1, 2, 8), torch.ones(1, 3, dtype=torch.bool)), ValueError, r"memory_mask must have shape \(batch=1, mem_len=2\)"),
+        (lambda m: m.attend_segment(torch.randn(1, 3, 8), memory=torch.randn(2, 3, 8)), ValueError, r"memory must have shape \(batch=1"),
+        (lambda m: m.attend_segment(torch.randn(1, 3, 8), memory=torch.randn(1, 3, 4)), ValueError, "memory must have shape"),
+        (lambda m: m.attend_segment(torch.randn(1, 3, 8), memory=[1.0]), TypeError, "memory must be a torch.Tensor"),
+        (lambda m: m.attend_segment(torch.randn(1, 3, 8), memory=torch.randn(1, 2, 8), memory_mask=torch.ones(1, 2)), TypeError, "memory_mask must be a torch.bool"),
+        (lambda m: m.attend_segment(torch.randn(1, 3, 8), memory=torch.randn(1, 2, 8), memory_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, r"memory_mask must have shape \(batch=1, mem_len=2\)"),
     ],
 )
 def test_bad_input(call, error, match):
@@ -381,8 +381,18 @@ def _reference_lm_logits(lm, tokens):
     return torch.cat(logits, 1)
 
 
+@pytest.fixture
+def float64_default():
+    """float64 as the default dtype: the book's sinusoid table (attn.positions.sinusoidal_embedding) is
+    returned in the default dtype, so a float64 model gets a float64 table only then."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
 @pytest.mark.parametrize("form", ["parallel", "step"])
-def test_lm_logits_and_every_gradient_match_the_papers_recurrence(form):
+def test_lm_logits_and_every_gradient_match_the_papers_recurrence(form, float64_default):
     """2 layers, L = 4, M = 6, float64: logits and all gradients (LN1 weight and bias included) agree to 1e-12.
 
     The memory is stored detached and normalised inside the layer, LN(SG(m)): the first LayerNorm of each
@@ -467,7 +477,7 @@ def test_mixed_dtypes_are_a_clear_error():
     layer = TransformerXLAttention(8, 2, segment=4, mem_len=4)
     x = torch.randn(1, 3, 8)
     with pytest.raises(TypeError, match=r"dtypes must match \(x: torch.float32, memory: torch.float64\)"):
-        layer.attend_segment(x, torch.randn(1, 2, 8, dtype=torch.float64))
+        layer.attend_segment(x, memory=torch.randn(1, 2, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"dtypes must match \(the layer's parameters: torch.float32, x: torch.float64\)"):
         layer(x.double())
     with pytest.raises(TypeError, match=r"dtypes must match \(the layer's parameters: torch.float32, x: torch.float64\)"):
@@ -488,9 +498,9 @@ def test_mixed_dtypes_are_a_clear_error():
         (lambda m, lm: m.projected_positions(torch.arange(3), torch.long), TypeError, "dtype must be a floating-point"),
         (lambda m, lm: rel_shift([[1.0]]), TypeError, r"x must be a torch.Tensor of shape \(\.\.\., L, K\)"),
         (lambda m, lm: rel_shift(torch.ones(3)), ValueError, r"x must have shape \(\.\.\., L, K\), at least 2-D"),
-        (lambda m, lm: sinusoid_table([1, 2], 4), TypeError, "distances must be a 1-D"),
-        (lambda m, lm: m.attend_segment(torch.randn(1, 3, 8), torch.ones(1, 2, 8, dtype=torch.long)), TypeError, "memory must be a floating-point"),
-        (lambda m, lm: m.attend_segment(torch.randn(1, 3, 8), torch.randn(2, 8)), ValueError, r"memory must have shape \(batch, mem_len, embed_dim=8\)"),
+        (lambda m, lm: relative_sinusoids([1, 2], 4), TypeError, "distances must be a 1-D"),
+        (lambda m, lm: m.attend_segment(torch.randn(1, 3, 8), memory=torch.ones(1, 2, 8, dtype=torch.long)), TypeError, "memory must be a floating-point"),
+        (lambda m, lm: m.attend_segment(torch.randn(1, 3, 8), memory=torch.randn(2, 8)), ValueError, r"memory must have shape \(batch, mem_len, embed_dim=8\)"),
         (lambda m, lm: lm.step(torch.tensor([[1, 2]]), [[1.0]]), TypeError, r"mems\[0\] must be a torch.Tensor of shape \(batch=1, mem_len, embed_dim=8\)"),
         (lambda m, lm: lm.step(torch.tensor([[1, 2]]), [torch.randn(2, 2, 8)]), ValueError, r"mems\[0\] must have shape \(batch=1"),
         (lambda m, lm: lm.step(torch.tensor([[1, 2]]), torch.randn(1, 1, 2, 8)), ValueError, "mems must be a list of one tensor per layer"),
@@ -514,7 +524,7 @@ def _segment_by_segment(layer: TransformerXLAttention, x: torch.Tensor, key_mask
     for s in range(0, x.shape[1], L):
         lo = max(0, s - M)
         mem, mem_mask = (x[:, lo:s], key_mask[:, lo:s]) if s > lo else (None, None)
-        outs.append(layer.attend_segment(x[:, s : s + L], mem, mem_mask, key_mask=key_mask[:, s : s + L]).output)
+        outs.append(layer.attend_segment(x[:, s : s + L], memory=mem, memory_mask=mem_mask, key_mask=key_mask[:, s : s + L]).output)
     return torch.cat(outs, 1)
 
 
@@ -585,3 +595,23 @@ def test_key_mask_bad_input_and_registered_build():
     out, w = layer(x, key_mask=km, need_weights=True)
     assert out.shape == (2, 10, 16) and w.shape == (2, 4, 10, 10)
     assert layer(x[:0], key_mask=km[:0], need_weights=True).weights.shape == (0, 4, 10, 10)
+
+
+def test_one_interface_always_causal_and_memory_keyword_only():
+    """Issue 23: TransformerXLAttention follows the SequenceMixer protocol: options keyword-only,
+    ``is_causal=False`` refused with a ValueError saying why, the memory of ``attend_segment`` keyword-only,
+    registered causal; the chapter's LM and task live in attn.experiments.transformer_xl."""
+    torch.manual_seed(0)
+    layer = TransformerXLAttention(8, 2, segment=4, mem_len=4)
+    x = torch.randn(2, 10, 8)
+    torch.testing.assert_close(layer(x, is_causal=True).output, layer(x).output)
+    with pytest.raises(ValueError, match="always causal"):
+        layer(x, is_causal=False)
+    with pytest.raises(TypeError):
+        layer(x, True)  # need_weights is keyword-only
+    with pytest.raises(TypeError):
+        layer.attend_segment(x[:, :4], x[:, 4:])  # the memory is keyword-only
+    assert registry.get("transformer_xl").causal is True
+    import attn.transformer_xl as module
+
+    assert not hasattr(module, "TransformerXLLM") and not hasattr(module, "sinusoid_table")
