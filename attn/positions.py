@@ -79,8 +79,11 @@ __all__ = [
 SCHEMES = ("none", "sinusoidal", "rope", "alibi")
 
 
-def sinusoidal_embedding(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
-    """``(n,)`` positions -> ``(n, dim)`` embeddings, sin in even and cos in odd coordinates (``dim`` even)."""
+def sinusoidal_embedding(positions: Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype | None = None) -> Tensor:
+    """``(n,)`` positions -> ``(n, dim)`` embeddings, sin in even and cos in odd coordinates (``dim`` even).
+
+    Computed in float64 and returned in ``dtype`` (default: ``torch.get_default_dtype()``).
+    """
     positions = _check_positions(positions)
     check_int("dim", dim)
     if dim % 2:
@@ -88,7 +91,9 @@ def sinusoidal_embedding(positions: Tensor, dim: int, base: float = 10000.0) -> 
     omega = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)  # (dim/2,)
     angle = positions.to(torch.float64)[:, None] * omega  # (n, dim/2)
     pe = torch.stack([angle.sin(), angle.cos()], -1).flatten(-2)  # (n, dim): sin, cos interleaved
-    return pe.to(torch.get_default_dtype())
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+    return pe.to(dtype or torch.get_default_dtype())
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -73,9 +73,15 @@ class Mechanism:
     data: str = "sequence"
     summary: str = ""
     build: Callable[[int, int], nn.Module] | None = field(default=None, compare=False, hash=False)
-    task: Callable[[str], OwnTask[Any]] | None = field(default=None, compare=False, hash=False)
     kernel: str | None = None
     causal: bool | None = None
+
+    @property
+    def own_task(self) -> Callable[[str], OwnTask[Any]] | None:
+        """``make(size) -> OwnTask``: the mechanism's own task, declared in ``attn.experiments`` (or ``None``)."""
+        from .experiments import own_tasks  # the experiments load on demand: layers never import them
+
+        return own_tasks().get(self.name)
 
 
 #: The model type of an :class:`OwnTask`: its ``loss`` and ``weights`` take that model class, not any ``nn.Module``.
@@ -86,11 +92,12 @@ M = TypeVar("M", bound=nn.Module)
 class OwnTask(Generic[M]):
     """A mechanism's own task, for the comparison's second table (graphs, images, sets, documents, pairs).
 
-    A mechanism whose input is not a token sequence registers
-    ``task=make`` where ``make(preset) -> OwnTask`` and ``preset`` is the
-    comparison's size preset name (``"quick"``, ``"book"``, ``"default"``,
-    ``"gpu"``). The comparison then measures it on the same axes as the
-    sequence mechanisms:
+    A mechanism whose input is not a token sequence declares, in its chapter's
+    experiment module ``attn/experiments/<module>.py``, ``OWN_TASKS =
+    {"<name>": make}`` where ``make(size) -> OwnTask`` and ``size`` is one of
+    ``attn.experiments.SIZES`` (``"quick"``, ``"book"``, ``"full"``,
+    ``"large"``; a comparison preset names the size it wants). The comparison
+    then measures it on the same axes as the sequence mechanisms:
 
     * **learning**: ``model`` is trained with :func:`attn.train.train` on
       batches from ``sample(batch_size, generator)`` with ``loss(model, batch)
@@ -190,15 +197,17 @@ def register(
     data: str = "sequence",
     summary: str = "",
     build: Callable[[int, int], nn.Module] | None = None,
-    task: Callable[[str], OwnTask[Any]] | None = None,
     kernel: str | None = None,
     causal: bool | None = None,
 ) -> Callable[[ClsT], ClsT]:
     """Class decorator: add a mechanism to :data:`MECHANISMS` under ``name``.
 
     Sequence mechanisms give ``build(embed_dim, num_heads)`` (a token mixer the
-    comparison drops into its recall model); mechanisms with their own kind of
-    data give ``task(preset) -> OwnTask`` (see :class:`OwnTask`).
+    comparison drops into its recall model), ``kernel=`` (the registered kernel
+    its :class:`~attn.attention.Attention` runs, or ``None``) and ``causal=``
+    (whether the built layer is causal); mechanisms with their own kind of data
+    declare their task in ``attn/experiments/<module>.py`` (``OWN_TASKS``, see
+    :class:`OwnTask`).
     """
 
     def deco(cls: ClsT) -> ClsT:
@@ -207,12 +216,12 @@ def register(
         if not any(c.number == chapter for c in CHAPTERS):
             raise ValueError(f"chapter {chapter} is not in CHAPTERS (1..{len(CHAPTERS)})")
         if data != "sequence" and build is not None:
-            raise ValueError(f"{name}: build is for sequence mechanisms; a {data!r} mechanism brings task=")
+            raise ValueError(f"{name}: build is for sequence mechanisms; a {data!r} mechanism declares its own task "
+                             "in attn/experiments (OWN_TASKS)")
         MECHANISMS[name] = Mechanism(
             name, cls, paper, complexity, chapter, data,
             summary or next(iter((cls.__doc__ or "").strip().splitlines()), ""),
             build,
-            task,
             kernel,
             causal,
         )

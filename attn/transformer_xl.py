@@ -95,14 +95,14 @@ def rel_shift(x: Tensor) -> Tensor:
     return padded[..., 1:, :].reshape(*lead, length, keys)  # drop the first row, read back as (L, K)
 
 
-def relative_sinusoids(distances: Tensor, dim: int) -> Tensor:
+def relative_sinusoids(distances: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     """Dai et al.'s ``R_d = [sin(d w_0), ..., sin(d w_{dim/2-1}), cos(d w_0), ...]``, ``w_k = 10000^{-2k/dim}``.
 
     ``distances (K,)`` -> ``(K, dim)``: the book's one sinusoid table
     (:func:`attn.positions.sinusoidal_embedding`, Vaswani et al. 2017, indexed by a distance
     instead of a position), its interleaved ``sin, cos`` pairs regrouped into the two halves of
     Transformer-XL's code, so that ``W_R`` has the layout of the paper's weights. Computed in
-    float64 and returned in the default dtype (``torch.get_default_dtype()``), as the positions module does.
+    float64 and returned in ``dtype`` (default ``torch.get_default_dtype()``), as the positions module does.
     """
     if not isinstance(distances, Tensor) or distances.ndim != 1 or distances.dtype == torch.bool or distances.is_complex():
         got = f"shape {tuple(distances.shape)}, dtype {distances.dtype}" if isinstance(distances, Tensor) else type(distances).__name__
@@ -110,7 +110,7 @@ def relative_sinusoids(distances: Tensor, dim: int) -> Tensor:
     check_int("dim", dim, 2)
     if dim % 2:
         raise ValueError(f"the sinusoid table needs an even width, got {dim}")
-    table = sinusoidal_embedding(distances, dim)  # (K, dim): sin, cos interleaved, in the default dtype
+    table = sinusoidal_embedding(distances, dim, dtype=dtype)  # (K, dim): sin, cos interleaved
     return rearrange(table, "k (half two) -> k (two half)", two=2)
 
 
@@ -185,7 +185,7 @@ class TransformerXLAttention(nn.Module):
         """``W_R R_d`` for the given distances: ``(K,) -> (K, h, d_h)``."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
-        table = relative_sinusoids(distances, self.embed_dim).to(dtype)
+        table = relative_sinusoids(distances, self.embed_dim, dtype)
         return rearrange(self.r_net(table), "k (h d) -> k h d", h=self.num_heads)
 
     def _position_table(self, keys: int, dtype: torch.dtype, device: torch.device) -> Tensor:

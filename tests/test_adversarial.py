@@ -339,7 +339,7 @@ def test_mechanism_module_holds_the_layer_and_the_experiment_its_classifier():
     assert AttentionClassifier.__module__ == "attn.experiments.adversarial" and attn.AttentionClassifier is AttentionClassifier
     assert attn.AttentionPooling is AttentionPooling
     assert {"adversarial_embedding", "adversarial_attention"} <= set(own_tasks())
-    assert registry.get("adversarial_attention").task is None  # found in attn.experiments, by size
+    assert registry.get("adversarial_attention").own_task is not None  # found in attn.experiments, by size
 
 
 def test_options_are_keyword_only():

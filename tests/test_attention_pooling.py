@@ -327,7 +327,7 @@ def test_registry_and_own_tasks(name, cls):
     m = registry.get(name)
     assert m.chapter == 19 and m.data == "set" and m.cls is cls and m.build is None
     assert registry.chapter(19).slug == "attention_pooling"
-    assert m.task is None  # the own task lives in attn.experiments.attention_pooling, by size
+    assert m.own_task is not None  # the own task lives in attn.experiments.attention_pooling, by size
     task = own_tasks()[name]("quick")
     hist = train(task.model, task.sample, task.loss, steps=3, batch_size=8, log_every=1, progress=False)
     assert len(hist.loss) == 3 and "acc" in hist.metrics

@@ -296,4 +296,4 @@ def test_one_interface_axial_projections_and_typed_output():
         mod(x, True)  # need_weights is keyword-only
     with pytest.raises(TypeError):
         AxialAttention(8, 2, 0.1)  # dropout is keyword-only
-    assert registry.get("axial").task is None
+    assert registry.get("axial").own_task is not None

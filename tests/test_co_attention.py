@@ -380,7 +380,7 @@ def test_registry_entries():
     assert registry.chapter(7).slug == "co_attention"
     for name, cls in names.items():
         m = registry.get(name)
-        assert m.chapter == 7 and m.data == "pair" and m.cls is cls and m.build is None and m.task is None
+        assert m.chapter == 7 and m.data == "pair" and m.cls is cls and m.build is None and m.own_task is not None
         assert name in own_tasks()  # the own task lives in attn.experiments.co_attention
 
 

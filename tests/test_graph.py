@@ -378,7 +378,7 @@ def test_registry_and_own_task(name, cls):
     mech = registry.get(name)
     assert mech.cls is cls and mech.chapter == 17 and mech.data == "graph" and mech.build is None
     assert registry.chapter(17).slug == "graph_attention"
-    assert mech.task is None  # the own task lives in attn.experiments.graph, by size
+    assert mech.own_task is not None  # the own task lives in attn.experiments.graph, by size
     task = own_tasks()[name]("quick")
     assert isinstance(task, registry.OwnTask) and task.size_unit == "nodes" and isinstance(task.layer, cls)
     hist = train(task.model, task.sample, task.loss, steps=5, batch_size=task.batch_size, lr=task.lr, log_every=1, progress=False)

@@ -251,7 +251,7 @@ def test_registry_and_own_task():
     m = registry.get("hierarchical")
     assert m.chapter == 16 and m.data == "document" and m.build is None and m.cls is HierarchicalAttentionNetwork
     assert registry.chapter(16).slug == "hierarchical_attention"
-    assert m.task is None and own_tasks()["hierarchical"] is make_task  # the own task lives in attn.experiments
+    assert m.own_task is make_task and own_tasks()["hierarchical"] is make_task  # the own task lives in attn.experiments
     task = make_task("quick")
     hist = train(task.model, task.sample, task.loss, steps=3, batch_size=8, progress=False, log_every=1)
     assert len(hist.loss) == 3

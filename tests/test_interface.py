@@ -226,3 +226,21 @@ def test_layers_never_import_experiments_training_or_plots(path: pathlib.Path) -
             for mod in mods:
                 assert not any(mod == f"attn.{b}" or mod.startswith(f"attn.{b}.") for b in banned), (
                     f"{path.name}:{node.lineno} imports {mod}")
+
+
+@pytest.mark.parametrize("m", [m for m in mechanisms() if m.build is None], ids=lambda m: m.name)
+def test_every_other_mechanism_has_its_own_task_in_experiments(m: attn.registry.Mechanism) -> None:
+    """A mechanism without a sequence ``build`` is measured on its own task, declared in attn/experiments."""
+    from attn.experiments import SIZES, own_task
+
+    assert m.own_task is not None, f"{m.name}: no OWN_TASKS entry in attn/experiments"
+    task = own_task(m.name, "quick")
+    assert isinstance(task, attn.registry.OwnTask) and task.sizes
+    with pytest.raises(ValueError, match="unknown task size 'default'"):
+        own_task(m.name, "default")  # the old preset name: a preset names a size, never the other way round
+    assert SIZES == ("quick", "book", "full", "large")
+
+
+def test_no_sequence_mechanism_also_declares_an_own_task() -> None:
+    both = [m.name for m in mechanisms() if m.build is not None and m.own_task is not None]
+    assert not both, f"registered with a sequence build and an own task: {both}"

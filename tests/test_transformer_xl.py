@@ -83,7 +83,7 @@ def test_scores_match_the_explicit_four_terms():
     # a one-by-one loop over (i, j) and the four terms of the paper, for one entry of each row
     for i in range(L):
         for j in (0, M + i):
-            R = layer.r_net(relative_sinusoids(torch.tensor([M + i - j]), 12).double()).view(h, d)
+            R = layer.r_net(relative_sinusoids(torch.tensor([M + i - j]), 12, torch.float64)).view(h, d)
             a = (q[0, :, i] * k[0, :, j]).sum(-1)
             b = (q[0, :, i] * R).sum(-1)
             c = (layer.u * k[0, :, j]).sum(-1)
@@ -381,18 +381,8 @@ def _reference_lm_logits(lm, tokens):
     return torch.cat(logits, 1)
 
 
-@pytest.fixture
-def float64_default():
-    """float64 as the default dtype: the book's sinusoid table (attn.positions.sinusoidal_embedding) is
-    returned in the default dtype, so a float64 model gets a float64 table only then."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
 @pytest.mark.parametrize("form", ["parallel", "step"])
-def test_lm_logits_and_every_gradient_match_the_papers_recurrence(form, float64_default):
+def test_lm_logits_and_every_gradient_match_the_papers_recurrence(form):
     """2 layers, L = 4, M = 6, float64: logits and all gradients (LN1 weight and bias included) agree to 1e-12.
 
     The memory is stored detached and normalised inside the layer, LN(SG(m)): the first LayerNorm of each

@@ -80,12 +80,7 @@ def _own_task_factory(mech: Mechanism, p: Preset) -> Callable[[], OwnTask[Any]] 
     from ..experiments import own_tasks
 
     factory = own_tasks().get(mech.name)
-    if factory is not None:
-        return lambda: factory(p.task_size)
-    legacy = mech.task  # TODO(issue 23): factories still registered in a mechanism module take the preset name
-    if legacy is not None:
-        return lambda: legacy(p.name if p.name in ("quick", "book", "default", "gpu") else "quick")
-    return None
+    return None if factory is None else (lambda: factory(p.task_size))
 
 
 def _run_own_task(
