@@ -13,9 +13,14 @@ from matplotlib.figure import Figure
 
 from .benchmark import fit_exponent
 
-__all__ = ["use_style", "heatmap", "heads", "curves", "sweep_plot", "CMAP"]
+__all__ = ["use_style", "panels", "heatmap", "heads", "curves", "sweep_plot", "CMAP", "MAX_WIDTH_IN", "DPI"]
 
 CMAP = "viridis"
+#: The widest figure the book draws, in inches: at :data:`DPI` it is as wide as the page's text column
+#: (757 px at 1366 px), so 10-pt lettering is shown at its natural size, never shrunk.
+MAX_WIDTH_IN = 7.5
+#: Pixels per inch of the figures stored in the notebooks.
+DPI = 100
 PALETTE = ["#3b6ea8", "#e07b39", "#4c9f70", "#c44e52", "#8172b2", "#937860", "#da8bc3", "#8c8c8c"]
 
 
@@ -23,8 +28,8 @@ def use_style() -> None:
     """Apply the book's matplotlib style (call once per notebook)."""
     plt.rcParams.update(
         {
-            "figure.dpi": 100,
-            "savefig.dpi": 100,
+            "figure.dpi": DPI,
+            "savefig.dpi": DPI,
             "figure.figsize": (6.0, 3.6),
             "axes.spines.top": False,
             "axes.spines.right": False,
@@ -36,6 +41,35 @@ def use_style() -> None:
             "legend.frameon": False,
         }
     )
+
+
+def panels(
+    n: int,
+    *,
+    ncols: int | None = None,
+    panel_width: float = 2.4,
+    panel_height: float = 2.2,
+    sharex: bool = False,
+    sharey: bool = False,
+) -> tuple[Figure, list[Axes]]:
+    """A figure of ``n`` panels laid out in rows no wider than :data:`MAX_WIDTH_IN` inches.
+
+    ``ncols`` defaults to as many ``panel_width``-inch panels as fit in one row; panels that do not fit go on
+    the next row (a wide multi-panel figure squeezed into the page column shrinks its lettering below
+    legibility). Unused cells of the last row are switched off. Returns ``(figure, [n axes])``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    fit = max(1, int(MAX_WIDTH_IN // panel_width))
+    cols = min(n, ncols or fit)
+    rows = -(-n // cols)
+    width = min(MAX_WIDTH_IN, panel_width * cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(width, panel_height * rows), squeeze=False,
+                             constrained_layout=True, sharex=sharex, sharey=sharey)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.axis("off")
+    return fig, axes[:n]
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -58,7 +92,7 @@ def heatmap(
     if w.ndim != 2:
         raise ValueError(f"heatmap takes a 2-D (n_queries, n_keys) matrix, got shape {w.shape}")
     if ax is None:
-        _, ax = plt.subplots(figsize=(min(1.2 + 0.35 * w.shape[1], 7), min(1.0 + 0.35 * w.shape[0], 6)))
+        _, ax = plt.subplots(figsize=(min(1.2 + 0.35 * w.shape[1], MAX_WIDTH_IN), min(1.0 + 0.35 * w.shape[0], 6)))
     im = ax.imshow(w, cmap=CMAP, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.grid(False)
     if row_labels is not None:
@@ -81,13 +115,9 @@ def heads(weights: torch.Tensor | np.ndarray, title: str | None = None, max_cols
         raise ValueError(f"heads takes (heads, n_queries, n_keys), got shape {w.shape}")
     h = w.shape[0]
     cols = min(h, max_cols)
-    rows = (h + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False, constrained_layout=True)
-    for i, ax in enumerate(axes.flat):
-        if i < h:
-            heatmap(w[i], ax=ax, title=f"head {i}", colorbar=False, **kw)
-        else:
-            ax.axis("off")
+    fig, axes = panels(h, ncols=cols, panel_width=MAX_WIDTH_IN / cols, panel_height=2.4)
+    for i, ax in enumerate(axes):
+        heatmap(w[i], ax=ax, title=f"head {i}", colorbar=False, **kw)
     if title:
         fig.suptitle(title)
     return fig
