@@ -543,13 +543,13 @@ def execute(
 
 
 def chapter_map() -> str:
-    """The intro page's map of all chapters, from the registry; unwritten ones marked as coming."""
+    """The intro page's map of all chapters, from the registry (an unwritten one is listed without a link)."""
     reg = _registry()
-    rows = ["| # | Chapter | Part | Papers | Status |", "|---:|---|---|---|---|"]
+    rows = ["| # | Chapter | Part | Papers |", "|---:|---|---|---|"]
     for c in reg.CHAPTERS:
         written = (ROOT / c.notebook).exists()
         title = f"[{c.title}](../{c.notebook.removesuffix('.ipynb')}.ipynb)" if written else c.title
-        rows.append(f"| {c.number} | {title} | {reg.part_of(c.number)} | {c.papers} | {'ready' if written else 'coming'} |")
+        rows.append(f"| {c.number} | {title} | {reg.part_of(c.number)} | {c.papers} |")
     return "\n".join(rows) + "\n"
 
 
@@ -574,13 +574,13 @@ def hero_figure(path: Path) -> None:
         "causal": causal_mask(16),
         "local window (w = 2)": band_mask(16, 2),
     }
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), constrained_layout=True)
+    fig, axes = plotting.panels(3, panel_width=plotting.MAX_WIDTH_IN / 3, panel_height=2.7)
     for ax, (title, mask) in zip(axes, panels.items(), strict=True):
         weights = scaled_dot_product_attention(x, x, x, attn_mask=mask, need_weights=True, scale=0.6).weights
         assert weights is not None, "need_weights=True returns the weights"
         w = weights[0]
         plotting.heatmap(w, ax=ax, title=title, colorbar=False, vmax=None)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=plotting.DPI)
     plt.close(fig)
 
 

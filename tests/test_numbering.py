@@ -68,7 +68,7 @@ def test_intro_map_numbers_every_chapter_from_the_registry():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == str(chapter.number) and chapter.title in cells[1]
         assert cells[2] == registry.part_of(chapter.number)
-        if cells[4] == "ready":
+        if (ROOT / chapter.notebook).with_suffix(".md").exists():
             assert f"../notebooks/{chapter.number:02d}_{chapter.slug}.ipynb" in cells[1]
 
 

@@ -1,5 +1,9 @@
 """A small Sphinx extension for the book's pages (loaded by ``_config.yml``'s ``local_extensions``).
 
+* each page's scripts once (below);
+* ``book-print.css``: printing a chapter wraps code instead of cutting it at the right edge;
+* ``search-snippets.js``: search results quote the page's text, not its launch buttons.
+
 ``sphinx-thebe`` registers its configuration script each time Sphinx reads the
 sources (``env-before-read-docs``), so an incremental build that reads twice
 puts ``const THEBE_JS_URL = ...`` on every page twice, and the browser reports
@@ -9,7 +13,10 @@ scripts are kept once each, in their first position.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+STATIC = Path(__file__).parent / "static"
 
 
 def _dedupe_scripts(app: Any, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
@@ -26,6 +33,13 @@ def _dedupe_scripts(app: Any, pagename: str, templatename: str, context: dict[st
     context["script_files"] = kept
 
 
+def _add_static(app: Any) -> None:
+    app.config.html_static_path.append(str(STATIC))
+
+
 def setup(app: Any) -> dict[str, Any]:
+    app.connect("builder-inited", _add_static)
+    app.add_css_file("book-print.css")
+    app.add_js_file("search-snippets.js")
     app.connect("html-page-context", _dedupe_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
