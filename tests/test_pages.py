@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.md"))
@@ -75,7 +76,11 @@ def test_figures_fit_the_column_and_carry_alt_text(executed_notebooks, name):
 
 
 def _code_cells(path: Path) -> list[tuple[int, list[str], str]]:
-    """``(line number, tags, source)`` of each ``{code-cell}`` of a MyST notebook."""
+    """``(line number, tags, source)`` of each ``{code-cell}`` of a MyST notebook.
+
+    A cell's metadata is either a ``:tags: [...]`` line or a YAML block between ``---`` lines (tags and
+    ``mystnb`` options); the source is what follows it.
+    """
     text = path.read_text().splitlines()
     cells = []
     i = 0
@@ -84,6 +89,12 @@ def _code_cells(path: Path) -> list[tuple[int, list[str], str]]:
             start, j, tags, body = i + 1, i + 1, [], []
             if j < len(text) and text[j].startswith(":tags:"):
                 tags = re.findall(r"[\w-]+", text[j].split(":", 2)[2])
+                j += 1
+            elif j < len(text) and text[j] == "---":
+                end = text.index("---", j + 1)
+                meta = yaml.safe_load("\n".join(text[j + 1:end])) or {}
+                tags = list(meta.get("tags", []))
+                j = end + 1
             while j < len(text) and not text[j].startswith("```"):
                 body.append(text[j])
                 j += 1
@@ -95,8 +106,7 @@ def _code_cells(path: Path) -> list[tuple[int, list[str], str]]:
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.stem)
 def test_code_fits_the_column(path):
-    long = [(n, line) for n, _, src in _code_cells(path) for k, line in enumerate(src.splitlines())
-            if len(line) > CODE_COLUMNS and not line.startswith(":")]
+    long = [(n, line) for n, _, src in _code_cells(path) for line in src.splitlines() if len(line) > CODE_COLUMNS]
     assert not long, f"{len(long)} code lines wider than {CODE_COLUMNS} columns, e.g. line {long[0][0]}: {long[0][1]!r}"
 
 
@@ -109,7 +119,7 @@ def test_plumbing_is_folded(path):
     shows the code a reader should read."""
     unfolded = []
     for n, tags, src in _code_cells(path):
-        lines = [line for line in src.splitlines() if not line.startswith(":")]
+        lines = src.splitlines()
         folded = {"hide-input", "remove-input", "hide-cell", "remove-cell"} & set(tags)
         if "parameters" in tags or folded:
             continue
