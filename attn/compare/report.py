@@ -276,7 +276,7 @@ class Comparison:
     # ---------------------------------------------------------------- figures
     #
     # Thirty-odd mechanisms do not fit one legend (it squeezes the plot) nor ten colours: each figure is a
-    # grid of small multiples, one panel per family (:data:`FAMILIES`, parts of the book), every panel
+    # column of small multiples, one panel per family (:data:`FAMILIES`, parts of the book), every panel
     # drawing the other families in light grey for context and its own mechanisms in colour, each line
     # labelled directly at its end. Every figure is at most ``plotting.MAX_WIDTH_IN`` (7.5 in) wide.
 
@@ -289,7 +289,7 @@ class Comparison:
 
     def plot_curves(self, y: str = "loss"):
         """Training curves (``y``: ``loss`` or ``acc``), one panel per family, the others in grey, each line
-        labelled at its end. Returns the figure (7.5 in wide, two panels a row)."""
+        labelled at its end. Returns the figure (7.5 in wide, the panels stacked)."""
         curves = self.curves()
         if not curves:
             return _empty(None, "no training curves").figure
