@@ -84,6 +84,53 @@ class Comparison:
         ]
         return out
 
+    def headline_table(self) -> pd.DataFrame:
+        """The columns a reader needs to choose, narrow enough for the page's column (eight short columns).
+
+        One row per mechanism on the shared task, in chapter order: ``ch`` (chapter), ``acc`` (held-out
+        accuracy), ``far`` (accuracy when the answer lies in the far half), ``steps`` (to the target training
+        accuracy; "never" within the budget), ``ms`` and ``MiB`` (one forward of the layer at the fixed size),
+        ``FLOP ~n^p`` and ``mem ~n^p`` (how FLOPs and peak memory grow with n). A failed row keeps only its
+        chapter; :meth:`display_table` and :meth:`table` hold every column.
+        """
+        t = self.table().loc[[r.name for r in self.sequence_results()]]
+        out = pd.DataFrame(index=pd.Index(t.index, name="mechanism"))
+        out["ch"] = t["chapter"]
+        out["acc"] = _fmt(t["accuracy"], ".2f")
+        out["far"] = _fmt(t["accuracy_far"], ".2f")
+        out["steps"] = _steps(self.sequence_results(), t)
+        out["ms"] = _fmt(t["latency_ms"], ".3g")
+        out["MiB"] = _fmt(t["peak_mib"], ".3g")
+        out["FLOP ~n^p"] = _fmt(t["flops_exponent"], ".2f")
+        out["mem ~n^p"] = _fmt(t["memory_exponent"], ".2f")
+        return out
+
+    def csv_files(self) -> dict[str, str]:
+        """``file name -> CSV text`` of the raw numbers: ``summary.csv`` (every column of :meth:`table`),
+        ``sweep.csv`` (:meth:`sweep_frame`) and ``curves.csv`` (:meth:`curves_frame`), as :meth:`save`
+        writes them."""
+        return {
+            "summary.csv": self.table().to_csv(),
+            "sweep.csv": self.sweep_frame().to_csv(index=False),
+            "curves.csv": self.curves_frame().to_csv(index=False),
+        }
+
+    def download_links(self):
+        """Links that download :meth:`csv_files` from the page itself (``data:`` URLs: no server, no file
+        next to the page needed; they work offline and in Colab). Returns an ``IPython.display.HTML``."""
+        import base64
+        import html
+
+        from IPython.display import HTML
+
+        links = []
+        for name, text in self.csv_files().items():
+            data = base64.b64encode(text.encode()).decode()
+            rows = text.count("\n") - 1
+            links.append(f'<a download="{html.escape(name)}" href="data:text/csv;base64,{data}">'
+                         f"{html.escape(name)}</a> ({rows} rows)")
+        return HTML("Download the raw numbers as CSV: " + ", ".join(links) + ".")
+
     def own_table(self) -> pd.DataFrame:
         """The second table: mechanisms on their own tasks, on the same axes (size = the task's own unit)."""
         t = self.table().loc[[r.name for r in self.own_results()]]
@@ -227,25 +274,49 @@ class Comparison:
         return "\n\n".join(lines)
 
     # ---------------------------------------------------------------- figures
+    #
+    # Thirty-odd mechanisms do not fit one legend (it squeezes the plot) nor ten colours: each figure is a
+    # column of small multiples, one panel per family (:data:`FAMILIES`, parts of the book), every panel
+    # drawing the other families in light grey for context and its own mechanisms in colour, each line
+    # labelled directly at its end. Every figure is at most ``plotting.MAX_WIDTH_IN`` (7.5 in) wide.
 
-    def plot_curves(self, ax=None, y: str = "loss"):
-        """Training curves of every measured mechanism, overlaid."""
-        from .. import plotting
+    def families(self) -> dict[str, list[str]]:
+        """``family -> names`` of the mechanisms on the shared task, in chapter order (see :data:`FAMILIES`)."""
+        out: dict[str, list[str]] = {}
+        for r in self.sequence_results():
+            out.setdefault(family_of(r.chapter), []).append(r.name)
+        return out
 
+    def plot_curves(self, y: str = "loss"):
+        """Training curves (``y``: ``loss`` or ``acc``), one panel per family, the others in grey, each line
+        labelled at its end. Returns the figure (7.5 in wide, the panels stacked)."""
         curves = self.curves()
         if not curves:
-            return _empty(ax, "no training curves")
-        ax = plotting.curves(curves, y, ax=ax, logy=(y == "loss"))
-        ax.set_ylabel({"loss": "training loss", "acc": "training-batch accuracy"}.get(y, y))
-        _distinguish(ax)
-        _legend_outside(ax)
-        return ax
+            return _empty(None, "no training curves").figure
+        groups = _grouped(self.families(), curves)
+        fig, axes = _family_grid(len(groups), panel_height=2.4, sharex=True, sharey=True)
+        pending = []
+        for ax, (family, names) in zip(axes, groups.items(), strict=True):
+            for name, df in curves.items():
+                if name not in names:
+                    ax.plot(df["step"], df[y], color=_GREY, lw=0.8, zorder=1)
+            lines = [ax.plot(curves[n]["step"], curves[n][y], lw=1.3, zorder=2)[0] for n in names]
+            _style_family(lines)
+            ax.set_title(family, fontsize=10)
+            ends = [(float(curves[n]["step"].iloc[-1]), float(curves[n][y].iloc[-1])) for n in names]
+            pending.append((ax, ends, names, [line.get_color() for line in lines]))
+        if y == "loss":
+            axes[0].set_yscale("log")
+        _finish_grid(axes, pending, "training step",
+                     {"loss": "training loss", "acc": "training-batch accuracy"}.get(y, y))
+        return fig
 
-    def plot_sweep(self, ax=None, y: str = "median_ms"):
-        """Cost of the layer alone against sequence length, log-log, with fitted exponents."""
+    def plot_sweep(self, y: str = "median_ms"):
+        """Cost of the layer alone against sequence length, log-log, one panel per family, each line
+        labelled with its mechanism and the fitted exponent ``p`` of cost ~ n^p. Returns the figure."""
         from matplotlib.ticker import NullFormatter
 
-        from .. import plotting
+        from ..benchmark import fit_exponent
 
         df = self.sweep_frame("sequence")
         if len(df):
@@ -253,58 +324,109 @@ class Comparison:
             counts = df.groupby("name")["n"].transform("count")
             df = df[counts >= 2]
         if not len(df):
-            return _empty(ax, "no sweep with two or more lengths")
-        ylabel = {"median_ms": "forward time (ms)", "peak_mib": "peak memory (MiB)", "gflops": "GFLOP per forward"}.get(y, y)
-        ax = plotting.sweep_plot(df, y=y, ax=ax, ylabel=ylabel)
-        ax.set_title(f"one layer, batch 1, width {self.preset.bench_embed}", fontsize=9)
+            return _empty(None, "no sweep with two or more lengths").figure
+        per = {str(name): g for name, g in df.groupby("name", sort=False)}
+        groups = _grouped(self.families(), per)
+        ylabel = {"median_ms": "forward time (ms)", "peak_mib": "peak memory (MiB)",
+                  "gflops": "GFLOP per forward"}.get(y, y)
         lengths = sorted(int(n) for n in df["n"].unique())
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        _distinguish(ax)
-        _legend_outside(ax)
-        return ax
+        fig, axes = _family_grid(len(groups), panel_height=2.4, sharex=True, sharey=True)
+        pending = []
+        for ax, (family, names) in zip(axes, groups.items(), strict=True):
+            for name, g in per.items():
+                if name not in names:
+                    ax.plot(g["n"], g[y], color=_GREY, lw=0.8, zorder=1)
+            lines = [ax.plot(per[n]["n"], per[n][y], "o-", ms=3, lw=1.3, zorder=2)[0] for n in names]
+            _style_family(lines)
+            ax.set_title(family, fontsize=10)
+            ends = [(float(per[n]["n"].iloc[-1]), float(per[n][y].iloc[-1])) for n in names]
+            labels = [f"{n} {fit_exponent(per[n]['n'], per[n][y]):.2f}" for n in names]
+            pending.append((ax, ends, labels, [line.get_color() for line in lines]))
+        axes[0].set_xscale("log")
+        axes[0].set_yscale("log")
+        axes[0].set_xticks(lengths, [str(n) for n in lengths])
+        axes[0].xaxis.set_minor_formatter(NullFormatter())
+        fig.suptitle(f"one layer, batch 1, width {self.preset.bench_embed}; each label: the mechanism and p "
+                     "of cost ~ n^p", fontsize=10)
+        _finish_grid(axes, pending, "sequence length n", ylabel)
+        return fig
 
-    def plot_accuracy_vs_cost(self, ax=None, cost: str = "latency_ms"):
-        """Held-out accuracy against the layer's cost at the fixed size (log x)."""
-        import matplotlib.pyplot as plt
-
+    def plot_accuracy_vs_cost(self, cost: str = "latency_ms"):
+        """Held-out accuracy against the layer's cost at the fixed size (log x), one panel per family,
+        each point labelled with its mechanism. Returns the figure."""
         t = self.table()
         t = t[(t["status"] == "ok") & (t["task"] == "associative recall")].dropna(subset=[cost, "accuracy"])
         if not len(t):
-            return _empty(ax, "nothing measured")
-        if ax is None:
-            _, ax = plt.subplots()
-        from ..plotting import PALETTE
+            return _empty(None, "nothing measured").figure
+        points = {str(name): (float(r[cost]), float(r["accuracy"])) for name, r in t.iterrows()}
+        groups = _grouped(self.families(), points)
+        fig, axes = _family_grid(len(groups), panel_height=2.4, sharex=True, sharey=True)
+        chance = 1.0 / self.preset.n_values
+        pending = []
+        for ax, (family, names) in zip(axes, groups.items(), strict=True):
+            others = [pt for n, pt in points.items() if n not in names]
+            if others:
+                ax.scatter([x for x, _ in others], [a for _, a in others], s=16, color=_GREY, zorder=1)
+            colours = [_family_colour(i) for i in range(len(names))]
+            for i, name in enumerate(names):
+                ax.scatter(*points[name], s=30, zorder=3, color=colours[i],
+                           marker=_MARKERS[(i // len(_palette())) % len(_MARKERS)])
+            ax.axhline(chance, color="0.5", ls=":", lw=1)
+            ax.set_title(family, fontsize=10)
+            pending.append((ax, [points[n] for n in names], names, colours))
+        axes[0].set_xscale("log")
+        axes[0].set_ylim(0, 1.05)
+        axes[0].annotate("chance", (0.02, chance), xycoords=("axes fraction", "data"), fontsize=9, color="0.4",
+                         textcoords="offset points", xytext=(0, 2))
+        xlabel = {"latency_ms": f"forward time at {self.preset.bench_batch} x {self.preset.bench_n} tokens (ms)",
+                  "peak_mib": "peak memory (MiB)", "gflops": "GFLOP per forward",
+                  "params": "parameters"}.get(cost, cost)
+        _finish_grid(axes, pending, xlabel, "held-out accuracy")
+        return fig
 
-        for i, (name, r) in enumerate(t.iterrows()):
-            ax.scatter(float(r[cost]), float(r["accuracy"]), s=45, zorder=3, label=name,
-                       color=PALETTE[i % len(PALETTE)], marker=_MARKERS[(i // len(PALETTE)) % len(_MARKERS)])
-        ax.axhline(1.0 / self.preset.n_values, color="0.5", ls=":", lw=1, label="chance")
-        _legend_outside(ax)
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel({"latency_ms": f"forward time at batch {self.preset.bench_batch} x n {self.preset.bench_n} (ms)",
-                       "peak_mib": "peak memory (MiB)", "gflops": "GFLOP per forward", "params": "parameters"}.get(cost, cost))
-        ax.set_ylabel("held-out accuracy")
-        return ax
-
-    def plot_entropy(self, ax=None):
-        """Distribution of the query row's attention entropy (all layers and heads), per mechanism."""
+    def plot_entropy(self):
+        """Distribution of the query row's attention entropy (all layers and heads), one horizontal violin per
+        mechanism, grouped and coloured by family, the names on the y axis. Returns the figure."""
         import matplotlib.pyplot as plt
 
-        data = [(r.name, r.query_entropy.ravel()) for r in self.sequence_results() if r.query_entropy is not None and r.query_entropy.size]
+        from .. import plotting
+
+        data = {r.name: r.query_entropy.ravel() for r in self.sequence_results()
+                if r.query_entropy is not None and r.query_entropy.size}
         if not data:
-            return _empty(ax, "no attention weights")
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(data) + 2), 3.6))
-        ax.violinplot([d for _, d in data], showmedians=True, widths=0.8)
-        ax.set_xticks(range(1, len(data) + 1), [n for n, _ in data], rotation=40, ha="right")
-        ax.axhline(math.log(self.preset.seq_len), color="0.5", ls=":", lw=1)
-        ax.annotate("uniform", (0.6, math.log(self.preset.seq_len)), fontsize=7, color="0.4",
-                    textcoords="offset points", xytext=(0, 2))
-        ax.set_ylabel("entropy of the query row (nats)")
-        ax.set_ylim(bottom=0)
-        return ax
+            return _empty(None, "no attention weights").figure
+        groups = _grouped(self.families(), data)
+        names = [n for members in groups.values() for n in members]
+        family = {n: f for f, members in groups.items() for n in members}
+        # one row of 0.25 in per mechanism: 10-pt names (0.14 in) never touch
+        height = 1.1 + 0.25 * len(names)
+        fig, ax = plt.subplots(figsize=(plotting.MAX_WIDTH_IN, height), constrained_layout=True)
+        pos = list(range(len(names), 0, -1))  # first mechanism on top
+        parts = ax.violinplot([data[n] for n in names], positions=pos, showmedians=True, widths=0.8,
+                              **_horizontal())
+        colours = {f: _palette()[i % len(_palette())] for i, f in enumerate(groups)}
+        for body, name in zip(parts["bodies"], names, strict=True):
+            body.set_facecolor(colours[family[name]])
+            body.set_edgecolor(colours[family[name]])
+            body.set_alpha(0.6)
+        for key in ("cbars", "cmins", "cmaxes", "cmedians"):
+            if key in parts:
+                parts[key].set_color("0.3")
+                parts[key].set_linewidth(0.8)
+        ax.set_yticks(pos, names)
+        ax.set_ylim(0.4, len(names) + 0.6)
+        for label, name in zip(ax.get_yticklabels(), names, strict=True):
+            label.set_color(colours[family[name]])
+        uniform = math.log(self.preset.seq_len)
+        ax.axvline(uniform, color="0.5", ls=":", lw=1)
+        ax.annotate("uniform", (uniform, 1.0), xycoords=("data", "axes fraction"), fontsize=9, color="0.4",
+                    ha="right", va="bottom", textcoords="offset points", xytext=(-3, 2))
+        ax.set_xlim(left=0)
+        ax.set_xlabel("entropy of the query row (nats), all layers and heads")
+        ax.grid(axis="y", visible=False)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[f], alpha=0.6) for f in groups]
+        fig.legend(handles, list(groups), loc="outside lower center", ncols=min(len(groups), 2), fontsize=10)
+        return fig
 
     def explorer(self, examples: int | None = None):
         """An :class:`~attn.widgets.AttentionExplorer` over the trained models' attention.
@@ -358,17 +480,6 @@ class Comparison:
             title="Trained models on held-out recall queries",
         )
 
-    def figure(self):
-        """The four plots on one figure."""
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
-        self.plot_curves(axes[0, 0])
-        self.plot_sweep(axes[0, 1])
-        self.plot_accuracy_vs_cost(axes[1, 0])
-        self.plot_entropy(axes[1, 1])
-        return fig
-
     # ---------------------------------------------------------------- files
 
     def to_json(self) -> dict[str, Any]:
@@ -408,25 +519,25 @@ class Comparison:
         return written
 
     def save_figures(self, out_dir: str | Path) -> list[Path]:
+        """The report's figures as PNG files (each at most 7.5 in wide), for the command line."""
         import matplotlib.pyplot as plt
 
         from .. import plotting
 
         out = Path(out_dir)
         written = []
-        plots: dict[str, Callable[[Any], Any]] = {
+        plots: dict[str, Callable[[], Any]] = {
             "loss_curves.png": self.plot_curves,
-            "sweep_time.png": lambda ax: self.plot_sweep(ax, "median_ms"),
-            "sweep_memory.png": lambda ax: self.plot_sweep(ax, "peak_mib"),
+            "sweep_time.png": lambda: self.plot_sweep("median_ms"),
+            "sweep_memory.png": lambda: self.plot_sweep("peak_mib"),
             "accuracy_vs_cost.png": self.plot_accuracy_vs_cost,
             "entropy.png": self.plot_entropy,
         }
         with plt.rc_context():
             plotting.use_style()
             for fname, plot in plots.items():
-                fig, ax = plt.subplots(figsize=(8.5, 4.2), constrained_layout=True)
-                plot(ax)
-                fig.savefig(out / fname, bbox_inches="tight")
+                fig = plot()
+                fig.savefig(out / fname, dpi=150)
                 plt.close(fig)
                 written.append(out / fname)
         return written
@@ -480,24 +591,128 @@ def _identical_groups(results: list[MechanismResult]) -> list[list[str]]:
 
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 _LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+_GREY = "0.85"
+
+#: The comparison's families: the book's parts (``attn.registry.PARTS``), the small ones merged so that
+#: each panel of a figure holds a handful of mechanisms. A part not listed here is a family of its own.
+FAMILIES: dict[str, str] = {
+    "Foundations": "Foundations",
+    "Masks and directions": "Foundations",
+    "Long inputs": "Long inputs",
+    "Memory and recurrence": "Memory, structure, training",
+    "Beyond sequences": "Memory, structure, training",
+    "Training signals": "Memory, structure, training",
+    "Attention today": "Attention today",
+}
 
 
-def _distinguish(ax) -> None:
-    """Past the palette's 8 colours, vary line style and marker so every line stays tellable apart."""
+def family_of(chapter: int) -> str:
+    """The family of the mechanism of ``chapter`` (:data:`FAMILIES` of its part), with its chapter range."""
+    from ..registry import PARTS, part_of
+
+    try:
+        name = FAMILIES.get(part_of(chapter), part_of(chapter))
+    except KeyError:
+        return "Other"
+    numbers = [n for caption, ns in PARTS for n in ns if FAMILIES.get(caption, caption) == name]
+    return f"{name} (ch. {min(numbers)}-{max(numbers)})" if len(numbers) > 1 else f"{name} (ch. {numbers[0]})"
+
+
+def _palette() -> list[str]:
+    """The book's palette less its grey, which would read as the other families' context lines."""
     from ..plotting import PALETTE
 
-    for i, line in enumerate(ax.get_lines()):
-        k = (i // len(PALETTE)) % len(_LINESTYLES)
-        line.set_color(PALETTE[i % len(PALETTE)])
+    return [c for c in PALETTE if c != "#8c8c8c"]
+
+
+def _family_colour(i: int) -> str:
+    return _palette()[i % len(_palette())]
+
+
+def _grouped(families: dict[str, list[str]], have: Iterable[str]) -> dict[str, list[str]]:
+    """``families`` restricted to the names in ``have``, empty families dropped."""
+    keep = set(have)
+    out = {f: [n for n in names if n in keep] for f, names in families.items()}
+    return {f: names for f, names in out.items() if names}
+
+
+def _family_grid(n: int, panel_height: float, sharex: bool = False, sharey: bool = False):
+    """``n`` panels stacked, each as wide as the page column (``plotting.MAX_WIDTH_IN``): the direct labels
+    take the right inch and a half, and the plot keeps the rest."""
+    from .. import plotting
+
+    return plotting.panels(n, ncols=1, panel_width=plotting.MAX_WIDTH_IN, panel_height=panel_height,
+                           sharex=sharex, sharey=sharey)
+
+
+def _style_family(lines) -> None:
+    """A colour per mechanism of a family; past the palette's 8 colours, line styles and markers vary too."""
+    for i, line in enumerate(lines):
+        k = (i // len(_palette())) % len(_LINESTYLES)
+        line.set_color(_family_colour(i))
         line.set_linestyle(_LINESTYLES[k])
         if line.get_marker() not in (None, "None", ""):
             line.set_marker(_MARKERS[k])
 
 
-def _legend_outside(ax, **kw) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0, **kw)
+def _horizontal() -> dict[str, Any]:
+    """The violin plot's keyword for horizontal violins: ``orientation`` from matplotlib 3.10 (``vert`` is
+    deprecated there), ``vert=False`` before."""
+    import matplotlib
+
+    major, minor = (int(v) for v in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
+def _finish_grid(axes, pending, xlabel: str, ylabel: str) -> None:
+    """Axis names on the outer panels (tick labels on every panel), then the direct labels, once the shared
+    limits are final."""
+    for ax in axes:
+        ax.tick_params(labelbottom=True, labelleft=True)
+    axes[-1].set_xlabel(xlabel)
+    for ax in axes:
+        ax.set_ylabel(ylabel)
+    for ax in axes:
+        ax.autoscale_view()
+    engine = axes[0].figure.get_layout_engine()
+    if engine is not None:  # lay out first: the labels are spaced by the panels' final height
+        engine.execute(axes[0].figure)
+    for ax, ends, labels, colours in pending:
+        _label_ends(ax, ends, labels, colours)
+
+
+def _spread(ys: list[float], gap: float) -> list[float]:
+    """Positions for labels wanted at the ascending ``ys`` (axes fraction): at least ``gap`` apart, kept in
+    ``[0, 1]`` while they fit, each as near its wish as that allows."""
+    out: list[float] = []
+    for y in ys:
+        out.append(max(y, out[-1] + gap) if out else max(y, 0.0))
+    if out and out[-1] > 1.0:
+        top = 1.0
+        for k in range(len(out) - 1, -1, -1):  # push down from the top, no lower than wished-for minus slack
+            out[k] = min(out[k], top)
+            top = out[k] - gap
+        for k in range(1, len(out)):  # where that crossed 0, stack upwards again
+            out[k] = max(out[k], out[k - 1] + gap)
+    return out
+
+
+def _label_ends(ax, ends: list[tuple[float, float]], labels: list[str], colours: list[str], fontsize: float = 9) -> None:
+    """Label each point of ``ends`` (data coordinates: a line's last point, a scatter point) by name, in a
+    column just right of the axes, spread so that no two labels touch, with a thin leader to the point."""
+    if not ends:
+        return
+    to_axes = ax.transAxes.inverted()
+    ys = [float(to_axes.transform(ax.transData.transform(pt))[1]) for pt in ends]
+    ys = [min(max(y, 0.0), 1.0) for y in ys]
+    height_pt = ax.get_position().height * ax.figure.get_figheight() * 72
+    gap = 1.45 * fontsize / max(height_pt, 1.0)
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    for i, y in zip(order, _spread([ys[i] for i in order], gap), strict=True):
+        ax.annotate(labels[i], xy=ends[i], xycoords="data", xytext=(1.03, y), textcoords="axes fraction",
+                    ha="left", va="center", fontsize=fontsize, color=colours[i], annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": colours[i], "lw": 0.5, "alpha": 0.7,
+                                "shrinkA": 0, "shrinkB": 2})
 
 
 def _empty(ax, text: str):
