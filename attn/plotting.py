@@ -118,6 +118,8 @@ def heads(weights: torch.Tensor | np.ndarray, title: str | None = None, max_cols
     fig, axes = panels(h, ncols=cols, panel_width=MAX_WIDTH_IN / cols, panel_height=2.4)
     for i, ax in enumerate(axes):
         heatmap(w[i], ax=ax, title=f"head {i}", colorbar=False, **kw)
+    # one colour bar for all heads: they share the scale (vmax, 1 by default)
+    fig.colorbar(axes[0].images[0], ax=axes, shrink=0.8, label="attention weight")
     if title:
         fig.suptitle(title)
     return fig
