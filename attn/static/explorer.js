@@ -17,7 +17,7 @@ const FONT = "sans-serif";
 const TICK = 10;           // tick label size, px
 const TITLE_H = 18;        // title line
 const PAD = 6;             // around and between panels
-const GAP = 10;            // between panels on a row
+const GAP = 16;            // between panels on a row
 const SERIES = ["#1f77b4", "#e8463a", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
 
 function colour(palette, v, vmax) {
@@ -198,7 +198,8 @@ function drawCurves(ctx, p, g, out) {
     out.boxes.push({ axis: "col", x: X(t) - wd / 2, y: top + h + 4, w: wd, h: 10 });
   });
   ctx.textAlign = "right";
-  niceTicks(ylo, yhi, 4, false).forEach((t) => {
+  const yt = niceTicks(ylo, yhi, 4, false), ylw = widest(yt.map(fmt), TICK);
+  yt.forEach((t) => {
     const s = fmt(t), wd = ctx.measureText(s).width;
     ctx.fillText(s, left - 3, Y(t) + 3);
     out.boxes.push({ axis: "row", x: left - 3 - wd, y: Y(t) - 5, w: wd, h: 10 });
@@ -206,8 +207,8 @@ function drawCurves(ctx, p, g, out) {
   out.xticks = xt;
   ctx.textAlign = "center"; ctx.font = "11px " + FONT; ctx.fillStyle = "#222";
   ctx.fillText(p.xlabel || "", left + w / 2, top + h + 28);
-  if (p.ylabel) {
-    ctx.save(); ctx.translate(10, top + h / 2); ctx.rotate(-Math.PI / 2);
+  if (p.ylabel) {  // the axis name just left of the tick labels, not at the panel's edge
+    ctx.save(); ctx.translate(Math.max(10, left - ylw - 10), top + h / 2); ctx.rotate(-Math.PI / 2);
     ctx.fillText(fitTitle(p.ylabel, h, 11), 0, 0); ctx.restore();
   }
   ctx.save(); ctx.beginPath(); ctx.rect(left, top, w, h); ctx.clip();
