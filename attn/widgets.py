@@ -49,7 +49,10 @@ SCALES = ("fixed", "state")
 class Panel:
     """One heatmap: ``z`` ``(rows, cols)``, with axis labels, a colour bar and an optional highlighted row.
 
-    Colours run from 0 to ``vmax``. ``vmax=None`` with ``scale="fixed"`` (the
+    Colours run from ``vmin`` to ``vmax``. ``vmin=None`` (the default) is 0, or the
+    smallest value when the panel goes negative (e.g. a tanh affinity in [-1, 1]);
+    values above ``vmax`` are drawn in the top colour and the colour bar marks
+    the clipping (">= vmax"). ``vmax=None`` with ``scale="fixed"`` (the
     default) takes the largest value this panel (same position in the View)
     reaches over *every* slider state, so a colour means the same value
     whichever way the sliders are set; ``scale="state"`` rescales each state to
@@ -69,6 +72,7 @@ class Panel:
     ylabel: str = "query"
     unit: str = ""
     scale: str = "fixed"
+    vmin: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         z = self.z.detach().float().cpu().numpy() if isinstance(self.z, torch.Tensor) else np.asarray(self.z, dtype=float)
@@ -78,6 +82,8 @@ class Panel:
             raise ValueError(f"Panel.scale must be one of {SCALES}, got {self.scale!r}")
         if self.vmax is not None and not (math.isfinite(self.vmax) and self.vmax > 0):
             raise ValueError(f"Panel.vmax must be a positive finite number or None, got {self.vmax!r}")
+        if self.vmin is not None and not (math.isfinite(self.vmin) and (self.vmax is None or self.vmin < self.vmax)):
+            raise ValueError(f"Panel.vmin must be a finite number below vmax ({self.vmax}), got {self.vmin!r}")
         z = np.round(z, self.digits)
         finite = z[np.isfinite(z)]
         out: dict[str, Any] = {
@@ -88,6 +94,8 @@ class Panel:
             "unit": self.unit,
             "vmax": None if self.vmax is None else float(self.vmax),
             "zmax": round(float(finite.max()), self.digits) if finite.size else 0.0,
+            "vmin": None if self.vmin is None else float(self.vmin),
+            "zmin": round(float(finite.min()), self.digits) if finite.size else 0.0,
             "scale": "fixed" if self.vmax is not None else self.scale,
         }
         if self.rows is not None:
@@ -243,14 +251,15 @@ def _value_labels(name: str, vals: Sequence[Any], given: Mapping[Any, str] | Seq
     return [str(g) for g in given]
 
 
-def _fixed_scales(states: Any) -> dict[int, float]:
-    """Panel index -> the largest value that heatmap takes over all states (panels with vmax=None, scale='fixed')."""
-    top: dict[int, float] = {}
+def _fixed_scales(states: Any) -> dict[int, tuple[float, float]]:
+    """Panel index -> (smallest, largest) value that heatmap takes over all states (panels with scale 'fixed')."""
+    span: dict[int, tuple[float, float]] = {}
     for state in states:
         for i, p in enumerate(state["panels"]):
-            if "z" in p and p["vmax"] is None and p["scale"] == "fixed":
-                top[i] = max(top.get(i, 1e-12), p["zmax"])
-    return top
+            if "z" in p and p["scale"] == "fixed":
+                lo, hi = span.get(i, (math.inf, -math.inf))
+                span[i] = (min(lo, p["zmin"]), max(hi, p["zmax"]))
+    return span
 
 
 def _label(v: Any) -> str:
@@ -345,7 +354,7 @@ class AttentionExplorer(anywidget.AnyWidget):
         for idx in itertools.product(*(range(len(v)) for v in values.values())):
             key = "-".join(map(str, idx))
             states[key] = self._view(idx).to_json(key)
-        self._vmax = _fixed_scales(states.values())
+        self._span = _fixed_scales(states.values())
         for state in states.values():
             self._apply_scales(state)
         super().__init__(title=title, controls=specs, states=states, selection=selection, palette=_palette())
@@ -370,13 +379,16 @@ class AttentionExplorer(anywidget.AnyWidget):
             self.live = self._apply_scales(self._view(idx).to_json(key))
 
     def _apply_scales(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Fill in each heatmap's colour range: the fixed one found over all states, or the state's own."""
+        """Fill in each heatmap's colour range (vmin, vmax): fixed over all states, or the state's own."""
         for i, p in enumerate(state["panels"]):
             if "z" not in p or "vmax_from" in p:
                 continue
+            fixed = self._span.get(i) if p["scale"] == "fixed" else None
+            lo, hi = fixed if fixed is not None else (p["zmin"], p["zmax"])
+            if p["vmin"] is None:
+                p["vmin"] = min(0.0, lo)
             if p["vmax"] is None:
-                fixed = self._vmax.get(i) if p["scale"] == "fixed" else None
-                p["vmax"] = fixed if fixed is not None else max(p["zmax"], 1e-12)
+                p["vmax"] = max(hi, p["vmin"] + 1e-12)
                 p["vmax_from"] = "all states" if fixed is not None else "state"
             else:
                 p["vmax_from"] = "panel"

@@ -264,13 +264,16 @@ def _harness_explorers() -> list[AttentionExplorer]:
 
     def graph(node, head):
         pos = torch.tensor([[math.cos(a), math.sin(a)] for a in torch.arange(8.0) * math.pi / 4])
-        edges = torch.tensor([[j for j in range(8)], [node] * 8])
+        edges = torch.tensor([list(range(8)), [node] * 8])
         return Graph(pos, edges, edge_weight=torch.linspace(0, 1, 8), node_value=torch.arange(8) % 4 / 3,
                      highlight=node, title=f"node {node}, head {head}")
 
-    def compare(mechanism, example):  # the comparison's 30-position dropdown
-        w = torch.rand(6, 6, generator=torch.Generator().manual_seed(int(mechanism[-2:]) * 2 + example)).softmax(-1)
-        return View([Panel(w, title=mechanism), Curves([1, 2, 3], {"loss": [3.0, 2.0, 1.5]}, xlabel="epoch")])
+    def compare(mechanism, example):  # the comparison's 30-position dropdown; a signed panel; clipped values
+        g = torch.Generator().manual_seed(int(mechanism[-2:]) * 2 + example)
+        w = torch.rand(6, 6, generator=g).softmax(-1)
+        return View([Panel(w, title=mechanism), Curves([1, 2, 3], {"loss": [3.0, 2.0, 1.5]}, xlabel="epoch"),
+                     Panel(torch.rand(4, 4, generator=g) * 2 - 1, title="signed", vmax=1.0),
+                     Panel(torch.rand(4, 4, generator=g) * 1.5, title="clipped", vmax=1.0)])
 
     mechanisms = [f"mechanism_{i:02d}" for i in range(30)]
     return [
@@ -328,6 +331,10 @@ def test_explorer_fixed_colour_scale_toggles_dropdowns_and_units():
     assert words.states["0-0-0"]["panels"][0]["vmax"] == 1.0 and words.states["0-0-0"]["panels"][0]["ylabel"] == "query"
     # the live path (a kernel) uses the same fixed range
     assert wide.select(window=4, kind="a")["panels"][0]["vmax"] == 1.0
+    # signed values: the colours run from the most negative value over all states; clipped ones are kept
+    signed = [s["panels"][2] for s in comp.states.values()]
+    assert {p["vmin"] for p in signed} == {min(p["zmin"] for p in signed)} and signed[0]["vmin"] < -0.9
+    assert all(p["vmin"] == 0.0 and p["vmax"] == 1.0 for s in comp.states.values() for p in s["panels"][3:])
     g = graph.states["0-0"]["panels"][0]["legend"]
     assert g["node_label"] and len(g["nodes"]) == 4 and g["edge_label"]
 
@@ -337,9 +344,11 @@ def test_explorer_option_errors():
         Panel(torch.ones(2, 2), scale="row").to_json()
     with pytest.raises(ValueError, match="vmax"):
         Panel(torch.ones(2, 2), vmax=0.0).to_json()
-    with pytest.raises(ValueError, match="controls.*'t'.*toggle"):
+    with pytest.raises(ValueError, match="vmin must be a finite number below vmax"):
+        Panel(torch.ones(2, 2), vmin=2.0).to_json()
+    with pytest.raises(ValueError, match=r"controls.*'t'.*toggle"):
         AttentionExplorer(_view, {"t": [1.0, 2.0, 3.0], "q": [0]}, controls={"t": "toggle"})
-    with pytest.raises(ValueError, match="controls.*one of"):
+    with pytest.raises(ValueError, match=r"controls.*one of"):
         AttentionExplorer(_view, {"t": [1.0], "q": [0]}, controls={"t": "knob"})
     with pytest.raises(ValueError, match="value_labels names unknown"):
         AttentionExplorer(_view, {"t": [1.0], "q": [0]}, value_labels={"x": {}})
@@ -378,7 +387,9 @@ def test_explorer_page_lays_out_for_the_width(tmp_path, width):
             assert sorted(c[0] for c in ex["colorbars"]) == heatmaps, ex["colorbars"]
             assert not overlapping_labels(ex["boxes"]), overlapping_labels(ex["boxes"])[:3]
         words, wide, graph, comp = report
-        assert sum(len(e["colorbars"]) for e in report) == 5
+        assert sum(len(e["colorbars"]) for e in report) == 7
+        signed, clipped = comp["colorbars"][1:]
+        assert signed[1] < -0.9 and signed[2] == 1 and clipped[1:3] == [0, 1]
         if os.environ.get("ATTN_SHOTS"):
             page.screenshot(path=f"{os.environ['ATTN_SHOTS']}/explorers_{width}.png", full_page=True)
         assert {c[2] for c in words["boxes"] if c[0] == 0 and c[1] == "col"} and \

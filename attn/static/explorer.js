@@ -20,8 +20,8 @@ const PAD = 6;             // around and between panels
 const GAP = 16;            // between panels on a row
 const SERIES = ["#1f77b4", "#e8463a", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
 
-function colour(palette, v, vmax) {
-  const t = Math.max(0, Math.min(1, vmax > 0 ? v / vmax : 0));
+function colour(palette, v, vmin, vmax) {
+  const t = Math.max(0, Math.min(1, vmax > vmin ? (v - vmin) / (vmax - vmin) : 0));
   return palette[Math.min(palette.length - 1, Math.floor(t * (palette.length - 1) + 0.5))];
 }
 
@@ -76,8 +76,14 @@ function heatmapLayout(p, avail, cap) {
   const rowLabels = p.rows || range(rows), colLabels = p.cols || range(cols);
   const ylab = p.ylabel ? 16 : 0;
   const labelW = ylab + widest(rowLabels, TICK) + 5;
-  const vmax = p.vmax != null ? p.vmax : Math.max(1e-12, ...p.z.flat().filter(Number.isFinite));
-  const cbTicks = [0, vmax / 2, vmax].map(fmt);
+  const finite = p.z.flat().filter(Number.isFinite);
+  const vmin = p.vmin != null ? p.vmin : Math.min(0, ...finite);
+  const vmax = p.vmax != null ? p.vmax : Math.max(vmin + 1e-12, ...finite);
+  // ticks at both ends (marked when values lie beyond them: clipped) and 0 or the middle
+  const zmax = p.zmax != null ? p.zmax : Math.max(...finite), zmin = p.zmin != null ? p.zmin : Math.min(...finite);
+  const mid = vmin < 0 && vmax > 0 ? 0 : (vmin + vmax) / 2;
+  const cbTicks = [(zmin < vmin - 1e-9 ? "≤ " : "") + fmt(vmin), fmt(mid), (zmax > vmax + 1e-9 ? "≥ " : "") + fmt(vmax)];
+  const cbPos = [0, (mid - vmin) / (vmax - vmin), 1];
   // per state: the Panel said scale="state", or a state stored before fixed scales (vmax null)
   const perState = p.vmax == null || p.vmax_from === "state";
   const cbNote = [p.unit || "", perState ? "scaled per state" : ""].filter(Boolean).join(", ");
@@ -99,7 +105,7 @@ function heatmapLayout(p, avail, cap) {
   const w = Math.max(labelW + gridW + cbW, Math.min(avail, labelW + textWidth(p.title || "", 12) + 2));
   const h = TITLE_H + barH + tickH + (p.xlabel ? 16 : 2);
   return { rows, cols, rowLabels, colLabels, labelW, cell, gridW, gridH, cbW, cbTicks, cbNote, perState, vmax, rotate,
-           colStep, rowStep, tickH, barH, w, h };
+           colStep, rowStep, tickH, barH, w, h, vmin, cbPos };
 }
 
 function drawHeatmap(ctx, p, g, palette, out) {
@@ -108,7 +114,7 @@ function drawHeatmap(ctx, p, g, palette, out) {
   ctx.fillText(fitTitle(p.title, g.w - gx, 12), gx, 13);
   for (let i = 0; i < g.rows; i++) {
     for (let j = 0; j < g.cols; j++) {
-      ctx.fillStyle = colour(palette, p.z[i][j], g.vmax);
+      ctx.fillStyle = colour(palette, p.z[i][j], g.vmin, g.vmax);
       ctx.fillRect(gx + j * g.cell, gy + i * g.cell, g.cell, g.cell);
     }
   }
@@ -149,13 +155,14 @@ function drawHeatmap(ctx, p, g, palette, out) {
   // colour bar: 0 at the bottom, vmax at the top
   const bx = gx + g.gridW + 10, bw = 10, by = gy, bh = g.barH;
   for (let k = 0; k < bh; k++) {
-    ctx.fillStyle = colour(palette, (1 - (k + 0.5) / bh) * g.vmax, g.vmax);
+    ctx.fillStyle = colour(palette, g.vmin + (1 - (k + 0.5) / bh) * (g.vmax - g.vmin), g.vmin, g.vmax);
     ctx.fillRect(bx, by + k, bw, 1.5);
   }
   ctx.strokeStyle = "#888"; ctx.lineWidth = 0.5; ctx.strokeRect(bx, by, bw, bh);
   ctx.fillStyle = "#444"; ctx.font = TICK + "px " + FONT; ctx.textAlign = "left";
   g.cbTicks.forEach((t, k) => {
-    const y = by + bh - (k / 2) * bh, w = ctx.measureText(t).width;
+    if (k === 1 && Math.min(g.cbPos[1], 1 - g.cbPos[1]) * bh < TICK + 2) return;  // too close to an end
+    const y = by + bh - g.cbPos[k] * bh, w = ctx.measureText(t).width;
     const ty2 = Math.min(by + bh, Math.max(by + TICK * 0.8, y + TICK * 0.35));
     ctx.fillText(t, bx + bw + 3, ty2);
     out.boxes.push({ axis: "cbar", x: bx + bw + 3, y: ty2 - TICK * 0.8, w, h: TICK });
@@ -165,7 +172,7 @@ function drawHeatmap(ctx, p, g, palette, out) {
     ctx.textAlign = "center"; ctx.font = "10px " + FONT; ctx.fillStyle = "#555";
     ctx.fillText(fitTitle(g.cbNote, bh, 10), 0, 0); ctx.restore();
   }
-  out.colorbar = { x: bx, y: by, w: bw, h: bh, vmin: 0, vmax: g.vmax, unit: p.unit || "",
+  out.colorbar = { x: bx, y: by, w: bw, h: bh, vmin: g.vmin, vmax: g.vmax, unit: p.unit || "",
                    scale: g.perState ? "scaled per state" : "fixed", note: g.cbNote };
 }
 
@@ -266,7 +273,7 @@ function drawGraph(ctx, p, g, palette, out) {
     ctx.beginPath(); ctx.moveTo(X(p.pos[a][0]), Y(p.pos[a][1])); ctx.lineTo(X(p.pos[dst[e]][0]), Y(p.pos[dst[e]][1])); ctx.stroke();
   });
   p.pos.forEach((q, i) => {
-    ctx.fillStyle = p.node_value ? colour(palette, p.node_value[i], 1) : "#bbbbbb";
+    ctx.fillStyle = p.node_value ? colour(palette, p.node_value[i], 0, 1) : "#bbbbbb";
     ctx.beginPath(); ctx.arc(X(q[0]), Y(q[1]), 4.5, 0, 2 * Math.PI); ctx.fill();
     if (i === p.highlight) {
       ctx.strokeStyle = "#e8463a"; ctx.lineWidth = 2.5;
@@ -283,13 +290,13 @@ function drawGraph(ctx, p, g, palette, out) {
     let x = left + ctx.measureText(lg.node_label + ":").width + 8;
     if (lg.nodes) {
       lg.nodes.forEach(([name, v]) => {
-        ctx.fillStyle = colour(palette, v, 1); ctx.beginPath(); ctx.arc(x + 4, y + 4.5, 4.5, 0, 2 * Math.PI); ctx.fill();
+        ctx.fillStyle = colour(palette, v, 0, 1); ctx.beginPath(); ctx.arc(x + 4, y + 4.5, 4.5, 0, 2 * Math.PI); ctx.fill();
         ctx.fillStyle = "#222"; ctx.fillText(name, x + 11, y + 8);
         x += 11 + ctx.measureText(name).width + 8;
       });
     } else {
       ctx.fillText("0", x, y + 8); x += ctx.measureText("0").width + 3;
-      for (let k = 0; k < 60; k++) { ctx.fillStyle = colour(palette, k / 59, 1); ctx.fillRect(x + k, y, 1.5, 9); }
+      for (let k = 0; k < 60; k++) { ctx.fillStyle = colour(palette, k / 59, 0, 1); ctx.fillRect(x + k, y, 1.5, 9); }
       ctx.fillStyle = "#222"; ctx.fillText("1", x + 63, y + 8);
     }
     out.legend.push("nodes");
@@ -376,7 +383,7 @@ function drawPanels(canvas, panels, palette, avail) {
     info.push([k, kind, x, y, +g.w.toFixed(1), +g.h.toFixed(1)].concat(kind === "curves" ? [out.xticks] : []));
     if (out.colorbar) {
       const c = out.colorbar;
-      bars.push([k, c.vmin, +c.vmax.toPrecision(4), c.unit, c.scale, +(c.x + x).toFixed(1), +(c.y + y).toFixed(1), c.w, +c.h.toFixed(1)]);
+      bars.push([k, +c.vmin.toPrecision(4), +c.vmax.toPrecision(4), c.unit, c.scale, +(c.x + x).toFixed(1), +(c.y + y).toFixed(1), c.w, +c.h.toFixed(1)]);
     }
     if (out.legend) out.legend.forEach((what) => legends.push([k, what]));
   });
