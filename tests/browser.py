@@ -55,3 +55,45 @@ class BookServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# What every explorer on a page drew, read from the data attributes that static/explorer.js sets:
+# the canvas's drawn size against its backing store (aspect ratio), how far it reaches past its
+# column, its panels, colour bars, legends and label boxes, and the last redraw's time.
+EXPLORER_REPORT_JS = """
+() => Array.from(document.querySelectorAll('.attn-explorer')).map((root) => {
+  const c = root.querySelector('canvas'), r = c.getBoundingClientRect();
+  const box = root.getBoundingClientRect(), col = (root.closest('article, main') || root).getBoundingClientRect();
+  const j = (k, d) => JSON.parse(c.dataset[k] || d);
+  return {
+    key: root.dataset.key,
+    css: [r.width, r.height], store: [c.width, c.height],
+    aspect_error: Math.abs(r.width / r.height - c.width / c.height) / (c.width / c.height),
+    overflow: Math.max(r.right - box.right, r.right - col.right, box.left - r.left,
+                       r.right - document.documentElement.clientWidth),
+    panels: j('panels', '[]'), colorbars: j('colorbars', '[]'), legends: j('legends', '[]'),
+    boxes: j('labelBoxes', '[]'), layout: j('layout', '{}'), draw_ms: parseFloat(c.dataset.drawMs || 'NaN'),
+    controls: Array.from(root.querySelectorAll('[data-control]')).map((e) => [e.dataset.control, e.dataset.kind,
+      +e.dataset.position, +e.dataset.count]),
+  };
+})
+"""
+
+
+def move_control(page, explorer, j: int) -> tuple[str, str]:
+    """Move control ``j`` of an explorer one position with the keyboard (forward, or back at the end).
+
+    Returns the keys that move it forward and back again: a range slider takes ArrowRight/ArrowLeft,
+    a toggle (two radio buttons) ArrowRight/ArrowLeft on the checked one, a dropdown ArrowDown/ArrowUp.
+    """
+    row = explorer.locator("[data-control]").nth(j)
+    kind, pos, count = row.get_attribute("data-kind"), int(row.get_attribute("data-position")), int(row.get_attribute("data-count"))
+    at_end = pos == count - 1
+    if kind == "dropdown":
+        row.locator("select").focus()
+        keys = ("ArrowUp", "ArrowDown") if at_end else ("ArrowDown", "ArrowUp")
+    else:
+        row.locator("input:checked" if kind == "toggle" else "input[type=range]").focus()
+        keys = ("ArrowLeft", "ArrowRight") if at_end else ("ArrowRight", "ArrowLeft")
+    page.keyboard.press(keys[0])
+    return keys

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import nbformat
 import pytest
-from browser import CHROMIUM_ARGS, BookServer, chromium_path
+from browser import CHROMIUM_ARGS, EXPLORER_REPORT_JS, BookServer, chromium_path, move_control
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "_build" / "screenshots"
@@ -127,7 +127,7 @@ def test_chapter_page_works_offline(browser, name):
         assert not broken, broken
         n_images = page.locator("article img").count()
         assert n_images >= 1
-        # explorers: all rendered, and every slider redraws on a key press
+        # explorers: all rendered, and every control (slider, toggle, dropdown) redraws on a key press
         want = expected_explorers(name)
         assert want >= 1, "chapter has no explorer"
         page.wait_for_function(f"document.querySelectorAll('.attn-explorer canvas').length >= {want}", timeout=20000)
@@ -139,14 +139,11 @@ def test_chapter_page_works_offline(browser, name):
             ex.scroll_into_view_if_needed()
             clash = overlapping_labels(json.loads(ex.locator("canvas").get_attribute("data-label-boxes") or "[]"))
             assert not clash, f"explorer {i}: axis labels overlap: {clash[:3]}"
-            sliders = ex.locator("input[type=range]")
-            for j in range(sliders.count()):
-                s = sliders.nth(j)
+            controls = ex.locator("[data-control]")
+            assert controls.count() >= 1
+            for j in range(controls.count()):
                 before = (ex.get_attribute("data-key"), ex.locator("canvas").evaluate("c => c.toDataURL()"))
-                at_max = s.evaluate("e => e.value === e.max")
-                s.focus()
-                forward, back = ("ArrowLeft", "ArrowRight") if at_max else ("ArrowRight", "ArrowLeft")
-                page.keyboard.press(forward)
+                _, back = move_control(page, ex, j)
                 after = (ex.get_attribute("data-key"), ex.locator("canvas").evaluate("c => c.toDataURL()"))
                 assert after[0] != before[0], f"explorer {i} slider {j}: state key did not change"
                 clash = overlapping_labels(json.loads(ex.locator("canvas").get_attribute("data-label-boxes") or "[]"))
@@ -171,6 +168,56 @@ def test_chapter_page_works_offline(browser, name):
                         "math_elements": page.locator("mjx-container").count()}
     finally:
         v.close(name)
+
+
+# chapter -> width -> what its explorers drew (for the note: aspect ratio, colour bars, redraw time)
+EXPLORER_FIT: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("width", [1366, 390], ids=["desktop", "phone"])
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_explorers_fit_the_column(browser, name, width):
+    """At a desktop and a phone width every explorer is drawn for the width it has: the canvas's drawn
+    aspect ratio is its intrinsic one (no CSS squeeze), it does not reach past its column, every heatmap
+    panel has a colour bar, and no two tick labels overlap. Fails on a canvas drawn at a fixed size and
+    shrunk by max-width (chapter 8 was drawn at 0.52 of its width on a phone)."""
+    b, base = browser
+    page = b.new_page(viewport={"width": width, "height": 900}, device_scale_factor=2 if width < 500 else 1)
+    try:
+        page.goto(f"{base}/notebooks/{name}.html", wait_until="networkidle")
+        want = expected_explorers(name)
+        page.wait_for_function(f"document.querySelectorAll('.attn-explorer canvas').length >= {want}", timeout=20000)
+        page.wait_for_timeout(200)  # a redraw after the first layout, if the column settled late
+        report = page.evaluate(EXPLORER_REPORT_JS)
+        assert len(report) == want
+        for i, ex in enumerate(report):
+            assert ex["aspect_error"] < 0.01, f"explorer {i}: drawn {ex['css']} for a {ex['store']} canvas"
+            assert ex["overflow"] <= 1, f"explorer {i}: {ex['overflow']:.0f} px past its column ({ex['layout']})"
+            heatmaps = [p[0] for p in ex["panels"] if p[1] == "heatmap"]
+            assert sorted(c[0] for c in ex["colorbars"]) == heatmaps, f"explorer {i}: heatmap without a colour bar"
+            assert all(c[2] > c[1] for c in ex["colorbars"]), f"explorer {i}: empty colour range {ex['colorbars']}"
+            assert not overlapping_labels(ex["boxes"]), f"explorer {i}: {overlapping_labels(ex['boxes'])[:3]}"
+            assert all(e[1] in ("slider", "toggle", "dropdown") for e in ex["controls"])
+            assert all(e[1] == "toggle" for e in ex["controls"] if e[3] == 2), f"explorer {i}: {ex['controls']}"
+        # one keyboard move per explorer: the redraw's time, as the explorer measured it
+        move_ms = []
+        for i in range(want):
+            ex = page.locator(".attn-explorer").nth(i)
+            ex.scroll_into_view_if_needed()
+            move_control(page, ex, 0)
+            move_ms.append(float(ex.locator("canvas").get_attribute("data-draw-ms")))
+        EXPLORER_FIT.setdefault(name, {})[str(width)] = [
+            {"css": ex["css"], "aspect_error": round(ex["aspect_error"], 5), "overflow": round(ex["overflow"], 1),
+             "heatmaps": sum(p[1] == "heatmap" for p in ex["panels"]), "colorbars": len(ex["colorbars"]),
+             "rows": ex["layout"].get("rows"), "scale": ex["layout"].get("scale"), "draw_ms": ex["draw_ms"],
+             "move_ms": ms, "controls": [c[1] for c in ex["controls"]]} for ex, ms in zip(report, move_ms, strict=True)]
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        (SHOTS / "explorers.json").write_text(json.dumps(EXPLORER_FIT, indent=1))
+        if name[:2] in ("02", "08", "17", "24", "25", "30"):  # the explorers to look at, at both widths
+            for i in range(want):
+                page.locator(".attn-explorer").nth(i).screenshot(path=str(SHOTS / f"explorer_{name}_{i}_{width}.png"))
+    finally:
+        page.close()
 
 
 def _sidebar_left(page) -> float:

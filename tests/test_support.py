@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -232,3 +233,200 @@ def test_memory_sweep_and_sweep_table():
     assert abs(table.loc["exponent p", "linear"] - 1.0) < 0.1
     assert abs(table.loc["exponent p", "quadratic"] - 2.0) < 0.1
     assert not table.isna().any().any()
+
+
+# ----------------------------------------------------------------------------- explorer in a browser
+#
+# A standalone page runs static/explorer.js (the anywidget ESM) on explorers built here, with a
+# fake anywidget model (get/set/on/save_changes) as on a static page with no kernel. Fast: no book.
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "because", "it", "was", "warm", "and", "soft"]
+
+
+def _harness_explorers() -> list[AttentionExplorer]:
+    from attn.widgets import Curves, Graph
+
+    def words(temperature, causal, query):  # chapter 2's word labels, a toggle
+        q = query
+        s = torch.randn(12, 12, generator=torch.Generator().manual_seed(1)) / temperature
+        if causal:
+            s = s.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), -math.inf)
+        w = s.softmax(-1)
+        return View([Panel(w, rows=WORDS, cols=WORDS, highlight_row=q, title="weights"),
+                     Curves(list(range(12)), {"weight": w[q]}, title="query row", xlabel="key")], caption=f"t={temperature}")
+
+    def wide(window, kind):  # three 24 x 24 heatmaps side by side, colours fixed over states
+        i = torch.arange(24.0)
+        band = ((i[:, None] - i[None]).abs() <= window).float()
+        w = band / band.sum(-1, keepdim=True) * (2.0 if kind == "b" else 1.0)
+        return View([Panel(w, vmax=None, title="band"), Panel(w.T, vmax=None, title="transposed", unit="nats"),
+                     Panel(w * w, vmax=None, scale="state", title="squared")], caption=f"w={window}")
+
+    def graph(node, head):
+        pos = torch.tensor([[math.cos(a), math.sin(a)] for a in torch.arange(8.0) * math.pi / 4])
+        edges = torch.tensor([list(range(8)), [node] * 8])
+        return Graph(pos, edges, edge_weight=torch.linspace(0, 1, 8), node_value=torch.arange(8) % 4 / 3,
+                     highlight=node, title=f"node {node}, head {head}")
+
+    def compare(mechanism, example):  # the comparison's 30-position dropdown; a signed panel; clipped values
+        g = torch.Generator().manual_seed(int(mechanism[-2:]) * 2 + example)
+        w = torch.rand(6, 6, generator=g).softmax(-1)
+        return View([Panel(w, title=mechanism), Curves([1, 2, 3], {"loss": [3.0, 2.0, 1.5]}, xlabel="epoch"),
+                     Panel(torch.rand(4, 4, generator=g) * 2 - 1, title="signed", vmax=1.0),
+                     Panel(torch.rand(4, 4, generator=g) * 1.5, title="clipped", vmax=1.0)])
+
+    mechanisms = [f"mechanism_{i:02d}" for i in range(30)]
+    return [
+        AttentionExplorer(words, {"temperature": [0.5, 1.0, 2.0], "causal": [False, True], "query": range(12)},
+                          initial={"query": 7}, title="words"),
+        AttentionExplorer(wide, {"window": [1, 2, 4], "kind": ["a", "b"]}, title="wide"),
+        AttentionExplorer(graph, {"node": range(8), "head": ["mean", 0, 1]}, title="graph"),
+        AttentionExplorer(compare, {"mechanism": mechanisms, "example": [0, 1]},
+                          value_labels={"mechanism": {m: f"{i + 1}. chapter {m}" for i, m in enumerate(mechanisms)}},
+                          title="comparison"),
+    ]
+
+
+def _harness_page(folder) -> None:
+    import json
+    import shutil
+
+    from attn import widgets
+
+    shutil.copy(widgets._STATIC / "explorer.js", folder / "explorer.js")
+    states = [{k: ex.get_state()[k] for k in ("title", "controls", "states", "selection", "palette")}
+              for ex in _harness_explorers()]
+    (folder / "states.json").write_text(json.dumps(states))
+    css = (widgets._STATIC / "explorer.css").read_text()
+    (folder / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{css}
+body {{ margin: 0; }} article {{ max-width: 757px; margin: 0 auto; padding: 0 16px; }}</style></head>
+<body><article id="col"></article><script type="module">
+import widget from "./explorer.js";
+const all = await (await fetch("states.json")).json();
+for (const data of all) {{
+  const el = document.createElement("div"); document.getElementById("col").appendChild(el);
+  const model = {{ get: (k) => data[k], set: () => {{}}, on: () => {{}},
+                   save_changes: () => {{ throw new Error("no kernel"); }} }};
+  widget.render({{ model, el }});
+}}
+window.ready = true;
+</script></body></html>""")
+
+
+def test_explorer_fixed_colour_scale_toggles_dropdowns_and_units():
+    words, wide, graph, comp = _harness_explorers()
+    assert [c["kind"] for c in words.controls] == ["slider", "toggle", "slider"]
+    assert [c["kind"] for c in comp.controls] == ["dropdown", "toggle"]
+    assert comp.controls[0]["labels"][0] == "1. chapter mechanism_00"
+    assert [c["kind"] for c in graph.controls] == ["slider", "slider"]
+    # vmax=None: one colour range for the panel over every state (the largest value it reaches)
+    band = [s["panels"][0] for s in wide.states.values()]
+    assert {p["vmax"] for p in band} == {max(p["zmax"] for p in band)} and band[0]["vmax_from"] == "all states"
+    assert {p["vmax"] for p in band} == {1.0}  # kind "b", window 1: the first row's 2 keys, 2 x 1/2 each
+    assert wide.states["0-0"]["panels"][1]["unit"] == "nats"
+    squared = [s["panels"][2] for s in wide.states.values()]
+    assert all(p["vmax_from"] == "state" and p["vmax"] == p["zmax"] for p in squared)
+    assert len({p["vmax"] for p in squared}) > 1
+    assert words.states["0-0-0"]["panels"][0]["vmax"] == 1.0 and words.states["0-0-0"]["panels"][0]["ylabel"] == "query"
+    # the live path (a kernel) uses the same fixed range
+    assert wide.select(window=4, kind="a")["panels"][0]["vmax"] == 1.0
+    # signed values: the colours run from the most negative value over all states; clipped ones are kept
+    signed = [s["panels"][2] for s in comp.states.values()]
+    assert {p["vmin"] for p in signed} == {min(p["zmin"] for p in signed)} and signed[0]["vmin"] < -0.9
+    assert all(p["vmin"] == 0.0 and p["vmax"] == 1.0 for s in comp.states.values() for p in s["panels"][3:])
+    g = graph.states["0-0"]["panels"][0]["legend"]
+    assert g["node_label"] and len(g["nodes"]) == 4 and g["edge_label"]
+
+
+def test_explorer_option_errors():
+    with pytest.raises(ValueError, match="scale"):
+        Panel(torch.ones(2, 2), scale="row").to_json()
+    with pytest.raises(ValueError, match="vmax"):
+        Panel(torch.ones(2, 2), vmax=0.0).to_json()
+    with pytest.raises(ValueError, match="vmin must be a finite number below vmax"):
+        Panel(torch.ones(2, 2), vmin=2.0).to_json()
+    with pytest.raises(ValueError, match=r"controls.*'t'.*toggle"):
+        AttentionExplorer(_view, {"t": [1.0, 2.0, 3.0], "q": [0]}, controls={"t": "toggle"})
+    with pytest.raises(ValueError, match=r"controls.*one of"):
+        AttentionExplorer(_view, {"t": [1.0], "q": [0]}, controls={"t": "knob"})
+    with pytest.raises(ValueError, match="value_labels names unknown"):
+        AttentionExplorer(_view, {"t": [1.0], "q": [0]}, value_labels={"x": {}})
+    with pytest.raises(ValueError, match="value_labels\\['t'\\] has 1 entries"):
+        AttentionExplorer(_view, {"t": [1.0, 2.0], "q": [0]}, value_labels={"t": ["a"]})
+
+
+@pytest.mark.parametrize("width", [1366, 390])
+def test_explorer_page_lays_out_for_the_width(tmp_path, width):
+    """In Chromium, at a desktop and a phone width: every canvas keeps its aspect ratio and stays inside
+    the column, every heatmap panel has a colour bar, index ticks never overlap, and each control
+    (slider, toggle, dropdown) moves with the keyboard and redraws; a resize redraws for the new width."""
+    import json
+
+    from browser import CHROMIUM_ARGS, EXPLORER_REPORT_JS, BookServer, chromium_path, move_control
+    from playwright.sync_api import sync_playwright
+    from test_browser import overlapping_labels
+
+    _harness_page(tmp_path)
+    with BookServer(tmp_path) as server, sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        page = b.new_page(viewport={"width": width, "height": 900}, device_scale_factor=2 if width < 500 else 1)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server.url}/index.html", wait_until="networkidle")
+        page.wait_for_function("window.ready === true")
+        report = page.evaluate(EXPLORER_REPORT_JS)
+        assert len(report) == 4 and not errors, errors
+        column = min(width - 32, 757)  # the article's content box
+        for i, ex in enumerate(report):
+            assert ex["aspect_error"] < 0.01, (i, ex["css"], ex["store"])
+            assert ex["overflow"] <= 0.5, (i, ex["overflow"], ex["layout"])
+            assert ex["css"][0] <= column + 0.5
+            assert ex["layout"]["dpr"] == (2 if width < 500 else 1)
+            heatmaps = [p[0] for p in ex["panels"] if p[1] == "heatmap"]
+            assert sorted(c[0] for c in ex["colorbars"]) == heatmaps, ex["colorbars"]
+            assert not overlapping_labels(ex["boxes"]), overlapping_labels(ex["boxes"])[:3]
+        words, wide, graph, comp = report
+        assert sum(len(e["colorbars"]) for e in report) == 7
+        signed, clipped = comp["colorbars"][1:]
+        assert signed[1] < -0.9 and signed[2] == 1 and clipped[1:3] == [0, 1]
+        if os.environ.get("ATTN_SHOTS"):
+            page.screenshot(path=f"{os.environ['ATTN_SHOTS']}/explorers_{width}.png", full_page=True)
+        assert {c[2] for c in words["boxes"] if c[0] == 0 and c[1] == "col"} and \
+            len([c for c in words["boxes"] if c[0] == 0 and c[1] == "col"]) == 12  # all 12 words, rotated
+        assert [c[4] for c in wide["colorbars"]] == ["fixed", "fixed", "scaled per state"]
+        assert wide["colorbars"][1][3] == "nats"
+        assert sorted(x[1] for x in graph["legends"]) == ["edges", "nodes"]
+        assert all(float(t).is_integer() for t in comp["panels"][1][6])  # epochs 1, 2, 3: no 1.5
+        if width < 500:
+            assert wide["layout"]["rows"] >= 2  # the three heatmaps wrap onto rows
+        else:
+            assert wide["layout"]["rows"] == 1 and wide["layout"]["scale"] == 1
+        # controls: toggles are radio pairs, the 30 mechanisms a dropdown of their labels
+        explorers = page.locator(".attn-explorer")
+        assert explorers.nth(0).locator("[data-kind=toggle] input[type=radio]").count() == 2
+        assert explorers.nth(3).locator("select option").count() == 30
+        assert explorers.nth(3).locator("select option").first.inner_text() == "1. chapter mechanism_00"
+        for i, ex in enumerate(report):
+            loc = explorers.nth(i)
+            for j in range(len(ex["controls"])):
+                before = (loc.get_attribute("data-key"), loc.locator("canvas").evaluate("c => c.toDataURL()"))
+                keys = move_control(page, loc, j)
+                after = (loc.get_attribute("data-key"), loc.locator("canvas").evaluate("c => c.toDataURL()"))
+                assert after[0] != before[0], f"explorer {i} control {j} ({ex['controls'][j]}): key did not change"
+                assert after[1] != before[1], f"explorer {i} control {j}: drawing did not change"
+                page.keyboard.press(keys[1])
+                assert loc.get_attribute("data-key") == before[0], f"explorer {i} control {j}: did not move back"
+        # resize: the explorers redraw for the new width, still undistorted and inside the column
+        other = 390 if width > 500 else 1366
+        page.set_viewport_size({"width": other, "height": 900})
+        page.wait_for_function(f"JSON.parse(document.querySelector('.attn-explorer canvas').dataset.layout).avail "
+                               f"!= {json.dumps(report[0]['layout']['avail'])}")
+        page.wait_for_timeout(100)
+        resized = page.evaluate(EXPLORER_REPORT_JS)
+        for ex in resized:
+            assert ex["aspect_error"] < 0.01 and ex["overflow"] <= 0.5
+        print(f"width {width}: aspect errors {[round(e['aspect_error'], 4) for e in report]}, "
+              f"colour bars {sum(len(e['colorbars']) for e in report)}, "
+              f"draw ms {[e['draw_ms'] for e in report]}, after resize {[e['draw_ms'] for e in resized]}")
+        b.close()
