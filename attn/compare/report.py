@@ -475,9 +475,13 @@ class Comparison:
         sliders: dict[str, list[Any]] = {"mechanism": list(have), "example": list(range(k))}
         if layers > 1:
             sliders["layer"] = list(range(layers))
+        from ..registry import chapter
+
+        titles = {name: f"{name}: {chapter(r.chapter).title} (ch. {r.chapter})" for name, (r, _) in have.items()}
         return AttentionExplorer(
             view, sliders, initial={"mechanism": next(iter(have)), "example": 0},
             title="Trained models on held-out recall queries",
+            value_labels={"mechanism": titles},
         )
 
     # ---------------------------------------------------------------- files
