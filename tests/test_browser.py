@@ -10,6 +10,7 @@ _build/screenshots/ for review.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -256,4 +257,36 @@ def test_chapter_list_opens_and_closes(browser, width, height):
     finally:
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / f"navigation_{width}.png"))
+        page.close()
+
+
+def test_search_snippets_quote_the_page_not_its_buttons(browser):
+    """Search results quote each page's own text around the query, not the launch buttons it starts with."""
+    b, base = browser
+    page = b.new_page(viewport={"width": 1366, "height": 900})
+    try:
+        page.goto(f"{base}/search.html?q=softmax", wait_until="networkidle")
+        page.wait_for_selector("#search-results li p.context", timeout=20000)
+        page.wait_for_timeout(1500)  # snippets fill in as each page is fetched
+        snippets = page.locator("#search-results li p.context").all_inner_texts()
+        assert len(snippets) >= 5
+        buttons = [s for s in snippets if re.search(r"Colab|\.ipynb|\.pdf|Open issue|repository", s)]
+        assert not buttons, buttons[:3]
+        assert sum("softmax" in s.lower() for s in snippets) >= len(snippets) // 2
+    finally:
+        page.close()
+
+
+def test_printing_a_chapter_wraps_its_code(browser):
+    """The ".pdf" button prints the page: code wraps instead of being cut at the right edge, no sidebars."""
+    b, base = browser
+    page = b.new_page(viewport={"width": 1366, "height": 900})
+    try:
+        page.goto(f"{base}/notebooks/08_local_attention.html", wait_until="networkidle")
+        page.emulate_media(media="print")
+        styles = page.evaluate("""() => ({
+            pre: getComputedStyle(document.querySelector('div.cell pre')).whiteSpace,
+            sidebar: getComputedStyle(document.querySelector('.bd-sidebar-primary')).display})""")
+        assert styles == {"pre": "pre-wrap", "sidebar": "none"}, styles
+    finally:
         page.close()

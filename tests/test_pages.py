@@ -56,19 +56,24 @@ def test_no_warning_is_printed_on_the_page(executed_notebooks, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_figures_fit_the_column_and_carry_alt_text(executed_notebooks, name):
-    """Each figure at most 7.5 in wide (shown at its natural size in the 757-px column), one per cell, with alt
-    text (cell metadata ``mystnb: image: alt:``) that says what it shows, not a file name."""
+    """Each figure at most 7.5 in wide (shown at its natural size in the 757-px column) and stored at twice that
+    pixel density (sharp on high-density screens and when a phone shrinks it), one per cell, with alt text
+    (cell metadata ``mystnb: image: alt:``) that says what it shows, not a file name."""
     problems = []
     for i, cell in enumerate(_executed(name).cells):
-        pngs = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        pngs = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
         if not pngs:
             continue
         where = f"cell {i} ({cell.source.strip().splitlines()[0][:50]!r})"
         if len(pngs) > 1:
             problems.append(f"{where}: {len(pngs)} figures in one cell (one alt text each needs one figure a cell)")
-        for data in pngs:
-            if (w := _png_width(data)) > MAX_FIGURE_PX:
-                problems.append(f"{where}: figure {w} px wide > {MAX_FIGURE_PX} (7.5 in at 100 dpi)")
+        for out in pngs:
+            pixels = _png_width(out["data"]["image/png"])
+            shown = out.get("metadata", {}).get("image/png", {}).get("width")  # a retina PNG: its display width
+            if shown is None or pixels < 1.9 * int(shown):
+                problems.append(f"{where}: not stored at twice its display density ({pixels} px, shown at {shown})")
+            elif int(shown) > MAX_FIGURE_PX:
+                problems.append(f"{where}: figure shown {shown} px wide > {MAX_FIGURE_PX} (7.5 in at 100 dpi)")
         alt = str(cell.metadata.get("mystnb", {}).get("image", {}).get("alt", ""))
         if len(alt.split()) < 4 or re.search(r"\.(png|svg|jpe?g)\b", alt):
             problems.append(f"{where}: no alt text saying what the figure shows (got {alt!r})")
