@@ -290,3 +290,31 @@ def test_printing_a_chapter_wraps_its_code(browser):
         assert styles == {"pre": "pre-wrap", "sidebar": "none"}, styles
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("name", ["08_local_attention", "24_comparison", "27_gqa_kv_cache"])
+def test_code_and_tables_fit_the_column_on_a_desktop(browser, name):
+    """At 1366 px no code cell (88 columns) scrolls sideways, the tables in view fit the column, and a wide
+    full table (folded in a dropdown) scrolls inside its own box instead of widening the page."""
+    b, base = browser
+    page = b.new_page(viewport={"width": 1366, "height": 900})
+    try:
+        page.goto(f"{base}/notebooks/{name}.html", wait_until="networkidle")
+        report = page.evaluate("""() => {
+            const shown = (e) => e.offsetParent !== null;
+            const col = document.querySelector('article').clientWidth;
+            const pres = [...document.querySelectorAll('article div.cell_input pre')].filter(shown);
+            const tables = [...document.querySelectorAll('article table')].filter(shown);
+            // a full table folded in a dropdown (hide-output) may be wide: it scrolls inside its own box
+            const folded = (t) => t.closest('.tag_hide-output') !== null;
+            const scrolls = (t) => { for (let e = t.parentElement; e && e.tagName !== 'ARTICLE'; e = e.parentElement) {
+                if (['auto', 'scroll'].includes(getComputedStyle(e).overflowX) && e.clientWidth <= col + 1) return true; }
+                return false; };
+            return {col, code: pres.length, scrolling: pres.filter(p => p.scrollWidth > p.clientWidth + 1).length,
+                    wide_tables: tables.filter(t => t.getBoundingClientRect().width > col + 1 && !folded(t)).length,
+                    unboxed: tables.filter(t => t.getBoundingClientRect().width > col + 1 && !scrolls(t)).length};
+        }""")
+        assert report["code"] >= 3 and report["scrolling"] == 0, report
+        assert report["wide_tables"] == 0 and report["unboxed"] == 0, report
+    finally:
+        page.close()

@@ -1,6 +1,7 @@
 """A small Sphinx extension for the book's pages (loaded by ``_config.yml``'s ``local_extensions``).
 
 * each page's scripts once (below);
+* ``book.css``: code at a size that fits 88 columns in the text column;
 * ``book-print.css``: printing a chapter wraps code instead of cutting it at the right edge;
 * ``search-snippets.js``: search results quote the page's text, not its launch buttons.
 
@@ -39,6 +40,7 @@ def _add_static(app: Any) -> None:
 
 def setup(app: Any) -> dict[str, Any]:
     app.connect("builder-inited", _add_static)
+    app.add_css_file("book.css")
     app.add_css_file("book-print.css")
     app.add_js_file("search-snippets.js")
     app.connect("html-page-context", _dedupe_scripts, priority=900)
