@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import attn
-from attn.attention import KERNELS, Attention, AttentionBase, SequenceMixer, get_kernel, kernels
+from attn.attention import KERNELS, Attention, AttentionBase, get_kernel, kernels
 from attn.registry import mechanisms
 
 E, H, B, N = 16, 2, 2, 12
@@ -49,7 +49,8 @@ def test_registry_records_kernel_and_causality(m: attn.registry.Mechanism) -> No
 @pytest.mark.parametrize("m", SEQUENCE, ids=lambda m: m.name)
 def test_forward_options_are_keyword_only(m: attn.registry.Mechanism) -> None:
     layer = _build(m)
-    assert isinstance(layer, SequenceMixer)
+    # (isinstance(layer, SequenceMixer) would pass for any callable: the protocol has only __call__, so the
+    # signature itself is what is checked)
     params = inspect.signature(layer.forward).parameters
     for name in ("key_mask", "is_causal", "need_weights"):
         assert name in params, f"{m.name}: forward has no {name}="
