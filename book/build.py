@@ -49,6 +49,8 @@ VENDOR = BUILD / "vendor"  # unpacked npm packages
 REPORTS = BUILD / "reports"
 INSTALL_TAG = "colab-install"
 DEFAULT_PARAMETERS = {"seed": 0, "device": "auto"}
+#: Pages written by the build into the staged source (not committed): the evidence appendix.
+GENERATED_PAGES = ("evidence",)
 
 
 def log(msg: str) -> None:
@@ -118,7 +120,8 @@ def toc_text() -> str:
         files = [f for f in files if (ROOT / f).with_suffix(".md").exists()]
         if files:
             lines += [f"  - caption: {caption}", "    chapters:"] + [f"      - file: {f}" for f in files]
-    lines += ["  - caption: Reference", "    chapters:", "      - file: book/notation", "      - file: book/bibliography"]
+    lines += ["  - caption: Reference", "    chapters:", "      - file: book/notation"]
+    lines += [f"      - file: book/{page}" for page in GENERATED_PAGES] + ["      - file: book/bibliography"]
     return "\n".join(lines) + "\n"
 
 
@@ -583,6 +586,85 @@ def hero_figure(path: Path) -> None:
     plt.close(fig)
 
 
+def collect_claims(executed: list[Path]) -> list[dict]:
+    """Every claim the executed notebooks stated (``attn.evidence``), in chapter order, verdicts computed again.
+
+    A claim travels in its output's metadata, so a notebook taken from the cache
+    still contributes its claims. Each record is rebuilt with
+    :class:`attn.evidence.Claim`, whose verdict and status are recomputed from
+    the per-seed values, and carries the page it came from.
+    """
+    import nbformat
+
+    sys.path.insert(0, str(ROOT))
+    from attn.evidence import METADATA_KEY, Claim
+
+    claims = []
+    for path in sorted(executed):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                record = out.get("metadata", {}).get(METADATA_KEY)
+                if record:
+                    claim = Claim.from_json(record)
+                    claims.append({**claim.to_json(), "page": path.stem})
+    return sorted(claims, key=lambda c: c["chapter"])  # stable: a chapter's claims keep their order
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def evidence_page(claims: list[dict]) -> str:
+    """The appendix "The evidence": every claim of the book, its arms over seeds, and its verdict."""
+    sys.path.insert(0, str(ROOT))
+    from attn.evidence import Claim, describe
+
+    reg = _registry()
+    counts = {s: sum(c["status"] == s for c in claims) for s in ("supported", "not shown", "contradicted")}
+    lines = [
+        "(the-evidence)=",
+        "# The evidence",
+        "",
+        "Every claim the book makes about what a mechanism learns or costs, collected from the executed chapters "
+        "by the build (`_build/reports/claims.json`). Each names its arms, its metric and one value per seed "
+        "per arm; the verdict is computed: one arm beats the other only when their ranges over seeds are "
+        "disjoint, or a paired test over the same seeds says so at 5 %, or (timings) every interleaved ratio "
+        "lies on the same side of 1. A run that never reached its target is counted as censored, never dropped. "
+        "The build fails when a verdict contradicts the direction its chapter declared.",
+        "",
+        f"This build: **{len(claims)} claims** in {len({c['chapter'] for c in claims})} chapters; "
+        f"{counts['supported']} supported, {counts['not shown']} not shown (no separation at the chapter's "
+        f"budget), {counts['contradicted']} contradicted.",
+        "",
+    ]
+    for chapter in sorted({c["chapter"] for c in claims}):
+        mine = [c for c in claims if c["chapter"] == chapter]
+        title = reg.chapter(chapter).title if any(ch.number == chapter for ch in reg.CHAPTERS) else f"Chapter {chapter}"
+        lines += [f"## {chapter}. {title}", "",
+                  f"From [the chapter](../notebooks/{mine[0]['page']}.ipynb).", "",
+                  "| claim | metric | arms: mean (range, seeds) | expected | verdict | status |",
+                  "|---|---|---|---|---|---|"]
+        for c in mine:
+            claim = Claim.from_json(c)
+            arms = "<br>".join(f"{_cell(name)}: {describe(vals, censor_at=claim.censor_at)}"
+                               for name, vals in claim.arms.items())
+            lines.append(f"| {_cell(c['claim'])} | {_cell(c['metric'])} | {arms} | {_cell(c['expected'])} | "
+                         f"{_cell(c['verdict'])} | {c['status']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_evidence(executed: list[Path], page: Path) -> list[str]:
+    """Write ``claims.json`` and the evidence page; return the contradicted claims (the build fails on them)."""
+    claims = collect_claims(executed)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / "claims.json").write_text(json.dumps(claims, indent=2) + "\n")
+    page.write_text(evidence_page(claims))
+    return [f"chapter {c['chapter']}: {c['claim']!r}: expected {c['expected']}, measured {c['verdict']}"
+            for c in claims if c["status"] == "contradicted"]
+
+
 def html_key() -> str:
     """The cache key of the HTML build: everything the staged sources and the build read."""
     executed = sorted((SRC / "notebooks").glob("*.ipynb"))
@@ -624,6 +706,13 @@ def html(force: bool = False) -> int:
     shutil.rmtree(SRC / "book", ignore_errors=True)
     shutil.copytree(ROOT / "book", SRC / "book", ignore=shutil.ignore_patterns("build.py", "assets.json", "__pycache__"))
     (SRC / "book" / "chapter_map.md").write_text(chapter_map())
+    contradicted = write_evidence(executed, SRC / "book" / "evidence.md")
+    if contradicted:
+        for problem in contradicted:
+            log(f"CONTRADICTED CLAIM {problem}")
+        log("a claim's verdict contradicts the direction its chapter declared: fix the chapter, "
+            f"its prose and its claim (ledger: {(REPORTS / 'claims.json').relative_to(ROOT)})")
+        return 1
     hero_figure(SRC / "book" / "static" / "hero.png")
     _stage_assets(SRC / "_extra")
     log("building HTML with Jupyter Book (warnings are errors)")
