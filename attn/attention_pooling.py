@@ -64,7 +64,7 @@ from .core import AttentionOutput, scaled_dot_product_attention
 from .masks import check_key_mask
 from .registry import register
 
-__all__ = ["nadaraya_watson", "gaussian_kernel_weights", "NadarayaWatson", "RowFF", "MAB", "PMA", "AttentionPool"]
+__all__ = ["nadaraya_watson", "gaussian_kernel_weights", "leave_one_out_mse", "fit_bandwidth_loo", "NadarayaWatson", "RowFF", "MAB", "PMA", "AttentionPool"]
 
 
 def _check_set(z: object, dim: int | None, key_mask: Tensor | None, name: str = "z") -> Tensor:
@@ -187,6 +187,58 @@ def gaussian_kernel_weights(queries: Tensor, keys: Tensor, bandwidth: float | Te
     q, k, _ = _check_regression(queries, keys, keys)
     d2 = ((q[:, :, None, :] - k[:, None, :, :]) ** 2).sum(-1)  # (B, m, n) squared distances
     return (-d2 / (2 * _bandwidth(bandwidth) ** 2)).softmax(-1)  # exp(-d2 / 2h^2) normalised; max-shifted, no 0/0
+
+
+def leave_one_out_mse(keys: Tensor, values: Tensor, bandwidth: float | Tensor) -> Tensor:
+    r"""Leave-one-out error of Nadaraya-Watson: each ``y_i`` predicted from the other observations.
+
+    .. math::
+
+        \mathrm{LOO}(h) = \frac1n \sum_i \big(\hat f_{-i}(x_i) - y_i\big)^2,
+        \qquad \hat f_{-i}(x_i) = \sum_{j \ne i} \operatorname{softmax}_j\big(-\lVert x_i - x_j\rVert^2 / 2h^2\big)\, y_j
+
+    Without leaving ``x_i`` out, ``h -> 0`` would predict each ``y_i`` by itself
+    (error 0): the held-out point is what makes the criterion choose a bandwidth.
+    Computed with :func:`nadaraya_watson`, one query per observation and the
+    observation itself masked out (``(n, n)`` key masks: a criterion on a
+    small dataset, not an efficient path).
+
+    Args:
+        keys: ``(B, n, d)`` observed ``x_i``, ``n >= 2``.
+        values: ``(B, n, k)`` observed ``y_i``.
+        bandwidth: ``h > 0`` (a tensor gets a gradient).
+
+    Returns:
+        ``(B,)`` the mean squared leave-one-out error of each dataset.
+    """
+    q, k, v = _check_regression(keys, keys, values)
+    b, n, d = k.shape
+    if n < 2:
+        raise ValueError(f"leave_one_out_mse needs n >= 2 observations, got keys of shape {tuple(k.shape)}")
+    others = ~torch.eye(n, dtype=torch.bool, device=k.device)  # row i: every observation but i
+    # dataset b, query i -> batch row b * n + i, with its own key mask
+    qs = q.reshape(b * n, 1, d)
+    ks = k[:, None].expand(b, n, n, d).reshape(b * n, n, d)
+    vs = v[:, None].expand(b, n, n, v.shape[-1]).reshape(b * n, n, v.shape[-1])
+    pred = nadaraya_watson(qs, ks, vs, bandwidth, key_mask=others.repeat(b, 1)).output.reshape(b, n, -1)
+    return ((pred - v) ** 2).mean((1, 2))
+
+
+def fit_bandwidth_loo(keys: Tensor, values: Tensor, init: float = 1.0, steps: int = 100, lr: float = 0.1) -> Tensor:
+    """Learn ``h`` by gradient descent (Adam on ``log h``) on the leave-one-out error, one ``h`` per dataset.
+
+    Shapes: ``keys (B, n, d)``, ``values (B, n, k)`` -> ``(B,)`` the learned bandwidths.
+    """
+    if steps < 1 or not lr > 0 or not init > 0:
+        raise ValueError(f"need steps >= 1, lr > 0 and init > 0, got steps={steps}, lr={lr}, init={init}")
+    log_h = torch.full((keys.shape[0], 1, 1), math.log(init), dtype=keys.dtype, device=keys.device, requires_grad=True)
+    opt = torch.optim.Adam([log_h], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        # the estimate depends on (x - x_i) / h only: dataset b at bandwidth h_b is keys / h_b at bandwidth 1
+        leave_one_out_mse(keys / log_h.exp(), values, 1.0).sum().backward()
+        opt.step()
+    return log_h.detach().exp().flatten()
 
 
 @register(

@@ -425,3 +425,71 @@ def test_the_comparison_finds_the_own_task_in_experiments():
     r = compare.run_one("nadaraya_watson", preset="quick", seed=0, device="cpu", cost=False)
     assert r.status == "ok", r.notes
     assert r.task == make_regression_task("quick").description and 0.0 <= r.metrics["accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- issue 16: rare cues, leave-one-out
+
+
+def test_rare_cue_sets_have_one_to_max_cues_among_the_real_elements_and_the_label_is_their_mean_sign():
+    from attn.experiments.attention_pooling import RareCueSets
+
+    task = RareCueSets(size=(20, 200), max_cues=4)
+    b = task.sample(512, torch.Generator().manual_seed(0))
+    cues = b["cue"].sum(1)
+    assert int(cues.min()) == 1 and int(cues.max()) == 4  # max_cues=4 here (the chapter uses the default, 6)
+    assert not (b["cue"] & ~b["mask"]).any()  # cues are real elements
+    assert torch.equal(b["x"][..., 0].bool(), b["cue"])  # the flag marks exactly the cues
+    share = (cues / b["mask"].sum(1)).float()
+    assert share.median() < 0.03 and share[b["mask"].sum(1) > 150].max() < 0.03  # rare: a few percent at most
+    mean_cue = (b["x"][..., 1] * b["cue"]).sum(1) / cues
+    assert torch.equal(b["y"], (mean_cue > 0).long())
+    assert 0.4 < b["y"].float().mean() < 0.6
+    # max pooling's blind spot exists: sets where the largest |value| among the cues has the other sign than the mean
+    v = b["x"][..., 1].masked_fill(~b["cue"], 0.0)
+    extreme = v.gather(1, v.abs().argmax(1, keepdim=True))[:, 0]
+    assert ((extreme > 0).long() != b["y"]).any()
+    with pytest.raises(ValueError, match="max_cues"):
+        RareCueSets(size=(2, 10), max_cues=3)
+
+
+def test_set_classifier_decoder_width_is_a_parameter():
+    from attn.experiments.attention_pooling import SetClassifier
+
+    wide = SetClassifier(6, 2, dim=16, pool="mean", decoder_hidden=64)
+    assert wide.decoder[0].out_features == 64
+    assert SetClassifier(6, 2, dim=16, pool="mean").decoder[0].out_features == 16
+    with pytest.raises(ValueError, match="decoder_hidden"):
+        SetClassifier(6, 2, decoder_hidden=0)
+
+
+def test_leave_one_out_error_matches_the_explicit_formula_and_its_gradient():
+    from attn.attention_pooling import gaussian_kernel_weights, leave_one_out_mse
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.rand(2, 12, 1, generator=g, dtype=torch.float64) * 5
+    v = torch.randn(2, 12, 1, generator=g, dtype=torch.float64)
+    h = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    ours = leave_one_out_mse(k, v, h)
+    w = gaussian_kernel_weights(k, k, h) * (1 - torch.eye(12, dtype=torch.float64))  # drop x_i itself
+    w = w / w.sum(-1, keepdim=True)
+    ref = ((w @ v - v) ** 2).mean((1, 2))
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    (g1,) = torch.autograd.grad(ours.sum(), h)
+    (g2,) = torch.autograd.grad(ref.sum(), h)
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="n >= 2"):
+        leave_one_out_mse(k[:, :1], v[:, :1], 0.4)
+
+
+def test_fit_bandwidth_loo_moves_from_an_oversmoothed_start_to_a_smaller_loo_error():
+    from attn.attention_pooling import fit_bandwidth_loo, leave_one_out_mse
+    from attn.experiments.attention_pooling import KernelRegressionTask
+
+    d = KernelRegressionTask(n_points=60, noise=0.5).sample(3, torch.Generator().manual_seed(0))
+    h = fit_bandwidth_loo(d["keys"], d["values"], init=2.0, steps=60, lr=0.1)
+    assert h.shape == (3,) and bool((h < 1.0).all())  # sin(2x) wiggles: a kernel of width 2 over-smooths
+    before = leave_one_out_mse(d["keys"], d["values"], 2.0)
+    after = torch.stack([leave_one_out_mse(d["keys"][i : i + 1], d["values"][i : i + 1], float(h[i]))[0] for i in range(3)])
+    assert bool((after < before).all())
+    with pytest.raises(ValueError, match="steps"):
+        fit_bandwidth_loo(d["keys"], d["values"], steps=0)

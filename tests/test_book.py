@@ -75,3 +75,30 @@ def test_pages_reference_no_third_party_scripts(built_book):
         srcs = re.findall(r"<script[^>]+src=\"([^\"]+)\"", html)
         external = [s for s in srcs if re.match(r"^(https?:)?//", s)]
         assert not external, f"{page.name} loads {external}"
+
+
+#: chapters whose experiments issue 16 put on the evidence ledger, with the mechanisms trained as arms there
+LEDGER_CHAPTERS = (7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)
+
+
+def test_the_evidence_ledger_holds_every_claimed_chapter_and_no_contradiction(built_book):
+    """``_build/reports/claims.json``: chapters 7 and 10-19 state claims over >= 3 seeds; none is contradicted."""
+    import json
+
+    from attn.evidence import MIN_SEEDS, Claim
+
+    claims = json.loads((ROOT / "_build" / "reports" / "claims.json").read_text())
+    assert claims, "no claim collected from the executed notebooks"
+    for c in claims:
+        assert set(c) >= {"chapter", "claim", "metric", "expected", "verdict", "arms"}
+        assert all(len(v) >= MIN_SEEDS for v in c["arms"].values()), c["claim"]
+        again = Claim.from_json(c)  # the ledger's verdict is the one the values give
+        assert (again.verdict, again.status) == (c["verdict"], c["status"]), c["claim"]
+        assert c["status"] != "contradicted", c
+    missing = set(LEDGER_CHAPTERS) - {c["chapter"] for c in claims}
+    assert not missing, f"chapters without a claim on the ledger: {sorted(missing)}"
+    page = (built_book / "book" / "evidence.html").read_text()
+    assert "The evidence" in page and f"{len(claims)} claims" in page
+    for chapter in LEDGER_CHAPTERS:
+        html = (built_book / "notebooks" / f"{next(n for n in NOTEBOOKS if n.startswith(f'{chapter:02d}_'))}.html")
+        assert "attn-claim" in html.read_text(), f"chapter {chapter} renders no claim"

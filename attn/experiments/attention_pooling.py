@@ -23,7 +23,7 @@ from ..core import AttentionOutput
 from ..registry import OwnTask
 from . import sized
 
-__all__ = ["SetClassifier", "ContentMeanSets", "set_loss", "make_set_task", "KernelRegressionTask",
+__all__ = ["SetClassifier", "ContentMeanSets", "RareCueSets", "set_accuracy", "set_loss", "make_set_task", "KernelRegressionTask",
            "make_regression_task", "OWN_TASKS"]
 
 Pool = Literal["pma", "clip", "mean", "max"]
@@ -35,18 +35,25 @@ class SetClassifier(nn.Module):
     Shapes: ``x (B, n, in_dim)``, ``key_mask (B, n)`` -> logits ``(B, num_classes)``.
 
     Args:
+        decoder_hidden: hidden width of ``rho`` (default ``dim``).
+        layer_norm: PMA's two layer norms (the paper's MAB); ``False`` drops them, the default of the
+            Set Transformer's official code (``ln=False``).
         pool: ``"pma"`` (:class:`PMA`, one seed), ``"clip"`` (:class:`AttentionPool`), ``"mean"`` or ``"max"``
             (over the real elements).
     """
 
-    def __init__(self, in_dim: int, num_classes: int, dim: int = 32, pool: Pool = "pma", num_heads: int = 4) -> None:
+    def __init__(self, in_dim: int, num_classes: int, dim: int = 32, pool: Pool = "pma", num_heads: int = 4,
+                 decoder_hidden: int | None = None, layer_norm: bool = True) -> None:
         super().__init__()
         if pool not in ("pma", "clip", "mean", "max"):
             raise ValueError(f"pool must be 'pma', 'clip', 'mean' or 'max', got {pool!r}")
+        if decoder_hidden is not None and decoder_hidden < 1:
+            raise ValueError(f"decoder_hidden must be a positive int or None (= dim), got {decoder_hidden}")
         self.in_dim, self.pool_kind = in_dim, pool
         self.encoder = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))  # phi
-        self.pool: nn.Module | None = PMA(dim, num_heads) if pool == "pma" else AttentionPool(dim, num_heads) if pool == "clip" else None
-        self.decoder = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, num_classes))  # rho
+        self.pool: nn.Module | None = PMA(dim, num_heads, layer_norm=layer_norm) if pool == "pma" else AttentionPool(dim, num_heads) if pool == "clip" else None
+        hidden = decoder_hidden or dim  # a wider decoder gives a parameter-free pool a fairer chance
+        self.decoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))  # rho
 
     def forward(self, x: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False) -> AttentionOutput:
         """``(logits (B, C), pooling weights or None)``."""
@@ -115,6 +122,67 @@ class ContentMeanSets:
         mean_all = values.sum(1) / n
         x = torch.cat([values[..., None], F.one_hot(types, self.n_types).float()], -1) * mask[..., None]
         return {"x": x, "mask": mask, "y": (mean_a > mean_all).long()}
+
+
+@dataclass(frozen=True)
+class RareCueSets:
+    """Large sets in which a few rare, marked elements decide the label: the sign of their mean value.
+
+    Each set has ``n`` elements, ``n`` uniform in ``size``; ``k`` of them,
+    ``k`` uniform in ``1..max_cues``, are **cues** (a flag feature set to 1),
+    at random places, so the cue share ``k / n`` is a few percent, about 1 %
+    in the larger sets. Every element is ``[flag, value, noise...]`` with ``value ~ N(0, 1)``;
+    the label is ``mean(value of the cues) > 0``.
+
+    What each pool can do: attention can put its weight on the flagged
+    elements and read their **mean** value exactly, whatever ``n`` and ``k``.
+    A mean pool must carry the cues' sum through ``k / n`` of the pooled
+    vector, next to the rest of the set's contribution: the signal shrinks as
+    the set grows. A max pool sees the largest positive and negative cue
+    value, which decides the sign of the mean for ``k <= 2`` but less and less
+    often as ``k`` grows (two small positive values against one larger
+    negative one).
+
+    ``sample`` returns ``x (B, n_max, 2 + noise_dim)``, ``mask (B, n_max)``
+    (real elements first), ``cue (B, n_max)`` and ``y (B,)``.
+    """
+
+    size: tuple[int, int] = (20, 200)
+    max_cues: int = 6
+    noise_dim: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_cues <= self.size[0] <= self.size[1] or self.noise_dim < 0:
+            raise ValueError(f"need 1 <= max_cues <= size[0] <= size[1] and noise_dim >= 0, got size={self.size}, "
+                             f"max_cues={self.max_cues}, noise_dim={self.noise_dim}")
+
+    @property
+    def in_dim(self) -> int:
+        return 2 + self.noise_dim
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        g = generator
+        lo, hi = self.size
+        n = torch.randint(lo, hi + 1, (batch_size,), generator=g)
+        mask = torch.arange(hi) < n[:, None]
+        k = torch.randint(1, self.max_cues + 1, (batch_size,), generator=g)
+        # the cues are the k real elements with the smallest random keys: k distinct places among the n real ones
+        order = torch.rand(batch_size, hi, generator=g).masked_fill(~mask, 2.0).argsort(1).argsort(1)
+        cue = order < k[:, None]
+        value = torch.randn(batch_size, hi, generator=g)
+        noise = torch.randn(batch_size, hi, self.noise_dim, generator=g)
+        x = torch.cat([cue.float()[..., None], value[..., None], noise], -1) * mask[..., None]
+        mean_cue = (value * cue).sum(1) / k
+        return {"x": x, "mask": mask, "cue": cue, "y": (mean_cue > 0).long()}
+
+
+def set_accuracy(model: SetClassifier, batch: dict[str, Tensor]) -> float:
+    """Accuracy of ``model`` on a batch of sets (evaluation mode, no gradients)."""
+    dev = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["x"].to(dev), key_mask=batch["mask"].to(dev)).output
+    return float((logits.argmax(-1).cpu() == batch["y"]).float().mean())
 
 
 def set_loss(model: SetClassifier, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
