@@ -9,7 +9,8 @@ alternative), a **metric**, one value per seed per arm (at least 3), and the
   ``rule="paired"`` (both arms trained on the same seeds and batches), when a
   two-sided paired *t*-test over the seeds gives :math:`p < 0.05`;
   with ``rule="ratio"`` (interleaved timing repeats) when every paired ratio
-  :math:`a_i / b_i` lies on the same side of 1;
+  :math:`a_i / b_i` lies on the same side of 1, beyond ``tolerance`` (5 % for
+  :meth:`Ledger.timing`: a consistent 1 % is within a timer's repeatability);
 * otherwise ``no separation at this budget``.
 
 A run that never reached a target (steps-to-target) is **censored**: its value
@@ -18,8 +19,10 @@ that was reached. It is counted, never dropped (dropping it would favour the arm
 that failed). A claim's **status** compares the verdict with the declared
 direction: ``supported``, ``not shown`` (no separation where one was expected)
 or ``contradicted`` (the opposite separation, or a separation where the chapter
-declared none, ``expect="A ~ B"``). The book's build fails on a contradicted
-claim, so that no claim goes stale when the code or a budget changes.
+declared none, ``expect="A ~ B"``); ``expect="A ? B"`` declares no direction
+(a measurement whose answer depends on the machine, e.g. which of two fused
+kernels is faster), status ``measured``. The book's build fails on a
+contradicted claim, so that no claim goes stale when the code or a budget changes.
 
 In a notebook::
 
@@ -64,9 +67,9 @@ MIN_SEEDS = 3
 ALPHA = 0.05
 
 Rule = Literal["disjoint", "paired", "ratio"]
-Relation = Literal[">", "<", "~"]
+Relation = Literal[">", "<", "~", "?"]
 NO_SEPARATION = "no separation at this budget"
-STATUSES = ("supported", "not shown", "contradicted")
+STATUSES = ("supported", "not shown", "contradicted", "measured")
 
 Value = float | None
 
@@ -87,7 +90,7 @@ def _sort_key(x: Value) -> float:
 
 
 def _parse_expect(expect: str, arms: Sequence[str]) -> tuple[str, Relation, str]:
-    for rel in (" > ", " < ", " ~ "):
+    for rel in (" > ", " < ", " ~ ", " ? "):
         if rel in expect:
             a, b = (s.strip() for s in expect.split(rel, 1))
             if a not in arms or b not in arms:
@@ -95,7 +98,8 @@ def _parse_expect(expect: str, arms: Sequence[str]) -> tuple[str, Relation, str]
             if a == b:
                 raise ValueError(f"expect={expect!r} compares an arm with itself")
             return a, rel.strip(), b  # type: ignore[return-value]
-    raise ValueError(f"expect={expect!r} must read 'A > B', 'A < B' or 'A ~ B' (no separation), with spaces")
+    raise ValueError(f"expect={expect!r} must read 'A > B', 'A < B', 'A ~ B' (no separation) or 'A ? B' "
+                     "(no direction declared), with spaces")
 
 
 @dataclass
@@ -108,7 +112,9 @@ class Claim:
     table. ``expect`` reads ``"A > B"``, ``"A < B"`` or ``"A ~ B"`` (the chapter
     declares that the two do not separate). ``rule`` picks the test (module
     docstring). ``seeds`` labels the columns (default ``0 .. n-1``);
-    ``note`` says what the budget was or what the claim leaves out.
+    ``note`` says what the budget was or what the claim leaves out;
+    ``tolerance`` (``rule="ratio"`` only): ratios within ``1 ± tolerance``
+    count as no difference.
     """
 
     chapter: int
@@ -120,6 +126,7 @@ class Claim:
     censor_at: float | None = None
     seeds: list[Any] | None = None
     note: str = ""
+    tolerance: float = 0.0
     a: str = field(init=False)
     relation: Relation = field(init=False)
     b: str = field(init=False)
@@ -149,6 +156,8 @@ class Claim:
         if self.rule in ("paired", "ratio") and len(arms[self.a]) != len(arms[self.b]):
             raise ValueError(f"rule={self.rule!r} pairs the values of {self.a!r} and {self.b!r}: they need as many "
                              f"(got {len(arms[self.a])} and {len(arms[self.b])})")
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
         if self.rule == "ratio" and any(v is None or v <= 0 for v in arms[self.a] + arms[self.b]):
             raise ValueError("rule='ratio' needs positive, uncensored values (timings)")
         if self.seeds is not None and len(self.seeds) != max(len(v) for v in arms.values()):
@@ -203,7 +212,7 @@ class Claim:
         """``">"``, ``"<"`` (``a`` against ``b``) or ``"~"`` (no separation), by the claim's rule."""
         if self.rule == "ratio":
             r = self.ratios()
-            return ">" if min(r) > 1 else "<" if max(r) < 1 else "~"
+            return ">" if min(r) > 1 + self.tolerance else "<" if max(r) < 1 - self.tolerance else "~"
         (alo, ahi), (blo, bhi) = self.range(self.a), self.range(self.b)
         if _sort_key(alo) > _sort_key(bhi):
             return ">"
@@ -225,6 +234,8 @@ class Claim:
     def status(self) -> str:
         """``supported``, ``not shown`` or ``contradicted`` (the verdict against the declared direction)."""
         rel = self.separation()
+        if self.relation == "?":
+            return "measured"
         if rel == self.relation:
             return "supported"
         if self.relation == "~" or rel != "~":
@@ -234,8 +245,9 @@ class Claim:
     def _evidence(self) -> str:
         if self.rule == "ratio":
             r = sorted(self.ratios())
-            return (f"ratio {self.a} / {self.b}: min {r[0]:.2f}, median {statistics.median(r):.2f}, max {r[-1]:.2f} "
-                    f"over {len(r)} interleaved repeats")
+            tol = f", differences within {self.tolerance:.0%} count as none" if self.tolerance else ""
+            return (f"ratio {self.a} / {self.b}: min {r[0]:.3g}, median {statistics.median(r):.3g}, max {r[-1]:.3g} "
+                    f"over {len(r)} interleaved repeats{tol}")
         (alo, ahi), (blo, bhi) = self.range(self.a), self.range(self.b)
         c = self.censor_at
         text = (f"{self.a} [{format_value(alo, c)}, {format_value(ahi, c)}] vs "
@@ -248,6 +260,8 @@ class Claim:
 
     def sentence(self) -> str:
         """The one-line verdict: what was expected, what the run shows, and whether it supports it."""
+        if self.relation == "?":
+            return f"No direction declared; measured: {self.verdict} ({self._evidence()})."
         expected = (f"{self.a} {self.relation} {self.b}" if self.relation != "~"
                     else f"no separation of {self.a} and {self.b}")
         return f"Expected {expected}; measured: {self.verdict} ({self._evidence()}): {self.status}."
@@ -320,6 +334,7 @@ class Claim:
             "censor_at": self.censor_at,
             "seeds": self.seeds,
             "note": self.note,
+            "tolerance": self.tolerance,
             "arms": {k: list(v) for k, v in self.arms.items()},
         }
 
@@ -329,7 +344,7 @@ class Claim:
         return cls(
             chapter=int(d["chapter"]), claim=d["claim"], metric=d["metric"], arms=dict(d["arms"]),
             expect=d["expected"], rule=d.get("rule", "disjoint"), censor_at=d.get("censor_at"),
-            seeds=d.get("seeds"), note=d.get("note", ""),
+            seeds=d.get("seeds"), note=d.get("note", ""), tolerance=d.get("tolerance", 0.0),
         )
 
 
@@ -358,20 +373,24 @@ class Ledger:
 
     def claim(self, claim: str, *, metric: str, arms: Mapping[str, Sequence[Value]], expect: str,
               rule: Rule = "disjoint", censor_at: float | None = None, seeds: Sequence[Any] | None = None,
-              note: str = "") -> Claim:
+              note: str = "", tolerance: float = 0.0) -> Claim:
         """State a claim: its sentence, metric, per-seed values per arm and expected direction; show its verdict."""
         c = Claim(self.chapter, claim, metric, {k: list(v) for k, v in arms.items()}, expect, rule=rule,
-                  censor_at=censor_at, seeds=None if seeds is None else list(seeds), note=note)
+                  censor_at=censor_at, seeds=None if seeds is None else list(seeds), note=note, tolerance=tolerance)
         self.claims.append(c)
         if self.display:
             show(c)
         return c
 
     def timing(self, claim: str, fns: Mapping[str, Callable[[], object]], *, expect: str, repeats: int = 5,
-               min_run_time: float = 0.2, note: str = "") -> Claim:
-        """A timing claim from interleaved repeats (:func:`interleaved_times`); verdict on the paired ratios."""
+               min_run_time: float = 0.2, note: str = "", tolerance: float = 0.05) -> Claim:
+        """A timing claim from interleaved repeats (:func:`interleaved_times`); verdict on the paired ratios.
+
+        Ratios within ``1 ± tolerance`` count as no difference measured.
+        """
         times = interleaved_times(fns, repeats=repeats, min_run_time=min_run_time)
-        return self.claim(claim, metric="median time per call (ms)", arms=times, expect=expect, rule="ratio", note=note)
+        return self.claim(claim, metric="median time per call (ms)", arms=times, expect=expect, rule="ratio", note=note,
+                          tolerance=tolerance)
 
     def table(self) -> Any:
         """All claims of the chapter as a DataFrame (claim, expected, verdict, status)."""

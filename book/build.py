@@ -621,7 +621,7 @@ def evidence_page(claims: list[dict]) -> str:
     from attn.evidence import Claim, describe
 
     reg = _registry()
-    counts = {s: sum(c["status"] == s for c in claims) for s in ("supported", "not shown", "contradicted")}
+    counts = {s: sum(c["status"] == s for c in claims) for s in ("supported", "not shown", "contradicted", "measured")}
     lines = [
         "(the-evidence)=",
         "# The evidence",
@@ -630,12 +630,13 @@ def evidence_page(claims: list[dict]) -> str:
         "by the build (`_build/reports/claims.json`). Each names its arms, its metric and one value per seed "
         "per arm; the verdict is computed: one arm beats the other only when their ranges over seeds are "
         "disjoint, or a paired test over the same seeds says so at 5 %, or (timings) every interleaved ratio "
-        "lies on the same side of 1. A run that never reached its target is counted as censored, never dropped. "
+        "lies on the same side of 1, by more than the claim's tolerance. A run that never reached its target is counted as censored, never dropped. "
         "The build fails when a verdict contradicts the direction its chapter declared.",
         "",
         f"This build: **{len(claims)} claims** in {len({c['chapter'] for c in claims})} chapters; "
         f"{counts['supported']} supported, {counts['not shown']} not shown (no separation at the chapter's "
-        f"budget), {counts['contradicted']} contradicted.",
+        f"budget), {counts['contradicted']} contradicted, {counts['measured']} measured without a declared "
+        "direction (where the answer depends on the machine).",
         "",
     ]
     for chapter in sorted({c["chapter"] for c in claims}):

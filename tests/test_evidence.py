@@ -40,6 +40,12 @@ def test_overlapping_ranges_do_not_separate_and_a_declared_null_is_supported():
     assert claim({"A": [1, 1, 1], "B": [0, 0, 0]}, "A ~ B").status == "contradicted"
 
 
+def test_a_claim_without_a_declared_direction_is_measured_and_never_contradicted():
+    c = claim({"A": [0.9, 0.92, 0.95], "B": [0.5, 0.6, 0.7]}, "A ? B")
+    assert c.verdict == "A > B" and c.status == "measured" and "No direction declared" in c.sentence()
+    assert claim({"A": [0.9, 0.7, 0.95], "B": [0.8, 0.85, 0.75]}, "B ? A").status == "measured"
+
+
 def test_paired_test_separates_overlapping_ranges_when_every_seed_agrees():
     # ranges overlap, but A beats B by ~0.05 on every seed: the paired t-test decides
     arms = {"A": [0.60, 0.80, 0.71, 0.90], "B": [0.55, 0.74, 0.67, 0.85]}
@@ -72,6 +78,12 @@ def test_timing_claims_compare_interleaved_ratios():
     assert c.verdict == "no separation at this budget" and "ratio a / b" in c.sentence()
     with pytest.raises(ValueError, match="positive"):
         claim({"a": [1.0, 0.0, 1.0], "b": [1.0, 1.0, 1.0]}, "a < b", rule="ratio")
+    # a consistent 2 % is no difference within a 5 % tolerance, and a difference without one
+    steady = {"a": [1.02, 1.03, 1.02], "b": [1.0, 1.0, 1.0]}
+    assert claim(steady, "a ~ b", rule="ratio", tolerance=0.05).status == "supported"
+    assert claim(steady, "a ~ b", rule="ratio").status == "contradicted"
+    with pytest.raises(ValueError, match="tolerance"):
+        claim(steady, "a ~ b", rule="ratio", tolerance=1.5)
 
 
 def test_interleaved_times_measures_each_callable_per_repeat():
