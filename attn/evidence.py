@@ -269,7 +269,7 @@ class Claim:
     # ------------------------------------------------------------------ rendering
     def describe(self, arm: str) -> str:
         """``"0.912 (0.884–0.940, 3 seeds)"``: the arm's mean (or median with censoring) and range, for prose."""
-        return describe(self.arms[arm], censor_at=self.censor_at)
+        return describe(self.arms[arm], censor_at=self.censor_at, unit="repeats" if self.rule == "ratio" else "seeds")
 
     def rows(self) -> list[dict[str, str]]:
         n = max(len(v) for v in self.arms.values())
@@ -348,8 +348,11 @@ class Claim:
         )
 
 
-def describe(values: Sequence[Value], censor_at: float | None = None, digits: int = 3) -> str:
-    """Mean (median when censored) and range of per-seed values, for a sentence: ``"0.912 (0.884–0.940, 3 seeds)"``."""
+def describe(values: Sequence[Value], censor_at: float | None = None, digits: int = 3, unit: str = "seeds") -> str:
+    """Mean (median when censored) and range of per-seed values, for a sentence: ``"0.912 (0.884–0.940, 3 seeds)"``.
+
+    ``unit`` names what the values are one per (``"seeds"``, ``"repeats"`` for timings, ``"datasets"``).
+    """
     vals = list(values)
     if not vals:
         raise ValueError("describe needs at least one value")
@@ -360,7 +363,7 @@ def describe(values: Sequence[Value], censor_at: float | None = None, digits: in
     centre = c.mean("x")
     head = format_value(centre, censor_at, digits) if centre is not None else f"median {format_value(c.median('x'), censor_at, digits)}"
     extra = f", {c.censored('x')} not reached by {censor_at:g}" if c.censored("x") and censor_at is not None else ""
-    return f"{head} ({format_value(lo, censor_at, digits)}–{format_value(hi, censor_at, digits)}, {len(vals)} seeds{extra})"
+    return f"{head} ({format_value(lo, censor_at, digits)}–{format_value(hi, censor_at, digits)}, {len(vals)} {unit}{extra})"
 
 
 class Ledger:

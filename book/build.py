@@ -618,7 +618,7 @@ def _cell(text: str) -> str:
 def evidence_page(claims: list[dict]) -> str:
     """The appendix "The evidence": every claim of the book, its arms over seeds, and its verdict."""
     sys.path.insert(0, str(ROOT))
-    from attn.evidence import Claim, describe
+    from attn.evidence import Claim
 
     reg = _registry()
     counts = {s: sum(c["status"] == s for c in claims) for s in ("supported", "not shown", "contradicted", "measured")}
@@ -633,7 +633,7 @@ def evidence_page(claims: list[dict]) -> str:
         "lies on the same side of 1, by more than the claim's tolerance. A run that never reached its target is counted as censored, never dropped. "
         "The build fails when a verdict contradicts the direction its chapter declared.",
         "",
-        f"This build: **{len(claims)} claims** in {len({c['chapter'] for c in claims})} chapters; "
+        f"This build: **{len(claims)} claims** in {len({c['chapter'] for c in claims})} chapter(s); "
         f"{counts['supported']} supported, {counts['not shown']} not shown (no separation at the chapter's "
         f"budget), {counts['contradicted']} contradicted, {counts['measured']} measured without a declared "
         "direction (where the answer depends on the machine).",
@@ -648,8 +648,7 @@ def evidence_page(claims: list[dict]) -> str:
                   "|---|---|---|---|---|---|"]
         for c in mine:
             claim = Claim.from_json(c)
-            arms = "<br>".join(f"{_cell(name)}: {describe(vals, censor_at=claim.censor_at)}"
-                               for name, vals in claim.arms.items())
+            arms = "<br>".join(f"{_cell(name)}: {claim.describe(name)}" for name in claim.arms)
             lines.append(f"| {_cell(c['claim'])} | {_cell(c['metric'])} | {arms} | {_cell(c['expected'])} | "
                          f"{_cell(c['verdict'])} | {c['status']} |")
         lines.append("")
