@@ -3,7 +3,10 @@
 The layers are in :mod:`attn.co_attention`; here, what the chapter does with
 them: :class:`MatchingPairs` (a passage and a question that share one key),
 :class:`CoAttentionPointer` (both sequences embedded, then pointers into both
-from a co-attention layer), :func:`pointer_loss`, and the comparison's own
+from a co-attention layer: parallel, alternating, one-way, DCN, BiDAF, or the
+baseline :class:`TwoWayCrossAttention`), :func:`pointer_loss`, the chapter's
+multi-seed runner :func:`train_pointers` with :func:`steps_to_target` and
+:func:`first_step_entropy`, and the comparison's own
 tasks for ``parallel_coattention``, ``alternating_coattention`` and
 ``dcn_coattention`` (:data:`OWN_TASKS`).
 """
