@@ -541,11 +541,13 @@ def test_first_step_entropy_and_steps_to_target():
 
 
 def test_train_pointers_one_value_per_seed_per_arm_and_bidaf_learns():
-    data = MatchingPairs()
+    data = MatchingPairs(n_keys=16)
     held = data.sample(256, torch.Generator().manual_seed(9))
-    runs = train_pointers(["bidaf", "cross", "one-way"], [0, 1], data=data, held_out=held, steps=120)
+    runs = train_pointers(["bidaf", "cross", "one-way"], [0, 1], data=data, held_out=held, steps=20)
     assert set(runs) == {(s, k) for s in (0, 1) for k in ("bidaf", "cross", "one-way")}
     for r in runs.values():
-        assert set(r.metrics) >= {"acc", "passage_acc", "question_acc"} and len(r.history.step) == 12
-    assert min(runs[s, "bidaf"].metrics["acc"] for s in (0, 1)) > 0.6  # the trilinear term finds the match fast
-    assert max(runs[s, "one-way"].metrics["question_acc"] for s in (0, 1)) < 0.35  # floor: chance is about 0.24
+        assert set(r.metrics) >= {"acc", "passage_acc", "question_acc"} and len(r.history.step) == 2
+    runs = train_pointers(["bidaf", "one-way"], [0], data=data, held_out=held, steps=120, target=0.5)
+    assert runs[0, "bidaf"].metrics["acc"] > 0.6  # the trilinear term finds the match fast
+    assert runs[0, "bidaf"].steps_to_target is not None and runs[0, "one-way"].steps_to_target is None
+    assert runs[0, "one-way"].metrics["question_acc"] < 0.35  # floor: chance is about 0.24
