@@ -31,7 +31,9 @@ with :math:`W_b \in \mathbb{R}^{d_q \times d_v}`, :math:`W_v \in \mathbb{R}^{k \
 **DCN co-attention encoder** (Xiong et al. 2017, "Dynamic Coattention Networks
 for Question Answering", ICLR, section 2.2): document ``D (ℓ x (m+1))`` and
 question :math:`Q = \tanh(W^{(Q)} Q' + b^{(Q)})` ``(ℓ x (n+1))``, each with a
-learned sentinel column appended;
+learned sentinel column appended (as in the paper, the question's sentinel
+:math:`q_\varnothing` is appended to :math:`Q'` *before* the projection, the
+document's :math:`d_\varnothing` to ``D``);
 
 .. math::
 
@@ -40,7 +42,25 @@ learned sentinel column appended;
     C^Q = D A^Q,\quad C^D = [Q; C^Q] A^D,\quad U = \operatorname{BiLSTM}([D; C^D]).
 
 Shapes here are batch-first: ``L (B, m+1, n+1)``; ``C^D (B, m+1, 2ℓ)``.
-Costs: all three are ``O(T N d)``, dominated by the ``T x N`` affinity.
+
+**BiDAF's attention flow layer** (Seo et al. 2017, "Bidirectional Attention
+Flow for Machine Comprehension", ICLR, section 2.4). The paper's context
+``H (2d x T)`` and query ``U (2d x J)`` are our passage ``V`` (``N`` positions)
+and question ``Q`` (``T`` positions), of one width ``d``. A trilinear
+similarity :math:`S_{nt} = w_S^\top [v_n; q_t; v_n \circ q_t]`
+(:math:`w_S \in \mathbb{R}^{3d}`), then
+
+.. math::
+
+    a_n = \operatorname{softmax}_t(S_{n:}),\quad \tilde q_n = \textstyle\sum_t a_{nt} q_t
+    \quad\text{(context-to-query)},\qquad
+    b = \operatorname{softmax}_n(\max_t S_{nt}),\quad \tilde v = \textstyle\sum_n b_n v_n
+    \quad\text{(query-to-context)},
+
+    G_n = [v_n;\ \tilde q_n;\ v_n \circ \tilde q_n;\ v_n \circ \tilde v] \in \mathbb{R}^{4d}.
+
+Costs: all four are ``O(T N d)``, dominated by the ``T x N`` affinity
+(alternating co-attention, ``O((T + N) d k)``, forms none).
 """
 
 from __future__ import annotations
@@ -56,7 +76,15 @@ from .core import masked_softmax
 from .masks import check_key_mask
 from .registry import register
 
-__all__ = ["CoAttentionOutput", "DCNOutput", "ParallelCoAttention", "AlternatingCoAttention", "DCNCoAttention"]
+__all__ = [
+    "CoAttentionOutput",
+    "DCNOutput",
+    "BiDAFOutput",
+    "ParallelCoAttention",
+    "AlternatingCoAttention",
+    "DCNCoAttention",
+    "BiDAFAttention",
+]
 
 
 class CoAttentionOutput(NamedTuple):
@@ -88,7 +116,25 @@ class DCNOutput(NamedTuple):
     encoding: Tensor | None
 
 
-def _check_pair(layer: ParallelCoAttention | AlternatingCoAttention | DCNCoAttention, question: object, passage: object,
+class BiDAFOutput(NamedTuple):
+    """BiDAF's attention flow, batch-first (passage = the paper's context, question = its query).
+
+    ``similarity`` S ``(B, N, T)``; ``question_weights`` a ``(B, N, T)``
+    (context-to-query: each passage position over the question);
+    ``passage_weights`` b ``(B, N)`` (query-to-context); ``attended_question``
+    q~ ``(B, N, d)``; ``attended_passage`` v~ ``(B, d)``; ``merged`` G
+    ``(B, N, 4d)`` (zero at padded passage positions).
+    """
+
+    similarity: Tensor
+    question_weights: Tensor
+    passage_weights: Tensor
+    attended_question: Tensor
+    attended_passage: Tensor
+    merged: Tensor
+
+
+def _check_pair(layer: ParallelCoAttention | AlternatingCoAttention | DCNCoAttention | BiDAFAttention, question: object, passage: object,
                 question_mask: Tensor | None, passage_mask: Tensor | None,
                 ) -> tuple[Tensor, Tensor]:
     """Both inputs are real floating-point ``(batch, len >= 1, width)`` tensors of the layer's widths, one dtype (the
@@ -274,7 +320,7 @@ class DCNCoAttention(nn.Module):
         self.question_dim, self.passage_dim = question_dim, passage_dim
         self.q_proj = nn.Linear(question_dim, passage_dim)  # W^(Q), b^(Q)
         self.doc_sentinel = nn.Parameter(torch.randn(passage_dim) * 0.1)  # d_∅
-        self.q_sentinel = nn.Parameter(torch.randn(passage_dim) * 0.1)  # q_∅
+        self.q_sentinel = nn.Parameter(torch.randn(question_dim) * 0.1)  # q_∅, in the question's input space (before W^(Q))
         self.lstm = nn.LSTM(3 * passage_dim, passage_dim, batch_first=True, bidirectional=True) if fusion else None
 
     def forward(
@@ -291,8 +337,8 @@ class DCNCoAttention(nn.Module):
         dm = passage_mask if passage_mask is not None else document.new_ones(b, m, dtype=torch.bool)
         ones = qm.new_ones(b, 1)
         qm_s, dm_s = torch.cat([qm, ones], 1), torch.cat([dm, ones], 1)  # sentinels are real: (B, n+1), (B, m+1)
-        q = torch.tanh(self.q_proj(question))  # Q = tanh(W^(Q) Q' + b^(Q)): (B, n, ℓ)
-        q = torch.cat([q, self.q_sentinel.expand(b, 1, ell)], 1)  # (B, n+1, ℓ)
+        q_in = torch.cat([question, self.q_sentinel.expand(b, 1, self.question_dim)], 1)  # Q' = [Q'; q_∅]: (B, n+1, d_q)
+        q = torch.tanh(self.q_proj(q_in))  # Q = tanh(W^(Q) Q' + b^(Q)), sentinel included: (B, n+1, ℓ)
         d = torch.cat([document, self.doc_sentinel.expand(b, 1, ell)], 1)  # (B, m+1, ℓ)
         aff = d @ q.transpose(1, 2)  # L = D^T Q: (B, m+1, n+1)
         both = dm_s[:, :, None] & qm_s[:, None, :]
@@ -324,3 +370,49 @@ class DCNCoAttention(nn.Module):
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=m)  # zeros after each length
         back = order.argsort(1)  # where each original position went in the compact order
         return out.gather(1, back[..., None].expand(-1, -1, out.shape[-1]))  # padded positions read a zero row
+
+
+class BiDAFAttention(nn.Module):
+    r"""BiDAF's attention flow layer (Seo et al. 2017, section 2.4): trilinear similarity, attention both ways.
+
+    Args:
+        dim: ``d``, the width of both inputs (the paper's ``2d``: its inputs
+            are BiLSTM states of one width, which the product
+            :math:`v_n \circ q_t` needs).
+
+    ``forward(question (B, T, d), passage (B, N, d), *, question_mask=None, passage_mask=None)`` ->
+    :class:`BiDAFOutput`. The similarity
+    :math:`S_{nt} = w_S^\top [v_n; q_t; v_n \circ q_t]` is computed as
+    :math:`w_v^\top v_n + w_q^\top q_t + (v_n \circ w_{vq})^\top q_t`
+    (the three thirds of :math:`w_S`), never forming the ``(B, N, T, 3d)``
+    concatenation. Padded question positions get no context-to-query weight
+    and take no part in the max of query-to-context; padded passage positions
+    get no query-to-context weight and a zero row of ``G``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        check_int("dim", dim)
+        self.question_dim = self.passage_dim = self.dim = dim
+        self.w_s = nn.Linear(3 * dim, 1, bias=False)  # w_S = [w_v; w_q; w_vq]
+
+    def forward(
+        self, question: Tensor, passage: Tensor, *, question_mask: Tensor | None = None, passage_mask: Tensor | None = None
+    ) -> BiDAFOutput:
+        question, passage = _check_pair(self, question, passage, question_mask, passage_mask)
+        b, t, n, d = question.shape[0], question.shape[1], passage.shape[1], self.dim
+        if b == 0:
+            z = passage.new_zeros
+            return BiDAFOutput(z(0, n, t), z(0, n, t), z(0, n), z(0, n, d), z(0, d), z(0, n, 4 * d))
+        qm = question_mask if question_mask is not None else question.new_ones(b, t, dtype=torch.bool)
+        vm = passage_mask if passage_mask is not None else passage.new_ones(b, n, dtype=torch.bool)
+        w_v, w_q, w_vq = self.w_s.weight[0].split(d)  # (d,) each
+        s = (passage @ w_v)[:, :, None] + (question @ w_q)[:, None, :] + (passage * w_vq) @ question.transpose(1, 2)  # S: (B, N, T)
+        a = masked_softmax(s, qm[:, None, :].expand(b, n, t))  # context-to-query, over the question: (B, N, T)
+        q_tilde = a @ question  # q~_n = sum_t a_nt q_t: (B, N, d)
+        s_max = s.masked_fill(~qm[:, None, :], float("-inf")).amax(-1)  # max over real question positions: (B, N)
+        b_w = masked_softmax(s_max.masked_fill(~vm, 0.0), vm)  # query-to-context, over the passage: (B, N)
+        v_tilde = (b_w[:, :, None] * passage).sum(1)  # v~ = sum_n b_n v_n: (B, d)
+        g = torch.cat([passage, q_tilde, passage * q_tilde, passage * v_tilde[:, None, :]], -1)  # G: (B, N, 4d)
+        g = g * vm[..., None]  # padded passage rows are zero
+        return BiDAFOutput(s, a, b_w, q_tilde, v_tilde, g)

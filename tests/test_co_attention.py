@@ -8,11 +8,20 @@ import pytest
 import torch
 
 from attn import registry
-from attn.co_attention import AlternatingCoAttention, DCNCoAttention, ParallelCoAttention
+from attn.co_attention import AlternatingCoAttention, BiDAFAttention, DCNCoAttention, ParallelCoAttention
 from attn.experiments import own_tasks
-from attn.experiments.co_attention import CoAttentionPointer, MatchingPairs, make_co_attention_task, pointer_loss
+from attn.experiments.co_attention import (
+    CoAttentionPointer,
+    MatchingPairs,
+    TwoWayCrossAttention,
+    first_step_entropy,
+    make_co_attention_task,
+    pointer_loss,
+    steps_to_target,
+    train_pointers,
+)
 from attn.masks import padding_mask
-from attn.train import train
+from attn.train import History, train
 
 DQ, DV = 5, 7  # different widths
 
@@ -64,9 +73,8 @@ def dcn_reference(mod: DCNCoAttention, question, document, n_len, m_len):
     """Xiong et al. eqs. (1)-(4): L = D^T Q, A^Q column softmax, A^D = softmax(L^T), C^Q = D A^Q, C^D = [Q; C^Q] A^D."""
     outs = []
     for i in range(question.shape[0]):
-        Qp = question[i, : n_len[i]].T  # (d_q, n)
-        Q = torch.tanh(mod.q_proj.weight @ Qp + mod.q_proj.bias[:, None])
-        Q = torch.cat([Q, mod.q_sentinel[:, None]], 1)  # (ℓ, n+1)
+        Qp = torch.cat([question[i, : n_len[i]].T, mod.q_sentinel[:, None]], 1)  # Q' with q_∅ appended: (d_q, n+1)
+        Q = torch.tanh(mod.q_proj.weight @ Qp + mod.q_proj.bias[:, None])  # the sentinel goes through W^(Q) too: (ℓ, n+1)
         D = torch.cat([document[i, : m_len[i]].T, mod.doc_sentinel[:, None]], 1)  # (ℓ, m+1)
         L = D.T @ Q  # (m+1, n+1)
         AQ = torch.stack([softmax_cols(L[:, j]) for j in range(L.shape[1])], 1)  # softmax over the document, per column
@@ -429,3 +437,117 @@ def test_co_attention_learns_both_pointers_one_way_cannot():
     assert res["one-way"]["question_acc"] < 0.35  # chance is about 0.24
     with pytest.raises(ValueError, match="kind must be one of"):
         CoAttentionPointer("two-way", 8)
+
+
+def bidaf_reference(mod: BiDAFAttention, question, passage, t_len, n_len):
+    """Seo et al. 2017, section 2.4, one example at a time, real positions only, the concatenation formed explicitly:
+    S_nt = w^T [h_n; u_t; h_n o u_t], a_n = softmax_t S_n:, b = softmax_n max_t S_nt, G = [h; u~; h o u~; h o h~]."""
+    outs = []
+    w = mod.w_s.weight[0]
+    for i in range(question.shape[0]):
+        U, H = question[i, : t_len[i]], passage[i, : n_len[i]]  # (T, d), (N, d)
+        S = torch.stack([torch.stack([w @ torch.cat([h, u, h * u]) for u in U]) for h in H])  # (N, T)
+        A = torch.stack([softmax_cols(S[n]) for n in range(S.shape[0])])  # (N, T)
+        Ut = A @ U  # (N, d)
+        b = softmax_cols(S.max(1).values)  # (N,)
+        ht = b @ H  # (d,)
+        G = torch.cat([H, Ut, H * Ut, H * ht], 1)
+        outs.append((S, A, b, Ut, ht, G))
+    return outs
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bidaf_matches_seo_equations(masked):
+    torch.manual_seed(0)
+    mod = BiDAFAttention(DV).double()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 6, DV, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 9, DV, generator=g, dtype=torch.float64, requires_grad=True)
+    t_len, n_len = LENS if masked else ([6] * 3, [9] * 3)
+    qm, vm = (padding_mask(t_len, 6), padding_mask(n_len, 9)) if masked else (None, None)
+    if masked:  # padding content must not matter
+        with torch.no_grad():
+            q[~qm] = 40.0
+            v[~vm] = -40.0
+    out = mod(q, v, question_mask=qm, passage_mask=vm)
+    assert out.similarity.shape == (3, 9, 6) and out.merged.shape == (3, 9, 4 * DV)
+    mine, theirs = [], []
+    for i, ref in enumerate(bidaf_reference(mod, q, v, t_len, n_len)):
+        t, n = t_len[i], n_len[i]
+        mine += [out.similarity[i, :n, :t], out.question_weights[i, :n, :t], out.passage_weights[i, :n],
+                 out.attended_question[i, :n], out.attended_passage[i], out.merged[i, :n]]
+        theirs += list(ref)
+        assert (out.question_weights[i, :, t:] == 0).all() and (out.passage_weights[i, n:] == 0).all()
+        assert (out.merged[i, n:] == 0).all()
+    for a, b in zip(mine, theirs, strict=True):
+        assert (a - b).abs().max() <= 1e-12
+    for a, b in zip(*_grads(mine, theirs, [q, v, *mod.parameters()]), strict=True):
+        if a is not None or b is not None:
+            assert (a - b).abs().max() <= 1e-10
+
+
+def test_bidaf_bad_input_and_empty_batch():
+    mod = BiDAFAttention(DV)
+    with pytest.raises(ValueError, match=r"width 5 != 7"):
+        mod(torch.ones(1, 2, DQ), torch.ones(1, 3, DV))
+    with pytest.raises(ValueError, match="at least one real position"):
+        mod(torch.ones(1, 2, DV), torch.ones(1, 3, DV), question_mask=torch.zeros(1, 2, dtype=torch.bool))
+    out = mod(torch.ones(0, 2, DV), torch.ones(0, 3, DV))
+    assert out.similarity.shape == (0, 3, 2) and out.merged.shape == (0, 3, 4 * DV)
+
+
+def test_dcn_question_sentinel_goes_through_the_projection():
+    """Xiong et al. append q_∅ to Q' before Q = tanh(W Q' + b): the sentinel lives in the question's input space."""
+    torch.manual_seed(0)
+    mod = DCNCoAttention(DQ, DV, fusion=False)
+    assert mod.q_sentinel.shape == (DQ,)
+    d = torch.randn(1, 4, DV)
+    out = mod(torch.randn(1, 3, DQ), d)
+    q_s = torch.tanh(mod.q_proj(mod.q_sentinel))  # the projected sentinel column of Q: (ℓ,)
+    d_s = torch.cat([d[0], mod.doc_sentinel[None]], 0)  # (m+1, ℓ)
+    torch.testing.assert_close(out.affinity[0, :, -1], d_s @ q_s)  # L's sentinel column is D^T tanh(W q_∅ + b)
+
+
+def test_two_way_cross_attention_has_no_shared_affinity():
+    """Each direction has its own projections; padding of the other stream is ignored."""
+    torch.manual_seed(0)
+    mod = TwoWayCrossAttention(DQ, DV, hidden=8)
+    assert mod.to_question.q_proj.weight.data_ptr() != mod.to_passage.k_proj.weight.data_ptr()
+    q, v = torch.randn(2, 4, DQ), torch.randn(2, 6, DV)
+    qm, vm = padding_mask([4, 2], 4), padding_mask([6, 3], 6)
+    h_q, h_v = mod(q, v, question_mask=qm, passage_mask=vm)
+    assert h_q.shape == q.shape and h_v.shape == v.shape
+    q2, v2 = q.masked_fill(~qm[..., None], 9.0), v.masked_fill(~vm[..., None], -9.0)
+    h_q2, h_v2 = mod(q2, v2, question_mask=qm, passage_mask=vm)
+    torch.testing.assert_close(h_q2[qm], h_q[qm])
+    torch.testing.assert_close(h_v2[vm], h_v[vm])
+
+
+def test_first_step_entropy_and_steps_to_target():
+    data = MatchingPairs()
+    b = data.sample(64, torch.Generator().manual_seed(0))
+    model = CoAttentionPointer("alternating", data.n_keys)
+    with torch.no_grad():  # a zero score vector makes a^s uniform: entropy 1
+        model.layer.step1.w_hx.weight.zero_()
+    assert first_step_entropy(model, b) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="alternating or one-way"):
+        first_step_entropy(CoAttentionPointer("parallel", data.n_keys), b)
+    h = History()
+    for step, acc in zip(range(10, 110, 10), [0.1, 0.95, 0.2, 0.9, 0.9, 0.9, 0.9, 0.9, 0.95, 1.0], strict=True):
+        h.log(step, 0.0, {"acc": acc})
+    assert steps_to_target(h, 0.9, window=1) == 20  # one lucky batch
+    assert steps_to_target(h, 0.9, window=5) == 80  # the moving mean damps it
+    assert steps_to_target(h, 0.99, window=5) is None  # censored
+
+
+def test_train_pointers_one_value_per_seed_per_arm_and_bidaf_learns():
+    data = MatchingPairs(n_keys=16)
+    held = data.sample(256, torch.Generator().manual_seed(9))
+    runs = train_pointers(["bidaf", "cross", "one-way"], [0, 1], data=data, held_out=held, steps=20)
+    assert set(runs) == {(s, k) for s in (0, 1) for k in ("bidaf", "cross", "one-way")}
+    for r in runs.values():
+        assert set(r.metrics) >= {"acc", "passage_acc", "question_acc"} and len(r.history.step) == 2
+    runs = train_pointers(["bidaf", "one-way"], [0], data=data, held_out=held, steps=120, target=0.5)
+    assert runs[0, "bidaf"].metrics["acc"] > 0.6  # the trilinear term finds the match fast
+    assert runs[0, "bidaf"].steps_to_target is not None and runs[0, "one-way"].steps_to_target is None
+    assert runs[0, "one-way"].metrics["question_acc"] < 0.35  # floor: chance is about 0.24
