@@ -416,17 +416,19 @@ def interleaved_times(fns: Mapping[str, Callable[[], object]], repeats: int = 5,
     """Median ms per call of each callable, measured ``repeats`` times in interleaved order (a, b, a, b, ...).
 
     Each measurement is a :class:`torch.utils.benchmark.Timer` ``blocked_autorange``
-    median; interleaving spreads the machine's slow moments over all the arms, so
-    the paired ratios compare like with like.
+    median (CUDA synchronised by the timer); interleaving spreads the machine's slow
+    moments over all the arms, so the paired ratios compare like with like. Each
+    callable is warmed up once, before the first round.
     """
-    from .benchmark import time_median
+    from torch.utils import benchmark as tbench
 
     if len(fns) < 2 or repeats < MIN_SEEDS:
         raise ValueError(f"interleaved_times needs >= 2 callables and repeats >= {MIN_SEEDS}")
     for fn in fns.values():
-        fn()  # warm-up
+        fn()  # warm-up (lazy initialisation, allocator, autotuning)
+    timers = {name: tbench.Timer(stmt="fn()", globals={"fn": fn}) for name, fn in fns.items()}
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            out[name].append(time_median(fn, min_run_time) * 1e3)
+        for name, timer in timers.items():
+            out[name].append(float(timer.blocked_autorange(min_run_time=min_run_time).median) * 1e3)
     return out
