@@ -478,15 +478,21 @@ class MemorizingAttention(AttentionBase):
         top_k: entries retrieved per query (0: no memory, local attention only).
         capacity: ``C``, the most entries the kNN memory keeps per head (oldest out).
         backend: ``"torch"`` (exact ``topk``) or ``"faiss"`` (exact ``IndexFlatIP``, optional).
+        normalize: L2-normalise queries and keys per head (Wu et al. 2022: keys stored by
+            older parameters then keep the scale of the current ones) and score with a learned
+            per-head scale, ``s_ij = exp(c_h) cos(q_i, k_j)`` (parameter ``qk_log_scale``
+            ``(h,)``, ``c_h = log sqrt(d)`` at the start); local attention and retrieval both use it.
 
     The registry's ``build`` uses ``L = 8``, ``k = 4``, ``C = 64``.
     """
 
     def __init__(
         self, embed_dim: int, num_heads: int, segment: int = 8, top_k: int = 4, capacity: int = 64,
-        backend: Literal["torch", "faiss"] = "torch",
+        backend: Literal["torch", "faiss"] = "torch", *, normalize: bool = False,
     ) -> None:
         check_heads(embed_dim, num_heads)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         check_int("segment", segment, 1)
         check_int("top_k", top_k, 0)
         check_int("capacity", capacity, 1)
@@ -495,10 +501,22 @@ class MemorizingAttention(AttentionBase):
         super().__init__(embed_dim, num_heads, causal=True)
         self.segment, self.top_k, self.capacity, self.backend = segment, top_k, capacity, backend
         self.gate_bias = nn.Parameter(torch.zeros(num_heads))  # b_g: g = sigmoid(b_g) per head, 0.5 at the start
+        self.normalize = normalize
+        self.qk_log_scale: nn.Parameter | None = None
+        if normalize:  # c_h: scores exp(c_h) cos(q, k), sqrt(d) at the start
+            self.qk_log_scale = nn.Parameter(torch.full((num_heads,), 0.5 * math.log(self.head_dim)))
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values of ``x (B, n, E)``, split into heads: ``(B, h, n, d)`` each."""
-        return self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        """Queries, keys and values of ``x (B, n, E)``, split into heads: ``(B, h, n, d)`` each.
+
+        With ``normalize``: ``k / |k|`` and ``exp(c_h) sqrt(d) q / |q|``, so that the kernels'
+        usual ``q^T k / sqrt(d)`` is ``exp(c_h) cos(q, k)``.
+        """
+        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        if self.qk_log_scale is not None:
+            scale = self.qk_log_scale.exp().to(q.dtype)[:, None, None] * math.sqrt(self.head_dim)
+            q, k = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+        return q, k, v
 
     @property
     def gate(self) -> Tensor:

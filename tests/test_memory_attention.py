@@ -14,7 +14,19 @@ from torch import nn
 from attn import registry
 from attn.benchmark import count_flops
 from attn.core import masked_softmax
-from attn.experiments.memory_attention import FarRecallTask, MemoryRecallModel, far_recall_loss
+from attn.experiments.memory_attention import (
+    FarRecallTask,
+    LookupModel,
+    LookupTask,
+    MemoryRecallModel,
+    StreamRecallTask,
+    _fresh_bank,
+    evaluate_streaming,
+    far_recall_loss,
+    run_far_recall,
+    run_lookup,
+    train_streaming,
+)
 from attn.masks import padding_mask
 from attn.memory_attention import (
     KNNMemory,
@@ -26,6 +38,7 @@ from attn.memory_attention import (
 )
 from attn.multihead import MultiHeadAttention
 from attn.train import cpu_threads, evaluate, set_seed, train
+from attn.transformer_xl import TransformerXLAttention
 
 
 @pytest.fixture(autouse=True)
@@ -674,3 +687,148 @@ def test_one_interface_memorizing_is_always_causal():
     assert isinstance(layer, AttentionBase)
     missing, unexpected = layer.load_state_dict(MultiHeadAttention(8, 2).state_dict(), strict=False)
     assert not unexpected and missing == ["gate_bias"]
+
+
+# ----------------------------------------------------------------------------- issue 16: trained persistent memory,
+# four far-recall arms, L2-normalised queries and keys, streaming training with a stale bank
+
+
+def test_lookup_task_is_fixed_by_its_table_seed_and_answers_the_table():
+    a, b, c = (LookupTask(n_tokens=32, embed_dim=8, table_seed=s) for s in (0, 0, 1))
+    assert torch.equal(a.table, b.table) and torch.equal(a.codes, b.codes)
+    assert not torch.equal(a.table, c.table)
+    batch = a.sample(16, torch.Generator().manual_seed(0))
+    assert batch["tokens"].shape == (16, a.length) and torch.equal(batch["y"], a.table[batch["tokens"]])
+    assert set(a.table.tolist()) == set(range(a.n_classes))  # every class is used
+    with pytest.raises(ValueError, match="n_tokens"):
+        LookupTask(n_tokens=1)
+
+
+def test_lookup_models_store_the_table_where_their_kind_says():
+    task = LookupTask(n_tokens=32, embed_dim=8)
+    models = {kind: LookupModel(task, kind=kind) for kind in ("ffn", "slots", "none")}
+    for kind, m in models.items():
+        assert not m.codes.weight.requires_grad  # frozen codes: the table cannot live in the embedding
+        assert (m.block.ffn is not None) == (kind == "ffn")
+        assert m.block.mixer.slots == (4 * 8 if kind == "slots" else 0)
+    ffn = models["ffn"].block.ffn
+    ffn_weights = sum(p.numel() for n, p in ffn.named_parameters() if n.endswith("weight"))
+    slot_weights = models["slots"].block.mixer.memory_k.numel() + models["slots"].block.mixer.memory_v.numel()
+    assert ffn_weights == slot_weights == 8 * 8**2  # the same 8 E^2 weights
+    assert models["none"](torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, task.n_classes)
+    with pytest.raises(ValueError, match="kind"):
+        LookupModel(task, kind="mlp")
+
+
+def test_run_lookup_one_value_per_seed_per_arm():
+    task = LookupTask(n_tokens=64, n_classes=4, embed_dim=8, length=8)
+    accs, curves = run_lookup(task, {"slots": "slots", "floor": "none"}, [0, 1, 2], steps=2, eval_batch=8)
+    assert {k: len(v) for k, v in accs.items()} == {"slots": 3, "floor": 3}
+    assert len(curves["slots"]) == 3 and curves["slots"][0].step[-1] == 2
+
+
+@pytest.mark.slow
+def test_trained_slots_store_the_table_the_floor_cannot():
+    task = LookupTask(n_tokens=64, n_classes=4, embed_dim=8, length=8)
+    accs, _ = run_lookup(task, {"slots": "slots", "floor": "none"}, [0], steps=150)
+    assert accs["slots"][0] > 0.9 and accs["floor"][0] < 0.8, accs
+
+
+def test_recall_model_mixers():
+    task = FarRecallTask(n_keys=24, n_values=8, segment=8, segments=3)
+    knn, local, dense, xl = (MemoryRecallModel(task, 16, 2, mixer=m) for m in ("knn", "local", "dense", "xl"))
+    assert knn.attention.top_k == 4 and local.attention.top_k == 0
+    assert dense.attention.segment == task.length and dense.attention.top_k == 0
+    assert isinstance(xl.attention, TransformerXLAttention) and xl.attention.mem_len == xl.attention.segment == 8
+    with pytest.raises(ValueError, match="mixer"):
+        MemoryRecallModel(task, 16, 2, mixer="global")
+    # Transformer-XL with M = L cannot see two windows back; dense attention can
+    b = task.sample(4, torch.Generator().manual_seed(0))
+    moved = b["keys"].clone()
+    moved[:, :8] = (moved[:, :8] + 1) % task.n_keys
+    for model, reaches in ((xl, False), (dense, True), (local, False)):
+        with torch.no_grad():
+            same = torch.allclose(model(b["keys"], b["values"])[0], model(moved, b["values"])[0])
+        assert same != reaches, model.mixer
+
+
+def test_run_far_recall_returns_one_value_per_seed_per_arm():
+    task = FarRecallTask(n_keys=24, n_values=8, segment=8, segments=3)
+    scores, curves, models = run_far_recall(task, {"a": "knn", "b": "xl"}, [0, 1, 2], steps=3, eval_batch=16)
+    assert {(a, k, len(v)) for a, r in scores.items() for k, v in r.items()} == {
+        (a, k, 3) for a in "ab" for k in ("far", "near")}
+    assert set(curves) == set(models) == {(a, s) for a in "ab" for s in range(3)}
+
+
+def test_normalized_memorizing_attention():
+    set_seed(0)
+    layer = MemorizingAttention(16, 2, segment=4, top_k=3, capacity=8, normalize=True).double()
+    x = torch.randn(2, 14, 16, dtype=torch.float64)
+    _, k, _ = layer.project(x)
+    torch.testing.assert_close(k.norm(dim=-1), torch.ones_like(k[..., 0]))
+    out, w = layer(x, need_weights=True)
+    seq, w_seq = layer(x, need_weights=True, memory=KNNMemory(8))
+    torch.testing.assert_close(out, seq)  # parallel form == segment-by-segment bank
+    torch.testing.assert_close(w, w_seq)
+    with torch.no_grad():  # keys of any length score the same: the stale-key argument
+        layer.k_proj.weight.mul_(10.0)
+        layer.k_proj.bias.mul_(10.0)
+    torch.testing.assert_close(layer(x).output, out)
+    assert not hasattr(MemorizingAttention(16, 2), "qk_log_scale") or MemorizingAttention(16, 2).qk_log_scale is None
+    with pytest.raises(TypeError, match="normalize"):
+        MemorizingAttention(16, 2, normalize=1)
+
+
+def test_stream_recall_task():
+    task = StreamRecallTask(n_keys=60, n_values=8, segment=8, segments=6, p_near=0.25)
+    b = task.sample(64, torch.Generator().manual_seed(0))
+    B, D, L = 64, 6, 8
+    assert b["keys"].shape == b["values"].shape == (B, D, L) and b["y"].shape == b["far"].shape == (B, D)
+    pairs = b["keys"][..., :-1].reshape(B, -1)
+    assert (pairs.sort(-1).values.diff(dim=-1) > 0).all()  # distinct within a document
+    assert not b["far"][:, 0].any() and 0 < b["far"].float().mean() < 1
+    for i in range(B):
+        for s in range(D):
+            hit = (b["keys"][i, : s + 1, :-1] == b["keys"][i, s, -1]).nonzero()
+            assert len(hit) == 1  # the asked key is in this window or an earlier one
+            w, p = hit[0].tolist()
+            assert (w < s) == bool(b["far"][i, s]) and b["values"][i, w, p] == b["y"][i, s]
+    with pytest.raises(ValueError, match="n_keys"):
+        StreamRecallTask(n_keys=10)
+
+
+def test_streaming_windows_equal_the_parallel_form():
+    task = StreamRecallTask(n_keys=40, segment=6, segments=4)
+    set_seed(0)
+    model = MemoryRecallModel(task, 16, 2, top_k=3)
+    b = task.sample(3, torch.Generator().manual_seed(1))
+    bank = KNNMemory(task.length)
+    with torch.no_grad():
+        h = model.embed(b["keys"].flatten(0, 1), b["values"].flatten(0, 1)).view(3, task.length, 16)
+        whole = model.attention(h).output.view(3, 4, 6, 16)
+        for s in range(4):
+            hs = model.embed(b["keys"][:, s], b["values"][:, s])
+            seg = model.attention.attend_segment(hs, bank)
+            torch.testing.assert_close(seg.output, whole[:, s])
+            bank.add(seg.keys, seg.values, torch.arange(s * 6, (s + 1) * 6))
+        fresh = _fresh_bank(model, b["keys"], b["values"], 4, task.length)
+    torch.testing.assert_close(fresh.keys, bank.keys)
+    torch.testing.assert_close(fresh.values, bank.values)
+
+
+def test_streaming_stale_bank_differs_from_fresh_only_when_parameters_move():
+    task = StreamRecallTask(n_keys=40, segment=6, segments=4)
+    hists = {}
+    for lr in (0.0, 1e-2):
+        for fresh in (False, True):
+            set_seed(0)
+            model = MemoryRecallModel(task, 16, 2, top_k=3)
+            hists[lr, fresh] = train_streaming(model, task, 12, batch_size=8, lr=lr, seed=0, fresh=fresh, log_every=1)
+    assert hists[0.0, False].loss == pytest.approx(hists[0.0, True].loss, abs=1e-6)  # same parameters: no staleness
+    assert hists[1e-2, False].loss[0] == pytest.approx(hists[1e-2, True].loss[0], abs=1e-6)  # empty bank: agree
+    assert hists[1e-2, False].loss != pytest.approx(hists[1e-2, True].loss, abs=1e-6)  # then the bank is stale
+    assert "acc_far" in hists[1e-2, False].metrics
+    acc = evaluate_streaming(model, task, 16, seed=0)
+    assert set(acc) == {"acc_far", "acc_near"} and 0 <= acc["acc_far"] <= 1
+    with pytest.raises(TypeError, match="memorizing"):
+        train_streaming(MemoryRecallModel(task, 16, 2, mixer="xl"), task, 1)
