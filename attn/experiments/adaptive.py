@@ -245,7 +245,7 @@ class SentinelCaptioner(nn.Module):
     :math:`s_t = \sigma(W_x x_t + W_h h_{t-1}) \odot \tanh(m_t)` (:class:`SentinelGate`);
     :math:`\hat c_t, \hat\alpha_t` = :class:`SentinelAttention` over the region features and
     :math:`s_t`; logits ``W_p(c_hat + h_t)`` (Lu et al. 2017, eq. 6-12). Region features are the sum
-    of a colour and a shape embedding. ``forward(regions, words)`` (teacher forcing) ->
+    of a colour, a shape and a region-position embedding (the position tells which object comes first). ``forward(regions, words)`` (teacher forcing) ->
     ``(logits (B, T, vocab), beta (B, T))``.
     """
 
@@ -254,6 +254,7 @@ class SentinelCaptioner(nn.Module):
         self.task, self.dim = task, dim
         self.colour = nn.Embedding(task.n_colours + 1, dim)
         self.shape = nn.Embedding(task.n_shapes + 1, dim)
+        self.place = nn.Parameter(torch.randn(task.k, dim) * 0.3)
         self.word = nn.Embedding(task.vocab + 1, dim)  # + a start token
         self.lstm = nn.LSTMCell(dim, dim)
         self.gate = SentinelGate(dim, dim)
@@ -261,7 +262,7 @@ class SentinelCaptioner(nn.Module):
         self.readout = nn.Linear(dim, task.vocab)
 
     def forward(self, regions: Tensor, words: Tensor) -> tuple[Tensor, Tensor]:
-        V = self.colour(regions[..., 0]) + self.shape(regions[..., 1])  # (B, k, d)
+        V = self.colour(regions[..., 0]) + self.shape(regions[..., 1]) + self.place  # (B, k, d)
         B, T = words.shape
         prev = torch.cat([words.new_full((B, 1), self.task.vocab), words[:, :-1]], 1)  # start token, then w_{t-1}
         h, m = V.new_zeros(B, self.dim), V.new_zeros(B, self.dim)
