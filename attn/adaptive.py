@@ -89,9 +89,13 @@ def span_window(span: Tensor, ramp: int, max_span: int) -> int:
     return int(min(max_span, math.ceil(float(span.detach().max())) + ramp))
 
 
-def _check_span_args(span: Tensor, heads: int, ramp: int, max_span: int) -> None:
-    if not isinstance(span, Tensor) or span.ndim != 1 or span.shape[0] != heads:
-        raise ValueError(f"span must be a tensor of shape (heads={heads},), got {getattr(span, 'shape', type(span).__name__)}")
+def _check_span_args(span: Tensor, heads: int, ramp: int, max_span: int, batch: int | None = None,
+                     n: int | None = None) -> None:
+    static = isinstance(span, Tensor) and span.ndim == 1 and span.shape[0] == heads
+    dynamic = isinstance(span, Tensor) and batch is not None and tuple(span.shape) == (batch, heads, n)
+    if not (static or dynamic):
+        shape = f"(heads={heads},)" + ("" if batch is None else f" or, per query, (batch={batch}, heads={heads}, n={n})")
+        raise ValueError(f"span must be a tensor of shape {shape}, got {getattr(span, 'shape', type(span).__name__)}")
     for name, value in (("ramp", ramp), ("max_span", max_span)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -129,6 +133,8 @@ def adaptive_span_attention(
     Args:
         q, k, v: ``(batch, heads, n, d)``.
         span: ``z`` ``(heads,)``, in tokens, differentiable; values outside ``[0, max_span]`` are clamped.
+            ``(batch, heads, n)``: a span per query (the paper's dynamic span, :math:`z_t`); ``K``
+            then follows the largest span of the batch.
         ramp: ``R`` (tokens).
         max_span: ``S``: no query reads further than ``S - 1`` positions away.
         rel_bias: optional ``(heads, max_span)`` bias added to the score at each distance.
@@ -149,7 +155,7 @@ def adaptive_span_attention(
     if q.ndim != 4 or q.shape[-2] != k.shape[-2]:
         raise ValueError(f"q, k, v must be (batch, heads, n, d) with as many queries as keys, got {tuple(q.shape)} and {tuple(k.shape)}")
     batch, heads, n, d = q.shape
-    _check_span_args(span, heads, ramp, max_span)
+    _check_span_args(span, heads, ramp, max_span, batch, n)
     check_key_mask(key_mask, batch, n, length_name="n")
     if rel_bias is not None and tuple(rel_bias.shape) != (heads, max_span):
         raise ValueError(f"rel_bias must have shape (heads={heads}, max_span={max_span}), got {tuple(rel_bias.shape)}")
@@ -168,7 +174,11 @@ def adaptive_span_attention(
     cols = kb.shape[-2]
     dist = w + torch.arange(w, device=q.device)[:, None] - torch.arange(cols, device=q.device)[None, :]
     far = dist.abs()
-    m = span_mask(far, z, ramp)  # (H, w, cols)
+    if z.ndim == 1:
+        m = span_mask(far, z, ramp)  # (H, w, cols)
+    else:  # a span per query: z (B, H, n) -> (B*nb, H, w, 1), the mask (B*nb, H, w, cols)
+        zq = rearrange(F.pad(z, (0, n_pad - n)), "b h (nb w) -> (b nb) h w 1", w=w)
+        m = ((ramp + zq - far.to(zq.dtype)) / ramp).clamp(0.0, 1.0)
     allowed = (far < w) & (m > 0)  # within K, inside the span
     if causal:
         allowed = allowed & (dist >= 0)
@@ -176,7 +186,7 @@ def adaptive_span_attention(
     bias = m.clamp_min(torch.finfo(m.dtype).tiny).log()  # log m
     if rel_bias is not None:
         bias = bias + rel_bias[:, far.clamp(0, max_span - 1)]
-    bias = torch.where(allowed, bias.to(q.dtype), neg)  # (H, w, cols): one additive mask for every block
+    bias = torch.where(allowed, bias.to(q.dtype), neg)  # (H, w, cols): one mask for every block (static spans)
     # keys that exist: inside [0, n) and not padding -> (B*nb, 1, 1, cols)
     real = torch.ones(batch, n, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
     real = rearrange(_blocks(real, w, n_pad, value=False, ahead=ahead), "b nb s -> (b nb) 1 1 s")
@@ -185,7 +195,7 @@ def adaptive_span_attention(
         scores = torch.matmul(qb * scale, kb.transpose(-1, -2)) + bias  # (B*nb, H, w, cols)
         weights_b = masked_softmax(scores, allowed & real)
         out = torch.matmul(F.dropout(weights_b, dropout_p) if dropout_p else weights_b, vb)
-    elif key_mask is None and causal:  # fused kernel; only block 0 of each example has missing keys (its "previous block")
+    elif key_mask is None and causal and z.ndim == 1:  # fused kernel; only block 0 of each example has missing keys (its "previous block")
         first = bias.clone()
         first[..., :w] = neg  # block 0 reads no previous block
         qn, kn, vn = (t.view(batch, nb, *t.shape[1:]) for t in (qb, kb, vb))  # (B, nb, H, ., d)
@@ -196,7 +206,7 @@ def adaptive_span_attention(
                                                   vn[:, 1:].flatten(0, 1), attn_mask=bias, scale=scale, dropout_p=dropout_p)
             out = torch.cat([out, rest.view(batch, nb - 1, *rest.shape[1:])], dim=1)  # (B, nb, H, w, d)
         out = out.flatten(0, 1)
-    else:  # padding (or keys beyond either end): a per-block mask, and queries that see no real key give zeros
+    else:  # padding, spans per query (or keys beyond either end): a per-block mask; queries seeing no real key give 0
         mask = bias + torch.where(real, torch.zeros_like(neg), neg)  # (B*nb, H, w, cols)
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, dropout_p=dropout_p)
         out = out * (allowed & real).any(-1, keepdim=True).to(out.dtype)
@@ -218,6 +228,8 @@ def adaptive_span_reference(
 ) -> AttentionOutput:
     r"""Baseline: the paper's formula on the dense ``n x n`` scores, ``softmax(s) * m_z`` renormalised (:math:`O(n^2 d)`).
 
+    ``span`` ``(heads,)``, or ``(batch, heads, n)`` for a span per query (dynamic span).
+
     Softmax over the causal keys within ``max_span`` (``causal=False``: the keys within ``max_span`` on
     both sides, the mask on ``|i - j|``), multiplied by the mask, divided by the row sum (rows with no
     weight left give zeros). For checks only.
@@ -231,7 +243,10 @@ def adaptive_span_reference(
     if rel_bias is not None:
         scores = scores + rel_bias[:, far.clamp(0, max_span - 1)] * inside
     mask = inside if key_mask is None else inside & key_mask[:, None, None, :]
-    a = masked_softmax(scores, mask) * span_mask(far, span.clamp(0, max_span), ramp) * mask
+    z = span.clamp(0, max_span)
+    # (H, n, n); with a span per query (B, H, n): the ramp of each query's own span, (B, H, n, n)
+    m = span_mask(far, z, ramp) if z.ndim == 1 else ((ramp + z[..., None] - far.to(z.dtype)) / ramp).clamp(0.0, 1.0)
+    a = masked_softmax(scores, mask) * m * mask
     total = a.sum(-1, keepdim=True)
     a = torch.where(total > 0, a / total.clamp_min(1e-30), torch.zeros_like(a))
     return AttentionOutput(a @ v, a)
@@ -258,7 +273,8 @@ def adaptive_span_kernel(
 ) -> AttentionOutput:
     """:func:`adaptive_span_attention` as a kernel: ``q, k, v (B, h, n, d)`` (self-attention: as many queries as keys).
 
-    ``span`` ``(h,)`` is the learned state (:class:`AdaptiveSpanAttention` passes its spans); ``None``
+    ``span`` ``(h,)`` (or ``(B, h, n)``, a span per query) is the learned state (:class:`AdaptiveSpanAttention`
+    passes its spans); ``None``
     gives every head the full span ``max_span``. Only ``key_mask`` and ``is_causal`` are taken (no
     ``L x S`` mask exists); a general ``attn_mask`` raises a ``ValueError``.
     """
@@ -302,6 +318,10 @@ class AdaptiveSpanAttention(AttentionBase):
             ``1.0`` starts as full causal attention over ``S`` keys).
         rel_bias: learn a bias per head and distance ``b_h(x)`` (zeros at init).
         adaptive: ``False`` freezes the spans at ``init_span`` (the fixed-span baseline).
+        dynamic: a span per token instead of per head, the paper's *dynamic attention span*:
+            :math:`z_{t,h} = S\,\sigma(v_h^\top x_t + b_h)` (``span_proj``, a linear map ``E -> H``
+            whose bias starts at ``logit(init_span)`` and weight at 0). The L1 cost is then the mean
+            of the last forward's :math:`z_{t,h}`, and the window ``K`` follows the batch's largest span.
         truncate: read only the keys inside the largest current span (``False``: all ``S``).
         causal: the default of ``is_causal`` (``True``, the paper's language model; ``False``: the span on both sides).
         dropout: dropout on the attention weights while training.
@@ -326,6 +346,7 @@ class AdaptiveSpanAttention(AttentionBase):
         init_span: float = 1.0,
         rel_bias: bool = True,
         adaptive: bool = True,
+        dynamic: bool = False,
         truncate: bool = True,
         causal: bool = True,
         dropout: float = 0.0,
@@ -339,18 +360,52 @@ class AdaptiveSpanAttention(AttentionBase):
         self.max_span, self.ramp, self.truncate = max_span, ramp, truncate
         self.span_param = nn.Parameter(torch.full((num_heads,), float(init_span)), requires_grad=adaptive)  # p = z / S
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, max_span)) if rel_bias else None
+        self.dynamic = dynamic
+        self.span_proj: nn.Linear | None = None
+        self._token_spans: Tensor | None = None  # z_{t,h} of the last forward (dynamic span), (B, H, n)
+        if dynamic:
+            self.span_proj = nn.Linear(embed_dim, num_heads)  # v_h, b_h
+            p0 = min(max(float(init_span), 1e-3), 1 - 1e-3)
+            nn.init.zeros_(self.span_proj.weight)
+            nn.init.constant_(self.span_proj.bias, math.log(p0 / (1 - p0)))
 
     @property
     def spans(self) -> Tensor:
-        """``z`` per head, in tokens: ``(H,)``."""
+        """``z`` per head, in tokens: ``(H,)``. Dynamic span: the mean over the last forward's tokens, per head."""
+        if self.dynamic:
+            if self._token_spans is None:
+                raise RuntimeError("a dynamic span exists per token: call the layer first")
+            return self._token_spans.mean((0, 2))
         return self.max_span * self.span_param.clamp(0.0, 1.0)
 
+    def token_spans(self, x: Tensor) -> Tensor:
+        r"""Dynamic span: :math:`z_{t,h} = S\,\sigma(v_h^\top x_t + b_h)` for ``x (B, n, E)`` -> ``(B, H, n)``."""
+        if self.span_proj is None:
+            raise RuntimeError("token_spans needs a layer built with dynamic=True")
+        return self.max_span * torch.sigmoid(self.span_proj(x)).transpose(1, 2)
+
     def window(self) -> int:
-        """Keys read per query now: :func:`span_window` of the current spans (``S`` without truncation)."""
-        return span_window(self.spans, self.ramp, self.max_span) if self.truncate else self.max_span
+        """Keys read per query now: :func:`span_window` of the current spans (``S`` without truncation).
+
+        Dynamic span: of the largest span per token of the last forward.
+        """
+        if not self.truncate:
+            return self.max_span
+        if self.dynamic:
+            if self._token_spans is None:
+                raise RuntimeError("a dynamic span exists per token: call the layer first")
+            return span_window(self._token_spans.amax((0, 2)), self.ramp, self.max_span)
+        return span_window(self.spans, self.ramp, self.max_span)
 
     def span_loss(self) -> Tensor:
-        r"""The L1 span cost :math:`\frac1H\sum_h z_h` in tokens (multiply by :math:`\lambda` and add to the loss)."""
+        r"""The L1 span cost :math:`\frac1H\sum_h z_h` in tokens (multiply by :math:`\lambda` and add to the loss).
+
+        Dynamic span: the mean of :math:`z_{t,h}` over the last forward's tokens and heads.
+        """
+        if self.dynamic:
+            if self._token_spans is None:
+                raise RuntimeError("a dynamic span exists per token: call the layer first")
+            return self._token_spans.mean()
         return self.spans.mean()
 
     def forward(
@@ -364,6 +419,8 @@ class AdaptiveSpanAttention(AttentionBase):
         if self.training and self.span_param.requires_grad:
             with torch.no_grad():
                 self.span_param.clamp_(0.0, 1.0)
+        if self.dynamic:
+            self._token_spans = self.token_spans(x)
         return self.mix(x, x, x, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights)
 
     def attend(
@@ -380,9 +437,12 @@ class AdaptiveSpanAttention(AttentionBase):
         need_weights: bool,
     ) -> AttentionOutput:
         """:func:`adaptive_span_kernel` with this layer's spans and distance biases."""
+        span = self._token_spans if self.dynamic else self.spans
+        if span is None:
+            raise RuntimeError("a dynamic span exists per token: call the layer (forward), not attend, directly")
         return adaptive_span_kernel(
             q, k, v, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-            need_weights=need_weights, span=self.spans, ramp=self.ramp, max_span=self.max_span,
+            need_weights=need_weights, span=span, ramp=self.ramp, max_span=self.max_span,
             rel_bias=self.rel_bias, truncate=self.truncate,
         )
 

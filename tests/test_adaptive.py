@@ -363,3 +363,110 @@ def test_sentinel_refuses_mixed_dtypes(which):
     args[which] = args[which].double()
     with pytest.raises(TypeError, match=rf"dtypes must match \(.*{which}: torch.float64"):
         mod(**args)
+
+
+# ----------------------------------------------------------------------------- issue 16: dynamic span, lags, sentinels
+
+
+@pytest.mark.parametrize("n, padded, causal", [(50, False, True), (37, True, True), (29, False, False)])
+def test_dynamic_span_per_query_matches_the_dense_formula(n, padded, causal):
+    """A span per query (B, H, n): blockwise (fused-free and weights paths) = the dense formula, outputs and gradients."""
+    from attn.adaptive import adaptive_span_attention, adaptive_span_reference
+    from attn.masks import padding_mask
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    z = (torch.rand(2, 3, n, generator=g, dtype=torch.float64) * 20).requires_grad_()
+    bias = torch.randn(3, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    km = padding_mask([n, n - 7], n) if padded else None
+    ours = adaptive_span_attention(q, k, v, z, 4, 32, rel_bias=bias, key_mask=km, causal=causal)
+    weights = adaptive_span_attention(q, k, v, z, 4, 32, rel_bias=bias, key_mask=km, causal=causal, need_weights=True)
+    ref = adaptive_span_reference(q, k, v, z, 4, 32, rel_bias=bias, key_mask=km, causal=causal)
+    torch.testing.assert_close(ours.output, ref.output, atol=1e-10, rtol=0)
+    torch.testing.assert_close(weights.weights, ref.weights, atol=1e-10, rtol=0)
+    up = torch.randn(ref.output.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(ours.output, (q, k, v, z, bias), up),
+                    torch.autograd.grad(ref.output, (q, k, v, z, bias), up), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    # a query with span 0 and ramp 4 reads at most the last 3 tokens
+    z0 = torch.zeros(2, 3, n, dtype=torch.float64)
+    w0 = adaptive_span_attention(q, k, v, z0, 4, 32, causal=True, need_weights=True).weights
+    i = torch.arange(n)
+    assert (w0[..., (i[:, None] - i[None, :]) >= 4] == 0).all()
+
+
+def test_dynamic_span_layer_z_t_from_the_token_and_its_cost():
+    """dynamic=True: z_t = S sigmoid(v^T x_t + b), per token and head; the L1 cost and K follow it; v, b learn."""
+    torch.manual_seed(0)
+    layer = AdaptiveSpanAttention(16, 4, max_span=32, ramp=4, init_span=0.25, dynamic=True)
+    with pytest.raises(RuntimeError, match="call the layer first"):
+        layer.span_loss()
+    x = torch.randn(2, 40, 16)
+    out = layer(x).output
+    assert out.shape == x.shape
+    torch.testing.assert_close(layer.token_spans(x), torch.full((2, 4, 40), 8.0))  # S * 0.25 at init (v = 0)
+    assert layer.window() == 8 + 4
+    with torch.no_grad():
+        layer.span_proj.weight.normal_()
+    z = layer.token_spans(x)
+    assert z.std() > 0.5 and (z >= 0).all() and (z <= 32).all()  # the span now depends on the token
+    loss = layer(x).output.square().mean() + layer.span_loss()
+    torch.testing.assert_close(layer.span_loss(), z.mean())
+    assert layer.window() == min(32, math.ceil(z.max().item()) + 4)
+    loss.backward()
+    assert layer.span_proj.weight.grad.abs().sum() > 0 and layer.span_proj.bias.grad.abs().sum() > 0
+    static = AdaptiveSpanAttention(16, 4, max_span=32, ramp=4)
+    with pytest.raises(RuntimeError, match="dynamic=True"):
+        static.token_spans(x)
+
+
+def test_lag_task_targets_and_head_weight_at():
+    from attn.experiments.adaptive import LagTask, head_weight_at
+
+    task = LagTask(n=30, vocab=8, lags=(10, 20))
+    b = task.sample(4, torch.Generator().manual_seed(0))
+    assert b["y"].shape == (4, 30, 2) and (b["y"][:, :20] == -1).all()
+    assert torch.equal(b["y"][:, 20:, 0], b["x"][:, 10:20]) and torch.equal(b["y"][:, 20:, 1], b["x"][:, 0:10])
+    with pytest.raises(ValueError, match="lags must be distinct"):
+        LagTask(n=30, lags=(10, 30))
+    w = torch.zeros(1, 2, 30, 30)
+    i = torch.arange(10, 30)
+    w[0, 0, i, i - 10] = 1.0
+    w[0, 1, i, i - 1] = 1.0
+    hw = head_weight_at(w, (1, 10), start=10)
+    torch.testing.assert_close(hw, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+
+
+def test_sentinel_pointer_kinds():
+    """gated: the slot's vector depends on the query; null: one learned vector; none: no slot (floor)."""
+    task = make_sentinel_task("quick")
+    batch = task.sample(32, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    gated = SentinelPointer(32, 16, sentinel="gated")
+    assert gated.gate is not None and gated.sentinel is None
+    w = gated(batch["items"], batch["query"])
+    torch.testing.assert_close(w.sum(-1), torch.ones(32))
+    assert w[:, -1].std() > 0
+    assert SentinelPointer(32, 16, sentinel=True).kind == "null" and SentinelPointer(32, 16, sentinel=False).kind == "none"
+    with pytest.raises(ValueError, match="sentinel must be"):
+        SentinelPointer(32, 16, sentinel="zero")
+
+
+def test_caption_task_and_captioner_beta():
+    from attn.experiments.adaptive import CaptionTask, SentinelCaptioner, caption_loss
+
+    task = CaptionTask(k=6)
+    b = task.sample(64, torch.Generator().manual_seed(0))
+    assert b["words"].shape == (64, 7) and b["regions"].shape == (64, 6, 2)
+    # function words are fixed by position; exactly two regions hold objects, named in region order
+    assert (b["words"][:, ~task.visual] == torch.tensor([0, 1, 0])).all()
+    objects = (b["regions"][..., 0] < task.n_colours).sum(-1)
+    assert (objects == 2).all()
+    first = (b["regions"][..., 0] < task.n_colours).float().argmax(-1)
+    assert torch.equal(b["words"][:, 1], 3 + b["regions"][torch.arange(64), first, 0])
+    torch.manual_seed(0)
+    model = SentinelCaptioner(task, 16)
+    logits, beta = model(b["regions"], b["words"])
+    assert logits.shape == (64, 7, task.vocab) and beta.shape == (64, 7) and ((beta > 0) & (beta < 1)).all()
+    hist = train(model, task.sample, caption_loss, steps=10, batch_size=16, lr=1e-2, progress=False)
+    assert math.isfinite(hist.loss[-1])

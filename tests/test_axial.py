@@ -297,3 +297,86 @@ def test_one_interface_axial_projections_and_typed_output():
     with pytest.raises(TypeError):
         AxialAttention(8, 2, 0.1)  # dropout is keyword-only
     assert registry.get("axial").own_task is not None
+
+
+# ----------------------------------------------------------------------------- the trained experiment (issue 16)
+
+
+def _grid_batch(task, n=16, seed=0):
+    return task.sample(n, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mixer", ["axial", "axial+ff", "dense"])
+def test_grid_models_reach_every_cell_from_the_corner(mixer):
+    """Axial (with or without the FF between) and dense: the corner's output depends on a cell outside row 0."""
+    from attn.experiments.axial import GridRecallModel
+
+    task = GridRecall(3, 5, 4)
+    torch.manual_seed(0)
+    model = GridRecallModel(task, 8, 2, mixer=mixer).eval()
+    b = _grid_batch(task)
+    flag = torch.zeros_like(b["flag"])
+    flag[:, 2, 3] = True
+    values = b["values"].clone()
+    out = model(values, flag)[0]
+    values[:, 2, 3] = (values[:, 2, 3] + 1) % 4
+    assert (model(values, flag)[0] - out).abs().max() > 1e-6
+
+
+def test_row_only_model_cannot_see_outside_row_0():
+    """The row-only arm's reach is row 0 by construction: cells below it never change its answer."""
+    from attn.experiments.axial import GridRecallModel
+
+    task = GridRecall(3, 5, 4)
+    torch.manual_seed(0)
+    model = GridRecallModel(task, 8, 2, mixer="row").eval()
+    b = _grid_batch(task)
+    out = model(b["values"], b["flag"])[0]
+    values, flag = b["values"].clone(), torch.zeros_like(b["flag"])
+    values[:, 1:] = torch.randint(4, values[:, 1:].shape)
+    flag[:, 2, 1] = True  # move every flag to row 2
+    torch.testing.assert_close(model(values, b["flag"])[0], out)
+    alone = model(b["values"], flag)[0]
+    flag[:, 1, 4], flag[:, 2, 1] = True, False
+    torch.testing.assert_close(model(b["values"], flag)[0], alone)  # a flag in row 1 or in row 2: the same
+    with pytest.raises(ValueError, match="mixer must be one of"):
+        GridRecallModel(task, 8, 2, mixer="col")  # type: ignore[arg-type]
+
+
+def test_corner_field_is_a_distribution_and_needs_an_axial_model():
+    from attn.experiments.axial import GridRecallModel, corner_field
+
+    task = GridRecall(3, 5, 4)
+    torch.manual_seed(0)
+    b = _grid_batch(task)
+    for mixer in ("axial", "axial+ff"):
+        field = corner_field(GridRecallModel(task, 8, 2, mixer=mixer), b["values"], b["flag"])
+        assert field.shape == (16, 2, 3, 5)
+        torch.testing.assert_close(field.sum((-1, -2)), torch.ones(16, 2))
+    with pytest.raises(ValueError, match="needs an axial model"):
+        corner_field(GridRecallModel(task, 8, 2, mixer="dense"), b["values"], b["flag"])
+
+
+def test_run_grid_recall_one_value_per_seed_and_arm():
+    """The runner returns one accuracy per seed per arm (and per split), and the models it trained."""
+    from attn.experiments.axial import run_grid_recall
+
+    task = GridRecall(3, 4, 4)
+    run = run_grid_recall(task, ("row", "dense"), seeds=[0, 1, 2], steps=2, batch_size=8, embed_dim=8,
+                          num_heads=2, eval_batch=64)
+    for table in (run.acc, run.acc_row0, run.acc_elsewhere):
+        assert set(table) == {"row", "dense"} and all(len(v) == 3 for v in table.values())
+    assert set(run.models) == {(m, s) for m in ("row", "dense") for s in (0, 1, 2)}
+    assert run.reach_bound == pytest.approx(1 / 3 + (2 / 3) / 4)
+
+
+@pytest.mark.slow
+def test_run_grid_recall_axial_learns_beyond_the_row_reach():
+    """On a 3x4 grid, 120 steps: axial beats the row pass's reach bound; the row pass guesses outside row 0."""
+    from attn.experiments.axial import run_grid_recall
+
+    task = GridRecall(3, 4, 4)
+    run = run_grid_recall(task, ("row", "axial"), seeds=[0, 1, 2], steps=120, batch_size=32, embed_dim=16,
+                          num_heads=2, eval_batch=256)
+    assert max(run.acc_elsewhere["row"]) < 0.5  # outside row 0 it can only guess (chance 0.25)
+    assert min(run.acc["axial"]) > run.reach_bound + 0.2

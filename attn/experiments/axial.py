@@ -9,19 +9,24 @@ the own-task factory (``OWN_TASKS["axial"]``, by size). The layer is in :mod:`at
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..axial import AxialAttention, AxialWeights
+from ..multihead import MultiHeadAttention
 from ..registry import OwnTask
 from . import sized
 
-__all__ = ["GridRecall", "GridRecallModel", "grid_loss", "make_task", "OWN_TASKS"]
+__all__ = ["GridRecall", "GridRecallModel", "MIXERS", "grid_loss", "GridRun", "run_grid_recall", "corner_field",
+           "make_task", "OWN_TASKS"]
 
-
-
+Mixer = Literal["axial", "axial+ff", "row", "dense"]
+#: The attention layers :class:`GridRecallModel` can hold.
+MIXERS: tuple[str, ...] = ("axial", "axial+ff", "row", "dense")
 
 class GridRecall:
     """Every cell of an ``H x W`` grid holds a value in ``0..n_values-1``; one cell is flagged.
@@ -48,28 +53,73 @@ class GridRecall:
 
 
 class GridRecallModel(nn.Module):
-    """Value + flag + row + column embeddings, one pre-norm residual axial layer, readout at cell (0, 0).
+    r"""Value + flag + row + column embeddings, one attention layer over the grid, readout at cell (0, 0).
 
-    ``h = e_value + e_flag + p_row + p_col``; ``h <- h + Axial(LayerNorm(h))``;
-    logits ``= Linear(LayerNorm(h[:, 0, 0]))``. Shapes: ``values, flag (B, H, W)`` -> ``(B, n_values)``.
+    ``h = e_value + e_flag + p_row + p_col`` ``(B, H, W, C)``, then by ``mixer``:
+
+    * ``"axial"``: ``h <- h + Axial(LayerNorm(h))``, the row pass then the column pass
+      (:class:`~attn.axial.AxialAttention`, no residual between them);
+    * ``"axial+ff"``: Ho et al.'s arrangement, each pass its own residual sublayer with a
+      feed-forward sublayer between them: ``h <- h + Row(LN h)``, ``h <- h + FF(LN h)``,
+      ``h <- h + Col(LN h)`` (the same two passes' projections);
+    * ``"row"``: ``h <- h + Row(LN h)``: the row pass alone, whose reach is the row of the
+      reading cell (a bound, not a competitor: it cannot see a flag outside row 0);
+    * ``"dense"``: ``h <- h + MHA(LN h)`` over the ``HW`` cells as one sequence (every cell
+      reads every cell in one hop, :math:`O((HW)^2)` scores).
+
+    logits ``= Linear(LayerNorm(h[:, 0, 0]))``. Shapes: ``values, flag (B, H, W)`` -> ``(B, n_values)``;
+    the weights are :class:`~attn.axial.AxialWeights` (axial mixers) or ``(B, heads, L, L)``
+    (``"row"``: ``L = W`` per row, ``(B, heads, H, W, W)``; ``"dense"``: ``L = HW``).
     """
 
-    def __init__(self, task: GridRecall, embed_dim: int = 32, num_heads: int = 4) -> None:
+    def __init__(self, task: GridRecall, embed_dim: int = 32, num_heads: int = 4, mixer: Mixer = "axial") -> None:
         super().__init__()
-        self.task = task
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        self.task, self.mixer = task, mixer
         self.value = nn.Embedding(task.n_values, embed_dim)
         self.flag = nn.Embedding(2, embed_dim)
         self.row_pos = nn.Parameter(torch.randn(task.height, 1, embed_dim) * 0.3)
         self.col_pos = nn.Parameter(torch.randn(1, task.width, embed_dim) * 0.3)
         self.norm = nn.LayerNorm(embed_dim)
-        self.attention = AxialAttention(embed_dim, num_heads)
+        self.dense: MultiHeadAttention | None = None
+        self.attention: AxialAttention | None = None
+        if mixer == "dense":
+            self.dense = MultiHeadAttention(embed_dim, num_heads)
+        else:
+            self.attention = AxialAttention(embed_dim, num_heads)
+        self.ff: nn.Sequential | None = None
+        if mixer == "axial+ff":
+            self.norm_ff, self.norm_col = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+            self.ff = nn.Sequential(nn.Linear(embed_dim, 2 * embed_dim), nn.GELU(), nn.Linear(2 * embed_dim, embed_dim))
         self.out_norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, task.n_values)
 
-    def forward(self, values: Tensor, flag: Tensor, need_weights: bool = False) -> tuple[Tensor, AxialWeights | None]:
-        h = self.value(values) + self.flag(flag.long()) + self.row_pos + self.col_pos  # (B, H, W, C)
-        out, w = self.attention(self.norm(h), need_weights=need_weights)
-        h = h + out
+    def embed(self, values: Tensor, flag: Tensor) -> Tensor:
+        """The cells' input vectors ``(B, H, W, C)``."""
+        return self.value(values) + self.flag(flag.long()) + self.row_pos + self.col_pos
+
+    def forward(self, values: Tensor, flag: Tensor, need_weights: bool = False) -> tuple[Tensor, Any]:
+        h = self.embed(values, flag)  # (B, H, W, C)
+        w: Any = None
+        if self.dense is not None:
+            B, H, W, C = h.shape
+            out, w = self.dense(self.norm(h).reshape(B, H * W, C), need_weights=need_weights)
+            h = h + out.reshape(B, H, W, C)
+        elif self.mixer == "axial":
+            assert self.attention is not None
+            out, w = self.attention(self.norm(h), need_weights=need_weights)
+            h = h + out
+        else:
+            assert self.attention is not None
+            out, w_row = self.attention._pass(self.norm(h), self.attention.row, "row", need_weights)
+            h = h + out
+            w = w_row
+            if self.ff is not None:  # Ho et al.: a feed-forward sublayer, then the column pass on its own residual
+                h = h + self.ff(self.norm_ff(h))
+                out, w_col = self.attention._pass(self.norm_col(h), self.attention.col, "col", need_weights)
+                h = h + out
+                w = AxialWeights(w_row, w_col) if w_row is not None and w_col is not None else None
         return self.head(self.out_norm(h[:, 0, 0])), w
 
 
@@ -82,8 +132,77 @@ def grid_loss(model: GridRecallModel, batch: dict[str, Tensor]) -> tuple[Tensor,
 def _grid_weights(model: GridRecallModel, batch: dict[str, Tensor]) -> Tensor:
     """Row-pass attention rows ``(B, h, H, W, W)``, each summing to 1 (for the entropy column)."""
     _, w = model(batch["values"], batch["flag"], need_weights=True)
-    assert w is not None, "need_weights=True returns the weights"
+    assert isinstance(w, AxialWeights), "an axial model with need_weights=True returns AxialWeights"
     return w.row
+
+
+def corner_field(model: GridRecallModel, values: Tensor, flag: Tensor) -> Tensor:
+    r"""The trained model's composed receptive field of the reading cell (0, 0): ``(B, heads, H, W)``.
+
+    :math:`r_{0,0;\,m,l} = \beta_{0,0,m}\, \alpha_{m,0,l}` per head
+    (:meth:`attn.axial.AxialAttention.receptive_weights`): the column weights of cell (0, 0)
+    times the row weights of the cells (m, 0) it reads. Each map sums to 1. Axial mixers only.
+    """
+    with torch.no_grad():
+        _, w = model(values, flag, need_weights=True)
+    if not isinstance(w, AxialWeights):
+        raise ValueError(f"corner_field needs an axial model (mixer 'axial' or 'axial+ff'), got {model.mixer!r}")
+    return AxialAttention.receptive_weights(w)[:, :, 0, 0]
+
+
+@dataclass
+class GridRun:
+    """What :func:`run_grid_recall` returns: held-out accuracies per mixer, one per seed, and the trained models.
+
+    ``acc[mixer]``: accuracy on a held-out batch; ``acc_row0`` / ``acc_elsewhere``: the same batch
+    split by whether the flag lies in row 0 (the row pass's reach from cell (0, 0)) or not;
+    ``reach_bound``: the best a model that sees only row 0 can score, :math:`1/H + (1 - 1/H)/V`.
+    """
+
+    seeds: list[int]
+    acc: dict[str, list[float]] = field(default_factory=dict)
+    acc_row0: dict[str, list[float]] = field(default_factory=dict)
+    acc_elsewhere: dict[str, list[float]] = field(default_factory=dict)
+    models: dict[tuple[str, int], GridRecallModel] = field(default_factory=dict)
+    reach_bound: float = 0.0
+
+
+def run_grid_recall(
+    task: GridRecall,
+    mixers: tuple[str, ...] = ("row", "axial", "dense"),
+    seeds: tuple[int, ...] | list[int] = (0, 1, 2),
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    embed_dim: int = 32,
+    num_heads: int = 2,
+    eval_batch: int = 1024,
+) -> GridRun:
+    """Train one :class:`GridRecallModel` per mixer and seed on the same batches and budget; evaluate held out.
+
+    For seed ``s`` every mixer starts from ``set_seed(s)`` and trains on the batches of
+    :func:`attn.train.train` with ``seed=s``; all are evaluated on one held-out batch
+    (seed ``10_000 + s``).
+    """
+    from ..train import set_seed, train
+
+    run = GridRun(seeds=list(seeds), reach_bound=1 / task.height + (1 - 1 / task.height) / task.n_values)
+    for s in seeds:
+        held = task.sample(eval_batch, torch.Generator().manual_seed(10_000 + s))
+        in_row0 = held["where"] < task.width
+        for mixer in mixers:
+            set_seed(s)
+            model = GridRecallModel(task, embed_dim, num_heads, mixer=mixer)  # type: ignore[arg-type]
+            train(model, task.sample, grid_loss, steps=steps, batch_size=batch_size, lr=lr, seed=s, progress=False)
+            model.eval()
+            with torch.no_grad():
+                right = (model(held["values"], held["flag"])[0].argmax(-1) == held["y"]).float()
+            run.acc.setdefault(mixer, []).append(float(right.mean()))
+            run.acc_row0.setdefault(mixer, []).append(float(right[in_row0].mean()))
+            run.acc_elsewhere.setdefault(mixer, []).append(float(right[~in_row0].mean()))
+            run.models[mixer, s] = model
+    return run
 
 
 def make_task(size: str = "book") -> OwnTask[GridRecallModel]:
