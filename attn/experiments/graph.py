@@ -308,16 +308,32 @@ def train_arms(arms: Mapping[str, Callable[[], nn.Module]], data: Callable[[int]
     seed fixes the initial weights). ``data(seed)`` returns ``(sample,
     eval_sample)``, each ``(batch_size, generator) -> batch``; training draws
     its batches from a generator seeded with ``seed``, so every arm sees the
-    same graphs; the accuracy is :func:`attn.train.evaluate`'s on one
+    same graphs (drawn once per seed and replayed to the later arms, which
+    saves the drawing, not a single batch); the accuracy is :func:`attn.train.evaluate`'s on one
     held-out batch of ``eval_batch`` drawn from ``eval_sample``.
     """
     from ..train import evaluate, set_seed, train
 
     runs = ArmRuns()
+    drawn: dict[int, list[dict[str, Tensor]]] = {seed: [] for seed in seeds}  # each seed's batches, drawn once
+
+    def replay(seed: int, sample: Sample) -> Sample:
+        """The seed's i-th batch: drawn by the first arm, replayed to the others (the same graphs, drawn once)."""
+        count = [0]
+
+        def draw(batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+            i, count[0] = count[0], count[0] + 1
+            if i == len(drawn[seed]):
+                drawn[seed].append(sample(batch_size, generator))
+            return drawn[seed][i]
+
+        return draw
+
     for name, make in arms.items():
         runs.values[name], runs.curves[name], runs.models[name] = [], [], []
         for seed in seeds:
             sample, eval_sample = data(seed)
+            sample = replay(seed, sample)
             set_seed(seed)
             model = make()
             hist = train(model, sample, node_loss, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
