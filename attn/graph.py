@@ -62,6 +62,7 @@ __all__ = [
     "MeanAggregation",
     "check_graph",
     "prepare_edges",
+    "prepare_edge_attr",
     "segment_softmax",
     "aggregate",
     "edge_chunks",
@@ -128,6 +129,26 @@ def prepare_edges(edge_index: Tensor, num_nodes: int, add_self_loops: bool) -> T
     return torch.cat([edge_index[:, keep], loops], dim=1)
 
 
+def prepare_edge_attr(edge_index: Tensor, edge_attr: Tensor, num_nodes: int, add_self_loops: bool) -> Tensor:
+    """The edge attributes ``(E', D)`` of :func:`prepare_edges`'s edges, in the same order.
+
+    With ``add_self_loops``, the attributes of existing self-loops are dropped
+    and each node's new self-loop gets the **mean** of the attributes of its
+    incoming edges (zero for a node with none): PyTorch Geometric's
+    ``fill_value="mean"``, the default of ``GATv2Conv``.
+    """
+    if edge_attr.shape[0] != edge_index.shape[1]:
+        raise ValueError(f"edge_attr must have one row per edge, (num_edges={edge_index.shape[1]}, edge_dim), "
+                         f"got {tuple(edge_attr.shape)}")
+    if not add_self_loops:
+        return edge_attr
+    keep = edge_index[0] != edge_index[1]
+    kept, dst = edge_attr[keep], edge_index[1, keep]
+    total = edge_attr.new_zeros(num_nodes, edge_attr.shape[1]).index_add(0, dst, kept)
+    count = torch.bincount(dst, minlength=num_nodes).clamp(min=1).to(edge_attr.dtype)
+    return torch.cat([kept, total / count[:, None]])
+
+
 # --------------------------------------------------------------------------- the two edge-list operations
 
 
@@ -160,8 +181,8 @@ def aggregate(alpha: Tensor, values: Tensor, edge_index: Tensor, num_nodes: int)
     """``out_i = sum over edges j -> i of alpha_ij * values_j``: ``alpha`` ``(E, H)``, ``values`` ``(N, H, C)`` -> ``(N, H, C)``.
 
     The messages are formed and summed chunk by chunk of edges, so the
-    ``(E, H, C)`` message tensor never exists at once: on a CPU, allocating and
-    filling it (tens of MiB for a million edges) costs more than the sums.
+    ``(E, H, C)`` message tensor never exists at once: the temporaries stay
+    within :data:`CHUNK_ELEMENTS` numbers whatever the graph's size.
     """
     src, dst = edge_index
     out = values.new_zeros(num_nodes, *values.shape[1:])
@@ -191,16 +212,32 @@ class _EdgeAttention(nn.Module):
         self.out_dim = heads * out_channels if concat else out_channels
         self.bias = nn.Parameter(torch.zeros(self.out_dim)) if bias else None
 
-    def edge_scores(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        """``(values (N, H, C), scores (E, H))``: what is summed, and the unnormalised score of each edge."""
+    #: width of the edge attributes the score reads (``None``: the layer takes none)
+    edge_dim: int | None = None
+
+    def edge_scores(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(values (N, H, C), scores (E, H))``: what is summed, and the unnormalised score of each edge.
+
+        ``edge_attr`` ``(E, edge_dim)`` (already aligned with ``edge_index``,
+        self-loops included) is given only to a layer built with ``edge_dim``.
+        """
         raise NotImplementedError
 
-    def forward(self, x: Tensor, edge_index: Tensor, *, need_weights: bool = False) -> GraphAttentionOutput:
-        """``x`` ``(N, in_channels)``, ``edge_index`` ``(2, E)`` rows ``[source; target]`` -> :class:`GraphAttentionOutput`."""
+    def forward(self, x: Tensor, edge_index: Tensor, *, edge_attr: Tensor | None = None,
+                need_weights: bool = False) -> GraphAttentionOutput:
+        """``x`` ``(N, in_channels)``, ``edge_index`` ``(2, E)`` rows ``[source; target]`` -> :class:`GraphAttentionOutput`.
+
+        ``edge_attr`` ``(E, edge_dim)`` (keyword): one attribute vector per edge,
+        read by the score of a layer built with ``edge_dim`` (GATv2); required
+        there, refused elsewhere.
+        """
         x, edge_index = check_graph(x, edge_index, self.in_channels)
         n = x.shape[0]
         edges = prepare_edges(edge_index, n, self.add_self_loops)
-        values, scores = self.edge_scores(x, edges)                               # (N, H, C), (E', H)
+        attr = self._check_edge_attr(edge_attr, edge_index, x)
+        if attr is not None:
+            attr = prepare_edge_attr(edge_index, attr, n, self.add_self_loops)    # (E', edge_dim)
+        values, scores = self.edge_scores(x, edges, attr)                         # (N, H, C), (E', H)
         alpha = segment_softmax(scores, edges[1], n)                              # (E', H)
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
         out = aggregate(alpha, values, edges, n)                                  # (N, H, C)
@@ -208,6 +245,22 @@ class _EdgeAttention(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return GraphAttentionOutput(out, alpha if need_weights else None, edges)
+
+    def _check_edge_attr(self, edge_attr: object, edge_index: Tensor, x: Tensor) -> Tensor | None:
+        if self.edge_dim is None:
+            if edge_attr is not None:
+                raise ValueError(f"{type(self).__name__} was built without edge_dim: it takes no edge_attr "
+                                 "(GraphAttentionV2(..., edge_dim=D) reads edge attributes in its score)")
+            return None
+        shape = f"(num_edges={edge_index.shape[1]}, edge_dim={self.edge_dim})"
+        if edge_attr is None:
+            raise ValueError(f"this layer was built with edge_dim={self.edge_dim}: pass edge_attr of shape {shape}")
+        attr = check_tensor(edge_attr, "edge_attr", shape, 2)
+        if attr.shape != (edge_index.shape[1], self.edge_dim):
+            raise ValueError(f"edge_attr must have shape {shape}, got {tuple(attr.shape)}")
+        if attr.device != x.device:
+            raise ValueError(f"edge_attr is on {attr.device} but x is on {x.device}")
+        return attr.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, heads={self.heads}, concat={self.concat}, "
@@ -246,7 +299,7 @@ class GraphAttention(_EdgeAttention):
         for a in (self.att_src, self.att_dst):
             nn.init.xavier_uniform_(a.view(heads, out_channels))
 
-    def edge_scores(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+    def edge_scores(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = self.lin(x).view(-1, self.heads, self.out_channels)                   # (N, H, C)
         s_src = (h * self.att_src).sum(-1)                                        # (N, H): a_src . W h_j
         s_dst = (h * self.att_dst).sum(-1)                                        # (N, H): a_dst . W h_i
@@ -265,29 +318,49 @@ class GraphAttentionV2(_EdgeAttention):
     ``torch_geometric.nn.GATv2Conv``: ``lin_src`` (its ``lin_l``) and ``lin_dst``
     (``lin_r``), each ``(H C, F)`` with a bias when ``bias``; ``att`` ``(1, H, C)``;
     the output ``bias``. ``share_weights`` uses one projection for both.
+
+    **Edge attributes** (``edge_dim=D``): each edge ``j -> i`` carries a vector
+    :math:`f_{ij} \in \mathbb{R}^D`, projected by ``lin_edge`` ``(H C, D)``
+    (no bias) into the pair before the nonlinearity,
+
+    .. math::
+
+        e_{ij} = a^\top \mathrm{LeakyReLU}(W_{dst} h_i + W_{src} h_j + W_{edge} f_{ij}),
+
+    as in PyTorch Geometric's ``GATv2Conv(edge_dim=D)``; a node's added
+    self-loop carries the mean attribute of its incoming edges. The values
+    stay :math:`W_{src} h_j`: the attribute changes *who* is heard, not what.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, heads: int = 1, concat: bool = True,
                  negative_slope: float = 0.2, dropout: float = 0.0, add_self_loops: bool = True, bias: bool = True,
-                 share_weights: bool = False) -> None:
+                 share_weights: bool = False, edge_dim: int | None = None) -> None:
         super().__init__(in_channels, out_channels, heads=heads, concat=concat, negative_slope=negative_slope,
                          dropout=dropout, add_self_loops=add_self_loops, bias=bias)
         self.lin_src = nn.Linear(in_channels, heads * out_channels, bias=bias)
         self.lin_dst = self.lin_src if share_weights else nn.Linear(in_channels, heads * out_channels, bias=bias)
         self.att = nn.Parameter(torch.empty(1, heads, out_channels))
+        if edge_dim is not None and (isinstance(edge_dim, bool) or not isinstance(edge_dim, int) or edge_dim < 1):
+            raise ValueError(f"edge_dim must be a positive int or None, got {edge_dim!r}")
+        self.edge_dim = edge_dim
+        self.lin_edge = nn.Linear(edge_dim, heads * out_channels, bias=False) if edge_dim is not None else None
         for lin in dict.fromkeys([self.lin_src, self.lin_dst]):  # one or two projections, in a fixed order
             nn.init.xavier_uniform_(lin.weight)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         nn.init.xavier_uniform_(self.att.view(heads, out_channels))
+        if self.lin_edge is not None:
+            nn.init.xavier_uniform_(self.lin_edge.weight)
 
-    def edge_scores(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+    def edge_scores(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h_src = self.lin_src(x).view(-1, self.heads, self.out_channels)           # (N, H, C)
         h_dst = self.lin_dst(x).view(-1, self.heads, self.out_channels)
         src, dst = edge_index
         scores = []
         for part in edge_chunks(src.numel(), self.heads * self.out_channels):     # as in aggregate: bounded temporaries
             pair = h_src.index_select(0, src[part]) + h_dst.index_select(0, dst[part])  # (chunk, H, C)
+            if self.lin_edge is not None and edge_attr is not None:
+                pair = pair + self.lin_edge(edge_attr[part]).view(-1, self.heads, self.out_channels)
             scores.append((F.leaky_relu(pair, self.negative_slope) * self.att).sum(-1))  # (chunk, H)
         return h_src, torch.cat(scores)
 
@@ -307,7 +380,7 @@ class MeanAggregation(_EdgeAttention):
         self.lin = nn.Linear(in_channels, heads * out_channels, bias=False)
         nn.init.xavier_uniform_(self.lin.weight)
 
-    def edge_scores(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+    def edge_scores(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None) -> tuple[Tensor, Tensor]:
         h = self.lin(x).view(-1, self.heads, self.out_channels)
         return h, h.new_zeros(edge_index.shape[1], self.heads)
 
@@ -318,19 +391,23 @@ LAYERS: dict[str, type[_EdgeAttention]] = {"gat": GraphAttention, "gatv2": Graph
 # --------------------------------------------------------------------------- the dense baseline
 
 
-def dense_graph_attention(layer: _EdgeAttention, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+def dense_graph_attention(layer: _EdgeAttention, x: Tensor, edge_index: Tensor,
+                          edge_attr: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Baseline: the same layer computed with an ``N x N`` boolean adjacency mask (``O(N^2 H)`` memory; GATv2 ``O(N^2 H C)``).
 
     ``adj[i, j]`` is True when the edge ``j -> i`` exists (True = may attend);
     the scores of *all* pairs are formed, masked and soft-maxed along ``j``.
     An adjacency matrix cannot hold duplicate edges: pass a graph without
-    them. Attention dropout is not applied (use ``layer.eval()``).
+    them. Attention dropout is not applied (use ``layer.eval()``). With
+    ``edge_attr`` (a GATv2 layer built with ``edge_dim``), the projected
+    attributes are scattered into an ``(H, N, N, C)`` array.
 
     Returns ``(output (N, out), weights (H, N, N))``.
     """
     x, edge_index = check_graph(x, edge_index, layer.in_channels)
     n, heads, c = x.shape[0], layer.heads, layer.out_channels
     edges = prepare_edges(edge_index, n, layer.add_self_loops)
+    attr = layer._check_edge_attr(edge_attr, edge_index, x)
     adj = torch.zeros(n, n, dtype=torch.bool, device=x.device)
     adj[edges[1], edges[0]] = True                                               # (N_target, N_source)
     if isinstance(layer, GraphAttention):
@@ -341,6 +418,11 @@ def dense_graph_attention(layer: _EdgeAttention, x: Tensor, edge_index: Tensor) 
     elif isinstance(layer, GraphAttentionV2):
         h_src, h_dst = layer.lin_src(x).view(n, heads, c), layer.lin_dst(x).view(n, heads, c)
         pair = h_dst.permute(1, 0, 2)[:, :, None, :] + h_src.permute(1, 0, 2)[:, None, :, :]  # (H, N, N, C)
+        if attr is not None and layer.lin_edge is not None:
+            proj = layer.lin_edge(prepare_edge_attr(edge_index, attr, n, layer.add_self_loops)).view(-1, heads, c)
+            dense_attr = pair.new_zeros(heads, n, n, c)
+            dense_attr[:, edges[1], edges[0], :] = proj.permute(1, 0, 2)         # (H, N_target, N_source, C)
+            pair = pair + dense_attr
         scores = (F.leaky_relu(pair, layer.negative_slope) * layer.att.view(heads, 1, 1, c)).sum(-1)
         values = h_src
     elif isinstance(layer, MeanAggregation):

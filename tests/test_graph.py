@@ -16,6 +16,7 @@ from attn.graph import (
     MeanAggregation,
     attention_rows,
     dense_graph_attention,
+    prepare_edge_attr,
     prepare_edges,
     segment_softmax,
 )
@@ -409,3 +410,206 @@ def test_options_are_keyword_only():
             layer(torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]]), True)
         with pytest.raises(TypeError):
             cls(4, 3, 2)
+
+
+# ----------------------------------------------------------------------------- edge attributes (GATv2, edge_dim)
+
+
+def _edge_graph(dtype=torch.float64):
+    x, ei = random_graph(dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    attr = torch.randn(ei.shape[1], 3, generator=g, dtype=dtype)
+    return x, ei, attr
+
+
+@pytest.mark.parametrize("concat", [True, False])
+@pytest.mark.parametrize("self_loops", [True, False])
+def test_edge_attributes_match_torch_geometric(concat, self_loops):
+    """GATv2 with ``edge_dim``: weights copied into ``GATv2Conv(edge_dim=3)``; outputs, weights, gradients agree.
+
+    The graph holds self-loops and a duplicated edge, so the self-loops' mean attribute is checked too."""
+    from torch_geometric.nn import GATv2Conv
+
+    torch.manual_seed(2)
+    x, ei, attr = _edge_graph()
+    attr.requires_grad_(True)
+    ours = GraphAttentionV2(7, 5, heads=3, concat=concat, add_self_loops=self_loops, edge_dim=3).double()
+    ref = GATv2Conv(7, 5, heads=3, concat=concat, add_self_loops=self_loops, edge_dim=3).double()
+    with torch.no_grad():
+        ours.lin_src.bias.normal_()
+        ours.lin_dst.bias.normal_()
+        ours.bias.normal_()
+        pairs = [(ref.lin_l.weight, ours.lin_src.weight), (ref.lin_l.bias, ours.lin_src.bias),
+                 (ref.lin_r.weight, ours.lin_dst.weight), (ref.lin_r.bias, ours.lin_dst.bias),
+                 (ref.att, ours.att), (ref.lin_edge.weight, ours.lin_edge.weight), (ref.bias, ours.bias)]
+        for theirs, mine in pairs:
+            theirs.copy_(mine)
+    o = ours(x, ei, edge_attr=attr, need_weights=True)
+    r, (r_ei, r_alpha) = ref(x, ei, attr, return_attention_weights=True)
+    assert torch.equal(o.edge_index, r_ei)
+    assert (o.output - r).abs().max() <= 1e-12
+    assert (o.weights - r_alpha).abs().max() <= 1e-12
+    up = torch.randn_like(r)
+    g_ours = torch.autograd.grad(o.output, [x, attr, *(m for _, m in pairs)], up)
+    g_ref = torch.autograd.grad(r, [x, attr, *(t for t, _ in pairs)], up)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        assert (a - b).abs().max() <= 1e-10
+
+
+def test_edge_attributes_change_the_ranking_and_match_the_dense_form():
+    """The attribute enters the score: the same graph with other attributes gives other weights; dense agrees."""
+    torch.manual_seed(3)
+    x, ei, attr = _edge_graph()
+    ei = torch.unique(ei, dim=1)
+    attr = attr[: ei.shape[1]]
+    layer = GraphAttentionV2(7, 4, heads=2, edge_dim=3).double()
+    o = layer(x, ei, edge_attr=attr, need_weights=True)
+    d_out, d_w = dense_graph_attention(layer, x, ei, edge_attr=attr)
+    src, dst = o.edge_index
+    assert (o.output - d_out).abs().max() <= 1e-12
+    assert (d_w[:, dst, src].T - o.weights).abs().max() <= 1e-12
+    other = layer(x, ei, edge_attr=attr.flip(0), need_weights=True)
+    assert (other.weights - o.weights).abs().max() > 1e-3
+
+
+def test_self_loop_attribute_is_the_mean_of_incoming():
+    ei = torch.tensor([[1, 2, 0, 2], [0, 0, 1, 2]])  # 2 -> 2 is a self-loop (dropped); node 2 has no other in-edge
+    attr = torch.tensor([[1.0], [3.0], [5.0], [100.0]])
+    full = prepare_edge_attr(ei, attr, 3, add_self_loops=True)
+    assert full.squeeze(1).tolist() == [1.0, 3.0, 5.0, 2.0, 5.0, 0.0]
+    assert torch.equal(prepare_edge_attr(ei, attr, 3, add_self_loops=False), attr)
+
+
+def test_edge_attributes_are_checked():
+    x, ei = torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="built without edge_dim"):
+        GraphAttention(4, 2)(x, ei, edge_attr=torch.randn(2, 1))
+    layer = GraphAttentionV2(4, 2, edge_dim=3)
+    with pytest.raises(ValueError, match="pass edge_attr of shape"):
+        layer(x, ei)
+    with pytest.raises(ValueError, match=r"edge_attr must have shape \(num_edges=2, edge_dim=3\)"):
+        layer(x, ei, edge_attr=torch.randn(3, 3))
+    with pytest.raises(ValueError, match="edge_dim must be a positive int"):
+        GraphAttentionV2(4, 2, edge_dim=0)
+
+
+# ----------------------------------------------------------------------------- the chapter's experiments
+
+from attn.experiments.graph import (  # noqa: E402
+    KARATE_EDGES,
+    KARATE_FACTION,
+    LookupModel,
+    NodeMLP,
+    attention_entropy,
+    attention_share,
+    block_match_graphs,
+    karate_club,
+    karate_split,
+    train_arms,
+)
+
+
+def test_block_match_graphs_only_the_match_pays():
+    """Blocks are shown exactly; labels follow the block within a graph, but the block -> label map changes per graph."""
+    b = block_match_graphs(40, 16, torch.Generator().manual_seed(0), noise=0.0)
+    x, y, block = b["x"], b["y"], b["block"]
+    assert torch.equal(x[:, :4].argmax(1), block) and torch.equal(x[:, 4:].argmax(1), y)
+    maps = set()
+    for gi in range(40):
+        nodes = b["graph"] == gi
+        mapping = {int(k): {int(v) for v in y[nodes][block[nodes] == k]} for k in range(4)}
+        assert all(len(v) == 1 for v in mapping.values())                       # one label per block per graph
+        maps.add(tuple(next(iter(mapping[k])) for k in range(4)))
+    assert len(maps) > 10                                                       # no fixed block -> label map
+    for k in range(4):                                                          # every block takes every label
+        assert set(y[block == k].tolist()) == {0, 1, 2, 3}
+    src, dst = b["edge_index"]
+    same = (block[src] == block[dst]).float().mean()
+    assert 0.45 < same < 0.55                                                   # homophily 0.5
+    again = block_match_graphs(40, 16, torch.Generator().manual_seed(0), noise=0.0)
+    assert torch.equal(again["x"], x) and torch.equal(again["edge_index"], b["edge_index"])
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        block_match_graphs(1, 16, torch.Generator(), noise=-1.0)
+
+
+def test_karate_club_is_zacharys_graph():
+    assert len(KARATE_EDGES) == 78 == len(set(KARATE_EDGES))
+    assert all(a < b for a, b in KARATE_EDGES)
+    k = karate_club()
+    assert k["x"].shape == (34, 34) and k["edge_index"].shape == (2, 156)
+    deg = torch.bincount(k["edge_index"][1], minlength=34)
+    assert deg[0] == 16 and deg[33] == 17 and deg.sum() == 156               # Mr. Hi and the officer
+    assert k["y"][0] == 0 and k["y"][33] == 1 and int(k["y"].sum()) == 17
+    nx = pytest.importorskip("networkx")
+    g = nx.karate_club_graph()
+    assert sorted(tuple(sorted(e)) for e in g.edges()) == sorted(KARATE_EDGES)
+    assert [int(g.nodes[i]["club"] != "Mr. Hi") for i in range(34)] == list(KARATE_FACTION)
+
+
+def test_karate_split_labels_few_members_per_faction_by_seed():
+    train_y, test_y = karate_split(3, per_class=2)
+    labelled = train_y >= 0
+    assert int(labelled.sum()) == 4 and sorted(train_y[labelled].tolist()) == [0, 0, 1, 1]
+    assert torch.equal(labelled, test_y < 0)                                    # disjoint, together all members
+    assert torch.equal(karate_split(3)[0], train_y)
+    assert any(not torch.equal(karate_split(s)[0], train_y) for s in range(4, 8))
+
+
+def test_train_arms_gives_every_arm_the_same_batches_and_one_value_per_seed():
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    class Recording(NodeMLP):
+        def __init__(self, name):
+            super().__init__(8, 4)
+            self.name = name
+
+        def forward(self, x, edge_index):
+            seen.setdefault(self.name, []).append(x.clone())
+            return super().forward(x, edge_index)
+
+    def data(seed):
+        def sample(batch_size, generator):
+            b = block_match_graphs(batch_size, 8, generator)
+            return {"x": b["x"], "edge_index": b["edge_index"], "y": b["y"]}
+        return sample, sample
+
+    arms = {"a": lambda: Recording("a"), "b": lambda: Recording("b"),
+            "gatv2": lambda: NodeClassifier("gatv2", 8, 4, hidden=4, heads=2)}
+    runs = train_arms(arms, data, [0, 1], steps=3, batch_size=2, lr=1e-2, eval_batch=2, log_every=1)
+    assert {k: len(v) for k, v in runs.values.items()} == {"a": 2, "b": 2, "gatv2": 2}
+    assert all(0.0 <= v <= 1.0 for vs in runs.values.values() for v in vs)
+    assert [len(c) for c in runs.curves["gatv2"]] == [3, 3] and len(runs.models["a"]) == 2
+    # per seed: 3 training batches + 1 evaluation batch, the same for both arms, different across seeds
+    assert len(seen["a"]) == len(seen["b"]) == 8
+    assert all(torch.equal(x, y) for x, y in zip(seen["a"], seen["b"], strict=True))
+    assert not torch.equal(seen["a"][0], seen["a"][4])
+    assert not torch.equal(seen["a"][0], seen["a"][1])
+    assert runs.plateaued("a", last=1, tol=1.0)
+
+
+def test_attention_entropy_and_share():
+    ei = torch.tensor([[0, 1, 2, 0], [1, 1, 1, 2]])                           # node 1: 3 in-edges, node 2: one
+    uniform = torch.tensor([[1 / 3], [1 / 3], [1 / 3], [1.0]])
+    ent = attention_entropy(uniform, ei, 3)
+    assert torch.allclose(ent[:, 0], torch.tensor([0.0, float(torch.log(torch.tensor(3.0))), 0.0]))
+    peaked = torch.tensor([[1.0], [0.0], [0.0], [1.0]])
+    assert torch.allclose(attention_entropy(peaked, ei, 3), torch.zeros(3, 1))
+    share = attention_share(uniform.expand(-1, 2), ei, 3, torch.tensor([True, False, True, False]))
+    assert torch.allclose(share, torch.tensor([0.0, 2 / 3, 0.0]))
+
+
+def test_edge_attributes_in_the_node_classifier_and_the_loss():
+    b = block_match_graphs(2, 8, torch.Generator().manual_seed(0))
+    src, dst = b["edge_index"]
+    attr = (b["block"][src] == b["block"][dst]).float()[:, None]
+    model = NodeClassifier("gatv2", 8, 4, edge_dim=1)
+    batch = {"x": b["x"], "edge_index": b["edge_index"], "y": b["y"], "edge_attr": attr}
+    loss, metrics = node_loss(model, batch)
+    assert loss.isfinite() and 0 <= metrics["acc"] <= 1
+    with pytest.raises(ValueError, match="pass edge_attr"):
+        node_loss(model, {k: v for k, v in batch.items() if k != "edge_attr"})
+    with pytest.raises(ValueError, match="edge_dim needs kind='gatv2'"):
+        NodeClassifier("gat", 8, 4, edge_dim=1)
+    lookup = LookupModel("gatv2", 3)
+    g = lookup_graphs(2, 3, torch.Generator().manual_seed(0))
+    assert lookup(g["x"], g["edge_index"]).shape == (12, 3)
