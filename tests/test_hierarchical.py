@@ -8,7 +8,16 @@ from torch.func import functional_call
 
 from attn import registry
 from attn.experiments import own_tasks
-from attn.experiments.hierarchical import PlantedWordDocuments, han_loss, make_task, planted_mass
+from attn.experiments.hierarchical import (
+    FlatAttentionNetwork,
+    PlantedWordDocuments,
+    TriggeredCueDocuments,
+    document_accuracy,
+    han_loss,
+    make_task,
+    planted_mass,
+    train_document_model,
+)
 from attn.hierarchical import ContextAttention, HierarchicalAttentionNetwork, pad_documents
 from attn.train import cpu_threads, set_seed, train
 
@@ -303,3 +312,64 @@ def test_word_mask_is_named_and_keyword_only():
         model(ids, word_mask=mask.flip(-1))
     with pytest.raises(TypeError, match=r"key_mask must be a torch.bool tensor"):
         ContextAttention(4)(torch.randn(2, 3, 4), key_mask=torch.ones(2, 3))
+
+
+# ----------------------------------------------------------------------------- the selection task and its arms
+
+
+def test_triggered_cue_documents_need_selection():
+    docs = TriggeredCueDocuments()
+    b = docs.sample(64, torch.Generator().manual_seed(0))
+    ids, mask, y = b["ids"], b["mask"], b["y"]
+    rows = torch.arange(64)
+    for n in range(64):
+        cues = [(i, docs.cue_class(int(t))) for i in range(ids.shape[1]) for t in ids[n, i][mask[n, i]]
+                if docs.cue_class(int(t)) is not None]
+        classes = [c for _, c in cues]
+        # three cue sentences, three different classes: the wrong classes outnumber the right one
+        assert len(cues) == docs.cue_sentences and len(set(classes)) == docs.cue_sentences
+        assert len({i for i, _ in cues}) == docs.cue_sentences
+        # exactly one trigger, in the sentence whose cue is the label
+        trig = (ids[n] == docs.trigger) & mask[n]
+        assert int(trig.sum()) == 1
+        s = int(trig.any(-1).nonzero()[0, 0])
+        assert s == int(b["sentence"][n])
+        assert dict(cues)[s] == int(y[n])
+    # the decisive cue sits at (sentence, word)
+    assert all(docs.cue_class(int(t)) == int(c) for t, c in zip(ids[rows, b["sentence"], b["word"]], y, strict=True))
+    # every class occurs as a label
+    assert set(y.tolist()) == set(range(docs.n_classes))
+    with pytest.raises(ValueError):
+        TriggeredCueDocuments(cue_sentences=5)
+
+
+def test_flat_network_pads_nothing_and_weights_sit_on_real_words():
+    docs = TriggeredCueDocuments()
+    b = docs.sample(4, torch.Generator().manual_seed(1))
+    set_seed(0)
+    flat = FlatAttentionNetwork(docs.vocab_size, docs.n_classes, embed_dim=8, hidden=8).eval()
+    with torch.no_grad():
+        logits, w = flat(b["ids"], word_mask=b["mask"], need_weights=True)
+        assert w is not None and logits.shape == (4, docs.n_classes)
+        assert torch.allclose(w.sum((1, 2)), torch.ones(4)) and (w[~b["mask"]] == 0).all()
+        # one document alone, cut to its real words, gives the same logits
+        n_s = int(b["mask"][0].any(-1).sum())
+        alone, _ = flat(b["ids"][:1, :n_s], word_mask=b["mask"][:1, :n_s])
+        assert torch.allclose(alone, logits[:1], atol=1e-6)
+
+
+def test_train_document_model_arms_are_seeded_and_han_selects():
+    docs = TriggeredCueDocuments()
+    held = docs.sample(256, torch.Generator().manual_seed(5))
+    with cpu_threads(1):
+        a, _ = train_document_model("average pooling", docs, seed=2, steps=2)
+        b, _ = train_document_model("average pooling", docs, seed=2, steps=2)
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+        with pytest.raises(ValueError, match="arm"):
+            train_document_model("max pooling", docs, seed=0, steps=1)
+        han, hist = train_document_model("HAN", docs, seed=0, steps=50, log_every=10)
+    acc = document_accuracy(han, held)
+    assert acc > 0.5, acc  # chance 0.25
+    assert list(hist.to_frame()["step"])[:2] == [10, 20]
+    mass = planted_mass(han, held)
+    assert mass["sentence mass"] > 0.4  # uniform: about 0.2

@@ -12,7 +12,15 @@ from masking import padding_masks
 
 from attn import registry
 from attn.benchmark import count_flops
-from attn.experiments.transformer_xl import LagCopyTask, TransformerXLLM, lag_copy_loss
+from attn.experiments.transformer_xl import (
+    AbsoluteSegmentAttention,
+    LagCopyTask,
+    TransformerXLLM,
+    lag_copy_accuracy,
+    lag_copy_loss,
+    set_memory,
+    train_lag_copy,
+)
 from attn.train import cpu_threads, evaluate, set_seed, train
 from attn.transformer_xl import (
     TransformerXLAttention,
@@ -303,6 +311,63 @@ def test_lag_copy_task_and_memory_helps():
         train(lm, task.sample, lag_copy_loss, steps=60, batch_size=16, lr=1e-2, progress=False)
         accs[M] = evaluate(lm, task.sample, lag_copy_loss, batch_size=128)["acc"]
     assert accs[4] > 0.9 and accs[0] < 0.3, accs
+
+
+def test_pair_task_targets_and_classes():
+    task = LagCopyTask(vocab=4, segment=8, segments=4, lag=12, near=4)
+    assert task.classes == 16
+    b = task.sample(3, torch.Generator().manual_seed(1))
+    x, y = b["x"], b["y"]
+    assert (y[:, :12] == -100).all()
+    assert torch.equal(y[:, 12:], x[:, 8:-4] + 4 * x[:, :-12])  # (x[t - near], x[t - lag])
+    with pytest.raises(ValueError, match="near"):
+        LagCopyTask(vocab=4, segment=8, segments=4, lag=12, near=12)
+
+
+def test_absolute_positions_reset_per_segment_and_drop_relative_terms():
+    set_seed(0)
+    lm = TransformerXLLM(7, 8, 2, layers=1, segment=4, mem_len=4, positions="absolute")
+    assert isinstance(lm.blocks[0].attn, AbsoluteSegmentAttention) and lm.position_embed is not None
+    # the position code restarts at every segment: the same tokens at offsets 0..3 of
+    # segments 0 and 1 embed identically
+    tokens = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]])
+    h = lm._embed(tokens)
+    assert torch.equal(h[:, :4], h[:, 4:])
+    q = torch.randn(2, 2, 4, 4)
+    assert torch.equal(lm.blocks[0].attn._scores_bias(q, 8), torch.zeros(2, 2, 4, 8))
+    # the cache still equals recomputation and the parallel form
+    x = torch.randint(0, 7, (2, 12), generator=torch.Generator().manual_seed(0))
+    lm = lm.double().eval()
+    cached = lm.evaluate_cached(x)
+    with torch.no_grad():
+        assert torch.allclose(lm(x)[0], cached, atol=1e-12)
+    assert torch.allclose(lm.evaluate_recompute(x), cached, atol=1e-12)
+    with pytest.raises(ValueError, match="positions"):
+        TransformerXLLM(7, 8, 2, positions="learned")  # type: ignore[arg-type]
+
+
+def test_set_memory_changes_every_layer_and_lag_copy_accuracy_restores_it():
+    lm = TransformerXLLM(7, 8, 2, layers=2, segment=4, mem_len=4)
+    set_memory(lm, 8)
+    assert lm.mem_len == 8 and all(b.attn.mem_len == 8 for b in lm.blocks)
+    task = LagCopyTask(vocab=7, segment=4, segments=3, lag=6)
+    set_memory(lm, 4)
+    lag_copy_accuracy(lm, task, seed=0, batch_size=8, mem_len=8)
+    assert lm.mem_len == 4 and all(b.attn.mem_len == 4 for b in lm.blocks)
+
+
+def test_train_lag_copy_is_seeded_and_memory_reach_decides():
+    """Same seed, same model; a memory shorter than the lag cannot copy, a longer one can."""
+    task = LagCopyTask(vocab=8, segment=4, segments=3, lag=6)
+    a, _ = train_lag_copy(task, seed=3, steps=3)
+    b, _ = train_lag_copy(task, seed=3, steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    lm, hist = train_lag_copy(task, seed=0, steps=60, mem_len=4, log_every=20)
+    assert len(hist.to_frame()) >= 3
+    short = lag_copy_accuracy(lm, task, seed=1)
+    # trained with M = 4: only queries at offset i >= 2 reach 6 back (about half); with M = 8 all do
+    assert short < 0.8
+    assert lag_copy_accuracy(lm, task, seed=1, mem_len=8) > short + 0.2
 
 
 def test_registry_build():

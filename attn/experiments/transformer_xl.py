@@ -21,16 +21,45 @@ in the previous segment, which only a memory reaches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_int, check_same_dtype, check_tensor
+from ..train import History, set_seed, train
 from ..transformer_xl import TransformerXLAttention
 
-__all__ = ["TransformerXLLM", "LagCopyTask", "lag_copy_loss"]
+__all__ = [
+    "TransformerXLLM",
+    "AbsoluteSegmentAttention",
+    "LagCopyTask",
+    "lag_copy_loss",
+    "set_memory",
+    "train_lag_copy",
+    "lag_copy_accuracy",
+]
 
+Positions = Literal["relative", "absolute"]
+
+
+class AbsoluteSegmentAttention(TransformerXLAttention):
+    """The same layer with the relative terms (b) and (d) removed: scores ``(q_i + u)^T k_j`` only.
+
+    Used with absolute position embeddings added to the token embeddings
+    (:class:`TransformerXLLM` with ``positions="absolute"``): position ``t mod L``,
+    reset at every segment, so a state of the memory and the state of the
+    current segment at the same offset carry the same position code. This is
+    the "naive" combination of a memory with absolute positions that Dai et al.
+    (2019, section 3.3) argue cannot tell ``x_{tau, j}`` from ``x_{tau+1, j}``.
+    ``r_net`` and ``v`` stay (unused) so that parameter counts differ only by the
+    position table.
+    """
+
+    def _scores_bias(self, q: Tensor, keys: int, table: Tensor | None = None) -> Tensor:
+        """No position term: zeros ``(B, h, L, K)``."""
+        return q.new_zeros(*q.shape[:-1], keys)
 
 
 class _Block(nn.Module):
@@ -41,10 +70,13 @@ class _Block(nn.Module):
     ``W_k, W_v`` do (Dai et al. 2019's code, ``pre_lnorm``).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, segment: int, mem_len: int, ff_mult: int) -> None:
+    def __init__(
+        self, embed_dim: int, num_heads: int, segment: int, mem_len: int, ff_mult: int, positions: Positions = "relative"
+    ) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
-        self.attn = TransformerXLAttention(embed_dim, num_heads, segment, mem_len)
+        layer = TransformerXLAttention if positions == "relative" else AbsoluteSegmentAttention
+        self.attn = layer(embed_dim, num_heads, segment, mem_len)
         self.ff = nn.Sequential(nn.Linear(embed_dim, ff_mult * embed_dim), nn.GELU(), nn.Linear(ff_mult * embed_dim, embed_dim))
 
     def forward(self, h: Tensor, memory: Tensor | None = None, need_weights: bool = False, parallel: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -71,19 +103,40 @@ class TransformerXLLM(nn.Module):
     :meth:`evaluate_cached` and :meth:`evaluate_recompute` evaluate a long
     stream the two ways.
 
-    Shapes: ``tokens`` ``(B, n)`` integer ids -> logits ``(B, n, vocab)``.
+    ``positions="absolute"``: the relative terms are removed
+    (:class:`AbsoluteSegmentAttention`) and a learned embedding of the position
+    within the segment, ``t mod L`` (reset at every segment), is added to the
+    token embedding, the baseline of Dai et al. (2019, section 3.3).
+
+    ``num_outputs``: classes of the head (default ``vocab``).
+
+    Shapes: ``tokens`` ``(B, n)`` integer ids -> logits ``(B, n, num_outputs)``.
     """
 
     def __init__(
-        self, vocab: int, embed_dim: int = 32, num_heads: int = 2, layers: int = 1, segment: int = 8, mem_len: int = 8, ff_mult: int = 2
+        self,
+        vocab: int,
+        embed_dim: int = 32,
+        num_heads: int = 2,
+        layers: int = 1,
+        segment: int = 8,
+        mem_len: int = 8,
+        ff_mult: int = 2,
+        positions: Positions = "relative",
+        num_outputs: int | None = None,
     ) -> None:
         super().__init__()
         check_int("layers", layers, 1)
-        self.vocab, self.segment, self.mem_len = vocab, segment, mem_len
+        if positions not in ("relative", "absolute"):
+            raise ValueError(f"positions must be 'relative' or 'absolute', got {positions!r}")
+        self.vocab, self.segment, self.mem_len, self.positions = vocab, segment, mem_len, positions
         self.embed = nn.Embedding(vocab, embed_dim)
-        self.blocks = nn.ModuleList(_Block(embed_dim, num_heads, segment, mem_len, ff_mult) for _ in range(layers))
+        self.position_embed = nn.Embedding(segment, embed_dim) if positions == "absolute" else None
+        self.blocks = nn.ModuleList(
+            _Block(embed_dim, num_heads, segment, mem_len, ff_mult, positions) for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(embed_dim)
-        self.head = nn.Linear(embed_dim, vocab)
+        self.head = nn.Linear(embed_dim, vocab if num_outputs is None else num_outputs)
 
     def _check_tokens(self, tokens: object) -> Tensor:
         if not isinstance(tokens, Tensor):
@@ -96,9 +149,19 @@ class TransformerXLLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.vocab}), got min {int(tokens.min())}, max {int(tokens.max())}")
         return tokens
 
+    def _embed(self, tokens: Tensor) -> Tensor:
+        """Token embeddings ``(B, n, E)``, plus the position ``t mod L`` when ``positions="absolute"``.
+
+        ``tokens`` must start at a segment boundary (every caller cuts at multiples of ``L``).
+        """
+        h = self.embed(self._check_tokens(tokens))
+        if self.position_embed is not None:
+            h = h + self.position_embed(torch.arange(tokens.shape[1], device=tokens.device) % self.segment)
+        return h
+
     def forward(self, tokens: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor | None]]:
         """Parallel form: logits ``(B, n, V)`` and per-layer weights ``(B, h, n, n)`` (when asked)."""
-        h = self.embed(self._check_tokens(tokens))
+        h = self._embed(tokens)
         weights = []
         for block in self.blocks:
             h, w = block(h, need_weights=need_weights)
@@ -111,7 +174,7 @@ class TransformerXLLM(nn.Module):
         ``mems[n]`` is ``(B, M', E)`` (``M' <= M``), the last inputs of block ``n``; the
         new memory keeps the last ``M`` of ``[mems[n] | this segment's inputs]``, detached.
         """
-        h = self.embed(self._check_tokens(tokens))
+        h = self._embed(tokens)
         if mems is not None:
             if not isinstance(mems, (list, tuple)) or len(mems) != len(self.blocks):
                 raise ValueError(f"mems must be a list of one tensor per layer ({len(self.blocks)}), got {_describe(mems)}")
@@ -159,7 +222,7 @@ class TransformerXLLM(nn.Module):
         for start in range(0, tokens.shape[1], L):
             first = max(0, start - c * L)
             end = min(start + L, tokens.shape[1])
-            h = self.embed(self._check_tokens(tokens[:, first:end]))
+            h = self._embed(tokens[:, first:end])
             for block in self.blocks:
                 h, _ = block(h)
             out.append(self.head(self.norm(h[:, start - first :])))
@@ -177,21 +240,35 @@ class LagCopyTask:
     ``y (B, n)`` with ``y[t] = x[t - lag]`` for ``t >= lag`` and ``-100``
     (ignored) before. A model that sees only its own segment can only guess
     (accuracy ``1 / vocab``); one with a memory of ``M >= lag`` states can copy.
+
+    ``near`` (optional, ``< lag``): a second, nearer lag; the target is then the
+    *pair* ``y[t] = x[t - near] + vocab * x[t - lag]`` (``vocab**2`` classes,
+    :attr:`classes`), for ``t >= lag``. The near copy gives a lower layer its own
+    reason to keep ``x[s - near]`` in state ``s``, which a layer above can then read
+    from the memory (the two-layer path to a lag longer than ``M``).
     """
 
     vocab: int = 16
     segment: int = 8
     segments: int = 4
     lag: int | None = None
+    near: int | None = None
 
     def __post_init__(self) -> None:
         self.lag = self.segment if self.lag is None else self.lag
         if self.vocab < 2 or self.segment < 1 or self.segments < 2 or not 1 <= self.lag < self.length:
             raise ValueError(f"need vocab >= 2, segment >= 1, segments >= 2 and 1 <= lag < n, got {self}")
+        if self.near is not None and not 1 <= self.near < self.lag:
+            raise ValueError(f"near must satisfy 1 <= near < lag, got near={self.near}, lag={self.lag}")
 
     @property
     def length(self) -> int:
         return self.segment * self.segments
+
+    @property
+    def classes(self) -> int:
+        """Classes of the target: ``vocab``, or ``vocab**2`` for the pair target."""
+        return self.vocab if self.near is None else self.vocab**2
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         x = torch.randint(0, self.vocab, (batch_size, self.length), generator=generator)
@@ -199,6 +276,8 @@ class LagCopyTask:
         assert lag is not None  # set in __post_init__
         y = torch.full_like(x, -100)
         y[:, lag:] = x[:, :-lag]
+        if self.near is not None:
+            y[:, lag:] = x[:, lag - self.near : self.length - self.near] + self.vocab * y[:, lag:]
         return {"x": x, "y": y}
 
 
@@ -210,3 +289,73 @@ def lag_copy_loss(model: TransformerXLLM, batch: dict[str, Tensor]) -> tuple[Ten
     real = y != -100
     acc = (logits.argmax(-1) == y)[real].float().mean()
     return loss, {"acc": float(acc)}
+
+
+def set_memory(model: TransformerXLLM, mem_len: int) -> None:
+    """Give ``model`` (and every layer of it) a memory of ``mem_len`` states, e.g. a longer one for evaluation.
+
+    Relative positions make this possible: the sinusoid table has a code for any distance,
+    so nothing in the trained weights is tied to the ``M`` used in training.
+    """
+    check_int("mem_len", mem_len, 0)
+    model.mem_len = mem_len
+    for block in model.blocks:
+        assert isinstance(block, _Block)
+        block.attn.mem_len = mem_len
+
+
+def train_lag_copy(
+    task: LagCopyTask,
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-2,
+    layers: int = 1,
+    segment: int | None = None,
+    mem_len: int | None = None,
+    positions: Positions = "relative",
+    embed_dim: int = 32,
+    num_heads: int = 2,
+    ff_mult: int = 1,
+    log_every: int = 5,
+    device: torch.device | str = "cpu",
+) -> tuple[TransformerXLLM, History]:
+    """Train a :class:`TransformerXLLM` on ``task`` in the parallel form (seeded: same batches for every arm).
+
+    ``segment`` (default: the task's ``L``) and ``mem_len`` (default ``L``) set the model's
+    ``L`` and ``M``; ``segment=2L, mem_len=0`` is a vanilla model with twice the context.
+    """
+
+    L = task.segment if segment is None else segment
+    M = task.segment if mem_len is None else mem_len
+    set_seed(seed)
+    model = TransformerXLLM(
+        task.vocab, embed_dim, num_heads, layers=layers, segment=L, mem_len=M, ff_mult=ff_mult, positions=positions,
+        num_outputs=task.classes,
+    )
+    hist = train(model, task.sample, lag_copy_loss, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                 log_every=log_every, progress=False, device=device)
+    return model.cpu(), hist
+
+
+@torch.no_grad()
+def lag_copy_accuracy(
+    model: TransformerXLLM, task: LagCopyTask, *, seed: int, batch_size: int = 512, mem_len: int | None = None
+) -> float:
+    """Held-out accuracy over the positions with an answer (``t >= lag``), optionally with another memory ``M``.
+
+    The batch is drawn from ``seed`` (use one seed per training seed, the same for every arm).
+    The model's own ``M`` is restored afterwards.
+    """
+    batch = task.sample(batch_size, torch.Generator().manual_seed(seed))
+    before = model.mem_len
+    was_training = model.training
+    model.eval()
+    try:
+        if mem_len is not None:
+            set_memory(model, mem_len)
+        return lag_copy_loss(model, batch)[1]["acc"]
+    finally:
+        set_memory(model, before)
+        model.train(was_training)
