@@ -27,8 +27,16 @@ the result is brought back with the inverse FFT (modes outside :math:`I` are zer
   learned complex linear map per kept mode and head,
   :math:`\tilde Y_m = \tilde Q_m R_m`, :math:`R_m \in \mathbb C^{d \times d}`;
 * **FEA-f** (frequency enhanced attention, :class:`FrequencyEnhancedAttention`):
-  attention among the kept modes, :math:`\tilde Y = \sigma(\tilde Q \tilde K^\top)\tilde V`,
-  :math:`\sigma` = softmax of the moduli.
+  attention among the kept modes, :math:`\tilde Y = \sigma(\tilde Q \tilde K^\top)\tilde V`.
+  The paper (section 3.2) allows :math:`\sigma` = softmax or tanh and uses FEA-f as
+  the decoder's *cross*-attention; the authors' code defaults to tanh on the complex
+  scores, uses :math:`\tilde K` as the values and multiplies by a learned complex
+  weight per mode. Here: :math:`\sigma` = softmax of the moduli, in self-attention
+  form, with separate values and no per-mode weight.
+
+FEDformer applies these blocks to the **seasonal** part of a series, after the
+series decomposition of Autoformer (Wu et al. 2021) that splits off a moving-average
+trend (:func:`series_decomposition`).
 
 .. math::
 
@@ -80,6 +88,7 @@ __all__ = [
     "select_modes",
     "mode_filter_matrix",
     "fourier_influence",
+    "series_decomposition",
     "FourierMixing",
     "FrequencyEnhancedBlock",
     "FrequencyEnhancedAttention",
@@ -218,6 +227,33 @@ def fourier_influence(n: int, e: int, dtype: torch.dtype = torch.float32, device
     return (infl / infl.sum(-1, keepdim=True)).to(dtype)
 
 
+def series_decomposition(x: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+    r"""Autoformer's and FEDformer's series decomposition: ``x (B, n, ...) -> (seasonal, trend)``, same shapes.
+
+    .. math::
+
+        x^{\text{trend}} = \operatorname{AvgPool}_k(\operatorname{Pad}(x)),\qquad
+        x^{\text{seasonal}} = x - x^{\text{trend}},
+
+    a moving average of ``kernel_size`` :math:`k` steps along dim 1, the ends padded
+    by repeating the first value :math:`k - 1 - \lfloor (k-1)/2 \rfloor` times and the
+    last :math:`\lfloor (k-1)/2 \rfloor` times, so the trend has the input's length
+    (Wu et al. 2021, section 3.1; Zhou et al. 2022, section 3.1). A linear trend is kept
+    exactly away from the ends; a component whose period divides :math:`k` goes entirely
+    to the seasonal part.
+    """
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be an int >= 1, got {kernel_size!r}")
+    if x.ndim < 2:
+        raise ValueError(f"x must be (batch, n, ...), got shape {tuple(x.shape)}")
+    k = kernel_size
+    front = x[:, :1].expand(-1, k - 1 - (k - 1) // 2, *x.shape[2:])
+    end = x[:, -1:].expand(-1, (k - 1) // 2, *x.shape[2:])
+    padded = torch.cat([front, x, end], 1)  # (B, n + k - 1, ...)
+    trend = padded.unfold(1, k, 1).mean(-1)  # (B, n, ...): the window is the last axis
+    return x - trend, trend
+
+
 @register(
     "fnet",
     paper="Lee-Thorp et al. 2022",
@@ -309,8 +345,12 @@ class FrequencyEnhancedBlock(_ModeSelection):
 
     per head ``h`` (width ``d = E / heads``) and kept mode ``m`` (``R_{h,m}`` a
     learned complex ``d x d`` matrix). The ``m``-th kept mode (in increasing
-    frequency) uses the ``m``-th weight slot, as in the paper's code; the result
-    goes back to the same frequency it was read from.
+    frequency) uses the ``m``-th weight slot, as in the authors' code, and the
+    result goes back to the frequency it was read from (the paper's
+    :math:`\operatorname{Pad}_I`). The authors' ``FourierBlock`` instead writes
+    the ``m``-th kept mode into output slot ``m``, so its output always lies in the
+    lowest ``M`` frequencies whatever the selection; with ``mode_select="lowest"``
+    the two agree.
 
     Args:
         embed_dim, num_heads: ``E`` and ``h``.
@@ -399,7 +439,7 @@ class FrequencyEnhancedBlock(_ModeSelection):
     causal=False,
 )
 class FrequencyEnhancedAttention(_ModeSelection):
-    r"""FEDformer's frequency enhanced attention (FEA-f), in self-attention form.
+    r"""FEDformer's frequency enhanced attention (FEA-f), in self-attention form, with softmax of the moduli.
 
     .. math::
 
@@ -412,6 +452,14 @@ class FrequencyEnhancedAttention(_ModeSelection):
     scores scaled by :math:`1/\sqrt d`, so that the softmax does not saturate as
     ``n`` grows; the paper's code uses an unscaled FFT and divides the output by
     the squared width instead.
+
+    What differs from FEDformer: the paper (section 3.2) uses FEA-f as the
+    decoder's cross-attention (queries from the decoder, keys and values from the
+    encoder) with :math:`\sigma` = softmax or tanh; the authors' code defaults to
+    tanh applied to the complex scores :math:`\tilde Q \tilde K^\top`, takes
+    :math:`\tilde K` as the values, and multiplies each output mode by a learned
+    complex weight per head before the inverse FFT. This layer is the paper's
+    equation with the softmax option, on one sequence, with its own values.
 
     Args: as :class:`FrequencyEnhancedBlock`.
     """
