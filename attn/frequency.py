@@ -95,6 +95,7 @@ __all__ = [
 ]
 
 ModeSelect = Literal["random", "lowest"]
+WriteBack = Literal["frequency", "slot"]
 FFTNorm = Literal["backward", "ortho"]
 
 
@@ -349,8 +350,8 @@ class FrequencyEnhancedBlock(_ModeSelection):
     result goes back to the frequency it was read from (the paper's
     :math:`\operatorname{Pad}_I`). The authors' ``FourierBlock`` instead writes
     the ``m``-th kept mode into output slot ``m``, so its output always lies in the
-    lowest ``M`` frequencies whatever the selection; with ``mode_select="lowest"``
-    the two agree.
+    lowest ``M`` frequencies whatever the selection (``write_back="slot"``); with
+    ``mode_select="lowest"`` the two agree.
 
     Args:
         embed_dim, num_heads: ``E`` and ``h``.
@@ -358,12 +359,19 @@ class FrequencyEnhancedBlock(_ModeSelection):
         mode_select: ``"random"`` (the paper's default) or ``"lowest"``.
         seed: seeds the random choice of modes for each length.
         bias: biases of ``W_Q`` and ``W_O``.
+        write_back: ``"frequency"`` (default, the paper's :math:`\operatorname{Pad}_I`) or
+            ``"slot"`` (the authors' ``FourierBlock``: the ``m``-th kept mode to mode ``m``;
+            no ``need_weights``).
     """
 
     def __init__(
-        self, embed_dim: int, num_heads: int = 1, modes: int = 16, mode_select: ModeSelect = "random", seed: int = 0, bias: bool = True
+        self, embed_dim: int, num_heads: int = 1, modes: int = 16, mode_select: ModeSelect = "random", seed: int = 0, bias: bool = True,
+        write_back: WriteBack = "frequency",
     ) -> None:
         super().__init__(embed_dim, num_heads, modes, mode_select, seed)
+        if write_back not in ("frequency", "slot"):
+            raise ValueError(f"write_back must be 'frequency' (the paper's Pad_I) or 'slot' (the authors' FourierBlock), got {write_back!r}")
+        self.write_back = write_back
         d = self.head_dim
         scale = 1.0 / (embed_dim * embed_dim)  # the paper's init: scale * U[0, 1) for real and imaginary parts
         self.in_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W_Q
@@ -387,15 +395,21 @@ class FrequencyEnhancedBlock(_ModeSelection):
         qs = qf.index_select(1, idx)  # (B, M, h, d): the kept modes only
         r = torch.complex(self.weight_real[:, :m].to(work), self.weight_imag[:, :m].to(work)).to(qs.dtype)  # (h, M, d, d)
         ys = torch.einsum("bmhi,hmio->bmho", qs, r)  # per mode and head: (B, M, h, d)
-        yf = qf.new_zeros(qf.shape).index_copy(1, idx, ys)  # Pad_I: zeros elsewhere
+        out = idx if self.write_back == "frequency" else torch.arange(m, device=idx.device)  # slot: modes 0..M-1
+        yf = qf.new_zeros(qf.shape).index_copy(1, out, ys)  # Pad_I: zeros elsewhere
         return torch.fft.irfft(yf, n=n, dim=1).to(dtype)  # (B, n, h, d)
 
     def offset_operator(self, n: int) -> Tensor:
         r"""The core as a circular convolution: ``J (h, n, d, d)`` with ``y_t = \sum_s q_s J[(t - s) mod n]`` per head.
 
         :math:`J_\delta = \frac1n \sum_{m} c_{k_m} \operatorname{Re}(e^{2\pi i k_m \delta / n} R_m)`
-        (:math:`c_0 = 1`, else 2): the data-independent token mixing of FEB-f.
+        (:math:`c_0 = 1`, else 2): the data-independent token mixing of FEB-f. Only for
+        ``write_back="frequency"``: the slot write-back moves mode :math:`k_m` to :math:`m`,
+        which is not a convolution (a ``ValueError`` says so).
         """
+        if self.write_back != "frequency":
+            raise ValueError("write_back='slot' moves each kept mode to another frequency: the layer is not a circular "
+                             "convolution, so it has no offset operator (nor influence weights)")
         idx = self.mode_index(n).to(self.weight_real.device)
         m = idx.numel()
         c = torch.where(idx == 0, 1.0, 2.0).to(self.weight_real.dtype)  # (M,)

@@ -484,6 +484,25 @@ def test_series_decomposition_sums_back_keeps_a_line_and_removes_a_divisor_perio
         series_decomposition(x, 0)
 
 
+def test_slot_write_back_is_the_authors_placement():
+    """write_back="slot" (the authors' FourierBlock) puts the m-th kept mode at mode m: with the lowest modes it is the
+    paper's layer; with random modes the core's output holds modes 0..M-1 only, and it has no offset operator."""
+    x = rand(2, 32, 8, dtype=torch.float64)
+    paper = FrequencyEnhancedBlock(8, 2, modes=4, mode_select="lowest").double()
+    slot = FrequencyEnhancedBlock(8, 2, modes=4, mode_select="lowest", write_back="slot").double()
+    slot.load_state_dict(paper.state_dict())
+    torch.testing.assert_close(slot(x).output, paper(x).output)
+    rnd = FrequencyEnhancedBlock(8, 2, modes=4, mode_select="random", seed=3, write_back="slot").double()
+    assert rnd.mode_index(32).tolist() != [0, 1, 2, 3]
+    q = rand(2, 32, 2, 4, dtype=torch.float64, seed=5)
+    spec = torch.fft.rfft(rnd.mix_modes(q), dim=1).abs()  # (B, n//2 + 1, h, d)
+    assert spec[:, 4:].max() < 1e-12 < spec[:, :4].max()
+    with pytest.raises(ValueError, match="not a circular"):
+        rnd(x, need_weights=True)
+    with pytest.raises(ValueError, match="write_back"):
+        FrequencyEnhancedBlock(8, 2, write_back="elsewhere")
+
+
 def test_forecast_task_puts_the_seasonal_energy_above_the_lowest_modes():
     """The design the chapter needs: the lowest 8 modes of the seasonal part hold little of its energy."""
     from attn.experiments.frequency import SeasonalTrendForecast
@@ -507,7 +526,8 @@ def test_forecast_model_reads_only_the_context_and_feb_random_modes_follow_the_s
 
     task = SeasonalTrendForecast()
     arms = forecast_arms(task, embed_dim=16, num_heads=2)
-    assert set(arms) == {"FEB-f, random modes", "FEB-f, lowest modes", "dense attention", "FNet", "DLinear (no mixer)"}
+    assert set(arms) == {"FEB-f, random modes", "FEB-f, lowest modes", "FEB-f, random modes, slot write-back",
+                         "dense attention", "FNet", "DLinear (no mixer)"}
     x = task.sample(3, torch.Generator().manual_seed(1))["x"]
     for make in arms.values():
         assert make(0)(x).shape == (3, 24)

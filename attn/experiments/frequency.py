@@ -12,7 +12,8 @@ The layers are in :mod:`attn.frequency`; here, what the chapter trains with them
 map over the context's trend, and a seasonal part, which is padded with zeros
 for the horizon, embedded, mixed by one Transformer block whose token mixer is
 the arm (FEB-f with random or lowest modes, dense attention, FNet), and read out
-at the horizon positions. :class:`LinearForecaster` (DLinear, Zeng et al. 2023)
+at the horizon positions (FEB-f also with the authors' slot write-back).
+:class:`LinearForecaster` (DLinear, Zeng et al. 2023)
 maps both parts linearly: the strongest simple baseline of this task.
 
 **Recall.** :class:`RecallStack` runs :class:`~attn.tasks.AssociativeRecall`
@@ -167,7 +168,11 @@ def forecast_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, flo
 
 def forecast_arms(task: SeasonalTrendForecast, embed_dim: int = 32, num_heads: int = 4, modes: int = 8,
                   kernel_size: int = 9) -> dict[str, ArmFactory]:
-    """The forecast's arms, each ``seed -> model``; FEB-f's random modes are drawn with the training seed."""
+    """The forecast's arms, each ``seed -> model``; FEB-f's random modes are drawn with the training seed.
+
+    ``"FEB-f, random modes, slot write-back"`` is the authors' ``FourierBlock``
+    placement (the ``m``-th kept mode written to mode ``m``), with the same draw.
+    """
 
     def with_mixer(make: Callable[[int], nn.Module]) -> ArmFactory:
         return lambda seed: ForecastModel(task, make(seed), embed_dim, kernel_size)
@@ -177,6 +182,9 @@ def forecast_arms(task: SeasonalTrendForecast, embed_dim: int = 32, num_heads: i
             lambda seed: FrequencyEnhancedBlock(embed_dim, num_heads, modes=modes, mode_select="random", seed=seed)),
         "FEB-f, lowest modes": with_mixer(
             lambda seed: FrequencyEnhancedBlock(embed_dim, num_heads, modes=modes, mode_select="lowest", seed=seed)),
+        "FEB-f, random modes, slot write-back": with_mixer(
+            lambda seed: FrequencyEnhancedBlock(embed_dim, num_heads, modes=modes, mode_select="random", seed=seed,
+                                                write_back="slot")),
         "dense attention": with_mixer(lambda seed: MultiHeadAttention(embed_dim, num_heads)),
         "FNet": with_mixer(lambda seed: FourierMixing(embed_dim, norm="ortho")),
         "DLinear (no mixer)": lambda seed: LinearForecaster(task, kernel_size),
