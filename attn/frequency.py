@@ -27,8 +27,16 @@ the result is brought back with the inverse FFT (modes outside :math:`I` are zer
   learned complex linear map per kept mode and head,
   :math:`\tilde Y_m = \tilde Q_m R_m`, :math:`R_m \in \mathbb C^{d \times d}`;
 * **FEA-f** (frequency enhanced attention, :class:`FrequencyEnhancedAttention`):
-  attention among the kept modes, :math:`\tilde Y = \sigma(\tilde Q \tilde K^\top)\tilde V`,
-  :math:`\sigma` = softmax of the moduli.
+  attention among the kept modes, :math:`\tilde Y = \sigma(\tilde Q \tilde K^\top)\tilde V`.
+  The paper (section 3.2) allows :math:`\sigma` = softmax or tanh and uses FEA-f as
+  the decoder's *cross*-attention; the authors' code defaults to tanh on the complex
+  scores, uses :math:`\tilde K` as the values and multiplies by a learned complex
+  weight per mode. Here: :math:`\sigma` = softmax of the moduli, in self-attention
+  form, with separate values and no per-mode weight.
+
+FEDformer applies these blocks to the **seasonal** part of a series, after the
+series decomposition of Autoformer (Wu et al. 2021) that splits off a moving-average
+trend (:func:`series_decomposition`).
 
 .. math::
 
@@ -80,12 +88,14 @@ __all__ = [
     "select_modes",
     "mode_filter_matrix",
     "fourier_influence",
+    "series_decomposition",
     "FourierMixing",
     "FrequencyEnhancedBlock",
     "FrequencyEnhancedAttention",
 ]
 
 ModeSelect = Literal["random", "lowest"]
+WriteBack = Literal["frequency", "slot"]
 FFTNorm = Literal["backward", "ortho"]
 
 
@@ -218,6 +228,33 @@ def fourier_influence(n: int, e: int, dtype: torch.dtype = torch.float32, device
     return (infl / infl.sum(-1, keepdim=True)).to(dtype)
 
 
+def series_decomposition(x: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+    r"""Autoformer's and FEDformer's series decomposition: ``x (B, n, ...) -> (seasonal, trend)``, same shapes.
+
+    .. math::
+
+        x^{\text{trend}} = \operatorname{AvgPool}_k(\operatorname{Pad}(x)),\qquad
+        x^{\text{seasonal}} = x - x^{\text{trend}},
+
+    a moving average of ``kernel_size`` :math:`k` steps along dim 1, the ends padded
+    by repeating the first value :math:`k - 1 - \lfloor (k-1)/2 \rfloor` times and the
+    last :math:`\lfloor (k-1)/2 \rfloor` times, so the trend has the input's length
+    (Wu et al. 2021, section 3.1; Zhou et al. 2022, section 3.1). A linear trend is kept
+    exactly away from the ends; a component whose period divides :math:`k` goes entirely
+    to the seasonal part.
+    """
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+        raise ValueError(f"kernel_size must be an int >= 1, got {kernel_size!r}")
+    if x.ndim < 2:
+        raise ValueError(f"x must be (batch, n, ...), got shape {tuple(x.shape)}")
+    k = kernel_size
+    front = x[:, :1].expand(-1, k - 1 - (k - 1) // 2, *x.shape[2:])
+    end = x[:, -1:].expand(-1, (k - 1) // 2, *x.shape[2:])
+    padded = torch.cat([front, x, end], 1)  # (B, n + k - 1, ...)
+    trend = padded.unfold(1, k, 1).mean(-1)  # (B, n, ...): the window is the last axis
+    return x - trend, trend
+
+
 @register(
     "fnet",
     paper="Lee-Thorp et al. 2022",
@@ -309,8 +346,12 @@ class FrequencyEnhancedBlock(_ModeSelection):
 
     per head ``h`` (width ``d = E / heads``) and kept mode ``m`` (``R_{h,m}`` a
     learned complex ``d x d`` matrix). The ``m``-th kept mode (in increasing
-    frequency) uses the ``m``-th weight slot, as in the paper's code; the result
-    goes back to the same frequency it was read from.
+    frequency) uses the ``m``-th weight slot, as in the authors' code, and the
+    result goes back to the frequency it was read from (the paper's
+    :math:`\operatorname{Pad}_I`). The authors' ``FourierBlock`` instead writes
+    the ``m``-th kept mode into output slot ``m``, so its output always lies in the
+    lowest ``M`` frequencies whatever the selection (``write_back="slot"``); with
+    ``mode_select="lowest"`` the two agree.
 
     Args:
         embed_dim, num_heads: ``E`` and ``h``.
@@ -318,12 +359,19 @@ class FrequencyEnhancedBlock(_ModeSelection):
         mode_select: ``"random"`` (the paper's default) or ``"lowest"``.
         seed: seeds the random choice of modes for each length.
         bias: biases of ``W_Q`` and ``W_O``.
+        write_back: ``"frequency"`` (default, the paper's :math:`\operatorname{Pad}_I`) or
+            ``"slot"`` (the authors' ``FourierBlock``: the ``m``-th kept mode to mode ``m``;
+            no ``need_weights``).
     """
 
     def __init__(
-        self, embed_dim: int, num_heads: int = 1, modes: int = 16, mode_select: ModeSelect = "random", seed: int = 0, bias: bool = True
+        self, embed_dim: int, num_heads: int = 1, modes: int = 16, mode_select: ModeSelect = "random", seed: int = 0, bias: bool = True,
+        write_back: WriteBack = "frequency",
     ) -> None:
         super().__init__(embed_dim, num_heads, modes, mode_select, seed)
+        if write_back not in ("frequency", "slot"):
+            raise ValueError(f"write_back must be 'frequency' (the paper's Pad_I) or 'slot' (the authors' FourierBlock), got {write_back!r}")
+        self.write_back = write_back
         d = self.head_dim
         scale = 1.0 / (embed_dim * embed_dim)  # the paper's init: scale * U[0, 1) for real and imaginary parts
         self.in_proj = nn.Linear(embed_dim, embed_dim, bias=bias)  # W_Q
@@ -347,15 +395,21 @@ class FrequencyEnhancedBlock(_ModeSelection):
         qs = qf.index_select(1, idx)  # (B, M, h, d): the kept modes only
         r = torch.complex(self.weight_real[:, :m].to(work), self.weight_imag[:, :m].to(work)).to(qs.dtype)  # (h, M, d, d)
         ys = torch.einsum("bmhi,hmio->bmho", qs, r)  # per mode and head: (B, M, h, d)
-        yf = qf.new_zeros(qf.shape).index_copy(1, idx, ys)  # Pad_I: zeros elsewhere
+        out = idx if self.write_back == "frequency" else torch.arange(m, device=idx.device)  # slot: modes 0..M-1
+        yf = qf.new_zeros(qf.shape).index_copy(1, out, ys)  # Pad_I: zeros elsewhere
         return torch.fft.irfft(yf, n=n, dim=1).to(dtype)  # (B, n, h, d)
 
     def offset_operator(self, n: int) -> Tensor:
         r"""The core as a circular convolution: ``J (h, n, d, d)`` with ``y_t = \sum_s q_s J[(t - s) mod n]`` per head.
 
         :math:`J_\delta = \frac1n \sum_{m} c_{k_m} \operatorname{Re}(e^{2\pi i k_m \delta / n} R_m)`
-        (:math:`c_0 = 1`, else 2): the data-independent token mixing of FEB-f.
+        (:math:`c_0 = 1`, else 2): the data-independent token mixing of FEB-f. Only for
+        ``write_back="frequency"``: the slot write-back moves mode :math:`k_m` to :math:`m`,
+        which is not a convolution (a ``ValueError`` says so).
         """
+        if self.write_back != "frequency":
+            raise ValueError("write_back='slot' moves each kept mode to another frequency: the layer is not a circular "
+                             "convolution, so it has no offset operator (nor influence weights)")
         idx = self.mode_index(n).to(self.weight_real.device)
         m = idx.numel()
         c = torch.where(idx == 0, 1.0, 2.0).to(self.weight_real.dtype)  # (M,)
@@ -399,7 +453,7 @@ class FrequencyEnhancedBlock(_ModeSelection):
     causal=False,
 )
 class FrequencyEnhancedAttention(_ModeSelection):
-    r"""FEDformer's frequency enhanced attention (FEA-f), in self-attention form.
+    r"""FEDformer's frequency enhanced attention (FEA-f), in self-attention form, with softmax of the moduli.
 
     .. math::
 
@@ -412,6 +466,14 @@ class FrequencyEnhancedAttention(_ModeSelection):
     scores scaled by :math:`1/\sqrt d`, so that the softmax does not saturate as
     ``n`` grows; the paper's code uses an unscaled FFT and divides the output by
     the squared width instead.
+
+    What differs from FEDformer: the paper (section 3.2) uses FEA-f as the
+    decoder's cross-attention (queries from the decoder, keys and values from the
+    encoder) with :math:`\sigma` = softmax or tanh; the authors' code defaults to
+    tanh applied to the complex scores :math:`\tilde Q \tilde K^\top`, takes
+    :math:`\tilde K` as the values, and multiplies each output mode by a learned
+    complex weight per head before the inverse FFT. This layer is the paper's
+    equation with the softmax option, on one sequence, with its own values.
 
     Args: as :class:`FrequencyEnhancedBlock`.
     """

@@ -460,3 +460,124 @@ def test_sequence_mixer_keywords_and_causality_refused(layer):
     torch.testing.assert_close(layer(x, key_mask=km, is_causal=False).output, layer(x, key_mask=km).output)
     assert registry.get({FourierMixing: "fnet", FrequencyEnhancedBlock: "fedformer",
                          FrequencyEnhancedAttention: "fedformer-attention"}[type(layer)]).causal is False
+
+
+# ----------------------------------------------------------------------------- series decomposition and the experiments
+
+
+def test_series_decomposition_sums_back_keeps_a_line_and_removes_a_divisor_period():
+    from attn.frequency import series_decomposition
+
+    t = torch.arange(40, dtype=torch.float64)
+    line = 0.3 * t - 2.0
+    wave = torch.sin(2 * math.pi * t / 9)  # period 9 = the kernel: its moving average is 0
+    x = torch.stack([line, line + wave])  # (2, 40)
+    seasonal, trend = series_decomposition(x, 9)
+    torch.testing.assert_close(seasonal + trend, x)
+    inner = slice(4, -4)  # away from the repeated end values
+    torch.testing.assert_close(trend[0, inner], line[inner])
+    torch.testing.assert_close(trend[1, inner], line[inner], atol=1e-12, rtol=0)
+    torch.testing.assert_close(seasonal[1, inner], wave[inner], atol=1e-12, rtol=0)
+    _, t3 = series_decomposition(x[..., None].expand(2, 40, 3), 9)  # channels last: the same per channel
+    torch.testing.assert_close(t3[..., 2], trend)
+    with pytest.raises(ValueError, match="kernel_size"):
+        series_decomposition(x, 0)
+
+
+def test_slot_write_back_is_the_authors_placement():
+    """write_back="slot" (the authors' FourierBlock) puts the m-th kept mode at mode m: with the lowest modes it is the
+    paper's layer; with random modes the core's output holds modes 0..M-1 only, and it has no offset operator."""
+    x = rand(2, 32, 8, dtype=torch.float64)
+    paper = FrequencyEnhancedBlock(8, 2, modes=4, mode_select="lowest").double()
+    slot = FrequencyEnhancedBlock(8, 2, modes=4, mode_select="lowest", write_back="slot").double()
+    slot.load_state_dict(paper.state_dict())
+    torch.testing.assert_close(slot(x).output, paper(x).output)
+    rnd = FrequencyEnhancedBlock(8, 2, modes=4, mode_select="random", seed=3, write_back="slot").double()
+    assert rnd.mode_index(32).tolist() != [0, 1, 2, 3]
+    q = rand(2, 32, 2, 4, dtype=torch.float64, seed=5)
+    spec = torch.fft.rfft(rnd.mix_modes(q), dim=1).abs()  # (B, n//2 + 1, h, d)
+    assert spec[:, 4:].max() < 1e-12 < spec[:, :4].max()
+    with pytest.raises(ValueError, match="not a circular"):
+        rnd(x, need_weights=True)
+    with pytest.raises(ValueError, match="write_back"):
+        FrequencyEnhancedBlock(8, 2, write_back="elsewhere")
+
+
+def test_forecast_task_puts_the_seasonal_energy_above_the_lowest_modes():
+    """The design the chapter needs: the lowest 8 modes of the seasonal part hold little of its energy."""
+    from attn.experiments.frequency import SeasonalTrendForecast
+
+    task = SeasonalTrendForecast()
+    assert task.seasonal_frequencies() == [8.0, 20.0]
+    b = task.sample(64, torch.Generator().manual_seed(0))
+    assert b["x"].shape == (64, 40) and b["y"].shape == (64, 24)
+    energy = torch.fft.rfft(b["seasonal"], dim=-1).abs().pow(2).sum(0)
+    assert energy[:8].sum() < 0.02 * energy.sum()
+    assert energy[[8, 20]].sum() > 0.9 * energy.sum()
+    again = task.sample(64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again["x"], b["x"])  # the generator decides the batch
+    # the series continues: x then y is trend + seasonal + noise of the noise level
+    resid = torch.cat([b["x"], b["y"]], 1) - b["trend"] - b["seasonal"]
+    assert 0.07 < float(resid.std()) < 0.13
+
+
+def test_forecast_model_reads_only_the_context_and_feb_random_modes_follow_the_seed():
+    from attn.experiments.frequency import SeasonalTrendForecast, forecast_arms
+
+    task = SeasonalTrendForecast()
+    arms = forecast_arms(task, embed_dim=16, num_heads=2)
+    assert set(arms) == {"FEB-f, random modes", "FEB-f, lowest modes", "FEB-f, random modes, slot write-back",
+                         "dense attention", "FNet", "DLinear (no mixer)"}
+    x = task.sample(3, torch.Generator().manual_seed(1))["x"]
+    for make in arms.values():
+        assert make(0)(x).shape == (3, 24)
+    a, b = arms["FEB-f, random modes"](0), arms["FEB-f, random modes"](1)
+    assert a.block.mixer.mode_index(64).tolist() != b.block.mixer.mode_index(64).tolist()
+    assert arms["FEB-f, lowest modes"](3).block.mixer.mode_index(64).tolist() == list(range(8))
+
+
+def test_run_arms_returns_one_value_per_seed_and_dlinear_learns_the_forecast():
+    """Runner shape, and the task is solvable: the linear forecaster gets near the noise floor (0.01) quickly."""
+    from attn.experiments.frequency import LinearForecaster, SeasonalTrendForecast, forecast_loss, run_arms
+
+    task = SeasonalTrendForecast()
+    runs = run_arms({"DLinear": lambda s: LinearForecaster(task), "DLinear again": lambda s: LinearForecaster(task)},
+                    task.sample, forecast_loss, "mse", [0, 1, 2], 100, lr=1e-2, eval_size=256)
+    assert {k: len(v) for k, v in runs.values.items()} == {"DLinear": 3, "DLinear again": 3}
+    assert runs.values["DLinear"] == runs.values["DLinear again"]  # same seeds, same batches, same result
+    assert max(runs.values["DLinear"]) < 0.05
+    assert set(runs.still_falling()) == {"DLinear", "DLinear again"}
+
+
+def test_fnet_recall_stack_cannot_depend_on_the_query_key_through_its_mixing():
+    """FNet's mixing is content-independent: swapping which key is queried changes the query token's mixed input
+    only through the query token itself (the fixed weights do not move); attention's weights do move."""
+    from attn.experiments.frequency import recall_arms
+    from attn.tasks import AssociativeRecall
+
+    task = AssociativeRecall(4, 8, 8)
+    arms = recall_arms(task, embed_dim=16)
+    assert set(arms) == {"attention", "FNet", "FNet, attention last"}
+    fnet = arms["FNet"](0).blocks[0].mixer
+    h1, h2 = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    w1 = fnet(h1, need_weights=True).weights
+    w2 = fnet(h2, need_weights=True).weights
+    torch.testing.assert_close(w1, w2)  # the same mixing for every input
+    mha = arms["attention"](0).blocks[0].mixer
+    assert not torch.allclose(mha(h1, need_weights=True).weights, mha(h2, need_weights=True).weights)
+    x = task.sample(2, torch.Generator().manual_seed(0))["x"]
+    for make in arms.values():
+        assert make(0)(x).shape == (2, 8)
+
+
+@pytest.mark.slow
+def test_attention_learns_recall_that_fnet_cannot():
+    from attn.experiments.frequency import recall_arms, recall_loss, run_arms
+    from attn.tasks import AssociativeRecall
+
+    task = AssociativeRecall(8, 16, 16)
+    arms = recall_arms(task)
+    runs = run_arms({k: arms[k] for k in ("attention", "FNet")}, task.sample, recall_loss, "acc", [0], 160,
+                    eval_size=512)
+    assert runs.values["attention"][0] > 0.9
+    assert runs.values["FNet"][0] < 0.2
