@@ -431,10 +431,10 @@ def test_marked_distractor_design():
 
 def test_baseline_cannot_see_the_mark_from_the_lit_pixel():
     """The two conv layers of ShapeNet have a 5 x 5 receptive field: the features at the distractor do not
-    change when the ring moves away (radius 4 is beyond 2), so only a wider gate can use the mark."""
+    change when the ring is removed (the chapter's radius 3 is beyond 2), so a wider gate is needed to use it there."""
     torch.manual_seed(0)
     net = ShapeNet(6, cbam=False, in_channels=5)
-    data = MarkedDistractor(size=12, noise=0.0, radius=4)
+    data = MarkedDistractor(size=12, noise=0.0, radius=3)
     b = data.sample(8, torch.Generator().manual_seed(1))
     x2 = b["x"].clone()
     x2[:, 4] = 0.0  # remove the mark
