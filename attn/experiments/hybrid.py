@@ -24,8 +24,9 @@ Python overhead (about twice the time per training step of dense attention on
 the book's CPU), so :class:`PatternAttention` trains each pattern as dense
 multi-head attention under the pattern's ``(h, n, n)`` mask: the labelled
 reference path, which computes the same function as the blockwise layers (the
-chapter checks BigBird's; ``tests/test_hybrid.py`` checks that a trained state
-loads into :class:`~attn.hybrid.BigBirdAttention` and gives the same output).
+chapter checks BigBird's; ``tests/test_hybrid.py`` checks that a
+:class:`PatternAttention` state loads into :class:`~attn.hybrid.BigBirdAttention`
+with the same layout and gives the same output).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class RecallConfig:
     steps: int = 300
     batch_size: int = 32
     lr: float = 5e-3
-    eval_batch: int = 512
+    eval_batch: int = 256
     ffn_mult: int = 0
     mark_std: float = 1.0
 
