@@ -402,3 +402,80 @@ def test_module_is_multihead_attention_under_the_bigbird_mask():
     torch.testing.assert_close(w, wr, atol=1e-10, rtol=1e-10)
     with pytest.raises(ValueError, match="cannot be causal"):
         mod(x, is_causal=True)
+
+
+# ----------------------------------------------------------------------------- chapter 10's experiment (issue 16)
+
+from attn.experiments.hybrid import (  # noqa: E402
+    ARMS,
+    MarkedRecall,
+    MarkedRecallModel,
+    PatternAttention,
+    RecallConfig,
+    arm_mask,
+    reach,
+    reach_per_hop,
+    run_marked_recall,
+)
+
+
+def test_marked_recall_data():
+    task = MarkedRecall(n_pairs=64, n_values=8)
+    b = task.sample(256, torch.Generator().manual_seed(0))
+    assert task.length == 66 and b["keys"].shape == b["values"].shape == (256, 64)
+    assert torch.equal(b["y"], b["values"][torch.arange(256), b["where"]])
+    # the mark is uniform over the pairs: far pairs are as common as near ones
+    assert (b["where"] < 32).float().mean().item() == pytest.approx(0.5, abs=0.1)
+    # the answer is not readable from the value counts: its value is usually not the most common one
+    mode = torch.mode(b["values"], -1).values
+    assert (mode == b["y"]).float().mean() < 0.5
+
+
+def test_layout_seed_follows_the_training_seed():
+    cfg = RecallConfig()
+    a, a2, c = (arm_mask("BigBird r=1", 66, 2, s, cfg) for s in (0, 0, 1))
+    assert torch.equal(a, a2) and not torch.equal(a, c)
+    assert torch.equal(arm_mask("BigBird r=0", 66, 2, 0, cfg), arm_mask("BigBird r=0", 66, 2, 1, cfg))
+    local = arm_mask("local", 66, 2, 0, cfg)
+    assert not local[:, -1, : 66 - 1 - cfg.window].any()  # the query sees no far key in one layer
+    lf = arm_mask("global tokens (Longformer)", 66, 2, 0, cfg)
+    assert lf[:, :, : cfg.block].all() and lf[:, : cfg.block].all()
+    assert arm_mask("dense", 66, 2, 0, cfg).all()
+    with pytest.raises(ValueError, match="unknown arm"):
+        arm_mask("sparse", 66, 2, 0, cfg)
+
+
+def test_reach_is_the_diameter_argument():
+    n, w = 40, 3
+    band = torch.ones(n, n, dtype=torch.bool).tril(w).triu(-w)
+    for L in (1, 2, 3):
+        row = reach(band, L)[-1]
+        assert row.sum().item() == L * w + 1  # the last token reaches L w keys back, and itself
+    hub = band.clone()
+    hub[0, :] = hub[:, 0] = True
+    assert not reach(hub, 1).all() and reach(hub, 2).all()  # two hops through the hub
+    assert reach_per_hop(hub, 3)[1:] == [1.0, 1.0]
+
+
+def test_pattern_attention_equals_bigbird_attention_with_its_state():
+    cfg = RecallConfig()
+    pattern = arm_mask("BigBird r=1", 66, 2, 7, cfg)
+    torch.manual_seed(0)
+    pa = PatternAttention(32, 2, pattern)
+    bb = BigBirdAttention(32, 2, block_size=cfg.block, window=1, global_blocks=(0,), num_random=1, seed=7)
+    bb.load_state_dict(pa.attention.state_dict())
+    x = torch.randn(3, 66, 32)
+    torch.testing.assert_close(pa(x).output, bb(x).output, atol=1e-5, rtol=1e-5)
+
+
+def test_runner_one_value_per_seed_per_arm_and_dense_learns():
+    cfg = RecallConfig(n_pairs=16, steps=60, eval_batch=256, window=2)
+    runs = run_marked_recall(("local", "dense"), seeds=(0, 1, 2), config=cfg)
+    for field_ in (runs.accuracy, runs.reachable, runs.ceiling, runs.steps_to_target, runs.curves):
+        assert set(field_) == {"local", "dense"} and all(len(v) == 3 for v in field_.values())
+    assert runs.reachable["dense"] == [1.0, 1.0, 1.0]
+    assert all(r == pytest.approx(4 / 16) for r in runs.reachable["local"])  # 2 layers x window 2
+    assert min(runs.accuracy["dense"]) > 0.6  # trained: far above chance (1/8)
+    model = MarkedRecallModel(MarkedRecall(16), cfg, [arm_mask("dense", 18, 2, 0, cfg)] * 2)
+    assert model(*(MarkedRecall(16).sample(4)[k] for k in ("keys", "values", "where")))[0].shape == (4, 8)
+    assert ARMS[-1] == "dense"
