@@ -344,7 +344,7 @@ def test_learned_bandwidth_moves_towards_the_better_one():
     task = KernelRegressionTask()
     nw = NadarayaWatson(2.0)  # far too wide: the fit is a flat line
     train(nw, task.sample, make_regression_task("quick").loss, steps=40, batch_size=16, lr=5e-2, progress=False)
-    assert float(nw.bandwidth) < 0.8
+    assert float(nw.bandwidth.detach()) < 0.8
 
 
 # ----------------------------------------------------------------------------- Nadaraya-Watson numerics (issue 15)
