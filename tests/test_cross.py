@@ -246,3 +246,34 @@ def test_cross_attention_is_multihead_attention_with_memory_widths():
     assert registry.get("cross").kernel is None and registry.get("cross").causal is False
     with pytest.raises(ValueError, match="cannot be causal"):
         registry.get("cross").build(8, 2)(torch.randn(1, 4, 8), is_causal=True)
+
+
+def test_position_keys_control_cannot_see_source_content():
+    """keys="position": the cross weights depend on positions and the target prefix only; content keys do not."""
+    task = SortUniqueTask(n_values=8, min_len=5, max_len=5)
+    torch.manual_seed(0)
+    control = CrossAttentionDecoder(task.vocab, task.length, embed_dim=16, kdim=8, num_heads=1, keys="position")
+    content = CrossAttentionDecoder(task.vocab, task.length, embed_dim=16, kdim=8, num_heads=1)
+    batch = task.sample(2, torch.Generator().manual_seed(1))
+    other = batch["src"].clone()
+    other[:, :5] = torch.randint(3, 3 + 8, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        w1 = control(batch["src"], batch["tgt_in"], batch["src_mask"])[1]
+        w2 = control(other, batch["tgt_in"], batch["src_mask"])[1]
+        c1 = content(batch["src"], batch["tgt_in"], batch["src_mask"])[1]
+        c2 = content(other, batch["tgt_in"], batch["src_mask"])[1]
+    torch.testing.assert_close(w1, w2)
+    assert (c1 - c2).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="keys must be one of"):
+        CrossAttentionDecoder(task.vocab, task.length, keys="both")  # type: ignore[arg-type]
+
+
+def test_key_control_runner_one_value_per_seed_and_arm():
+    from attn.experiments.cross import KEY_SOURCES, run_key_control
+
+    out = run_key_control([0, 1], steps=3, batch_size=8, task=SortUniqueTask(n_values=6, min_len=3, max_len=5))
+    assert set(out) == {"acc", "seq_acc", "align_acc"}
+    for metric in out.values():
+        assert set(metric) == set(KEY_SOURCES) and all(len(v) == 2 for v in metric.values())
+    with pytest.raises(ValueError, match="at least one seed"):
+        run_key_control([])

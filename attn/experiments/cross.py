@@ -9,6 +9,7 @@ cross-attention to a second sequence, Vaswani et al. 2017, fig. 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,10 @@ from torch import Tensor, nn
 from ..cross import CrossAttention
 from ..multihead import MultiHeadAttention
 
-__all__ = ["SortUniqueTask", "CrossAttentionDecoder", "sort_unique_loss"]
+__all__ = ["SortUniqueTask", "CrossAttentionDecoder", "sort_unique_loss", "KEY_SOURCES", "run_key_control"]
+
+KeySource = Literal["content", "position"]
+KEY_SOURCES: tuple[KeySource, ...] = ("content", "position")
 
 
 @dataclass
@@ -89,11 +93,21 @@ class CrossAttentionDecoder(nn.Module):
     Args:
         vocab: vocabulary size; ``length``: padded source/target length.
         embed_dim: decoder width ``E``; ``kdim``: source width; ``num_heads``: heads.
+        keys: what the cross-attention's keys are made of. ``"content"`` (the model): keys and values are
+            the source token embeddings, ``K = V = C``. ``"position"`` (the control): keys are learned
+            embeddings of the source *positions* only, values are still the token embeddings; the weights
+            can then depend on where a source token sits and on the target prefix, never on which token
+            sits there, so any alignment they express is a fixed positional pattern.
     """
 
-    def __init__(self, vocab: int, length: int, embed_dim: int = 32, kdim: int = 24, num_heads: int = 2) -> None:
+    def __init__(self, vocab: int, length: int, embed_dim: int = 32, kdim: int = 24, num_heads: int = 2,
+                 keys: KeySource = "content") -> None:
         super().__init__()
+        if keys not in KEY_SOURCES:
+            raise ValueError(f"keys must be one of {KEY_SOURCES}, got {keys!r}")
+        self.keys = keys
         self.src_embed = nn.Embedding(vocab, kdim)
+        self.src_pos: nn.Embedding | None = nn.Embedding(length, kdim) if keys == "position" else None
         self.tgt_embed, self.tgt_pos = nn.Embedding(vocab, embed_dim), nn.Embedding(length, embed_dim)
         self.self_attn = MultiHeadAttention(embed_dim, num_heads)
         self.cross = CrossAttention(embed_dim, num_heads, kdim=kdim, vdim=kdim)
@@ -105,10 +119,13 @@ class CrossAttentionDecoder(nn.Module):
         """``src (B, S)``, ``tgt_in (B, T)`` -> ``logits (B, T, vocab)``, cross weights ``(B, h, T, S)``."""
         if src.ndim != 2 or tgt_in.ndim != 2 or src.shape[0] != tgt_in.shape[0]:
             raise ValueError(f"src (B, S) and tgt_in (B, T) token ids expected, got {tuple(src.shape)} and {tuple(tgt_in.shape)}")
-        memory = self.src_embed(src)  # (B, S, kdim)
+        memory = self.src_embed(src)  # (B, S, kdim): the values, and the keys of the content model
+        key_memory = memory
+        if self.src_pos is not None:  # the control: keys carry the source positions only
+            key_memory = self.src_pos.weight[: src.shape[1]].expand(src.shape[0], -1, -1)  # (B, S, kdim)
         x = self.tgt_embed(tgt_in) + self.tgt_pos.weight[: tgt_in.shape[1]]  # (B, T, E)
         x = x + self.self_attn(self.norms[0](x), is_causal=True).output
-        cross = self.cross(self.norms[1](x), memory, key_mask=src_mask, need_weights=True)
+        cross = self.cross(self.norms[1](x), key_memory, memory, key_mask=src_mask, need_weights=True)
         x = x + cross.output  # (B, T, E)
         x = x + self.ff(self.norms[2](x))
         return self.out(self.norms[3](x)), cross.weights  # (B, T, V), (B, h, T, S)
@@ -132,3 +149,30 @@ def sort_unique_loss(model: CrossAttentionDecoder, batch: dict[str, Tensor]) -> 
         "seq_acc": float(right.all(1).float().mean()),
         "align_acc": float(hit[m].float().mean()),
     }
+
+
+def run_key_control(seeds: list[int], steps: int = 400, lr: float = 3e-3, batch_size: int = 64,
+                    task: SortUniqueTask | None = None,
+                    device: torch.device | str = "cpu") -> dict[str, dict[str, list[float]]]:
+    """Train the one-head decoder with content keys and with position-only keys, one run per seed each.
+
+    Both arms see the same batches (the trainer's batch stream follows ``seed``) for the same ``steps``.
+    Returns ``{metric: {arm: [one held-out value per seed]}}`` for ``acc``, ``seq_acc`` and ``align_acc``
+    (see :func:`sort_unique_loss`), measured on one fresh held-out batch of 512 sources.
+    """
+    from ..train import evaluate, train  # the trainer imports nothing from the experiments; keep it lazy
+
+    if not seeds:
+        raise ValueError("run_key_control needs at least one seed")
+    task = task or SortUniqueTask()
+    out: dict[str, dict[str, list[float]]] = {m: {k: [] for k in KEY_SOURCES} for m in ("acc", "seq_acc", "align_acc")}
+    for keys in KEY_SOURCES:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = CrossAttentionDecoder(task.vocab, task.length, embed_dim=32, kdim=24, num_heads=1, keys=keys)
+            train(model, task.sample, sort_unique_loss, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                  log_every=steps, device=device, progress=False)
+            held = evaluate(model, task.sample, sort_unique_loss, device=device)
+            for m in out:
+                out[m][keys].append(held[m])
+    return out
