@@ -134,7 +134,7 @@ class TokenLM(nn.Module):
             raise ValueError(f"sinusoidal positions need an even embed_dim, got {embed_dim}")
         self.embed = nn.Embedding(vocab, embed_dim)
         self.positions = positions
-        self.max_len = None if max_len is None else check_int("max_len", max_len)
+        self.max_tokens = None if max_len is None else check_int("max_len", max_len)
         self.pos: nn.Embedding | None = None
         if max_len is not None and positions == "learned":
             self.pos = nn.Embedding(max_len, embed_dim)
@@ -159,8 +159,8 @@ class TokenLM(nn.Module):
             if len(caches) != len(self.blocks):
                 raise ValueError(f"caches must hold one cache per block: {len(self.blocks)} blocks, got {len(caches)}")
         past = caches[0].length if caches else 0
-        if self.max_len is not None and past + tokens.shape[1] > self.max_len:
-            raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len {self.max_len}")
+        if self.max_tokens is not None and past + tokens.shape[1] > self.max_tokens:
+            raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len {self.max_tokens}")
         h = self.embed(tokens)  # (B, n, E)
         where = torch.arange(past, past + tokens.shape[1], device=tokens.device)  # (n,) absolute positions
         if self.pos is not None:

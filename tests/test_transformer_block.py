@@ -167,9 +167,9 @@ def test_reversal_arms_remove_one_piece_each() -> None:
     full = models["sinusoidal"]
     assert full.positions == "sinusoidal" and models["no positions"].positions == "none"
     assert all(isinstance(b, NoResidualBlock) for b in models["no residual"].blocks)
-    assert all(getattr(b, "ffn") is None for b in models["no FFN"].blocks)
+    assert all(b.ffn is None for b in models["no FFN"].blocks)
     for arm in ("no positions", "no residual"):  # the same initial weights as the full block
-        for (name, p), (_, q) in zip(full.named_parameters(), models[arm].named_parameters()):
+        for (name, p), (_, q) in zip(full.named_parameters(), models[arm].named_parameters(), strict=True):
             assert torch.equal(p, q), (arm, name)
     with pytest.raises(ValueError, match="arm"):
         reversal_model(task, "rope")
