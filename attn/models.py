@@ -37,12 +37,12 @@ class TransformerBlock(nn.Module):
     information) and the position-wise feed-forward layer (each token alone). Pre-norm (Xiong et al. 2020,
     the default) normalises what enters a sublayer and leaves the stream itself untouched::
 
-        h = x + Mix(LN_1(x))                     (B, n, E)
-        y = h + FFN(LN_2(h)),  FFN(z) = W_2 GELU(W_1 z + b_1) + b_2,  W_1: E -> ffn_mult * E
+        u = x + Mix(LN_1(x))                     (B, n, E)
+        y = u + FFN(LN_2(u)),  FFN(z) = W_2 GELU(W_1 z + b_1) + b_2,  W_1: E -> ffn_mult * E
 
     Post-norm (``norm_first=False``, Vaswani et al. 2017) normalises the stream after each addition::
 
-        h = LN_1(x + Mix(x)),   y = LN_2(h + FFN(h))
+        u = LN_1(x + Mix(x)),   y = LN_2(u + FFN(u))
 
     ``LN(z) = gamma * (z - mean(z)) / sqrt(var(z) + eps) + beta`` over the ``E`` features of each token
     (Ba et al. 2016).
@@ -80,15 +80,15 @@ class TransformerBlock(nn.Module):
         kw = dict(key_mask=key_mask, is_causal=is_causal, need_weights=need_weights, **mixer_kwargs)
         if self.norm_first:  # pre-LN: the stream x is only ever added to
             out, weights = self.mixer(self.norm1(x), **kw)
-            h = x + self.drop(out)
+            u = x + self.drop(out)
             if self.ffn is not None and self.norm2 is not None:
-                h = h + self.drop(self.ffn(self.norm2(h)))
+                u = u + self.drop(self.ffn(self.norm2(u)))
         else:  # post-LN: normalise after each residual addition
             out, weights = self.mixer(x, **kw)
-            h = self.norm1(x + self.drop(out))
+            u = self.norm1(x + self.drop(out))
             if self.ffn is not None and self.norm2 is not None:
-                h = self.norm2(h + self.drop(self.ffn(h)))
-        return AttentionOutput(h, weights)
+                u = self.norm2(u + self.drop(self.ffn(u)))
+        return AttentionOutput(u, weights)
 
 
 class LMOutput(NamedTuple):
