@@ -5,13 +5,15 @@ and the recall models of the shared synthetic task.
 Xiong et al., "On Layer Normalization in the Transformer Architecture", ICML 2020, by default):
 ``h = x + Mix(LN(x))``, ``y = h + FFN(LN(h))``; ``norm_first=False`` gives the paper's post-norm
 ``h = LN(x + Mix(x))``, ``y = LN(h + FFN(h))``. :class:`TokenLM` stacks blocks over token and (optional) learned
-position embeddings; every chapter's language model or encoder is one of these with its mechanism as the mixer.
+position embeddings (learned, or the fixed sinusoids of Vaswani et al. 2017, section 3.5, with
+``positions="sinusoidal"``); every chapter's language model or encoder is one of these with its mechanism as the
+mixer. :func:`greedy_decode` continues a prompt one argmax token at a time through the blocks' key/value caches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +22,30 @@ from torch import Tensor, nn
 from .checks import check_int, check_token_ids
 from .core import AttentionOutput
 from .multihead import MultiHeadAttention
+from .positions import sinusoidal_embedding
 from .tasks import AssociativeRecall
 
-__all__ = ["TransformerBlock", "TokenLM", "LMOutput", "RecallTokens", "RecallModel", "recall_loss"]
+__all__ = ["TransformerBlock", "TokenLM", "LMOutput", "greedy_decode", "RecallTokens", "RecallModel", "recall_loss"]
+
+PositionKind = Literal["learned", "sinusoidal", "none"]
 
 
 class TransformerBlock(nn.Module):
-    """One Transformer block around a sequence mixer: ``(B, n, E) -> (B, n, E)``.
+    r"""One Transformer block around a sequence mixer: ``(B, n, E) -> (B, n, E)``.
+
+    Two residual sublayers write into the residual stream ``x``: the mixer (attention: tokens exchange
+    information) and the position-wise feed-forward layer (each token alone). Pre-norm (Xiong et al. 2020,
+    the default) normalises what enters a sublayer and leaves the stream itself untouched::
+
+        u = x + Mix(LN_1(x))                     (B, n, E)
+        y = u + FFN(LN_2(u)),  FFN(z) = W_2 GELU(W_1 z + b_1) + b_2,  W_1: E -> ffn_mult * E
+
+    Post-norm (``norm_first=False``, Vaswani et al. 2017) normalises the stream after each addition::
+
+        u = LN_1(x + Mix(x)),   y = LN_2(u + FFN(u))
+
+    ``LN(z) = gamma * (z - mean(z)) / sqrt(var(z) + eps) + beta`` over the ``E`` features of each token
+    (Ba et al. 2016).
 
     Args:
         mixer: a :class:`~attn.attention.SequenceMixer` of width ``embed_dim`` (any registered ``build``).
@@ -58,15 +77,18 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, *, key_mask: Tensor | None = None, is_causal: bool | None = None,
                 need_weights: bool = False, **mixer_kwargs: Any) -> AttentionOutput:
-        mix = self.norm1(x) if self.norm_first else x
-        out, weights = self.mixer(mix, key_mask=key_mask, is_causal=is_causal, need_weights=need_weights,
-                                  **mixer_kwargs)
-        h = x + self.drop(out)
-        if not self.norm_first:
-            h = self.norm1(h)
-        if self.ffn is not None and self.norm2 is not None:
-            h = h + self.drop(self.ffn(self.norm2(h))) if self.norm_first else self.norm2(h + self.drop(self.ffn(h)))
-        return AttentionOutput(h, weights)
+        kw = dict(key_mask=key_mask, is_causal=is_causal, need_weights=need_weights, **mixer_kwargs)
+        if self.norm_first:  # pre-LN: the stream x is only ever added to
+            out, weights = self.mixer(self.norm1(x), **kw)
+            u = x + self.drop(out)
+            if self.ffn is not None and self.norm2 is not None:
+                u = u + self.drop(self.ffn(self.norm2(u)))
+        else:  # post-LN: normalise after each residual addition
+            out, weights = self.mixer(x, **kw)
+            u = self.norm1(x + self.drop(out))
+            if self.ffn is not None and self.norm2 is not None:
+                u = self.norm2(u + self.drop(self.ffn(u)))
+        return AttentionOutput(u, weights)
 
 
 class LMOutput(NamedTuple):
@@ -77,7 +99,7 @@ class LMOutput(NamedTuple):
 
 
 class TokenLM(nn.Module):
-    """Token embedding (+ learned positions) -> ``num_layers`` :class:`TransformerBlock` -> LayerNorm -> logits.
+    """Token embedding (+ positions) -> ``num_layers`` :class:`TransformerBlock` -> LayerNorm -> logits.
 
     Args:
         vocab: vocabulary size.
@@ -85,8 +107,13 @@ class TokenLM(nn.Module):
         num_layers: blocks.
         mixer: ``mixer(layer_index) -> nn.Module``, the sequence mixer of each block (a causal one makes a
             language model, a bidirectional one an encoder).
-        max_len: learned absolute positions for up to ``max_len`` tokens, initialised ``N(0, position_std^2)``;
-            ``None`` for none (a mixer with RoPE or ALiBi places positions itself).
+        max_len: with ``positions="learned"``, learned absolute positions for up to ``max_len`` tokens,
+            initialised ``N(0, position_std^2)``, and ``None`` for no positions (a mixer with RoPE or ALiBi
+            places positions itself); otherwise the longest sequence allowed (``None``: any).
+        positions: ``"learned"`` (default), ``"sinusoidal"``: the fixed
+            ``PE(p)_{2i} = sin(p / 10000^{2i/E})``, ``PE(p)_{2i+1} = cos(p / 10000^{2i/E})`` of Vaswani et al.
+            2017 (:func:`attn.positions.sinusoidal_embedding`) added to the token embeddings, or ``"none"``
+            (no position signal in the embeddings).
         ffn_mult, norm_first: as :class:`TransformerBlock`.
         tie: share the output matrix with the token embedding.
 
@@ -97,14 +124,20 @@ class TokenLM(nn.Module):
 
     def __init__(self, vocab: int, embed_dim: int, num_layers: int, mixer: Callable[[int], nn.Module],
                  max_len: int | None = None, position_std: float = 0.02, ffn_mult: int = 4,
-                 norm_first: bool = True, tie: bool = False) -> None:
+                 norm_first: bool = True, tie: bool = False, positions: PositionKind = "learned") -> None:
         super().__init__()
         check_int("vocab", vocab)
         check_int("num_layers", num_layers)
+        if positions not in ("learned", "sinusoidal", "none"):
+            raise ValueError(f"positions must be 'learned', 'sinusoidal' or 'none', got {positions!r}")
+        if positions == "sinusoidal" and embed_dim % 2:
+            raise ValueError(f"sinusoidal positions need an even embed_dim, got {embed_dim}")
         self.embed = nn.Embedding(vocab, embed_dim)
+        self.positions = positions
+        self.max_tokens = None if max_len is None else check_int("max_len", max_len)
         self.pos: nn.Embedding | None = None
-        if max_len is not None:
-            self.pos = nn.Embedding(check_int("max_len", max_len), embed_dim)
+        if max_len is not None and positions == "learned":
+            self.pos = nn.Embedding(max_len, embed_dim)
             nn.init.normal_(self.pos.weight, std=position_std)
         self.blocks = nn.ModuleList(
             TransformerBlock(mixer(i), embed_dim, ffn_mult, norm_first) for i in range(num_layers)
@@ -126,12 +159,14 @@ class TokenLM(nn.Module):
             if len(caches) != len(self.blocks):
                 raise ValueError(f"caches must hold one cache per block: {len(self.blocks)} blocks, got {len(caches)}")
         past = caches[0].length if caches else 0
-        h = self.embed(tokens)
+        if self.max_tokens is not None and past + tokens.shape[1] > self.max_tokens:
+            raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len {self.max_tokens}")
+        h = self.embed(tokens)  # (B, n, E)
+        where = torch.arange(past, past + tokens.shape[1], device=tokens.device)  # (n,) absolute positions
         if self.pos is not None:
-            if past + tokens.shape[1] > self.pos.num_embeddings:
-                raise ValueError(f"sequence of {past + tokens.shape[1]} tokens exceeds max_len "
-                                 f"{self.pos.num_embeddings}")
-            h = h + self.pos(torch.arange(past, past + tokens.shape[1], device=tokens.device))
+            h = h + self.pos(where)
+        elif self.positions == "sinusoidal":
+            h = h + sinusoidal_embedding(where, h.shape[-1], dtype=h.dtype)
         weights: list[Tensor | None] = []
         for i, block in enumerate(self.blocks):
             extra = {} if caches is None else {"cache": caches[i]}
@@ -139,6 +174,37 @@ class TokenLM(nn.Module):
             if need_weights:
                 weights.append(w)
         return LMOutput(self.head(self.norm(h)), weights)
+
+
+@torch.no_grad()
+def greedy_decode(model: TokenLM, prompt: Tensor, steps: int, use_cache: bool = True) -> Tensor:
+    r"""Greedy decoding: append ``argmax_v p(v | tokens so far)`` ``steps`` times after ``prompt`` ``(B, p)``.
+
+    Returns ``(B, p + steps)``. With ``use_cache`` (every block's mixer needs ``new_cache(batch, max_len)``, as
+    :class:`~attn.attention.Attention` has) the prompt runs once (prefill) and each step feeds only the newest
+    token, which attends to the cached keys and values of all earlier ones; without, every step reruns the
+    whole sequence. Both give the same tokens (the model must be causal: a bidirectional one would let
+    earlier tokens change with later ones, which a cache cannot express).
+    """
+    check_token_ids(prompt, model.embed.num_embeddings, "prompt")
+    check_int("steps", steps, 0)
+    was_training = model.training
+    model.eval()
+    seq = prompt
+    caches: list[Any] | None = None
+    if use_cache and steps:
+        mixers = [getattr(block, "mixer", None) for block in model.blocks]
+        if not all(hasattr(m, "new_cache") for m in mixers):
+            raise TypeError("use_cache=True needs every block's mixer to have new_cache(batch, max_len)")
+        caches = [m.new_cache(prompt.shape[0], prompt.shape[1] + steps) for m in mixers]  # type: ignore[union-attr]
+    new = prompt
+    for _ in range(steps):
+        logits = model(new if caches is not None else seq, caches=caches).logits  # (B, t, vocab)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        seq = torch.cat([seq, nxt], 1)
+        new = nxt
+    model.train(was_training)
+    return seq
 
 
 class RecallTokens(nn.Module):
