@@ -12,9 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checks import check_int, check_token_ids
 from ..gqa import GroupedQueryAttention, KVCache
-from ..models import LMOutput, TokenLM
+from ..models import LMOutput, TokenLM, greedy_decode
 
 __all__ = ["DecoderLM", "generate"]
 
@@ -71,25 +70,9 @@ class DecoderLM(TokenLM):
 def generate(model: DecoderLM, prompt: Tensor, steps: int, use_cache: bool = True) -> Tensor:
     """Greedy decoding of ``steps`` tokens after ``prompt`` ``(B, p)``; returns ``(B, p + steps)``.
 
-    ``use_cache=True``: the prompt is run once (prefill), then each step feeds
-    only the newest token through the cached layers. ``False``: every step
-    recomputes the whole sequence (the baseline the cache replaces).
+    :func:`attn.models.greedy_decode` (chapter 3's Transformer block) on this chapter's model.
+    ``use_cache=True``: the prompt is run once (prefill), then each step feeds only the newest token
+    through the cached layers. ``False``: every step recomputes the whole sequence (the baseline the
+    cache replaces).
     """
-    check_token_ids(prompt, model.embed.num_embeddings, "prompt")
-    check_int("steps", steps, 0)
-    seq = prompt
-    if steps == 0:
-        return seq
-    if use_cache:
-        caches = model.new_caches(prompt.shape[0], prompt.shape[1] + steps)
-        logits = model(prompt, caches=caches).logits  # prefill
-        for step in range(steps):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            if step + 1 < steps:
-                logits = model(nxt, caches=caches).logits  # one new token against the cache
-        return seq
-    for _ in range(steps):
-        nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
-        seq = torch.cat([seq, nxt], 1)
-    return seq
+    return greedy_decode(model, prompt, steps, use_cache=use_cache)

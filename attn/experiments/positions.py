@@ -1,8 +1,8 @@
 """Chapter 28's experiments: the last-value task (length extrapolation) and its one-layer model per position scheme.
 
-:class:`PositionModel` stays a model of its own rather than an :class:`attn.models.TokenLM`: it adds sinusoidal
-embeddings to the input (TokenLM has learned positions only), has a single attention layer without a feed-forward
-sublayer, and a biased output head.
+:class:`PositionModel` stays a model of its own rather than an :class:`attn.models.TokenLM`: it places positions
+inside its one attention layer for the RoPE and ALiBi arms (:class:`~attn.positions.PositionalAttention`), has no
+feed-forward sublayer, and a biased output head.
 """
 
 from __future__ import annotations
