@@ -29,9 +29,8 @@ Vaswani et al., "Attention Is All You Need", NeurIPS 2017, section 3.2.2.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import math
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
