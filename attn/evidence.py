@@ -13,6 +13,13 @@ alternative), a **metric**, one value per seed per arm (at least 3), and the
   :meth:`Ledger.timing`: a consistent 1 % is within a timer's repeatability);
 * otherwise ``no separation at this budget``.
 
+For ``rule="disjoint"`` and ``"paired"``, ``tolerance`` is an absolute margin in the
+metric's units (an *equivalence margin*): ranges must lie more than ``tolerance``
+apart, and a significant paired test counts only when the mean difference exceeds
+it. A declared null result (``A ~ B``) between two arms at chance, or two at
+ceiling, then does not turn into a "separation" by a few thousandths that another
+machine's rounding could reverse.
+
 A run that never reached a target (steps-to-target) is **censored**: its value
 is ``None``, read as "more than ``censor_at``", and it sorts after every value
 that was reached. It is counted, never dropped (dropping it would favour the arm
@@ -113,8 +120,10 @@ class Claim:
     declares that the two do not separate). ``rule`` picks the test (module
     docstring). ``seeds`` labels the columns (default ``0 .. n-1``);
     ``note`` says what the budget was or what the claim leaves out;
-    ``tolerance`` (``rule="ratio"`` only): ratios within ``1 ± tolerance``
-    count as no difference.
+    ``tolerance``: with ``rule="ratio"``, ratios within ``1 ± tolerance``
+    count as no difference; otherwise an absolute margin in the metric's units
+    (ranges closer than it, or a mean paired difference smaller than it, count
+    as no separation). Default 0.
     """
 
     chapter: int
@@ -156,8 +165,10 @@ class Claim:
         if self.rule in ("paired", "ratio") and len(arms[self.a]) != len(arms[self.b]):
             raise ValueError(f"rule={self.rule!r} pairs the values of {self.a!r} and {self.b!r}: they need as many "
                              f"(got {len(arms[self.a])} and {len(arms[self.b])})")
-        if not 0 <= self.tolerance < 1:
-            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if self.rule == "ratio" and not 0 <= self.tolerance < 1:
+            raise ValueError(f"tolerance must be in [0, 1) for rule='ratio', got {self.tolerance}")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite margin >= 0, got {self.tolerance}")
         if self.rule == "ratio" and any(v is None or v <= 0 for v in arms[self.a] + arms[self.b]):
             raise ValueError("rule='ratio' needs positive, uncensored values (timings)")
         if self.seeds is not None and len(self.seeds) != max(len(v) for v in arms.values()):
@@ -214,15 +225,18 @@ class Claim:
             r = self.ratios()
             return ">" if min(r) > 1 + self.tolerance else "<" if max(r) < 1 - self.tolerance else "~"
         (alo, ahi), (blo, bhi) = self.range(self.a), self.range(self.b)
-        if _sort_key(alo) > _sort_key(bhi):
+        tol = self.tolerance
+        if _sort_key(alo) > _sort_key(bhi) + tol:
             return ">"
-        if _sort_key(ahi) < _sort_key(blo):
+        if _sort_key(ahi) + tol < _sort_key(blo):
             return "<"
         p = self.p_value()
         if p is not None and p < ALPHA:
             diffs = [x - y for x, y in zip(self.arms[self.a], self.arms[self.b], strict=True)
                      if x is not None and y is not None]
-            return ">" if statistics.fmean(diffs) > 0 else "<"
+            mean_diff = statistics.fmean(diffs)
+            if abs(mean_diff) > tol:
+                return ">" if mean_diff > 0 else "<"
         return "~"
 
     @property
@@ -256,6 +270,8 @@ class Claim:
         p = self.p_value()
         if p is not None:
             text += f", paired t-test over {len(self.arms[self.a])} seeds p = {p:.2g}"
+        if self.tolerance:
+            text += f", differences within {self.tolerance:.3g} count as none"
         return text
 
     def sentence(self) -> str:

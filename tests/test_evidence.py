@@ -70,6 +70,23 @@ def test_censored_runs_are_counted_and_sort_after_every_reached_value():
     assert describe([300, None, None], censor_at=400) == "median > 400 (300–> 400, 3 seeds, 2 not reached by 400)"
 
 
+def test_an_absolute_margin_keeps_arms_at_chance_from_separating_by_rounding():
+    at_chance = {"L=2": [0.131, 0.133, 0.134], "L=1": [0.121, 0.124, 0.129]}  # disjoint by 0.002
+    assert claim(at_chance, "L=2 ~ L=1").status == "contradicted"
+    margin = claim(at_chance, "L=2 ~ L=1", tolerance=0.02)
+    assert margin.status == "supported" and "within 0.02 count as none" in margin.sentence()
+    # a real gap still separates, in both directions and under the paired rule
+    assert claim({"A": [0.9, 0.92, 0.95], "B": [0.5, 0.6, 0.7]}, "A > B", tolerance=0.02).status == "supported"
+    assert claim({"A": [0.9, 0.92, 0.95], "B": [0.5, 0.6, 0.7]}, "B ~ A", tolerance=0.02).status == "contradicted"
+    paired = {"A": [0.50, 0.61, 0.72], "B": [0.49, 0.60, 0.71]}  # consistent 0.01: significant, but inside 0.02
+    assert claim(paired, "A ~ B", rule="paired").status == "contradicted"
+    assert claim(paired, "A ~ B", rule="paired", tolerance=0.02).status == "supported"
+    assert Claim.from_json(margin.to_json()).status == "supported"
+    with pytest.raises(ValueError, match="margin"):
+        claim(at_chance, "L=2 ~ L=1", tolerance=-0.1)
+    assert claim({"s": [100, 200, 150], "t": [400, 500, 450]}, "s < t", tolerance=50).status == "supported"
+
+
 def test_timing_claims_compare_interleaved_ratios():
     fast_then_slow = {"fast": [1.0, 1.1, 0.9, 1.0, 1.05], "slow": [2.0, 2.1, 2.2, 1.9, 2.0]}
     assert claim(fast_then_slow, "fast < slow", rule="ratio").status == "supported"
