@@ -376,11 +376,12 @@ def run_alignment(seeds: Sequence[int] = (0, 1, 2), config: AlignConfig | None =
     cfg = config or AlignConfig()
     task = MonotoneAlignment(cfg.vocab, cfg.target_len, cfg.min_src, cfg.max_src)
     runs = AlignRuns(seeds=list(seeds), config=cfg, probe_lengths=list(probe_lengths))
-    for kind in ("local-p", "global"):
+    kinds: tuple[Literal["local-p", "global"], ...] = ("local-p", "global")
+    for kind in kinds:
         runs.accuracy[kind] = []
         for s in seeds:
             gen = set_seed(s)
-            model = AlignModel(kind, cfg)  # type: ignore[arg-type]
+            model = AlignModel(kind, cfg)
             held = task.sample(cfg.eval_batch, torch.Generator().manual_seed(10_000 + s))
             if kind == "local-p":
                 e0, w0 = _position_stats(model, held, cfg.half_window)
@@ -393,7 +394,9 @@ def run_alignment(seeds: Sequence[int] = (0, 1, 2), config: AlignConfig | None =
                     loss.backward()
                     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     opt.step()
-                runs.accuracy[kind].append(evaluate(model, lambda b, g: held, align_loss, batch_size=1)["acc"])
+                model.eval()
+                with torch.no_grad():
+                    runs.accuracy[kind].append(align_loss(model, held)[1]["acc"])
             if kind == "local-p":
                 e1, w1 = _position_stats(model, held, cfg.half_window)
                 runs.error_init.append(e0)
