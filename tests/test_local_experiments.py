@@ -57,12 +57,11 @@ def test_local_model_uses_the_blockwise_window_and_cannot_see_beyond_reach():
 
 
 def test_run_lag_copy_one_value_per_seed_and_the_out_of_reach_arm_guesses():
-    cfg = LagConfig(n=16, window=4, steps=30, batch_size=16, eval_batch=64)
-    runs = run_lag_copy(lags=(2, 10), arms=(("local", 1), ("full", 1)), seeds=(0, 1, 2), config=cfg)
+    cfg = LagConfig(n=16, window=4, steps=20, batch_size=16, eval_batch=64)
+    runs = run_lag_copy(lags=(10,), arms=(("local", 1), ("full", 1)), seeds=(0, 1, 2), config=cfg)
     assert set(runs.accuracy) == {"local, L=1", "full, L=1"}
     for arm in runs.accuracy:
-        for lag in (2, 10):
-            assert len(runs.accuracy[arm][lag]) == 3 and len(runs.steps[arm][lag]) == 3
+        assert len(runs.accuracy[arm][10]) == 3 and len(runs.steps[arm][10]) == 3
     # lag 10 > w = 4: one window layer is at chance whatever it learned
     assert max(runs.accuracy["local, L=1"][10]) < runs.chance + 0.08
 
