@@ -383,6 +383,13 @@ def test_run_mlm_vs_lm_one_curve_per_seed_and_censoring():
     assert r.tokens_to("causal LM", 0.0, predicted=True) == [10.0 * 32 * 7] * 3
     with pytest.raises(ValueError, match="multiple"):
         run_mlm_vs_lm(task, seeds=[0], steps=15, eval_every=10)
+    # equal predicted tokens: n = 20, k = 3 -> the masked LM's step 190 matches the causal LM's step 30
+    r.steps = list(range(10, 201, 10))
+    r.predicted_per_step = {"masked LM": 32 * 3, "causal LM": 32 * 19}
+    assert r.matched_predicted() == (190, 30)
+    r.predicted_per_step = {"masked LM": 32 * 2, "causal LM": 32 * 7}
+    sm, sc = r.matched_predicted()
+    assert (sm, sc) == (140, 40) and sm * 2 == sc * 7
 
 
 @pytest.mark.slow

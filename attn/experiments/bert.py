@@ -371,7 +371,22 @@ class MlmVsLm:
 
     def steps_to(self, objective: str, target: float) -> list[int | None]:
         """First logged step where held-out accuracy >= ``target`` (``None``: not reached, censored)."""
-        return [next((s for s, a in zip(self.steps, c) if a >= target), None) for c in self.curves[objective]]
+        return [next((s for s, a in zip(self.steps, c, strict=True) if a >= target), None) for c in self.curves[objective]]
+
+    def matched_predicted(self) -> tuple[int, int]:
+        """``(masked-LM step, causal-LM step)``: logged steps at which both have predicted the same number of
+        tokens, the latest such pair (else the masked LM's last step and the latest causal-LM step that has
+        predicted no more than it)."""
+        per_m, per_c = self.predicted_per_step["masked LM"], self.predicted_per_step["causal LM"]
+        for sm in reversed(self.steps):
+            for sc in self.steps:
+                if sc * per_c == sm * per_m:
+                    return sm, sc
+        last = self.steps[-1]
+        fewer = [sc for sc in self.steps if sc * per_c <= last * per_m]
+        if not fewer:
+            raise ValueError("the causal LM predicts more tokens in its first logged step than the masked LM in all")
+        return last, fewer[-1]
 
     def tokens_to(self, objective: str, target: float, predicted: bool = False) -> list[float | None]:
         """Training tokens (or, with ``predicted``, predicted tokens) seen when ``target`` is first reached."""
