@@ -1,16 +1,17 @@
 r"""Chapter 6 -- BERT: bidirectional self-attention, against causal and prefix-LM masks.
 
 One attention layer, three visibility patterns. With scores
-``S = Q K^T / sqrt(d_h)`` per head and a boolean pattern ``A`` (``True`` = may attend),
+``S = Q K^T / sqrt(d_k)`` per head and a boolean visibility pattern ``G`` (``True`` = may attend;
+``A`` stays the attention weights, as in the book's notation),
 
 .. math::
 
     \operatorname{Attn}(X) = \operatorname{softmax}\big(S + M\big) V, \qquad
-    M_{ij} = \begin{cases} 0 & A_{ij} \wedge \text{key } j \text{ is real} \\ -\infty & \text{otherwise} \end{cases}
+    M_{ij} = \begin{cases} 0 & G_{ij} \wedge \text{key } j \text{ is real} \\ -\infty & \text{otherwise} \end{cases}
 
-    A^{\text{bi}}_{ij} = 1, \qquad
-    A^{\text{causal}}_{ij} = [\, j \le i \,], \qquad
-    A^{\text{prefix}(P)}_{ij} = [\, j \le i \;\vee\; j < P \,]
+    G^{\text{bi}}_{ij} = 1, \qquad
+    G^{\text{causal}}_{ij} = [\, j \le i \,], \qquad
+    G^{\text{prefix}(P)}_{ij} = [\, j \le i \;\vee\; j < P \,]
 
 * **bidirectional** (BERT, Devlin et al. 2019): every token sees every real
   token, left and right; only padding is hidden;
@@ -33,9 +34,10 @@ does; with the default ``output_projection=True`` it also applies ``W^O``
 ``(B, 1, n, n)``, ``0`` where allowed and ``torch.finfo(dtype).min`` where
 blocked; :func:`to_bert_mask` converts ours to that format.
 
-The chapter's toy task (a masked-token task whose answer sits to the *right*
-of the blank, so a causal model can only guess) and its small encoder live in
-:mod:`attn.experiments.bert`.
+The chapter's toy tasks (a masked-token task whose answer sits to the *right*
+of the blank, so a causal model can only guess; a repeat task both a masked LM
+and a causal LM can learn, to compare the two objectives per training token)
+and its small encoder live in :mod:`attn.experiments.bert`.
 
 Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for
 Language Understanding", NAACL 2019, section 3.1.

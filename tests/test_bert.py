@@ -7,7 +7,17 @@ import torch
 
 from attn.attention import AttentionBase
 from attn.bert import PATTERNS, BidirectionalSelfAttention, pattern_mask, prefix_lm_mask, to_bert_mask
-from attn.experiments.bert import MaskedTokenEncoder, RightContextTask, masked_token_loss, right_context_visible
+from attn.experiments.bert import (
+    MaskedTokenEncoder,
+    RepeatTask,
+    RightContextTask,
+    lm_loss,
+    masked_token_loss,
+    mlm_loss,
+    right_context_visible,
+    run_mlm_vs_lm,
+    second_half_accuracy,
+)
 from attn.masks import causal_mask, padding_mask
 from attn.models import TransformerBlock
 from attn.multihead import MultiHeadAttention
@@ -305,3 +315,85 @@ def test_encoder_is_transformer_blocks():
     batch = task.sample(3, torch.Generator().manual_seed(0))
     logits, ws = model(batch["x"], batch["key_mask"], batch["prefix_len"], need_weights=True)
     assert logits.shape == (3, 8, task.n_tokens) and len(ws) == 2 and ws[0].shape == (3, 2, 8, 8)
+
+
+# ----------------------------------------------------------------------------- masked LM against causal LM
+
+
+def test_repeat_task_second_half_repeats_and_bert_corruption():
+    task = RepeatTask(vocab=16, length=20, mask_rate=0.15)
+    assert task.n_masked == 3 and task.half == 10
+    b = task.sample(4000, torch.Generator().manual_seed(0))
+    tokens, x, target = b["tokens"], b["x"], b["target"]
+    assert torch.equal(tokens[:, 10:], tokens[:, :10])  # every second-half token is readable on its left
+    assert (tokens >= 2).all() and b["key_mask"].all()
+    picked = target != -100
+    assert (picked.sum(1) == 3).all()  # exactly k = round(0.15 n) predicted tokens per sequence
+    assert torch.equal(target[picked], tokens[picked])
+    assert torch.equal(x[~picked], tokens[~picked])  # only the picked tokens are corrupted
+    # both halves are picked (the first half is learnable from the right, bidirectionally)
+    assert picked[:, :10].any() and picked[:, 10:].any()
+    # BERT's 80/10/10: [MASK], a random token, unchanged
+    masked = (x[picked] == task.MASK).float().mean()
+    kept = (x[picked] == tokens[picked]).float().mean()
+    assert 0.77 < masked < 0.83 and 0.08 < kept < 0.13, (masked, kept)  # kept: 10% + random hits 10%/16
+    h = task.held_out(500, torch.Generator().manual_seed(1))
+    hp = h["target"] != -100
+    assert not hp[:, :10].any() and (hp.sum(1) == 3).all()  # held-out blanks only in the second half
+    assert (h["x"][hp] == task.MASK).all() and torch.equal(h["x"][:, :10], h["tokens"][:, :10])
+    with pytest.raises(ValueError, match="even"):
+        RepeatTask(length=7)
+
+
+def test_losses_predict_what_they_should():
+    """Both losses are finite scalars, and the causal LM's prediction at i never reads a later token."""
+    task = RepeatTask(vocab=8, length=8)
+    b = task.sample(4, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    enc = MaskedTokenEncoder(task, "bidirectional", embed_dim=16, num_heads=2, num_layers=1)
+    lm = MaskedTokenEncoder(task, "causal", embed_dim=16, num_heads=2, num_layers=1)
+    for model, loss_fn in ((enc, mlm_loss), (lm, lm_loss)):
+        loss, metrics = loss_fn(model, b)
+        assert loss.ndim == 0 and torch.isfinite(loss) and 0.0 <= metrics["acc"] <= 1.0
+    # the LM's prediction at position i must not depend on tokens after i (else next-token loss leaks)
+    tokens = b["tokens"].clone()
+    before, _ = lm(tokens, b["key_mask"])
+    tokens[:, 5:] = 2
+    after, _ = lm(tokens, b["key_mask"])
+    torch.testing.assert_close(before[:, :5], after[:, :5])
+    h = task.held_out(16, torch.Generator().manual_seed(2))
+    for model, objective in ((enc, "masked LM"), (lm, "causal LM")):
+        assert 0.0 <= second_half_accuracy(model, objective, h) <= 1.0
+    with pytest.raises(ValueError, match="objective"):
+        second_half_accuracy(lm, "span LM", h)
+
+
+def test_run_mlm_vs_lm_one_curve_per_seed_and_censoring():
+    task = RepeatTask(vocab=6, length=8)
+    r = run_mlm_vs_lm(task, seeds=[0, 1, 2], steps=20, eval_every=10, embed_dim=16, num_heads=2, num_layers=1,
+                      n_held_out=32)
+    assert r.steps == [10, 20] and r.seeds == [0, 1, 2]
+    for o in ("masked LM", "causal LM"):
+        assert len(r.curves[o]) == 3 and all(len(c) == 2 for c in r.curves[o])
+        assert len(r.final(o)) == 3 and len(r.steps_to(o, 2.0)) == 3
+        assert r.steps_to(o, 2.0) == [None, None, None]  # never reached: censored, not dropped
+        assert r.steps_to(o, 0.0) == [10, 10, 10]
+    assert r.tokens_per_step == 32 * 8
+    assert r.predicted_per_step == {"masked LM": 32 * 1, "causal LM": 32 * 7}
+    assert r.tokens_to("causal LM", 0.0, predicted=True) == [10.0 * 32 * 7] * 3
+    with pytest.raises(ValueError, match="multiple"):
+        run_mlm_vs_lm(task, seeds=[0], steps=15, eval_every=10)
+    # equal predicted tokens: n = 20, k = 3 -> the masked LM's step 190 matches the causal LM's step 30
+    r.steps = list(range(10, 201, 10))
+    r.predicted_per_step = {"masked LM": 32 * 3, "causal LM": 32 * 19}
+    assert r.matched_predicted() == (190, 30)
+    r.predicted_per_step = {"masked LM": 32 * 2, "causal LM": 32 * 7}
+    sm, sc = r.matched_predicted()
+    assert (sm, sc) == (140, 40) and sm * 2 == sc * 7
+
+
+@pytest.mark.slow
+def test_both_objectives_learn_the_repeat():
+    task = RepeatTask(vocab=8, length=12)
+    r = run_mlm_vs_lm(task, seeds=[0], steps=200, eval_every=50, n_held_out=256)
+    assert r.final("masked LM")[0] > 0.9 and r.final("causal LM")[0] > 0.9, r.curves
