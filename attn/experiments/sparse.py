@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -286,9 +287,16 @@ def lm_mixer(arm: str, config: LMConfig) -> nn.Module:
     E, h = config.embed_dim, config.num_heads
     if arm == "dense":
         return MultiHeadAttention(E, h)
-    if arm in ("strided", "fixed"):
-        return SparseAttention(E, h, pattern=arm, stride=config.stride, summary=config.summary, causal=True)
+    if arm == "strided":
+        return SparseAttention(E, h, pattern="strided", stride=config.stride, causal=True)
+    if arm == "fixed":
+        return SparseAttention(E, h, pattern="fixed", stride=config.stride, summary=config.summary, causal=True)
     raise ValueError(f"unknown arm {arm!r}; one of {', '.join(LM_ARMS)}")
+
+
+def _mixer_at(arm: str, config: LMConfig, _layer: int) -> nn.Module:
+    """``TokenLM``'s ``mixer(layer_index)``: the same kind of layer at every depth."""
+    return lm_mixer(arm, config)
 
 
 def periodic_loss(model: TokenLM, batch: dict[str, Tensor], period: int) -> tuple[Tensor, dict[str, float]]:
@@ -334,7 +342,7 @@ def run_periodic_lm(arms: Sequence[str] = LM_ARMS, seeds: Sequence[int] = (0, 1,
         runs.accuracy[arm], runs.train_acc[arm], runs.steps_to_target[arm], runs.curves[arm] = [], [], [], []
         for s in seeds:
             set_seed(s)
-            model = TokenLM(cfg.vocab, cfg.embed_dim, cfg.num_layers, lambda _i: lm_mixer(arm, cfg),
+            model = TokenLM(cfg.vocab, cfg.embed_dim, cfg.num_layers, partial(_mixer_at, arm, cfg),
                             max_len=cfg.length, position_std=cfg.position_std)
             hist = train(model, task.sample, loss, cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=s,
                          log_every=10, device=device, progress=False)
