@@ -503,3 +503,79 @@ def test_topk_and_entmax_layers_run_their_kernels():
         assert isinstance(layer, Attention) and layer.kernel == kernel
     with pytest.raises(TypeError):
         TopKAttention(16, 2, 3)  # topk is keyword-only
+
+
+# ------------------------------------------------------------------ chapter 9's experiments (attn.experiments.sparse)
+
+from attn.experiments import sparse as sx  # noqa: E402
+
+
+def test_distractor_recall_has_the_designed_distractors() -> None:
+    """Keys are distinct; with every grid key present, exactly (n_a - 1) + (n_b - 1) keys half-match the query."""
+    task = sx.DistractorRecall(64, 8, 8, 8)
+    b = task.sample(32, torch.Generator().manual_seed(0))
+    keys = b["a"] * 8 + b["b"]
+    assert all(len(set(row.tolist())) == 64 for row in keys)
+    rows = torch.arange(32)
+    assert torch.equal(b["a"][rows, b["where"]], b["qa"]) and torch.equal(b["b"][rows, b["where"]], b["qb"])
+    assert torch.equal(b["v"][rows, b["where"]], b["y"])
+    half = (b["a"] == b["qa"][:, None]) ^ (b["b"] == b["qb"][:, None])  # one half matches, not both
+    assert (half.sum(1) == 14).all()
+    with pytest.raises(ValueError):
+        sx.DistractorRecall(65, 8, 8)
+
+
+def test_periodic_sequence_follows_its_rule() -> None:
+    """x_t = f(x_{t-p}) with one permutation f, the same for every data generator."""
+    task = sx.PeriodicSequence(48, 17, 16)
+    x = task.sample(8, torch.Generator().manual_seed(1))["x"]
+    assert sorted(task.rule.tolist()) == list(range(16))
+    assert torch.equal(x[:, 17:], task.rule[x[:, :-17]])
+    assert torch.equal(sx.PeriodicSequence(48, 17, 16).rule, task.rule)
+    assert not torch.equal(x[:, :17], task.sample(8, torch.Generator().manual_seed(2))["x"][:, :17])
+
+
+def test_the_needed_key_is_in_the_strided_columns_and_mostly_outside_the_fixed_pattern() -> None:
+    """The design of the periodic LM: position i needs key i + 1 - p = i - 2l (p = 2l + 1)."""
+    cfg = sx.LMConfig()
+    n, ell, lag = cfg.length, cfg.stride, cfg.period - 1
+    assert lag == 2 * ell
+    i = torch.arange(lag, n)
+    strided, fixed = strided_mask(n, ell), fixed_mask(n, ell, cfg.summary)
+    assert strided[i, i - lag].all()
+    direct = fixed[i, i - lag].float().mean().item()
+    assert direct == pytest.approx(cfg.summary / ell, abs=0.05)
+
+
+def test_top1_attention_gives_no_gradient_to_the_scores() -> None:
+    """Softmax over one kept key is 1 whatever its score: the query and key projections get zero gradient."""
+    task = sx.DistractorRecall(16, 4, 4, 4)
+    torch.manual_seed(0)
+    model = sx.DistractorRecallModel(task, sx.recall_mixer("top-k, k=1", 16, 1), 16)
+    loss, _ = sx.distractor_loss(model, task.sample(8, torch.Generator().manual_seed(0)))
+    loss.backward()
+    attn = model.attention
+    assert attn.q_proj.weight.grad is None or attn.q_proj.weight.grad.abs().max() == 0
+    assert attn.k_proj.weight.grad is None or attn.k_proj.weight.grad.abs().max() == 0
+    assert attn.v_proj.weight.grad.abs().max() > 0
+
+
+def test_recall_runner_returns_one_value_per_seed_and_arm() -> None:
+    cfg = sx.RecallConfig(n_pairs=16, n_a=4, n_b=4, n_values=4, embed_dim=16, steps=3, batch_size=4, eval_batch=16)
+    runs = sx.run_distractor_recall(seeds=(0, 1), config=cfg)
+    for metric in (runs.accuracy, runs.support, runs.weight_on_answer, runs.train_acc):
+        assert list(metric) == list(sx.RECALL_ARMS) and all(len(v) == 2 for v in metric.values())
+    assert runs.support["softmax"] == [17.0, 17.0]  # every key and the query itself
+    assert runs.support["top-k, k=4"] == [4.0, 4.0]
+    assert all(1 <= s <= 17 for s in runs.support["sparsemax"])
+    with pytest.raises(ValueError):
+        sx.recall_mixer("relu", 16, 1)
+
+
+def test_lm_runner_returns_one_value_per_seed_and_arm() -> None:
+    cfg = sx.LMConfig(length=24, period=9, stride=4, summary=1, embed_dim=16, steps=2, batch_size=4, eval_batch=8)
+    runs = sx.run_periodic_lm(seeds=(0, 1, 2), config=cfg)
+    assert list(runs.accuracy) == list(sx.LM_ARMS)
+    assert all(len(runs.accuracy[a]) == 3 and len(runs.steps_to_target[a]) == 3 for a in sx.LM_ARMS)
+    with pytest.raises(ValueError):
+        sx.lm_mixer("random", cfg)
