@@ -78,14 +78,14 @@ def test_attention_step_i_queries_with_the_previous_state():
 
 
 def test_bottleneck_sweep_records_one_value_per_length_seed_and_arm():
-    recs = bottleneck_sweep(lengths=(3, 5), seeds=(0, 1, 2), steps=2, batch_size=4, eval_batch=8, hidden=8, embed=8)
-    assert len(recs) == 2 * 3 * 2
+    recs = bottleneck_sweep(lengths=(5,), seeds=(0, 1, 2), steps=2, batch_size=4, eval_batch=8, hidden=8, embed=8)
+    assert len(recs) == 3 * 2
     assert {(r["length"], r["seed"], r["arm"]) for r in recs} == {
-        (n, s, a) for n in (3, 5) for s in (0, 1, 2) for a in ("attention", "no attention")}
+        (5, s, a) for s in (0, 1, 2) for a in ("attention", "no attention")}
     assert all(0 <= r["acc"] <= 1 for r in recs)
     assert all((r["align_acc"] is None) == (r["arm"] == "no attention") for r in recs)
     again = bottleneck_sweep(lengths=(5,), seeds=(1,), steps=2, batch_size=4, eval_batch=8, hidden=8, embed=8)
-    assert [r["acc"] for r in again] == [r["acc"] for r in recs if r["length"] == 5 and r["seed"] == 1]
+    assert [r["acc"] for r in again] == [r["acc"] for r in recs if r["seed"] == 1]  # same seed, same run
 
 
 def test_attention_arm_learns_a_short_reordering():

@@ -182,7 +182,7 @@ def reorder_loss(model: BottleneckSeq2Seq, batch: dict[str, Tensor]) -> tuple[Te
 
 def bottleneck_sweep(lengths: Sequence[int] = (8, 16, 32, 64), seeds: Sequence[int] = (0, 1, 2), steps: int = 80,
                      batch_size: int = 64, lr: float = 2e-2, n_values: int = 8, embed: int = 32, hidden: int = 32,
-                     score: ScoreKind = "general", eval_batch: int = 512,
+                     score: ScoreKind = "general", eval_batch: int = 256,
                      device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Attention against the fixed-vector bottleneck on :class:`RankedReorderTask`, over source lengths and seeds.
 
