@@ -121,11 +121,11 @@ class BottleneckSeq2Seq(nn.Module):
     (``embed(v_j) + embed(r_j)``), annotations ``h_1 .. h_S`` ``(B, S, H)`` and the summary
     :math:`c = h_S`, its last state. Decoder: a GRU over the teacher-forced inputs
     ``[embed(y_{i-1}) + pos(i); c]`` (Cho et al. feed ``c`` at every step), started from
-    :math:`s_0 = 	anh(W c)`. The output reads :math:`[s_i; c_i]` with
+    :math:`s_0 = \tanh(W c)`. The output reads :math:`[s_i; c_i]` with
 
     * ``attention=False``: :math:`c_i = c` for every ``i`` (the bottleneck);
-    * ``attention=True``: :math:`c_i = \sum_j lpha_{ij} h_j`,
-      :math:`lpha_{i\cdot} = \operatorname{softmax}_j \operatorname{score}(s_{i-1}, h_j)`
+    * ``attention=True``: :math:`c_i = \sum_j \alpha_{ij} h_j`,
+      :math:`\alpha_{i\cdot} = \operatorname{softmax}_j \operatorname{score}(s_{i-1}, h_j)`
       (Bahdanau et al. 2015: the query is the state before step ``i``).
 
     The two arms are the same network but for the context the output layer reads. Unlike
