@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..checks import check_int
 from ..multihead import MultiHeadAttention
+from ..tasks import AssociativeRecall
 from ..train import History, set_seed, train
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 
 
 @dataclass
-class TwoKeyRecall:
+class TwoKeyRecall(AssociativeRecall):
     """Ordered two-key recall: ``k1 v1 ... kn vn q1 q2`` -> ``(v(q1), v(q2))``.
 
     Keys in a sequence are distinct (tokens ``0 .. n_keys - 1``), values are drawn with
@@ -48,25 +49,19 @@ class TwoKeyRecall:
     sequence's keys, in random order. The answer is the ordered pair of their values, so a model
     must find *two* pairs and keep apart which value belongs to which query slot.
 
+    The fields and the vocabulary are :class:`~attn.tasks.AssociativeRecall`'s (chapter 3's first,
+    one-key task):
+
     Args:
         n_pairs: key-value pairs per sequence (length ``2 n_pairs + 2``); at least 2.
         n_keys: key alphabet (``>= n_pairs``).
         n_values: value alphabet.
     """
 
-    n_pairs: int = 8
-    n_keys: int = 16
-    n_values: int = 16
-
     def __post_init__(self) -> None:
         check_int("n_pairs", self.n_pairs, 2)
         check_int("n_values", self.n_values, 2)
-        if self.n_keys < self.n_pairs:
-            raise ValueError(f"n_keys ({self.n_keys}) must be >= n_pairs ({self.n_pairs}) for distinct keys")
-
-    @property
-    def vocab(self) -> int:
-        return self.n_keys + self.n_values
+        super().__post_init__()
 
     @property
     def length(self) -> int:
