@@ -29,10 +29,10 @@ matrix never exists.
 .. math::
 
     dV_j \mathrel{+}= P^\top dO_i, \quad dP = dO_i V_j^\top, \quad
-    dS = P \odot (dP - D_i + \bar L_i), \quad dQ_i \mathrel{+}= \tau\, dS\, K_j, \quad
-    dK_j \mathrel{+}= \tau\, dS^\top Q_i ,
+    dS = P \odot (dP - D_i + \bar L_i), \quad dQ_i \mathrel{+}= c\, dS\, K_j, \quad
+    dK_j \mathrel{+}= c\, dS^\top Q_i ,
 
-where ``\bar L_i`` is the gradient reaching the returned log-sum-exp
+with the score scale ``c = 1/sqrt(d)`` (``scale``), where ``\bar L_i`` is the gradient reaching the returned log-sum-exp
 (``\partial L_i / \partial s_{ij} = P_{ij}``; zero when only ``O`` is used).
 
 **Merging partial attentions.** Attention over keys split into disjoint
@@ -83,6 +83,7 @@ from .registry import register
 __all__ = [
     "flash_attention", "flash_forward", "flash_backward", "FlashAttentionFunction", "naive_attention",
     "merge_partial_attention", "tile_plan", "online_softmax_trace", "flash_kernel", "FlashAttention",
+    "naive_traffic", "flash_traffic", "measured_traffic", "sram_block_q",
 ]
 
 
@@ -107,6 +108,112 @@ def tile_plan(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> T
                 elif k_hi > q_lo:
                     plan[i, j] = 1
     return plan
+
+
+def naive_traffic(n_q: int, n_k: int, d: int, d_v: int | None = None) -> dict[str, int]:
+    r"""Numbers moved between slow memory (HBM) and the chip by standard attention (Dao et al. 2022, Algorithm 0).
+
+    Three passes, each reading its inputs from and writing its result to slow memory:
+    ``S = Q K^T / sqrt(d)`` (read ``Q, K``, write ``S``), ``P = softmax(S)`` (read ``S``, write ``P``),
+    ``O = P V`` (read ``P, V``, write ``O``). Total :math:`\Theta(n d + n^2)`; the four ``n_q x n_k``
+    terms dominate once ``n > d``. Counts are numbers (multiply by the bytes per number).
+    """
+    for name, val in (("n_q", n_q), ("n_k", n_k), ("d", d)):
+        check_int(name, val)
+    d_v = d if d_v is None else check_int("d_v", d_v)
+    sp = n_q * n_k
+    return {"read Q, K": (n_q + n_k) * d, "write S": sp, "read S": sp, "write P": sp, "read P": sp,
+            "read V": n_k * d_v, "write O": n_q * d_v}
+
+
+def _key_rows_loaded(n_q: int, n_k: int, block_q: int, block_k: int, causal: bool) -> int:
+    """Rows of ``K`` (and of ``V``) that :func:`flash_forward` loads over all query blocks."""
+    rows = 0
+    for q_lo in range(0, n_q, block_q):
+        q_hi = min(q_lo + block_q, n_q)
+        k_end = min(n_k, q_hi) if causal else n_k  # the loop of flash_forward
+        rows += min(n_k, -(-k_end // block_k) * block_k)  # whole key blocks up to k_end, the last one clipped at n_k
+    return rows
+
+
+def flash_traffic(n_q: int, n_k: int, d: int, block_q: int, block_k: int, d_v: int | None = None,
+                  causal: bool = False) -> dict[str, int]:
+    r"""Numbers moved between slow memory and the chip by the tiled forward (:func:`flash_forward`'s loop order).
+
+    Each query block ``Q_i`` (``block_q`` rows) is loaded once and stays on chip with its statistics
+    ``m, ell`` and its accumulator ``o``; the key and value blocks stream past it; ``O_i`` and ``L_i`` are
+    written once. ``S`` and ``P`` never leave the chip. With ``T_q = n_q / block_q`` query blocks:
+
+    .. math::
+
+        \text{reads} = n_q d + T_q\, n_k (d + d_v), \qquad \text{writes} = n_q d_v + n_q ,
+
+    (causal: each query block streams only the key blocks it can see). Since the on-chip memory ``M``
+    must hold ``Q_i`` and ``o`` (:func:`sram_block_q`), ``block_q = \Theta(M / d)`` and the traffic is
+    :math:`\Theta(n^2 d^2 / M)` (Dao et al. 2022, Theorem 2), against :func:`naive_traffic`'s
+    :math:`\Theta(n d + n^2)`.
+    """
+    for name, val in (("n_q", n_q), ("n_k", n_k), ("d", d), ("block_q", block_q), ("block_k", block_k)):
+        check_int(name, val)
+    d_v = d if d_v is None else check_int("d_v", d_v)
+    rows = _key_rows_loaded(n_q, n_k, block_q, block_k, bool(causal))
+    return {"read Q": n_q * d, "read K, V": rows * (d + d_v), "write O": n_q * d_v, "write L": n_q}
+
+
+def sram_block_q(memory: int, d: int, block_k: int = 64, d_v: int | None = None) -> int:
+    r"""The largest query block whose working set fits ``memory`` numbers of on-chip memory.
+
+    On chip at once: ``Q_i`` and the accumulator ``o`` (``block_q (d + d_v)``), the statistics ``m, ell``
+    (``2 block_q``), one key and value block (``block_k (d + d_v)``) and one tile of scores
+    (``block_q block_k``):
+
+    .. math::
+
+        b_q = \Big\lfloor \frac{M - b_k (d + d_v)}{d + d_v + 2 + b_k} \Big\rfloor .
+
+    Raises ``ValueError`` when not even one query row fits.
+    """
+    for name, val in (("memory", memory), ("d", d), ("block_k", block_k)):
+        check_int(name, val)
+    d_v = d if d_v is None else check_int("d_v", d_v)
+    bq = (memory - block_k * (d + d_v)) // (d + d_v + 2 + block_k)
+    if bq < 1:
+        raise ValueError(f"memory={memory} numbers cannot hold a key block of {block_k} rows (d={d}, d_v={d_v}) "
+                         f"and one query row: it needs at least {block_k * (d + d_v) + d + d_v + 2 + block_k}")
+    return int(bq)
+
+
+def measured_traffic(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, block_q: int = 64,
+                     block_k: int = 64) -> dict[str, int]:
+    """Run :func:`flash_forward` and count what it reads and writes, as :func:`flash_traffic` labels it.
+
+    Every slice taken of ``q``, ``k`` or ``v`` is a load (a block brought on chip) and every write into the
+    output or the log-sum-exp a store; they are counted by intercepting ``Tensor.__getitem__`` and
+    ``Tensor.__setitem__`` (:class:`torch.overrides.TorchFunctionMode`). A check that the formula of
+    :func:`flash_traffic` describes the code, not an independent measurement of a GPU.
+    ``q, k, v``: ``(B, H, n, d)``; counts are per ``(batch, head)``.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    check_qkv(q, k, v)
+    if q.ndim != 4:
+        raise ValueError(f"measured_traffic expects q, k, v of shape (B, H, n, d), got {q.ndim}-D {tuple(q.shape)}")
+    per = q.shape[0] * q.shape[1]
+    counts = {"read Q": 0, "read K, V": 0, "write O": 0, "write L": 0}
+    inputs = {id(q): "read Q", id(k): "read K, V", id(v): "read K, V"}
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func is Tensor.__getitem__ and id(args[0]) in inputs:
+                counts[inputs[id(args[0])]] += result.numel() // per
+            elif func is Tensor.__setitem__:
+                counts["write O" if args[0].ndim == 4 else "write L"] += args[0][args[1]].numel() // per
+            return result
+
+    with torch.no_grad(), Count():
+        flash_forward(q, k, v, causal, None, block_q, block_k)
+    return counts
 
 
 def _tile_mask(q_lo: int, q_hi: int, k_lo: int, k_hi: int, causal: bool, key_mask: Tensor | None, device) -> Tensor | None:
@@ -153,9 +260,9 @@ def flash_forward(
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)  # rows with nothing visible yet
             p = torch.exp(s - m_safe)  # (B, H, bq, bk)
-            alpha = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
-            ell = alpha * ell + p.sum(-1, keepdim=True)
-            o = alpha * o + p @ v[:, :, k_lo:k_hi]
+            gamma = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
+            ell = gamma * ell + p.sum(-1, keepdim=True)
+            o = gamma * o + p @ v[:, :, k_lo:k_hi]
             m = m_new
         seen = ell > 0
         out[:, :, q_lo:q_hi] = torch.where(seen, o / torch.where(seen, ell, 1.0), 0.0)
@@ -239,7 +346,7 @@ def flash_attention(
     Args:
         q, k, v: ``(batch, [heads,] n, d)``; keys and values share their length.
         causal: query ``i`` sees keys ``j <= i`` (SDPA's ``is_causal``, top-left aligned).
-        scale: score scale ``tau``, default ``1/sqrt(d)``.
+        scale: the factor the scores are multiplied by, ``s = q.k * scale``; default ``1/sqrt(d)``.
         block_q, block_k: tile sizes (any ``>= 1``; lengths need not be multiples).
         key_mask: ``(batch, n_k)`` boolean, ``True`` = real key.
         return_lse: also return the log-sum-exp ``(batch, [heads,] n_q)`` of each query's scores
@@ -264,7 +371,7 @@ def flash_attention(
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None) -> Tensor:
-    """The baseline: ``softmax(Q K^T tau) V`` with the full ``n_q x n_k`` matrix stored (for comparison only)."""
+    """The baseline: ``softmax(Q K^T scale) V`` with the full ``n_q x n_k`` matrix stored (for comparison only)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     s = (q * scale) @ k.transpose(-1, -2)  # (..., n_q, n_k): the matrix FlashAttention never stores
     if causal:
