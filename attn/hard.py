@@ -35,6 +35,10 @@ pass: ``y_{st} = onehot - y.detach() + y``. It is biased (the gradient is that
 of the relaxed problem) with a bias that shrinks as ``tau -> 0`` while the
 variance grows.
 
+Lowering REINFORCE's variance: :func:`rloo_loss` (``K`` picks per example, each compared with the mean of
+the others: the leave-one-out baseline of Kool et al. 2019, unbiased) and :func:`soft_substitution` (Xu et
+al.'s trick: with probability 0.5 an example reads the soft expectation and is trained by backpropagation).
+
 Shapes: ``query`` ``(B, L, d_q)``, ``keys`` ``(B, n, d_k)``, ``values``
 ``(B, n, d_v)``, ``key_mask`` ``(B, n)`` (``True`` = real key); output ``(B, L, d_v)``,
 weights ``(B, L, n)``: the selection actually used (one-hot for hard

@@ -5,10 +5,18 @@ r"""Chapter 21's experiments (hard attention): the lookup task, its model, losse
 * :func:`lookup_loss` (cross-entropy, or the REINFORCE surrogate :func:`attn.hard.reinforce_loss`),
   :func:`expected_loss` (the exact expected loss of the hard model), :func:`gradient_samples` (independent
   gradient estimates, for the estimators' bias and variance).
+* :data:`LOOKUP_ARMS`, :func:`train_lookup`: the convergence comparison's estimators (soft, REINFORCE with the
+  moving average, with soft substitution, with ``K = 4`` picks and the moving average or the leave-one-out
+  baseline, straight-through Gumbel at three temperatures) and one seeded run of each.
+* :class:`NearestTask`, :class:`NearestModel`, :func:`nearest_loss`, :func:`nearest_comparison`: read the value
+  nearest a target under a squared loss, where straight-through's tangent is a biased guide (its regret stays
+  above REINFORCE's).
 * :func:`make_lookup_task`: the comparison's own task for REINFORCE hard attention (``OWN_TASKS["hard_reinforce"]``).
 
 Xu et al., "Show, Attend and Tell", ICML 2015. Jang, Gu, Poole, "Categorical Reparameterization with
 Gumbel-Softmax", ICLR 2017. Williams, "Simple Statistical Gradient-Following Algorithms", Machine Learning 1992.
+Kool, van Hoof, Welling, "Buy 4 REINFORCE Samples, Get a Baseline for Free!", ICLR 2019 workshop. Tucker et al.,
+"REBAR", NeurIPS 2017.
 """
 
 from __future__ import annotations
