@@ -35,6 +35,10 @@ pass: ``y_{st} = onehot - y.detach() + y``. It is biased (the gradient is that
 of the relaxed problem) with a bias that shrinks as ``tau -> 0`` while the
 variance grows.
 
+Lowering REINFORCE's variance: :func:`rloo_loss` (``K`` picks per example, each compared with the mean of
+the others: the leave-one-out baseline of Kool et al. 2019, unbiased) and :func:`soft_substitution` (Xu et
+al.'s trick: with probability 0.5 an example reads the soft expectation and is trained by backpropagation).
+
 Shapes: ``query`` ``(B, L, d_q)``, ``keys`` ``(B, n, d_k)``, ``values``
 ``(B, n, d_v)``, ``key_mask`` ``(B, n)`` (``True`` = real key); output ``(B, L, d_v)``,
 weights ``(B, L, n)``: the selection actually used (one-hot for hard
@@ -70,7 +74,7 @@ from .registry import register
 
 __all__ = [
     "Estimator", "HardAttentionOutput", "gumbel_noise", "select", "HardAttention", "hard_attention", "hard_kernel",
-    "HardSelfAttention", "MovingAverageBaseline", "reinforce_loss",
+    "HardSelfAttention", "MovingAverageBaseline", "reinforce_loss", "rloo_loss", "soft_substitution",
 ]
 
 Estimator = Literal["soft", "reinforce", "gumbel"]
@@ -415,3 +419,65 @@ register(
     data="lookup",
     summary="stochastic hard attention trained with REINFORCE, a moving-average baseline and an entropy bonus",
 )(HardAttention)
+
+
+def rloo_loss(loss: Tensor, log_prob: Tensor, entropy: Tensor | None = None, entropy_weight: float = 0.0) -> Tensor:
+    r"""REINFORCE with ``K`` samples per example and the leave-one-out baseline (RLOO), averaged over the batch.
+
+    ``loss`` ``(B, K)``: ``l(z_k)`` for ``K >= 2`` independent picks ``z_1..z_K ~ p`` of the same
+    example (differentiable in what does not depend on ``z``); ``log_prob`` ``(B, K)``: ``log p(z_k)``;
+    ``entropy`` ``(B,)`` or ``(B, K)`` (averaged over ``K``). Each sample's baseline is the mean loss of
+    the *other* ``K - 1`` samples, ``b_k = (sum_j l(z_j) - l(z_k)) / (K - 1)``, which does not depend on
+    ``z_k``, so the estimate
+
+    .. math::
+
+        \hat g = \frac{1}{K} \sum_{k=1}^{K} \Big[\nabla_\theta l(z_k)
+            + \big(l(z_k) - b_k\big)\, \nabla_\theta \log p_\theta(z_k)\Big],
+        \qquad b_k = \frac{1}{K - 1} \sum_{j \ne k} l(z_j),
+
+    is unbiased for ``grad E_z[l(z)]`` (``E[(l(z_k) - b_k) grad log p(z_k)] = E[l(z_k) grad log p(z_k)]``,
+    as ``b_k`` is independent of ``z_k``) with no baseline to track. ``l(z_k) - b_k = K / (K - 1)
+    (l(z_k) - mean_j l(z_j))``. Kool, van Hoof, Welling, "Buy 4 REINFORCE Samples, Get a Baseline for
+    Free!", ICLR 2019 workshop. The gradient of the returned surrogate is ``mean_b g_hat - lambda_e grad H``.
+    """
+    loss = check_tensor(loss, "loss", "(batch, n_samples)", 2)
+    log_prob = check_tensor(log_prob, "log_prob", "(batch, n_samples)", 2)
+    if log_prob.shape != loss.shape:
+        raise ValueError(f"loss and log_prob must have the same shape (batch, n_samples): "
+                         f"{tuple(loss.shape)} vs {tuple(log_prob.shape)}")
+    k = loss.shape[1]
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs n_samples >= 2, got {k}")
+    detached = loss.detach()
+    baseline = (detached.sum(1, keepdim=True) - detached) / (k - 1)  # (B, K): mean of the other samples
+    surrogate = (loss + (detached - baseline) * log_prob).mean(1)  # (B,)
+    if entropy is not None and entropy_weight:
+        surrogate = surrogate - entropy_weight * (entropy if entropy.ndim == 1 else entropy.mean(-1))
+    return surrogate.mean()
+
+
+def soft_substitution(out: HardAttentionOutput, values: Tensor, prob: float = 0.5,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    r"""Xu et al.'s (2015, section 4.1) variance trick: with probability ``prob`` an example reads the soft expectation.
+
+    ``out``: a sampled (REINFORCE) :class:`HardAttentionOutput` of queries ``(B, L)`` over keys;
+    ``values`` ``(B, n, d_v)``. For each example ``b``, ``m_b ~ Bernoulli(prob)``; the read is
+
+    .. math::
+
+        c_b = m_b \sum_j p_{bj} v_{bj} + (1 - m_b)\, v_{b z_b},
+
+    soft attention's read (trained by backpropagation through ``p``) for the substituted examples and
+    the sampled value for the others. Returns ``(output (B, L, d_v), sampled (B,))``: ``sampled`` is
+    ``True`` where the example read its sample; only those examples carry the REINFORCE term, so pass
+    ``out.log_prob * sampled[:, None]`` to :func:`reinforce_loss`. The mix of the two gradients is
+    biased towards soft attention's (the substituted examples follow the soft objective).
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    values = check_tensor(values, "values", "(batch, n_keys, value_dim)", 3)
+    b = out.probs.shape[0]
+    sampled = torch.rand(b, generator=generator, device=out.probs.device) >= prob  # (B,)
+    weights = torch.where(sampled[:, None, None], out.weights, out.probs)  # (B, L, n)
+    return weights @ values, sampled

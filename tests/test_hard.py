@@ -11,12 +11,19 @@ import torch.nn.functional as F
 from attn import registry
 from attn.experiments import own_task, own_tasks
 from attn.experiments.hard import (
+    LOOKUP_ARMS,
+    NEAREST_ARMS,
     LookupModel,
     LookupTask,
+    NearestModel,
+    NearestTask,
     expected_loss,
     gradient_samples,
     lookup_loss,
     make_lookup_task,
+    nearest_comparison,
+    nearest_loss,
+    train_lookup,
 )
 from attn.hard import (
     HardAttention,
@@ -25,11 +32,13 @@ from attn.hard import (
     gumbel_noise,
     hard_attention,
     reinforce_loss,
+    rloo_loss,
     select,
+    soft_substitution,
 )
 from attn.masks import padding_mask
 from attn.multihead import MultiHeadAttention
-from attn.train import train
+from attn.train import set_seed, train
 
 
 def per_sample_score_gradients(scores, losses, estimator, tau=1.0, baseline=0.0, m=20000, seed=0):
@@ -333,3 +342,121 @@ def test_hard_attention_function_on_split_heads():
     assert (res.index <= torch.arange(5)).all() and (res.index[1] < 3).all()
     torch.testing.assert_close(res.output, res.weights @ v)
     assert res.index.dtype == torch.long and not isinstance(res, tuple)  # a dataclass: out.index is the field
+
+
+# ----------------------------------------------------------------------------- RLOO, soft substitution
+
+
+def rloo_score_gradients(scores, losses, k=4, m=20000, seed=0):
+    """Per-example RLOO estimates wrt the scores: row i uses its own K picks."""
+    s_rep = scores.detach().repeat(m, 1).requires_grad_()
+    g = torch.Generator().manual_seed(seed)
+    _w, _p, index, log_prob, _e = select(s_rep[:, None, :].expand(m, k, -1), "reinforce", generator=g)
+    (rloo_loss(losses[index], log_prob) * m).backward()
+    return s_rep.grad, index
+
+
+def test_rloo_is_unbiased_and_beats_k_plain_samples():
+    """The leave-one-out estimate averages to the exact gradient (4 SE) with less variance than K samples, b = 0."""
+    scores = torch.tensor([0.3, -1.0, 1.2, 0.1, -0.4], dtype=torch.float64)
+    losses = torch.tensor([2.0, 0.5, 1.0, 3.0, 0.2], dtype=torch.float64)
+    exact = exact_score_gradient(scores, losses)
+    est, index = rloo_score_gradients(scores, losses)
+    assert index.shape == (20000, 4) and not (index == index[:, :1]).all()  # K independent picks per row
+    se = est.std(0) / math.sqrt(est.shape[0])
+    assert ((est.mean(0) - exact).abs() / se).max() < 4
+    plain = per_sample_score_gradients(scores, losses, "reinforce", baseline=0.0, m=80000, seed=3)
+    plain_k = plain.reshape(20000, 4, -1).mean(1)  # the average of 4 one-sample estimates, no baseline
+    assert est.var(0).sum() < 0.5 * plain_k.var(0).sum()
+
+
+def test_rloo_loss_gradient_is_the_leave_one_out_advantage():
+    loss = torch.tensor([[1.0, 2.0, 4.0], [0.5, 0.5, 2.0]])
+    log_prob = torch.zeros(2, 3, requires_grad=True)
+    rloo_loss(loss, log_prob).backward()
+    b = (loss.sum(1, keepdim=True) - loss) / 2
+    torch.testing.assert_close(log_prob.grad, (loss - b) / 6)  # / (B K)
+    ent = torch.ones(2, 3, requires_grad=True)
+    rloo_loss(loss, torch.zeros(2, 3), ent, entropy_weight=0.1).backward()
+    torch.testing.assert_close(ent.grad, torch.full((2, 3), -0.1 / 6))
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        rloo_loss(torch.zeros(4, 1), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="same shape"):
+        rloo_loss(torch.zeros(4, 2), torch.zeros(4, 3))
+
+
+def test_soft_substitution_reads_soft_or_sampled():
+    torch.manual_seed(0)
+    att = HardAttention(4, 4, 8, "reinforce").train()
+    q, k, v = torch.randn(4000, 1, 4), torch.randn(4000, 5, 4), torch.randn(4000, 5, 3)
+    out = att(q, k, v, generator=torch.Generator().manual_seed(0))
+    hard_read, _ = soft_substitution(out, v, 0.0)
+    torch.testing.assert_close(hard_read, out.output)
+    soft_read, sampled = soft_substitution(out, v, 1.0)
+    assert not sampled.any()
+    torch.testing.assert_close(soft_read, out.probs @ v)
+    mixed, sampled = soft_substitution(out, v, 0.5, torch.Generator().manual_seed(1))
+    assert 0.45 < sampled.float().mean() < 0.55
+    torch.testing.assert_close(mixed[sampled], out.output[sampled])
+    torch.testing.assert_close(mixed[~sampled], (out.probs @ v)[~sampled])
+    with pytest.raises(ValueError, match="prob"):
+        soft_substitution(out, v, 1.5)
+
+
+@pytest.mark.parametrize("arm", ["RLOO, K = 4", "REINFORCE, K = 4, moving average", "REINFORCE, soft substitution 0.5"])
+def test_lookup_arms_reach_the_projections(arm):
+    task = LookupTask()
+    torch.manual_seed(0)
+    model = LookupModel(task, **LOOKUP_ARMS[arm]).train()
+    loss, metrics = lookup_loss(model, task.sample(16, torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert model.attention.q_proj.weight.grad.norm() > 0 and model.attention.k_proj.weight.grad.norm() > 0
+    assert 0 <= metrics["pick_acc"] <= 1
+    with pytest.raises(ValueError):
+        LookupModel(task, "gumbel", samples=4)
+    with pytest.raises(ValueError):
+        LookupModel(task, "reinforce", samples=1, baseline="loo")
+
+
+def test_train_lookup_same_start_for_every_arm():
+    task = LookupTask()
+    hists = [train_lookup(task, LOOKUP_ARMS[a], seed=2, steps=10)[1] for a in ("soft", "RLOO, K = 4")]
+    assert all(h.step == [5, 10] for h in hists)
+    torch.manual_seed(5)
+    set_seed(1002)
+    w = LookupModel(task).attention.q_proj.weight
+    set_seed(1002)
+    torch.testing.assert_close(LookupModel(task, "reinforce", samples=4, baseline="loo").attention.q_proj.weight, w)
+
+
+def test_nearest_task_scores_can_express_the_nearest_item():
+    task = NearestTask()
+    b = task.sample(500, torch.Generator().manual_seed(0))
+    v, t = b["values"][..., 0], b["t"]
+    torch.testing.assert_close(b["keys"] / task.scale, torch.stack([v, v * v], -1))
+    bilinear = 2 * (b["query"][:, :, 0] / task.scale) * (b["keys"][..., 0] / task.scale) - b["keys"][..., 1] / task.scale
+    assert torch.equal(bilinear.argmax(-1), b["target"])  # 2 t v - v^2 = t^2 - (v - t)^2
+    assert torch.equal(b["target"], (v - t[:, None]).abs().argmin(-1))
+
+
+def test_nearest_loss_regret_and_straight_through_tangent():
+    """Regret >= 0; the straight-through score gradient is the tangent 2 (v_z - t) v_j through y."""
+    task = NearestTask(n_items=3)
+    model = NearestModel("gumbel", tau=1.0)
+    batch = task.sample(64, torch.Generator().manual_seed(1))
+    _loss, m = nearest_loss(model.train(), batch, torch.Generator().manual_seed(2))
+    assert m["regret"] >= 0 and 0 <= m["pick_acc"] <= 1
+    # the REBAR toy: v = (0, 1), t = 0.45 -> the nearest is 0 but the tangent at v_z = 0 says "go towards 1"
+    s = torch.zeros(1, 2, requires_grad=True)
+    w, *_ = select(s, "gumbel", 1.0, generator=torch.Generator().manual_seed(0))
+    read = w @ torch.tensor([0.0, 1.0])
+    ((read - 0.45) ** 2).sum().backward()
+    picked = int(w.detach().argmax())
+    assert (s.grad[0, 1] < 0) == (picked == 0)  # descent raises item 1's score whenever item 0 was read
+
+
+def test_nearest_comparison_returns_one_value_per_seed_and_arm():
+    res = nearest_comparison(NearestTask(), [0, 1, 2], steps=4, more_steps=2)
+    assert set(res["regret"]) == set(NEAREST_ARMS) and all(len(v) == 3 for v in res["regret"].values())
+    assert set(res["continued regret"]) == {"RLOO, K = 4", "ST Gumbel, tau = 0.5", "ST Gumbel, tau = 1"}
+    assert all(len(v) == 3 and min(v) >= 0 for v in res["continued regret"].values())
