@@ -73,7 +73,8 @@ from .registry import register
 
 __all__ = [
     "sinusoidal_embedding", "RotaryEmbedding", "rotate_half", "apply_rotary", "alibi_slopes", "alibi_bias",
-    "alibi_kernel", "PositionalAttention", "SCHEMES", "fused_attention",
+    "alibi_kernel", "PositionalAttention", "SCHEMES", "fused_attention", "rotate_pairs", "half_to_interleaved",
+    "rope_frequencies", "yarn_magnitude", "ROPE_SCALINGS",
 ]
 
 SCHEMES = ("none", "sinusoidal", "rope", "alibi")
@@ -102,16 +103,93 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], -1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    r"""Rotate pairs ``(x_k, x_{k + d/2})`` of ``x`` ``(..., n, d)`` by the angles whose ``cos, sin`` ``(n, d)`` are given:
-    ``x \cos + \operatorname{rotate\_half}(x) \sin`` (the tables of :meth:`RotaryEmbedding.cos_sin`)."""
+def rotate_pairs(x: Tensor) -> Tensor:
+    """``(x_0, x_1, x_2, x_3, ..) -> (-x_1, x_0, -x_3, x_2, ..)``: the 90-degree turn of the *interleaved* layout.
+
+    GPT-J and Meta's original Llama code pair neighbouring coordinates ``(x_{2i}, x_{2i+1})``; GPT-NeoX and
+    ``transformers`` (:func:`rotate_half`) pair ``(x_i, x_{i + d/2})``.
+    """
+    pairs = x.unflatten(-1, (-1, 2))  # (..., d/2, 2)
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+
+
+def half_to_interleaved(head_dim: int) -> Tensor:
+    """The permutation ``perm`` ``(d,)`` with ``x_interleaved = x_half[..., perm]``: ``(0, d/2, 1, d/2 + 1, ..)``.
+
+    Coordinate ``2i`` of the interleaved layout is coordinate ``i`` of the half layout, ``2i + 1`` is ``i + d/2``:
+    the same pair, rotated by the same angle. Converting a checkpoint between the layouts permutes the rows of every
+    head's ``W^Q`` and ``W^K`` (and their biases) by ``perm`` (or its inverse ``argsort(perm)``).
+    """
+    check_int("head_dim", head_dim)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    return torch.arange(head_dim).view(2, head_dim // 2).T.flatten()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    r"""Rotate the pairs of ``x`` ``(..., n, d)`` by the angles whose ``cos, sin`` ``(n, d)`` are given.
+
+    Half layout (default): pairs ``(x_k, x_{k + d/2})``, ``x \cos + \operatorname{rotate\_half}(x) \sin``
+    (the tables of :meth:`RotaryEmbedding.cos_sin`). ``interleaved=True``: pairs ``(x_{2k}, x_{2k+1})``,
+    ``x \cos + \operatorname{rotate\_pairs}(x) \sin`` with tables in the interleaved order.
+    """
     check_tensor(x, "x", "(..., n, dim)")
     check_tensor(cos, "cos", "(n, dim)")
     check_tensor(sin, "sin", "(n, dim)")
     if x.ndim < 1 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[-1] != x.shape[-1]:
         raise ValueError(f"apply_rotary needs x (..., n, dim) with dim even and cos, sin (n, dim) of the same dim, "
                          f"got x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    return x * cos + rotate_half(x) * sin
+    return x * cos + (rotate_pairs(x) if interleaved else rotate_half(x)) * sin
+
+
+ROPE_SCALINGS = ("default", "pi", "ntk", "yarn")
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0, *, method: str = "default", factor: float = 1.0,
+                     original_length: int | None = None, alpha: float = 1.0, beta: float = 32.0) -> Tensor:
+    r"""RoPE's frequencies ``(d/2,)`` (float64), as trained or rescaled for a context ``factor`` times longer.
+
+    * ``"default"``: :math:`\omega_i = b^{-2i/d}`.
+    * ``"pi"``, position interpolation (Chen et al. 2023): every position divided by :math:`s` = ``factor``,
+      i.e. :math:`\omega_i / s`: length :math:`s L` maps onto the angles seen at length :math:`L`.
+    * ``"ntk"``, NTK-aware scaling (bloc97 2023; YaRN paper, section 3.1): a larger base
+      :math:`b' = b\, s^{d/(d-2)}`: the fastest pair is unchanged, the slowest is divided by :math:`s`.
+    * ``"yarn"``, NTK-by-parts (Peng et al. 2023, YaRN): pair ``i`` completes :math:`r_i = L / \lambda_i`
+      turns over the trained length ``original_length`` :math:`L` (:math:`\lambda_i = 2\pi/\omega_i`);
+      :math:`\gamma_i = \operatorname{clip}((r_i - \alpha)/(\beta - \alpha), 0, 1)`,
+      :math:`\omega_i' = (1 - \gamma_i)\, \omega_i / s + \gamma_i\, \omega_i`: pairs that turn many times
+      are kept, pairs that turn less than once are interpolated. Pair it with :func:`yarn_magnitude`.
+    """
+    check_int("head_dim", head_dim)
+    check_positive_float("base", base)
+    check_positive_float("factor", factor)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+    if method not in ROPE_SCALINGS:
+        raise ValueError(f"method must be one of {ROPE_SCALINGS}, got {method!r}")
+    i = torch.arange(0, head_dim, 2, dtype=torch.float64)
+    omega = base ** (-i / head_dim)  # (d/2,)
+    if method == "pi":
+        return omega / factor
+    if method == "ntk":
+        return (base * factor ** (head_dim / (head_dim - 2))) ** (-i / head_dim)
+    if method == "yarn":
+        if original_length is None:
+            raise ValueError("yarn needs original_length, the trained context length L")
+        check_int("original_length", original_length)
+        turns = original_length * omega / (2 * math.pi)  # r_i
+        gamma = ((turns - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+        return (1 - gamma) * omega / factor + gamma * omega
+    return omega
+
+
+def yarn_magnitude(factor: float) -> float:
+    r"""YaRN's attention temperature as a factor on ``q`` and ``k``: :math:`\sqrt{1/t} = 0.1 \ln s + 1` (1 for ``s <= 1``).
+
+    Multiplying both ``cos`` and ``sin`` tables by it scales every score by :math:`1/t` (as ``transformers`` does).
+    """
+    check_positive_float("factor", factor)
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
 def _check_positions(positions: object, n: int | None = None) -> Tensor:
@@ -139,30 +217,55 @@ class RotaryEmbedding(nn.Module):
     by the angle ``p \\omega_i``: ``x cos + rotate_half(x) sin``. The angles
     ``p \\omega_i`` and their ``cos, sin`` are computed in float64 and cast to
     ``x``'s dtype (the module's precision rule).
+
+    ``interleaved=True`` pairs ``(x_{2i}, x_{2i+1})`` instead (GPT-J / Meta layout, :func:`rotate_pairs`): the same
+    rotation up to the permutation :func:`half_to_interleaved` of the coordinates. :meth:`rescale` swaps in the
+    frequencies of a longer context (:func:`rope_frequencies`: position interpolation, NTK-aware, YaRN) and a
+    magnitude on the tables (YaRN's temperature, :func:`yarn_magnitude`); neither is a parameter.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, *, interleaved: bool = False) -> None:
         super().__init__()
         check_int("head_dim", head_dim)
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         self.head_dim, self.base = head_dim, check_positive_float("base", base)
+        self.interleaved = bool(interleaved)
+        self.frequencies: Tensor | None = None  # (d/2,) float64 override of base^{-2i/d} (rescale)
+        self.magnitude = 1.0
+
+    def rescale(self, method: str = "default", factor: float = 1.0, original_length: int | None = None,
+                magnitude: float | None = None) -> RotaryEmbedding:
+        """Use :func:`rope_frequencies` ``(head_dim, base, method=, factor=, original_length=)`` from now on.
+
+        ``magnitude`` multiplies the ``cos, sin`` tables (default: :func:`yarn_magnitude` for ``"yarn"``, else 1).
+        ``rescale()`` restores the trained frequencies. Returns ``self``.
+        """
+        self.frequencies = rope_frequencies(self.head_dim, self.base, method=method, factor=factor,
+                                            original_length=original_length)
+        if magnitude is None:
+            magnitude = yarn_magnitude(factor) if method == "yarn" else 1.0
+        self.magnitude = check_positive_float("magnitude", magnitude)
+        return self
 
     @property
     def inv_freq(self) -> Tensor:
-        """The frequencies ``omega_i = base^{-2i/d}``, ``(d/2,)``, float64."""
+        """The frequencies ``omega_i = base^{-2i/d}`` (or those set by :meth:`rescale`), ``(d/2,)``, float64."""
+        if self.frequencies is not None:
+            return self.frequencies
         return self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """``cos, sin`` of shape ``(n, d)``: each angle twice, once per half; computed in float64, returned in ``dtype``.
+        """``cos, sin`` of shape ``(n, d)``: each angle twice (once per half, or twice in a row when interleaved);
+        computed in float64, returned in ``dtype``.
 
         ``dtype`` defaults to float64 (float32 on MPS).
         """
         positions = _check_positions(positions)
         wide = _table_dtype(positions.device)
         angle = positions.to(wide)[:, None] * self.inv_freq.to(positions.device, wide)  # (n, d/2)
-        angle = torch.cat([angle, angle], -1)  # (n, d)
-        cos, sin = angle.cos(), angle.sin()
+        angle = angle.repeat_interleave(2, -1) if self.interleaved else torch.cat([angle, angle], -1)  # (n, d)
+        cos, sin = self.magnitude * angle.cos(), self.magnitude * angle.sin()
         return (cos, sin) if dtype is None else (cos.to(dtype), sin.to(dtype))
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
@@ -171,7 +274,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"x must have shape (..., n, head_dim={self.head_dim}), got {tuple(x.shape)}")
         positions = _check_positions(positions, x.shape[-2])
         cos, sin = self.cos_sin(positions.to(x.device), x.dtype)
-        return apply_rotary(x, cos, sin)
+        return apply_rotary(x, cos, sin, self.interleaved)
 
 
 class _ShiftedRotary(RotaryEmbedding):
@@ -376,6 +479,7 @@ class PositionalAttention(Attention):
         bias: biases on the four projections.
         block_q: queries per block of the blocked ALiBi path (see :func:`fused_attention`).
         dropout: on the attention weights while training.
+        interleaved: RoPE pairs ``(x_{2i}, x_{2i+1})`` (GPT-J / Meta layout) instead of ``(x_i, x_{i + d/2})``.
 
     ``forward(x (B, n, E), *, key_mask=None, is_causal=None, need_weights=False, cache=None, offset=0)``: token
     ``t`` sits at position ``offset + t`` (RoPE; ALiBi and none depend on distances only); ``key_mask``
@@ -386,7 +490,8 @@ class PositionalAttention(Attention):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, position: str = "rope", *, causal: bool = True,
-                 base: float = 10000.0, bias: bool = True, block_q: int = 128, dropout: float = 0.0) -> None:
+                 base: float = 10000.0, bias: bool = True, block_q: int = 128, dropout: float = 0.0,
+                 interleaved: bool = False) -> None:
         if position not in SCHEMES:
             raise ValueError(f"position must be one of {SCHEMES}, got {position!r}")
         check_int("block_q", block_q)
@@ -396,7 +501,7 @@ class PositionalAttention(Attention):
                          dropout=dropout, **options)
         self.scheme, self.block_q = position, block_q
         if position == "rope":
-            self.rotary = _ShiftedRotary(self.head_dim, base)
+            self.rotary = _ShiftedRotary(self.head_dim, base, interleaved=interleaved)
 
     def forward(
         self,

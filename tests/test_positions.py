@@ -392,3 +392,125 @@ def test_alibi_kernel_with_a_cache_equals_one_pass():
     steps = [m(x[:, :4], cache=cache).output] + [m(x[:, t : t + 1], cache=cache).output for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), m(x).output, atol=1e-12, rtol=1e-12)
     assert get_kernel("alibi").fn is alibi_kernel and not get_kernel("alibi").dense
+
+
+# --- issue 17: layouts, rescaled RoPE, the first-value task, training to a target -------------------------------
+
+
+@pytest.mark.parametrize("head_dim", [2, 8, 16])
+def test_interleaved_layout_is_the_half_layout_up_to_a_permutation(head_dim):
+    from attn.positions import half_to_interleaved, rotate_pairs
+
+    perm = half_to_interleaved(head_dim)
+    assert sorted(perm.tolist()) == list(range(head_dim))
+    assert perm[:4].tolist() == [0, head_dim // 2, 1, head_dim // 2 + 1][: min(4, head_dim)]
+    x = torch.randn(3, 11, head_dim, dtype=torch.float64)
+    pos = torch.arange(11) * 5 + 2
+    half, inter = RotaryEmbedding(head_dim, 100.0), RotaryEmbedding(head_dim, 100.0, interleaved=True)
+    torch.testing.assert_close(inter(x[..., perm], pos), half(x, pos)[..., perm], atol=1e-12, rtol=0)
+    torch.testing.assert_close(rotate_pairs(rotate_pairs(x)), -x)
+    # scores are invariant to the permutation of both q and k: the same rotation
+    k = torch.randn_like(x)
+    s_half = half(x, pos) @ half(k, pos).transpose(-1, -2)
+    s_inter = inter(x[..., perm], pos) @ inter(k[..., perm], pos).transpose(-1, -2)
+    torch.testing.assert_close(s_inter, s_half)
+    if head_dim > 2:  # without the permutation the two layouts differ
+        assert (inter(x, pos) - half(x, pos)).abs().max() > 1e-3
+
+
+def test_rope_frequencies_pi_ntk_yarn():
+    from attn.positions import rope_frequencies, yarn_magnitude
+
+    d, s, L = 16, 4.0, 64
+    omega = rope_frequencies(d)
+    torch.testing.assert_close(omega, RotaryEmbedding(d).inv_freq)
+    torch.testing.assert_close(rope_frequencies(d, method="pi", factor=s), omega / s)
+    ntk = rope_frequencies(d, method="ntk", factor=s)
+    assert ntk[0] == omega[0] and ntk[-1].item() == pytest.approx(omega[-1].item() / s)  # fastest kept, slowest / s
+    assert (ntk <= omega).all() and (ntk >= omega / s - 1e-15).all()
+    yarn = rope_frequencies(d, method="yarn", factor=s, original_length=L)
+    turns = L * omega / (2 * math.pi)
+    torch.testing.assert_close(yarn[turns >= 32], omega[turns >= 32])  # many turns: kept
+    torch.testing.assert_close(yarn[turns <= 1], omega[turns <= 1] / s)  # under one turn: interpolated
+    assert yarn_magnitude(1.0) == 1.0 and yarn_magnitude(4.0) == pytest.approx(0.1 * math.log(4) + 1)
+    with pytest.raises(ValueError, match="original_length"):
+        rope_frequencies(d, method="yarn", factor=s)
+    with pytest.raises(ValueError, match="method"):
+        rope_frequencies(d, method="linear")
+    rope = RotaryEmbedding(d).rescale("pi", s)
+    x, pos = torch.randn(5, 7, d, dtype=torch.float64), torch.arange(7) * 4
+    torch.testing.assert_close(rope(x, pos), RotaryEmbedding(d)(x, pos // 4))  # positions divided by s
+    rope.rescale("yarn", s, L)
+    assert rope.magnitude == pytest.approx(yarn_magnitude(s))
+    torch.testing.assert_close(rope(x, pos).norm(dim=-1), rope.magnitude * x.norm(dim=-1))
+    rope.rescale()  # back to the trained frequencies
+    torch.testing.assert_close(rope(x, pos), RotaryEmbedding(d)(x, pos))
+
+
+def test_first_value_task_answers_with_token_zero():
+    from attn.experiments.positions import FirstValueTask
+
+    task = FirstValueTask(n_values=5, read_prob=0.5)
+    b = task.sample(64, 40, torch.Generator().manual_seed(0))
+    x, y = b["x"], b["y"]
+    is_read = x == task.read
+    assert (x[:, 0] < task.n_values).all() and is_read.any()
+    assert (y[is_read] == x[:, :1].expand_as(x)[is_read]).all() and (y[~is_read] == -100).all()
+    last = LastValueTask(n_values=5, read_prob=0.5).sample(64, 40, torch.Generator().manual_seed(0))
+    assert torch.equal(last["x"], x)  # the same sequences, another answer
+    assert (last["y"][is_read] != y[is_read]).float().mean() > 0.5  # the first value is rarely the most recent
+
+
+def test_length_runs_one_value_per_seed_and_length_and_censoring():
+    from attn.experiments.positions import length_runs, train_to_target
+
+    task = LastValueTask(4)
+    runs = length_runs(task, ["rope", "none"], [0, 1, 2], 8, [8, 16], embed_dim=16, num_heads=2, max_steps=5,
+                       check_every=5, eval_batch=16)
+    for run in runs.values():
+        assert len(run.steps) == 3 and len(run.models) == 3
+        assert all(len(run.acc[L]) == 3 for L in (8, 16))
+    assert runs["none"].steps == [None, None, None]  # not reached in 5 steps: censored, kept
+    model = PositionModel(task.vocab, "rope", 16, 2)
+    assert train_to_target(model, task, 8, target=0.0, max_steps=50, check_every=5) == 5  # stops at the target
+
+
+def test_seeded_runs_repeat():
+    from attn.experiments.positions import length_runs
+
+    task = LastValueTask(4)
+    a, b = (length_runs(task, ["alibi"], [3], 8, [16], embed_dim=16, num_heads=2, max_steps=10, check_every=5,
+                        eval_batch=16)["alibi"] for _ in range(2))
+    assert a.acc == b.acc and a.steps == b.steps
+
+
+def test_convert_layout_needs_the_row_permutation():
+    from attn.experiments.positions import convert_layout
+
+    torch.manual_seed(0)
+    task = LastValueTask(4)
+    model = PositionModel(task.vocab, "rope", 32, 2).eval()
+    x = task.sample(4, 20, torch.Generator().manual_seed(1))["x"]
+    permuted, as_is = convert_layout(model, permute=True), convert_layout(model, permute=False)
+    assert permuted.attention.rotary.interleaved and as_is.attention.rotary.interleaved
+    with torch.no_grad():
+        ref = model(x)[0]
+        torch.testing.assert_close(permuted(x)[0], ref, atol=1e-5, rtol=1e-5)
+        assert (as_is(x)[0] - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="half-layout RoPE"):
+        convert_layout(PositionModel(task.vocab, "alibi", 32, 2))
+
+
+def test_rescale_and_tune_work_on_copies():
+    from attn.experiments.positions import rescale_rope, tune_at_length
+
+    task = LastValueTask(4)
+    model = PositionModel(task.vocab, "rope", 16, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuned = tune_at_length(model, task, 16, 3, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in tuned.state_dict().items())
+    rescale_rope(model, "pi", 4.0, 8)
+    torch.testing.assert_close(model.attention.rotary.inv_freq, RotaryEmbedding(8).inv_freq / 4)
+    with pytest.raises(ValueError, match="RoPE model"):
+        rescale_rope(PositionModel(task.vocab, "alibi", 16, 2), "pi", 4.0, 8)
