@@ -38,6 +38,18 @@ inside the cache, restores it. The chapter's small rotary LM that streams
 through such a cache (``RotaryLM``, an :class:`attn.models.TokenLM`) and its
 data live in :mod:`attn.experiments.differential`.
 
+**A learned sink logit** (the "softmax plus one" of Miller, 2023, with a learned
+bias; gpt-oss, OpenAI 2025): each head ``h`` gets a learned scalar ``b_h`` added to
+its softmax denominator, a virtual key that every query sees, with value zero,
+
+.. math::
+
+    a_{tj} = \frac{e^{s_{tj}}}{e^{b_h} + \sum_{j' \le t} e^{s_{tj'}}}, \qquad o_t = \sum_{j \le t} a_{tj} v_j ,
+
+so a row may sum to less than one and a head with nothing to read can put its
+mass on the virtual key instead of on the first token
+(:func:`sink_logit_attention`).
+
 Shapes: ``x`` ``(B, n, E)``; output ``(B, n, E)``; weights (the difference
 map ``A_1 - \lambda A_2``, not a distribution: rows sum to ``1 - \lambda``)
 ``(B, h, n, n)``.
@@ -51,12 +63,12 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_int, check_same_dtype, check_tensor, check_tokens, empty_batch
-from .core import AttentionOutput, scaled_dot_product_attention
+from .core import AttentionOutput, check_qkv, scaled_dot_product_attention
 from .masks import check_key_mask
 from .positions import fused_attention
 from .registry import register
 
-__all__ = ["lambda_init", "attend_wide_values", "DifferentialAttention", "SinkCache"]
+__all__ = ["lambda_init", "attend_wide_values", "DifferentialAttention", "SinkCache", "sink_logit_attention"]
 
 
 def _check_lambda_init(value: object) -> float:
@@ -295,3 +307,53 @@ class SinkCache:
             vs = vs.gather(2, idx.expand(-1, vs.shape[1], -1, vs.shape[3]))
         self.k[layer], self.v[layer] = ks, vs
         return ks, vs
+
+
+# ============================================================================ a learned sink logit
+
+
+def sink_logit_attention(q: Tensor, k: Tensor, v: Tensor, sink_logit: Tensor, *, causal: bool = False,
+                         attn_mask: Tensor | None = None, key_mask: Tensor | None = None,
+                         scale: float | None = None) -> tuple[Tensor, Tensor]:
+    r"""Softmax attention with a learned per-head sink logit in the denominator: a virtual key with value zero.
+
+    ``a_{tj} = e^{s_{tj}} / (e^{b_h} + \sum_{j'} e^{s_{tj'}})`` with ``s = \tau q k^\top`` (plus the masks),
+    ``o = a v``; the mass ``1 - \sum_j a_{tj} = e^{b_h} / (e^{b_h} + \sum_{j'} e^{s_{tj'}})`` goes to the virtual
+    key and writes nothing. Computed as one softmax over ``[s_{t0} .. s_{t,n-1}, b_h]`` whose last column is
+    dropped. This is the dense reference (it forms the ``(B, h, n_q, n_k)`` scores), for small models and for
+    reading the weights.
+
+    Args:
+        q: ``(B, h, n_q, d)``. k: ``(B, h, n_k, d)``. v: ``(B, h, n_k, d_v)``.
+        sink_logit: ``(h,)``, the learned ``b_h``.
+        causal: query ``i`` sees keys ``j <= i`` (top-left aligned).
+        attn_mask: boolean ``(n_q, n_k)`` or broadcastable to ``(B, h, n_q, n_k)``, ``True`` = may attend.
+        key_mask: ``(B, n_k)`` boolean, ``True`` = real key.
+        scale: ``\tau``, default ``1/sqrt(d)``.
+
+    Returns:
+        ``(output (B, h, n_q, d_v), weights (B, h, n_q, n_k))``; each weight row sums to less than 1.
+    """
+    check_qkv(q, k, v)
+    if q.ndim != 4:
+        raise ValueError(f"q, k, v must be (batch, heads, tokens, head_dim), got q {tuple(q.shape)}")
+    sink_logit = check_tensor(sink_logit, "sink_logit", "(heads,)", 1)
+    if sink_logit.shape[0] != q.shape[1]:
+        raise ValueError(f"sink_logit must have one entry per head: ({q.shape[1]},), got {tuple(sink_logit.shape)}")
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    tau = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * tau  # (B, h, n_q, n_k)
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril()
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be boolean (True = may attend), got {attn_mask.dtype}")
+        allowed = allowed & attn_mask
+    if key_mask is not None:
+        check_key_mask(key_mask, q.shape[0], n_k)
+        allowed = allowed & key_mask[:, None, None, :]
+    s = s.masked_fill(~allowed, -math.inf)
+    b = sink_logit.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)  # the virtual key's score
+    a = torch.cat([s, b], -1).softmax(-1)[..., :-1]  # drop the virtual key: its value is zero
+    return a @ v, a

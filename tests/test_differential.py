@@ -396,3 +396,110 @@ def test_rotary_lm_is_a_token_lm_with_rope_attention():
     assert isinstance(model, TokenLM)
     for block in model.blocks:
         assert isinstance(block.mixer, Attention) and block.mixer.causal and type(block.mixer.rotary) is RotaryEmbedding
+
+
+# ----------------------------------------------------------------------------- issue 17: sink logit, bursts, shares
+
+
+def test_sink_logit_attention_is_softmax_with_a_zero_value_key():
+    """b = -inf gives plain softmax attention; otherwise equal to appending a key of score b and value 0."""
+    from attn.differential import sink_logit_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    out, w = sink_logit_attention(q, k, v, torch.full((3,), -math.inf, dtype=torch.float64), causal=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 5, dtype=torch.float64))
+    b = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    out, w = sink_logit_attention(q, k, v, b, causal=True)
+    s = (q @ k.transpose(-2, -1) / 2).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -math.inf)
+    ref = torch.cat([s, b.view(1, 3, 1, 1).expand(2, 3, 5, 1)], -1).softmax(-1)
+    torch.testing.assert_close(w, ref[..., :-1])
+    torch.testing.assert_close(out, ref[..., :-1] @ v)
+    assert (w.sum(-1) < 1).all()
+    with pytest.raises(ValueError, match="one entry per head"):
+        sink_logit_attention(q, k, v, torch.zeros(2, dtype=torch.float64))
+    # an all-masked row writes nothing (the virtual key takes everything), no NaN
+    km = torch.ones(2, 5, dtype=torch.bool)
+    km[0] = False
+    out, w = sink_logit_attention(q, k, v, b, key_mask=km)
+    assert torch.isfinite(out).all() and out[0].abs().max() == 0
+
+
+def test_copy_burst_stream_layout():
+    from attn.experiments.differential import CopyBurstStream
+
+    task = CopyBurstStream(vocab=50, min_segment=3, max_segment=5)
+    b = task.sample(16, 60, torch.Generator().manual_seed(0))
+    x, copy = b["x"], b["copy"]
+    assert x.shape == copy.shape == (16, 60) and (x[:, 0] == 0).all() and (x[:, 1:] > 0).all()
+    assert not copy[:, :2].any() and copy.any()
+    # every predictable token repeats the token one segment (3..5) back, and follows a copied token
+    for r in range(16):
+        for t in torch.nonzero(copy[r]).flatten().tolist():
+            assert any(x[r, t] == x[r, t - m] and x[r, t - 1] == x[r, t - 1 - m] for m in range(3, 6))
+    # same seed, same data; another seed, other data
+    again = task.sample(16, 60, torch.Generator().manual_seed(0))
+    assert torch.equal(again["x"], x)
+    assert not torch.equal(task.sample(16, 60, torch.Generator().manual_seed(1))["x"], x)
+    with pytest.raises(ValueError):
+        CopyBurstStream(min_segment=4, max_segment=3)
+
+
+def test_sink_logit_lm_streams_like_its_forward_and_learns_its_logit():
+    from attn.experiments.differential import SinkLogitAttention, stream_lm_loss
+
+    torch.manual_seed(0)
+    model = RotaryLM(12, embed_dim=16, num_heads=2, num_layers=2, sink_logit=True).eval()
+    assert all(isinstance(b.mixer, SinkLogitAttention) for b in model.blocks)
+    x = MotifStream(vocab=12).stream(3, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x, need_weights=True)
+        assert (model.stream(x, window=16, sinks=4) - out.logits).abs().max() <= 1e-5
+        assert all(w is not None and (w.sum(-1) < 1).all() for w in out.weights)
+    loss, _ = stream_lm_loss(model.train(), {"x": x})
+    loss.backward()
+    assert all(b.mixer.sink_logit.grad is not None and b.mixer.sink_logit.grad.abs().sum() > 0 for b in model.blocks)
+
+
+def test_first_tokens_mass_and_uniform():
+    from attn.experiments.differential import first_tokens_mass, uniform_first_tokens_mass
+
+    n = 9
+    uniform = torch.ones(n, n).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    for tokens in (1, 4):
+        assert abs(float(first_tokens_mass(uniform, tokens)) - uniform_first_tokens_mass(n, tokens)) < 1e-6
+    sink = torch.zeros(n, n)
+    sink[:, 0] = 1
+    assert float(first_tokens_mass(sink, 1)) == 1.0
+
+
+def test_query_row_shares_normalise_by_the_row_sum():
+    from attn.experiments.differential import query_row_shares
+
+    # a differential-like row summing to 0.4: answer 0.3, distractors 0.1 - 0.1, query 0.1
+    row = torch.tensor([[0.3, 0.1, -0.1, 0.1]])
+    sh = query_row_shares(row, torch.tensor([0]))
+    assert abs(float(sh["row sum"]) - 0.4) < 1e-6
+    assert abs(float(sh["answer share"]) - 0.75) < 1e-6
+    assert abs(float(sh["distractor share"])) < 1e-6 and abs(float(sh["query share"]) - 0.25) < 1e-6
+    assert abs(float(sh["abs distractor share"]) - 0.2 / 0.6) < 1e-6
+    total = sh["answer share"] + sh["distractor share"] + sh["query share"]
+    assert abs(float(total) - 1) < 1e-6
+    with pytest.raises(ValueError):
+        query_row_shares(row, torch.tensor([0, 1]))
+
+
+@pytest.mark.slow
+def test_sink_lm_run_returns_one_row_per_run():
+    from attn.experiments.differential import CopyBurstStream, sink_lm_run
+
+    task = CopyBurstStream(vocab=16)
+    held = task.sample(4, 20, torch.Generator().manual_seed(0))
+    model, row = sink_lm_run(0, sink_logit=True, task=task, held=held, window=10, steps=3, embed_dim=16)
+    assert isinstance(model, RotaryLM) and model.sink_logit
+    for key in ("copy accuracy", "first-token mass, layer 1", "tokens 0-3 mass, layer 0",
+                "virtual-sink mass, layer 1", "beyond: window", "beyond: window + BOS", "beyond: window + 4 sinks"):
+        assert 0 <= row[key] <= 1, key
+    assert row["virtual-sink mass, layer 0"] > 0
