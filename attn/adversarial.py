@@ -25,14 +25,27 @@ softmax) instead of the embeddings:
     a = \operatorname{softmax}(\tilde a + r), \qquad
     r_{\text{adv}} = \epsilon \frac{\nabla_{\tilde a} L}{\lVert \nabla_{\tilde a} L \rVert_2}.
 
-Masked (padding) positions get no gradient, hence no perturbation.
+Masked (padding) positions get no gradient, hence no perturbation. A model can make a fixed
+``epsilon`` on the scores negligible by growing ``||q|| ||W_k||``; ``AttentionPooling(qk_norm=True)``
+closes that loophole with a LayerNorm (no gain) on ``q`` and the keys, so that ``|\tilde a_j| <= sqrt(E)``.
+
+**Virtual adversarial training** (Miyato et al. 2016; Miyato, Dai & Goodfellow 2017, section 3).
+No label: the perturbation raises the divergence of the model's own prediction,
+
+.. math::
+
+    r_{\text{vadv}} = \epsilon \frac{g}{\lVert g \rVert_2}, \qquad
+    g = \nabla_r \operatorname{KL}\big(p(\cdot \mid s) \,\|\, p(\cdot \mid s + r)\big)\big|_{r = \xi d},
+
+``d`` a random unit vector: one step of the power iteration towards the top eigenvector of the
+KL's Hessian (:func:`vat_perturbation`).
 
 The attention layer those papers perturb is :class:`AttentionPooling`: one
 learned query attending over the tokens, ``\tilde a_j = q^\top W_k s_j / \sqrt{E}``,
 ``a = \operatorname{softmax}(\tilde a + \delta)`` ``(B, n)``, ``c = \sum_j a_j W_v s_j``
 ``(B, E)``, with the score offset ``\delta`` that Attention AT sets to ``r_adv``.
-This module holds the mechanism: that layer, the worst-case step
-:func:`fgm_perturbation`, and the distances between two attention rows
+This module holds the mechanism: that layer, the worst-case steps
+:func:`fgm_perturbation` and :func:`vat_perturbation` (with :func:`kl_logits`), and the distances between two attention rows
 (:func:`js_distance`, :func:`tv_distance`) that measure how far an attack moved
 them. The chapter's experiment -- the classifier around the layer
 (``AttentionClassifier``, after Jain & Wallace 2019), its cue-word task, the
@@ -40,7 +53,8 @@ adversarial losses and attacks, the comparison's own task -- is in
 :mod:`attn.experiments.adversarial`.
 
 Miyato, Dai, Goodfellow, "Adversarial Training Methods for Semi-Supervised Text
-Classification", ICLR 2017. Kitada, Iyatomi, "Attention Meets Perturbations:
+Classification", ICLR 2017. Miyato, Maeda, Koyama, Nakae, Ishii, "Distributional Smoothing with Virtual
+Adversarial Training", ICLR 2016. Kitada, Iyatomi, "Attention Meets Perturbations:
 Robust and Interpretable Attention with Adversarial Training", IEEE Access 2021.
 """
 

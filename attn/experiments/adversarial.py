@@ -7,7 +7,10 @@ query over the tokens, ``c (B, E)``, weights ``a (B, n)``) -> an MLP -> logits `
 :class:`CueSentiment`, hides the label in a few cue words among neutral ones, so that where the model attends
 can be scored. :func:`adversarial_loss` trains it on ``L(s) + alpha L(s + r_adv)`` with ``r_adv`` the
 fast-gradient step (:func:`attn.adversarial.fgm_perturbation`) on the embeddings (Miyato et al. 2017) or on the
-attention scores (Kitada & Iyatomi 2021); :func:`attack` measures it under FGM or PGD (Madry et al. 2018).
+attention scores (Kitada & Iyatomi 2021), or on ``KL(p(. | s) || p(. | s + r_vadv))`` (virtual adversarial
+training); :func:`attack` measures it under FGM or PGD (Madry et al. 2018). The chapter's comparison:
+:func:`train_arms` (every :class:`Arm` on the same seeds and batches), :func:`robustness` (PGD at every
+budget), :func:`robust_auc`, :func:`score_scale` and :func:`cue_ranking` (attention judged by rank).
 ``OWN_TASKS`` gives the comparison both trainings on this task.
 
 Miyato, Dai, Goodfellow, "Adversarial Training Methods for Semi-Supervised Text Classification", ICLR 2017.
