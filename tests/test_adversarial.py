@@ -10,11 +10,23 @@ import torch.nn.functional as F
 
 import attn
 from attn import registry
-from attn.adversarial import AttentionPooling, fgm_perturbation, js_distance, tv_distance
+from attn.adversarial import AttentionPooling, fgm_perturbation, js_distance, kl_logits, tv_distance, vat_perturbation
 from attn.experiments import own_task, own_tasks
-from attn.experiments.adversarial import AttentionClassifier, CueSentiment, adversarial_loss, attack, make_task
+from attn.experiments.adversarial import (
+    Arm,
+    AttentionClassifier,
+    CueSentiment,
+    adversarial_loss,
+    attack,
+    cue_ranking,
+    make_task,
+    robust_auc,
+    robustness,
+    score_scale,
+    train_arms,
+)
 from attn.masks import padding_mask
-from attn.train import set_seed, train
+from attn.train import cpu_threads, set_seed, train
 
 
 def small_model(dtype=torch.float32, seed=0):
@@ -349,3 +361,183 @@ def test_options_are_keyword_only():
         params = inspect.signature(fn).parameters
         for name in ("key_mask", "score_delta", "need_weights"):
             assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, f"{fn.__qualname__}: {name}"
+
+
+# ----------------------------------------------------------------------------- issue 17: VAT, bounded scores, random budgets, the runner
+
+
+def test_vat_direction_raises_the_kl_more_than_a_random_direction():
+    """The virtual adversarial step (one power iteration) beats a random step of the same norm, sentence by sentence."""
+    model = small_model(torch.float64)
+    b = batch(32)
+    s = model.embed(b["x"], b["mask"]).detach()
+
+    def logits_at(r):
+        return model.classify(s + r, key_mask=b["mask"])[0]
+
+    clean = logits_at(torch.zeros_like(s))
+    rand = torch.randn(s.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * b["mask"][..., None]
+    for eps in (1e-2, 1e-1):
+        r = vat_perturbation(logits_at, clean, s, eps, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(r.flatten(1).norm(dim=1), torch.full((32,), eps, dtype=torch.float64))
+        with torch.no_grad():
+            kl_vat = kl_logits(clean, logits_at(r))
+            kl_rand = kl_logits(clean, logits_at(fgm_perturbation(rand, eps)))
+        assert (kl_vat > kl_rand).all()
+        assert (r[~b["mask"]] == 0).all()  # padding cannot move the prediction: no perturbation there
+
+
+def test_vat_power_iteration_converges_to_the_top_eigenvector_of_the_kl_hessian():
+    """For logits = W z the Hessian of KL(p(z0) || p(z0 + r)) at r = 0 is W^T (diag p - p p^T) W."""
+    torch.manual_seed(0)
+    W = torch.randn(4, 6, dtype=torch.float64)
+    z0 = torch.randn(1, 6, dtype=torch.float64)
+
+    def logits_at(r):
+        return (z0 + r) @ W.T
+
+    clean = logits_at(torch.zeros_like(z0))
+    p = clean.softmax(-1)[0]
+    H = W.T @ (torch.diag(p) - p[:, None] * p[None, :]) @ W
+    top = torch.linalg.eigh(H).eigenvectors[:, -1]
+    r = vat_perturbation(logits_at, clean, z0, 1.0, xi=1e-4, iterations=30, generator=torch.Generator().manual_seed(0))
+    assert abs(float(r[0] @ top)) > 0.999
+    r1 = vat_perturbation(logits_at, clean, z0, 1.0, xi=1e-4, iterations=1, generator=torch.Generator().manual_seed(0))
+    d0 = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(float(r1[0] @ top)) > abs(float(d0[0] @ top) / d0.norm())  # one step already turns towards it
+
+
+def test_vat_loss_matches_formula():
+    model = small_model(torch.float64)
+    b = batch(8)
+    torch.manual_seed(5)
+    loss, metrics = adversarial_loss(model, b, "virtual", 0.5)
+    s = model.embed(b["x"], b["mask"])
+    logits, _ = model.classify(s, key_mask=b["mask"])
+    torch.manual_seed(5)
+    r = vat_perturbation(lambda d: model.classify(s.detach() + d, key_mask=b["mask"])[0], logits, s, 0.5)
+    adv_logits, _ = model.classify(s + r, key_mask=b["mask"])
+    expected = F.cross_entropy(logits, b["y"]) + kl_logits(logits.detach(), adv_logits).mean()
+    torch.testing.assert_close(loss, expected)
+    assert set(metrics) == {"acc", "robust_acc"}
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_qk_norm_bounds_the_scores_and_ignores_their_scale():
+    torch.manual_seed(0)
+    pool = AttentionPooling(8, qk_norm=True)
+    x = torch.randn(4, 6, 8) * 10
+    s = pool.scores(x)
+    assert s.abs().max() <= math.sqrt(8) + 1e-5
+    with torch.no_grad():  # growing ||q|| ||W_k|| changes nothing: the loophole is closed
+        pool.query.mul_(50.0)
+        pool.key.weight.mul_(50.0)
+        pool.key.bias.mul_(50.0)
+    torch.testing.assert_close(pool.scores(x), s, atol=1e-4, rtol=1e-4)
+    free = AttentionPooling(8)
+    before = free.scores(x)
+    with torch.no_grad():
+        free.query.mul_(3.0)
+    torch.testing.assert_close(free.scores(x), 3 * before)  # without the bound the scores scale
+
+
+def test_fgm_with_one_budget_per_example():
+    g = torch.randn(3, 4, 2)
+    eps = torch.tensor([0.0, 0.5, 2.0])
+    r = fgm_perturbation(g, eps)
+    torch.testing.assert_close(r.flatten(1).norm(dim=1), eps)
+    with pytest.raises(ValueError, match=r"shape \(batch,\)"):
+        fgm_perturbation(g, torch.ones(2))
+    with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
+        fgm_perturbation(g, torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_random_epsilon_draws_one_budget_per_sentence_from_the_global_seed():
+    model = small_model(torch.float64)
+    b = batch(8)
+    torch.manual_seed(11)
+    loss, _ = adversarial_loss(model, b, "embedding", 2.0, random_epsilon=True)
+    torch.manual_seed(11)
+    eps = 2.0 * torch.rand(8)
+    s = model.embed(b["x"], b["mask"]).detach().requires_grad_()
+    logits, _ = model.classify(s, key_mask=b["mask"])
+    clean = F.cross_entropy(logits, b["y"])
+    (g,) = torch.autograd.grad(clean, s)
+    r = fgm_perturbation(g, eps.double())
+    expected = clean + F.cross_entropy(model.classify(s + r, key_mask=b["mask"])[0], b["y"])
+    torch.testing.assert_close(loss, expected)
+    fixed, _ = adversarial_loss(model, b, "embedding", 2.0)
+    assert not torch.isclose(loss, fixed)
+
+
+def test_cue_ranking_depends_on_the_order_only():
+    cue = torch.tensor([[False, True, False, True, False]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    scores = torch.tensor([[0.0, 1.0, 0.5, 0.2, 9.0]])
+    for c in (0.5, 1.0, 20.0):  # sharper softmax, same order
+        w = (c * scores).masked_fill(~mask, -torch.inf).softmax(-1)
+        out = cue_ranking(w, cue, mask)
+        assert out["top_is_cue"].tolist() == [1.0]
+        assert out["auc"].tolist() == pytest.approx([0.75])  # cue 1 beats both neutrals, cue 3 beats one of two
+    flat = torch.full((1, 5), 0.25).masked_fill(~mask, 0)
+    assert cue_ranking(flat, cue, mask)["auc"].tolist() == [0.5]
+
+
+def test_score_scale_follows_the_query_norm_only_without_the_bound():
+    b = batch(16)
+    free = small_model()
+    bounded = AttentionClassifier(CueSentiment().vocab, embed_dim=8, hidden=8, qk_norm=True)
+    a_free, a_bounded = score_scale(free, b), score_scale(bounded, b)
+    assert a_bounded["qk_norm_product"] == pytest.approx(math.sqrt(8), rel=1e-4)
+    with torch.no_grad():
+        free.pool.query.mul_(3.0)
+        bounded.pool.query.mul_(3.0)
+    assert score_scale(free, b)["score_std"] == pytest.approx(3 * a_free["score_std"], rel=1e-4)
+    assert score_scale(bounded, b)["score_std"] == pytest.approx(a_bounded["score_std"], rel=1e-4)
+
+
+def test_train_arms_share_weights_and_batches_per_seed_and_the_runner_shapes():
+    arms = {"plain": Arm("none"), "plain again": Arm("none"), "VAT": Arm("virtual"), "free": Arm("none", qk_norm=False)}
+    models, hist = train_arms(arms, [0, 1], steps=3, batch_size=8, embed_dim=8)
+    assert set(models) == {(a, s) for a in arms for s in (0, 1)} and set(hist) == set(models)
+    flat = {k: torch.cat([p.detach().flatten() for p in m.parameters()]) for k, m in models.items()}
+    assert torch.equal(flat["plain", 0], flat["plain again", 0])  # same init, same batches, same loss
+    assert not torch.equal(flat["plain", 0], flat["plain", 1])
+    assert not torch.equal(flat["plain", 0], flat["VAT", 0])
+    assert models["free", 0].pool.qk_norm is False and models["VAT", 0].pool.qk_norm is True
+    test = batch(16, seed=7)
+    some = {k: models[k] for k in (("plain", 0), ("VAT", 1), ("free", 1))}
+    with cpu_threads(1):  # tiny tensors: extra threads only cost on a shared CPU
+        res, kept = robustness(some, test, [0.5, 0.25, 2.0], attack_steps=2, keep_seed=1)
+    assert len(res) == len(some) * 2 * 3
+    assert set(kept) == {(e, a, t) for e in (0.25, 0.5, 2.0) for a in ("VAT", "free") for t in ("embedding", "attention")}
+    for _, g in res.groupby(["method", "seed", "attack"]):
+        acc = g.sort_values("epsilon")["robust acc"].to_numpy()
+        assert (acc[1:] <= acc[:-1] + 1e-12).all() and acc[0] <= g["clean acc"].iloc[0]
+    auc = robust_auc(res)
+    assert len(auc) == len(some) * 2 and auc["auc"].between(0, 1).all()
+
+
+def test_robust_auc_is_the_normalised_trapezoid():
+    import pandas as pd
+
+    rows = [{"method": "m", "seed": 0, "attack": "embedding", "epsilon": e, "clean acc": 1.0, "robust acc": a}
+            for e, a in ((1.0, 0.5), (2.0, 0.0))]
+    auc = robust_auc(pd.DataFrame(rows))
+    # area: [0, 1] trapezoid (1 + 0.5) / 2 = 0.75, [1, 2] (0.5 + 0) / 2 = 0.25; divided by 2
+    assert auc["auc"].tolist() == pytest.approx([0.5])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: vat_perturbation(lambda r: r, torch.zeros(2, 3), torch.zeros(2, 3), 1.0, iterations=0), "iterations must be an int >= 1"),
+        (lambda: vat_perturbation(lambda r: r, torch.zeros(2, 3), torch.zeros(2, 3), 1.0, xi=0.0), "xi must be a number > 0"),
+        (lambda: vat_perturbation(lambda r: r, torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3)), r"shape \(batch,\)"),
+        (lambda: train_arms({"x": Arm("input")}, [0], steps=1), "target must be one of"),
+    ],
+)
+def test_bad_input_new(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -7,7 +7,10 @@ query over the tokens, ``c (B, E)``, weights ``a (B, n)``) -> an MLP -> logits `
 :class:`CueSentiment`, hides the label in a few cue words among neutral ones, so that where the model attends
 can be scored. :func:`adversarial_loss` trains it on ``L(s) + alpha L(s + r_adv)`` with ``r_adv`` the
 fast-gradient step (:func:`attn.adversarial.fgm_perturbation`) on the embeddings (Miyato et al. 2017) or on the
-attention scores (Kitada & Iyatomi 2021); :func:`attack` measures it under FGM or PGD (Madry et al. 2018).
+attention scores (Kitada & Iyatomi 2021), or on ``KL(p(. | s) || p(. | s + r_vadv))`` (virtual adversarial
+training); :func:`attack` measures it under FGM or PGD (Madry et al. 2018). The chapter's comparison:
+:func:`train_arms` (every :class:`Arm` on the same seeds and batches), :func:`robustness` (PGD at every
+budget), :func:`robust_auc`, :func:`score_scale` and :func:`cue_ranking` (attention judged by rank).
 ``OWN_TASKS`` gives the comparison both trainings on this task.
 
 Miyato, Dai, Goodfellow, "Adversarial Training Methods for Semi-Supervised Text Classification", ICLR 2017.
@@ -18,25 +21,40 @@ Training", IEEE Access 2021. Jain, Wallace, "Attention is not Explanation", NAAC
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adversarial import AttentionPooling, _norms, fgm_perturbation, js_distance, tv_distance
+from ..adversarial import (
+    AttentionPooling,
+    _norms,
+    fgm_perturbation,
+    js_distance,
+    kl_logits,
+    tv_distance,
+    vat_perturbation,
+)
 from ..masks import check_key_mask
 from ..registry import OwnTask
+from ..train import set_seed, train
 from . import OwnTaskFactory, sized
 
 __all__ = [
-    "CueSentiment", "AttentionClassifier", "Target", "adversarial_loss", "attack", "make_task", "OWN_TASKS",
+    "CueSentiment", "AttentionClassifier", "Target", "Method", "adversarial_loss", "attack", "Arm", "train_arms",
+    "cue_ranking", "score_scale", "robustness", "robust_auc", "make_task", "OWN_TASKS",
 ]
 
 Target = Literal["none", "embedding", "attention"]
 _TARGETS = ("none", "embedding", "attention")
+#: training methods: the attack targets, and ``"virtual"`` (virtual adversarial training on the embeddings)
+Method = Literal["none", "embedding", "attention", "virtual"]
+_METHODS = ("none", "embedding", "attention", "virtual")
 
 
 # ----------------------------------------------------------------------------- the task
@@ -100,6 +118,8 @@ class AttentionClassifier(nn.Module):
         embed_dim: ``E``.
         num_classes: ``C``.
         hidden: width of the MLP's hidden layer.
+        qk_norm: LayerNorm (no gain) on the query and the keys, bounding every score by
+            ``sqrt(E)`` (:class:`~attn.adversarial.AttentionPooling`).
 
     ``forward(tokens (B, n) long, *, key_mask (B, n) bool, embed_delta (B, n, E),
     score_delta (B, n), need_weights)`` -> ``(logits (B, C), weights (B, n) | None)``.
@@ -107,7 +127,7 @@ class AttentionClassifier(nn.Module):
     the rest, so that an attack can perturb ``s`` in between.
     """
 
-    def __init__(self, vocab: int, embed_dim: int = 32, num_classes: int = 2, hidden: int = 32) -> None:
+    def __init__(self, vocab: int, embed_dim: int = 32, num_classes: int = 2, hidden: int = 32, *, qk_norm: bool = False) -> None:
         super().__init__()
         for name, v in (("vocab", vocab), ("embed_dim", embed_dim), ("num_classes", num_classes), ("hidden", hidden)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -116,7 +136,7 @@ class AttentionClassifier(nn.Module):
             raise ValueError(f"vocab must be >= 3 (normalising the embeddings needs several words), got {vocab}")
         self.vocab, self.embed_dim, self.num_classes = vocab, embed_dim, num_classes
         self.embedding = nn.Embedding(vocab, embed_dim)
-        self.pool = AttentionPooling(embed_dim)
+        self.pool = AttentionPooling(embed_dim, qk_norm=qk_norm)
         self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
     def _check_tokens(self, tokens: object, key_mask: Tensor | None) -> Tensor:
@@ -170,13 +190,13 @@ class AttentionClassifier(nn.Module):
 # ----------------------------------------------------------------------------- adversarial training and attacks
 
 
-def _check_target(target: str) -> None:
-    if target not in _TARGETS:
-        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+def _check_target(target: str, allowed: tuple[str, ...] = _TARGETS) -> None:
+    if target not in allowed:
+        raise ValueError(f"target must be one of {allowed}, got {target!r}")
 
 
 def _worst_case(
-    model: AttentionClassifier, batch: dict[str, Tensor], target: Target, epsilon: float
+    model: AttentionClassifier, batch: dict[str, Tensor], target: Target, epsilon: float | Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
     """Clean pass, then the FGM perturbation of ``target``; returns the pieces both the loss and the attack need."""
     x, mask, y = batch["x"], batch.get("mask"), batch["y"]
@@ -205,34 +225,60 @@ def _worst_case(
 def adversarial_loss(
     model: AttentionClassifier,
     batch: dict[str, Tensor],
-    target: Target = "embedding",
+    target: Method = "embedding",
     epsilon: float = 1.0,
     alpha: float = 1.0,
+    *,
+    random_epsilon: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
-    r"""``L(s) + alpha * L(s + r_adv)`` with ``r_adv`` from :func:`fgm_perturbation` on ``target``.
+    r"""``L(s) + alpha * L_adv`` for plain, adversarial (FGM) or virtual adversarial training.
 
-    ``target``: ``"embedding"`` (Miyato et al.: perturb the normalised
-    embeddings), ``"attention"`` (Kitada & Iyatomi: perturb the attention
-    scores before the softmax) or ``"none"`` (plain training: the clean loss
-    only). ``r_adv`` is a constant: the gradient of the total flows through
-    the clean and the perturbed forward passes, not through ``r_adv``.
+    ``target``:
 
-    Batch: ``x (B, n)`` ids, ``mask (B, n)``, ``y (B,)``. Metrics: clean
-    ``acc``; ``robust_acc``, the accuracy on the perturbed pass (``acc`` again for ``"none"``).
+    * ``"none"``: plain training, the clean cross-entropy ``L(s)`` only;
+    * ``"embedding"`` (Miyato et al. 2017): ``L_adv = L(s + r_adv)``, ``r_adv`` the FGM step
+      :func:`~attn.adversarial.fgm_perturbation` on the normalised embeddings;
+    * ``"attention"`` (Kitada & Iyatomi 2021, Attention AT): ``L_adv = L`` with
+      ``r_adv`` added to the attention scores before the softmax;
+    * ``"virtual"`` (virtual adversarial training, Miyato et al. 2016 / 2017 section 3):
+      ``L_adv = KL(p(. | s) || p(. | s + r_vadv))`` with ``p(. | s)`` held constant and
+      ``r_vadv`` from :func:`~attn.adversarial.vat_perturbation` (one power iteration) on the
+      embeddings. It uses no label, so it also applies to unlabelled sentences.
+
+    ``r_adv`` and ``r_vadv`` are constants: the gradient flows through the clean and the
+    perturbed forward passes, not through the perturbation. ``random_epsilon``: each
+    example's budget is ``epsilon * u``, ``u ~ U(0, 1)`` drawn from torch's global generator
+    (seeded by :func:`attn.train.train`), so the defence is not tuned to one radius.
+
+    Batch: ``x (B, n)`` ids, ``mask (B, n)``, ``y (B,)``. Metrics: clean ``acc``;
+    ``robust_acc``, the accuracy on the perturbed pass (``acc`` again for ``"none"``).
     """
-    _check_target(target)
+    _check_target(target, _METHODS)
     if not isinstance(alpha, (int, float)) or alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     y, mask = batch["y"], batch.get("mask")
-    s, logits, _, loss, r = _worst_case(model, batch, target, epsilon)
-    acc = float((logits.argmax(-1) == y).float().mean()) if y.numel() else float("nan")
-    if target == "none" or r is None:
-        return loss, {"acc": acc, "robust_acc": acc}
-    if target == "embedding":
-        adv_logits, _ = model.classify(s + r.detach(), key_mask=mask)
+    eps: float | Tensor = epsilon
+    if random_epsilon and target != "none":
+        eps = epsilon * torch.rand(y.shape[0]).to(y.device)
+    if target == "virtual":
+        s, logits, _, loss, _ = _worst_case(model, batch, "none", 0.0)
+        s_const = s.detach()
+        r = vat_perturbation(
+            lambda d: model.classify(s_const + d, key_mask=mask)[0], logits, s_const, eps
+        )
+        adv_logits, _ = model.classify(s + r, key_mask=mask)
+        adv_loss = kl_logits(logits.detach(), adv_logits).mean() if y.numel() else adv_logits.sum() * 0
     else:
-        adv_logits, _ = model.classify(s, key_mask=mask, score_delta=r.detach())
-    adv_loss = F.cross_entropy(adv_logits, y)
+        s, logits, _, loss, r_fgm = _worst_case(model, batch, target, eps)
+        if target == "none" or r_fgm is None:
+            acc = float((logits.argmax(-1) == y).float().mean()) if y.numel() else float("nan")
+            return loss, {"acc": acc, "robust_acc": acc}
+        if target == "embedding":
+            adv_logits, _ = model.classify(s + r_fgm.detach(), key_mask=mask)
+        else:
+            adv_logits, _ = model.classify(s, key_mask=mask, score_delta=r_fgm.detach())
+        adv_loss = F.cross_entropy(adv_logits, y)
+    acc = float((logits.argmax(-1) == y).float().mean()) if y.numel() else float("nan")
     robust = float((adv_logits.argmax(-1) == y).float().mean()) if y.numel() else float("nan")
     return loss + alpha * adv_loss, {"acc": acc, "robust_acc": robust}
 
@@ -290,6 +336,163 @@ def attack(
             "adv_weights": adv_a, "js": js_distance(a, adv_a), "tv": tv_distance(a, adv_a),
             "clean_loss": loss.detach(), "adv_loss": adv_loss.detach(),
             "delta": torch.zeros(0) if r is None else r.detach()}
+
+
+# ----------------------------------------------------------------------------- the chapter's multi-seed comparison
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training method of the comparison: what :func:`adversarial_loss` perturbs, and the model around it.
+
+    ``target``: ``"none"`` (plain), ``"embedding"``, ``"attention"`` or ``"virtual"``;
+    ``qk_norm``: LayerNorm on ``q`` and the keys (scores bounded by ``sqrt(E)``);
+    ``random_epsilon``: train with a budget ``U(0, epsilon)`` per example instead of ``epsilon``.
+    """
+
+    target: Method = "none"
+    qk_norm: bool = True
+    random_epsilon: bool = True
+
+
+def train_arms(
+    arms: Mapping[str, Arm],
+    seeds: Sequence[int],
+    *,
+    task: CueSentiment | None = None,
+    steps: int = 200,
+    batch_size: int = 64,
+    embed_dim: int = 32,
+    epsilon: float = 2.0,
+    lr: float = 3e-3,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[tuple[str, int], AttentionClassifier], dict[tuple[str, int], pd.DataFrame]]:
+    """Train every arm on every seed: same initial weights and same batches for all arms of a seed.
+
+    For seed ``s`` each arm starts from the weights ``set_seed(s)`` draws, and
+    :func:`attn.train.train` draws the batches from ``s`` (a generator of its own), so
+    the arms of one seed differ only in their loss. Returns ``models[(arm, s)]`` (in eval
+    mode) and ``histories[(arm, s)]`` (the training log as a DataFrame).
+    """
+    task = task or CueSentiment()
+    models: dict[tuple[str, int], AttentionClassifier] = {}
+    histories: dict[tuple[str, int], pd.DataFrame] = {}
+    for s in seeds:
+        for name, arm in arms.items():
+            _check_target(arm.target, _METHODS)
+            set_seed(s)  # the same initial weights for every arm of this seed
+            model = AttentionClassifier(task.vocab, embed_dim, qk_norm=arm.qk_norm)
+            loss = partial(adversarial_loss, target=arm.target, epsilon=epsilon, random_epsilon=arm.random_epsilon)
+            histories[name, s] = train(
+                model, task.sample, loss, steps=steps, batch_size=batch_size, lr=lr, seed=s, progress=False, device=device
+            ).to_frame()
+            models[name, s] = model
+    return models, histories
+
+
+def cue_ranking(weights: Tensor, cue: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    r"""How the attention *ranks* the cue words, a measure no rescaling of the scores can inflate.
+
+    ``weights``, ``cue``, ``mask`` ``(B, n)``. Returns per sentence ``(B,)``:
+    ``top_is_cue`` (1 if the most attended real token is a cue word) and ``auc``, the
+    share of (cue, neutral) pairs in which the cue gets more weight (ties count one half):
+    the probability that a random cue outranks a random neutral word, 1 for a perfect
+    ranking, 0.5 for none. Both depend only on the order of the scores.
+    """
+    w = weights.masked_fill(~mask, -1.0)
+    top = w.argmax(-1)
+    top_is_cue = cue.gather(-1, top[:, None])[:, 0].float()
+    neutral = mask & ~cue
+    diff = weights[:, :, None] - weights[:, None, :]  # (B, n cue?, n neutral?)
+    pair = cue[:, :, None] & neutral[:, None, :]
+    wins = ((diff > 0).float() + 0.5 * (diff == 0).float()) * pair
+    auc = wins.sum((1, 2)) / pair.sum((1, 2)).clamp_min(1)
+    return {"top_is_cue": top_is_cue, "auc": auc}
+
+
+@torch.no_grad()
+def score_scale(model: AttentionClassifier, batch: dict[str, Tensor]) -> dict[str, float]:
+    r"""How large the model has made its attention scores ``\tilde a`` on ``batch`` (clean inputs).
+
+    ``score_std``: the standard deviation of each sentence's scores over its real tokens,
+    averaged over sentences (a shift common to all scores does not change the softmax, so
+    the spread is what a perturbation competes with); ``score_range``: the mean of
+    ``max - min`` per sentence; ``qk_norm_product``: the mean of
+    ``||q|| ||W_k s_j|| / sqrt(E)`` over real tokens (after the LayerNorms when the model
+    has them), the bound that Cauchy-Schwarz puts on ``|\tilde a_j|``.
+    """
+    mask = batch["mask"]
+    s = model.embed(batch["x"], mask)
+    scores = model.pool.scores(s)  # (B, n)
+    m = mask.float()
+    count = m.sum(-1).clamp_min(1)
+    mean = (scores * m).sum(-1) / count
+    std = (((scores - mean[:, None]) ** 2 * m).sum(-1) / count).sqrt()
+    rng = scores.masked_fill(~mask, -torch.inf).amax(-1) - scores.masked_fill(~mask, torch.inf).amin(-1)
+    q: Tensor = model.pool.query
+    k = model.pool.key(s)
+    if model.pool.qk_norm:
+        q, k = F.layer_norm(q, q.shape), F.layer_norm(k, k.shape[-1:])
+    prod = q.norm() * k.norm(dim=-1) / model.embed_dim**0.5  # (B, n)
+    return {"score_std": float(std.mean()), "score_range": float(rng.mean()),
+            "qk_norm_product": float((prod * m).sum() / m.sum())}
+
+
+def robustness(
+    models: Mapping[tuple[str, int], AttentionClassifier],
+    test: dict[str, Tensor],
+    epsilons: Sequence[float],
+    *,
+    targets: Sequence[Target] = ("embedding", "attention"),
+    attack_steps: int = 4,
+    keep_seed: int | None = None,
+) -> tuple[pd.DataFrame, dict[tuple[float, str, str], dict[str, Tensor]]]:
+    """Attack every model at every ``epsilon`` on each of ``targets`` (PGD, ``attack_steps`` steps).
+
+    One row per (method, seed, attack, epsilon) with ``clean acc``; ``robust acc``, the share
+    of sentences right clean and under every attack of budget ``<= epsilon`` (the ball of
+    radius ``epsilon`` holds the smaller ones, so this is an attack of budget ``epsilon`` too);
+    ``PGD at eps alone``; the mean ``JS distance`` and ``TV distance`` between the clean and the
+    attacked attention. Also returns the attacks on the ``keep_seed`` models, keyed
+    ``(epsilon, method, target)``.
+    """
+    records: list[dict[str, float | str | int]] = []
+    kept: dict[tuple[float, str, str], dict[str, Tensor]] = {}
+    for (name, s), model in models.items():
+        for target in targets:
+            still_right: Tensor | None = None
+            for eps in sorted(epsilons):
+                out = attack(model, test, eps, target, steps=attack_steps)
+                if s == keep_seed:
+                    kept[eps, name, target] = out
+                right_here = out["adv_pred"] == test["y"]
+                clean_right = out["clean_pred"] == test["y"]
+                still_right = (clean_right if still_right is None else still_right) & right_here
+                records.append({
+                    "method": name, "seed": s, "attack": target, "epsilon": eps,
+                    "clean acc": float(clean_right.float().mean()), "robust acc": float(still_right.float().mean()),
+                    "PGD at eps alone": float(right_here.float().mean()),
+                    "JS distance": float(out["js"].mean()), "TV distance": float(out["tv"].mean()),
+                })
+    return pd.DataFrame(records), kept
+
+
+def robust_auc(results: pd.DataFrame) -> pd.DataFrame:
+    r"""Normalised area under each model's robust-accuracy curve: one number for the whole epsilon sweep.
+
+    For the rows of :func:`robustness`, per (method, seed, attack): the trapezoid area
+    under robust accuracy against epsilon on ``[0, epsilon_max]`` (clean accuracy at 0),
+    divided by ``epsilon_max``: the robust accuracy averaged over budgets drawn uniformly
+    from ``[0, epsilon_max]``. Returns columns ``method, seed, attack, auc``.
+    """
+    rows = []
+    for (method, seed, target), g in results.groupby(["method", "seed", "attack"], sort=False):
+        g = g.sort_values("epsilon")
+        eps = [0.0, *g["epsilon"].tolist()]
+        acc = [float(g["clean acc"].iloc[0]), *g["robust acc"].tolist()]
+        area = sum((eps[i + 1] - eps[i]) * (acc[i + 1] + acc[i]) / 2 for i in range(len(eps) - 1))
+        rows.append({"method": method, "seed": seed, "attack": target, "auc": area / eps[-1]})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- the comparison's own task
