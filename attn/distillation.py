@@ -22,6 +22,16 @@ a mean squared error, and the hidden states through a learned projection
     L_{\text{attn}} = \frac{1}{h} \sum_{i=1}^{h} \operatorname{MSE}(A_i^S, A_i^T), \qquad
     L_{\text{hidn}} = \operatorname{MSE}(H^S W_h, H^T).
 
+**Logit distillation** (Hinton et al. 2015), the baseline every attention
+loss must beat: the KL divergence between the teacher's and the student's
+output distributions (logits ``z^T``, ``z^S``) softened by a temperature
+``tau``, scaled by ``tau^2`` so that its gradients keep their size as ``tau`` grows:
+
+.. math::
+
+    L_{\text{KD}} = \tau^2\, \operatorname{KL}\big(\operatorname{softmax}(z^T / \tau) \,\|\,
+        \operatorname{softmax}(z^S / \tau)\big).
+
 **Attention transfer** for CNNs (Zagoruyko & Komodakis 2017): the attention
 map of activations ``a`` ``(B, C, H, W)`` is the channel-wise activation energy
 ``Q = sum_c |a_c|^p`` (``p = 2``), flattened to ``(B, HW)`` and L2-normalised;
@@ -64,7 +74,7 @@ from .registry import register
 __all__ = [
     "AttentionRecord", "RecordingAttention",
     "minilm_attention_loss", "value_relation", "minilm_value_loss", "tinybert_attention_loss",
-    "tinybert_hidden_loss", "activation_attention", "attention_transfer_loss",
+    "tinybert_hidden_loss", "activation_attention", "attention_transfer_loss", "logit_distillation_loss",
 ]
 
 
@@ -171,6 +181,32 @@ def tinybert_hidden_loss(student_hidden: Tensor, teacher_hidden: Tensor, project
     if t.numel() == 0:
         return projected.sum()
     return F.mse_loss(projected, t)
+
+
+def logit_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 2.0) -> Tensor:
+    r"""Hinton et al.'s soft-target loss ``tau^2 KL(softmax(z^T/tau) || softmax(z^S/tau))``, mean over the batch.
+
+    Args:
+        student_logits, teacher_logits: ``(B, C)`` class logits (the widths of the two models may differ,
+            the classes may not).
+        temperature: ``tau > 0``; ``tau = 1`` compares the plain output distributions, a larger ``tau`` gives
+            the small probabilities of the wrong classes (the "dark knowledge") more weight.
+
+    The ``tau^2`` factor keeps the gradient's scale independent of ``tau``: for large ``tau`` and zero-mean
+    logits, ``L_KD -> (1 / 2C) sum_c (z^S_c - z^T_c)^2`` (Hinton et al. 2015, section 2.1), logit matching.
+    """
+    s = check_tensor(student_logits, "student_logits", "(batch, classes)", 2)
+    t = check_tensor(teacher_logits, "teacher_logits", "(batch, classes)", 2)
+    if s.shape != t.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape (batch, classes), got {tuple(s.shape)} and {tuple(t.shape)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if s.shape[0] == 0:
+        return s.sum()
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B,)
+    return temperature**2 * kl.mean()
 
 
 def activation_attention(activations: Tensor, p: float = 2.0) -> Tensor:

@@ -17,6 +17,7 @@ from attn.distillation import (
     RecordingAttention,
     activation_attention,
     attention_transfer_loss,
+    logit_distillation_loss,
     minilm_attention_loss,
     minilm_value_loss,
     tinybert_attention_loss,
@@ -24,7 +25,16 @@ from attn.distillation import (
     value_relation,
 )
 from attn.experiments import own_task, own_tasks
-from attn.experiments.distillation import Distiller, RecallTransformer, distillation_loss, make_task, teacher_loss
+from attn.experiments.distillation import (
+    KINDS,
+    Distiller,
+    RecallTransformer,
+    StudentRuns,
+    distillation_loss,
+    make_task,
+    teacher_loss,
+    train_students,
+)
 from attn.masks import padding_mask
 from attn.models import TransformerBlock
 from attn.tasks import AssociativeRecall
@@ -188,7 +198,7 @@ def test_distiller_losses_and_frozen_teacher():
     teacher = RecallTransformer(TASK, embed_dim=32, num_heads=4)
     b = TASK.sample(16, torch.Generator().manual_seed(1))
     before = [p.clone() for p in teacher.parameters()]
-    for kind in ("none", "minilm", "tinybert"):
+    for kind in ("none", "minilm", "tinybert"):  # the other kinds: test_new_kinds_are_their_loss_...
         set_seed(1)
         d = Distiller(RecallTransformer(TASK, embed_dim=8, num_heads=4), teacher, kind, weight=0.5)
         loss, m = distillation_loss(d, b)
@@ -209,6 +219,103 @@ def test_distiller_losses_and_frozen_teacher():
         assert not teacher.training
     for p, q in zip(before, teacher.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_logit_distillation_is_tau_squared_kl_zero_for_the_teacher_and_logit_matching_at_high_tau():
+    g = torch.Generator().manual_seed(0)
+    zt = 3 * torch.randn(5, 7, generator=g, dtype=torch.float64)
+    zs = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    for tau in (1.0, 2.0, 4.0):
+        expected = tau**2 * F.kl_div(F.log_softmax(zs / tau, -1), F.softmax(zt / tau, -1), reduction="batchmean")
+        torch.testing.assert_close(logit_distillation_loss(zs, zt, tau), expected)
+        assert logit_distillation_loss(zt, zt, tau).item() == pytest.approx(0.0, abs=1e-12)
+    # a shift of all logits changes no softmax
+    torch.testing.assert_close(logit_distillation_loss(zs + 5.0, zt, 2.0), logit_distillation_loss(zs, zt, 2.0))
+    # Hinton et al. 2.1: at high tau, with zero-mean logits, tau^2 KL -> (1 / 2C) sum_c (z^S_c - z^T_c)^2
+    zs0, zt0 = zs - zs.mean(-1, keepdim=True), zt - zt.mean(-1, keepdim=True)
+    matching = ((zs0 - zt0) ** 2).sum(-1).mean() / (2 * 7)
+    assert logit_distillation_loss(zs0, zt0, 1e3).item() == pytest.approx(matching.item(), rel=1e-2)
+    assert abs(logit_distillation_loss(zs0, zt0, 1.0).item() - matching.item()) > 0.05 * matching.item()  # not at tau = 1
+    assert torch.autograd.gradcheck(lambda z: logit_distillation_loss(z, zt, 2.0), zs.clone().requires_grad_())
+    assert logit_distillation_loss(zs[:0], zt[:0]).item() == 0.0
+
+
+def test_new_kinds_are_their_loss_and_share_the_teacher_pass():
+    set_seed(0)
+    teacher = RecallTransformer(TASK, embed_dim=32, num_heads=4)
+    b = TASK.sample(16, torch.Generator().manual_seed(1))
+    t_logits, trec = teacher(b["x"])
+    for kind in ("kd", "minilm_at", "minilm_vr"):
+        set_seed(1)
+        d = Distiller(RecallTransformer(TASK, embed_dim=8, num_heads=4), teacher, kind, weight=0.5, temperature=3.0)
+        logits, srec = d.student(b["x"])
+        ce = F.cross_entropy(logits, b["y"] - TASK.n_keys)
+        if kind == "kd":
+            term = logit_distillation_loss(logits, t_logits, 3.0)
+        elif kind == "minilm_at":
+            term = minilm_attention_loss(srec[-1].attn, trec[-1].attn)
+        else:
+            term = minilm_value_loss(srec[-1].values, trec[-1].values)
+        loss, m = distillation_loss(d, b)
+        torch.testing.assert_close(loss, ce + 0.5 * term)
+        assert m["distill"] > 0
+        shared, _ = distillation_loss(d, b, teacher(b["x"]))
+        torch.testing.assert_close(shared, loss)
+    # logit distillation needs no paired heads
+    Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 4), "kd")
+
+
+def test_train_students_same_start_same_batches_one_value_per_seed():
+    """With weight 0 every kind is the labels-only student, bit for bit: same initial weights, same batches."""
+    set_seed(0)
+    teacher = RecallTransformer(TASK, embed_dim=16, num_heads=2)
+    seen = []
+    runs = train_students(TASK, teacher, KINDS, [3, 4], steps=7, student_dim=8, num_heads=2, batch_size=8,
+                          weight=0.0, eval_every=3, eval_batch=32, test_batch=32, record=lambda m: seen.append(1) or 0)
+    assert runs.steps == [3, 6, 7] and runs.seeds == [3, 4] and runs.kinds == list(KINDS)
+    assert all(len(runs.curves[k]) == 2 and all(len(c) == 3 for c in runs.curves[k]) for k in KINDS)
+    assert all(len(runs.final[k]) == 2 for k in KINDS) and len(runs.models) == 12 and len(seen) == 12 * 3
+    for s in (3, 4):
+        base = list(runs.models["none", s].student.parameters())
+        for k in KINDS:
+            for p, q in zip(base, runs.models[k, s].student.parameters(), strict=True):
+                assert torch.equal(p, q), k
+        assert runs.curves["kd"][s - 3] == runs.curves["none"][s - 3]
+    other = list(runs.models["none", 4].student.parameters())
+    assert not all(torch.equal(p, q) for p, q in zip(runs.models["none", 3].student.parameters(), other, strict=True))
+    # with weight 1 the kinds separate, and the teacher is untouched
+    before = [p.clone() for p in teacher.parameters()]
+    runs = train_students(TASK, teacher, ["none", "minilm_at"], [3], steps=4, student_dim=8, num_heads=2, batch_size=8,
+                          eval_every=2, eval_batch=16, test_batch=16)
+    a, b = (next(runs.models[k, 3].student.parameters()) for k in ("none", "minilm_at"))
+    assert not torch.equal(a, b)
+    assert all(torch.equal(p, q) for p, q in zip(before, teacher.parameters(), strict=True))
+
+
+def test_steps_to_target_is_censored_and_late_change_reads_the_end():
+    runs = StudentRuns(kinds=["none", "kd"], seeds=[1, 2], steps=[10, 20, 30, 40],
+                       curves={"none": [[0.2, 0.95, 0.96, 0.97], [0.1, 0.5, 0.8, 0.85]],
+                               "kd": [[0.9, 0.9, 1.0, 1.0], [0.3, 0.6, 0.9, 0.7]]},
+                       final={"none": [0.97, 0.85], "kd": [1.0, 0.7]}, models={})
+    assert runs.steps_to(0.9) == {"none": [20, None], "kd": [10, 30]}
+    assert runs.late_change(10) == pytest.approx({"none": 0.05, "kd": 0.2})
+    assert runs.late_change(0) == {"none": 0.0, "kd": 0.0}
+
+
+def test_a_student_distilling_attention_moves_its_attention_to_the_teachers():
+    """The mechanism's trained state: 40 steps of the attention term bring the student's maps closer to a trained
+    teacher's than the same student trained on the labels alone gets."""
+    set_seed(0)
+    teacher = RecallTransformer(TASK, embed_dim=32, num_heads=2)
+    train(teacher, TASK.sample, teacher_loss, steps=60, batch_size=32, seed=0, progress=False)
+    runs = train_students(TASK, teacher, ["none", "minilm_at"], [1], steps=40, student_dim=8, num_heads=2,
+                          batch_size=32, lr=1e-2, weight=3.0, eval_every=40, eval_batch=16, test_batch=16)
+    b = TASK.sample(64, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        t_attn = teacher(b["x"])[1][-1].attn
+        kl = {k: minilm_attention_loss(runs.models[k, 1].student(b["x"])[1][-1].attn, t_attn).item()
+              for k in ("none", "minilm_at")}
+    assert kl["minilm_at"] < 0.5 * kl["none"]
 
 
 def test_student_equal_to_teacher_has_zero_distillation():
@@ -296,6 +403,13 @@ A = torch.rand(2, 3, 4, 4)
          TypeError, r'batch\["y"\] must hold integer token ids'),
         (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 4), "minilm"), ValueError, "pairs heads one to one"),
         (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2), "hint"), ValueError, "kind must be one of"),
+        (lambda: Distiller(RecallTransformer(TASK, 8, 2), RecallTransformer(TASK, 8, 2), "kd", temperature=0.0), ValueError, "temperature"),
+        (lambda: logit_distillation_loss(torch.rand(2, 3), torch.rand(2, 4)), ValueError, "must have the same shape"),
+        (lambda: logit_distillation_loss(torch.rand(2, 3), torch.rand(2, 3), -1.0), ValueError, "temperature must be a positive"),
+        (lambda: logit_distillation_loss(torch.rand(2, 3, 1), torch.rand(2, 3, 1)), ValueError, "student_logits"),
+        (lambda: train_students(TASK, RecallTransformer(TASK, 8, 2), ["none", "none"], [0], steps=2), ValueError, "distinct kinds"),
+        (lambda: train_students(TASK, RecallTransformer(TASK, 8, 2), ["hint"], [0], steps=2), ValueError, "distinct kinds"),
+        (lambda: train_students(TASK, RecallTransformer(TASK, 8, 2), ["none"], [0], steps=0), ValueError, "must be positive"),
         (lambda: make_task("huge"), ValueError, "unknown task size 'huge'; one of quick, book, full, large"),
         (lambda: make_task("default"), ValueError, "unknown task size 'default'"),
         (lambda: RecordingAttention(8, 2)(torch.rand(2, 5, 8), key_mask=torch.ones(2, 5)), TypeError, "key_mask must be a torch.bool"),

@@ -6,17 +6,24 @@ are :class:`~attn.models.TransformerBlock` (``norm_first=False``, Vaswani et al.
 teachers MiniLM and TinyBERT distil) around :class:`~attn.distillation.RecordingAttention`, and it returns, per
 layer, the scores ``(B, h, n, n)``, the attention ``(B, h, n, n)``, the values ``(B, h, n, d_h)`` and the hidden
 states ``(B, n, E)`` (:class:`LayerRecord`). :class:`Distiller` pairs a frozen teacher with a student and
-:func:`distillation_loss` trains the student on ``cross-entropy + weight * distillation`` with MiniLM's or
-TinyBERT's losses (:mod:`attn.distillation`). ``OWN_TASKS`` gives the comparison both.
+:func:`distillation_loss` trains the student on ``cross-entropy + weight * distillation`` with one of the
+losses of :mod:`attn.distillation`: Hinton et al.'s logit distillation (``"kd"``), MiniLM's attention and
+value-relation KLs together (``"minilm"``) or alone (``"minilm_at"``, ``"minilm_vr"``, the ablations), or
+TinyBERT's score and hidden-state MSEs (``"tinybert"``). :func:`train_students` trains one student per kind
+and seed in lockstep, on the same batches (the teacher runs once per batch), and returns their held-out
+accuracy curves (:class:`StudentRuns`: steps to a target, censored, and final accuracy). ``OWN_TASKS`` gives the
+comparison MiniLM and TinyBERT.
 
-Wang et al., "MiniLM", NeurIPS 2020. Jiao et al., "TinyBERT", Findings of EMNLP 2020.
+Hinton et al., "Distilling the Knowledge in a Neural Network", 2015. Wang et al., "MiniLM", NeurIPS 2020.
+Jiao et al., "TinyBERT", Findings of EMNLP 2020.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 from ..checks import check_positive_float, check_token_ids
 from ..distillation import (
     RecordingAttention,
+    logit_distillation_loss,
     minilm_attention_loss,
     minilm_value_loss,
     tinybert_attention_loss,
@@ -36,12 +44,16 @@ from ..tasks import AssociativeRecall
 from . import OwnTaskFactory, sized
 
 __all__ = [
-    "LayerRecord", "RecallTransformer", "Distiller", "Kind", "distillation_loss", "teacher_loss", "make_task",
-    "OWN_TASKS",
+    "LayerRecord", "RecallTransformer", "Distiller", "Kind", "KINDS", "distillation_loss", "teacher_loss",
+    "StudentRuns", "train_students", "make_task", "OWN_TASKS",
 ]
 
-Kind = Literal["none", "minilm", "tinybert"]
-_KINDS = ("none", "minilm", "tinybert")
+Kind = Literal["none", "kd", "minilm", "minilm_at", "minilm_vr", "tinybert"]
+#: Every kind of student :class:`Distiller` trains: no distillation, logit distillation (Hinton et al.),
+#: MiniLM's two KLs together and each alone, TinyBERT's two MSEs.
+KINDS: tuple[Kind, ...] = ("none", "kd", "minilm", "minilm_at", "minilm_vr", "tinybert")
+_KINDS = KINDS
+_ATTENTION_KINDS = ("minilm", "minilm_at", "minilm_vr", "tinybert")  # they pair heads one to one
 
 
 @dataclass
@@ -108,21 +120,24 @@ class RecallTransformer(nn.Module):
 class Distiller(nn.Module):
     """A frozen teacher and a student trained on ``CE + weight * distillation`` of ``kind``.
 
-    ``kind``: ``"none"`` (the student alone, the baseline), ``"minilm"``
-    (``L_AT + L_VR`` on the last layers) or ``"tinybert"`` (``L_attn`` on the
+    ``kind``: ``"none"`` (the student alone, the baseline), ``"kd"`` (Hinton et al.'s
+    ``tau^2 KL(softmax(z^T/tau) || softmax(z^S/tau))`` on the output logits, ``tau = temperature``),
+    ``"minilm"`` (``L_AT + L_VR`` on the last layers), ``"minilm_at"`` (``L_AT`` alone),
+    ``"minilm_vr"`` (``L_VR`` alone) or ``"tinybert"`` (``L_attn`` on the
     last layers + ``L_hidn`` on the last hidden states through the learned
     projection ``W_h``, which is part of this module's trainable parameters).
     ``forward(x)`` gives the student's logits; the teacher's parameters are frozen.
     """
 
     def __init__(self, student: RecallTransformer, teacher: RecallTransformer, kind: Kind = "minilm",
-                 weight: float = 1.0) -> None:
+                 weight: float = 1.0, temperature: float = 2.0) -> None:
         super().__init__()
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        if kind != "none" and student.num_heads != teacher.num_heads:
+        if kind in _ATTENTION_KINDS and student.num_heads != teacher.num_heads:
             raise ValueError(f"{kind} pairs heads one to one: student has {student.num_heads} heads, teacher {teacher.num_heads}")
         weight = check_positive_float("weight", weight, allow_zero=True)
+        self.temperature = check_positive_float("temperature", temperature)
         self.student, self.kind, self.weight = student, kind, weight
         self.teacher = teacher.eval().requires_grad_(False)
         self.projection = nn.Linear(student.embed_dim, teacher.embed_dim, bias=False) if kind == "tinybert" else None  # W_h
@@ -158,19 +173,32 @@ def _targets(batch: dict[str, Tensor], task: AssociativeRecall) -> Tensor:
     return y - task.n_keys
 
 
-def distillation_loss(model: Distiller, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """``CE(student) + weight * distillation``; metrics ``acc`` (student), ``ce`` and ``distill``."""
+def distillation_loss(model: Distiller, batch: dict[str, Tensor],
+                      teacher_out: tuple[Tensor, list[LayerRecord]] | None = None) -> tuple[Tensor, dict[str, float]]:
+    """``CE(student) + weight * distillation``; metrics ``acc`` (student), ``ce`` and ``distill``.
+
+    ``teacher_out``: the teacher's ``(logits, records)`` on ``batch["x"]`` when already computed (several
+    students of the same batch share one teacher pass, :func:`train_students`); ``None`` runs the teacher.
+    """
     x = batch["x"]
     target = _targets(batch, model.student.task)
     logits, recs = model.student(x)
     ce = F.cross_entropy(logits, target)
     distill = ce.new_zeros(())
     if model.kind != "none":
-        with torch.no_grad():
-            _, trecs = model.teacher(x)
+        if teacher_out is None:
+            with torch.no_grad():
+                teacher_out = model.teacher(x)
+        t_logits, trecs = teacher_out
         s, t = recs[-1], trecs[-1]
-        if model.kind == "minilm":
+        if model.kind == "kd":
+            distill = logit_distillation_loss(logits, t_logits, model.temperature)
+        elif model.kind == "minilm":
             distill = minilm_attention_loss(s.attn, t.attn) + minilm_value_loss(s.values, t.values)
+        elif model.kind == "minilm_at":
+            distill = minilm_attention_loss(s.attn, t.attn)
+        elif model.kind == "minilm_vr":
+            distill = minilm_value_loss(s.values, t.values)
         else:
             assert model.projection is not None  # kind "tinybert" builds W_h
             distill = tinybert_attention_loss(s.scores, t.scores) + tinybert_hidden_loss(s.hidden, t.hidden, model.projection)
@@ -183,6 +211,137 @@ def teacher_loss(model: RecallTransformer, batch: dict[str, Tensor]) -> tuple[Te
     logits, _ = model(batch["x"])
     target = _targets(batch, model.task)
     return F.cross_entropy(logits, target), {"acc": float((logits.argmax(-1) == target).float().mean())}
+
+
+# ----------------------------------------------------------------------------- students of every kind, same seeds and batches
+
+
+@dataclass
+class StudentRuns:
+    """Held-out accuracy of students trained by :func:`train_students`, one per ``(kind, seed)``.
+
+    ``steps``: the training steps at which the curves were measured; ``curves[kind]``: one list per seed of
+    held-out accuracy at those steps; ``final[kind]``: one value per seed, accuracy after the last step on a
+    larger held-out batch; ``models[kind, seed]``: the trained :class:`Distiller`; ``records[kind, seed]``:
+    ``(step, record(model))`` at each measured step when a ``record`` function was given.
+    """
+
+    kinds: list[Kind]
+    seeds: list[int]
+    steps: list[int]
+    curves: dict[Kind, list[list[float]]]
+    final: dict[Kind, list[float]]
+    models: dict[tuple[Kind, int], Distiller] = field(repr=False)
+    records: dict[tuple[Kind, int], list[tuple[int, Any]]] = field(default_factory=dict, repr=False)
+
+    def steps_to(self, target: float) -> dict[Kind, list[int | None]]:
+        """First measured step with held-out accuracy ``>= target``, per kind and seed; ``None``: not reached (censored)."""
+        return {k: [next((st for st, a in zip(self.steps, curve, strict=True) if a >= target), None) for curve in curves]
+                for k, curves in self.curves.items()}
+
+    def late_change(self, last: int) -> dict[Kind, float]:
+        """Per kind, ``max |acc(last step) - acc(step)|`` over the steps of the final ``last`` training steps and the seeds.
+
+        Small for every kind: the curves are flat over the end of the budget (trained to convergence).
+        """
+        start = self.steps[-1] - last
+        idx = [i for i, st in enumerate(self.steps) if st >= start]
+        return {k: max(abs(c[-1] - c[i]) for c in curves for i in idx) for k, curves in self.curves.items()}
+
+
+def train_students(task: AssociativeRecall, teacher: RecallTransformer, kinds: Sequence[Kind], seeds: Sequence[int], *,
+                   steps: int, student_dim: int = 16, num_heads: int = 4, batch_size: int = 64, lr: float = 3e-3,
+                   weight: float = 1.0, temperature: float = 2.0, eval_every: int = 10, eval_batch: int = 256,
+                   eval_seed: int = 30_000, test_batch: int = 1024, test_seed: int = 10_000,
+                   grad_clip: float | None = 1.0, record: Callable[[Distiller], Any] | None = None,
+                   device: torch.device | str = "cpu", num_threads: int | None = 1) -> StudentRuns:
+    """Train one student per kind and seed, in lockstep: same initial weights, same batches, same budget.
+
+    For each seed ``s``: every kind's student starts from the weights :func:`~attn.train.set_seed` ``(s)`` gives
+    a fresh ``RecallTransformer(task, student_dim, num_heads)`` (TinyBERT's ``W_h`` is drawn after it), then each
+    step draws one batch of ``batch_size`` from a generator seeded ``s``, runs the frozen teacher on it once, and
+    takes one Adam step (``lr``, gradient norm clipped at ``grad_clip``, as :func:`~attn.train.train`) for every
+    student on ``CE + weight * distillation`` (:func:`distillation_loss`). Every ``eval_every`` steps each
+    student's accuracy is measured on one fixed held-out batch (``eval_batch`` examples, seed ``eval_seed``);
+    after the last step on ``test_batch`` examples (seed ``test_seed``). ``record(model)``, when given, is
+    stored at each measured step (eval mode, no gradients). ``num_threads``: CPU threads while training
+    (:func:`~attn.train.cpu_threads`; ``None`` keeps torch's setting, ignored on CUDA).
+    """
+    from ..train import cpu_threads
+
+    if steps <= 0 or eval_every <= 0:
+        raise ValueError(f"steps and eval_every must be positive, got {steps} and {eval_every}")
+    with cpu_threads(num_threads if torch.device(device).type == "cpu" else None):
+        return _train_students(task, teacher, kinds, seeds, steps=steps, student_dim=student_dim, num_heads=num_heads,
+                               batch_size=batch_size, lr=lr, weight=weight, temperature=temperature,
+                               eval_every=eval_every, eval_batch=eval_batch, eval_seed=eval_seed, test_batch=test_batch,
+                               test_seed=test_seed, grad_clip=grad_clip, record=record, device=device)
+
+
+def _train_students(task: AssociativeRecall, teacher: RecallTransformer, kinds: Sequence[Kind], seeds: Sequence[int], *,
+                    steps: int, student_dim: int, num_heads: int, batch_size: int, lr: float, weight: float,
+                    temperature: float, eval_every: int, eval_batch: int, eval_seed: int, test_batch: int,
+                    test_seed: int, grad_clip: float | None, record: Callable[[Distiller], Any] | None,
+                    device: torch.device | str) -> StudentRuns:
+    """The body of :func:`train_students`, run inside its thread setting."""
+    from ..train import set_seed
+
+    kinds = list(kinds)
+    if not kinds or any(k not in _KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds must be distinct kinds from {_KINDS}, got {kinds}")
+    seeds = [int(s) for s in seeds]
+    teacher = teacher.to(device).eval()
+    held = {k: v.to(device) for k, v in task.sample(eval_batch, torch.Generator().manual_seed(eval_seed)).items()}
+    test = {k: v.to(device) for k, v in task.sample(test_batch, torch.Generator().manual_seed(test_seed)).items()}
+    measured = [st for st in range(1, steps + 1) if st % eval_every == 0 or st == steps]
+    curves: dict[Kind, list[list[float]]] = {k: [] for k in kinds}
+    final: dict[Kind, list[float]] = {k: [] for k in kinds}
+    models: dict[tuple[Kind, int], Distiller] = {}
+    records: dict[tuple[Kind, int], list[tuple[int, Any]]] = {}
+
+    def accuracy(m: Distiller, batch: dict[str, Tensor]) -> float:
+        m.eval()
+        with torch.no_grad():
+            acc = float((m(batch["x"]).argmax(-1) == _targets(batch, task)).float().mean())
+        m.train()
+        return acc
+
+    for seed in seeds:
+        students: dict[Kind, Distiller] = {}
+        for k in kinds:
+            set_seed(seed)  # the same initial student for every kind
+            students[k] = Distiller(RecallTransformer(task, embed_dim=student_dim, num_heads=num_heads), teacher, k,
+                                    weight=weight, temperature=temperature).to(device).train()
+        params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in students.items()}
+        opts = {k: torch.optim.Adam(params[k], lr=lr) for k in kinds}
+        curve: dict[Kind, list[float]] = {k: [] for k in kinds}
+        gen = torch.Generator().manual_seed(seed)
+        for step in range(1, steps + 1):
+            batch = {k: v.to(device) for k, v in task.sample(batch_size, gen).items()}
+            with torch.no_grad():
+                t_out = teacher(batch["x"])
+            for k, m in students.items():
+                loss, _ = distillation_loss(m, batch, t_out)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{k} student, seed {seed}: loss became {loss.item()} at step {step}")
+                opts[k].zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(params[k], grad_clip)
+                opts[k].step()
+            if step in measured:
+                for k, m in students.items():
+                    curve[k].append(accuracy(m, held))
+                    if record is not None:
+                        m.eval()
+                        with torch.no_grad():
+                            records.setdefault((k, seed), []).append((step, record(m)))
+                        m.train()
+        for k, m in students.items():
+            curves[k].append(curve[k])
+            final[k].append(accuracy(m, test))
+            models[k, seed] = m.eval()
+    return StudentRuns(kinds, seeds, measured, curves, final, models, records)
 
 
 # ----------------------------------------------------------------------------- the comparison's own task
