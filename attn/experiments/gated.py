@@ -1,5 +1,7 @@
-"""Chapter 20's experiments (gated attention): multiple-instance bags for gated MIL pooling, the copy task and
-the small causal LM that shows the attention sink, and the sink's measure (first-token mass).
+"""Chapter 20's experiments (gated attention): multiple-instance bags for gated MIL pooling (prototype bags for
+an MLP encoder, product bags whose keys no linear score can rank), the copy task and the small causal LM that
+shows the attention sink, the multi-seed runners, and the measures (first-token mass, copy-read weight, gate
+values and their correlation with the sink).
 
 The layers (:class:`~attn.gated.GatedAttention`, :class:`~attn.gated.GatedAttentionUnit`,
 :class:`~attn.gated.GatedMILPooling`) are in :mod:`attn.gated`. Ilse et al. 2018 (MIL); Qiu et al. 2025 (the sink).
