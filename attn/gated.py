@@ -37,7 +37,10 @@ with ``\phi`` = SiLU, ``e = 2E`` and ``s = 128`` in the paper. ``A`` is not a
 softmax: its rows do not sum to one and can be all zero. The paper adds a
 T5-style relative position bias inside the ``relu``; it is left out here
 (positions come from the model's embeddings). ``n`` is the number of real
-keys (per example, with a ``key_mask``). Cost ``O(n^2 s + n E e)``.
+keys (per example, with a ``key_mask``). As in the paper's pseudo-code, ``n``
+divides the scores *inside* the squared ReLU: for scores of a given size a
+weight scales as ``1/n^2`` and a row (``n`` of them) as ``1/n``; it does not
+keep ``AV`` at a length-independent scale. Cost ``O(n^2 s + n E e)``.
 
 **Gated attention MIL pooling** (Ilse et al. 2018, "Attention-based Deep
 Multiple Instance Learning"). A bag of ``K`` instance embeddings

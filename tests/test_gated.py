@@ -10,7 +10,22 @@ import torch
 from attn import registry
 from attn.attention import AttentionBase
 from attn.experiments import own_task
-from attn.experiments.gated import BagTask, CopyLMTask, MILModel, SinkLM, first_token_mass, lm_loss, mil_loss, mil_task
+from attn.experiments.gated import (
+    BagTask,
+    CopyLMTask,
+    MILModel,
+    ProductBagTask,
+    SinkLM,
+    copy_read_weight,
+    first_token_mass,
+    gate_sink_correlation,
+    gate_values,
+    lm_loss,
+    mil_loss,
+    mil_runs,
+    mil_task,
+    sink_runs,
+)
 from attn.gated import GatedAttention, GatedAttentionUnit, GatedMILPooling, GatedOutput
 from attn.masks import padding_mask
 from attn.multihead import MultiHeadAttention
@@ -426,3 +441,71 @@ def test_gau_is_causal_keyword_and_mil_key_mask():
     torch.testing.assert_close(causal(x, is_causal=False).output, gau(x).output, atol=0, rtol=0)
     with pytest.raises(TypeError):
         gau(x, torch.ones(2, 7, dtype=torch.bool))  # key_mask is keyword-only
+
+
+# ----------------------------------------------------------------------------- issue 17: product bags, sink measures
+
+
+def test_product_bags_keys_need_a_product():
+    task = ProductBagTask()
+    b = task.sample(4000, torch.Generator().manual_seed(0))
+    x, key, mask = b["x"], b["key"], b["key_mask"]
+    prod = x[..., 0] * x[..., 1]
+    assert (prod[key] >= 1).all()  # keys: x1 x2 >= 1
+    assert (prod[mask & ~key] <= task.threshold).all()  # no real non-key is a key by chance
+    assert torch.equal(b["y"].bool(), key.any(-1)) and not (key & ~mask).any()
+    assert 0.45 < b["y"].mean() < 0.55 and (x[~mask] == 0).all()
+    # keys are symmetric under x -> -x: a linear score has no mean shift on them, but the product does
+    keys, others = x[key], x[mask & ~key]
+    assert keys[:, :2].mean(0).abs().max() < 0.1
+    assert (keys[:, :2].abs() >= 1).all() and (others[:, :2].abs() > 1).all(-1).float().mean() > 0.05
+    with pytest.raises(ValueError, match="threshold"):
+        ProductBagTask(threshold=2.0)
+
+
+def test_mil_model_linear_encoder_and_runner():
+    with pytest.raises(ValueError, match="encoder"):
+        MILModel(8, encoder="conv")  # type: ignore[arg-type]
+    m = MILModel(8, hidden=16, encoder="linear")
+    assert isinstance(m.encoder, torch.nn.Linear)  # no non-linearity before the pooling
+    task = ProductBagTask()
+    runs = mil_runs(task, [0, 1], steps=3, hidden=8, attn_dim=4)
+    assert [(r.arm, r.seed) for r in runs] == [("gated", 0), ("plain", 0), ("gated", 1), ("plain", 1)]
+    assert runs[0].model.pool.gated and not runs[1].model.pool.gated and len(runs[0].history.loss) >= 1
+
+
+def test_sink_measures():
+    w = torch.zeros(1, 1, 4, 4)
+    w[..., 0, 0] = 1
+    w[..., 1:, 0] = torch.tensor([0.5, 0.2, 0.8])
+    torch.testing.assert_close(first_token_mass(w, 1, 3), torch.tensor([[0.35]]))
+    with pytest.raises(ValueError, match="end_query"):
+        first_token_mass(w, 2, 2)
+    # copy: m = 2, n = 4; queries 2, 3 read keys 1, 2
+    c = torch.zeros(2, 4, 4)
+    c[:, 2, 1], c[:, 3, 2] = 1.0, 0.5
+    torch.testing.assert_close(copy_read_weight(c, 2), torch.tensor([0.75, 0.75]))
+    with pytest.raises(ValueError, match="segment"):
+        copy_read_weight(c, 3)
+    # a gate that closes exactly where the head sinks: correlation -1
+    g = torch.rand(3, 2, 5, 1, generator=torch.Generator().manual_seed(0))
+    ws = torch.zeros(3, 2, 5, 5)
+    ws[..., 0] = 1 - g[..., 0]
+    assert gate_sink_correlation(g.expand(3, 2, 5, 4), ws) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="share"):
+        gate_sink_correlation(g, ws[:, :1])
+
+
+def test_sink_runs_and_gate_values():
+    task = CopyLMTask(vocab=8, segment=4)
+    runs = sink_runs(task, [3], steps=2, embed_dim=16, num_heads=2)
+    assert [(r.arm, r.seed) for r in runs] == [("gated", 3), ("ungated", 3)]
+    x = task.sample(4, torch.Generator().manual_seed(0))["x"][:, :-1]
+    gated, plain = (gate_values(r.model, x) for r in runs)
+    assert len(gated) == 2 and gated[0].shape == (4, 2, 8, 8)
+    assert ((gated[0] > 0) & (gated[0] < 1)).all() and all(bool((g == 1).all()) for g in plain)
+    runs[0].model.set_gate_offset(math.inf)
+    assert all(bool((g == 1).all()) for g in gate_values(runs[0].model, x))
+    # same initialisation seed: the shared parameters start equal (a 2-step run leaves them close)
+    assert torch.allclose(runs[0].model.embed.weight, runs[1].model.embed.weight, atol=0.1)
+    assert runs[0].model.pos.std() > 0.5  # positions start at N(0, 1)
