@@ -222,7 +222,11 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
     Returns:
         ``(B, h, t, D_v)``; a query that sees no real key gets zeros (not NaN).
 
-    No mask but causality: one SDPA call with ``is_causal`` (``past = 0``) or no
+    One query per head (``t = 1``, a decoding step) with ``g < h``: the ``r = h / g`` query heads of a group
+    are folded into ``r`` rows of one head, ``(B, h, 1, D) -> (B, g, r, D)`` (the fold of chapter 27), so each
+    cached key/value head is read once; PyTorch's CPU kernel with ``enable_gqa`` expands the keys to ``h`` heads
+    instead (measured in chapter 27). The newest query sees every cached key, so no mask is needed but the
+    key mask. No mask but causality: one SDPA call with ``is_causal`` (``past = 0``) or no
     mask (one query after the cache). Otherwise the queries go in blocks of
     ``b`` with a ``(b, m)`` mask each (``b m`` about ``2^20``), and a causal block
     reads only the keys up to its last position. The CPU's fused kernel needs
@@ -231,8 +235,11 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0, causal: bool
     that are dropped).
     """
     past = _check_grouped(q, k, v, past, causal, key_mask)
-    _, h, t, d = q.shape
+    B, h, t, d = q.shape
     g, m, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if t == 1 and g != h:  # decoding: fold the r query heads of each group into rows, read each K/V head once
+        out = fused_attention(q.reshape(B, g, h // g, d), k, v, 0, False, key_mask, scale, dropout_p)  # (B, g, r, dv)
+        return out.reshape(B, h, 1, dv)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if dv < d:
         v = F.pad(v, (0, d - dv))

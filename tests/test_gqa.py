@@ -541,3 +541,99 @@ def test_forward_options_are_keyword_only():
     with pytest.raises(TypeError):
         m(torch.randn(1, 3, 16), torch.randn(1, 3, 16), torch.randn(1, 3, 16), True)  # need_weights is keyword-only
     assert m(torch.randn(1, 3, 16), is_causal=False, need_weights=True).weights.shape == (1, 4, 3, 3)
+
+
+# ------------------------------------------------------------------ issue 17: decoding fold, experiments
+
+
+@pytest.mark.parametrize("g", [4, 2, 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_token_decode_folds_query_heads_and_equals_repeated_keys(g, masked):
+    """t = 1 with g < h folds the query heads into rows: same output as SDPA on keys repeated per query head,
+    a row that sees no real key gives zeros, and enable_gqa is not used (the keys are never expanded)."""
+    from attn.gqa import fused_attention
+
+    torch.manual_seed(0)
+    B, h, m, d = 3, 8, 11, 5
+    q, k, v = torch.randn(B, h, 1, d), torch.randn(B, g, m, d), torch.randn(B, g, m, d)
+    km = torch.rand(B, m) > 0.3 if masked else None
+    if km is not None:
+        km[2] = False  # no real key: zeros
+    r = h // g
+    kr, vr = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    mask = None if km is None else km[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+    if km is not None:
+        ref[2] = 0
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        calls.append(kw.get("enable_gqa", False))
+        return real(*a, **kw)
+
+    import attn.gqa as gqa_mod
+
+    orig = gqa_mod.F.scaled_dot_product_attention
+    gqa_mod.F.scaled_dot_product_attention = spy
+    try:
+        out = fused_attention(q, k, v, past=m - 1, causal=True, key_mask=km)
+    finally:
+        gqa_mod.F.scaled_dot_product_attention = orig
+    assert out.shape == (B, h, 1, d)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert calls and not any(calls)
+
+
+def test_head_similarity_sees_through_a_change_of_key_basis():
+    """Head 1 = head 0 in another basis (W^Q -> A W^Q, W^K -> A^-T W^K): identical scores and bilinear form,
+    different W^K. A measure of W^K alone cannot tell that the two heads are one."""
+    from attn.experiments.gqa import head_similarity, off_diagonal_mean
+    from attn.models import RecallModel
+    from attn.tasks import AssociativeRecall
+
+    torch.manual_seed(0)
+    task = AssociativeRecall(n_pairs=4, n_keys=8, n_values=8)
+    model = RecallModel(task, 16, attention=GroupedQueryAttention(16, 4, 4))
+    a = torch.randn(4, 4) + 3 * torch.eye(4)
+    with torch.no_grad():
+        wq, wk = model.attention.q_proj.weight.view(4, 4, 16), model.attention.k_proj.weight.view(4, 4, 16)
+        wq[1] = a @ wq[0]
+        wk[1] = torch.linalg.inv(a).T @ wk[0]
+    x = task.sample(64, torch.Generator().manual_seed(1))["x"]
+    sim = head_similarity(model, x)
+    for key in ("scores", "W^Q W^K", "W^K"):
+        assert sim[key].shape == (4, 4)
+        torch.testing.assert_close(sim[key].diagonal(), torch.ones(4))
+    assert sim["scores"][0, 1] > 0.9999 and sim["W^Q W^K"][0, 1] > 0.9999
+    assert sim["W^K"][0, 1] < 0.95
+    assert -1 <= off_diagonal_mean(sim["W^K"]) <= 1
+    with pytest.raises(ValueError, match="g = h"):
+        head_similarity(RecallModel(task, 16, attention=GroupedQueryAttention(16, 4, 2)), x)
+
+
+def test_recall_experiment_returns_one_value_per_seed_per_arm():
+    from attn.experiments.gqa import recall_experiment
+    from attn.tasks import AssociativeRecall
+
+    task = AssociativeRecall(n_pairs=4, n_keys=8, n_values=8)
+    runs = recall_experiment(task, [0, 1, 2], width=16, heads=4, scratch_kv_heads=(4, 1), convert_kv_heads=(2,),
+                             steps=3, uptrain_checkpoints=(2, 4))
+    assert set(runs.scratch) == {4, 1} and set(runs.converted) == {(2, "first"), (2, "mean")}
+    assert set(runs.uptrained) == {(2, 2), (2, 4)} and len(runs.mha) == 3
+    for vals in [*runs.scratch.values(), *runs.converted.values(), *runs.uptrained.values()]:
+        assert len(vals) == 3 and all(0 <= v <= 1 for v in vals)
+    with pytest.raises(ValueError, match="must include"):
+        recall_experiment(task, [0], width=16, heads=4, scratch_kv_heads=(2, 1))
+
+
+def test_decode_step_and_bytes_read():
+    from attn.experiments.gqa import decode_bytes_read, decode_step
+
+    assert decode_bytes_read(1000, 2, 64) == 2 * 1000 * 2 * 64 * 4
+    assert decode_bytes_read(10, 1, 8, bytes_per_number=2, num_layers=3, batch=2) == 2 * 3 * 2 * 10 * 8 * 2
+    layer = GroupedQueryAttention(32, 8, 2).eval()
+    step = decode_step(layer, 20)
+    a, b = step(), step()
+    assert a.shape == (1, 1, 32)
+    torch.testing.assert_close(a, b)  # the cache is reset to the same length at every call

@@ -472,3 +472,39 @@ def test_mla_follows_the_sequence_mixer_protocol_and_is_always_causal():
     with pytest.raises(ValueError, match="always causal"):
         m(x, is_causal=False)
     assert registry.get("mla").causal is True and registry.get("mla").kernel is None
+
+
+# ------------------------------------------------------------------ issue 17: matched-cache experiment
+
+
+def test_matched_mixers_cache_the_same_as_gqa_and_half_of_mha():
+    from attn.experiments.latent import cache_numbers_per_token, matched_mixers
+
+    mixers = matched_mixers(32, 4, 2, 8)
+    numbers = {name: cache_numbers_per_token(f(0), 32) for name, f in mixers.items()}
+    mha, gqa, mla = numbers.values()
+    assert mha == 2 * 4 * 8 and gqa == 2 * 2 * 8 and mla == gqa
+    assert isinstance(list(mixers.values())[2](0), MultiHeadLatentAttention)
+    with pytest.raises(ValueError):
+        matched_mixers(32, 4, 1, 16)  # d_c = 2 * 1 * 8 - 16 = 0
+
+
+def test_absorbed_prefill_ratio_at_deepseek_v2_sizes():
+    from attn.experiments.latent import absorbed_prefill_ratio
+
+    assert absorbed_prefill_ratio(512, 64, 128, 128) == pytest.approx(3.4)
+    # the flops counted on a layer follow the same ratio for the attention part: absorbed is larger
+    assert absorbed_prefill_ratio(256, 32, 64, 64) > 1
+
+
+def test_train_copy_lms_one_value_per_seed_and_censoring():
+    from attn.experiments.gated import CopyLMTask
+    from attn.experiments.latent import matched_mixers, train_copy_lms
+
+    task = CopyLMTask(vocab=8, segment=4)
+    runs = train_copy_lms(task, matched_mixers(16, 2, 1, 4), [0, 1, 2], embed_dim=16, steps=2, log_every=1,
+                          target=1.01, held_out=16)
+    for name in runs.accuracy:
+        assert len(runs.accuracy[name]) == 3 and all(0 <= a <= 1 for a in runs.accuracy[name])
+        assert runs.steps_to_target[name] == [None, None, None]  # an unreachable target is censored, not dropped
+        assert len(runs.models[name]) == 3 and runs.params[name] > 0
