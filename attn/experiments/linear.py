@@ -28,12 +28,13 @@ from torch import Tensor, nn
 from ..attention import Attention
 from ..checks import check_token_ids
 from ..core import AttentionOutput
-from ..linear import delta_rule_recurrent
+from ..linear import delta_rule_recurrent, favor_feature_pair, linear_attention
 from ..models import LMOutput, TokenLM
 from ..tasks import MQARTask
 from ..train import evaluate, set_seed, train
 
-__all__ = ["Arm", "ARMS", "DeltaRuleAttention", "mqar_model", "mqar_loss", "run_mqar", "state_and_cache_bytes"]
+__all__ = ["Arm", "ARMS", "DeltaRuleAttention", "ShiftTokenLM", "mqar_model", "mqar_loss", "run_mqar",
+           "state_and_cache_bytes", "layer_qkv", "favor_relative_error"]
 
 Arm = Literal["softmax", "linear", "delta"]
 ARMS: tuple[str, ...] = ("softmax", "linear", "delta")
@@ -145,7 +146,8 @@ def mqar_loss(model: TokenLM, batch: dict[str, Tensor]) -> tuple[Tensor, dict[st
 def run_mqar(pairs: Sequence[int], head_dims: Sequence[int], seeds: Sequence[int],
              arms: Sequence[str] = ("softmax", "linear"), width: int = 32, num_heads: int = 2, steps: int = 200,
              batch_size: int = 16, lr: float = 1e-2, device: torch.device | str = "cpu", eval_size: int = 256,
-             progress: bool = False) -> list[dict[str, Any]]:
+             progress: bool = False, keep: dict[tuple[str, int, int, int], TokenLM] | None = None,
+             ) -> list[dict[str, Any]]:
     """Train every ``arm`` at every (``pairs``, head width) for every seed; one row per run.
 
     Every arm of a (pairs, head width, seed) cell starts from the same seed, sees the same training batches
@@ -160,7 +162,8 @@ def run_mqar(pairs: Sequence[int], head_dims: Sequence[int], seeds: Sequence[int
         ``state`` the numbers in one layer's recurrent state (``num_heads * head_dim^2``), ``acc`` the query
         accuracy on the held-out batch, ``train_acc_end`` the mean training-batch accuracy over the last
         quarter of the logged steps (near ``acc`` when training has levelled off), ``cpu_s`` the process CPU
-        seconds of the run.
+        seconds of the run. ``keep``: a dict that receives every trained model under
+        ``(arm, pairs, head_dim, seed)``.
     """
     rows: list[dict[str, Any]] = []
     for p in pairs:
@@ -175,6 +178,8 @@ def run_mqar(pairs: Sequence[int], head_dims: Sequence[int], seeds: Sequence[int
                                  device=device, progress=progress)
                     res = evaluate(model, task.sample, mqar_loss, batch_size=eval_size, seed=10_000 + seed,
                                    device=device)
+                    if keep is not None:
+                        keep[(arm, p, hd, seed)] = model
                     tail = hist.metrics["acc"][-max(1, len(hist.step) // 4):]
                     rows.append({"arm": arm, "pairs": p, "head_dim": hd, "state": num_heads * hd * hd,
                                  "seed": seed, "acc": res["acc"], "loss": res["loss"],
@@ -195,3 +200,52 @@ def state_and_cache_bytes(embed_dim: int, num_heads: int, num_layers: int, token
     r = d if feature_dim is None else feature_dim
     return {"kv_cache": num_layers * 2 * tokens * embed_dim * bytes_per_value,
             "linear_state": num_layers * num_heads * r * (d + 1) * bytes_per_value}
+
+
+@torch.no_grad()
+def layer_qkv(model: TokenLM, tokens: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The queries, keys and values of block ``layer``'s :class:`~attn.attention.Attention` mixer on ``tokens``.
+
+    Runs the model once with a hook on that mixer and applies its projections to the mixer's input:
+    ``(q, k, v)``, each ``(B, h, n, head_dim)`` (the mixer scales the scores by ``1 / sqrt(head_dim)``).
+    """
+    mixer = model.blocks[layer].mixer
+    if not isinstance(mixer, Attention):
+        raise TypeError(f"block {layer}'s mixer must be an Attention, got {type(mixer).__name__}")
+    seen: list[Tensor] = []
+    handle = mixer.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        model.eval()
+        model(tokens)
+    finally:
+        handle.remove()
+    x = seen[0]
+    b, n = x.shape[0], x.shape[1]
+
+    def split(t: Tensor) -> Tensor:
+        return t.reshape(b, n, mixer.num_heads, -1).transpose(1, 2)
+
+    return split(mixer.q_proj(x)), split(mixer.k_proj(x)), split(mixer.v_proj(x))
+
+
+def favor_relative_error(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, projection: Tensor) -> float:
+    r"""Error of causal FAVOR+ attention relative to the exact output's distance from the uniform average.
+
+    .. math::
+
+        \frac{\lVert Y_{\text{FAVOR+}} - Y \rVert_F}{\lVert Y_{\text{uniform}} - Y \rVert_F}
+
+    over the rows ``rows`` (a boolean ``(B, n)``, e.g. the query positions), with ``Y`` exact causal softmax
+    attention and ``Y_uniform`` the causal average ``sum_{j<=i} v_j / i`` (every weight equal): 0 is exact,
+    1 is no better than ignoring the scores. In float64. Shapes: ``q, k, v (B, h, n, d)``, ``projection (m, d)``.
+    """
+    q, k, v, projection = (t.double() for t in (q, k, v, projection))
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    counts = torch.arange(1, v.shape[-2] + 1, dtype=v.dtype, device=v.device)[:, None]
+    uniform = v.cumsum(-2) / counts
+    fq, fk = favor_feature_pair(q, k, projection)
+    approx = linear_attention(fq, fk, v, None, causal=True)
+    pick = rows[:, None, :].expand(-1, q.shape[1], -1)  # (B, h, n)
+    num = (approx - exact)[pick].norm()
+    den = (uniform - exact)[pick].norm()
+    return float(num / den)
