@@ -61,7 +61,7 @@ from .registry import register
 __all__ = [
     "elu_feature", "linear_attention", "linear_attention_recurrent", "linear_attention_quadratic",
     "orthogonal_gaussian", "favor_features", "favor_feature_pair", "softmax_kernel_estimate", "linear_kernel", "performer_kernel",
-    "LinearAttention", "PerformerAttention",
+    "LinearAttention", "PerformerAttention", "linear_attention_step", "delta_rule_step", "delta_rule_recurrent",
 ]
 
 
@@ -190,6 +190,81 @@ def linear_attention_recurrent(
         num = (fq[..., i, :, None] * state).sum(-2)  # phi(q_i)^T S_i: (..., d_v)
         den = (fq[..., i, :] * norm).sum(-1, keepdim=True)
         outs.append(num / _safe(den + eps))
+    return torch.stack(outs, -2)
+
+
+def linear_attention_step(
+    state: Tensor, norm: Tensor, q: Tensor, k: Tensor, v: Tensor,
+    feature_map: Callable[[Tensor], Tensor] | None = elu_feature, eps: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""One decoding step of causal linear attention: fold token ``t`` into the state, then read it.
+
+    .. math::
+
+        U_t = U_{t-1} + \phi(k_t)\, v_t^\top,\qquad z_t = z_{t-1} + \phi(k_t),\qquad
+        y_t = \frac{\phi(q_t)^\top U_t}{\phi(q_t)^\top z_t}
+
+    Shapes: ``state`` ``U (..., r, d_v)``, ``norm`` ``z (..., r)``, ``q, k (..., d)``, ``v (..., d_v)``;
+    returns ``(y (..., d_v), U_t, z_t)``. The state has the same size after every token: this is the
+    constant-memory decoding that replaces a KV cache (compare :func:`linear_attention_recurrent`, the same
+    loop over a whole sequence). Start from zeros: ``U_0 = 0``, ``z_0 = 0``.
+    """
+    fq, fk = (q, k) if feature_map is None else (feature_map(q), feature_map(k))
+    state = state + fk[..., :, None] * v[..., None, :]
+    norm = norm + fk
+    num = (fq[..., :, None] * state).sum(-2)
+    den = (fq * norm).sum(-1, keepdim=True)
+    return num / _safe(den + eps), state, norm
+
+
+def delta_rule_step(state: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    r"""One step of the delta rule (DeltaNet): correct the state's answer for ``k_t`` towards ``v_t``, then read it.
+
+    .. math::
+
+        U_t = U_{t-1} + \beta_t\,\big(v_t - U_{t-1} k_t\big)\, k_t^\top,\qquad y_t = U_t\, q_t
+
+    ``U_{t-1} k_t`` is what the memory currently returns for key ``k_t``; the update moves it a fraction
+    ``beta_t`` in ``[0, 1]`` of the way to ``v_t`` (with ``|k_t| = 1`` and ``beta_t = 1`` the memory then
+    returns exactly ``v_t`` for ``k_t``, overwriting the old association instead of adding to it). Plain
+    linear attention is ``U_t = U_{t-1} + v_t k_t^\top``: it never removes anything.
+
+    Shapes: ``state`` ``U (..., d_v, d_k)``, ``q, k (..., d_k)``, ``v (..., d_v)``, ``beta (...)``;
+    returns ``(y (..., d_v), U_t)``. Schlag, Irie, Schmidhuber, "Linear Transformers Are Secretly Fast
+    Weight Programmers", ICML 2021; Yang et al., "Parallelizing Linear Transformers with the Delta Rule
+    over Sequence Length", NeurIPS 2024.
+    """
+    recalled = (state * k[..., None, :]).sum(-1)  # U_{t-1} k_t: (..., d_v)
+    state = state + beta[..., None, None] * (v - recalled)[..., :, None] * k[..., None, :]
+    return (state * q[..., None, :]).sum(-1), state
+
+
+def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor | float = 1.0) -> Tensor:
+    r"""Causal delta-rule attention (DeltaNet), one token at a time: :func:`delta_rule_step` over the sequence.
+
+    ``U_t = U_{t-1} + beta_t (v_t - U_{t-1} k_t) k_t^T``, ``y_t = U_t q_t``, from ``U_0 = 0``. No feature map and
+    no normaliser: DeltaNet L2-normalises ``q`` and ``k`` (and takes ``beta_t = sigmoid(w_beta^T x_t)``) before
+    calling this. A ``d_v x d_k`` state stores at most ``d_k`` associations exactly (orthogonal keys); the
+    delta rule reaches that bound, plain linear attention (the additive update) does not once keys overlap
+    or repeat.
+
+    Shapes: ``q, k (..., n, d_k)``, ``v (..., n, d_v)``, ``beta`` a float or ``(..., n)`` -> ``(..., n, d_v)``.
+    A Python loop over tokens: the reference and decoding form (the chunked parallel form of Yang et al.
+    2024 is not implemented here).
+    """
+    check_qkv(q, k, v)
+    if q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"the delta rule is causal self-attention: as many queries as keys, got {q.shape[-2]} "
+                         f"and {k.shape[-2]}")
+    b = torch.as_tensor(beta, dtype=q.dtype, device=q.device)
+    b = b.expand(q.shape[:-1]) if b.ndim == 0 else b
+    if b.shape != q.shape[:-1]:
+        raise ValueError(f"beta must be a float or have shape {tuple(q.shape[:-1])}, got {tuple(b.shape)}")
+    state = q.new_zeros(*q.shape[:-2], v.shape[-1], q.shape[-1])  # U: (..., d_v, d_k)
+    outs = []
+    for t in range(q.shape[-2]):
+        y, state = delta_rule_step(state, q[..., t, :], k[..., t, :], v[..., t, :], b[..., t])
+        outs.append(y)
     return torch.stack(outs, -2)
 
 
