@@ -53,6 +53,27 @@ def test_no_warning_is_printed_on_the_page(executed_notebooks, name):
     assert not found, found
 
 
+#: the repr a plotting call returns when it ends a cell (``Text(0, 0.5, 'label')``, ``<matplotlib.legend.Legend
+#: at 0x..>``, ``[<matplotlib.lines.Line2D ...>]``, ``<Axes: ...>``): printed above the figure, it means nothing
+MATPLOTLIB_REPR = re.compile(r"^\[?<?(Text\(|matplotlib\.|Axes:|Figure size)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_no_plot_object_repr_is_printed(executed_notebooks, name):
+    """A cell that ends with ``ax.set_title(...)`` prints ``Text(0.5, 1.0, '...')`` beside its figure: end it with ``;``."""
+    found = []
+    for i, cell in enumerate(_executed(name).cells):
+        for out in cell.get("outputs", []):
+            if out.output_type != "execute_result" or set(out.get("data", {})) - {"text/plain"}:
+                continue
+            text = out["data"].get("text/plain", "")
+            text = "".join(text) if isinstance(text, list) else text
+            if MATPLOTLIB_REPR.match(text):
+                found.append(f"cell {i}: {text[:80]}")
+    assert not found, found
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_figures_fit_the_column_and_carry_alt_text(executed_notebooks, name):
