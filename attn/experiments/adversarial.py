@@ -24,12 +24,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pandas is loaded by the functions that build frames, not by `import attn`
+    import pandas as pd
 
 from ..adversarial import (
     AttentionPooling,
@@ -474,6 +476,8 @@ def robustness(
                     "PGD at eps alone": float(right_here.float().mean()),
                     "JS distance": float(out["js"].mean()), "TV distance": float(out["tv"].mean()),
                 })
+    import pandas as pd
+
     return pd.DataFrame(records), kept
 
 
@@ -492,6 +496,8 @@ def robust_auc(results: pd.DataFrame) -> pd.DataFrame:
         acc = [float(g["clean acc"].iloc[0]), *g["robust acc"].tolist()]
         area = sum((eps[i + 1] - eps[i]) * (acc[i + 1] + acc[i]) / 2 for i in range(len(eps) - 1))
         rows.append({"method": method, "seed": seed, "attack": target, "auc": area / eps[-1]})
+    import pandas as pd
+
     return pd.DataFrame(rows)
 
 
