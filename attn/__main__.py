@@ -42,8 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         help="train and benchmark mechanisms on the shared task; write CSV, JSON and PNG",
         description=(
             "Measure every registered mechanism (or those named with --mode) on the same axes: parameters, "
-            "FLOPs, latency and peak memory, a sequence-length sweep with fitted exponents, accuracy after a "
-            "fixed training budget on associative recall, convergence, loss curves and attention entropy. "
+            "FLOPs, latency and peak memory, a sequence-length sweep with fitted exponents, the implementation "
+            "kind (fused kernel, torch ops or a Python loop, measured), accuracy after a fixed training budget "
+            "on multi-query associative recall (or the one-query recall floor) over several seeds, with a "
+            "grid over pairs and width, convergence, loss curves and attention entropy. "
             "Mechanisms on other data (graphs, images, sets, documents, pairs) are measured on the same axes "
             "on their own task, in a second table."
         ),
@@ -58,7 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     sizes.add_argument("--preset", choices=list(PRESETS), dest="preset",
                        help="size preset (default: 'default' on the CPU, 10-50 s per mechanism on 2 cores; 'gpu' on CUDA)")
     cmp_.add_argument("--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    cmp_.add_argument("--seed", type=_seed, default=0, help="seed for initialisation and data (default 0)")
+    cmp_.add_argument("--seed", type=_seed, default=0, help="the first seed for initialisation and data (default 0)")
+    cmp_.add_argument("--seeds", type=_count, default=None, metavar="N",
+                      help="seeds per learning number: --seed, --seed + 1, ... (default: the preset's, 3 on book "
+                           "and default)")
+    cmp_.add_argument("--task", choices=("mqar", "recall"), default="mqar",
+                      help="the learning task: mqar (multi-query associative recall, Arora et al. 2023; default) "
+                           "or recall (one query per sequence, the easy floor)")
     cmp_.add_argument("--out", type=Path, default=Path("compare-results"), metavar="DIR",
                       help="output directory for CSV, JSON and PNG files (default ./compare-results)")
     cmp_.add_argument("--workers", type=int, default=1, metavar="N",
@@ -76,6 +84,16 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -157,10 +175,13 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     progress = not args.no_progress
     chosen = args.modes or [m.name for m in mechanisms()]
-    print(f"Comparing {len(chosen)} mechanism(s) on {device}, seed {args.seed}\n{preset.describe()}", flush=True)
+    n_seeds = args.seeds or preset.seeds
+    print(f"Comparing {len(chosen)} mechanism(s) on {device}, {args.task}, seeds {args.seed}..{args.seed + n_seeds - 1}"
+          f"\n{preset.describe(args.task)}", flush=True)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    result = compare.run(args.modes, preset=preset, seed=args.seed, device=device, progress=progress, workers=args.workers)
+    result = compare.run(args.modes, preset=preset, seed=args.seed, device=device, progress=progress,
+                         workers=args.workers, seeds=n_seeds, task=args.task)
     written = result.save(args.out, figures=not args.no_figures)
 
     print()

@@ -203,7 +203,7 @@ class CrossAttention(MultiHeadAttention):
 
 
 @register(
-    "cross",
+    "latent-cross",
     paper="Vaswani et al. 2017; Lee et al. 2019",
     complexity="O(n m d)",
     chapter=4,

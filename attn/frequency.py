@@ -279,6 +279,9 @@ class FourierMixing(nn.Module):
     softmax rows (see :func:`fourier_mix_dense` for its matrices).
     """
 
+    #: its ``need_weights`` rows are influence weights (|d y_t / d v_s|, normalised), not attention
+    weights_are_influence = True
+
     def __init__(self, embed_dim: int | None = None, norm: FFTNorm = "backward") -> None:
         super().__init__()
         _check_norm(norm)
@@ -303,6 +306,9 @@ class FourierMixing(nn.Module):
 
 class _ModeSelection(nn.Module):
     """Shared by FEB-f and FEA-f: the kept modes per sequence length (drawn once per ``n``, seeded), the projections."""
+
+    #: its ``need_weights`` rows are influence weights (|d y_t / d v_s|, normalised), not attention
+    weights_are_influence = True
 
     def __init__(self, embed_dim: int, num_heads: int, modes: int, mode_select: ModeSelect, seed: int) -> None:
         super().__init__()

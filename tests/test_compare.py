@@ -71,8 +71,11 @@ def test_cli_compare_quick_round_trip(tmp_path):
         assert r["status"] == "ok" and r["note"] == ""
         assert int(r["params"]) > 0 and int(r["model_params"]) > 0
         assert float(r["gflops"]) > 0 and float(r["latency_ms"]) > 0 and float(r["peak_mib"]) > 0
-        assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["accuracy_far"]) <= 1
-        assert math.isfinite(float(r["time_exponent"])) and math.isfinite(float(r["flops_exponent"]))
+        assert 0 <= float(r["accuracy_min"]) <= float(r["accuracy"]) <= float(r["accuracy_max"]) <= 1
+        assert 0 <= float(r["accuracy_far"]) <= 1 and int(r["seeds"]) == compare.PRESETS["quick"].seeds
+        assert r["implementation"] == "fused"  # both call PyTorch's fused kernel, a fixed number of torch calls
+        assert math.isfinite(float(r["flops_exponent"]))
+        assert r["time_fit"] == "overhead" or math.isfinite(float(r["time_exponent"]))
         assert 0 <= float(r["query_entropy"]) <= float(r["uniform_entropy"]) + 1e-6
     # self: 3 projections, width 32, batch 1, n = 128: 6nE^2 + 4n^2E FLOPs
     n, e = compare.PRESETS["quick"].bench_n, compare.PRESETS["quick"].bench_embed
@@ -82,6 +85,13 @@ def test_cli_compare_quick_round_trip(tmp_path):
         sweep = list(csv.DictReader(f))
     assert list(sweep[0]) == ["name", "n", "median_ms", "peak_mib", "gflops"]
     assert {int(r["n"]) for r in sweep if r["name"] == "self"} == set(compare.PRESETS["quick"].sweep_lengths)
+
+    with open(out / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    point = compare.PRESETS["quick"].mqar_point
+    assert [(r["name"], int(r["seed"])) for r in runs] == [(n, s) for n in ("self", "multihead") for s in (0, 1)]
+    assert {(int(r["pairs"]), int(r["width"])) for r in runs} == {(point.pairs, point.width)}
+    assert all(r["implementation"] == "fused" and r["family"] == "Foundations" for r in runs)
 
     with open(out / "curves.csv") as f:
         curves = list(csv.DictReader(f))
@@ -98,7 +108,8 @@ def test_cli_compare_quick_round_trip(tmp_path):
 
     import matplotlib.image
 
-    for name in ("loss_curves", "sweep_time", "sweep_memory", "accuracy_vs_cost", "entropy"):
+    for name in ("loss_curves", "sweep_time", "sweep_memory", "accuracy_vs_cost", "entropy", "mqar", "mqar_grid",
+                 "frontier"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = matplotlib.image.imread(png)
@@ -166,10 +177,11 @@ def test_cli_unwritable_out_dir(capsys, tmp_path):
 
 
 def test_same_seed_same_results_and_independent_of_the_others():
-    a = compare.run(["self", "multihead"], preset=TINY, seed=3, device="cpu", progress=False)
-    b = compare.run(["multihead", "self", "self"], preset=TINY, seed=3, device="cpu", progress=False)
-    alone = compare.run(["multihead"], preset=TINY, seed=3, device="cpu", progress=False, cost=False)
-    other_seed = compare.run(["multihead"], preset=TINY, seed=4, device="cpu", progress=False, cost=False)
+    kw = {"device": "cpu", "progress": False, "task": "recall", "seeds": 1}
+    a = compare.run(["self", "multihead"], preset=TINY, seed=3, **kw)
+    b = compare.run(["multihead", "self", "self"], preset=TINY, seed=3, **kw)
+    alone = compare.run(["multihead"], preset=TINY, seed=3, cost=False, **kw)
+    other_seed = compare.run(["multihead"], preset=TINY, seed=4, cost=False, **kw)
     assert [r.name for r in a.results] == [r.name for r in b.results] == ["self", "multihead"]
     for ra, rb in zip(a.results, b.results, strict=True):
         assert ra.status == rb.status == "ok"
@@ -214,7 +226,8 @@ def test_the_task_separates_reach_from_lookup(temp_mechanisms):
     """Full attention answers wherever the pair is; a window only when the pair lies within it."""
     p = compare.PRESETS["book"]  # 15 pairs + the query: a window of 7 covers exactly the near half
     _register("test-window", _Windowed, build=lambda e, h: _Windowed(e, h, window=7))
-    res = compare.run(["multihead", "test-window"], preset=p, seed=0, device="cpu", progress=False, cost=False)
+    res = compare.run(["multihead", "test-window"], preset=p, seed=0, device="cpu", progress=False, cost=False,
+                      task="recall", seeds=1)
     full, window = (r.metrics for r in res.results)
     assert full["accuracy_near"] > 0.9 and full["accuracy_far"] > 0.9
     assert window["accuracy_near"] > 0.9
@@ -225,7 +238,8 @@ def test_the_task_separates_reach_from_lookup(temp_mechanisms):
 def test_own_task_and_broken_mechanisms_are_reported(temp_mechanisms, tmp_path, capsys):
     _register("test-graph", _Broken, chapter=12, data="graph")  # build None: its own task
     _register("test-broken", _Broken, build=lambda e, h: _Broken())
-    res = compare.run(["self", "test-graph", "test-broken"], preset=TINY, seed=0, device="cpu", progress=False)
+    res = compare.run(["self", "test-graph", "test-broken"], preset=TINY, seed=0, device="cpu", progress=False,
+                      task="recall", seeds=1)
     by = {r.name: r for r in res.results}
     assert [r.name for r in res.results] == ["self", "test-broken", "test-graph"]  # chapter order
     assert by["self"].status == "ok"
@@ -263,7 +277,8 @@ def test_own_task_hook_measures_a_mechanism_on_its_own_task(tmp_path):
     """Chapter 1's encoder-decoder brings its own task (reversal): the second table has numbers on every axis."""
     mech = registry.get("seq2seq")
     assert mech.build is None and mech.data == "seq2seq" and "seq2seq" in own_tasks()  # attn.experiments.soft.OWN_TASKS
-    res = compare.run(["self", "seq2seq"], preset="quick", seed=0, device="cpu", progress=False)
+    res = compare.run(["self", "seq2seq"], preset="quick", seed=0, device="cpu", progress=False, task="recall",
+                      seeds=1)
     own = {r.name: r for r in res.own_results()}
     assert [r.name for r in res.sequence_results()] == ["self"] and list(own) == ["seq2seq"]
     r = own["seq2seq"]
@@ -278,7 +293,7 @@ def test_own_task_hook_measures_a_mechanism_on_its_own_task(tmp_path):
     table = res.own_table()
     assert table.loc["seq2seq", "status"] == "ok" and table.loc["seq2seq", "acc"]
     assert "On their own tasks" in res.format_table() and "**seq2seq**" in res.reading()
-    again = compare.run_one("seq2seq", preset="quick", seed=0, device="cpu", cost=False)
+    again = compare.run_one("seq2seq", preset="quick", seed=0, device="cpu", cost=False, task="recall")
     assert again.metrics["accuracy"] == r.metrics["accuracy"]  # seeded: same batches, same result
     res.save(tmp_path, figures=False)
     assert "seq2seq" in (tmp_path / "summary.csv").read_text() and "seq2seq" in (tmp_path / "curves.csv").read_text()
@@ -287,8 +302,9 @@ def test_own_task_hook_measures_a_mechanism_on_its_own_task(tmp_path):
 def test_workers_learn_exactly_what_one_process_learns():
     """Two worker processes (one thread each) give the same learned numbers as one process, in chapter order."""
     names = ["seq2seq", "self", "multihead"]
-    one = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False)
-    two = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False, workers=2)
+    one = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False, task="recall", seeds=1)
+    two = compare.run(names, preset=TINY, seed=0, device="cpu", progress=False, cost=False, workers=2,
+                      task="recall", seeds=1)
     assert [r.name for r in two.results] == [r.name for r in one.results] == names
     for a, b in zip(one.results, two.results, strict=True):
         assert a.status == b.status == "ok"

@@ -122,8 +122,8 @@ def test_bad_input():
 
 
 def test_latent_build_is_a_token_mixer_with_composed_weights():
-    layer = registry.get("cross").build(16, 4)
-    assert isinstance(layer, LatentCrossAttention) and registry.get("cross").cls is LatentCrossAttention
+    layer = registry.get("latent-cross").build(16, 4)
+    assert isinstance(layer, LatentCrossAttention) and registry.get("latent-cross").cls is LatentCrossAttention
     x = torch.randn(2, 6, 16)
     out = layer(x, need_weights=True)
     assert out.output.shape == (2, 6, 16) and out.weights.shape == (2, 1, 6, 6)
@@ -243,9 +243,9 @@ def test_cross_attention_is_multihead_attention_with_memory_widths():
     q, k = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
     km = padding_mask([5, 2], 5)
     torch.testing.assert_close(ca(q, k, key_mask=km).output, mha(q, k, k, key_mask=km).output)
-    assert registry.get("cross").kernel is None and registry.get("cross").causal is False
+    assert registry.get("latent-cross").kernel is None and registry.get("latent-cross").causal is False
     with pytest.raises(ValueError, match="cannot be causal"):
-        registry.get("cross").build(8, 2)(torch.randn(1, 4, 8), is_causal=True)
+        registry.get("latent-cross").build(8, 2)(torch.randn(1, 4, 8), is_causal=True)
 
 
 def test_position_keys_control_cannot_see_source_content():

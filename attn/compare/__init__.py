@@ -37,13 +37,22 @@ accuracies and losses; only timings differ.
 """
 
 
+from . import cost, decide
 from .model import POSITION_INIT_STD, PositionalRecallModel, recall_loss
+from .mqar import MQARCell, MQARModel, mqar_loss, run_mqar, train_mqar
 from .presets import PRESETS, Preset, get_preset, presets_help, resolve_device
 from .report import Comparison
 from .results import AXES, TABLE_COLUMNS, MechanismResult
 from .runner import run, run_one
 
 __all__ = [
+    "cost",
+    "decide",
+    "MQARCell",
+    "MQARModel",
+    "mqar_loss",
+    "run_mqar",
+    "train_mqar",
     "Preset",
     "PRESETS",
     "get_preset",

@@ -16,7 +16,71 @@ from ..train import set_seed
 from .presets import Preset
 from .results import MechanismResult
 
-__all__ = ["sweep_layer", "sequence_cost", "own_task_cost"]
+__all__ = ["sweep_layer", "sequence_cost", "own_task_cost", "implementation_kind", "IMPLEMENTATIONS",
+           "OVERHEAD_MS", "MIN_R2"]
+
+#: What the ``implementation`` column says, measured by :func:`implementation_kind`.
+IMPLEMENTATIONS: dict[str, str] = {
+    "fused": "calls PyTorch's fused attention kernel (scaled_dot_product_attention), a fixed number of torch "
+             "calls at any length",
+    "torch ops": "vectorised torch operations (explicit score matrices, FFTs, gathers), a fixed number of "
+                 "torch calls at any length, no fused attention kernel",
+    "python loop": "a reference implementation whose number of torch calls grows with the length (a Python "
+                   "loop over blocks or chunks): its time measures the loop, not the algorithm",
+}
+
+#: A sweep whose smallest forward is shorter than this (ms, on a CPU) fits no time exponent: fixed per-call
+#: overhead (Python, dispatch, allocation) hides how the work grows.
+OVERHEAD_MS = 1.0
+
+
+#: A time fit over three or more lengths whose log-log R^2 is below this is noise, not growth: no exponent.
+MIN_R2 = 0.9
+
+
+def _r_squared(n: Any, y: Any) -> float:
+    """R^2 of the least-squares line through ``(log n, log y)``."""
+    import numpy as np
+
+    x, v = np.log(np.asarray(n, dtype=float)), np.log(np.asarray(y, dtype=float))
+    slope, intercept = np.polyfit(x, v, 1)
+    resid = v - (slope * x + intercept)
+    total = ((v - v.mean()) ** 2).sum()
+    return float(1 - (resid**2).sum() / total) if total > 0 else 1.0
+
+
+class _CallCounter(torch.overrides.TorchFunctionMode):
+    """Counts torch function calls, and whether the fused attention kernel is among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.fused = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += 1
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            self.fused = True
+        return func(*args, **(kwargs or {}))
+
+
+def implementation_kind(layer: nn.Module, embed_dim: int, lengths: tuple[int, int] = (128, 256)) -> str:
+    """``"fused"``, ``"torch ops"`` or ``"python loop"`` (:data:`IMPLEMENTATIONS`), measured, not declared.
+
+    One forward at each of two lengths under a ``TorchFunctionMode`` that counts torch calls: more calls at
+    the longer length means a Python loop over the sequence; else the fused kernel when
+    ``scaled_dot_product_attention`` was called, otherwise vectorised torch operations.
+    """
+    counts, fused = [], False
+    for n in lengths:
+        counter = _CallCounter()
+        with torch.no_grad(), counter:
+            layer(torch.randn(1, n, embed_dim))
+        counts.append(counter.calls)
+        fused = fused or counter.fused
+    if counts[1] > counts[0]:
+        return "python loop"
+    return "fused" if fused else "torch ops"
 
 
 def _layer_call(layer: nn.Module, args: tuple[Any, ...]) -> Callable[[], object]:
@@ -100,6 +164,18 @@ def sweep_layer(
                 vals = res.sweep[col].astype(float)
                 if (vals > 0).all():
                     res.metrics[key] = benchmark.fit_exponent(res.sweep["n"], vals)
+            # time: an exponent only where the work, not per-call overhead, sets the time
+            smallest = float(res.sweep["median_ms"].iloc[0])
+            if device.type == "cpu" and smallest < OVERHEAD_MS:
+                res.metrics["time_exponent"] = None
+                res.metrics["time_fit"] = "overhead"
+            elif res.metrics.get("time_exponent") is not None:
+                fit = _r_squared(res.sweep["n"], res.sweep["median_ms"])
+                if len(res.sweep) >= 3 and fit < MIN_R2:
+                    res.metrics["time_exponent"] = None
+                    res.metrics["time_fit"] = f"noisy (R^2 {fit:.2f})"
+                else:
+                    res.metrics["time_fit"] = "fitted"
 
 
 def _fixed_from_sweep(res: MechanismResult, n: int) -> bool:
@@ -119,6 +195,9 @@ def sequence_cost(mech: Mechanism, preset: Preset, seed: int, device: torch.devi
     set_seed(seed)
     layer = mech.build(preset.bench_embed, preset.num_heads).to(device).eval()
     res.metrics["params"] = _n_params(layer)
+    res.metrics["implementation"] = implementation_kind(layer.cpu(), preset.bench_embed)
+    layer = layer.to(device)
+    _cost_at_task_size(mech, preset, seed, device, res)
     sweep_layer(
         res, layer, preset.sweep_lengths, lambda n, g: (torch.randn(1, n, preset.bench_embed, generator=g),),
         preset, seed, device,
@@ -132,6 +211,21 @@ def sequence_cost(mech: Mechanism, preset: Preset, seed: int, device: torch.devi
     res.metrics["latency_ms"] = benchmark.time_median(fn, preset.min_run_time) * 1e3
     res.metrics["peak_mib"] = _try(res, "peak memory", lambda: benchmark.peak_memory(fn, device) / 2**20)
     res.metrics["gflops"] = _try(res, "FLOP count", lambda: _flops(layer, args) / 1e9)
+
+
+def _cost_at_task_size(mech: Mechanism, preset: Preset, seed: int, device: torch.device,
+                       res: MechanismResult) -> None:
+    """FLOPs and peak memory of one layer at the MQAR point's size (batch 1, its length and width): the cost
+    at the length where its accuracy is measured (the frontier plots)."""
+    assert mech.build is not None
+    cell = preset.mqar_point
+    set_seed(seed)
+    layer = mech.build(cell.width, preset.mqar_heads).to(device).eval()
+    args = (torch.randn(1, cell.length, cell.width, generator=torch.Generator().manual_seed(seed)).to(device),)
+    res.metrics["task_gflops"] = _try(res, "FLOP count at the task size", lambda: _flops(layer, args) / 1e9)
+    res.metrics["task_peak_kib"] = _try(
+        res, "peak memory at the task size",
+        lambda: benchmark.peak_memory(_layer_call(layer, args), device) / 2**10)
 
 
 def own_task_cost(task: OwnTask, preset: Preset, seed: int, device: torch.device, res: MechanismResult) -> None:

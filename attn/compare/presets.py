@@ -8,8 +8,13 @@ import torch
 
 from .. import benchmark
 from ..tasks import AssociativeRecall
+from .mqar import MQARCell
 
 __all__ = ["Preset", "PRESETS", "get_preset", "resolve_device", "presets_help"]
+
+#: the MQAR cell of a preset that names none (frozen, so one instance can be shared)
+_POINT = MQARCell(8, 16)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -56,18 +61,53 @@ class Preset:
     task_size: str = "full"
     #: typical seconds per sequence mechanism on a 2-core CPU (measured; own tasks vary by chapter)
     cpu_seconds: str = ""
+    #: seeds of every learning number (the first is also the cost measurement's and the explorer's)
+    seeds: int = 3
+    #: MQAR: the cell every sequence mechanism is trained on, for every seed
+    mqar_point: MQARCell = _POINT
+    #: MQAR: further cells per mechanism ("*" = every sequence mechanism), for the grid's figures and claims
+    mqar_grid: tuple[tuple[str, tuple[MQARCell, ...]], ...] = ()
+    #: MQAR training: steps at ``mqar_point.pairs`` pairs (scaled by ``pairs / mqar_point.pairs`` above
+    #: it), batch, learning rate, heads of every layer
+    mqar_steps: int = 150
+    mqar_batch: int = 32
+    mqar_lr: float = 1e-2
+    mqar_heads: int = 4
+    #: train the mechanisms with their own data (graphs, images, sets...) too; ``False``: only their cost
+    own_task_learning: bool = True
 
     @property
     def seq_len(self) -> int:
         """Tokens per sequence seen by the attention layers: the pairs and the query."""
         return self.n_pairs + 1
 
+    def mqar_steps_for(self, cell: MQARCell) -> int:
+        """Training steps of an MQAR cell: ``mqar_steps``, scaled up with the pairs beyond the point's."""
+        return int(self.mqar_steps * max(1.0, cell.pairs / self.mqar_point.pairs))
+
+    def mqar_cells(self, name: str) -> tuple[MQARCell, ...]:
+        """The grid cells of ``name`` beyond the point (from ``mqar_grid``; ``"*"`` applies to all)."""
+        cells: list[MQARCell] = []
+        for who, more in self.mqar_grid:
+            if who in (name, "*"):
+                cells.extend(c for c in more if c != self.mqar_point and c not in cells)
+        return tuple(cells)
+
     def task(self) -> AssociativeRecall:
         return AssociativeRecall(n_pairs=self.n_pairs, n_keys=self.n_keys, n_values=self.n_values)
 
-    def describe(self) -> str:
-        """One line with the sizes that matter for reading the results."""
+    def describe(self, task: str = "mqar") -> str:
+        """One line with the sizes that matter for reading the results (``task``: ``"mqar"`` or ``"recall"``)."""
         lengths = ", ".join(map(str, self.sweep_lengths))
+        if task == "mqar":
+            c = self.mqar_point
+            grid = sum(len(cells) for _, cells in self.mqar_grid)
+            return (
+                f"preset {self.name!r}: MQAR with {c.pairs} pairs in {c.length} tokens, 2 layers of width "
+                f"{c.width} with {self.mqar_heads} heads, {self.mqar_steps} steps of batch {self.mqar_batch}, "
+                f"{self.seeds} seeds; {grid} further grid cell(s); layer cost at width {self.bench_embed}, "
+                f"sweep n = {lengths}"
+            )
         return (
             f"preset {self.name!r}: recall over {self.n_pairs} pairs + query ({self.seq_len} tokens), "
             f"{self.layers} layer(s) of width {self.embed_dim} with {self.num_heads} heads, "
@@ -83,13 +123,22 @@ PRESETS: dict[str, Preset] = {
         steps=60, batch_size=32, lr=1e-2, log_every=10, target_acc=0.5, eval_batch=256,
         bench_embed=32, bench_batch=1, bench_n=128, sweep_lengths=(64, 128, 256),
         min_run_time=0.01, sweep_cap_s=0.05, probe_examples=2, task_size="quick", cpu_seconds="about 1 s",
+        seeds=2, mqar_point=MQARCell(4, 16), mqar_steps=40, own_task_learning=False,
     ),
     # the book's comparison chapter: 1-3 s per mechanism on a 2-core CPU
     "book": Preset(
         "book", n_pairs=15, n_keys=16, n_values=16, embed_dim=32, num_heads=4, layers=1,
         steps=200, batch_size=64, lr=1e-2, log_every=10, target_acc=0.9, eval_batch=512,
         bench_embed=64, bench_batch=1, bench_n=512, sweep_lengths=(128, 256, 512, 1024),
-        min_run_time=0.03, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-4 s",
+        min_run_time=0.02, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-4 s",
+        seeds=3, mqar_point=MQARCell(8, 16), mqar_steps=150, own_task_learning=False,
+        mqar_grid=(
+            # the Zoology anchors on one representative per kind of mixer: softmax, linear, window, Fourier
+            ("multihead", (MQARCell(4, 16), MQARCell(16, 16))),
+            ("linear", (MQARCell(4, 16), MQARCell(16, 16), MQARCell(16, 32), MQARCell(16, 64))),
+            ("local", (MQARCell(4, 16),)),
+            ("fnet", (MQARCell(8, 64),)),
+        ),
     ),
     # the CLI default on a CPU: about 15-40 s per mechanism on 2 cores
     "default": Preset(
@@ -97,6 +146,9 @@ PRESETS: dict[str, Preset] = {
         steps=600, batch_size=64, lr=3e-3, log_every=10, target_acc=0.9, eval_batch=1024,
         bench_embed=128, bench_batch=2, bench_n=1024, sweep_lengths=(256, 512, 1024, 2048, 4096),
         min_run_time=0.2, sweep_cap_s=1.0, task_size="full", cpu_seconds="10-40 s",
+        seeds=3, mqar_point=MQARCell(16, 32, seq_len=128, vocab=257), mqar_steps=400, mqar_batch=64, mqar_lr=1e-2,
+        mqar_grid=(("*", tuple(MQARCell(p, w, seq_len=max(128, 4 * p), vocab=257)
+                               for p in (8, 16, 32, 64) for w in (32, 64, 128))),),
     ),
     # the CLI default on a GPU: longer sequences, wider model, longer training and sweep
     "gpu": Preset(
@@ -105,6 +157,10 @@ PRESETS: dict[str, Preset] = {
         bench_embed=256, bench_batch=8, bench_n=4096,
         sweep_lengths=(512, 1024, 2048, 4096, 8192, 16384),
         min_run_time=0.2, sweep_cap_s=1.0, task_size="large", cpu_seconds="minutes (meant for CUDA)",
+        seeds=5, mqar_point=MQARCell(64, 128, seq_len=1024, vocab=8193), mqar_steps=2000, mqar_batch=128,
+        mqar_lr=1e-3, mqar_heads=8,
+        mqar_grid=(("*", tuple(MQARCell(p, w, seq_len=n, vocab=8193) for n in (1024, 4096)
+                               for p in (32, 64, 128, 256) for w in (64, 128, 256))),),
     ),
 }
 

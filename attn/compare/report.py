@@ -27,6 +27,66 @@ class Comparison:
     device: str
     results: list[MechanismResult]
     wall_s: float = 0.0
+    #: every seed behind the learning numbers (the first is ``seed``)
+    seeds: list[int] = dataclasses.field(default_factory=list)
+    #: the learning task: "mqar" (multi-query associative recall) or "recall" (one query, the easy floor)
+    task: str = "recall"
+    #: MQAR: one row per mechanism, cell and seed (:func:`attn.compare.mqar.run_mqar`)
+    mqar: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            self.seeds = [self.seed]
+
+    # ---------------------------------------------------------------- MQAR and the decision
+
+    def mqar_table(self) -> pd.DataFrame:
+        """MQAR accuracy at the point per mechanism, over seeds (:func:`attn.compare.decide.mqar_table`)."""
+        from .decide import mqar_table
+
+        return mqar_table(self)
+
+    def grid_table(self) -> pd.DataFrame:
+        """The MQAR grid (:func:`attn.compare.decide.grid_table`)."""
+        from .decide import grid_table
+
+        return grid_table(self)
+
+    def decision_table(self) -> pd.DataFrame:
+        """Recall, reach, cost class and implementation per mechanism (:func:`attn.compare.decide.decision_table`)."""
+        from .decide import decision_table
+
+        return decision_table(self)
+
+    def decision_reading(self) -> str:
+        """The paragraph that reads the decision table, generated from it."""
+        from .decide import decision_reading
+
+        return decision_reading(self)
+
+    def zoology_claims(self, ledger: Any) -> list[Any]:
+        """Zoology's finding as ledger claims (:func:`attn.compare.decide.zoology_claims`)."""
+        from .decide import zoology_claims
+
+        return zoology_claims(self, ledger)
+
+    def plot_mqar(self) -> Any:
+        """MQAR accuracy per mechanism and seed, one panel per family."""
+        from .decide import plot_mqar
+
+        return plot_mqar(self)
+
+    def plot_grid(self) -> Any:
+        """MQAR accuracy against pairs and against width."""
+        from .decide import plot_grid
+
+        return plot_grid(self)
+
+    def plot_frontier(self) -> Any:
+        """MQAR accuracy against FLOPs and peak memory at the trained length."""
+        from .decide import plot_frontier
+
+        return plot_frontier(self)
 
     # ---------------------------------------------------------------- frames
 
@@ -85,35 +145,61 @@ class Comparison:
         return out
 
     def headline_table(self) -> pd.DataFrame:
-        """The columns a reader needs to choose, narrow enough for the page's column (eight short columns).
+        """The columns a reader needs to choose, narrow enough for the page's column.
 
-        One row per mechanism on the shared task, in chapter order: ``ch`` (chapter), ``acc`` (held-out
-        accuracy), ``far`` (accuracy when the answer lies in the far half), ``steps`` (to the target training
-        accuracy; "never" within the budget), ``ms`` and ``MiB`` (one forward of the layer at the fixed size),
-        ``FLOP ~n^p`` and ``mem ~n^p`` (how FLOPs and peak memory grow with n). A failed row keeps only its
-        chapter; :meth:`display_table` and :meth:`table` hold every column.
+        One row per mechanism on the shared task, in chapter order: ``ch`` (chapter); ``impl`` (``fused``:
+        PyTorch's fused kernel, ``ops``: vectorised torch operations, ``loop``: a Python loop over blocks, as
+        measured); the learning numbers, mean over seeds (MQAR: ``acc``, its range ``min-max`` and ``far``,
+        the accuracy on the queries whose answer lies far; recall: ``acc``, ``far`` and ``steps`` to the
+        target); ``FLOP``, ``mem`` and ``time``: the exponent ``p`` of cost ~ n^p over the sweep, time only
+        where the work sets it (``overhead`` otherwise). :meth:`display_table` and :meth:`table` hold the rest.
         """
         t = self.table().loc[[r.name for r in self.sequence_results()]]
         out = pd.DataFrame(index=pd.Index(t.index, name="mechanism"))
         out["ch"] = t["chapter"]
+        out["impl"] = t["implementation"].map(lambda v: _IMPL_SHORT.get(v, "") if isinstance(v, str) else "")
         out["acc"] = _fmt(t["accuracy"], ".2f")
-        out["far"] = _fmt(t["accuracy_far"], ".2f")
-        out["steps"] = _steps(self.sequence_results(), t)
-        out["ms"] = _fmt(t["latency_ms"], ".3g")
-        out["MiB"] = _fmt(t["peak_mib"], ".3g")
-        out["FLOP ~n^p"] = _fmt(t["flops_exponent"], ".2f")
-        out["mem ~n^p"] = _fmt(t["memory_exponent"], ".2f")
+        if self.task == "mqar":
+            out["min-max"] = [
+                "" if pd.isna(lo) or pd.isna(hi) else f"{float(lo):.2f}-{float(hi):.2f}"
+                for lo, hi in zip(t["accuracy_min"], t["accuracy_max"], strict=True)
+            ]
+            out["far"] = _fmt(t["accuracy_far"], ".2f")
+        else:
+            out["far"] = _fmt(t["accuracy_far"], ".2f")
+            out["steps"] = _steps(self.sequence_results(), t)
+        out["FLOP"] = _fmt(t["flops_exponent"], ".2f")
+        out["mem"] = _fmt(t["memory_exponent"], ".2f")
+        out["time"] = [
+            "overhead" if fit == "overhead" else "noisy" if isinstance(fit, str) and fit.startswith("noisy")
+            else "" if pd.isna(p) else f"{float(p):.2f}"
+            for p, fit in zip(t["time_exponent"], t["time_fit"], strict=True)
+        ]
         return out
 
     def csv_files(self) -> dict[str, str]:
         """``file name -> CSV text`` of the raw numbers: ``summary.csv`` (every column of :meth:`table`),
         ``sweep.csv`` (:meth:`sweep_frame`) and ``curves.csv`` (:meth:`curves_frame`), as :meth:`save`
         writes them."""
-        return {
+        files = {
             "summary.csv": self.table().to_csv(),
             "sweep.csv": self.sweep_frame().to_csv(index=False),
             "curves.csv": self.curves_frame().to_csv(index=False),
         }
+        if len(self.mqar):
+            files["runs.csv"] = self.runs_frame().to_csv(index=False)
+        return files
+
+    def runs_frame(self) -> pd.DataFrame:
+        """Every learning run, one row per mechanism, task cell and seed (``runs.csv``): MQAR's grid and
+        point, with the implementation and family of each mechanism; empty for the recall task."""
+        if not len(self.mqar):
+            return pd.DataFrame()
+        runs = self.mqar.drop(columns=[c for c in ("probe", "history", "query_entropies") if c in self.mqar.columns])
+        impl = {r.name: r.metrics.get("implementation") for r in self.results}
+        runs.insert(2, "family", [family_of(int(c)) for c in runs["chapter"]])
+        runs.insert(3, "implementation", [impl.get(n) for n in runs["name"]])
+        return runs
 
     def download_links(self):
         """Links that download :meth:`csv_files` from the page itself (``data:`` URLs: no server, no file
@@ -159,7 +245,42 @@ class Comparison:
     # ---------------------------------------------------------------- reading
 
     def reading(self) -> str:
-        """A few sentences on what the numbers say, computed from the results (Markdown)."""
+        """A few sentences on what the numbers say, computed from the results (Markdown).
+
+        MQAR: the paragraph that reads :meth:`decision_table`, then the mechanisms measured on their own
+        tasks, the failures and the timing caveat; recall: :meth:`recall_reading`.
+        """
+        if self.task != "mqar":
+            return self.recall_reading()
+        lines = [self.decision_reading()]
+        lines += self._own_and_failed_lines()
+        lines.append("All timings come from one run on one machine: compare their ratios within the run and "
+                     "within one implementation kind, not absolute times across runs.")
+        return "\n\n".join(lines)
+
+    def _own_and_failed_lines(self) -> list[str]:
+        lines = []
+        own = [r for r in self.own_results() if r.status == "ok"]
+        if own:
+            learned = [r for r in own if r.metrics.get("accuracy") is not None]
+            lines.append(
+                f"{len(own)} mechanisms with their own data (second table) are measured on cost"
+                + (f"; {len(learned)} also trained on their own tasks." if learned else
+                   " only: their learning is measured in their chapters, with seeds and ledger claims.")
+            )
+        hookless = [r for r in self.own_results() if r.status == "own task"]
+        if hookless:
+            lines.append(
+                "Registered without a task to measure them on: "
+                + ", ".join(f"{r.name} (chapter {r.chapter}, {r.data} data)" for r in hookless) + "."
+            )
+        failed = [r for r in self.results if r.status == "error"]
+        if failed:
+            lines.append("Failed here: " + "; ".join(f"{r.name}: {'; '.join(r.notes)}" for r in failed) + ".")
+        return lines
+
+    def recall_reading(self) -> str:
+        """The reading of a ``task="recall"`` run (the one-query floor), computed from the results (Markdown)."""
         p = self.preset
         t = self.table()
         ok = t[(t["status"] == "ok") & (t["task"] == "associative recall")]
@@ -417,12 +538,14 @@ class Comparison:
         ax.set_ylim(0.4, len(names) + 0.6)
         for label, name in zip(ax.get_yticklabels(), names, strict=True):
             label.set_color(colours[family[name]])
-        uniform = math.log(self.preset.seq_len)
+        uniform = math.log(self.preset.mqar_point.length if self.task == "mqar" else self.preset.seq_len)
         ax.axvline(uniform, color="0.5", ls=":", lw=1)
         ax.annotate("uniform", (uniform, 1.0), xycoords=("data", "axes fraction"), fontsize=9, color="0.4",
                     ha="right", va="bottom", textcoords="offset points", xytext=(-3, 2))
         ax.set_xlim(left=0)
-        ax.set_xlabel("entropy of the query row (nats), all layers and heads")
+        ax.set_xlabel("entropy of the query rows (nats): " + (
+            "each query of the held-out batch, the layer and head that weigh its answer most" if self.task == "mqar"
+            else "all layers and heads"))
         ax.grid(axis="y", visible=False)
         handles = [plt.Rectangle((0, 0), 1, 1, color=colours[f], alpha=0.6) for f in groups]
         fig.legend(handles, list(groups), loc="outside lower center", ncols=min(len(groups), 2), fontsize=10)
@@ -435,8 +558,7 @@ class Comparison:
         are several). Left: the attention matrix averaged over heads, the query
         row highlighted; right: the query row of every head.
         """
-        from ..core import entropy
-        from ..widgets import AttentionExplorer, Panel, View
+        from ..widgets import AttentionExplorer
 
         # name -> (result, its probe weights (layers, k, H, n, n)), for the mechanisms that returned weights
         have = {r.name: (r, r.probe_weights) for r in self.results if r.probe_weights is not None}
@@ -445,6 +567,23 @@ class Comparison:
         k = min(pw.shape[1] for _, pw in have.values())
         k = k if examples is None else min(k, examples)
         layers = min(pw.shape[0] for _, pw in have.values())
+        view = self._mqar_view(have) if self.task == "mqar" else self._recall_view(have)
+        sliders: dict[str, list[Any]] = {"mechanism": list(have), "example": list(range(k))}
+        if layers > 1:
+            sliders["layer"] = list(range(layers))
+        from ..registry import chapter
+
+        titles = {name: f"{name}: {chapter(r.chapter).title} (ch. {r.chapter})" for name, (r, _) in have.items()}
+        return AttentionExplorer(
+            view, sliders, initial={"mechanism": next(iter(have)), "example": 0},
+            title="Trained models on held-out " + ("MQAR sequences" if self.task == "mqar" else "recall queries"),
+            value_labels={"mechanism": titles},
+        )
+
+    def _recall_view(self, have: dict[str, tuple[MechanismResult, Any]]) -> Callable[..., Any]:
+        from ..core import entropy
+        from ..widgets import Panel, View
+
         task = self.preset.task()
 
         def labels(r: MechanismResult, b: int) -> list[str]:
@@ -472,17 +611,52 @@ class Comparison:
                 ),
             )
 
-        sliders: dict[str, list[Any]] = {"mechanism": list(have), "example": list(range(k))}
-        if layers > 1:
-            sliders["layer"] = list(range(layers))
-        from ..registry import chapter
+        return view
 
-        titles = {name: f"{name}: {chapter(r.chapter).title} (ch. {r.chapter})" for name, (r, _) in have.items()}
-        return AttentionExplorer(
-            view, sliders, initial={"mechanism": next(iter(have)), "example": 0},
-            title="Trained models on held-out recall queries",
-            value_labels={"mechanism": titles},
-        )
+    def _mqar_view(self, have: dict[str, tuple[MechanismResult, Any]]) -> Callable[..., Any]:
+        from ..core import entropy
+        from ..widgets import Panel, View
+
+        task = self.preset.mqar_point.task()
+
+        def labels(r: MechanismResult, b: int) -> list[str]:
+            xs, src = r.probe["x"][b].tolist(), r.probe["source"][b].tolist()
+            out = []
+            for t, tok in enumerate(xs):
+                if tok == 0:
+                    out.append(".")
+                elif src[t] >= 0:
+                    out.append(f"q{tok}")
+                elif tok <= task.n_keys:
+                    out.append(f"k{tok}")
+                else:
+                    out.append(f"v{tok - task.n_keys}")
+            return out
+
+        def view(mechanism: str, example: int, layer: int = 0) -> View:
+            r, probe_weights = have[mechanism]
+            w = probe_weights[layer, example]  # (H, n, n)
+            lab = labels(r, example)
+            src = r.probe["source"][example]
+            q = int((src >= 0).nonzero()[0])  # the first query of the example
+            answer = int(src[q])
+            lab[answer] += "*"
+            ok = int(r.probe["pred"][example, q]) == int(r.probe["y"][example, q])
+            return View(
+                [
+                    Panel(w.mean(0), rows=lab, cols=lab, highlight_row=q,
+                          title=f"{mechanism}: layer {layer}, mean over {w.shape[0]} head(s)"),
+                    Panel(w[:, q], rows=[f"head {h}" for h in range(w.shape[0])], cols=lab,
+                          title=f"row of the query {lab[q]}, per head"),
+                ],
+                caption=(
+                    f"k = key, v = value, q = query, . = filler; * marks the value the highlighted query asks for. "
+                    f"Its row: weight on the answer {float(w[:, q, answer].mean()):.2f} (mean over heads), entropy "
+                    f"{float(entropy(w[:, q]).mean()):.2f} nats; prediction {'correct' if ok else 'wrong'}."
+                ),
+            )
+
+        return view
 
     # ---------------------------------------------------------------- files
 
@@ -491,6 +665,8 @@ class Comparison:
             {
                 "meta": {
                     "seed": self.seed,
+                    "seeds": list(self.seeds),
+                    "task": self.task,
                     "device": self.device,
                     "preset": dataclasses.asdict(self.preset),
                     "torch": torch.__version__,
@@ -498,11 +674,13 @@ class Comparison:
                     "columns": list(TABLE_COLUMNS),
                 },
                 "results": [r.to_json() for r in self.results],
+                "runs": self.runs_frame().to_dict(orient="records") if len(self.mqar) else [],
             }
         )
 
     def save(self, out_dir: str | Path, figures: bool = True) -> list[Path]:
-        """Write ``summary.csv``, ``sweep.csv``, ``curves.csv``, ``results.json`` and PNG figures."""
+        """Write ``summary.csv`` (per mechanism, aggregated over seeds), ``runs.csv`` (MQAR: per mechanism, cell
+        and seed), ``sweep.csv``, ``curves.csv``, ``results.json`` and PNG figures."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = []
@@ -515,6 +693,10 @@ class Comparison:
         path = out / "curves.csv"
         self.curves_frame().to_csv(path, index=False)
         written.append(path)
+        if len(self.mqar):
+            path = out / "runs.csv"
+            self.runs_frame().to_csv(path, index=False)
+            written.append(path)
         path = out / "results.json"
         path.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
         written.append(path)
@@ -537,6 +719,9 @@ class Comparison:
             "accuracy_vs_cost.png": self.plot_accuracy_vs_cost,
             "entropy.png": self.plot_entropy,
         }
+        if len(self.mqar):
+            plots.update({"mqar.png": self.plot_mqar, "mqar_grid.png": self.plot_grid,
+                          "frontier.png": self.plot_frontier})
         with plt.rc_context():
             plotting.use_style()
             for fname, plot in plots.items():
@@ -545,6 +730,9 @@ class Comparison:
                 plt.close(fig)
                 written.append(out / fname)
         return written
+
+
+_IMPL_SHORT = {"fused": "fused", "torch ops": "ops", "python loop": "loop"}
 
 
 def _fmt(series: pd.Series, spec: str) -> pd.Series:

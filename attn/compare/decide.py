@@ -1,0 +1,372 @@
+"""What the comparison decides: MQAR tables over seeds, the grid, the frontier, the decision table and its reading.
+
+Every function takes a :class:`~attn.compare.report.Comparison` run with ``task="mqar"`` and reads its
+``mqar`` frame (one row per mechanism, cell and seed) and its cost results. Rankings use the evidence
+ledger's rule (:mod:`attn.evidence`): two mechanisms are ordered only where their ranges over seeds are
+disjoint; otherwise the table says "no separation".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from ..evidence import Claim, Ledger, describe
+from .mqar import MQARCell
+
+if TYPE_CHECKING:
+    from .report import Comparison
+
+__all__ = [
+    "REFERENCE", "point_runs", "cell_values", "mqar_table", "grid_table", "decision_table", "decision_reading",
+    "zoology_claims", "cost_class", "plot_mqar", "plot_grid", "plot_frontier",
+]
+
+#: the mechanism every other is compared with: full softmax attention, multi-head (chapter 3)
+REFERENCE = "multihead"
+
+
+def point_runs(cmp: Comparison) -> pd.DataFrame:
+    """The rows of the MQAR point (every sequence mechanism, every seed) that trained without error."""
+    runs = cmp.mqar
+    if not len(runs):
+        return runs
+    c = cmp.preset.mqar_point
+    keep = (runs["pairs"] == c.pairs) & (runs["width"] == c.width) & (runs["seq_len"] == c.length)
+    return runs[keep & (runs["status"] == "ok")]
+
+
+def cell_values(cmp: Comparison, name: str, cell: MQARCell, column: str = "acc") -> list[float]:
+    """One value per seed of ``column`` for ``name`` on ``cell`` (empty when it was not run)."""
+    runs = cmp.mqar
+    if not len(runs):
+        return []
+    mine = runs[(runs["name"] == name) & (runs["pairs"] == cell.pairs) & (runs["width"] == cell.width)
+                & (runs["seq_len"] == cell.length) & (runs["status"] == "ok")]
+    return [float(v) for v in mine.sort_values("seed")[column]]
+
+
+def _versus(values: Sequence[float], reference: Sequence[float], name: str) -> str:
+    """``"higher"``, ``"lower"`` or ``"no separation"`` against the reference, by the ledger's disjoint rule."""
+    from ..evidence import MIN_SEEDS
+
+    if name == REFERENCE:
+        return ""
+    if len(values) < MIN_SEEDS or len(reference) < MIN_SEEDS:
+        return f"n/a (< {MIN_SEEDS} seeds)"
+    rel = Claim(24, f"{name} against {REFERENCE}", metric="acc", arms={name: list(values), REFERENCE: list(reference)},
+                expect=f"{name} ? {REFERENCE}").separation()
+    return {">": "higher", "<": "lower"}.get(rel, "no separation")
+
+
+def mqar_table(cmp: Comparison) -> pd.DataFrame:
+    """Accuracy at the MQAR point per mechanism: mean, range and seeds; near and far; against softmax.
+
+    ``vs softmax`` compares the mechanism's accuracies over seeds with multi-head attention's by the
+    ledger's disjoint rule: ``lower`` / ``higher`` only when the ranges do not overlap.
+    """
+    runs = point_runs(cmp)
+    if not len(runs):
+        return pd.DataFrame()
+    ref = list(runs[runs["name"] == REFERENCE].sort_values("seed")["acc"])
+    rows = []
+    for name, g in runs.groupby("name", sort=False):
+        acc = list(g.sort_values("seed")["acc"])
+        rows.append({
+            "mechanism": name, "ch": int(g["chapter"].iloc[0]),
+            "accuracy": describe(acc, digits=2),
+            "near": f"{g['acc_near'].mean():.2f}", "far": f"{g['acc_far'].mean():.2f}",
+            "vs softmax": _versus(acc, ref, str(name)),
+        })
+    return pd.DataFrame(rows).set_index("mechanism")
+
+
+def grid_table(cmp: Comparison) -> pd.DataFrame:
+    """The grid: mean (range) accuracy per mechanism and cell, for the mechanisms with more than one cell."""
+    runs = cmp.mqar
+    if not len(runs):
+        return pd.DataFrame()
+    ok = runs[runs["status"] == "ok"]
+    cells = ok.groupby("name")["pairs"].transform("size") // ok.groupby("name")["seed"].transform("nunique")
+    ok = ok[cells > 1]
+    if not len(ok):
+        return pd.DataFrame()
+    rows = []
+    for (name, pairs, width, n), g in ok.groupby(["name", "pairs", "width", "seq_len"], sort=False):
+        rows.append({"mechanism": name, "pairs": int(pairs), "width": int(width), "n": int(n),
+                     "steps": int(g["steps"].iloc[0]), "accuracy": describe(list(g["acc"]), digits=2),
+                     "mean": float(g["acc"].mean())})
+    return pd.DataFrame(rows)
+
+
+def tail_exponent(sweep: pd.DataFrame, column: str) -> float | None:
+    """The growth exponent between the sweep's two largest lengths: the closest to the asymptotic class
+    (over the whole sweep, the projections' ``n E^2`` still pull a quadratic mechanism's fit below 2)."""
+    if len(sweep) < 2:
+        return None
+    last = sweep.sort_values("n").iloc[-2:]
+    a, b = (float(v) for v in last[column])
+    n0, n1 = (float(v) for v in last["n"])
+    if a <= 0 or b <= 0:
+        return None
+    import math
+
+    return math.log(b / a) / math.log(n1 / n0)
+
+
+def cost_class(exponent: Any) -> str:
+    """``"~n"``, ``"~n^1.5"`` or ``"~n^2"`` from a growth exponent (empty when missing)."""
+    if exponent is None or pd.isna(exponent):
+        return ""
+    p = float(exponent)
+    return "~n" if p < 1.25 else "~n^1.5" if p < 1.75 else "~n^2"
+
+
+def decision_table(cmp: Comparison) -> pd.DataFrame:
+    """One row per sequence mechanism: recall (MQAR) and reach, FLOP and memory class, implementation.
+
+    ``recall``: MQAR accuracy at the point, mean (range over seeds); ``vs softmax``: the ledger's disjoint
+    rule against multi-head attention; ``near`` / ``far``: accuracy on the queries whose answer lies nearer /
+    farther than the median distance; ``FLOPs`` and ``memory``: how one forward's FLOPs and peak memory grow
+    between the sweep's two largest lengths (:func:`tail_exponent`; ``~n``, ``~n^1.5``, ``~n^2``; the
+    memory class is the implementation's);
+    ``implementation``: measured (:func:`~attn.compare.cost.implementation_kind`); ``ms``: one forward at the
+    sweep's fixed size, comparable only within an implementation kind.
+    """
+    mq = mqar_table(cmp)
+    rows = []
+    for r in cmp.sequence_results():
+        if r.status != "ok" or r.name not in mq.index:
+            continue
+        m = r.metrics
+        ms = m.get("latency_ms")
+        rows.append({
+            "mechanism": r.name, "ch": r.chapter,
+            "recall": mq.loc[r.name, "accuracy"], "vs softmax": mq.loc[r.name, "vs softmax"],
+            "near": mq.loc[r.name, "near"], "far": mq.loc[r.name, "far"],
+            "FLOPs": cost_class(tail_exponent(r.sweep, "gflops")),
+            "memory": cost_class(tail_exponent(r.sweep, "peak_mib")),
+            "implementation": m.get("implementation") or "",
+            "ms": "" if ms is None or pd.isna(ms) else f"{float(ms):.3g}",
+        })
+    return pd.DataFrame(rows).set_index("mechanism") if rows else pd.DataFrame()
+
+
+def _join(names: Sequence[str]) -> str:
+    names = [f"**{n}**" for n in names]
+    if len(names) <= 1:
+        return "".join(names)
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def decision_reading(cmp: Comparison) -> str:
+    """The paragraph that reads :func:`decision_table`, generated from it (Markdown)."""
+    d = decision_table(cmp)
+    if not len(d):
+        return "No mechanism was trained on MQAR in this run."
+    p = cmp.preset
+    c = p.mqar_point
+    ref = d.loc[REFERENCE, "recall"] if REFERENCE in d.index else "n/a"
+    level = d[d["vs softmax"].isin(["no separation", ""])]
+    below = d[d["vs softmax"] == "lower"]
+    sub = level[level["FLOPs"].isin(["~n", "~n^1.5"])]
+    fused = level[level["implementation"] == "fused"]
+    others = [n for n in level.index if n != REFERENCE]
+    first = (f"On MQAR with {c.pairs} pairs in {c.length} tokens at width {c.width} ({len(cmp.seeds)} seeds), "
+             f"multi-head softmax attention recalls {ref}.")
+    if others:
+        first += f" Not separated from it ({len(others)}): {_join(others)}."
+    if len(below):
+        first += f" Lower, with ranges disjoint from softmax's ({len(below)}): {_join(list(below.index))}."
+    undecided = d[d["vs softmax"].str.startswith("n/a")]
+    if len(undecided):
+        first += f" Too few seeds to rank: {_join(list(undecided.index))}."
+    lines = [first]
+    sub = sub[[n != REFERENCE for n in sub.index]]
+    if len(sub):
+        lines.append(
+            f"Of the mechanisms that recall as well as softmax, {_join(list(sub.index))} "
+            f"{'has' if len(sub) == 1 else 'have'} FLOPs growing slower than n^2 over the sweep "
+            f"(n = {min(p.sweep_lengths)}..{max(p.sweep_lengths)}): the candidates when n is what limits you.")
+    elif others:
+        lines.append("None of the mechanisms that recall as well as softmax has FLOPs growing slower than n^2.")
+    far_gap = below[(below["near"].astype(float) - below["far"].astype(float)) > 0.1]
+    if len(far_gap):
+        lines.append(
+            f"Reach explains part of the losses: {_join(list(far_gap.index))} answer the queries whose key is near "
+            "more often than those whose key is far, as a pattern that hides distant keys predicts.")
+    if len(fused):
+        lines.append(
+            f"Of those, {_join(list(fused.index))} {'runs' if len(fused) == 1 else 'run'} through PyTorch's fused "
+            "kernel: their peak memory is the "
+            "kernel's, and their time compares with each other, not with the Python-loop references.")
+    loops = d[d["implementation"] == "python loop"]
+    if len(loops):
+        lines.append(
+            f"{_join(list(loops.index))} run as Python loops over blocks here: their wall-clock time measures "
+            "the loop, so read their FLOPs and memory, not their milliseconds.")
+    return " ".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ claims
+def zoology_claims(cmp: Comparison, ledger: Ledger) -> list[Claim]:
+    """The ledger claims for Zoology's finding (Arora et al. 2023), from the grid and the point.
+
+    Registered only where both arms were run (a preset without the grid's cells adds none). Each claim
+    compares accuracies over the same seeds and batches, so the verdict is the ledger's disjoint rule.
+    """
+    p = cmp.preset
+    point = p.mqar_point
+    steps = {c: p.mqar_steps_for(c) for c in (point, *[c for _, cs in p.mqar_grid for c in cs])}
+
+    def cell(pairs: int, width: int) -> MQARCell:
+        return MQARCell(pairs, width, point.seq_len if pairs == point.pairs else None, point.vocab)
+
+    def arm(name: str, c: MQARCell) -> list[float]:
+        return cell_values(cmp, name, c)
+
+    def note(*cells: MQARCell) -> str:
+        parts = [f"{c.pairs} pairs in {c.length} tokens, width {c.width}, {steps.get(c, p.mqar_steps)} steps"
+                 for c in dict.fromkeys(cells)]
+        return (f"{'; '.join(parts)}; batch {p.mqar_batch}, {len(cmp.seeds)} seeds, the same seeds and batches "
+                "for every arm; held-out accuracy at the query positions")
+
+    out: list[Claim] = []
+
+    def add(text: str, arms: dict[str, list[float]], expect: str, cells: Sequence[MQARCell], **kw: Any) -> None:
+        if all(len(v) >= 3 for v in arms.values()):
+            out.append(ledger.claim(text, metric="MQAR accuracy", arms=arms, expect=expect, note=note(*cells), **kw))
+
+    small, big = cell(4, point.width), cell(16, point.width)
+    add("Softmax attention recalls as well at 16 pairs as at 4 (it solves MQAR at every size tried here)",
+        {"multihead, 16 pairs": arm(REFERENCE, big), "multihead, 4 pairs": arm(REFERENCE, small)},
+        "multihead, 16 pairs ~ multihead, 4 pairs", [big, small], tolerance=0.05)
+    add("At 16 pairs and the same width, softmax attention recalls better than linear attention",
+        {"multihead": arm(REFERENCE, big), "linear": arm("linear", big)}, "multihead > linear", [big])
+    add(f"At width {point.width}, linear attention recalls 4 pairs better than 16 (a fixed state fills up)",
+        {"linear, 4 pairs": arm("linear", small), "linear, 16 pairs": arm("linear", big)},
+        "linear, 4 pairs > linear, 16 pairs", [small, big])
+    wide = cell(16, 64)
+    add("At 16 pairs, linear attention needs a wider model: width 64 recalls better than width 16",
+        {"linear, width 64": arm("linear", wide), "linear, width 16": arm("linear", big)},
+        "linear, width 64 > linear, width 16", [wide, big])
+    fnet_wide = cell(point.pairs, 64)
+    add(f"FNet's fixed Fourier mixing does not recall: at {point.pairs} pairs, FNet at width 64 stays below "
+        f"softmax attention at width {point.width}",
+        {"multihead": arm(REFERENCE, point), "fnet, width 64": arm("fnet", fnet_wide)},
+        "multihead > fnet, width 64", [point, fnet_wide])
+    add("The Performer's random features approximate softmax recall less well than softmax itself",
+        {"multihead": arm(REFERENCE, point), "performer": arm("performer", point)}, "multihead > performer",
+        [point])
+    add(f"A window of 8 tokens (2 layers) recalls 4 pairs better than {point.pairs}: it fails once the keys fall "
+        "outside its reach",
+        {"local, 4 pairs": arm("local", small), f"local, {point.pairs} pairs": arm("local", point)},
+        f"local, 4 pairs > local, {point.pairs} pairs", [small, point])
+    add("Two layers of Child et al.'s fixed pattern reach every key through its summary columns: it recalls as "
+        "well as full attention",
+        {"sparse-fixed": arm("sparse-fixed", point), "multihead": arm(REFERENCE, point)},
+        "sparse-fixed ~ multihead", [point], tolerance=0.03)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ figures
+def plot_mqar(cmp: Comparison) -> Any:
+    """MQAR accuracy at the point, one dot per seed and a bar at the mean, one panel per family."""
+    import matplotlib.pyplot as plt
+
+    from .. import plotting
+    from .report import _palette
+
+    runs = point_runs(cmp)
+    fams = cmp.families()
+    fams = {f: [n for n in names if n in set(runs["name"])] for f, names in fams.items()}
+    fams = {f: names for f, names in fams.items() if names}
+    rows = sum(len(v) for v in fams.values())
+    fig, axes = plt.subplots(len(fams), 1, figsize=(plotting.MAX_WIDTH_IN, 0.9 + 0.27 * rows + 0.45 * len(fams)),
+                             sharex=True, constrained_layout=True,
+                             gridspec_kw={"height_ratios": [len(v) for v in fams.values()]})
+    axes = [axes] if len(fams) == 1 else list(axes)
+    chance = 1 / cmp.preset.mqar_point.task().n_values
+    for i, (ax, (family, names)) in enumerate(zip(axes, fams.items(), strict=True)):
+        colour = _palette()[i % len(_palette())]
+        for j, name in enumerate(names):
+            acc = runs[runs["name"] == name]["acc"]
+            y = len(names) - 1 - j
+            ax.plot([acc.min(), acc.max()], [y, y], color=colour, lw=2, alpha=0.5)
+            ax.plot(acc, [y] * len(acc), "o", color=colour, ms=4)
+            ax.plot([acc.mean()], [y], "|", color="0.2", ms=10, mew=1.5)
+        ax.set_yticks(range(len(names)), list(reversed(names)))
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        ax.axvline(chance, color="0.5", ls=":", lw=1)
+        ax.set_title(family, fontsize=10, loc="left")
+        ax.grid(axis="y", visible=False)
+    axes[-1].set_xlim(0, 1.02)
+    c = cmp.preset.mqar_point
+    axes[-1].set_xlabel(f"MQAR accuracy ({c.pairs} pairs, width {c.width}): dots = seeds, | = mean, "
+                        "dotted = chance")
+    return fig
+
+
+def plot_grid(cmp: Comparison) -> Any:
+    """Accuracy against the number of pairs (at the point's width) and against the width (at 16 pairs), for
+    the mechanisms run on more than one cell; mean and range over seeds."""
+    from .. import plotting
+
+    g = grid_table(cmp)
+    runs = cmp.mqar[cmp.mqar["status"] == "ok"] if len(cmp.mqar) else cmp.mqar
+    fig, axes = plotting.panels(2, panel_width=3.6, panel_height=2.8)
+    if not len(g):
+        for ax in axes:
+            ax.text(0.5, 0.5, "no grid in this preset", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    width0 = cmp.preset.mqar_point.width
+    names = list(dict.fromkeys(g["mechanism"]))
+    for name in names:
+        mine = runs[runs["name"] == name]
+        by_pairs = mine[mine["width"] == width0].groupby("pairs")["acc"].agg(["mean", "min", "max"])
+        if len(by_pairs) > 1:
+            line = axes[0].plot(by_pairs.index, by_pairs["mean"], "o-", label=name)[0]
+            axes[0].fill_between(by_pairs.index, by_pairs["min"], by_pairs["max"], color=line.get_color(), alpha=0.2)
+        top = mine["pairs"].max()
+        by_width = mine[mine["pairs"] == top].groupby("width")["acc"].agg(["mean", "min", "max"])
+        if len(by_width) > 1:
+            line = axes[1].plot(by_width.index, by_width["mean"], "o-", label=f"{name}, {top} pairs")[0]
+            axes[1].fill_between(by_width.index, by_width["min"], by_width["max"], color=line.get_color(), alpha=0.2)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel(f"key-value pairs (width {width0})")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("model width")
+    for ax in axes:
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("MQAR accuracy")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def plot_frontier(cmp: Comparison) -> Any:
+    """MQAR accuracy against one layer's FLOPs and peak memory at the length and width it was trained on."""
+    from .. import plotting
+    from .report import _palette
+
+    runs = point_runs(cmp)
+    fig, axes = plotting.panels(2, panel_width=3.6, panel_height=3.0)
+    acc = runs.groupby("name", sort=False)["acc"].mean()
+    fams = cmp.families()
+    colour = {n: _palette()[i % len(_palette())] for i, names in enumerate(fams.values()) for n in names}
+    for ax, (key, label) in zip(axes, (("task_gflops", "GFLOP"), ("task_peak_kib", "peak memory (KiB)")),
+                                strict=True):
+        for r in cmp.sequence_results():
+            x = r.metrics.get(key)
+            if r.name not in acc.index or x is None or pd.isna(x) or float(x) <= 0:
+                continue
+            ax.plot(float(x), acc[r.name], "o", color=colour.get(r.name, "0.5"), ms=5)
+            ax.annotate(r.name, (float(x), acc[r.name]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        c = cmp.preset.mqar_point
+        ax.set_xlabel(f"{label}, one layer at n = {c.length}, width {c.width}")
+        ax.set_ylabel("MQAR accuracy (mean of seeds)")
+        ax.set_ylim(0, 1.05)
+    return fig
