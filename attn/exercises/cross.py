@@ -128,7 +128,8 @@ CROSS_ATTENTION = Exercise(
     solution=cross_attention,
     cases=_cross_cases,
     grad=True,
-    hint="The weights are (B, L, S): rows are target positions, columns source positions; the mask hides columns.",
+    hint="Queries come from the target `x`, keys and values from the memory `c`; the weights are (B, L, S), "
+    "rows target positions, columns source positions, and the key mask hides columns.",
     mistakes=(
         Mistake("softmax_over_queries", "the softmax runs over the target positions (`dim=-2`): each target "
                 "position reads a distribution over the *source*, so normalise each row over `dim=-1`.",
