@@ -92,9 +92,6 @@ BIGBIRD_BLOCK_MASK = Exercise(
                 "`|i - j| <= window` (with `<` a window of 0 reads nothing, not the block itself).",
                 lambda nb, w, gb, rb: _pattern(nb, w, gb, rb, band=_band(nb, w - 1) if w > 0
                                                else torch.zeros(nb, nb, dtype=torch.bool))),
-        Mistake("window_one_sided", "the window only looks back (`i - w .. i`): BigBird is bidirectional, "
-                "query block `i` also reads the `w` blocks after it. Use `|i - j| <= window`.",
-                lambda nb, w, gb, rb: _pattern(nb, w, gb, rb, band=_band(nb, w).tril())),
         Mistake("window_wraps", "the window wraps around the ends (indices taken modulo `n_blocks`): the first "
                 "block reads the last ones. Blocks outside `[0, n_blocks)` do not exist, so compare "
                 "`|i - j| <= window` without a modulo.",
