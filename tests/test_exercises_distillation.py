@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +104,35 @@ def test_minilm_wrong_answers_get_their_diagnosis() -> None:
 def test_minilm_solution_agrees_with_the_library() -> None:
     for case in ex.MINILM_ATTENTION_LOSS.inputs():
         torch.testing.assert_close(ex.minilm_attention_loss(*case.args), lib.minilm_attention_loss(*case.args))
+
+
+def test_value_relation_a_correct_answer_written_another_way_passes() -> None:
+    def mine(values, mask=None):  # type: ignore[no-untyped-def]
+        s = torch.einsum("bhid,bhjd->bhij", values, values) / math.sqrt(values.shape[-1])
+        if mask is not None:
+            s = torch.where(mask[:, None, None, :], s, torch.finfo(s.dtype).min)
+        return F.softmax(s, dim=3)
+
+    assert ex.check_value_relation(mine).passed
+
+
+def test_value_relation_wrong_answers_get_their_diagnosis() -> None:
+    def gram(values, mask=None):  # type: ignore[no-untyped-def]
+        return F.softmax(torch.einsum("bhnd,bhne->bhde", values, values) / math.sqrt(values.shape[-1]), -1)
+
+    def unscaled(values, mask=None):  # type: ignore[no-untyped-def]
+        s = torch.einsum("bhid,bhjd->bhij", values, values)
+        return F.softmax(s if mask is None else torch.where(mask[:, None, None, :], s, -1e30), -1)
+
+    def unmasked(values, mask=None):  # type: ignore[no-untyped-def]
+        return F.softmax(torch.einsum("bhid,bhjd->bhij", values, values) / math.sqrt(values.shape[-1]), -1)
+
+    table = {gram: "features_not_tokens", unscaled: "no_scale", unmasked: "mask_ignored"}
+    for fn, name in table.items():
+        report = ex.check_value_relation(fn)
+        assert not report.passed and report.mistake == name, (name, report.text())
+
+
+def test_value_relation_agrees_with_the_library() -> None:
+    for case in ex.VALUE_RELATION.inputs():
+        torch.testing.assert_close(ex.value_relation(*case.args), lib.value_relation(*case.args))

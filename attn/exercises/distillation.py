@@ -1,7 +1,9 @@
-"""Chapter 23's exercises: logit distillation with its temperature, its large-temperature limit, MiniLM's attention loss.
+"""Chapter 23's exercises: logit distillation with its temperature, its large-temperature limit, MiniLM's attention
+loss and value relation.
 
-Solutions: :func:`logit_distillation_loss`, :func:`kd_limit`, :func:`minilm_attention_loss`. Checkers:
-:func:`check_logit_distillation_loss`, :func:`check_kd_limit`, :func:`check_minilm_attention_loss`.
+Solutions: :func:`logit_distillation_loss`, :func:`kd_limit`, :func:`minilm_attention_loss`, :func:`value_relation`.
+Checkers: :func:`check_logit_distillation_loss`, :func:`check_kd_limit`, :func:`check_minilm_attention_loss`,
+:func:`check_value_relation`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from torch import Tensor
 from ._core import Case, Exercise, Mistake
 
 __all__ = [
-    "logit_distillation_loss", "kd_limit", "minilm_attention_loss",
-    "check_logit_distillation_loss", "check_kd_limit", "check_minilm_attention_loss",
-    "LOGIT_DISTILLATION_LOSS", "KD_LIMIT", "MINILM_ATTENTION_LOSS", "EXERCISES",
+    "logit_distillation_loss", "kd_limit", "minilm_attention_loss", "value_relation",
+    "check_logit_distillation_loss", "check_kd_limit", "check_minilm_attention_loss", "check_value_relation",
+    "LOGIT_DISTILLATION_LOSS", "KD_LIMIT", "MINILM_ATTENTION_LOSS", "VALUE_RELATION", "EXERCISES",
 ]
 
 
@@ -206,8 +208,67 @@ MINILM_ATTENTION_LOSS = Exercise(
     mistakes=MINILM_MISTAKES,
 )
 
+
+# ----------------------------------------------------------------------------- 4. MiniLM's value relation
+def value_relation(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    r"""MiniLM's value relation ``VR = softmax(V Vᵀ / sqrt(d_k))`` of each head, rows over the keys.
+
+    Shapes: ``values (B, h, n, d_k)``, ``mask (B, n)`` boolean (True = real token; padded keys get weight 0)
+    -> ``(B, h, n, n)``, whatever ``d_k``: a teacher and a student of different widths give maps of one shape.
+    """
+    d_k = values.shape[-1]
+    scores = values @ values.transpose(-1, -2) / d_k**0.5  # (B, h, n, n): every pair of tokens
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # padded keys
+    return torch.softmax(scores, dim=-1)
+
+
+def _vr_cases(g: torch.Generator) -> list[Case]:
+    mask = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
+    return [
+        Case((torch.randn(2, 3, 5, 8, generator=g),), label="values (2, 3, 5, 8), no mask"),
+        Case((torch.randn(1, 2, 4, 16, generator=g),), label="values (1, 2, 4, 16), no mask"),
+        Case((torch.randn(2, 2, 6, 4, generator=g), mask), label="values (2, 2, 6, 4), key mask (2, 6)"),
+    ]
+
+
+def _vr(values: Tensor, mask: Tensor | None, scale: float, dim: int = -1, use_mask: bool = True) -> Tensor:
+    scores = values @ values.transpose(-1, -2) * scale
+    if mask is not None and use_mask:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=dim)
+
+
+VALUE_RELATION = Exercise(
+    name="value_relation",
+    chapter=23,
+    title="MiniLM's value relation",
+    solution=value_relation,
+    cases=_vr_cases,
+    grad=True,
+    hint="Scaled dot products of every pair of value vectors, padded keys to -inf, softmax over the keys.",
+    mistakes=(
+        Mistake("features_not_tokens", "that is Vᵀ V, a d_k × d_k matrix over the features: the relation is "
+                "between *tokens*, V Vᵀ (n × n), which is what lets a narrow student match a wide teacher.",
+                lambda values, mask=None: torch.softmax(
+                    values.transpose(-1, -2) @ values / values.shape[-1] ** 0.5, dim=-1)),
+        Mistake("no_scale", "the dot products are not divided by √d_k: without it the softmax saturates as "
+                "the head width grows.", lambda values, mask=None: _vr(values, mask, 1.0)),
+        Mistake("scale_by_n", "the dot products are divided by √n (the number of tokens): the scale is √d_k, "
+                "the width of the vectors being multiplied.",
+                lambda values, mask=None: _vr(values, mask, values.shape[-2] ** -0.5)),
+        Mistake("softmax_over_queries", "the softmax runs over dim -2: each row (one token's relation to all "
+                "the others) must sum to one, so normalise over the last dimension.",
+                lambda values, mask=None: _vr(values, mask, values.shape[-1] ** -0.5, dim=-2)),
+        Mistake("mask_ignored", "the padded tokens still get weight: fill their columns with -inf before the "
+                "softmax (`mask` True = real token).",
+                lambda values, mask=None: _vr(values, mask, values.shape[-1] ** -0.5, use_mask=False)),
+    ),
+)
+
 check_logit_distillation_loss = LOGIT_DISTILLATION_LOSS.checker()
 check_kd_limit = KD_LIMIT.checker()
 check_minilm_attention_loss = MINILM_ATTENTION_LOSS.checker()
+check_value_relation = VALUE_RELATION.checker()
 
-EXERCISES = (LOGIT_DISTILLATION_LOSS, KD_LIMIT, MINILM_ATTENTION_LOSS)
+EXERCISES = (LOGIT_DISTILLATION_LOSS, KD_LIMIT, MINILM_ATTENTION_LOSS, VALUE_RELATION)
