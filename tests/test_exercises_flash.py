@@ -99,3 +99,16 @@ def test_traffic_ratio() -> None:
     assert ex.check_traffic_ratio(ex.traffic_ratio()).passed
     assert ex.check_traffic_ratio(1 / ex.traffic_ratio()).mistake == "inverted"
     assert ex.check_traffic_ratio(3.0).mistake == "generic"
+
+
+def test_more_wrong_answers_get_their_diagnosis() -> None:
+    def raw_exp(m, ell, o, s, v):  # type: ignore[no-untyped-def]
+        e = s.exp()
+        return torch.max(m, s.max(-1, keepdim=True).values), ell + e.sum(-1, keepdim=True), o + e @ v
+
+    def unnormalised(o1, l1, o2, l2):  # type: ignore[no-untyped-def]
+        m = torch.max(l1, l2)
+        return (l1 - m).exp().unsqueeze(-1) * o1 + (l2 - m).exp().unsqueeze(-1) * o2, torch.logaddexp(l1, l2)
+
+    assert ex.check_online_softmax_step(raw_exp).mistake == "no_max_subtraction"
+    assert ex.check_merge_two(unnormalised).mistake == "weights_not_normalised"

@@ -83,6 +83,13 @@ def _normalised_early(m: Tensor, ell: Tensor, o: Tensor, s: Tensor, v: Tensor) -
     return m_new, ell_new, o_new / ell_new
 
 
+def _no_max_subtraction(m: Tensor, ell: Tensor, o: Tensor, s: Tensor,
+                        v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+    p = torch.exp(s)
+    return m_new, ell + p.sum(-1, keepdim=True), o + p @ v
+
+
 def _block_max_only(m: Tensor, ell: Tensor, o: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     m_blk = s.amax(-1, keepdim=True)
     p = torch.exp(s - m_blk)
@@ -114,6 +121,9 @@ ONLINE_SOFTMAX_STEP = Exercise(
         Mistake("normalised_early", "o comes back divided by ell: the running output stays unnormalised, "
                 "and the division y = o / ell happens once, after the last block (a normalised o would need "
                 "rescaling by ell_old / ell_new too).", _normalised_early),
+        Mistake("no_max_subtraction", "P is exp(s), not exp(s - m_new): ell and o are kept relative to the "
+                "running max, which keeps every exponential at most 1 (exp(s) overflows float32 once a score "
+                "passes 88); subtract m_new, and rescale the old sums when it moves.", _no_max_subtraction),
         Mistake("block_max_only", "the max of this block alone replaces the running max, and the old sums "
                 "are added as they are: take m_new = max(m_old, max of the block) and rescale the old sums "
                 "by exp(m_old - m_new).", _block_max_only),
@@ -179,6 +189,12 @@ def _merge_linear(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tenso
     return o, _merge_reference(o1, l1, o2, l2)[1]
 
 
+def _merge_unnormalised(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    return w1[..., None] * o1 + w2[..., None] * o2, _merge_reference(o1, l1, o2, l2)[1]
+
+
 def _merge_unstable(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
     e1, e2 = torch.exp(l1), torch.exp(l2)
     return (e1[..., None] * o1 + e2[..., None] * o2) / (e1 + e2)[..., None], torch.log(e1 + e2)
@@ -203,6 +219,9 @@ MERGE_TWO = Exercise(
                 _merge_lse_sum),
         Mistake("weights_linear_in_lse", "the outputs are weighted by L_c itself: L_c is a *log* of the "
                 "chunk's normaliser, so its weight is e^{L_c - L}.", _merge_linear),
+        Mistake("weights_not_normalised", "the outputs are weighted by e^{L_c - m} but not divided by their "
+                "sum: the weights must be e^{L_c - L} = e^{L_c - m} / (e^{L_1 - m} + e^{L_2 - m}), which sum to "
+                "one (each O_c is already normalised).", _merge_unnormalised),
         Mistake("overflow", "right for moderate scores, but e^{L_c} overflows (inf/inf = NaN) when the "
                 "log-sum-exps are large: subtract m = max(L_1, L_2) before exponentiating, "
                 "w_c = e^{L_c - m}.", _merge_unstable),
