@@ -85,3 +85,14 @@ def test_same_score() -> None:
     q, k = torch.randn(1, 8, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
     s = [float(rope(q, torch.tensor([m])) @ rope(k, torch.tensor([n]))[0]) for m, n in ((3, 1), (13, 11), (1, 3))]
     assert math.isclose(s[0], s[1], abs_tol=1e-9) and not math.isclose(s[0], s[2], abs_tol=1e-6)
+
+
+def test_rope_in_float32_passes() -> None:
+    def f32(x, positions, base=10000.0):  # type: ignore[no-untyped-def]
+        d = x.shape[-1]
+        angle = positions.float()[:, None] / base ** (torch.arange(0, d, 2).float() / d)
+        angle = torch.cat([angle, angle], -1)
+        x1, x2 = x.chunk(2, -1)
+        return x * angle.cos() + torch.cat([-x2, x1], -1) * angle.sin()
+
+    assert ex.check_rope_rotate(f32).passed
