@@ -85,3 +85,18 @@ def test_cache_bytes() -> None:
     assert ex.check_mistral_cache_bytes(131072).passed
     assert ex.check_mistral_cache_bytes(2 * 32 * 32 * 128 * 2).mistake == "query_heads"
     assert ex.check_mistral_cache_bytes(100_000).mistake == "generic"
+
+
+def test_sdpa_answers() -> None:
+    import torch.nn.functional as F
+
+    def right(q, k, v):  # type: ignore[no-untyped-def]
+        t, m = q.shape[2], k.shape[2]
+        keep = torch.ones(t, m, dtype=torch.bool).tril(m - t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+    def top_left(q, k, v):  # type: ignore[no-untyped-def]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    assert ex.check_grouped_query_attention(right).passed
+    assert ex.check_grouped_query_attention(top_left).mistake == "causal_top_left"

@@ -86,7 +86,8 @@ GROUPED_QUERY_ATTENTION = Exercise(
                 lambda q, k, v: _attend(q, k, v, scale=False)),
         Mistake("causal_top_left", "the causal mask is aligned at the top left (`tril()` of a (t, m) matrix), "
                 "which is right only when t = m: with m - t cached tokens, query i sits at position m - t + i "
-                "and sees keys j <= m - t + i (`tril(m - t)`, aligned at the bottom right).",
+                "and sees keys j <= m - t + i (`tril(m - t)`, aligned at the bottom right). "
+                "`F.scaled_dot_product_attention(..., is_causal=True)` aligns it at the top left too.",
                 lambda q, k, v: _attend(q, k, v, mask="top_left")),
         Mistake("no_causal_mask", "there is no causal mask: every query sees the later tokens too. Hide key j "
                 "from query i when j > m - t + i (fill those scores with `-inf` before the softmax).",
