@@ -96,7 +96,7 @@ def _dot(q: Tensor, keys: Tensor, scale: bool = True) -> Tensor:
 
 def _knn_cases(g: torch.Generator) -> list[Case]:
     def make(shape: tuple[int, int, int, int], s: int, d_v: int, top_k: int, label: str) -> Case:
-        b, h, length, d = shape
+        b, h, _, d = shape
         keys = torch.randn(b, h, s, d, generator=g) * torch.rand(b, h, s, 1, generator=g).mul(2.5).add(0.2)
         return Case((torch.randn(*shape, generator=g), keys, torch.randn(b, h, s, d_v, generator=g), top_k),
                     label=label)
