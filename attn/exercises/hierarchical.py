@@ -7,6 +7,7 @@ Solutions: :func:`han_shapes`, :func:`context_pool`, :func:`han_pool`. Checkers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ def _pool(h: Tensor, w: Tensor, b: Tensor, c: Tensor, mask: Tensor | None = None
     return (alpha.unsqueeze(-1) * (u if mode == "keys" else h)).sum(-2), alpha
 
 
-def _mistake(mode: str = "", dim: int = -1):  # type: ignore[no-untyped-def]
+def _mistake(mode: str = "", dim: int = -1) -> Callable[..., tuple[Tensor, Tensor]]:
     def fn(h: Tensor, w: Tensor, b: Tensor, c: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return _pool(h, w, b, c, mask, mode=mode, dim=dim)
 
