@@ -17,7 +17,7 @@ from .presets import Preset
 from .results import MechanismResult
 
 __all__ = ["sweep_layer", "sequence_cost", "own_task_cost", "implementation_kind", "IMPLEMENTATIONS",
-           "OVERHEAD_MS", "MIN_R2"]
+           "OVERHEAD_MS", "OVERHEAD_GAP", "MIN_R2"]
 
 #: What the ``implementation`` column says, measured by :func:`implementation_kind`.
 IMPLEMENTATIONS: dict[str, str] = {
@@ -33,6 +33,10 @@ IMPLEMENTATIONS: dict[str, str] = {
 #: overhead (Python, dispatch, allocation) hides how the work grows.
 OVERHEAD_MS = 1.0
 
+
+#: A time exponent this far below the FLOP exponent means the time grows slower than the counted work: fixed
+#: per-call cost still dominates at the short lengths, and the fit measures it, not the mechanism.
+OVERHEAD_GAP = 0.3
 
 #: A time fit over three or more lengths whose log-log R^2 is below this is noise, not growth: no exponent.
 MIN_R2 = 0.9
@@ -166,7 +170,10 @@ def sweep_layer(
                     res.metrics[key] = benchmark.fit_exponent(res.sweep["n"], vals)
             # time: an exponent only where the work, not per-call overhead, sets the time
             smallest = float(res.sweep["median_ms"].iloc[0])
-            if device.type == "cpu" and smallest < OVERHEAD_MS:
+            work = res.metrics.get("flops_exponent")
+            slower_than_work = (work is not None and res.metrics.get("time_exponent") is not None
+                                and res.metrics["time_exponent"] < work - OVERHEAD_GAP)
+            if device.type == "cpu" and (smallest < OVERHEAD_MS or slower_than_work):
                 res.metrics["time_exponent"] = None
                 res.metrics["time_fit"] = "overhead"
             elif res.metrics.get("time_exponent") is not None:

@@ -67,9 +67,10 @@ class Preset:
     mqar_point: MQARCell = _POINT
     #: MQAR: further cells per mechanism ("*" = every sequence mechanism), for the grid's figures and claims
     mqar_grid: tuple[tuple[str, tuple[MQARCell, ...]], ...] = ()
-    #: MQAR training: steps at ``mqar_point.pairs`` pairs (scaled by ``pairs / mqar_point.pairs`` above
-    #: it), batch, learning rate, heads of every layer
+    #: MQAR training: steps at the point, then ``(pairs, steps)`` for the grid's cells (a cell with more pairs
+    #: than any listed scales the last entry's steps with its pairs), batch, learning rate, heads of every layer
     mqar_steps: int = 150
+    mqar_steps_by_pairs: tuple[tuple[int, int], ...] = ()
     mqar_batch: int = 32
     mqar_lr: float = 1e-2
     mqar_heads: int = 4
@@ -82,7 +83,18 @@ class Preset:
         return self.n_pairs + 1
 
     def mqar_steps_for(self, cell: MQARCell) -> int:
-        """Training steps of an MQAR cell: ``mqar_steps``, scaled up with the pairs beyond the point's."""
+        """Training steps of an MQAR cell: ``mqar_steps`` at the point; a grid cell's from
+        ``mqar_steps_by_pairs`` (the entry for its pairs, or the largest entry below scaled by the ratio of
+        pairs), else ``mqar_steps`` scaled by ``pairs / mqar_point.pairs`` when it has more pairs."""
+        if cell == self.mqar_point:
+            return self.mqar_steps
+        table = dict(self.mqar_steps_by_pairs)
+        if cell.pairs in table:
+            return table[cell.pairs]
+        below = [p for p in table if p < cell.pairs]
+        if below:
+            p = max(below)
+            return int(table[p] * cell.pairs / p)
         return int(self.mqar_steps * max(1.0, cell.pairs / self.mqar_point.pairs))
 
     def mqar_cells(self, name: str) -> tuple[MQARCell, ...]:
@@ -130,14 +142,17 @@ PRESETS: dict[str, Preset] = {
         "book", n_pairs=15, n_keys=16, n_values=16, embed_dim=32, num_heads=4, layers=1,
         steps=200, batch_size=64, lr=1e-2, log_every=10, target_acc=0.9, eval_batch=512,
         bench_embed=64, bench_batch=1, bench_n=512, sweep_lengths=(128, 256, 512, 1024),
-        min_run_time=0.02, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-4 s",
-        seeds=3, mqar_point=MQARCell(8, 16), mqar_steps=150, own_task_learning=False,
+        min_run_time=0.01, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-4 s",
+        seeds=3, mqar_point=MQARCell(4, 16), mqar_steps=80, mqar_steps_by_pairs=((8, 150), (16, 300)),
+        own_task_learning=False,
         mqar_grid=(
-            # the Zoology anchors on one representative per kind of mixer: softmax, linear, window, Fourier
-            ("multihead", (MQARCell(4, 16), MQARCell(16, 16))),
-            ("linear", (MQARCell(4, 16), MQARCell(16, 16), MQARCell(16, 32), MQARCell(16, 64))),
-            ("local", (MQARCell(4, 16),)),
+            # Zoology's anchors on one representative per kind of mixer: softmax, linear, window, Fourier,
+            # fixed sparse pattern; every sequence mechanism also runs the point (4 pairs) for every seed
+            ("multihead", (MQARCell(8, 16), MQARCell(16, 16))),
+            ("linear", (MQARCell(8, 16), MQARCell(8, 32))),
+            ("local", (MQARCell(8, 16),)),
             ("fnet", (MQARCell(8, 64),)),
+            ("sparse-fixed", (MQARCell(8, 16),)),
         ),
     ),
     # the CLI default on a CPU: about 15-40 s per mechanism on 2 cores

@@ -170,11 +170,7 @@ class Comparison:
             out["steps"] = _steps(self.sequence_results(), t)
         out["FLOP"] = _fmt(t["flops_exponent"], ".2f")
         out["mem"] = _fmt(t["memory_exponent"], ".2f")
-        out["time"] = [
-            "overhead" if fit == "overhead" else "noisy" if isinstance(fit, str) and fit.startswith("noisy")
-            else "" if pd.isna(p) else f"{float(p):.2f}"
-            for p, fit in zip(t["time_exponent"], t["time_fit"], strict=True)
-        ]
+        out["time"] = _time_column(t)
         return out
 
     def csv_files(self) -> dict[str, str]:
@@ -746,8 +742,18 @@ def _cost_columns(out: pd.DataFrame, t: pd.DataFrame, size: str) -> None:
     out["GFLOP"] = _fmt(t["gflops"], ".3g")
     out["ms"] = _fmt(t["latency_ms"], ".3g")
     out["MiB"] = _fmt(t["peak_mib"], ".3g")
-    for col, label in (("time_exponent", "time"), ("memory_exponent", "mem"), ("flops_exponent", "FLOP")):
+    out[f"time ~{size}^p"] = _time_column(t)
+    for col, label in (("memory_exponent", "mem"), ("flops_exponent", "FLOP")):
         out[f"{label} ~{size}^p"] = _fmt(t[col], ".2f")
+
+
+def _time_column(t: pd.DataFrame) -> list[str]:
+    """The fitted time exponent, or why there is none ("overhead", "noisy")."""
+    return [
+        "overhead" if fit == "overhead" else "noisy" if isinstance(fit, str) and fit.startswith("noisy")
+        else "" if pd.isna(p) else f"{float(p):.2f}"
+        for p, fit in zip(t["time_exponent"], t["time_fit"], strict=True)
+    ]
 
 
 def _steps(results: list[MechanismResult], t: pd.DataFrame) -> list[str]:

@@ -44,8 +44,9 @@ AXES: dict[str, str] = {
     "latency_ms": "median ms of one forward of the layer at the fixed size (torch.utils.benchmark)",
     "peak_mib": "peak memory of one forward at the fixed size, MiB (CUDA allocator, or traced CPU allocations)",
     "time_exponent": "p in time ~ size^p, least-squares fit over the sweep",
-    "time_fit": "fitted; overhead: the smallest forward took < 1 ms on a CPU, fixed per-call cost hides the "
-                "growth, so no time exponent is reported; noisy: the log-log fit's R^2 is below 0.9",
+    "time_fit": "fitted; overhead: on a CPU the smallest forward took < 1 ms, or the time grew slower than the "
+                "counted FLOPs (exponent more than 0.3 below theirs), so fixed per-call cost hides the growth and "
+                "no time exponent is reported; noisy: the log-log fit's R^2 is below 0.9",
     "memory_exponent": "p in peak memory ~ size^p over the sweep",
     "flops_exponent": "p in FLOPs ~ size^p over the sweep (counted: free of timing noise)",
     "sweep_max_n": "largest size the sweep reached (it stops when the next is predicted too slow)",
