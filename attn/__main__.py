@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     sizes.add_argument("--quick", action="store_const", const="quick", dest="preset",
                        help="tiny sizes, a few seconds per mechanism (tests, smoke runs)")
     sizes.add_argument("--preset", choices=list(PRESETS), dest="preset",
-                       help="size preset (default: 'default' on the CPU, 10-50 s per mechanism on 2 cores; 'gpu' on CUDA)")
+                       help="size preset (default: 'default' on the CPU, 5-30 min per mechanism on 2 cores; 'gpu' on CUDA; "
+                            "'book' is the chapter's, about 2 s per mechanism)")
     cmp_.add_argument("--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     cmp_.add_argument("--seed", type=_seed, default=0, help="the first seed for initialisation and data (default 0)")
     cmp_.add_argument("--seeds", type=_count, default=None, metavar="N",

@@ -3,7 +3,8 @@
 For every page: no request fails and none leaves 127.0.0.1. For every chapter:
 math is typeset, every figure loads, every explorer renders, and moving each
 of its sliders with the keyboard changes what it draws (from the states stored
-at build time: there is no kernel). A screenshot of each page is saved under
+at build time: there is no kernel); every exercise's solution opens from its
+toggle and passes its checker. A screenshot of each page is saved under
 _build/screenshots/ for review.
 """
 
@@ -97,6 +98,23 @@ def _write_report():
     (SHOTS / "report.json").write_text(json.dumps(REPORT, indent=2))
 
 
+def check_solutions(page) -> None:
+    """Every exercise's solution sits behind a toggle that works offline; the stub's checker says "not
+    attempted" and each solution's checker says "passed" (the build ran both)."""
+    exercises = page.locator("article div.exercise")
+    solutions = page.locator("article div.solution.dropdown")
+    assert exercises.count() >= 2 and solutions.count() >= exercises.count()
+    assert page.locator("section#exercises").inner_text().count("Not attempted yet.") >= 1
+    for i in range(solutions.count()):
+        sol = solutions.nth(i)
+        code = sol.locator("div.cell_input, pre").first
+        sol.scroll_into_view_if_needed()
+        assert not code.is_visible(), f"solution {i} is shown before it is asked for"
+        sol.locator("button.toggle-button").first.click()
+        code.wait_for(state="visible", timeout=5000)
+        assert "Passed." in sol.inner_text(), f"solution {i} does not pass its checker on the page"
+
+
 @pytest.mark.parametrize("path", OTHER_PAGES)
 def test_page_loads_only_from_the_book(browser, path):
     v = Visit(browser, browser[1], f"{path}.html" + ("?q=softmax" if path == "search" else ""))
@@ -164,6 +182,8 @@ def test_chapter_page_works_offline(browser, name):
         assert resp.ok
         # book polish every chapter carries
         assert "Prerequisites" in text and "When to use it" in text
+        if not name.startswith("24_"):
+            check_solutions(page)
         REPORT[name] = {"requests": len(v.requests), "failed": len(v.failed), "images": n_images,
                         "explorers": want, "slider_moves_checked": moved,
                         "math_elements": page.locator("mjx-container").count()}

@@ -91,7 +91,7 @@ def test_cli_compare_quick_round_trip(tmp_path):
     point = compare.PRESETS["quick"].mqar_point
     assert [(r["name"], int(r["seed"])) for r in runs] == [(n, s) for n in ("self", "multihead") for s in (0, 1)]
     assert {(int(r["pairs"]), int(r["width"])) for r in runs} == {(point.pairs, point.width)}
-    assert all(r["implementation"] == "fused" and r["family"] == "Foundations" for r in runs)
+    assert all(r["implementation"] == "fused" and r["family"].startswith("Foundations") for r in runs)
 
     with open(out / "curves.csv") as f:
         curves = list(csv.DictReader(f))
@@ -284,9 +284,11 @@ def test_own_task_hook_measures_a_mechanism_on_its_own_task(tmp_path):
     r = own["seq2seq"]
     assert r.status == "ok", r.notes
     assert r.task.startswith("reverse") and r.size_unit
-    for key in ("params", "model_params", "gflops", "latency_ms", "peak_mib", "time_exponent", "flops_exponent",
+    for key in ("params", "model_params", "gflops", "latency_ms", "peak_mib", "flops_exponent",
                 "accuracy", "eval_loss", "final_train_loss", "query_entropy"):
         assert r.metrics.get(key) is not None and r.metrics[key] == r.metrics[key], key
+    # a time exponent, unless per-call overhead hides the growth at these tiny sizes (then none, and why)
+    assert r.metrics["time_fit"] == "overhead" or r.metrics["time_exponent"] is not None
     assert 1.0 / 11 < r.metrics["accuracy"] <= 1.0  # learned something beyond chance (11 content tokens)
     assert r.metrics["flops_exponent"] > 1.3  # n target steps over n source states: quadratic FLOPs, less the linear projections
     assert len(r.history) and list(r.sweep["n"]) == [16, 32, 64]

@@ -119,7 +119,7 @@ def test_decision_table_ranks_only_disjoint_ranges() -> None:
     fake = _fake({("multihead", 4, 16): [1.0, 0.99, 1.0], ("linear", 4, 16): [0.5, 0.6, 0.55],
                   ("local", 4, 16): [0.98, 1.0, 0.97]})
     d = fake.decision_table()
-    assert d.loc["linear", "vs softmax"] == "lower" and d.loc["local", "vs softmax"] == "no separation"
+    assert d.loc["linear", "vs softmax"] == "lower" and d.loc["local", "vs softmax"] == "no sep."
     assert d.loc["multihead", "FLOPs"] == "~n^2" and d.loc["linear", "FLOPs"] == "~n"
     text = fake.decision_reading()
     assert "**local**" in text.split("Lower")[0] and "**linear**" in text.split("Lower")[1]

@@ -4,6 +4,7 @@ sequence mechanism, made-up numbers), so nothing is trained here."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -116,7 +117,14 @@ def test_every_mechanism_is_drawn_in_its_family_panel(fake):
         plt.close(fig)
 
 
-def test_headline_table_fits_the_column(fake):
+@pytest.mark.parametrize("task", ["recall", "mqar"])
+def test_headline_table_fits_the_column(fake, task):
+    wide = []
+    for r in fake.results:  # copies holding the widest values each column can have
+        r = dataclasses.replace(r, metrics={**r.metrics, "accuracy_min": 0.123, "accuracy_max": 1.0,
+                                            "implementation": "python loop", "time_fit": "overhead"})
+        wide.append(r)
+    fake = dataclasses.replace(fake, task=task, results=wide)
     table = fake.headline_table()
     assert list(table.index) == [r.name for r in fake.sequence_results()]
     chars = max(len(str(i)) for i in table.index) + 2

@@ -30,6 +30,8 @@ REFERENCE = "multihead"
 #: two mechanisms at ceiling are not a ranking)
 VERSUS_TOLERANCE = 0.02
 
+_SHORT_VERDICT = {"no separation": "no sep."}
+
 
 def point_runs(cmp: Comparison) -> pd.DataFrame:
     """The rows of the MQAR point (every sequence mechanism, every seed) that trained without error."""
@@ -131,8 +133,8 @@ def cost_class(exponent: Any) -> str:
 def decision_table(cmp: Comparison) -> pd.DataFrame:
     """One row per sequence mechanism: recall (MQAR) and reach, FLOP and memory class, implementation.
 
-    ``recall``: MQAR accuracy at the point, mean (range over seeds); ``vs softmax``: the ledger's disjoint
-    rule against multi-head attention; ``near`` / ``far``: accuracy on the queries whose answer lies nearer /
+    ``recall``: MQAR accuracy at the point, mean (min-max over the seeds); ``vs softmax``: the ledger's
+    disjoint rule against multi-head attention (``lower``, ``higher``, ``no sep.``: no separation); ``near`` / ``far``: accuracy on the queries whose answer lies nearer /
     farther than the median distance; ``FLOPs`` and ``memory``: how one forward's FLOPs and peak memory grow
     between the sweep's two largest lengths (:func:`tail_exponent`; ``~n``, ``~n^1.5``, ``~n^2``; the
     memory class is the implementation's);
@@ -140,15 +142,18 @@ def decision_table(cmp: Comparison) -> pd.DataFrame:
     sweep's fixed size, comparable only within an implementation kind.
     """
     mq = mqar_table(cmp)
+    point = point_runs(cmp)
     rows = []
     for r in cmp.sequence_results():
         if r.status != "ok" or r.name not in mq.index:
             continue
         m = r.metrics
         ms = m.get("latency_ms")
+        accs = point[point["name"] == r.name]["acc"]
         rows.append({
             "mechanism": r.name, "ch": r.chapter,
-            "recall": mq.loc[r.name, "accuracy"], "vs softmax": mq.loc[r.name, "vs softmax"],
+            "recall": f"{accs.mean():.2f} ({accs.min():.2f}-{accs.max():.2f})",
+            "vs softmax": _SHORT_VERDICT.get(mq.loc[r.name, "vs softmax"], mq.loc[r.name, "vs softmax"]),
             "near": mq.loc[r.name, "near"], "far": mq.loc[r.name, "far"],
             "FLOPs": cost_class(tail_exponent(r.sweep, "gflops")),
             "memory": cost_class(tail_exponent(r.sweep, "peak_mib")),
@@ -172,8 +177,11 @@ def decision_reading(cmp: Comparison) -> str:
         return "No mechanism was trained on MQAR in this run."
     p = cmp.preset
     c = p.mqar_point
-    ref = d.loc[REFERENCE, "recall"] if REFERENCE in d.index else "n/a"
-    level = d[d["vs softmax"].isin(["no separation", ""])]
+    refs = point_runs(cmp)
+    refs = refs[refs["name"] == REFERENCE]["acc"]
+    ref = (f"a mean of {refs.mean():.2f} of the queries (min-max over the seeds {refs.min():.2f}-{refs.max():.2f})"
+           if len(refs) else "(not run)")
+    level = d[d["vs softmax"].isin(["no sep.", ""])]
     below = d[d["vs softmax"] == "lower"]
     sub = level[level["FLOPs"].isin(["~n", "~n^1.5"])]
     fused = level[level["implementation"] == "fused"]
@@ -196,22 +204,43 @@ def decision_reading(cmp: Comparison) -> str:
             f"(n = {min(p.sweep_lengths)}..{max(p.sweep_lengths)}): the candidates when n is what limits you.")
     elif others:
         lines.append("None of the mechanisms that recall as well as softmax has FLOPs growing slower than n^2.")
+    lines += _grid_caveats(cmp, list(sub.index))
+    if len(fused):
+        lines.append(
+            f"Of the mechanisms not separated from softmax, {_join(list(fused.index))} "
+            f"{'runs' if len(fused) == 1 else 'run'} through PyTorch's fused kernel: their peak memory is the "
+            "kernel's, and their time compares with each other, not with the Python-loop references.")
     far_gap = below[(below["near"].astype(float) - below["far"].astype(float)) > 0.1]
     if len(far_gap):
         lines.append(
             f"Reach explains part of the losses: {_join(list(far_gap.index))} answer the queries whose key is near "
             "more often than those whose key is far, as a pattern that hides distant keys predicts.")
-    if len(fused):
-        lines.append(
-            f"Of those, {_join(list(fused.index))} {'runs' if len(fused) == 1 else 'run'} through PyTorch's fused "
-            "kernel: their peak memory is the "
-            "kernel's, and their time compares with each other, not with the Python-loop references.")
     loops = d[d["implementation"] == "python loop"]
     if len(loops):
         lines.append(
             f"{_join(list(loops.index))} run as Python loops over blocks here: their wall-clock time measures "
             "the loop, so read their FLOPs and memory, not their milliseconds.")
     return " ".join(lines)
+
+
+def _grid_caveats(cmp: Comparison, names: Sequence[str]) -> list[str]:
+    """For each candidate that the grid also trained, the larger cells where it recalls less than softmax."""
+    runs = cmp.mqar
+    if not len(runs):
+        return []
+    point = cmp.preset.mqar_point
+    out = []
+    for name in names:
+        worse = []
+        for cell in cmp.preset.mqar_cells(name):
+            mine, ref = cell_values(cmp, name, cell), cell_values(cmp, REFERENCE, cell)
+            if len(mine) >= 3 and len(ref) >= 3 and _versus(mine, ref, name) == "lower":
+                worse.append(f"{cell.pairs} pairs at width {cell.width} ({describe(mine, digits=2)} against "
+                             f"softmax's {describe(ref, digits=2)})")
+        if worse:
+            out.append(f"But the grid trained **{name}** on more pairs, and there it recalls less than softmax: "
+                       + "; ".join(worse) + f". At {point.pairs} pairs its state still holds them all.")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ claims
@@ -351,26 +380,61 @@ def plot_grid(cmp: Comparison) -> Any:
 
 
 def plot_frontier(cmp: Comparison) -> Any:
-    """MQAR accuracy against one layer's FLOPs and peak memory at the length and width it was trained on."""
+    """MQAR accuracy against one layer's FLOPs and peak memory at the length and width it was trained on.
+
+    Every mechanism is a dot coloured by family; the names shown are those on the frontier (no other mechanism
+    is both cheaper and at least as accurate) and those that recall less than softmax attention; the decision
+    table names the rest. FLOPs are ``FlopCounterMode``'s (matrix products: FNet's FFTs count nothing and it
+    is left out of that panel).
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     from .. import plotting
     from .report import _palette
 
     runs = point_runs(cmp)
     fig, axes = plotting.panels(2, panel_width=3.6, panel_height=3.0)
     acc = runs.groupby("name", sort=False)["acc"].mean()
-    fams = cmp.families()
-    colour = {n: _palette()[i % len(_palette())] for i, names in enumerate(fams.values()) for n in names}
-    for ax, (key, label) in zip(axes, (("task_gflops", "GFLOP"), ("task_peak_kib", "peak memory (KiB)")),
-                                strict=True):
+    ref = float(acc.get(REFERENCE, acc.max())) if len(acc) else 1.0
+    colour = {n: _palette()[i % len(_palette())] for i, names in enumerate(cmp.families().values()) for n in names}
+    c = cmp.preset.mqar_point
+    panels = (("task_gflops", 1e6, "kFLOP"), ("task_peak_kib", 1.0, "peak KiB"))
+    for ax, (key, scale, label) in zip(axes, panels, strict=True):
+        pts = []
         for r in cmp.sequence_results():
             x = r.metrics.get(key)
-            if r.name not in acc.index or x is None or pd.isna(x) or float(x) <= 0:
-                continue
-            ax.plot(float(x), acc[r.name], "o", color=colour.get(r.name, "0.5"), ms=5)
-            ax.annotate(r.name, (float(x), acc[r.name]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+            if r.name in acc.index and x is not None and not pd.isna(x) and float(x) > 0:
+                pts.append((r.name, float(x) * scale, float(acc[r.name])))
+        best = -1.0
+        shown = set()
+        for name, _x, y in sorted(pts, key=lambda t: (t[1], -t[2])):
+            if y > best + 1e-9:  # the frontier: more accurate than every cheaper mechanism
+                shown.add(name)
+                best = y
+        shown |= {name for name, _x, y in pts if y < ref - VERSUS_TOLERANCE}
+        for name, x, y in pts:
+            ax.plot(x, y, "o", color=colour.get(name, "0.5"), ms=5, alpha=0.9)
         ax.set_xscale("log")
-        c = cmp.preset.mqar_point
-        ax.set_xlabel(f"{label}, one layer at n = {c.length}, width {c.width}")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{label} of one layer (n = {c.length}, width {c.width})")
         ax.set_ylabel("MQAR accuracy (mean of seeds)")
         ax.set_ylim(0, 1.05)
+        _label_points(ax, [(n, x, y) for n, x, y in pts if n in shown])
     return fig
+
+
+def _label_points(ax: Any, pts: list[tuple[str, float, float]]) -> None:
+    """Name each point beside it, moving a label down (in steps of its height) while it would cover another."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the limits and the transforms
+    placed: list[Any] = []
+    for name, x, y in sorted(pts, key=lambda t: -t[2]):
+        for step in range(6):
+            text = ax.annotate(name, (x, y), fontsize=7, xytext=(4, -3 - 9 * step), textcoords="offset points")
+            box = text.get_window_extent(renderer=fig.canvas.get_renderer())
+            if not any(box.overlaps(other) for other in placed) or step == 5:
+                placed.append(box)
+                break
+            text.remove()

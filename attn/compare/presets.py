@@ -137,12 +137,12 @@ PRESETS: dict[str, Preset] = {
         min_run_time=0.01, sweep_cap_s=0.05, probe_examples=2, task_size="quick", cpu_seconds="about 1 s",
         seeds=2, mqar_point=MQARCell(4, 16), mqar_steps=40, own_task_learning=False,
     ),
-    # the book's comparison chapter: 1-3 s per mechanism on a 2-core CPU
+    # the book's comparison chapter: about 2-3 s of CPU per mechanism (3 MQAR runs and its cost), under 150 s in all
     "book": Preset(
         "book", n_pairs=15, n_keys=16, n_values=16, embed_dim=32, num_heads=4, layers=1,
         steps=200, batch_size=64, lr=1e-2, log_every=10, target_acc=0.9, eval_batch=512,
         bench_embed=64, bench_batch=1, bench_n=512, sweep_lengths=(128, 256, 512, 1024),
-        min_run_time=0.01, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-4 s",
+        min_run_time=0.01, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-3 s",
         seeds=3, mqar_point=MQARCell(4, 16), mqar_steps=80, mqar_steps_by_pairs=((8, 150), (16, 300)),
         own_task_learning=False,
         mqar_grid=(
@@ -155,27 +155,35 @@ PRESETS: dict[str, Preset] = {
             ("sparse-fixed", (MQARCell(8, 16),)),
         ),
     ),
-    # the CLI default on a CPU: about 15-40 s per mechanism on 2 cores
+    # the CLI default on a CPU: the whole MQAR grid for every mechanism (5-30 min per mechanism on 2 cores)
     "default": Preset(
         "default", n_pairs=31, n_keys=32, n_values=16, embed_dim=64, num_heads=4, layers=2,
         steps=600, batch_size=64, lr=3e-3, log_every=10, target_acc=0.9, eval_batch=1024,
         bench_embed=128, bench_batch=2, bench_n=1024, sweep_lengths=(256, 512, 1024, 2048, 4096),
-        min_run_time=0.2, sweep_cap_s=1.0, task_size="full", cpu_seconds="10-40 s",
-        seeds=3, mqar_point=MQARCell(16, 32, seq_len=128, vocab=257), mqar_steps=400, mqar_batch=64, mqar_lr=1e-2,
-        mqar_grid=(("*", tuple(MQARCell(p, w, seq_len=max(128, 4 * p), vocab=257)
-                               for p in (8, 16, 32, 64) for w in (32, 64, 128))),),
+        min_run_time=0.2, sweep_cap_s=1.0, task_size="full",
+        cpu_seconds="5-30 min (hours for all mechanisms)",
+        seeds=3, mqar_point=MQARCell(8, 32, seq_len=128), mqar_steps=300,
+        mqar_steps_by_pairs=((4, 150), (8, 300), (16, 400), (32, 800)),
+        mqar_grid=(("*", (
+            *(MQARCell(p, 32) for p in (4, 8, 16, 32)),  # pairs, no filler (n = 3 P)
+            *(MQARCell(16, w) for w in (16, 64)),  # width at 16 pairs
+            MQARCell(8, 32, seq_len=256),  # length: the point's pairs among more filler
+        )),),
     ),
-    # the CLI default on a GPU: longer sequences, wider model, longer training and sweep
+    # the CLI default on a GPU: sequences of 1k-4k tokens, wider models, longer training (not run on a CPU)
     "gpu": Preset(
         "gpu", n_pairs=63, n_keys=64, n_values=32, embed_dim=128, num_heads=8, layers=2,
         steps=2000, batch_size=256, lr=3e-3, log_every=20, target_acc=0.9, eval_batch=4096,
         bench_embed=256, bench_batch=8, bench_n=4096,
         sweep_lengths=(512, 1024, 2048, 4096, 8192, 16384),
-        min_run_time=0.2, sweep_cap_s=1.0, task_size="large", cpu_seconds="minutes (meant for CUDA)",
-        seeds=5, mqar_point=MQARCell(64, 128, seq_len=1024, vocab=8193), mqar_steps=2000, mqar_batch=128,
-        mqar_lr=1e-3, mqar_heads=8,
-        mqar_grid=(("*", tuple(MQARCell(p, w, seq_len=n, vocab=8193) for n in (1024, 4096)
-                               for p in (32, 64, 128, 256) for w in (64, 128, 256))),),
+        min_run_time=0.2, sweep_cap_s=1.0, task_size="large", cpu_seconds="minutes on a GPU (not meant for a CPU)",
+        seeds=5, mqar_point=MQARCell(16, 64, seq_len=1024), mqar_steps=1000, mqar_batch=64, mqar_lr=3e-3,
+        mqar_steps_by_pairs=((8, 1000), (16, 1000), (32, 2000), (64, 4000)),
+        mqar_grid=(("*", (
+            *(MQARCell(p, 64, seq_len=1024) for p in (8, 32, 64)),
+            *(MQARCell(32, w, seq_len=1024) for w in (32, 128)),
+            MQARCell(16, 64, seq_len=4096),
+        )),),
     ),
 }
 

@@ -264,6 +264,10 @@ class Comparison:
                 + (f"; {len(learned)} also trained on their own tasks." if learned else
                    " only: their learning is measured in their chapters, with seeds and ledger claims.")
             )
+        return lines + self._hookless_and_failed_lines()
+
+    def _hookless_and_failed_lines(self) -> list[str]:
+        lines = []
         hookless = [r for r in self.own_results() if r.status == "own task"]
         if hookless:
             lines.append(
@@ -376,15 +380,7 @@ class Comparison:
                     for r in own
                 ) + "."
             )
-        hookless = [r for r in self.own_results() if r.status == "own task"]
-        if hookless:
-            lines.append(
-                "Registered without a task to measure them on: "
-                + ", ".join(f"{r.name} (chapter {r.chapter}, {r.data} data)" for r in hookless) + "."
-            )
-        failed = [r for r in self.results if r.status == "error"]
-        if failed:
-            lines.append("Failed here: " + "; ".join(f"{r.name}: {'; '.join(r.notes)}" for r in failed) + ".")
+        lines += self._hookless_and_failed_lines()
         lines.append(
             "All timings come from one run on one machine: compare their ratios within the run, not absolute times across runs."
         )
@@ -539,9 +535,8 @@ class Comparison:
         ax.annotate("uniform", (uniform, 1.0), xycoords=("data", "axes fraction"), fontsize=9, color="0.4",
                     ha="right", va="bottom", textcoords="offset points", xytext=(-3, 2))
         ax.set_xlim(left=0)
-        ax.set_xlabel("entropy of the query rows (nats): " + (
-            "each query of the held-out batch, the layer and head that weigh its answer most" if self.task == "mqar"
-            else "all layers and heads"))
+        ax.set_xlabel("entropy of the query rows (nats), " + (
+            "the head that weighs the answer most" if self.task == "mqar" else "all layers and heads"))
         ax.grid(axis="y", visible=False)
         handles = [plt.Rectangle((0, 0), 1, 1, color=colours[f], alpha=0.6) for f in groups]
         fig.legend(handles, list(groups), loc="outside lower center", ncols=min(len(groups), 2), fontsize=10)

@@ -27,10 +27,10 @@ import importlib
 import pkgutil
 from typing import Any
 
-from ._core import NOT_ATTEMPTED, Case, Exercise, Mistake, Report, describe_difference
+from ._core import NOT_ATTEMPTED, Case, Exercise, Mistake, Report, describe_difference, letter_set
 
 __all__ = [
-    "Case", "Exercise", "Mistake", "Report", "NOT_ATTEMPTED", "describe_difference",
+    "Case", "Exercise", "Mistake", "Report", "NOT_ATTEMPTED", "describe_difference", "letter_set",
     "all_exercises", "by_chapter", "show_solution",
 ]
 

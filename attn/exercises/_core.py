@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Case", "Mistake", "Exercise", "Report", "NOT_ATTEMPTED", "describe_difference"]
+__all__ = ["Case", "Mistake", "Exercise", "Report", "NOT_ATTEMPTED", "describe_difference", "letter_set"]
 
 #: the status of a stub that still raises ``NotImplementedError``
 NOT_ATTEMPTED = "not attempted"
@@ -286,6 +286,24 @@ class Exercise:
                 return Report(self.title, "failed", mistake.diagnosis, mistake.name, 1)
         text = msg + (" " + self.hint if self.hint else "")
         return Report(self.title, "failed", text, "generic", 1)
+
+
+def letter_set(options: str = "abcd", what: str = "answers") -> Callable[[Any, Any], str | None]:
+    """A ``compare`` for "which of (a)-(d)...?" exercises: the answer is a string of letters, in any order.
+
+    ``"ad"``, ``"a, d"`` and ``"DA"`` are the same answer; a letter outside ``options`` or a non-string is
+    named as such; a wrong set is "not the right set of <what>".
+    """
+
+    def compare(got: Any, expected: Any) -> str | None:
+        if not isinstance(got, str):
+            return f"expected a string of letters such as 'ab', got {type(got).__name__}."
+        letters = "".join(sorted(set(got.lower()) - set(" ,")))
+        if not set(letters) <= set(options):
+            return f"use only the letters {', '.join(options)}; got {got!r}."
+        return None if letters == expected else f"{letters!r} is not the right set of {what}."
+
+    return compare
 
 
 # -- calling the reader's function safely -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._core import Case, Exercise, Mistake
+from ._core import Case, Exercise, Mistake, letter_set
 
 __all__ = [
     "nadaraya_watson", "invariant_pools", "check_nadaraya_watson", "check_invariant_pools",
@@ -127,14 +127,6 @@ def invariant_pools() -> str:
     return found
 
 
-def _same_letters(got: Any, expected: Any) -> str | None:
-    if not isinstance(got, str):
-        return f"expected a string of letters such as 'ab', got {type(got).__name__}."
-    letters = "".join(sorted(set(got.lower()) - set(" ,")))
-    if not set(letters) <= set("abcd"):
-        return f"use only the letters a, b, c, d; got {got!r}."
-    return None if letters == expected else f"{letters!r} is not the right set of layers."
-
 
 INVARIANT_POOLS = Exercise(
     name="invariant_pools",
@@ -142,7 +134,7 @@ INVARIANT_POOLS = Exercise(
     title="Which pools are permutation invariant?",
     solution=invariant_pools,
     kind="value",
-    compare=_same_letters,
+    compare=letter_set("abcd", "layers"),
     hint="Shuffling the set permutes the keys and values together; ask what else in each layer knows the order.",
     mistakes=(
         Mistake("self_attention_invariant", "(c) is permutation *equivariant*, not invariant: self-attention "

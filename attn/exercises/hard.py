@@ -8,13 +8,12 @@ Solutions: :func:`reinforce_surrogate`, :func:`straight_through_gumbel`, :func:`
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._core import Case, Exercise, Mistake
+from ._core import Case, Exercise, Mistake, letter_set
 
 __all__ = [
     "reinforce_surrogate", "straight_through_gumbel", "biased_estimators",
@@ -212,14 +211,6 @@ def biased_estimators() -> str:
     return found
 
 
-def _same_letters(got: Any, expected: Any) -> str | None:
-    if not isinstance(got, str):
-        return f"expected a string of letters such as 'ab', got {type(got).__name__}."
-    letters = "".join(sorted(set(got.lower()) - set(" ,")))
-    if not set(letters) <= set("abcd"):
-        return f"use only the letters a, b, c, d; got {got!r}."
-    return None if letters == expected else f"{letters!r} is not the right set of estimators."
-
 
 BIASED_ESTIMATORS = Exercise(
     name="biased_estimators",
@@ -227,7 +218,7 @@ BIASED_ESTIMATORS = Exercise(
     title="Which estimators are biased?",
     solution=biased_estimators,
     kind="value",
-    compare=_same_letters,
+    compare=letter_set("abcd", "estimators"),
     hint="An estimator is unbiased when its mean over many samples is the exact gradient of the expected loss.",
     mistakes=(
         Mistake("no_baseline_biased", "(b) is unbiased: any baseline that does not depend on the pick may be "
