@@ -142,7 +142,7 @@ PRESETS: dict[str, Preset] = {
         "book", n_pairs=15, n_keys=16, n_values=16, embed_dim=32, num_heads=4, layers=1,
         steps=200, batch_size=64, lr=1e-2, log_every=10, target_acc=0.9, eval_batch=512,
         bench_embed=64, bench_batch=1, bench_n=512, sweep_lengths=(128, 256, 512, 1024),
-        min_run_time=0.01, sweep_cap_s=0.25, task_size="book", cpu_seconds="2-3 s",
+        min_run_time=0.01, sweep_cap_s=0.15, task_size="book", cpu_seconds="2-3 s",
         seeds=3, mqar_point=MQARCell(4, 16), mqar_steps=80, mqar_steps_by_pairs=((8, 150), (16, 300)),
         own_task_learning=False,
         mqar_grid=(
