@@ -118,7 +118,6 @@ def train(
     grad_clip: float | None = 1.0,
     num_threads: int | None = 1,
     foreach: bool | None = None,
-    warmup: int = 0,
 ) -> History:
     """Train ``model`` with Adam for ``steps`` steps.
 
@@ -132,8 +131,6 @@ def train(
         foreach: Adam's and the gradient clipping's multi-tensor implementation (``True``: one
             call for all parameters, the same arithmetic with less Python overhead per step, which
             dominates tiny models on a CPU); ``None`` keeps torch's default (off on a CPU).
-        warmup: the learning rate rises linearly from ``lr / warmup`` to ``lr`` over the first
-            ``warmup`` steps (0: constant ``lr`` from the first step, as before).
 
     Returns:
         The :class:`History`, logged every ``log_every`` steps (metrics from the
@@ -146,7 +143,7 @@ def train(
     gen = set_seed(seed)
     with cpu_threads(num_threads if torch.device(device).type == "cpu" else None):
         return _train_loop(model, sample, loss_fn, steps, batch_size, lr, gen, log_every, device, progress, callback,
-                           grad_clip, tqdm, foreach, warmup)
+                           grad_clip, tqdm, foreach)
 
 
 def _train_loop(
@@ -164,19 +161,13 @@ def _train_loop(
     grad_clip: float | None,
     tqdm: Any,
     foreach: bool | None = None,
-    warmup: int = 0,
 ) -> History:
     """The body of :func:`train`, run inside its thread setting."""
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=foreach)
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
     hist = History()
     bar = tqdm(range(1, steps + 1), disable=not progress, desc=type(model).__name__, mininterval=1.0)
     for step in bar:
-        if warmup and step <= warmup:
-            for group in opt.param_groups:
-                group["lr"] = lr * step / warmup
         batch = {k: v.to(device) for k, v in sample(batch_size, gen).items()}
         loss, metrics = loss_fn(model, batch)
         if not torch.isfinite(loss):

@@ -112,7 +112,7 @@ def _eval_seed(seed: int) -> int:
 def train_mqar(build: Callable[[int, int], nn.Module], cell: MQARCell, seed: int, *, num_heads: int = 4,
                layers: int = 2, steps: int = 200, batch_size: int = 32, lr: float = 3e-3, log_every: int = 10,
                target_acc: float = 0.9, eval_batch: int = 256, device: torch.device | str = "cpu",
-               probe: int = 0, causal: bool = False, warmup: int = 0) -> dict[str, Any]:
+               probe: int = 0, causal: bool = False) -> dict[str, Any]:
     """Train one mechanism on one cell for one seed; held-out accuracy, overall and by distance.
 
     Seeded: the initialisation and the training batches follow ``seed`` (:func:`attn.train.train`), the
@@ -135,8 +135,7 @@ def train_mqar(build: Callable[[int, int], nn.Module], cell: MQARCell, seed: int
     set_seed(seed)
     model = MQARModel(task.vocab, build, cell.width, num_heads, layers).to(device)
     hist = train(model, task.sample, mqar_loss, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                 log_every=log_every, device=device, progress=False, num_threads=None, foreach=True,
-                 warmup=warmup)
+                 log_every=log_every, device=device, progress=False, num_threads=None, foreach=True)
     # the held-out batch: one forward gives the loss, the accuracy and the accuracy by distance
     batch = task.sample(eval_batch, torch.Generator().manual_seed(_eval_seed(seed)))
     model.eval()
